@@ -1,0 +1,1 @@
+"""molcloak.pipeline: data -> features -> train -> compile -> bundle -> client/server."""

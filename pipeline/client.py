@@ -1,0 +1,128 @@
+"""The client half of the key split: featurize, quantize, encrypt, decrypt.
+
+The secret key is generated here from the OS's random source and stays in the
+client's key directory (`<key_dir>/<circuit fingerprint>/keys.bin`, mode 0600).
+Only the serialized evaluation keys and ciphertexts ever leave this object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import Manifest, load_manifest, part_dir
+from .errors import CiphertextError, KeysError
+from .featurize import featurize
+from .metrics import to_predictions
+
+DEFAULT_KEY_DIR = Path(os.environ.get("MOLCLOAK_HOME", Path.home() / ".molcloak")) / "keys"
+
+
+@dataclass(frozen=True)
+class KeygenInfo:
+    seconds: float  # 0 when keys were loaded from the key directory
+    evaluation_key_bytes: int
+    reused: bool
+    path: Path
+
+
+class PrivateClient:
+    """Client of one model: load with the bundle root or its client/ directory."""
+
+    def __init__(self, bundle: str | Path, key_dir: str | Path | None = None):
+        from concrete.ml.deployment import FHEModelClient
+
+        self.directory = part_dir(bundle, "client")
+        self.manifest: Manifest = load_manifest(self.directory, "client")
+        self.task = self.manifest.task
+        self.featurizer = self.manifest.featurizer
+        zip_bytes = (self.directory / "client.zip").read_bytes()
+        self.fingerprint = hashlib.sha256(zip_bytes).hexdigest()[:16]
+        self.key_path = Path(key_dir or DEFAULT_KEY_DIR) / f"{self.manifest.name}-{self.fingerprint}" / "keys.bin"
+        self._fhe = FHEModelClient(str(self.directory))
+        self._eval_keys: bytes | None = None
+
+    # -- keys -------------------------------------------------------------
+
+    @property
+    def has_keys(self) -> bool:
+        return self.key_path.is_file()
+
+    def keygen(self, force: bool = False) -> KeygenInfo:
+        """Load this model's keys from the key directory, or generate and store them."""
+        from concrete import fhe
+
+        client = self._fhe.client
+        if self.has_keys and not force:
+            try:
+                client.keys = fhe.Keys.deserialize(self.key_path.read_bytes())
+            except (RuntimeError, ValueError) as exc:
+                raise KeysError(
+                    f"keys in {self.key_path} are unreadable ({exc}); delete the file to generate new ones"
+                ) from exc
+            return KeygenInfo(0.0, len(self.evaluation_keys()), True, self.key_path)
+        start = time.perf_counter()
+        client.keygen(force=True)  # seeds 0 = fresh randomness from the OS CSPRNG
+        seconds = time.perf_counter() - start
+        self._eval_keys = None
+        _write_private(self.key_path, client.keys.serialize())
+        return KeygenInfo(seconds, len(self.evaluation_keys()), False, self.key_path)
+
+    def evaluation_keys(self) -> bytes:
+        """Serialized evaluation keys: what the server needs, no secret key inside."""
+        if self._eval_keys is None:
+            self._require_keys()
+            self._eval_keys = self._fhe.client.evaluation_keys.serialize()
+        return self._eval_keys
+
+    def _require_keys(self) -> None:
+        keys = self._fhe.client.keys
+        if keys is None or not keys.are_generated:
+            self.keygen()
+
+    # -- data path --------------------------------------------------------
+
+    def featurize(self, smiles: Sequence[str]) -> np.ndarray:
+        return featurize(self.featurizer, smiles)
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """Quantize and encrypt one feature row (shape (n_features,) or (1, n_features))."""
+        self._require_keys()
+        x = np.asarray(x, dtype=np.float32).reshape(1, -1)
+        if x.shape[1] != self.featurizer.width:
+            raise CiphertextError(f"feature row has {x.shape[1]} values, the model expects {self.featurizer.width}")
+        return self._fhe.quantize_encrypt_serialize(x)
+
+    def encrypt_smiles(self, smiles: Sequence[str]) -> list[bytes]:
+        return [self.encrypt(row) for row in self.featurize(smiles)]
+
+    def decrypt(self, ciphertext: bytes) -> np.ndarray:
+        """Decrypt and dequantize one encrypted output into raw model outputs (1, n_outputs)."""
+        self._require_keys()
+        try:
+            return np.asarray(self._fhe.deserialize_decrypt_dequantize(ciphertext), dtype=np.float64)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise CiphertextError(
+                f"could not decrypt the server's answer ({str(exc)[:200]}); was it computed with this model's keys?"
+            ) from exc
+
+    def predictions(self, raw: np.ndarray) -> np.ndarray:
+        """Raw outputs -> class probabilities or values in task units."""
+        return to_predictions(self.task, raw, self.manifest.scaler)
+
+
+def _write_private(path: Path, payload: bytes) -> None:
+    """Write `payload` readable by the owner only (dir 0700, file 0600), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(payload)
+    os.replace(tmp, path)

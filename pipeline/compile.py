@@ -1,0 +1,107 @@
+"""Concrete ML compilation of a trained Brevitas model and the circuit's statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from torch import nn
+
+from .errors import CompilationError
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """`rounding_bits`: accumulators are rounded to this many bits before each lookup (None = off).
+
+    `rounding_method` "approximate" is cheaper than "exact"; `p_error` is the error probability
+    allowed per programmable bootstrap (None = Concrete's default, 2^-40: FHE equals simulation).
+    """
+
+    rounding_bits: int | None = 5
+    rounding_method: Literal["exact", "approximate"] = "approximate"
+    p_error: float | None = None
+
+    def __post_init__(self):
+        if self.rounding_bits is not None and not 2 <= self.rounding_bits <= 16:
+            raise CompilationError(f"rounding bits {self.rounding_bits} out of range; use 2..16 or none")
+        if self.rounding_method not in ("exact", "approximate"):
+            raise CompilationError(f"rounding method {self.rounding_method!r}; expected 'exact' or 'approximate'")
+        if self.p_error is not None and not 0 < self.p_error < 1:
+            raise CompilationError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
+
+    def rounding_arg(self):
+        if self.rounding_bits is None:
+            return None
+        return {"n_bits": self.rounding_bits, "method": self.rounding_method}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CircuitStats:
+    pbs_count: int
+    key_switch_count: int
+    max_bit_width: int
+    bootstrap_key_bytes: int
+    keyswitch_key_bytes: int
+    input_ciphertext_bytes: int
+    output_ciphertext_bytes: int
+    p_error: float
+    global_p_error: float
+    complexity: float
+
+    @property
+    def evaluation_key_bytes(self) -> int:
+        return self.bootstrap_key_bytes + self.keyswitch_key_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "evaluation_key_bytes": self.evaluation_key_bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CircuitStats":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def of(cls, circuit) -> "CircuitStats":
+        s = circuit.statistics
+        return cls(
+            pbs_count=int(s["programmable_bootstrap_count"]),
+            key_switch_count=int(s["key_switch_count"]),
+            max_bit_width=int(circuit.graph.maximum_integer_bit_width()),
+            bootstrap_key_bytes=int(s["size_of_bootstrap_keys"]),
+            keyswitch_key_bytes=int(s["size_of_keyswitch_keys"]),
+            input_ciphertext_bytes=int(s["size_of_inputs"]),
+            output_ciphertext_bytes=int(s["size_of_outputs"]),
+            p_error=float(s["p_error"]),
+            global_p_error=float(s["global_p_error"]),
+            complexity=float(s["complexity"]),
+        )
+
+
+def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig = CompileConfig()):
+    """Compile a trained Brevitas QAT model; returns (QuantizedModule, CircuitStats).
+
+    `X_calib` (the training features) bounds every intermediate value of the circuit.
+    """
+    from concrete.ml.torch.compile import compile_brevitas_qat_model
+
+    model.eval()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            q_module = compile_brevitas_qat_model(
+                model,
+                np.asarray(X_calib, dtype=np.float32),
+                rounding_threshold_bits=config.rounding_arg(),
+                p_error=config.p_error,
+            )
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise CompilationError(
+            f"Concrete ML could not compile the model ({str(exc).splitlines()[0][:300]}); "
+            "lower the weight/activation bits or set --rounding-bits 4-6"
+        ) from exc
+    return q_module, CircuitStats.of(q_module.fhe_circuit)

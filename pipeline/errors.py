@@ -1,0 +1,45 @@
+"""One exception hierarchy for molcloak.
+
+Every error inherits `MolcloakError` and the matching built-in, so callers can
+catch either. Messages say what failed, the value seen, what was expected and
+the fix. The CLI prints them as one line (exit 2), the server turns them into a
+4xx JSON body, the app into `gr.Error`.
+"""
+
+from __future__ import annotations
+
+
+class MolcloakError(Exception):
+    """Base class of all molcloak errors."""
+
+
+class DataError(MolcloakError, ValueError):
+    """A dataset, CSV file or column is unusable."""
+
+
+class InvalidSmilesError(DataError):
+    """A SMILES string could not be parsed by RDKit."""
+
+
+class FeaturizerError(MolcloakError, ValueError):
+    """A featurizer spec is malformed or does not match the data."""
+
+
+class ModelConfigError(MolcloakError, ValueError):
+    """An unknown model name or an invalid model/training option."""
+
+
+class CompilationError(MolcloakError, RuntimeError):
+    """Concrete ML could not compile the network to a TFHE circuit."""
+
+
+class BundleError(MolcloakError, ValueError):
+    """A deployment bundle is missing, incomplete or was made by other package versions."""
+
+
+class KeysError(MolcloakError, LookupError):
+    """Keys are missing or do not belong to the bundle they are used with."""
+
+
+class CiphertextError(MolcloakError, ValueError):
+    """Serialized ciphertext or evaluation-key bytes are malformed or for another circuit."""

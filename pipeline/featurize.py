@@ -1,0 +1,189 @@
+"""SMILES -> feature vectors, with a serializable spec.
+
+A spec string such as ``physchem``, ``morgan:r=2,n=1024``, ``morgan_count:r=2,n=256``
+or ``physchem+morgan:r=2,n=512`` names the parts; `fit_featurizer` adds the
+standardization fitted on the training molecules. The fitted spec travels in
+the bundle manifest so a client featurizes exactly as the model was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import FeaturizerError, InvalidSmilesError
+
+# RDKit descriptor names, in the order they appear in the feature vector.
+PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
+    "MolLogP",
+    "TPSA",
+    "MolWt",
+    "NumHDonors",
+    "NumHAcceptors",
+    "NumRotatableBonds",
+    "NumAromaticRings",
+    "FractionCSP3",
+    "RingCount",
+    "HeavyAtomCount",
+)
+PART_KINDS = ("physchem", "morgan", "morgan_count")
+COUNT_CAP = 15  # morgan_count values are clipped here so a few bits represent them
+
+
+def canonical_smiles(smiles: str) -> str | None:
+    """RDKit canonical SMILES, or None when RDKit cannot parse it."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    if not isinstance(smiles, str) or not smiles.strip():
+        return None
+    mol = Chem.MolFromSmiles(smiles.strip())
+    return Chem.MolToSmiles(mol) if mol is not None else None
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: str
+    radius: int = 2
+    n_bits: int = 1024
+
+    def __post_init__(self):
+        if self.kind not in PART_KINDS:
+            raise FeaturizerError(f"unknown feature part {self.kind!r}; expected one of {', '.join(PART_KINDS)}")
+        if self.kind != "physchem" and not (1 <= self.radius <= 6 and 8 <= self.n_bits <= 16384):
+            raise FeaturizerError(
+                f"{self.kind}: radius {self.radius} / size {self.n_bits} out of range; use r in 1..6 and n in 8..16384"
+            )
+
+    @property
+    def width(self) -> int:
+        return len(PHYSCHEM_DESCRIPTORS) if self.kind == "physchem" else self.n_bits
+
+    @property
+    def names(self) -> list[str]:
+        if self.kind == "physchem":
+            return list(PHYSCHEM_DESCRIPTORS)
+        return [f"{self.kind}_r{self.radius}_{i}" for i in range(self.n_bits)]
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "physchem" else f"{self.kind}:r={self.radius},n={self.n_bits}"
+
+
+@dataclass(frozen=True)
+class FeaturizerSpec:
+    parts: tuple[Part, ...]
+    # standardization fitted on training data; applied to physchem and count columns only
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "FeaturizerSpec":
+        """Parse ``physchem+morgan:r=2,n=1024``."""
+        parts = []
+        for chunk in filter(None, (c.strip() for c in text.split("+"))):
+            kind, _, opts = chunk.partition(":")
+            kwargs = {}
+            for opt in filter(None, opts.split(",")):
+                key, _, val = opt.partition("=")
+                key = {"r": "radius", "radius": "radius", "n": "n_bits", "size": "n_bits", "n_bits": "n_bits"}.get(key.strip())
+                if key is None or not val.strip().isdigit():
+                    raise FeaturizerError(
+                        f"feature option {opt!r} in {text!r} not understood; write e.g. 'morgan:r=2,n=1024'"
+                    )
+                kwargs[key] = int(val)
+            parts.append(Part(kind.strip(), **kwargs))
+        if not parts:
+            raise FeaturizerError(f"empty feature spec {text!r}; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
+        return cls(tuple(parts))
+
+    def __str__(self) -> str:
+        return "+".join(map(str, self.parts))
+
+    @property
+    def width(self) -> int:
+        return sum(p.width for p in self.parts)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for p in self.parts for n in p.names]
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.mean is not None
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": str(self),
+            "parts": [dataclasses.asdict(p) for p in self.parts],
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeaturizerSpec":
+        try:
+            parts = tuple(Part(**p) for p in d["parts"])
+            mean = None if d.get("mean") is None else tuple(float(v) for v in d["mean"])
+            std = None if d.get("std") is None else tuple(float(v) for v in d["std"])
+        except (KeyError, TypeError) as exc:
+            raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
+        spec = cls(parts, mean, std)
+        if mean is not None and (len(mean) != spec.width or std is None or len(std) != spec.width):
+            raise FeaturizerError(f"featurizer spec {spec} has {len(mean)} scaler values for {spec.width} features")
+        return spec
+
+
+def _part_matrix(part: Part, mols) -> np.ndarray:
+    from rdkit.Chem import Descriptors, rdFingerprintGenerator
+
+    if part.kind == "physchem":
+        fns = [getattr(Descriptors, name) for name in PHYSCHEM_DESCRIPTORS]
+        return np.array([[fn(m) for fn in fns] for m in mols], dtype=np.float64)
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=part.radius, fpSize=part.n_bits)
+    if part.kind == "morgan":
+        return np.array([gen.GetFingerprintAsNumPy(m) for m in mols], dtype=np.float64)
+    counts = np.array([gen.GetCountFingerprintAsNumPy(m) for m in mols], dtype=np.float64)
+    return np.minimum(counts, COUNT_CAP)
+
+
+def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
+    """Unscaled features; raises `InvalidSmilesError` naming the first bad molecule (1-based)."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    mols = []
+    for i, smi in enumerate(smiles, start=1):
+        mol = Chem.MolFromSmiles(smi) if isinstance(smi, str) and smi.strip() else None
+        if mol is None:
+            raise InvalidSmilesError(
+                f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix or remove it"
+            )
+        mols.append(mol)
+    if not mols:
+        return np.zeros((0, spec.width))
+    return np.hstack([_part_matrix(p, mols) for p in spec.parts])
+
+
+def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
+    return np.concatenate([np.full(p.width, p.kind != "morgan") for p in spec.parts])
+
+
+def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> FeaturizerSpec:
+    """Return `spec` with standardization fitted on `train_smiles` (bit columns stay 0/1)."""
+    X = raw_features(spec, train_smiles)
+    mask = _scaled_mask(spec)
+    mean = np.where(mask, X.mean(axis=0), 0.0)
+    std = np.where(mask, X.std(axis=0), 1.0)
+    std = np.where(std < 1e-8, 1.0, std)
+    return dataclasses.replace(spec, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+
+
+def featurize(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
+    """Feature matrix (float32) as the model sees it; the spec must be fitted."""
+    if not spec.is_fitted:
+        raise FeaturizerError(f"featurizer {spec} is not fitted; call fit_featurizer on the training molecules")
+    X = raw_features(spec, smiles)
+    return ((X - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32)

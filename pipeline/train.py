@@ -1,0 +1,129 @@
+"""Seeded quantization-aware training with a validation split and early stopping."""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TaskSpec
+from .errors import ModelConfigError
+from .metrics import TargetScaler, score, to_predictions
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 150
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    patience: int = 25  # epochs without validation-loss improvement before stopping
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 1:
+            raise ModelConfigError(
+                f"invalid training options {asdict(self)}; need epochs >= 1, batch_size >= 2, lr > 0, patience >= 1"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # weights of the best validation epoch, in eval mode
+    scaler: TargetScaler | None
+    best_epoch: int
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+EpochCallback = Callable[[int, int, dict], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled mini-batches; a final batch of one is merged into the previous (BatchNorm needs >= 2)."""
+    perm = rng.permutation(n)
+    out = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out[-2] = np.concatenate([out[-2], out.pop()])
+    return out
+
+
+def predict_raw(model: nn.Module, X: np.ndarray) -> np.ndarray:
+    """Raw outputs (logits or standardized values) of the float/QAT torch model."""
+    model.eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(X, dtype=torch.float32)).detach().numpy().astype(np.float64)
+
+
+def train_model(
+    model: nn.Module,
+    task: TaskSpec,
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_valid: np.ndarray,
+    y_valid: np.ndarray,
+    config: TrainConfig = TrainConfig(),
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train `model` in place and return it with the best validation epoch's weights restored."""
+    if len(X_train) < 2:
+        raise ModelConfigError(f"need at least 2 training molecules, got {len(X_train)}")
+    seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
+    scaler = TargetScaler.fit(y_train) if task.kind == "regression" else None
+    if scaler is None:
+        loss_fn: nn.Module = nn.CrossEntropyLoss()
+        yt = torch.as_tensor(y_train, dtype=torch.long)
+        yv = torch.as_tensor(y_valid, dtype=torch.long)
+    else:
+        loss_fn = nn.MSELoss()
+        yt = torch.as_tensor(scaler.transform(y_train), dtype=torch.float32).unsqueeze(1)
+        yv = torch.as_tensor(scaler.transform(y_valid), dtype=torch.float32).unsqueeze(1)
+    Xt = torch.as_tensor(X_train, dtype=torch.float32)
+    Xv = torch.as_tensor(X_valid, dtype=torch.float32)
+    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    has_valid = len(X_valid) >= 2
+    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
+    history: list[dict] = []
+    epoch = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        total = 0.0
+        for idx in batches(len(Xt), config.batch_size, rng):
+            optim.zero_grad()
+            loss = loss_fn(model(Xt[idx]), yt[idx])
+            loss.backward()
+            optim.step()
+            total += float(loss) * len(idx)
+        row = {"epoch": epoch, "train_loss": total / len(Xt)}
+        model.eval()
+        with torch.no_grad():
+            if has_valid:
+                out = model(Xv)
+                row["valid_loss"] = float(loss_fn(out, yv))
+                row.update({f"valid_{k}": v for k, v in score(task, y_valid, to_predictions(task, out.numpy(), scaler)).items()})
+        history.append(row)
+        if on_epoch:
+            on_epoch(epoch, config.epochs, row)
+        monitor = row.get("valid_loss", row["train_loss"])
+        if monitor < best[0]:
+            best = (monitor, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= config.patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(model, scaler, best[1], epoch, history)

@@ -1,0 +1,224 @@
+"""The owner's and user's jobs, composed from the pure steps: train, compile, deploy, predict."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bundle import Checkpoint, Manifest, load_checkpoint, write_bundle
+from .client import PrivateClient
+from .compile import CircuitStats, CompileConfig, compile_model
+from .data import Dataset, split_dataset
+from .errors import InvalidSmilesError, MolcloakError
+from .featurize import FeaturizerSpec, canonical_smiles, featurize, fit_featurizer
+from .metrics import score, to_predictions
+from .server import PrivateServer
+from .train import EpochCallback, TrainConfig, predict_raw, train_model
+
+DEFAULT_FEATURES = "physchem"
+DEFAULT_MODEL = "mlp"
+
+
+def train_checkpoint(
+    ds: Dataset,
+    features: str = DEFAULT_FEATURES,
+    model_name: str = DEFAULT_MODEL,
+    model_options: dict | None = None,
+    train_config: TrainConfig = TrainConfig(),
+    split: str | None = None,
+    test_fraction: float = 0.2,
+    on_epoch: EpochCallback | None = None,
+) -> Checkpoint:
+    """Split, featurize (scaler fitted on train only), train, and score the float model on test."""
+    from molcloak.models.registry import build_model, make_config
+
+    config = make_config(model_name, model_options)
+    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=train_config.seed)
+    spec = fit_featurizer(FeaturizerSpec.parse(features), [ds.smiles[i] for i in sp.train])
+    X = featurize(spec, ds.smiles)
+    model = build_model(model_name, spec.width, ds.task.n_outputs, config)
+    result = train_model(model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch)
+    float_preds = to_predictions(ds.task, predict_raw(result.model, X[sp.test]), result.scaler)
+    return Checkpoint(
+        task=ds.task,
+        featurizer=spec,
+        model_name=model_name,
+        model_config=config.to_dict(),
+        n_inputs=spec.width,
+        train_info={
+            "config": train_config.to_dict(),
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "split": sp.method,
+            "n_train": int(len(sp.train)),
+            "n_valid": int(len(sp.valid)),
+            "n_test": int(len(sp.test)),
+            "final": result.history[result.best_epoch - 1],
+        },
+        metrics={"float": score(ds.task, ds.y[sp.test], float_preds)},
+        state_dict=result.model.state_dict(),
+        X_calib=X[sp.train],
+        X_test=X[sp.test],
+        y_test=ds.y[sp.test],
+        smiles_test=[ds.smiles[i] for i in sp.test],
+        scaler=result.scaler,
+    )
+
+
+@dataclass
+class Compiled:
+    q_module: object
+    stats: CircuitStats
+    config: CompileConfig
+    metrics: dict  # {"float": ..., "quantized": ..., "fhe_simulate": ...} on the test split
+    seconds: float
+
+    def info(self) -> dict:
+        return {"compile": self.config.to_dict(), "circuit": self.stats.to_dict(), "compile_seconds": self.seconds}
+
+
+def compile_checkpoint(ckpt: Checkpoint, config: CompileConfig = CompileConfig()) -> Compiled:
+    """Compile to a TFHE circuit and score the FHE-simulated model on the test split."""
+    start = time.perf_counter()
+    q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config)
+    seconds = time.perf_counter() - start
+    metrics = dict(ckpt.metrics)
+    if len(ckpt.X_test):
+        for mode, key in (("disable", "quantized"), ("simulate", "fhe_simulate")):
+            raw = q_module.forward(ckpt.X_test, fhe=mode)
+            metrics[key] = score(ckpt.task, ckpt.y_test, to_predictions(ckpt.task, raw, ckpt.scaler))
+    return Compiled(q_module, stats, config, metrics, seconds)
+
+
+def deploy(ckpt: Checkpoint, compiled: Compiled, out: str | Path, name: str, force: bool = False) -> Manifest:
+    return write_bundle(out, name, ckpt, compiled.q_module, compiled.info(), compiled.metrics, force=force)
+
+
+# ---------------------------------------------------------------- prediction
+
+
+@dataclass
+class Prediction:
+    index: int  # 1-based position in the input
+    smiles: str
+    error: str = ""
+    raw: list[float] = field(default_factory=list)  # dequantized model outputs
+    value: list[float] | float | None = None  # class probabilities or value in task units
+    label: str = ""  # predicted class name (classification)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class PredictReport:
+    predictions: list[Prediction]
+    mode: str
+    keygen_seconds: float = 0.0
+    keys_reused: bool = False
+    evaluation_key_bytes: int = 0
+    input_ciphertext_bytes: int = 0
+    output_ciphertext_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "predictions"},
+                "predictions": [p.to_dict() for p in self.predictions]}
+
+
+def validate_smiles(smiles: Sequence[str], skip_invalid: bool) -> list[Prediction]:
+    """One `Prediction` per input; invalid SMILES raise unless `skip_invalid` (then they carry `error`)."""
+    out = []
+    for i, smi in enumerate(smiles, start=1):
+        if canonical_smiles(smi) is None:
+            msg = f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
+            if not skip_invalid:
+                raise InvalidSmilesError(msg)
+            out.append(Prediction(i, smi, error=msg))
+        else:
+            out.append(Prediction(i, smi))
+    return out
+
+
+def _fill(pred: Prediction, task, values: np.ndarray, raw: np.ndarray) -> None:
+    pred.raw = [float(v) for v in np.ravel(raw)]
+    if task.is_classification:
+        pred.value = [float(v) for v in values]
+        pred.label = task.labels[int(np.argmax(values))]
+    else:
+        pred.value = float(values)
+
+
+ItemCallback = Callable[[Prediction], None]
+
+
+def predict_local(
+    bundle: str | Path,
+    smiles: Sequence[str],
+    fhe: str = "execute",
+    key_dir: str | Path | None = None,
+    skip_invalid: bool = False,
+    on_item: ItemCallback | None = None,
+) -> PredictReport:
+    """Private prediction with both halves in this process.
+
+    `execute`: the client half encrypts, the server half (which gets only evaluation keys and
+    ciphertexts) runs the circuit, the client decrypts. `simulate`: the owner's FHE simulation from
+    the bundle's owner/ part (no encryption; needs the weights).
+    """
+    preds = validate_smiles(smiles, skip_invalid)
+    todo = [p for p in preds if not p.error]
+    if fhe == "simulate":
+        return _predict_simulated(bundle, preds, todo, on_item)
+    if fhe != "execute":
+        raise MolcloakError(f"unknown --fhe mode {fhe!r}; expected 'execute' or 'simulate'")
+    client = PrivateClient(bundle, key_dir)
+    server = PrivateServer(bundle)
+    keyinfo = client.keygen()
+    keys = server.load_keys(client.evaluation_keys())  # the only key material the server gets
+    report = PredictReport(preds, "execute", keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
+    X = client.featurize([p.smiles for p in todo]) if todo else np.zeros((0, 0))
+    for pred, x in zip(todo, X):
+        t0 = time.perf_counter()
+        ct = client.encrypt(x)
+        t1 = time.perf_counter()
+        out = server.run(ct, keys)
+        t2 = time.perf_counter()
+        raw = client.decrypt(out)
+        t3 = time.perf_counter()
+        _fill(pred, client.task, client.predictions(raw)[0], raw)
+        pred.seconds = {"encrypt": t1 - t0, "run": t2 - t1, "decrypt": t3 - t2}
+        report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(ct), len(out)
+        if on_item:
+            on_item(pred)
+    return report
+
+
+def _predict_simulated(bundle, preds, todo, on_item) -> PredictReport:
+    ckpt = load_checkpoint(bundle)
+    compiled = compile_checkpoint(_without_test(ckpt), _bundle_compile_config(bundle))
+    if todo:
+        X = featurize(ckpt.featurizer, [p.smiles for p in todo])
+        raw = compiled.q_module.forward(X, fhe="simulate")
+        values = to_predictions(ckpt.task, raw, ckpt.scaler)
+        for pred, r, v in zip(todo, raw, values):
+            _fill(pred, ckpt.task, v, r)
+            if on_item:
+                on_item(pred)
+    return PredictReport(preds, "simulate")
+
+
+def _without_test(ckpt: Checkpoint) -> Checkpoint:
+    import dataclasses
+
+    return dataclasses.replace(ckpt, X_test=ckpt.X_test[:0], y_test=ckpt.y_test[:0], smiles_test=[])
+
+
+def _bundle_compile_config(bundle) -> CompileConfig:
+    from .bundle import load_manifest
+
+    return CompileConfig(**load_manifest(bundle).data["compile"])
