@@ -19,7 +19,7 @@ from torch import nn
 @dataclass(frozen=True)
 class MLPConfig:
     hidden: tuple[int, ...] = (16,)
-    weight_bits: int = 3
+    weight_bits: int = 2
     act_bits: int = 3
     input_bits: int = 3
     batchnorm: bool = True

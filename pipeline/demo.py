@@ -1,0 +1,124 @@
+"""`molcloak demo`: the main job on the bundled sol-low task, end to end, with real FHE."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import save_checkpoint
+from .client import PrivateClient
+from .compile import CompileConfig
+from .data import load_bundled
+from .metrics import describe, to_predictions
+from .server import PrivateServer
+from .train import TrainConfig, predict_raw
+from .workflow import compile_checkpoint, deploy, train_checkpoint
+
+DEMO_TASK = "sol-low"
+
+
+def pick_examples(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` test indices, alternating between classes so both labels show up."""
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)]
+    picked = []
+    while len(picked) < min(n, len(y)):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return np.asarray(picked, dtype=int)
+
+
+def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
+    out_dir = Path(out_dir)
+    ds = load_bundled(DEMO_TASK)
+    with progress() as bar:
+        t = bar.add_task("1/4 training the QAT model", total=TrainConfig().epochs, status="")
+        ckpt = train_checkpoint(ds, train_config=TrainConfig(seed=seed),
+                                on_epoch=lambda e, total, row: bar.update(t, completed=e))
+    save_checkpoint(ckpt, out_dir / "checkpoint", force=True)
+    with console.status("2/4 compiling to a TFHE circuit and simulating the test split..."):
+        compiled = compile_checkpoint(ckpt, CompileConfig())
+        bundle = out_dir / "bundle"
+        deploy(ckpt, compiled, bundle, DEMO_TASK, force=True)
+
+    # The client half: fresh keys in a key directory of its own.
+    shutil.rmtree(out_dir / "keys", ignore_errors=True)
+    client = PrivateClient(bundle, out_dir / "keys")
+    server = PrivateServer(bundle)  # loads server/server.zip only
+    with console.status("3/4 generating keys..."):
+        keyinfo = client.keygen()
+        eval_keys = client.evaluation_keys()
+        keys_on_server = server.load_keys(eval_keys)
+
+    idx = pick_examples(ckpt.y_test, n, seed)
+    smiles = [ckpt.smiles_test[i] for i in idx]
+    X = ckpt.X_test[idx]
+    float_pred = to_predictions(ckpt.task, predict_raw(ckpt.build_model(), X), ckpt.scaler)
+    sim_raw = compiled.q_module.forward(X, fhe="simulate")
+    sim_pred = to_predictions(ckpt.task, sim_raw, ckpt.scaler)
+
+    rows = []
+    with progress() as bar:
+        t = bar.add_task("4/4 encrypt -> FHE run -> decrypt", total=len(idx), status="")
+        for k, smi in enumerate(smiles):
+            x = client.featurize([smi])[0]  # the client featurizes from the spec in the bundle
+            t0 = time.perf_counter()
+            ct = client.encrypt(x)
+            t1 = time.perf_counter()
+            ct_out = server.run(ct, keys_on_server)
+            t2 = time.perf_counter()
+            raw = client.decrypt(ct_out)
+            t3 = time.perf_counter()
+            fhe_pred = client.predictions(raw)[0]
+            rows.append({
+                "smiles": smi,
+                "true": ckpt.task.labels[int(ckpt.y_test[idx[k]])],
+                "float": describe(ckpt.task, float_pred[k]),
+                "simulated": describe(ckpt.task, sim_pred[k]),
+                "fhe": describe(ckpt.task, fhe_pred),
+                "fhe_equals_simulation": bool(np.allclose(raw[0], sim_raw[k])),
+                "fhe_raw": raw[0].tolist(),
+                "simulated_raw": sim_raw[k].tolist(),
+                "encrypt_s": t1 - t0, "run_s": t2 - t1, "decrypt_s": t3 - t2,
+                "input_ciphertext_bytes": len(ct), "output_ciphertext_bytes": len(ct_out),
+            })
+            bar.update(t, advance=1)
+    return {
+        "bundle": str(bundle),
+        "task": ckpt.task.to_dict(),
+        "features": str(ckpt.featurizer),
+        "model": {"name": ckpt.model_name, "config": ckpt.model_config},
+        "compile": compiled.config.to_dict(),
+        "circuit": compiled.stats.to_dict(),
+        "metrics": compiled.metrics,
+        "keygen_s": keyinfo.seconds,
+        "evaluation_key_bytes": len(eval_keys),
+        "rows": rows,
+    }
+
+
+def print_demo(result: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"molcloak demo: {result['task']['name']} on {len(result['rows'])} test molecules (bundle {result['bundle']})")
+    for col in ("SMILES", "true", "float", "FHE-simulated", "FHE (decrypted)", "= sim", "encrypt", "run", "decrypt"):
+        table.add_column(col, overflow="fold")
+    for r in result["rows"]:
+        table.add_row(r["smiles"], r["true"], r["float"], r["simulated"], r["fhe"], "yes" if r["fhe_equals_simulation"] else "NO",
+                      f"{r['encrypt_s']*1e3:.0f} ms", f"{r['run_s']*1e3:.0f} ms", f"{r['decrypt_s']*1e3:.0f} ms")
+    console.print(table)
+    c, rows = result["circuit"], result["rows"]
+    runs = sorted(r["run_s"] for r in rows)
+    console.print(
+        f"keygen {result['keygen_s']:.2f} s | evaluation keys {result['evaluation_key_bytes']/1e6:.1f} MB | "
+        f"ciphertext in {rows[0]['input_ciphertext_bytes']/1e3:.1f} kB, out {rows[0]['output_ciphertext_bytes']/1e3:.1f} kB | "
+        f"median FHE run {runs[len(runs)//2]*1e3:.0f} ms"
+    )
+    console.print(f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, p_error {c['p_error']:.2g} per PBS; "
+                  f"features '{result['features']}', model {result['model']['config']}")
+    for key, m in result["metrics"].items():
+        console.print(f"  {key:>13} test ROC-AUC {m.get('roc_auc', float('nan')):.3f}, accuracy {m['accuracy']:.3f}")

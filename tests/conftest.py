@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny real models, compiled once per session (real Concrete ML, real keys)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from molcloak.pipeline import data, workflow  # noqa: E402
+from molcloak.pipeline.compile import CompileConfig  # noqa: E402
+from molcloak.pipeline.train import TrainConfig  # noqa: E402
+
+TINY = dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2)
+TINY_TRAIN = TrainConfig(epochs=8, patience=8, seed=0)
+
+
+def _tiny(task: str, tmp: Path, rounding_bits=None):
+    ds = data.load_bundled(task)
+    ckpt = workflow.train_checkpoint(ds, model_options=TINY, train_config=TINY_TRAIN)
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=rounding_bits))
+    bundle = tmp / f"{task}-bundle"
+    workflow.deploy(ckpt, compiled, bundle, f"tiny-{task}")
+    return ckpt, compiled, bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_binary(tmp_path_factory):
+    """A 10 -> 4 -> 2 sol-low classifier with 2-bit weights/activations, compiled and deployed."""
+    return _tiny("sol-low", tmp_path_factory.mktemp("binary"))
+
+
+@pytest.fixture(scope="session")
+def tiny_regression(tmp_path_factory):
+    return _tiny("sol-logs", tmp_path_factory.mktemp("regression"))
+
+
+@pytest.fixture()
+def csv_file(tmp_path):
+    def write(text: str, name: str = "mols.csv") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return write

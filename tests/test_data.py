@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from molcloak.pipeline.data import load_bundled, load_csv, murcko_scaffold, split_dataset
+from molcloak.pipeline.errors import DataError, MolcloakError
+
+
+def test_sol_low_is_the_documented_benchmark():
+    ds = load_bundled("sol-low")
+    assert len(ds) == 1282
+    assert ds.task.kind == "binary" and ds.task.labels == ("not low", "low")
+    assert int(ds.y.sum()) == 519  # "(A) low"
+    sp = split_dataset(ds)
+    assert sp.method == "official"
+    assert len(sp.test) == 257 and len(sp.train) + len(sp.valid) == 1025
+    assert not set(sp.test) & set(sp.train) and not set(sp.valid) & set(sp.train)
+
+
+@pytest.mark.parametrize("name,kind,n_out", [("sol-class", "multiclass", 3), ("sol-logs", "regression", 1), ("freesolv", "regression", 1)])
+def test_other_bundled_tasks(name, kind, n_out):
+    ds = load_bundled(name)
+    assert ds.task.kind == kind and ds.task.n_outputs == n_out
+    assert len(ds) > 600 and np.all(np.isfinite(ds.y))
+
+
+def test_unknown_bundled_dataset():
+    with pytest.raises(DataError, match="unknown dataset 'tox21'; expected one of sol-low"):
+        load_bundled("tox21")
+
+
+def test_invalid_smiles_names_row_and_value(csv_file):
+    path = csv_file("smiles,y\nCCO,1\nC1CC,0\nCCN,0\n")
+    with pytest.raises(DataError, match=r"row 2: SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid"):
+        load_csv(path, "smiles", "y")
+
+
+def test_empty_target(csv_file):
+    path = csv_file("smiles,y\nCCO,1\nCCN,\nCCC,0\n")
+    with pytest.raises(DataError, match=r"row 2: target 'y' is empty"):
+        load_csv(path, "smiles", "y")
+
+
+def test_non_numeric_regression_target(csv_file):
+    path = csv_file("smiles,y\nCCO,1.5\nCCN,high\nCCC,0.2\n")
+    with pytest.raises(DataError, match=r"row 2: target 'high' in column 'y' is not a number"):
+        load_csv(path, "smiles", "y", task="regression")
+
+
+def test_missing_column_lists_available(csv_file):
+    path = csv_file("smiles,y\nCCO,1\n")
+    with pytest.raises(DataError, match=r"column 'logS' not found; available columns: 'smiles', 'y'"):
+        load_csv(path, "smiles", "logS")
+
+
+def test_duplicate_molecule_points_to_first_row(csv_file):
+    path = csv_file("smiles,y\nCCO,1\nCCN,0\nOCC,0\n")  # OCC is ethanol again
+    with pytest.raises(DataError, match=r"row 3: SMILES 'OCC' is the same molecule as row 1"):
+        load_csv(path, "smiles", "y")
+
+
+def test_several_problems_are_all_counted(csv_file):
+    path = csv_file("smiles,y\nxx,1\nCCN,\nCCO,1\nyy,0\nCCC,0\n")
+    with pytest.raises(DataError, match=r"row 1: .*\(and 2 more invalid rows: 2, 4\)"):
+        load_csv(path, "smiles", "y")
+
+
+def test_skip_invalid_keeps_report_of_dropped_rows(csv_file):
+    path = csv_file("smiles,y\nxx,1\nCCN,0\nCCO,1\nCCC,0\n")
+    ds = load_csv(path, "smiles", "y", skip_invalid=True)
+    assert len(ds) == 3 and list(ds.rows) == [2, 3, 4]
+    assert [p.row for p in ds.problems] == [1]
+    assert "could not be parsed" in ds.problems[0].reason
+
+
+def test_threshold_binarizes(csv_file):
+    path = csv_file("smiles,logS\nCCO,0.5\nc1ccccc1,-2\nCCCCCCCC,-5\n")
+    ds = load_csv(path, "smiles", "logS", threshold=-1.0)
+    assert ds.task.kind == "binary" and list(ds.y) == [1, 0, 0]
+
+
+def test_missing_file_and_single_class(csv_file, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_csv(tmp_path / "nope.csv", "smiles", "y")
+    with pytest.raises(DataError, match="only one class"):
+        load_csv(csv_file("smiles,y\nCCO,a\nCCN,a\n"), "smiles", "y")
+
+
+def test_errors_inherit_builtins():
+    assert issubclass(DataError, MolcloakError) and issubclass(DataError, ValueError)
+
+
+def test_random_split_is_seeded():
+    ds = load_bundled("freesolv")
+    a, b, c = (split_dataset(ds, "random", seed=s) for s in (1, 1, 2))
+    assert np.array_equal(a.test, b.test) and not np.array_equal(a.test, c.test)
+    with pytest.raises(DataError, match="has no official split"):
+        split_dataset(ds, "official")
+
+
+def test_scaffold_split_keeps_scaffolds_on_one_side():
+    ds = load_bundled("freesolv")
+    sp = split_dataset(ds, "scaffold", seed=0)
+    train = {murcko_scaffold(ds.smiles[i]) for i in np.concatenate([sp.train, sp.valid])}
+    test = {murcko_scaffold(ds.smiles[i]) for i in sp.test}
+    assert not train & test
+    assert abs(len(sp.test) / len(ds) - 0.2) < 0.05

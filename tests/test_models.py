@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from molcloak.models import build_model, model_names
+from molcloak.models.registry import make_config
+from molcloak.pipeline.errors import ModelConfigError
+
+
+def test_registry_lists_mlp():
+    assert "mlp" in model_names()
+
+
+@pytest.mark.parametrize("n_out", [1, 2, 3])
+def test_mlp_output_shape(n_out):
+    model = build_model("mlp", 10, n_out, make_config("mlp", {"hidden": [8, 4]}))
+    model.eval()
+    assert model(torch.randn(5, 10)).shape == (5, n_out)
+
+
+def test_unknown_model_and_option():
+    with pytest.raises(ModelConfigError, match="unknown model 'cnn'; available: mlp"):
+        build_model("cnn", 10, 2)
+    with pytest.raises(ModelConfigError, match="has no option 'width'; valid options: .*hidden"):
+        make_config("mlp", {"width": 3})
+
+
+def test_bit_widths_are_checked():
+    with pytest.raises(ModelConfigError, match="weight_bits=12 is out of range"):
+        make_config("mlp", {"weight_bits": 12})
