@@ -11,7 +11,7 @@ import numpy as np
 from .bundle import save_checkpoint
 from .client import PrivateClient
 from .compile import CompileConfig
-from .data import load_bundled
+from .data import TaskSpec, load_bundled
 from .metrics import describe, to_predictions
 from .server import PrivateServer
 from .train import TrainConfig, predict_raw
@@ -77,9 +77,9 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
             rows.append({
                 "smiles": smi,
                 "true": ckpt.task.labels[int(ckpt.y_test[idx[k]])],
-                "float": describe(ckpt.task, float_pred[k]),
-                "simulated": describe(ckpt.task, sim_pred[k]),
-                "fhe": describe(ckpt.task, fhe_pred),
+                "float": _value(float_pred[k]),
+                "simulated": _value(sim_pred[k]),
+                "fhe": _value(fhe_pred),
                 "fhe_equals_simulation": bool(np.allclose(raw[0], sim_raw[k])),
                 "fhe_raw": raw[0].tolist(),
                 "simulated_raw": sim_raw[k].tolist(),
@@ -101,15 +101,28 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
     }
 
 
+def _value(pred) -> list[float] | float:
+    return [float(v) for v in pred] if np.ndim(pred) else float(pred)
+
+
+def _short(task: dict, value) -> str:
+    if task["kind"] == "binary":
+        return f"{value[-1]:.3f}"
+    return describe(TaskSpec.from_dict(task), np.asarray(value) if isinstance(value, list) else value)
+
+
 def print_demo(result: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"molcloak demo: {result['task']['name']} on {len(result['rows'])} test molecules (bundle {result['bundle']})")
-    for col in ("SMILES", "true", "float", "FHE-simulated", "FHE (decrypted)", "= sim", "encrypt", "run", "decrypt"):
+    task = result["task"]
+    head = f"p({task['labels'][-1]})" if task["kind"] == "binary" else "prediction"
+    table = Table(title=f"molcloak demo: {task['name']}, {len(result['rows'])} test molecules, bundle {result['bundle']}")
+    for col in ("SMILES", "true", f"{head} float", f"{head} FHE-sim", f"{head} FHE", "FHE = sim", "enc ms", "run ms", "dec ms"):
         table.add_column(col, overflow="fold")
     for r in result["rows"]:
-        table.add_row(r["smiles"], r["true"], r["float"], r["simulated"], r["fhe"], "yes" if r["fhe_equals_simulation"] else "NO",
-                      f"{r['encrypt_s']*1e3:.0f} ms", f"{r['run_s']*1e3:.0f} ms", f"{r['decrypt_s']*1e3:.0f} ms")
+        cells = [_short(task, r[k]) for k in ("float", "simulated", "fhe")]
+        table.add_row(r["smiles"], r["true"], *cells, "yes" if r["fhe_equals_simulation"] else "NO",
+                      f"{r['encrypt_s']*1e3:.0f}", f"{r['run_s']*1e3:.0f}", f"{r['decrypt_s']*1e3:.0f}")
     console.print(table)
     c, rows = result["circuit"], result["rows"]
     runs = sorted(r["run_s"] for r in rows)
