@@ -17,7 +17,7 @@ from .errors import InvalidSmilesError, MolcloakError
 from .featurize import FeaturizerSpec, canonical_smiles, featurize, fit_featurizer
 from .metrics import score, to_predictions
 from .server import PrivateServer
-from .train import EpochCallback, TrainConfig, predict_raw, train_model
+from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
 DEFAULT_FEATURES = "physchem"
 DEFAULT_MODEL = "mlp"
@@ -40,6 +40,7 @@ def train_checkpoint(
     sp = split_dataset(ds, split, test_fraction=test_fraction, seed=train_config.seed)
     spec = fit_featurizer(FeaturizerSpec.parse(features), [ds.smiles[i] for i in sp.train])
     X = featurize(spec, ds.smiles)
+    seed_everything(train_config.seed)  # weight initialization is part of the seeded run
     model = build_model(model_name, spec.width, ds.task.n_outputs, config)
     result = train_model(model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch)
     float_preds = to_predictions(ds.task, predict_raw(result.model, X[sp.test]), result.scaler)
