@@ -19,10 +19,10 @@ from .metrics import TargetScaler, score, to_predictions
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 150
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    patience: int = 25  # epochs without validation-loss improvement before stopping
+    patience: int = 50  # epochs without validation-loss improvement before stopping
     seed: int = 0
 
     def __post_init__(self):

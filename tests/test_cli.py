@@ -102,3 +102,15 @@ def test_console_script_runs_as_a_subprocess():
     proc = subprocess.run([sys.executable, "-m", "molcloak.pipeline.cli", "models", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "mlp" in json.loads(proc.stdout)["models"]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_default_model_end_to_end(tmp_path):
+    """What `make demo` runs: the default model, real keys, FHE equal to simulation."""
+    result = run("demo", "--out", tmp_path / "demo", "--n", "2", "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert len(d["rows"]) == 2 and all(r["fhe_equals_simulation"] for r in d["rows"])
+    assert d["circuit"]["max_bit_width"] <= 8 and d["evaluation_key_bytes"] > 0
+    assert d["metrics"]["fhe_simulate"]["roc_auc"] > 0.85
+    assert (tmp_path / "demo" / "bundle" / "client" / "client.zip").is_file()

@@ -138,3 +138,13 @@ def test_regression_prediction_in_task_units(tiny_regression, tmp_path):
     assert np.allclose(got, simulated)
     assert -12 < got.min() and got.max() < 3  # logS range, not standardized units
     assert set(compiled.metrics["fhe_simulate"]) == {"rmse", "mae", "r2"}
+
+
+def test_multiclass_bundle_runs_encrypted(tmp_path):
+    from conftest import _tiny
+
+    ckpt, compiled, bundle = _tiny("sol-class", tmp_path)
+    report = predict_local(bundle, ckpt.smiles_test[:2], key_dir=tmp_path / "keys")
+    simulated = compiled.q_module.forward(ckpt.X_test[:2], fhe="simulate")
+    assert [p.raw for p in report.predictions] == simulated.tolist()
+    assert all(len(p.value) == 3 and p.label in ("low", "medium", "high") for p in report.predictions)
