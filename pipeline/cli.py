@@ -280,7 +280,11 @@ def deploy(
 @cli_errors
 def predict(
     smiles: Optional[List[str]] = typer.Argument(None, help="SMILES to predict (or use --input)."),
-    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle directory (from `molcloak deploy`)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory (from `molcloak deploy`): both halves in this process."),
+    server: Optional[str] = typer.Option(None, "--server", "-s", help="URL of a `molcloak serve` server (e.g. http://127.0.0.1:8000)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name on the server (see GET /models)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the server's bearer token."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Ciphertexts per HTTP request (with --server)."),
     input_csv: Optional[Path] = typer.Option(None, "--input", "-i", help="CSV file with a SMILES column."),
     smiles_col: str = SmilesColOpt,
     output: Optional[Path] = typer.Option(None, "--output", help="Write predictions to this CSV file."),
@@ -291,16 +295,28 @@ def predict(
 ):
     """Predict molecules privately: encrypt, run the circuit on ciphertexts, decrypt.
 
-    Both halves run in this process, but the server half receives only evaluation keys and
-    ciphertexts. Example: molcloak predict --bundle bundles/sol-low "CCO" "c1ccccc1O"
+    With --bundle both halves run in this process (the server half receives only evaluation keys
+    and ciphertexts). With --server the circuit runs on a `molcloak serve` server; the secret key
+    stays in --key-dir. Examples: molcloak predict --bundle bundles/sol-low "CCO";
+    molcloak predict --server http://127.0.0.1:8000 --model sol-low "CCO"
     """
     from .workflow import predict_local
 
     molecules = _read_smiles(smiles, input_csv, smiles_col)
+    if (bundle is None) == (server is None):
+        raise DataError("pass either --bundle DIR (local) or --server URL --model NAME (remote)")
+    if server is not None and not model:
+        raise DataError("--server needs --model NAME; list the served models with GET /models")
     with progress() as bar:
         t = bar.add_task("keys + encrypted prediction", total=len(molecules), status="")
-        report = predict_local(bundle, molecules, fhe, key_dir, skip_invalid,
-                               on_item=lambda p: bar.update(t, advance=1, status=p.label or ""))
+        on_item = lambda p: bar.update(t, advance=1, status=p.label or "")  # noqa: E731
+        if server is not None:
+            from .remote import RemoteModel
+
+            remote = RemoteModel(server, model, key_dir, _read_token(token_file))
+            report = remote.predict(molecules, batch_size, skip_invalid, on_item=on_item)
+        else:
+            report = predict_local(bundle, molecules, fhe, key_dir, skip_invalid, on_item=on_item)
     if output:
         _write_predictions_csv(output, report)
     if as_json:
@@ -343,7 +359,7 @@ def _write_predictions_csv(path: Path, report) -> None:
 
 def _print_predictions(report) -> None:
     table = Table(title=f"private predictions ({report.mode})")
-    for col in ("#", "SMILES", "prediction", "encrypt", "FHE run", "decrypt"):
+    for col in ("#", "SMILES", "prediction", "encrypt", "FHE run", "decrypt" if report.mode != "server" else "round trip"):
         table.add_column(col)
     for p in report.predictions:
         if p.error:
@@ -351,12 +367,57 @@ def _print_predictions(report) -> None:
             continue
         pred = f"{p.label} (p={max(p.value):.2f})" if p.label else f"{p.value:.3f}"
         s = p.seconds
-        table.add_row(str(p.index), p.smiles, pred, *(f"{s[k]*1000:.0f} ms" if k in s else "-" for k in ("encrypt", "run", "decrypt")))
+        table.add_row(str(p.index), p.smiles, pred, *(f"{s[k]*1000:.0f} ms" if k in s else "-" for k in ("encrypt", "run", "decrypt" if report.mode != "server" else "round_trip")))
     out.print(table)
-    if report.mode == "execute":
+    if report.mode in ("execute", "server"):
         kg = "reused from key dir" if report.keys_reused else f"generated in {report.keygen_seconds:.2f} s"
         out.print(f"keys: {kg}; evaluation keys {_mb(report.evaluation_key_bytes)}; ciphertexts: input "
                   f"{_kb(report.input_ciphertext_bytes)}, output {_kb(report.output_ciphertext_bytes)}")
+
+
+def _read_token(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise DataError(f"cannot read token file {str(path)!r} ({exc.strerror}); check the path") from exc
+    if not token:
+        raise DataError(f"token file {str(path)!r} is empty; put the bearer token in it")
+    return token
+
+
+# ---------------------------------------------------------------- serve
+
+
+@app.command()
+@cli_errors
+def serve(
+    bundles: Path = typer.Option(..., "--bundles", help="Folder with one bundle directory per model (each with server/server.zip)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    workers: int = typer.Option(0, "--workers", help="FHE worker processes (0 = one per core)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Require 'Authorization: Bearer <token>' with the token in this file."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where uploaded evaluation keys are kept (default <bundles>/.molcloak-server)."),
+    max_body_mb: int = typer.Option(128, "--max-body-mb", help="Largest accepted request body."),
+    key_cache_mb: int = typer.Option(2048, "--key-cache-mb", help="Memory for loaded evaluation keys, shared by the workers (LRU)."),
+    queue_size: int = typer.Option(64, "--queue-size", help="FHE jobs waiting or running before the server answers 503."),
+):
+    """Serve every bundle in --bundles over HTTP: the server holds evaluation keys and ciphertexts only.
+
+    Example: molcloak serve --bundles demo --port 8000, then in another terminal
+    molcloak predict --server http://127.0.0.1:8000 --model sol-low "CCO"
+    """
+    import os
+
+    from .service import ServeConfig, serve as run_server
+
+    config = ServeConfig(bundles=bundles, state_dir=state_dir, workers=workers or max(1, os.cpu_count() or 1),
+                         queue_size=queue_size, max_body_bytes=max_body_mb * 2**20, key_cache_bytes=key_cache_mb * 2**20,
+                         token=_read_token(token_file))
+    err.print(f"molcloak serve: bundles from {bundles}, {config.workers} FHE workers, keys in {config.keys_dir}; "
+              f"starting on http://{host}:{port}")
+    run_server(config, host, port)
 
 
 # ---------------------------------------------------------------- info / models

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -54,6 +55,7 @@ class CircuitStats:
     p_error: float
     global_p_error: float
     complexity: float
+    serialized_evaluation_key_bytes: int = 0  # exact size a client uploads (measured with throwaway keys)
 
     @property
     def evaluation_key_bytes(self) -> int:
@@ -64,7 +66,7 @@ class CircuitStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CircuitStats":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     @classmethod
     def of(cls, circuit) -> "CircuitStats":
@@ -104,4 +106,7 @@ def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig =
             f"Concrete ML could not compile the model ({str(exc).splitlines()[0][:300]}); "
             "lower the weight/activation bits or set --rounding-bits 4-6"
         ) from exc
-    return q_module, CircuitStats.of(q_module.fhe_circuit)
+    circuit = q_module.fhe_circuit
+    circuit.keygen(force=True)  # throwaway keys, only to measure the exact evaluation-key size
+    eval_key_bytes = len(circuit.keys.evaluation.serialize())
+    return q_module, dataclasses.replace(CircuitStats.of(circuit), serialized_evaluation_key_bytes=eval_key_bytes)

@@ -43,3 +43,19 @@ class KeysError(MolcloakError, LookupError):
 
 class CiphertextError(MolcloakError, ValueError):
     """Serialized ciphertext or evaluation-key bytes are malformed or for another circuit."""
+
+
+class UnknownModelError(MolcloakError, LookupError):
+    """The server does not host a model of that name."""
+
+
+class KeyMismatchError(KeysError):
+    """A key id was used with a model other than the one its keys were generated for."""
+
+
+class ServerBusyError(MolcloakError, RuntimeError):
+    """The FHE job queue is full or a worker restarted; retry later."""
+
+
+class RemoteError(MolcloakError, RuntimeError):
+    """The FHE server answered with an error or could not be reached."""

@@ -145,7 +145,7 @@ def validate_smiles(smiles: Sequence[str], skip_invalid: bool) -> list[Predictio
     return out
 
 
-def _fill(pred: Prediction, task, values: np.ndarray, raw: np.ndarray) -> None:
+def fill_prediction(pred: Prediction, task, values: np.ndarray, raw: np.ndarray) -> None:
     pred.raw = [float(v) for v in np.ravel(raw)]
     if task.is_classification:
         pred.value = [float(v) for v in values]
@@ -191,7 +191,7 @@ def predict_local(
         t2 = time.perf_counter()
         raw = client.decrypt(out)
         t3 = time.perf_counter()
-        _fill(pred, client.task, client.predictions(raw)[0], raw)
+        fill_prediction(pred, client.task, client.predictions(raw)[0], raw)
         pred.seconds = {"encrypt": t1 - t0, "run": t2 - t1, "decrypt": t3 - t2}
         report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(ct), len(out)
         if on_item:
@@ -207,7 +207,7 @@ def _predict_simulated(bundle, preds, todo, on_item) -> PredictReport:
         raw = compiled.q_module.forward(X, fhe="simulate")
         values = to_predictions(ckpt.task, raw, ckpt.scaler)
         for pred, r, v in zip(todo, raw, values):
-            _fill(pred, ckpt.task, v, r)
+            fill_prediction(pred, ckpt.task, v, r)
             if on_item:
                 on_item(pred)
     return PredictReport(preds, "simulate")

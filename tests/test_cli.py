@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from molcloak.pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "compile", "deploy", "predict", "info", "models", "demo"]
+COMMANDS = ["train", "compile", "deploy", "predict", "serve", "info", "models", "demo"]
 
 
 def run(*args):

@@ -1,0 +1,101 @@
+"""The server's registry of evaluation keys: persisted atomically, hot ones cached (LRU, memory cap).
+
+A key id is 128 random bits (32 hex characters). On disk: `<root>/<id>.keys` (the serialized
+evaluation keys, exactly as uploaded) and `<root>/<id>.json` (model name, size, time). The store
+never holds secret keys: a client only ever sends evaluation keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import KeysError
+
+KEY_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class KeyStore:
+    def __init__(self, root: str | Path, cache_bytes: int, load: Callable[[str, bytes], Any], cost: Callable[[str], int]):
+        """`load(model, data)` deserializes keys; `cost(model)` is the memory one loaded key set takes."""
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.cache_bytes = cache_bytes
+        self._load, self._cost = load, cost
+        self._cache: OrderedDict[str, tuple[str, Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- disk ---------------------------------------------------------------
+
+    def put(self, model: str, data: bytes) -> str:
+        key_id = secrets.token_hex(16)
+        _atomic_write(self.root / f"{key_id}.keys", data)
+        meta = {"model": model, "bytes": len(data), "created": time.time()}
+        _atomic_write(self.root / f"{key_id}.json", json.dumps(meta).encode())
+        return key_id
+
+    def meta(self, key_id: str) -> dict:
+        path = self._path(key_id, "json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise KeysError(f"key id {key_id!r} is unknown to this server; upload the evaluation keys again (POST /keys)") from exc
+
+    def delete(self, key_id: str) -> None:
+        self.meta(key_id)
+        with self._lock:
+            self._cache.pop(key_id, None)
+        for ext in ("json", "keys"):
+            self._path(key_id, ext).unlink(missing_ok=True)
+
+    def _path(self, key_id: str, ext: str) -> Path:
+        if not isinstance(key_id, str) or not KEY_ID.match(key_id):
+            raise KeysError(f"key id {str(key_id)[:40]!r} is malformed; expected the 32 hex characters POST /keys returned")
+        return self.root / f"{key_id}.{ext}"
+
+    # -- cache --------------------------------------------------------------
+
+    def get(self, key_id: str, model: str) -> Any:
+        """Loaded keys of `key_id`, which must belong to `model`."""
+        owner = self.meta(key_id)["model"]
+        if owner != model:
+            raise KeysError(f"key id {key_id} belongs to model {owner!r}, not {model!r}; upload keys generated for {model!r}")
+        with self._lock:
+            hit = self._cache.get(key_id)
+            if hit is not None:
+                self._cache.move_to_end(key_id)
+                return hit[1]
+        data = self._path(key_id, "keys").read_bytes()
+        keys = self._load(model, data)
+        with self._lock:
+            self._cache[key_id] = (model, keys, self._cost(model))
+            self._evict()
+        return keys
+
+    def _evict(self) -> None:
+        while len(self._cache) > 1 and self.cached_bytes > self.cache_bytes:
+            self._cache.popitem(last=False)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(cost for _, _, cost in self._cache.values())
+
+    def __len__(self) -> int:
+        return len(list(self.root.glob("*.json")))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

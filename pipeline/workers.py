@@ -1,0 +1,101 @@
+"""FHE jobs in worker processes: a crash in Concrete (for instance on crafted key bytes) kills a
+worker, never the HTTP server. Each worker loads the served circuits once and keeps its own LRU
+cache of deserialized evaluation keys, read from the key store on disk by key id."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from .errors import ServerBusyError
+
+_STATE: dict = {}
+
+
+def _init_worker(bundles: dict[str, str], key_root: str, cache_bytes: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from .keystore import KeyStore
+    from .server import PrivateServer
+
+    servers = {name: PrivateServer(path) for name, path in bundles.items()}
+    _STATE["servers"] = servers
+    _STATE["store"] = KeyStore(
+        key_root, cache_bytes,
+        load=lambda model, data: servers[model].load_keys(data),
+        cost=lambda model: int(servers[model].manifest.circuit.get("evaluation_key_bytes", 0)),
+    )
+
+
+def _check_keys(model: str, key_id: str) -> bool:
+    """Deserialize (and cache) uploaded keys: malformed bytes fail here, in a worker."""
+    _STATE["store"].get(key_id, model)
+    return True
+
+
+def _run(model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
+    keys = _STATE["store"].get(key_id, model)
+    start = time.perf_counter()
+    out = _STATE["servers"][model].run(ciphertext, keys)
+    return out, time.perf_counter() - start
+
+
+class WorkerPool:
+    """A bounded queue in front of N worker processes; a broken pool is replaced transparently."""
+
+    def __init__(self, bundles: dict[str, Path], key_root: Path, workers: int, queue_size: int, cache_bytes: int):
+        self._args = ({k: str(v) for k, v in bundles.items()}, str(key_root), max(1, cache_bytes // max(1, workers)))
+        self.workers, self.queue_size = workers, queue_size
+        self.pending = 0
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=self._args)
+
+    async def submit(self, fn, *args):
+        if self.pending >= self.queue_size:
+            raise ServerBusyError(f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds")
+        self.pending += 1
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool as exc:
+            self._replace(pool)
+            raise ServerBusyError(
+                "an FHE worker crashed while evaluating a request (keys or ciphertexts not made for this model?) "
+                "and was restarted; retry"
+            ) from exc
+        finally:
+            self.pending -= 1
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                self.restarts += 1
+                self._pool = self._new_pool()
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    async def check_keys(self, model: str, key_id: str) -> None:
+        await self.submit(_check_keys, model, key_id)
+
+    async def run(self, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
+        return await self.submit(_run, model, key_id, ciphertext)
+
+    def warm_up(self) -> None:
+        """Start every worker now (they load the circuits) instead of on the first request."""
+        list(self._pool.map(_noop, range(self.workers)))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _noop(_: int) -> None:
+    time.sleep(0.05)
