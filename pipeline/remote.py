@@ -96,7 +96,8 @@ class RemoteModel:
 
     def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
         """Send one batch; re-upload the keys once if the server no longer knows our key id."""
-        body = {"model": self.model, "ciphertexts": [base64.b64encode(c).decode() for c in ciphertexts]}
+        body = {"model": self.model, "ciphertexts": [base64.b64encode(c).decode() for c in ciphertexts],
+                "client_fingerprint": self.info["client_fingerprint"]}
         for refresh in (False, True):
             r = self.request("POST", "/predict", json={**body, "key_id": self.key_id(refresh)})
             if r.status_code == 404 and "KeysError" in r.text and not refresh:

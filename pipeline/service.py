@@ -93,6 +93,8 @@ class PredictRequest(BaseModel):
     model: str
     key_id: str
     ciphertexts: list[str] = Field(min_length=1, max_length=MAX_BATCH, description="base64 serialized ciphertexts, one per molecule")
+    client_fingerprint: str | None = Field(None, description="fingerprint of the client part used to encrypt (from GET /models); "
+                                           "checked when given, so ciphertexts made for another model are refused")
 
 
 class PredictResponse(BaseModel):
@@ -122,6 +124,7 @@ def error(status: int, kind: str, message: str, headers: dict | None = None) -> 
 def create_app(config: ServeConfig) -> FastAPI:
     models = find_bundles(config.bundles)
     client_zips = {name: _client_zip(d) for name, (d, _) in models.items()}
+    fingerprints = {name: hashlib.sha256(z).hexdigest()[:16] for name, z in client_zips.items()}
     config.keys_dir.mkdir(parents=True, exist_ok=True)
     store = KeyStore(config.keys_dir, 0, load=lambda m, d: None, cost=lambda m: 0)  # metadata only
     pool = WorkerPool({n: d for n, (d, _) in models.items()}, config.keys_dir, config.workers, config.queue_size,
@@ -211,6 +214,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         owner = store.meta(req.key_id)["model"]
         if owner != req.model:
             raise KeyMismatchError(f"key id {req.key_id} belongs to model {owner!r}, not {req.model!r}")
+        if req.client_fingerprint is not None and req.client_fingerprint != fingerprints[req.model]:
+            raise CiphertextError(f"the ciphertexts were encrypted with the client part {req.client_fingerprint!r}, "
+                                  f"model {req.model!r} has {fingerprints[req.model]!r}; download its client part again")
         cts = [_b64(c, i) for i, c in enumerate(req.ciphertexts)]
         start = time.perf_counter()
         results = await asyncio.gather(*(pool.run(req.model, req.key_id, ct) for ct in cts))
