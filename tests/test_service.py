@@ -259,3 +259,39 @@ def test_server_never_sees_smiles_features_or_secret_keys(served, tiny_binary, t
             assert repr(p.raw[0]).encode() not in blob and repr(p.value[1]).encode() not in blob
     # what was uploaded is exactly the evaluation keys, which are strictly less than the key file
     assert model.client.evaluation_keys() in wire and len(model.client.evaluation_keys()) < len(secret_file)
+
+
+def test_fuzz_every_route_of_the_openapi_schema(served):
+    """Random paths, bodies and content types on every route of the generated schema: never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    server, _ = served
+    schema = httpx.get(f"{server.url}/openapi.json", headers=auth()).json()
+    routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
+    assert ("POST", "/predict") in routes and ("POST", "/keys") in routes
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                               lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8)
+    bodies = st.one_of(
+        json_values.map(lambda v: ("application/json", v)),
+        st.fixed_dictionaries({"model": st.sampled_from(["tiny-sol-low", "x", ""]), "key_id": st.text(max_size=40),
+                               "ciphertexts": st.lists(st.text(max_size=30) | st.binary(max_size=30).map(lambda b: base64.b64encode(b).decode()), max_size=3)})
+        .map(lambda v: ("application/json", v)),
+        st.binary(max_size=300).map(lambda b: ("application/octet-stream", b)),
+        st.binary(max_size=50).map(lambda b: ("text/plain", b)),
+    )
+    segment = st.sampled_from(["tiny-sol-low", "nope", "0" * 32, "..", "%00", "a" * 300])
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(routes), body=bodies, seg=segment, model=segment)
+    def check(route, body, seg, model):
+        method, path = route
+        path = path.replace("{name}", seg).replace("{key_id}", seg)
+        ctype, payload = body
+        kwargs = {"json": payload} if ctype == "application/json" else {"content": payload}
+        r = httpx.request(method, f"{server.url}{path}", params={"model": model}, timeout=120,
+                          headers=auth(**{"Content-Type": ctype}), **kwargs)
+        assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
+
+    check()
+    assert server.alive()

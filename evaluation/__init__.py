@@ -1,0 +1,1 @@
+"""molcloak.evaluation: benchmarks, load checks, audits and reports (clients of molcloak.pipeline)."""

@@ -1,0 +1,149 @@
+"""Load check of the FHE server: N concurrent clients x M encrypted predictions on loopback.
+
+Starts `molcloak serve` as a real process, gives every client its own keys, checks every
+decrypted result against the owner's FHE simulation, samples the server's memory (all its
+processes), and prints JSON: throughput, p50/p95 latency, 4xx/5xx counts, peak memory.
+
+    python -m molcloak.evaluation.load_check --bundles demo --model sol-low --out load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from molcloak.pipeline.bundle import load_checkpoint
+from molcloak.pipeline.remote import RemoteModel
+from molcloak.pipeline.service import find_bundles
+from molcloak.pipeline.workflow import predict_local
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree_rss(pid: int) -> int:
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, key_cache_mb: int) -> dict:
+    bundle_dir = find_bundles(bundles)[model][0]
+
+    ckpt = load_checkpoint(bundle_dir)
+    molecules = ckpt.smiles_test[: clients * per_client]
+    expected = {p.smiles: p.raw for p in predict_local(bundle_dir, molecules, fhe="simulate").predictions}
+
+    tmp = Path(tempfile.mkdtemp(prefix="molcloak-load-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "molcloak.pipeline.cli", "serve", "--bundles", str(bundles), "--port", str(port),
+         "--workers", str(workers), "--key-cache-mb", str(key_cache_mb), "--state-dir", str(tmp / "state")],
+        stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(server.pid))
+            time.sleep(0.2)
+
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        idle_rss = _tree_rss(server.pid)
+        threading.Thread(target=sample, daemon=True).start()
+        remotes = [RemoteModel(url, model, key_dir=tmp / f"client{i}") for i in range(clients)]
+        setup_start = time.perf_counter()
+        threads = [threading.Thread(target=r.key_id) for r in remotes]  # keygen + upload, concurrently
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        setup_s = time.perf_counter() - setup_start
+        latencies, wrong, failures = [], [], []
+
+        def client(i: int):
+            for j in range(per_client):
+                smi = molecules[(i * per_client + j) % len(molecules)]
+                t0 = time.perf_counter()
+                try:
+                    pred = remotes[i].predict([smi]).predictions[0]
+                except Exception as exc:  # counted and reported, never hidden
+                    failures.append(f"client {i}: {exc}")
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                if not np.array_equal(pred.raw, expected[smi]):
+                    wrong.append(smi)
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        wall = time.perf_counter() - start
+        stop.set()
+        log = (tmp / "server.log").read_text()
+        statuses = [int(w) for line in log.splitlines() if '" ' in line and "HTTP/1.1" in line
+                    for w in line.rsplit('" ', 1)[1].split()[:1] if w.isdigit()]
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    finally:
+        stop.set()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    lat = sorted(latencies)
+    return {
+        "model": model, "clients": clients, "predictions_per_client": per_client, "workers": workers,
+        "predictions": len(latencies), "wrong_results": len(wrong), "client_failures": failures[:10],
+        "http_5xx": sum(s >= 500 for s in statuses), "http_4xx": sum(400 <= s < 500 for s in statuses),
+        "throughput_per_s": len(latencies) / wall if wall else 0.0, "wall_s": wall, "key_setup_s": setup_s,
+        "latency_p50_s": statistics.median(lat) if lat else None,
+        "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
+        "server_rss_idle_mb": idle_rss / 2**20, "server_rss_peak_mb": peak[0] / 2**20,
+        "key_cache_cap_mb": key_cache_mb, "worker_restarts": health.get("worker_restarts"),
+        "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", type=Path, default=Path("demo"), help="folder of bundles to serve (default: demo)")
+    ap.add_argument("--model", default="sol-low")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--key-cache-mb", type=int, default=1024, help="server's key cache cap")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    result = run(args.bundles, args.model, args.clients, args.per_client, args.workers, args.key_cache_mb)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    ok = result["wrong_results"] == 0 and result["http_5xx"] == 0 and not result["client_failures"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
