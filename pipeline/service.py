@@ -7,6 +7,7 @@ DELETE /keys/{key_id}, POST /predict. Errors are JSON: {"error": {"type": ..., "
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -193,7 +194,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if expected and len(data) != expected:
             raise CiphertextError(f"evaluation keys have {len(data)} bytes, model {model!r} expects {expected}; "
                                   "were they generated with this model's client part?")
-        key_id = store.put(model, data)
+        key_id = await asyncio.to_thread(store.put, model, data)  # 10s of MB + fsync: off the event loop
         try:
             await pool.check_keys(model, key_id)
         except MolcloakError:
@@ -208,8 +209,6 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post("/predict", response_model=PredictResponse, responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 503)})
     async def predict(req: PredictRequest):
-        import asyncio
-
         model_or_404(req.model)
         owner = store.meta(req.key_id)["model"]
         if owner != req.model:
