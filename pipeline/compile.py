@@ -85,10 +85,12 @@ class CircuitStats:
         )
 
 
-def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig = CompileConfig()):
+def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig = CompileConfig(), measure_keys: bool = True):
     """Compile a trained Brevitas QAT model; returns (QuantizedModule, CircuitStats).
 
     `X_calib` (the training features) bounds every intermediate value of the circuit.
+    `measure_keys` generates throwaway keys to record the exact serialized evaluation-key size
+    (the server checks uploads against it); skip it when only simulating.
     """
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
@@ -106,7 +108,9 @@ def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig =
             f"Concrete ML could not compile the model ({str(exc).splitlines()[0][:300]}); "
             "lower the weight/activation bits or set --rounding-bits 4-6"
         ) from exc
+    stats = CircuitStats.of(q_module.fhe_circuit)
+    if not measure_keys:
+        return q_module, stats
     circuit = q_module.fhe_circuit
     circuit.keygen(force=True)  # throwaway keys, only to measure the exact evaluation-key size
-    eval_key_bytes = len(circuit.keys.evaluation.serialize())
-    return q_module, dataclasses.replace(CircuitStats.of(circuit), serialized_evaluation_key_bytes=eval_key_bytes)
+    return q_module, dataclasses.replace(stats, serialized_evaluation_key_bytes=len(circuit.keys.evaluation.serialize()))

@@ -82,10 +82,10 @@ class Compiled:
         return {"compile": self.config.to_dict(), "circuit": self.stats.to_dict(), "compile_seconds": self.seconds}
 
 
-def compile_checkpoint(ckpt: Checkpoint, config: CompileConfig = CompileConfig()) -> Compiled:
+def compile_checkpoint(ckpt: Checkpoint, config: CompileConfig = CompileConfig(), measure_keys: bool = True) -> Compiled:
     """Compile to a TFHE circuit and score the FHE-simulated model on the test split."""
     start = time.perf_counter()
-    q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config)
+    q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config, measure_keys)
     seconds = time.perf_counter() - start
     metrics = dict(ckpt.metrics)
     if len(ckpt.X_test):
@@ -157,6 +157,17 @@ def fill_prediction(pred: Prediction, task, values: np.ndarray, raw: np.ndarray)
 ItemCallback = Callable[[Prediction], None]
 
 
+def run_encrypted(client: PrivateClient, server: PrivateServer, keys, x: np.ndarray):
+    """One private prediction through both halves: (raw outputs, ciphertext, encrypted output, timings)."""
+    t0 = time.perf_counter()
+    ct = client.encrypt(x)
+    t1 = time.perf_counter()
+    out = server.run(ct, keys)
+    t2 = time.perf_counter()
+    raw = client.decrypt(out)
+    return raw, ct, out, {"encrypt": t1 - t0, "run": t2 - t1, "decrypt": time.perf_counter() - t2}
+
+
 def predict_local(
     bundle: str | Path,
     smiles: Sequence[str],
@@ -184,15 +195,8 @@ def predict_local(
     report = PredictReport(preds, "execute", keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
     X = client.featurize([p.smiles for p in todo]) if todo else np.zeros((0, 0))
     for pred, x in zip(todo, X):
-        t0 = time.perf_counter()
-        ct = client.encrypt(x)
-        t1 = time.perf_counter()
-        out = server.run(ct, keys)
-        t2 = time.perf_counter()
-        raw = client.decrypt(out)
-        t3 = time.perf_counter()
+        raw, ct, out, pred.seconds = run_encrypted(client, server, keys, x)
         fill_prediction(pred, client.task, client.predictions(raw)[0], raw)
-        pred.seconds = {"encrypt": t1 - t0, "run": t2 - t1, "decrypt": t3 - t2}
         report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(ct), len(out)
         if on_item:
             on_item(pred)
@@ -201,7 +205,7 @@ def predict_local(
 
 def _predict_simulated(bundle, preds, todo, on_item) -> PredictReport:
     ckpt = load_checkpoint(bundle)
-    compiled = compile_checkpoint(_without_test(ckpt), _bundle_compile_config(bundle))
+    compiled = compile_checkpoint(_without_test(ckpt), _bundle_compile_config(bundle), measure_keys=False)
     if todo:
         X = featurize(ckpt.featurizer, [p.smiles for p in todo])
         raw = compiled.q_module.forward(X, fhe="simulate")
