@@ -8,7 +8,7 @@ re-quantization into one programmable bootstrap (PBS) per neuron.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import brevitas.nn as qnn
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -155,12 +154,11 @@ def train(
     """
     from .bundle import save_checkpoint
     from .train import TrainConfig
-    from .workflow import train_checkpoint
 
     ds = load_dataset(dataset, smiles_col, target_col, task, threshold, skip_invalid)
     options = dict(hidden=_int_list(hidden, "--hidden"), weight_bits=weight_bits, act_bits=act_bits, input_bits=input_bits)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
-    ckpt = _train_with_progress(ds, features, model, options, tcfg, split, test_fraction, as_json)
+    ckpt = _train_with_progress(ds, features, model, options, tcfg, split, test_fraction)
     ckpt.train_info["dataset"] = dataset
     save_checkpoint(ckpt, out_dir, force=force)
     summary = {"checkpoint": str(out_dir), "task": ckpt.task.to_dict(), "features": str(ckpt.featurizer),
@@ -173,7 +171,7 @@ def train(
     out.print(f"checkpoint written to {out_dir}; next: molcloak deploy {out_dir} --out bundles/<name>")
 
 
-def _train_with_progress(ds, features, model, options, tcfg, split, test_fraction, quiet: bool):
+def _train_with_progress(ds, features, model, options, tcfg, split, test_fraction):
     from .workflow import train_checkpoint
 
     with progress() as bar:
@@ -203,7 +201,7 @@ def _fmt_metrics(m: dict) -> str:
 # ---------------------------------------------------------------- compile / deploy
 
 
-def _compile_and_report(checkpoint: Path, cfg, as_json: bool):
+def _compile_and_report(checkpoint: Path, cfg):
     from .bundle import load_checkpoint
     from .workflow import compile_checkpoint
 
@@ -239,7 +237,7 @@ def compile_cmd(
     Example: molcloak compile runs/sol-low --rounding-bits 5 --bundle bundles/sol-low
     """
     cfg = compile_config(rounding_bits, rounding_method, p_error)
-    ckpt, compiled = _compile_and_report(checkpoint, cfg, as_json)
+    ckpt, compiled = _compile_and_report(checkpoint, cfg)
     result = {**compiled.info(), "metrics": compiled.metrics}
     if bundle is not None:
         from .workflow import deploy as deploy_fn

@@ -47,6 +47,7 @@ class PrivateClient:
         self.key_path = Path(key_dir or DEFAULT_KEY_DIR) / f"{self.manifest.name}-{self.fingerprint}" / "keys.bin"
         self._fhe = FHEModelClient(str(self.directory))
         self._eval_keys: bytes | None = None
+        self._keyinfo: KeygenInfo | None = None  # keys loaded in memory
 
     # -- keys -------------------------------------------------------------
 
@@ -59,6 +60,8 @@ class PrivateClient:
         from concrete import fhe
 
         client = self._fhe.client
+        if self._keyinfo is not None and not force:
+            return self._keyinfo
         if self.has_keys and not force:
             try:
                 client.keys = fhe.Keys.deserialize(self.key_path.read_bytes())
@@ -66,13 +69,15 @@ class PrivateClient:
                 raise KeysError(
                     f"keys in {self.key_path} are unreadable ({exc}); delete the file to generate new ones"
                 ) from exc
-            return KeygenInfo(0.0, len(self.evaluation_keys()), True, self.key_path)
+            self._keyinfo = KeygenInfo(0.0, len(self.evaluation_keys()), True, self.key_path)
+            return self._keyinfo
         start = time.perf_counter()
         client.keygen(force=True)  # seeds 0 = fresh randomness from the OS CSPRNG
         seconds = time.perf_counter() - start
         self._eval_keys = None
         _write_private(self.key_path, client.keys.serialize())
-        return KeygenInfo(seconds, len(self.evaluation_keys()), False, self.key_path)
+        self._keyinfo = KeygenInfo(seconds, len(self.evaluation_keys()), False, self.key_path)
+        return self._keyinfo
 
     def evaluation_keys(self) -> bytes:
         """Serialized evaluation keys: what the server needs, no secret key inside."""

@@ -66,11 +66,6 @@ def score(task: TaskSpec, y_true: np.ndarray, preds: np.ndarray) -> dict[str, fl
     return out
 
 
-def headline(task: TaskSpec) -> str:
-    """The metric that names a model's quality in tables."""
-    return "rmse" if task.kind == "regression" else "roc_auc"
-
-
 def describe(task: TaskSpec, pred_row: np.ndarray | float) -> str:
     """One prediction as a person reads it: 'low (p=0.93)' or '-2.41 logS'."""
     if task.is_classification:

@@ -18,8 +18,8 @@ from typing import Sequence
 import httpx
 
 from .client import DEFAULT_KEY_DIR, PrivateClient
-from .errors import MolcloakError, RemoteError
-from .workflow import ItemCallback, Prediction, PredictReport, fill_prediction, validate_smiles
+from .errors import RemoteError
+from .workflow import ItemCallback, PredictReport, fill_prediction, validate_smiles
 
 RETRIES = 5
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from .bundle import Manifest, load_manifest
 from .errors import (BundleError, CiphertextError, KeyMismatchError, KeysError, MolcloakError, ServerBusyError,
                      UnknownModelError)
-from .keystore import KEY_ID, KeyStore
+from .keystore import KeyStore
 from .workers import WorkerPool
 
 MAX_BATCH = 64

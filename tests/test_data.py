@@ -28,40 +28,26 @@ def test_unknown_bundled_dataset():
         load_bundled("tox21")
 
 
-def test_invalid_smiles_names_row_and_value(csv_file):
-    path = csv_file("smiles,y\nCCO,1\nC1CC,0\nCCN,0\n")
-    with pytest.raises(DataError, match=r"row 2: SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid"):
-        load_csv(path, "smiles", "y")
+BAD_CSV = {
+    "invalid SMILES": ("smiles,y\nCCO,1\nC1CC,0\nCCN,0\n", "y", "classification",
+                       r"row 2: SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid"),
+    "empty target": ("smiles,y\nCCO,1\nCCN,\nCCC,0\n", "y", "classification", r"row 2: target 'y' is empty"),
+    "non-numeric regression target": ("smiles,y\nCCO,1.5\nCCN,high\nCCC,0.2\n", "y", "regression",
+                                      r"row 2: target 'high' in column 'y' is not a number"),
+    "missing column": ("smiles,y\nCCO,1\n", "logS", "classification",
+                       r"column 'logS' not found; available columns: 'smiles', 'y'"),
+    "duplicate molecule": ("smiles,y\nCCO,1\nCCN,0\nOCC,0\n", "y", "classification",  # OCC is ethanol again
+                           r"row 3: SMILES 'OCC' is the same molecule as row 1"),
+    "several problems": ("smiles,y\nxx,1\nCCN,\nCCO,1\nyy,0\nCCC,0\n", "y", "classification",
+                         r"row 1: .*\(and 2 more invalid rows: 2, 4\)"),
+}
 
 
-def test_empty_target(csv_file):
-    path = csv_file("smiles,y\nCCO,1\nCCN,\nCCC,0\n")
-    with pytest.raises(DataError, match=r"row 2: target 'y' is empty"):
-        load_csv(path, "smiles", "y")
-
-
-def test_non_numeric_regression_target(csv_file):
-    path = csv_file("smiles,y\nCCO,1.5\nCCN,high\nCCC,0.2\n")
-    with pytest.raises(DataError, match=r"row 2: target 'high' in column 'y' is not a number"):
-        load_csv(path, "smiles", "y", task="regression")
-
-
-def test_missing_column_lists_available(csv_file):
-    path = csv_file("smiles,y\nCCO,1\n")
-    with pytest.raises(DataError, match=r"column 'logS' not found; available columns: 'smiles', 'y'"):
-        load_csv(path, "smiles", "logS")
-
-
-def test_duplicate_molecule_points_to_first_row(csv_file):
-    path = csv_file("smiles,y\nCCO,1\nCCN,0\nOCC,0\n")  # OCC is ethanol again
-    with pytest.raises(DataError, match=r"row 3: SMILES 'OCC' is the same molecule as row 1"):
-        load_csv(path, "smiles", "y")
-
-
-def test_several_problems_are_all_counted(csv_file):
-    path = csv_file("smiles,y\nxx,1\nCCN,\nCCO,1\nyy,0\nCCC,0\n")
-    with pytest.raises(DataError, match=r"row 1: .*\(and 2 more invalid rows: 2, 4\)"):
-        load_csv(path, "smiles", "y")
+@pytest.mark.parametrize("case", list(BAD_CSV))
+def test_bad_csv_names_row_value_and_fix(csv_file, case):
+    text, target, task, message = BAD_CSV[case]
+    with pytest.raises(DataError, match=message):
+        load_csv(csv_file(text), "smiles", target, task=task)
 
 
 def test_skip_invalid_keeps_report_of_dropped_rows(csv_file):
