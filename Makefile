@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.molcloak-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast clean
+.PHONY: install chromium demo app test test-fast clean
 
 install: $(STAMP)
 
@@ -18,10 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $(STAMP)
 
+# Debian's Chromium for the browser tests (Playwright drives it through executable_path; no browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
+
+# The main job: train, compile, deploy and run the sol-low demo in FHE, then open the browser app on it.
 demo: $(STAMP)
 	$(BIN)/molcloak demo
+	$(BIN)/molcloak app --bundle demo/bundle
 
-test: $(STAMP)
+app: $(STAMP)
+	$(BIN)/molcloak app --bundle demo/bundle
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
