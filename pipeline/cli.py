@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import sys
@@ -79,9 +78,10 @@ def progress(transient: bool = True) -> Progress:
 
 # ---------------------------------------------------------------- shared options
 
-DatasetOpt = typer.Option("sol-low", "--dataset", "-d", help="Bundled dataset (sol-low, sol-class, sol-logs, freesolv) or a CSV file.")
+DatasetOpt = typer.Option("sol-low", "--dataset", "-d", help="Bundled dataset (sol-low, sol-class, sol-logs, freesolv, sol-freesolv, breast-cancer) or a CSV file.")
 SmilesColOpt = typer.Option("smiles", "--smiles-col", help="CSV column holding SMILES.")
-TargetColOpt = typer.Option(None, "--target-col", help="CSV column holding the target (required for CSV files).")
+TargetColOpt = typer.Option(None, "--target-col", help="CSV column holding the target (required for CSV files); several joined by ',' train a multi-task model (empty cells = missing labels).")
+FeatureColsOpt = typer.Option(None, "--feature-cols", help="Tabular CSV: numeric feature columns 'a,b,c', or 'all' (every column but the targets holding numbers) instead of SMILES.")
 TaskOpt = typer.Option("classification", "--task", help="CSV target type: classification or regression.")
 ThresholdOpt = typer.Option(None, "--threshold", help="Binarize a numeric CSV target: class 1 when value >= threshold.")
 SkipOpt = typer.Option(False, "--skip-invalid", help="Drop invalid rows (counted and listed) instead of failing.")
@@ -89,16 +89,21 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on std
 ForceOpt = typer.Option(False, "--force", help="Replace the output directory if it exists.")
 
 
-def load_dataset(dataset: str, smiles_col: str, target_col: Optional[str], task: str, threshold: Optional[float], skip_invalid: bool):
+def load_dataset(dataset: str, smiles_col: str, target_col: Optional[str], task: str, threshold: Optional[float], skip_invalid: bool,
+                 feature_cols: Optional[str] = None):
     from .data import BUNDLED_TASKS, load_bundled, load_csv
 
     if dataset in BUNDLED_TASKS:
+        if feature_cols:
+            raise DataError(f"--feature-cols applies to CSV files; the bundled dataset {dataset!r} defines its own inputs")
         return load_bundled(dataset)
     if not Path(dataset).exists():
         raise DataError(f"dataset {dataset!r} is neither a bundled dataset ({', '.join(BUNDLED_TASKS)}) nor an existing CSV file")
     if not target_col:
         raise DataError(f"{dataset}: --target-col is required for a CSV file (and --smiles-col if not 'smiles')")
-    ds = load_csv(dataset, smiles_col, target_col, task, threshold, skip_invalid)
+    ds = load_csv(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols=feature_cols)
+    if ds.ignored_columns:
+        err.print(f"[yellow]--feature-cols all: ignored columns without numbers:[/yellow] {', '.join(ds.ignored_columns)}", highlight=False)
     if ds.problems:
         err.print(f"[yellow]skipped {len(ds.problems)} invalid rows[/yellow] (--skip-invalid):")
         for p in ds.problems[:20]:
@@ -131,14 +136,16 @@ def train(
     task: str = TaskOpt,
     threshold: Optional[float] = ThresholdOpt,
     skip_invalid: bool = SkipOpt,
+    feature_cols: Optional[str] = FeatureColsOpt,
     split: Optional[str] = typer.Option(None, "--split", help="official (when the data has one), random or scaffold."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Test share for random/scaffold splits."),
-    features: str = typer.Option("physchem", "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+'."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem for mlp; tabular data uses its columns)."),
     model: str = typer.Option("mlp", "--model", "-m", help="Model family from the registry (see `molcloak models`)."),
     hidden: str = typer.Option("16", "--hidden", help="Hidden layer widths, comma-separated (e.g. 32,16)."),
     weight_bits: int = typer.Option(2, "--weight-bits", help="Weight bit width."),
     act_bits: int = typer.Option(3, "--act-bits", help="Activation bit width."),
     input_bits: int = typer.Option(3, "--input-bits", help="Input quantizer bit width."),
+    activation: Optional[str] = typer.Option(None, "--activation", help="MLP hidden activation: relu or sigmoid (either is exact: one lookup per neuron; default: the model's)."),
     epochs: int = typer.Option(150, "--epochs", help="Maximum epochs."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate."),
@@ -155,8 +162,10 @@ def train(
     from .bundle import save_checkpoint
     from .train import TrainConfig
 
-    ds = load_dataset(dataset, smiles_col, target_col, task, threshold, skip_invalid)
+    ds = load_dataset(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols=feature_cols)
     options = dict(hidden=_int_list(hidden, "--hidden"), weight_bits=weight_bits, act_bits=act_bits, input_bits=input_bits)
+    if activation:
+        options["activation"] = activation
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
     ckpt = _train_with_progress(ds, features, model, options, tcfg, split, test_fraction)
     ckpt.train_info["dataset"] = dataset
@@ -298,75 +307,61 @@ def predict(
     stays in --key-dir. Examples: molcloak predict --bundle bundles/sol-low "CCO";
     molcloak predict --server http://127.0.0.1:8000 --model sol-low "CCO"
     """
+    from .bundle import load_manifest
+    from .inputs import read_inputs, write_csv
     from .workflow import predict_local
 
-    molecules = _read_smiles(smiles, input_csv, smiles_col)
     if (bundle is None) == (server is None):
         raise DataError("pass either --bundle DIR (local) or --server URL --model NAME (remote)")
     if server is not None and not model:
         raise DataError("--server needs --model NAME; list the served models with GET /models")
-    with progress() as bar:
-        t = bar.add_task("keys + encrypted prediction", total=len(molecules), status="")
-        on_item = lambda p: bar.update(t, advance=1, status=p.label or "")  # noqa: E731
-        if server is not None:
-            from .remote import RemoteModel
+    remote = None
+    if server is not None:
+        from .remote import RemoteModel
 
-            remote = RemoteModel(server, model, key_dir, _read_token(token_file))
-            report = remote.predict(molecules, batch_size, skip_invalid, on_item=on_item)
+        remote = RemoteModel(server, model, key_dir, _read_token(token_file))
+    manifest = remote.client.manifest if remote else load_manifest(bundle, check=False)
+    inputs = read_inputs(manifest.featurizer, smiles, input_csv, smiles_col)  # SMILES, or rows of a tabular model
+    with progress() as bar:
+        t = bar.add_task("keys + encrypted prediction", total=len(inputs), status="")
+        on_item = lambda p: bar.update(t, advance=1, status=p.label or "")  # noqa: E731
+        if remote is not None:
+            report = remote.predict(inputs, batch_size, skip_invalid, on_item=on_item)
         else:
-            report = predict_local(bundle, molecules, fhe, key_dir, skip_invalid, on_item=on_item)
+            report = predict_local(bundle, inputs, fhe, key_dir, skip_invalid, on_item=on_item)
     if output:
-        _write_predictions_csv(output, report)
+        write_csv(output, report)
     if as_json:
         return emit_json(report.to_dict())
-    _print_predictions(report)
+    _print_predictions(report, manifest.task)
     if output:
         out.print(f"predictions written to {output}")
 
 
-def _read_smiles(smiles, input_csv, smiles_col) -> list[str]:
-    if input_csv is None:
-        if not smiles:
-            raise DataError("no molecules given; pass SMILES arguments or --input file.csv")
-        return list(smiles)
-    if smiles:
-        raise DataError("give SMILES arguments or --input, not both")
-    if not input_csv.is_file():
-        raise DataError(f"input file {str(input_csv)!r} does not exist; check the path")
-    with input_csv.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if smiles_col not in (reader.fieldnames or []):
-            raise DataError(f"{input_csv}: column {smiles_col!r} not found; available columns: {', '.join(reader.fieldnames or [])}; pass --smiles-col")
-        rows = [row[smiles_col] for row in reader]
-    if not rows:
-        raise DataError(f"{input_csv} has no data rows")
-    return rows
+def _print_predictions(report, task) -> None:
+    from .metrics import describe
 
-
-def _write_predictions_csv(path: Path, report) -> None:
-    rows = report.to_dict()["predictions"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["index", "smiles", "prediction", "value", "error"])
-        for r in rows:
-            value = r["value"]
-            w.writerow([r["index"], r["smiles"], r["label"] or (value if value is not None else ""),
-                        json.dumps(value) if isinstance(value, list) else ("" if value is None else value), r["error"]])
-
-
-def _print_predictions(report) -> None:
     table = Table(title=f"private predictions ({report.mode})")
-    for col in ("#", "SMILES", "prediction", "encrypt", "FHE run", "decrypt" if report.mode != "server" else "round trip"):
+    tabular = any(p.features is not None for p in report.predictions)
+    outputs = [f"{name} ({unit})" if unit else name for name, unit in ((n, task.unit_of(j)) for j, n in enumerate(task.tasks))]
+    timing = ("encrypt", "run", "decrypt" if report.mode != "server" else "round_trip")
+    headers = ["#"] + ([] if tabular else ["SMILES"]) + (outputs or ["prediction"])
+    for col in headers + ["encrypt", "FHE run", "decrypt" if report.mode != "server" else "round trip"]:
         table.add_column(col)
     for p in report.predictions:
+        first = [str(p.index)] + ([] if tabular else [p.smiles])
         if p.error:
-            table.add_row(str(p.index), p.smiles, f"[red]{p.error}[/red]", "", "", "")
+            table.add_row(*first, f"[red]{p.error}[/red]", *[""] * (len(headers) - len(first) - 1 + len(timing)))
             continue
-        pred = f"{p.label} (p={max(p.value):.2f})" if p.label else f"{p.value:.3f}"
+        if isinstance(p.value, dict):
+            cells = [f"{v:.3f}" for v in p.value.values()]
+        else:
+            cells = [describe(task, p.value) if p.label else f"{p.value:.3f}"]
         s = p.seconds
-        table.add_row(str(p.index), p.smiles, pred, *(f"{s[k]*1000:.0f} ms" if k in s else "-" for k in ("encrypt", "run", "decrypt" if report.mode != "server" else "round_trip")))
+        table.add_row(*first, *cells, *(f"{s[k]*1000:.0f} ms" if k in s else "-" for k in timing))
     out.print(table)
+    if task.kind == "multilabel":
+        out.print("values: probability of label 1 per task")
     if report.mode in ("execute", "server"):
         kg = "reused from key dir" if report.keys_reused else f"generated in {report.keygen_seconds:.2f} s"
         out.print(f"keys: {kg}; evaluation keys {_mb(report.evaluation_key_bytes)}; ciphertexts: input "
@@ -418,6 +413,62 @@ def serve(
     run_server(config, host, port)
 
 
+# ---------------------------------------------------------------- audit
+
+
+@app.command()
+@cli_errors
+def audit(
+    test_set: Path = typer.Option(..., "--test-set", "-t", help="CSV file of the secret test set, one molecule per row."),
+    target_col: str = typer.Option(..., "--target-col", help="Column with the true class (name, or id 0..k-1) or value."),
+    smiles_col: str = SmilesColOpt,
+    server: Optional[str] = typer.Option(None, "--server", "-s", help="URL of the owner's `molcloak serve` server."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name on the server (see GET /models)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Audit a local bundle instead of a server (both halves in this process)."),
+    task: Optional[str] = typer.Option(None, "--task", help="classification or regression; checked against the model (default: the model's task)."),
+    out_dir: Path = typer.Option(Path("audit"), "--out", "-o", help="Directory for progress and reports; rerun the same command to resume."),
+    group_col: Optional[str] = typer.Option(None, "--group-col", help="Also compare subgroups defined by this column (besides MW, logP, scaffold bins)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% confidence intervals (0 = none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Molecules per request and per checkpoint write."),
+    key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="Where the auditor's secret keys stay (default ~/.molcloak/keys)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the server's bearer token."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Score the valid rows and list the invalid ones in the report instead of failing."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the progress saved in --out and start over."),
+    as_json: bool = JsonOpt,
+):
+    """Audit a model privately on a secret test set: metrics with 95% CIs, subgroups, claims check, reports.
+
+    The test molecules are featurized and encrypted here; the server computes on ciphertexts and only
+    this machine decrypts. Progress is saved in --out after every batch: after Ctrl-C, a lost
+    connection or a server restart, rerun the same command to continue. Writes report.json (every
+    number and per-row predictions: keep it private), report.md and report.html with plots.
+    Example: molcloak audit --server http://127.0.0.1:8000 --model sol-low --test-set test.csv
+    --target-col sol_low --out audits/sol-low
+    """
+    from molcloak.evaluation.audit import AuditConfig
+    from molcloak.evaluation.audit import audit as run_audit
+    from molcloak.evaluation.audit_report import print_summary
+
+    config = AuditConfig(test_set, out_dir, target_col, smiles_col, task, group_col, bootstrap, seed, batch_size, skip_invalid, restart)
+    with progress() as bar:
+        bar_task: list = []
+
+        def on_progress(done: int, total: int, status: str) -> None:
+            if not bar_task:
+                bar_task.append(bar.add_task("encrypted audit", total=total, completed=done, status=status))
+            bar.update(bar_task[0], completed=done, status=status)
+
+        try:
+            report = run_audit(config, bundle, server, model, key_dir, _read_token(token_file), on_progress)
+        except KeyboardInterrupt as exc:
+            err.print(f"[yellow]{exc or 'interrupted'}[/yellow]", highlight=False)
+            raise typer.Exit(130)
+    if as_json:
+        return emit_json({k: v for k, v in report.items() if k != "rows"})
+    print_summary(report, out)
+
+
 # ---------------------------------------------------------------- info / models
 
 
@@ -465,6 +516,35 @@ def models(as_json: bool = JsonOpt):
 
 
 # ---------------------------------------------------------------- demo
+
+
+@app.command("app")
+@cli_errors
+def app_cmd(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="A bundle, or a folder of bundles, to serve (default demo/bundle)."),
+    server: Optional[str] = typer.Option(None, "--server", help="Use a running FHE server (molcloak serve) instead of starting one."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Bearer token for --server, in a file."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface the web page listens on."),
+    port: int = typer.Option(7860, "--port", help="TCP port of the web page."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Session keys and the server's state (default ~/.molcloak/app)."),
+    workers: int = typer.Option(0, "--workers", help="FHE workers of the server it starts (0 = one per core)."),
+    max_sessions: int = typer.Option(16, "--max-sessions", help="Browser sessions whose keys are kept; older ones are deleted."),
+    session_hours: float = typer.Option(24.0, "--session-hours", help="Delete a session's keys after this long unused."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Offer the owner's plaintext prediction next to the private one (needs the bundle's owner/ part)."),
+):
+    """The browser demo: watch a private prediction step by step (keys, encrypt, FHE run, decrypt).
+
+    Without --server it starts `molcloak serve` on loopback as a separate process; the app is the
+    client (it keeps each browser session's secret key), the server only sees evaluation keys and
+    ciphertexts. Example: molcloak app --bundle demo/bundle, then open http://127.0.0.1:7860
+    """
+    if bundle is not None and server is not None:
+        raise DataError("pass either --bundle (start a server for it) or --server URL (use a running one), not both")
+    from molcloak.app.launcher import DEFAULT_STATE, run_app
+
+    run_app(bundle=bundle, server_url=server, token=_read_token(token_file), host=host, port=port,
+            state_dir=state_dir or DEFAULT_STATE, workers=workers or None, max_sessions=max_sessions,
+            session_ttl_hours=session_hours, compare=compare, say=lambda m: err.print(m, highlight=False, soft_wrap=True))
 
 
 @app.command()

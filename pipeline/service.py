@@ -49,11 +49,12 @@ class ServeConfig:
 
 
 def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
-    """Every subdirectory of `root` with a server part, by model name."""
+    """Every subdirectory of `root` with a server part, by model name (or `root` itself if it is a bundle)."""
     if not root.is_dir():
         raise BundleError(f"bundles directory {str(root)!r} does not exist; point --bundles at a folder of bundles")
     found = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "server" / "server.zip").is_file()):
+    dirs = [root] if (root / "server" / "server.zip").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
+    for d in (p for p in dirs if (p / "server" / "server.zip").is_file()):
         m = load_manifest(d, "server")
         found[m.name] = (d, m)
     if not found:

@@ -9,14 +9,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bundle import Checkpoint, Manifest, load_checkpoint, write_bundle
+from .bundle import Checkpoint, Manifest, load_checkpoint, load_manifest, write_bundle
 from .client import PrivateClient
 from .compile import CircuitStats, CompileConfig, compile_model
 from .data import Dataset, split_dataset
-from .errors import InvalidSmilesError, MolcloakError
+from .errors import DataError, InvalidSmilesError, MolcloakError
 from .featurize import FeaturizerSpec, canonical_smiles, featurize, fit_featurizer
 from .metrics import score, to_predictions
 from .server import PrivateServer
+from .tabular import TabularSpec, tabular_featurizer
 from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
 DEFAULT_FEATURES = "physchem"
@@ -25,7 +26,7 @@ DEFAULT_MODEL = "mlp"
 
 def train_checkpoint(
     ds: Dataset,
-    features: str = DEFAULT_FEATURES,
+    features: str | None = None,  # None: the model's default (physchem for mlp, a 32x32 grid for the CNNs)
     model_name: str = DEFAULT_MODEL,
     model_options: dict | None = None,
     train_config: TrainConfig = TrainConfig(),
@@ -34,12 +35,14 @@ def train_checkpoint(
     on_epoch: EpochCallback | None = None,
 ) -> Checkpoint:
     """Split, featurize (scaler fitted on train only), train, and score the float model on test."""
-    from molcloak.models.registry import build_model, make_config
+    from molcloak.models.registry import build_model, check_features, default_features, make_config
 
     config = make_config(model_name, model_options)
+    parsed = tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or default_features(model_name) or DEFAULT_FEATURES)
+    check_features(model_name, parsed)
     sp = split_dataset(ds, split, test_fraction=test_fraction, seed=train_config.seed)
-    spec = fit_featurizer(FeaturizerSpec.parse(features), [ds.smiles[i] for i in sp.train])
-    X = featurize(spec, ds.smiles)
+    spec = fit_featurizer(parsed, ds.inputs(sp.train))
+    X = featurize(spec, ds.inputs())
     seed_everything(train_config.seed)  # weight initialization is part of the seeded run
     model = build_model(model_name, spec.width, ds.task.n_outputs, config)
     result = train_model(model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch)
@@ -65,7 +68,7 @@ def train_checkpoint(
         X_calib=X[sp.train],
         X_test=X[sp.test],
         y_test=ds.y[sp.test],
-        smiles_test=[ds.smiles[i] for i in sp.test],
+        smiles_test=[ds.smiles[i] for i in sp.test] if ds.smiles else [],  # tabular data: no molecules
         scaler=result.scaler,
     )
 
@@ -104,16 +107,24 @@ def deploy(ckpt: Checkpoint, compiled: Compiled, out: str | Path, name: str, for
 
 @dataclass
 class Prediction:
-    index: int  # 1-based position in the input
-    smiles: str
+    index: int  # 1-based position in the input (the data row of an input CSV)
+    smiles: str  # the molecule; "" for a tabular row
     error: str = ""
     raw: list[float] = field(default_factory=list)  # dequantized model outputs
-    value: list[float] | float | None = None  # class probabilities or value in task units
-    label: str = ""  # predicted class name (classification)
+    # class probabilities, a value in task units, or for multi-task models {task: probability of 1 or value}
+    value: list[float] | float | dict[str, float] | None = None
+    label: str = ""  # predicted class name (single-task classification)
     seconds: dict[str, float] = field(default_factory=dict)
+    features: dict[str, float] | None = None  # a tabular row's values by column; None for molecules
+
+    @property
+    def input(self) -> str | dict[str, float]:
+        """What the client featurizes: the SMILES, or the tabular row."""
+        return self.smiles if self.features is None else self.features
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        drop = "features" if self.features is None else "smiles"
+        return {k: v for k, v in self.__dict__.items() if k != drop}
 
 
 @dataclass
@@ -145,9 +156,31 @@ def validate_smiles(smiles: Sequence[str], skip_invalid: bool) -> list[Predictio
     return out
 
 
+def validate_inputs(featurizer, inputs, skip_invalid: bool) -> list[Prediction]:
+    """Like `validate_smiles`, for the model's input kind: SMILES, or rows for a tabular model.
+
+    A row is a mapping column -> value (a CSV row read as text, say; extra columns are ignored)
+    or a sequence of numbers in the model's column order; rows are numbered from 1.
+    """
+    if not isinstance(featurizer, TabularSpec):
+        return validate_smiles(inputs, skip_invalid)
+    out = []
+    for i, record in enumerate(inputs, start=1):
+        values, reason = featurizer.parse(record)
+        if reason:
+            if not skip_invalid:
+                raise DataError(f"row {i}: {reason}")
+            out.append(Prediction(i, "", error=f"row {i}: {reason}", features={}))
+        else:
+            out.append(Prediction(i, "", features=dict(zip(featurizer.columns, values))))
+    return out
+
+
 def fill_prediction(pred: Prediction, task, values: np.ndarray, raw: np.ndarray) -> None:
     pred.raw = [float(v) for v in np.ravel(raw)]
-    if task.is_classification:
+    if task.is_multitask:
+        pred.value = {name: float(v) for name, v in zip(task.tasks, np.ravel(values))}
+    elif task.is_classification:
         pred.value = [float(v) for v in values]
         pred.label = task.labels[int(np.argmax(values))]
     else:
@@ -170,7 +203,7 @@ def run_encrypted(client: PrivateClient, server: PrivateServer, keys, x: np.ndar
 
 def predict_local(
     bundle: str | Path,
-    smiles: Sequence[str],
+    inputs: Sequence,
     fhe: str = "execute",
     key_dir: str | Path | None = None,
     skip_invalid: bool = False,
@@ -180,9 +213,10 @@ def predict_local(
 
     `execute`: the client half encrypts, the server half (which gets only evaluation keys and
     ciphertexts) runs the circuit, the client decrypts. `simulate`: the owner's FHE simulation from
-    the bundle's owner/ part (no encryption; needs the weights).
+    the bundle's owner/ part (no encryption; needs the weights). `inputs`: SMILES, or rows for a
+    tabular model (see `validate_inputs`).
     """
-    preds = validate_smiles(smiles, skip_invalid)
+    preds = validate_inputs(load_manifest(bundle, check=False).featurizer, inputs, skip_invalid)
     todo = [p for p in preds if not p.error]
     if fhe == "simulate":
         return _predict_simulated(bundle, preds, todo, on_item)
@@ -193,7 +227,7 @@ def predict_local(
     keyinfo = client.keygen()
     keys = server.load_keys(client.evaluation_keys())  # the only key material the server gets
     report = PredictReport(preds, "execute", keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
-    X = client.featurize([p.smiles for p in todo]) if todo else np.zeros((0, 0))
+    X = client.featurize([p.input for p in todo]) if todo else np.zeros((0, 0))
     for pred, x in zip(todo, X):
         raw, ct, out, pred.seconds = run_encrypted(client, server, keys, x)
         fill_prediction(pred, client.task, client.predictions(raw)[0], raw)
@@ -203,15 +237,27 @@ def predict_local(
     return report
 
 
+class Simulator:
+    """The owner's FHE simulation of a bundle's model, in the clear (needs the owner/ part: weights)."""
+
+    def __init__(self, bundle: str | Path):
+        self.checkpoint = load_checkpoint(bundle)
+        self.task = self.checkpoint.task
+        self.compiled = compile_checkpoint(_without_test(self.checkpoint), _bundle_compile_config(bundle),
+                                           measure_keys=False)
+
+    def __call__(self, smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(raw outputs, predictions in task units) for valid SMILES."""
+        raw = self.compiled.q_module.forward(featurize(self.checkpoint.featurizer, list(smiles)), fhe="simulate")
+        return raw, to_predictions(self.task, raw, self.checkpoint.scaler)
+
+
 def _predict_simulated(bundle, preds, todo, on_item) -> PredictReport:
-    ckpt = load_checkpoint(bundle)
-    compiled = compile_checkpoint(_without_test(ckpt), _bundle_compile_config(bundle), measure_keys=False)
+    sim = Simulator(bundle)
     if todo:
-        X = featurize(ckpt.featurizer, [p.smiles for p in todo])
-        raw = compiled.q_module.forward(X, fhe="simulate")
-        values = to_predictions(ckpt.task, raw, ckpt.scaler)
+        raw, values = sim([p.input for p in todo])
         for pred, r, v in zip(todo, raw, values):
-            fill_prediction(pred, ckpt.task, v, r)
+            fill_prediction(pred, sim.task, v, r)
             if on_item:
                 on_item(pred)
     return PredictReport(preds, "simulate")

@@ -1,0 +1,144 @@
+"""The app's client side and callbacks, against a real `molcloak serve` child process and tiny bundles."""
+
+from __future__ import annotations
+
+import stat
+
+import gradio as gr
+import numpy as np
+import pytest
+from molcloak.app import ui
+from molcloak.app.backend import AppBackend, StepError, excerpt
+from molcloak.app.launcher import start_server
+from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError
+from molcloak.pipeline.workflow import Simulator
+
+SMILES = "CC(=O)Oc1ccccc1C(=O)O"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_binary, tiny_regression, tmp_path_factory):
+    """Both tiny bundles behind one real server process, and the local bundle paths (owner view)."""
+    root = tmp_path_factory.mktemp("app-bundles")
+    bundles = {}
+    for (_, _, bundle), name in ((tiny_binary, "tiny-sol-low"), (tiny_regression, "tiny-sol-logs")):
+        (root / name).symlink_to(bundle, target_is_directory=True)
+        bundles[name] = bundle
+    server = start_server(root, tmp_path_factory.mktemp("app-state"), workers=1)
+    yield server, bundles
+    server.stop()
+
+
+@pytest.fixture()
+def backend(served, tmp_path):
+    server, bundles = served
+    b = AppBackend(server.url, tmp_path / "app", token=server.token, bundles=bundles, max_sessions=2)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def simulators(served):
+    return {name: Simulator(path) for name, path in served[1].items()}
+
+
+def test_models_cards_and_examples(backend):
+    assert set(backend.models) == {"tiny-sol-low", "tiny-sol-logs"}
+    card = backend.model_card("tiny-sol-low")
+    assert "not low / low" in card and "roc_auc" in card and "programmable bootstraps" in card
+    assert "rmse" in backend.model_card("tiny-sol-logs")
+    examples = backend.examples("tiny-sol-low", n=6)
+    assert len(examples) == 6
+    assert {c for _, c in examples} == {"test set, true: low", "test set, true: not low"}  # both classes shown
+    with pytest.raises(MolcloakError, match="model 'nope' is not served; pick one of"):
+        backend.model_card("nope")
+
+
+def test_invalid_smiles_is_a_readable_error(backend):
+    with pytest.raises(InvalidSmilesError, match=r"SMILES 'C1CC\(' could not be parsed by RDKit"):
+        backend.check_smiles("C1CC(")
+    with pytest.raises(InvalidSmilesError, match="no SMILES given"):
+        backend.draw("  ")
+    assert backend.draw("CCO", size=200).size == (200, 200)
+
+
+def test_steps_in_order_match_the_simulation(backend, simulators, served):
+    name = "tiny-sol-low"
+    with pytest.raises(StepError, match=r"generate keys first \(step 2\)"):
+        backend.encrypt("s1", name, SMILES)
+    keys = backend.keygen("s1", name)
+    assert keys["evaluation_key_bytes"] > 1000 and len(keys["key_id"]) == 32
+    secret = next((backend.sessions_dir / "s1" / "keys").glob("*/keys.bin"))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    with pytest.raises(StepError, match=r"encrypt a molecule .* first \(step 3\)"):
+        backend.run("s1", name)
+    with pytest.raises(InvalidSmilesError):
+        backend.encrypt("s1", name, "not a smiles")
+    enc = backend.encrypt("s1", name, SMILES)
+    assert enc["bytes"] > 100 and enc["hex"].startswith("bytes ")
+    with pytest.raises(StepError, match=r"first \(step 4\)"):
+        backend.decrypt("s1", name)
+    run = backend.run("s1", name)
+    assert run["server_seconds"] > 0 and run["bytes"] > 100
+    result = backend.decrypt("s1", name)
+    raw, _ = simulators[name]([SMILES])
+    np.testing.assert_allclose(result["raw"], raw[0], rtol=0, atol=1e-9)  # FHE == simulation (p_error 2^-40)
+    assert result["text"].split(" (")[0] in ("low", "not low")
+    plain = backend.plaintext(name, SMILES)
+    assert plain["text"] == result["text"]
+
+
+def test_one_button_regression_and_second_session(backend, simulators):
+    name = "tiny-sol-logs"
+    r = backend.predict("s2", name, "CCCCO")
+    _, values = simulators[name](["CCCCO"])
+    assert r["decrypt"]["values"] == pytest.approx(float(values[0]), abs=1e-9)
+    assert r["decrypt"]["text"].endswith("logS")
+    again = backend.predict("s2", name, "CCO")  # keys reused within the session
+    assert again["keys"]["key_id"] == r["keys"]["key_id"]
+
+
+def test_old_sessions_are_cleaned_up_with_their_server_keys(backend):
+    name = "tiny-sol-low"
+    ids = {sid: backend.keygen(sid, name)["key_id"] for sid in ("a", "b", "c")}  # max_sessions=2
+    assert set(backend.session_ids) == {"b", "c"}
+    assert not (backend.sessions_dir / "a").exists()
+    r = backend.session("b").remotes[name].request("DELETE", f"/keys/{ids['a']}")
+    assert r.status_code == 404  # the server forgot session a's evaluation keys
+    ended = backend.cleanup(now=10**12)  # everything is past its TTL
+    assert set(ended) == {"b", "c"} and backend.session_ids == []
+    assert list(backend.sessions_dir.iterdir()) == []
+
+
+def test_excerpt_is_short():
+    data = bytes(range(256)) * 4
+    assert excerpt(data).startswith("bytes 496-527 of 1024: ")
+    assert excerpt(b"\x01\x02") == "01 02"
+
+
+def _callback(blocks: gr.Blocks, name: str):
+    for fn in blocks.fns.values():
+        if getattr(fn.fn, "__name__", "") == name:
+            return fn.fn
+    raise AssertionError(f"no callback {name}")
+
+
+def test_ui_callbacks(backend, simulators):
+    blocks = ui.build_ui(backend)
+    request = gr.Request(session_hash="browser1")
+    on_predict = _callback(blocks, "on_predict")
+    keys, ct, run, result, plain = on_predict("tiny-sol-low", SMILES, True, request, progress=lambda *a, **k: None)
+    assert "Keys ready" in keys and "all the server will get" in ct and "Computed in FHE" in run
+    _, values = simulators["tiny-sol-low"]([SMILES])
+    from molcloak.pipeline.metrics import describe
+
+    assert describe(simulators["tiny-sol-low"].task, values[0]) in result
+    assert "not private" in plain
+    with pytest.raises(gr.Error, match="could not be parsed by RDKit"):
+        _callback(blocks, "on_encrypt")("tiny-sol-low", "C1CC(", request)
+    with pytest.raises(gr.Error, match="generate keys first"):
+        _callback(blocks, "on_encrypt")("tiny-sol-logs", SMILES, gr.Request(session_hash="fresh"))
+    image, status = _callback(blocks, "on_smiles")("c1ccccc1")
+    assert image is not None and status.startswith("✓")
+    image, status = _callback(blocks, "on_smiles")("c1cccc")
+    assert image is None and "could not be parsed" in status
