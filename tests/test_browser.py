@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from molcloak.app.launcher import free_port
 from molcloak.pipeline.metrics import describe
 from molcloak.pipeline.workflow import Simulator
@@ -35,10 +34,10 @@ def app_url(tiny_binary, tmp_path_factory):
     bundle = Path(os.environ.get("MOLCLOAK_APP_BUNDLE") or tiny_binary[2])
     state = tmp_path_factory.mktemp("browser-app")
     port = free_port()
-    log = open(state / "app.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "molcloak.pipeline.cli", "app", "--bundle", str(bundle),
-                             "--port", str(port), "--state-dir", str(state), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(state / "app.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "molcloak.pipeline.cli", "app", "--bundle", str(bundle),
+                                 "--port", str(port), "--state-dir", str(state), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -53,7 +52,6 @@ def app_url(tiny_binary, tmp_path_factory):
     yield url, bundle, state
     proc.terminate()
     proc.wait(timeout=60)
-    log.close()
     assert not list((state / "sessions").iterdir()), "session keys left behind after the app stopped"
 
 
