@@ -125,3 +125,12 @@ def test_private_prediction_in_chromium(app_url, page, tmp_path):
     _, values = sim(["CCO"])
     assert describe(sim.task, values[0]) in result
 
+    # leaving the page ends the browser session: its key folder goes away
+    sessions = state / "sessions"
+    assert len(list(sessions.iterdir())) == 1
+    page.goto("about:blank")
+    deadline = time.monotonic() + 120
+    while list(sessions.iterdir()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not list(sessions.iterdir()), "the session's keys outlived the closed page"
+
