@@ -142,3 +142,17 @@ def test_ui_callbacks(backend, simulators):
     assert image is not None and status.startswith("✓")
     image, status = _callback(blocks, "on_smiles")("c1cccc")
     assert image is None and "could not be parsed" in status
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bundle", "no/such/bundle"], "no bundle at 'no/such/bundle'; run `molcloak demo` first"),
+    (["--bundle", "x", "--server", "http://127.0.0.1:9"], "pass either --bundle"),
+    (["--server", "http://127.0.0.1:9"], "cannot reach the FHE server at http://127.0.0.1:9"),
+])
+def test_app_cli_errors_are_one_line(args, message, tmp_path):
+    from molcloak.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["app", *args, "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
