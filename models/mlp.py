@@ -1,9 +1,10 @@
 """Quantization-aware MLP (Brevitas) that Concrete ML compiles to one TFHE circuit.
 
-Layout per hidden layer: QuantIdentity -> QuantLinear -> [BatchNorm1d] -> ReLU.
+Layout per hidden layer: QuantIdentity -> QuantLinear -> [BatchNorm1d] -> ReLU (or Sigmoid).
 The input quantizer fixes the input bit width; each activation is re-quantized
 by the next layer's QuantIdentity, so Concrete ML fuses BatchNorm + ReLU +
-re-quantization into one programmable bootstrap (PBS) per neuron.
+re-quantization into one programmable bootstrap (PBS) per neuron. That lookup is exact for
+any activation, so `activation="sigmoid"` costs the same as ReLU: no polynomial approximation.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from dataclasses import asdict, dataclass
 import brevitas.nn as qnn
 import torch
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
+from molcloak.pipeline.errors import ModelConfigError
 from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
 @dataclass(frozen=True)
@@ -24,9 +28,21 @@ class MLPConfig:
     input_bits: int = 3
     batchnorm: bool = True
     dropout: float = 0.0
+    activation: str = "relu"  # relu or sigmoid (evaluated exactly by the lookup table of a PBS)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ModelConfigError(f"activation {self.activation!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden": list(self.hidden)}
+
+
+@dataclass(frozen=True)
+class SigmoidMLPConfig(MLPConfig):
+    """The `mlp-sigmoid` entry: the MLP with sigmoid activations (the TenSEAL breast-cancer setting)."""
+
+    activation: str = "sigmoid"
 
 
 def _quant_identity(bits: int) -> qnn.QuantIdentity:
@@ -53,7 +69,7 @@ class QuantMLP(nn.Module):
             layers += [_quant_identity(bits), _quant_linear(width, h, config.weight_bits)]
             if config.batchnorm:
                 layers.append(nn.BatchNorm1d(h))
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[config.activation]())
             if config.dropout:
                 layers.append(nn.Dropout(config.dropout))
             width, bits = h, config.act_bits

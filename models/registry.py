@@ -9,7 +9,7 @@ from torch import nn
 
 from molcloak.pipeline.errors import ModelConfigError
 
-from .mlp import MLPConfig, QuantMLP
+from .mlp import MLPConfig, QuantMLP, SigmoidMLPConfig
 
 
 class ModelEntry(NamedTuple):
@@ -20,6 +20,8 @@ class ModelEntry(NamedTuple):
 
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(MLPConfig, QuantMLP, "Brevitas QAT MLP (hidden widths, weight/activation/input bits)"),
+    "mlp-sigmoid": ModelEntry(SigmoidMLPConfig, QuantMLP, "the MLP with sigmoid activations, each evaluated exactly by one PBS "
+                              "(tabular data, e.g. breast-cancer)"),
 }
 
 

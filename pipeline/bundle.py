@@ -35,8 +35,9 @@ import torch
 
 from .data import TaskSpec
 from .errors import BundleError
-from .featurize import FeaturizerSpec
+from .featurize import FeaturizerSpec, spec_from_dict
 from .metrics import TargetScaler
+from .tabular import TabularSpec
 
 BUNDLE_FORMAT = 1
 CHECKED_PACKAGES = ("concrete-ml", "concrete-python")
@@ -71,7 +72,7 @@ class Checkpoint:
     """A trained model and what is needed to compile and evaluate it."""
 
     task: TaskSpec
-    featurizer: FeaturizerSpec
+    featurizer: FeaturizerSpec | TabularSpec
     model_name: str
     model_config: dict
     n_inputs: int
@@ -138,7 +139,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     sc = meta.get("target_scaler")
     return Checkpoint(
         task=TaskSpec.from_dict(meta["task"]),
-        featurizer=FeaturizerSpec.from_dict(meta["featurizer"]),
+        featurizer=spec_from_dict(meta["featurizer"]),
         model_name=meta["model"]["name"],
         model_config=meta["model"]["config"],
         n_inputs=int(meta["model"]["n_inputs"]),
@@ -170,8 +171,8 @@ class Manifest:
         return TaskSpec.from_dict(self.data["task"])
 
     @property
-    def featurizer(self) -> FeaturizerSpec:
-        return FeaturizerSpec.from_dict(self.data["featurizer"])
+    def featurizer(self) -> FeaturizerSpec | TabularSpec:
+        return spec_from_dict(self.data["featurizer"])
 
     @property
     def scaler(self) -> TargetScaler | None:

@@ -93,8 +93,9 @@ class PrivateClient:
 
     # -- data path --------------------------------------------------------
 
-    def featurize(self, smiles: Sequence[str]) -> np.ndarray:
-        return featurize(self.featurizer, smiles)
+    def featurize(self, inputs: Sequence) -> np.ndarray:
+        """Features from SMILES, or from rows (mappings column -> value) for a tabular model."""
+        return featurize(self.featurizer, inputs)
 
     def encrypt(self, x: np.ndarray) -> bytes:
         """Quantize and encrypt one feature row (shape (n_features,) or (1, n_features))."""

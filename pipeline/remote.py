@@ -19,7 +19,7 @@ import httpx
 
 from .client import DEFAULT_KEY_DIR, PrivateClient
 from .errors import RemoteError
-from .workflow import ItemCallback, PredictReport, fill_prediction, validate_smiles
+from .workflow import ItemCallback, PredictReport, fill_prediction, validate_inputs
 
 RETRIES = 5
 
@@ -106,9 +106,10 @@ class RemoteModel:
             return [base64.b64decode(o) for o in data["outputs"]], data["server_seconds"]
         raise AssertionError("unreachable")
 
-    def predict(self, smiles: Sequence[str], batch_size: int = 8, skip_invalid: bool = False,
+    def predict(self, inputs: Sequence, batch_size: int = 8, skip_invalid: bool = False,
                 on_item: ItemCallback | None = None) -> PredictReport:
-        preds = validate_smiles(smiles, skip_invalid)
+        """Encrypted predictions of SMILES, or of rows for a tabular model (see `workflow.validate_inputs`)."""
+        preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
         todo = [p for p in preds if not p.error]
         keyinfo = self.client.keygen()
         self.key_id()
@@ -116,7 +117,7 @@ class RemoteModel:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             t0 = time.perf_counter()
-            cts = [self.client.encrypt(x) for x in self.client.featurize([p.smiles for p in batch])]
+            cts = [self.client.encrypt(x) for x in self.client.featurize([p.input for p in batch])]
             t1 = time.perf_counter()
             outs, server_s = self.run(cts)
             t2 = time.perf_counter()

@@ -62,6 +62,46 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarra
     return out
 
 
+class MaskedLoss(nn.Module):
+    """Multi-task loss over the labels present: NaN targets (missing labels) are left out."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        have = ~torch.isnan(target)
+        if not bool(have.any()):
+            return out.sum() * 0.0  # a batch without any label: no gradient
+        return self.loss(out[have], target[have])
+
+
+def make_loss(task: TaskSpec) -> nn.Module:
+    """Cross-entropy (classes), MSE (standardized values), masked BCE / MSE per task (multi-task)."""
+    if task.kind == "multilabel":
+        return MaskedLoss(nn.BCEWithLogitsLoss())
+    if task.kind == "multitarget":
+        return MaskedLoss(nn.MSELoss())
+    return nn.MSELoss() if task.kind == "regression" else nn.CrossEntropyLoss()
+
+
+def target_tensor(task: TaskSpec, y: np.ndarray, scaler: TargetScaler | None) -> torch.Tensor:
+    if task.kind in ("binary", "multiclass"):
+        return torch.as_tensor(y, dtype=torch.long)
+    t = torch.as_tensor(y if scaler is None else scaler.transform(y), dtype=torch.float32)
+    return t.unsqueeze(1) if task.kind == "regression" else t
+
+
+def _check_task_labels(task: TaskSpec, y_train: np.ndarray) -> None:
+    if not task.is_multitask:
+        return
+    counts = (~np.isnan(y_train)).sum(axis=0)
+    empty = [name for name, c in zip(task.tasks, counts) if c == 0]
+    if empty:
+        raise ModelConfigError(f"task {empty[0]!r} has no label in the training split ({len(y_train)} rows); "
+                               "add labelled rows for it, drop the column, or change --seed / --split")
+
+
 def predict_raw(model: nn.Module, X: np.ndarray) -> np.ndarray:
     """Raw outputs (logits or standardized values) of the float/QAT torch model."""
     model.eval()
@@ -84,15 +124,10 @@ def train_model(
         raise ModelConfigError(f"need at least 2 training molecules, got {len(X_train)}")
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
-    scaler = TargetScaler.fit(y_train) if task.kind == "regression" else None
-    if scaler is None:
-        loss_fn: nn.Module = nn.CrossEntropyLoss()
-        yt = torch.as_tensor(y_train, dtype=torch.long)
-        yv = torch.as_tensor(y_valid, dtype=torch.long)
-    else:
-        loss_fn = nn.MSELoss()
-        yt = torch.as_tensor(scaler.transform(y_train), dtype=torch.float32).unsqueeze(1)
-        yv = torch.as_tensor(scaler.transform(y_valid), dtype=torch.float32).unsqueeze(1)
+    _check_task_labels(task, y_train)
+    scaler = TargetScaler.fit(y_train) if task.kind in ("regression", "multitarget") else None
+    loss_fn = make_loss(task)
+    yt, yv = target_tensor(task, y_train, scaler), target_tensor(task, y_valid, scaler)
     Xt = torch.as_tensor(X_train, dtype=torch.float32)
     Xv = torch.as_tensor(X_valid, dtype=torch.float32)
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
