@@ -139,9 +139,10 @@ def train(
     feature_cols: Optional[str] = FeatureColsOpt,
     split: Optional[str] = typer.Option(None, "--split", help="official (when the data has one), random or scaffold."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Test share for random/scaffold splits."),
-    features: Optional[str] = typer.Option(None, "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem for mlp; tabular data uses its columns)."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem for mlp, the image grid:r=2,size=32 for cnn1/cnn2; tabular data uses its columns)."),
     model: str = typer.Option("mlp", "--model", "-m", help="Model family from the registry (see `molcloak models`)."),
-    hidden: str = typer.Option("16", "--hidden", help="Hidden layer widths, comma-separated (e.g. 32,16)."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none)."),
+    model_set: Optional[List[str]] = typer.Option(None, "--set", help="Other model option KEY=VALUE, repeatable (see `molcloak models`), e.g. --set channels=8,16 --set pool=2."),
     weight_bits: int = typer.Option(2, "--weight-bits", help="Weight bit width."),
     act_bits: int = typer.Option(3, "--act-bits", help="Activation bit width."),
     input_bits: int = typer.Option(3, "--input-bits", help="Input quantizer bit width."),
@@ -163,7 +164,9 @@ def train(
     from .train import TrainConfig
 
     ds = load_dataset(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols=feature_cols)
-    options = dict(hidden=_int_list(hidden, "--hidden"), weight_bits=weight_bits, act_bits=act_bits, input_bits=input_bits)
+    options = {"weight_bits": weight_bits, "act_bits": act_bits, "input_bits": input_bits, **_model_options(model_set or [])}
+    if hidden is not None:
+        options["hidden"] = _int_list(hidden, "--hidden")
     if activation:
         options["activation"] = activation
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
@@ -201,6 +204,22 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not values:
         raise DataError(f"{flag} {text!r} is not a comma-separated list of integers; write e.g. 32,16")
     return values
+
+
+def _model_options(items: list[str]) -> dict:
+    """`--set channels=8,16 --set batchnorm=false` -> {"channels": [8, 16], "batchnorm": False}."""
+    options: dict = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise DataError(f"--set {item!r} is not KEY=VALUE; write e.g. --set channels=8,16")
+        words = [w.strip() for w in val.split(",")]
+        try:
+            values = [w.lower() == "true" if w.lower() in ("true", "false") else float(w) if "." in w else int(w) for w in words]
+        except ValueError:
+            raise DataError(f"--set {item!r}: values must be numbers, true/false or comma-separated integers") from None
+        options[key.strip()] = values if "," in val else values[0]
+    return options
 
 
 def _fmt_metrics(m: dict) -> str:

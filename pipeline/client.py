@@ -98,12 +98,12 @@ class PrivateClient:
         return featurize(self.featurizer, inputs)
 
     def encrypt(self, x: np.ndarray) -> bytes:
-        """Quantize and encrypt one feature row (shape (n_features,) or (1, n_features))."""
+        """Quantize and encrypt one molecule's features (shape `featurizer.shape`, with or without a batch axis of 1)."""
         self._require_keys()
-        x = np.asarray(x, dtype=np.float32).reshape(1, -1)
-        if x.shape[1] != self.featurizer.width:
-            raise CiphertextError(f"feature row has {x.shape[1]} values, the model expects {self.featurizer.width}")
-        return self._fhe.quantize_encrypt_serialize(x)
+        x = np.asarray(x, dtype=np.float32)
+        if x.size != self.featurizer.width:
+            raise CiphertextError(f"feature row has {x.size} values, the model expects {self.featurizer.width}")
+        return self._fhe.quantize_encrypt_serialize(x.reshape((1,) + self.featurizer.shape))
 
     def encrypt_smiles(self, smiles: Sequence[str]) -> list[bytes]:
         return [self.encrypt(row) for row in self.featurize(smiles)]

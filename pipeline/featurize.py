@@ -4,11 +4,17 @@ A spec string such as ``physchem``, ``morgan:r=2,n=1024``, ``morgan_count:r=2,n=
 or ``physchem+morgan:r=2,n=512`` names the parts; `fit_featurizer` adds the
 standardization fitted on the training molecules. The fitted spec travels in
 the bundle manifest so a client featurizes exactly as the model was trained.
+
+``grid:r=2,size=32`` is the molecule image of the CNN models (ChemXor's input): the RDKit
+Morgan count fingerprint of radius r with size*size hashed bins, bin i at row i // size,
+column i % size, counts capped at `GRID_CAP` and divided by it (values k/7 in [0, 1], no
+standardization). It must be the only part; `featurize` then returns (n, 1, size, size).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,8 +36,9 @@ PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
     "RingCount",
     "HeavyAtomCount",
 )
-PART_KINDS = ("physchem", "morgan", "morgan_count")
+PART_KINDS = ("physchem", "morgan", "morgan_count", "grid")
 COUNT_CAP = 15  # morgan_count values are clipped here so a few bits represent them
+GRID_CAP = 7  # grid pixels: min(count, 7) / 7, exactly 3 bits (99% of non-zero counts are <= 7)
 
 
 def canonical_smiles(smiles: str) -> str | None:
@@ -58,6 +65,13 @@ class Part:
             raise FeaturizerError(
                 f"{self.kind}: radius {self.radius} / size {self.n_bits} out of range; use r in 1..6 and n in 8..16384"
             )
+        if self.kind == "grid" and (self.side**2 != self.n_bits or not 4 <= self.side <= 64):
+            raise FeaturizerError(f"grid: {self.n_bits} bins do not form a square image of side 4..64; use e.g. grid:r=2,size=32")
+
+    @property
+    def side(self) -> int:
+        """Image side of a grid part (size*size = n_bits)."""
+        return math.isqrt(self.n_bits)
 
     @property
     def width(self) -> int:
@@ -70,6 +84,8 @@ class Part:
         return [f"{self.kind}_r{self.radius}_{i}" for i in range(self.n_bits)]
 
     def __str__(self) -> str:
+        if self.kind == "grid":
+            return f"grid:r={self.radius},size={self.side}"
         return self.kind if self.kind == "physchem" else f"{self.kind}:r={self.radius},n={self.n_bits}"
 
 
@@ -80,6 +96,17 @@ class FeaturizerSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
+    def __post_init__(self):
+        if len(self.parts) > 1 and any(p.kind == "grid" for p in self.parts):
+            raise FeaturizerError(f"'grid' is an image and cannot be joined with other parts in {self}; use it alone")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one molecule's features: (1, size, size) for a grid image, else (width,)."""
+        if self.parts and self.parts[0].kind == "grid":
+            return (1, self.parts[0].side, self.parts[0].side)
+        return (self.width,)
+
     @classmethod
     def parse(cls, text: str) -> "FeaturizerSpec":
         """Parse ``physchem+morgan:r=2,n=1024``."""
@@ -89,6 +116,9 @@ class FeaturizerSpec:
             kwargs = {}
             for opt in filter(None, opts.split(",")):
                 key, _, val = opt.partition("=")
+                if kind.strip() == "grid" and key.strip() == "size" and val.strip().isdigit():
+                    kwargs["n_bits"] = int(val) ** 2  # a grid's size is its side
+                    continue
                 key = {"r": "radius", "radius": "radius", "n": "n_bits", "size": "n_bits", "n_bits": "n_bits"}.get(key.strip())
                 if key is None or not val.strip().isdigit():
                     raise FeaturizerError(
@@ -147,6 +177,8 @@ def _part_matrix(part: Part, mols) -> np.ndarray:
     if part.kind == "morgan":
         return np.array([gen.GetFingerprintAsNumPy(m) for m in mols], dtype=np.float64)
     counts = np.array([gen.GetCountFingerprintAsNumPy(m) for m in mols], dtype=np.float64)
+    if part.kind == "grid":
+        return np.minimum(counts, GRID_CAP) / GRID_CAP
     return np.minimum(counts, COUNT_CAP)
 
 
@@ -169,7 +201,7 @@ def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
 
 
 def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
-    return np.concatenate([np.full(p.width, p.kind != "morgan") for p in spec.parts])
+    return np.concatenate([np.full(p.width, p.kind not in ("morgan", "grid")) for p in spec.parts])
 
 
 def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> FeaturizerSpec:
@@ -185,13 +217,13 @@ def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> Featuri
 
 
 def featurize(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
-    """Feature matrix (float32) as the model sees it; the spec must be fitted."""
+    """Features (float32) as the model sees it, shape (n, *spec.shape); the spec must be fitted."""
     if isinstance(spec, TabularSpec):  # numeric rows (matrix or records) instead of SMILES
         return spec.transform(smiles)
     if not spec.is_fitted:
         raise FeaturizerError(f"featurizer {spec} is not fitted; call fit_featurizer on the training molecules")
     X = raw_features(spec, smiles)
-    return ((X - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32)
+    return ((X - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32).reshape((-1,) + spec.shape)
 
 
 def spec_from_dict(d: dict) -> FeaturizerSpec | TabularSpec:
