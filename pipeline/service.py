@@ -219,7 +219,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                                   f"model {req.model!r} has {fingerprints[req.model]!r}; download its client part again")
         cts = [_b64(c, i) for i, c in enumerate(req.ciphertexts)]
         start = time.perf_counter()
-        results = await asyncio.gather(*(pool.run(req.model, req.key_id, ct) for ct in cts))
+        results = await asyncio.gather(*(pool.run(req.model, req.key_id, ct, i) for i, ct in enumerate(cts)))
         return PredictResponse(model=req.model, outputs=[base64.b64encode(o).decode() for o, _ in results],
                                server_seconds=[s for _, s in results], total_seconds=time.perf_counter() - start)
 

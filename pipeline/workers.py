@@ -68,11 +68,13 @@ class WorkerPool:
         ctx = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=self._args)
 
-    async def submit(self, key_id: str, fn, *args):
+    async def submit(self, key_id: str, fn, *args, spread: int = 0):
+        """Run `fn(*args)` on the key's home worker, or `spread` workers further (batches use all workers)."""
         if self.pending >= self.queue_size:
             raise ServerBusyError(f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds")
         self.pending += 1
-        slot = int(key_id[:8], 16) % self.workers if KEY_HEX.match(key_id) else 0
+        home = int(key_id[:8], 16) % self.workers if KEY_HEX.match(key_id) else 0
+        slot = (home + spread) % self.workers
         pool = self._pools[slot]
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -95,8 +97,10 @@ class WorkerPool:
     async def check_keys(self, model: str, key_id: str) -> None:
         await self.submit(key_id, _check_keys, model, key_id)
 
-    async def run(self, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
-        return await self.submit(key_id, _run, model, key_id, ciphertext)
+    async def run(self, model: str, key_id: str, ciphertext: bytes, index: int = 0) -> tuple[bytes, float]:
+        """Item `index` of a batch goes to worker home+index: one client's batch keeps every core busy
+        (each worker then caches that key set once)."""
+        return await self.submit(key_id, _run, model, key_id, ciphertext, spread=index)
 
     def warm_up(self) -> None:
         """Start every worker now (they load the circuits) instead of on the first request."""
@@ -104,8 +108,14 @@ class WorkerPool:
         [f.result() for f in futures]
 
     def shutdown(self) -> None:
+        """Cancel queued jobs and stop the worker processes (they must not outlive the server)."""
         for pool in self._pools:
+            processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                proc.terminate()
+            for proc in processes:
+                proc.join(timeout=10)
 
 
 def _noop(_: int) -> None:

@@ -6,6 +6,7 @@ import stat
 
 import gradio as gr
 import numpy as np
+import psutil
 import pytest
 from molcloak.app import ui
 from molcloak.app.backend import AppBackend, StepError, excerpt
@@ -24,9 +25,13 @@ def served(tiny_binary, tiny_regression, tmp_path_factory):
     for (_, _, bundle), name in ((tiny_binary, "tiny-sol-low"), (tiny_regression, "tiny-sol-logs")):
         (root / name).symlink_to(bundle, target_is_directory=True)
         bundles[name] = bundle
-    server = start_server(root, tmp_path_factory.mktemp("app-state"), workers=1)
+    server = start_server(root, tmp_path_factory.mktemp("app-state"), workers=2)
     yield server, bundles
-    server.stop()
+    children = psutil.Process(server.process.pid).children(recursive=True)  # FHE workers
+    assert children
+    server.stop()  # SIGTERM to `molcloak serve` only: it must stop its workers itself
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"FHE workers outlived the server: {alive}"
 
 
 @pytest.fixture()
