@@ -10,7 +10,11 @@ from typer.testing import CliRunner
 from molcloak.pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "compile", "deploy", "predict", "serve", "info", "models", "demo"]
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_every_documented_command_is_registered():
+    assert {"train", "compile", "deploy", "predict", "serve", "info", "models", "demo", "app", "audit"} <= set(COMMANDS)
 
 
 def run(*args):
