@@ -88,7 +88,12 @@ class Checkpoint:
     def build_model(self) -> torch.nn.Module:
         from molcloak.models.registry import build_model, make_config
 
-        model = build_model(self.model_name, self.n_inputs, self.task.n_outputs, make_config(self.model_name, self.model_config))
+        from .torch_import import IMPORTED_MODEL, build_sequential
+
+        if self.model_name == IMPORTED_MODEL:  # a float nn.Sequential from `compile --torch-model`
+            model = build_sequential(self.model_config["layers"])
+        else:
+            model = build_model(self.model_name, self.n_inputs, self.task.n_outputs, make_config(self.model_name, self.model_config))
         model.load_state_dict(self.state_dict)
         model.eval()
         return model

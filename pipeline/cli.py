@@ -113,10 +113,10 @@ def load_dataset(dataset: str, smiles_col: str, target_col: Optional[str], task:
     return ds
 
 
-def compile_config(rounding_bits: int, rounding_method: str, p_error: Optional[float]):
+def compile_config(rounding_bits: int, rounding_method: str, p_error: Optional[float], n_bits: Optional[int] = None):
     from .compile import CompileConfig
 
-    return CompileConfig(rounding_bits or None, rounding_method, p_error)
+    return CompileConfig(rounding_bits or None, rounding_method, p_error, n_bits)
 
 
 RoundingOpt = typer.Option(5, "--rounding-bits", help="Round accumulators to this many bits before each lookup (0 = off).")
@@ -222,6 +222,22 @@ def _model_options(items: list[str]) -> dict:
     return options
 
 
+def _model_options(items: list[str]) -> dict:
+    """`--set channels=8,16 --set batchnorm=false` -> {"channels": [8, 16], "batchnorm": False}."""
+    options: dict = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise DataError(f"--set {item!r} is not KEY=VALUE; write e.g. --set channels=8,16")
+        words = [w.strip() for w in val.split(",")]
+        try:
+            values = [w.lower() == "true" if w.lower() in ("true", "false") else float(w) if "." in w else int(w) for w in words]
+        except ValueError:
+            raise DataError(f"--set {item!r}: values must be numbers, true/false or comma-separated integers") from None
+        options[key.strip()] = values if "," in val else values[0]
+    return options
+
+
 def _fmt_metrics(m: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in m.items())
 
@@ -229,11 +245,11 @@ def _fmt_metrics(m: dict) -> str:
 # ---------------------------------------------------------------- compile / deploy
 
 
-def _compile_and_report(checkpoint: Path, cfg):
+def _compile_and_report(checkpoint, cfg):
     from .bundle import load_checkpoint
     from .workflow import compile_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint  # or an imported model
     with err.status("compiling to a TFHE circuit and simulating the test split..."):
         compiled = compile_checkpoint(ckpt, cfg)
     return ckpt, compiled
@@ -251,7 +267,7 @@ def _print_compiled(compiled) -> None:
 @app.command("compile")
 @cli_errors
 def compile_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `molcloak train`."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory written by `molcloak train` (omit with --torch-model)."),
     rounding_bits: int = RoundingOpt,
     rounding_method: str = RoundingMethodOpt,
     p_error: Optional[float] = PErrorOpt,
@@ -259,12 +275,37 @@ def compile_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="Model name in the bundle (default: bundle directory name)."),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
+    torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Instead of a checkpoint: a float PyTorch nn.Sequential (Linear, Conv2d, ReLU, Sigmoid, AvgPool2d, Flatten) saved with torch.save, quantized after training (--n-bits) and calibrated on --dataset's training split."),
+    dataset: str = DatasetOpt,
+    smiles_col: str = SmilesColOpt,
+    target_col: Optional[str] = TargetColOpt,
+    task: str = TaskOpt,
+    threshold: Optional[float] = ThresholdOpt,
+    feature_cols: Optional[str] = FeatureColsOpt,
+    skip_invalid: bool = SkipOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="With --torch-model: official (when the data has one), random or scaffold."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="With --torch-model: the features the model takes (default physchem; grid:r=2,size=32 for Conv2d models)."),
+    n_bits: Optional[int] = typer.Option(None, "--n-bits", help="Post-training quantization bits of a float model (default 4 with --torch-model)."),
+    calib_size: Optional[int] = typer.Option(None, "--calib-size", help="With --torch-model: calibration rows, a seeded sample of the training split (default: all of it)."),
+    seed: int = typer.Option(0, "--seed", help="With --torch-model: seed of the split and the calibration sample."),
 ):
     """Compile a checkpoint to a TFHE circuit; report PBS count, bit width, key sizes and FHE-simulated metrics.
 
-    Example: molcloak compile runs/sol-low --rounding-bits 5 --bundle bundles/sol-low
+    Example: molcloak compile runs/sol-low --rounding-bits 5 --bundle bundles/sol-low.
+    Imported float model: molcloak compile --torch-model model.pt --dataset sol-low --features physchem --bundle bundles/mine
     """
-    cfg = compile_config(rounding_bits, rounding_method, p_error)
+    if torch_model is not None:
+        from .torch_import import DEFAULT_PTQ_BITS, import_checkpoint
+
+        if checkpoint is not None:
+            raise DataError("give a checkpoint directory or --torch-model, not both")
+        ds = load_dataset(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols=feature_cols)
+        with err.status("featurizing the dataset and checking the model..."):
+            checkpoint = import_checkpoint(ds, torch_model, features, calib_size, seed, split)
+        n_bits = DEFAULT_PTQ_BITS if n_bits is None else n_bits
+    elif checkpoint is None:
+        raise DataError("no model given; pass a checkpoint directory (from `molcloak train`) or --torch-model model.pt")
+    cfg = compile_config(rounding_bits, rounding_method, p_error, n_bits)
     ckpt, compiled = _compile_and_report(checkpoint, cfg)
     result = {**compiled.info(), "metrics": compiled.metrics}
     if bundle is not None:
@@ -296,7 +337,7 @@ def deploy(
     Ship client/ to users and server/ to the FHE server; keep owner/ (the weights) to yourself.
     Example: molcloak deploy runs/sol-low --out bundles/sol-low
     """
-    compile_cmd(checkpoint, rounding_bits, rounding_method, p_error, out_dir, name, force, as_json)
+    compile_cmd(checkpoint, rounding_bits, rounding_method, p_error, out_dir, name, force, as_json, torch_model=None, n_bits=None)
 
 
 # ---------------------------------------------------------------- predict

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -20,11 +21,14 @@ class CompileConfig:
 
     `rounding_method` "approximate" is cheaper than "exact"; `p_error` is the error probability
     allowed per programmable bootstrap (None = Concrete's default, 2^-40: FHE equals simulation).
+    `n_bits`: post-training quantization bits of a float model (imported with --torch-model);
+    unused for Brevitas QAT models, whose quantizers fix their bits.
     """
 
     rounding_bits: int | None = 5
     rounding_method: Literal["exact", "approximate"] = "approximate"
     p_error: float | None = None
+    n_bits: int | None = None
 
     def __post_init__(self):
         if self.rounding_bits is not None and not 2 <= self.rounding_bits <= 16:
@@ -33,6 +37,8 @@ class CompileConfig:
             raise CompilationError(f"rounding method {self.rounding_method!r}; expected 'exact' or 'approximate'")
         if self.p_error is not None and not 0 < self.p_error < 1:
             raise CompilationError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
+        if self.n_bits is not None and not 2 <= self.n_bits <= 8:
+            raise CompilationError(f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)")
 
     def rounding_arg(self):
         if self.rounding_bits is None:
@@ -92,12 +98,17 @@ def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig =
     `measure_keys` generates throwaway keys to record the exact serialized evaluation-key size
     (the server checks uploads against it); skip it when only simulating.
     """
-    from concrete.ml.torch.compile import compile_brevitas_qat_model
+    from concrete.ml.torch.compile import compile_brevitas_qat_model, compile_torch_model, has_any_qnn_layers
 
     model.eval()
+    qat = has_any_qnn_layers(model)
+    if not qat and config.n_bits is None:
+        raise CompilationError("the model is a float model (no Brevitas quantizers); post-training quantization needs "
+                               "--n-bits N (e.g. 4-6)")
+    compile_fn = compile_brevitas_qat_model if qat else partial(compile_torch_model, n_bits=config.n_bits)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            q_module = compile_brevitas_qat_model(
+            q_module = compile_fn(
                 model,
                 np.asarray(X_calib, dtype=np.float32),
                 rounding_threshold_bits=config.rounding_arg(),
