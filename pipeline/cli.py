@@ -546,7 +546,9 @@ def info(
         return emit_json(m.data)
     d = m.data
     task = m.task
-    out.print(f"[bold]{m.name}[/bold]  ({task.kind}; target {task.target!r}" + (f"; labels {list(task.labels)}" if task.labels else "") + ")")
+    tasks = [f"{n} ({task.unit_of(j)})" if task.unit_of(j) else n for j, n in enumerate(task.tasks)]
+    out.print(f"[bold]{m.name}[/bold]  ({task.kind}; target {task.target!r}" + (f"; labels {list(task.labels)}" if task.labels else "")
+              + (f"; tasks {', '.join(tasks)}" if tasks else "") + ")")
     out.print(f"features: {d['featurizer']['spec']} ({m.featurizer.width} values)")
     out.print(f"model: {d['model']['name']} {json.dumps(d['model']['config'])}")
     out.print(f"compile: {json.dumps(d.get('compile'))}")

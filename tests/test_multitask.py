@@ -200,6 +200,8 @@ def test_cli_predict_multitarget_one_column_per_task(cli_multitarget):
     assert float(rows[0]["expt"]) == pytest.approx(preds[0]["value"]["expt"]) and rows[1]["expt"] == ""
     table = cli("predict", "--bundle", bundle, "--key-dir", tmp / "keys", "CCO")
     assert table.exit_code == 0 and "expt" in table.output and "calc" in table.output
+    info = cli("info", bundle)
+    assert info.exit_code == 0 and "multitarget; target 'expt,calc'; tasks expt, calc" in info.output
 
 
 def test_multilabel_model_runs_encrypted(multilabel_csv, tmp_path):
