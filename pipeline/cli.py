@@ -121,7 +121,7 @@ def compile_config(rounding_bits: int, rounding_method: str, p_error: Optional[f
 
 RoundingOpt = typer.Option(5, "--rounding-bits", help="Round accumulators to this many bits before each lookup (0 = off).")
 RoundingMethodOpt = typer.Option("approximate", "--rounding-method", help="exact or approximate (cheaper).")
-PErrorOpt = typer.Option(None, "--p-error", help="Error probability per bootstrap (default 2^-40: FHE equals simulation; 0.01 is faster).")
+PErrorOpt = typer.Option(1e-6, "--p-error", help="Error probability per bootstrap (default 1e-6 = CompileConfig's: FHE equals the simulation except ~1 molecule in 65,000; 1e-12 ~ Concrete's 2^-40, 2x slower; 0.01 is ~15% faster, FHE then differs now and then).")
 
 
 # ---------------------------------------------------------------- train
@@ -130,6 +130,7 @@ PErrorOpt = typer.Option(None, "--p-error", help="Error probability per bootstra
 @app.command()
 @cli_errors
 def train(
+    ctx: typer.Context,
     dataset: str = DatasetOpt,
     smiles_col: str = SmilesColOpt,
     target_col: Optional[str] = TargetColOpt,
@@ -139,13 +140,13 @@ def train(
     feature_cols: Optional[str] = FeatureColsOpt,
     split: Optional[str] = typer.Option(None, "--split", help="official (when the data has one), random or scaffold."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Test share for random/scaffold splits."),
-    features: Optional[str] = typer.Option(None, "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem for mlp, the image grid:r=2,size=32 for cnn1/cnn2; tabular data uses its columns)."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem:scale=quantile for mlp, the image grid:r=2,size=32 for cnn1/cnn2; tabular data uses its columns)."),
     model: str = typer.Option("mlp", "--model", "-m", help="Model family from the registry (see `molcloak models`)."),
     hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none)."),
     model_set: Optional[List[str]] = typer.Option(None, "--set", help="Other model option KEY=VALUE, repeatable (see `molcloak models`), e.g. --set channels=8,16 --set pool=2."),
-    weight_bits: int = typer.Option(2, "--weight-bits", help="Weight bit width."),
+    weight_bits: int = typer.Option(3, "--weight-bits", help="Weight bit width."),
     act_bits: int = typer.Option(3, "--act-bits", help="Activation bit width."),
-    input_bits: int = typer.Option(3, "--input-bits", help="Input quantizer bit width."),
+    input_bits: int = typer.Option(4, "--input-bits", help="Input quantizer bit width."),
     activation: Optional[str] = typer.Option(None, "--activation", help="MLP hidden activation: relu or sigmoid (either is exact: one lookup per neuron; default: the model's)."),
     epochs: int = typer.Option(150, "--epochs", help="Maximum epochs."),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -155,6 +156,7 @@ def train(
     out_dir: Path = typer.Option(Path("runs/model"), "--out", "-o", help="Checkpoint directory to write."),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
+    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON configuration from `molcloak tune --write-config` (features, model options, training and compile settings); options given on the command line override it."),
 ):
     """Train a quantization-aware model and write a checkpoint (weights stay with the owner).
 
@@ -170,8 +172,13 @@ def train(
     if activation:
         options["activation"] = activation
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed)
+    tuned = {}
+    if config_file is not None:
+        features, model, options, tcfg, tuned = _apply_train_config(ctx, config_file, features, model, options, tcfg)
     ckpt = _train_with_progress(ds, features, model, options, tcfg, split, test_fraction)
     ckpt.train_info["dataset"] = dataset
+    if tuned:
+        ckpt.train_info["compile"] = tuned  # the tuned compile settings, for `molcloak deploy`
     save_checkpoint(ckpt, out_dir, force=force)
     summary = {"checkpoint": str(out_dir), "task": ckpt.task.to_dict(), "features": str(ckpt.featurizer),
                "n_features": ckpt.n_inputs, "training": ckpt.train_info, "metrics": ckpt.metrics}
@@ -180,7 +187,37 @@ def train(
     out.print(f"trained [bold]{model}[/bold] on {dataset} ({ckpt.task.kind}, {ckpt.n_inputs} features "
               f"'{ckpt.featurizer}'): best epoch {ckpt.train_info['best_epoch']}/{ckpt.train_info['epochs_run']}")
     out.print(f"float test metrics: {_fmt_metrics(ckpt.metrics['float'])}")
-    out.print(f"checkpoint written to {out_dir}; next: molcloak deploy {out_dir} --out bundles/<name>")
+    out.print(f"checkpoint written to {out_dir}; next: molcloak deploy {out_dir} --out bundles/<name>{_compile_flags(tuned)}")
+
+
+def _apply_train_config(ctx, path: Path, features, model, options: dict, tcfg):
+    """`train --config FILE`: the file's features, model, options and training settings, except where
+    an option was given on the command line. Returns them and the file's compile settings."""
+    from click.core import ParameterSource
+
+    from .train import TrainConfig
+
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data, dict) and "model_options" in data
+    except (OSError, ValueError, AssertionError):
+        raise DataError(f"--config {str(path)!r} is not a molcloak configuration (JSON with 'model_options'); "
+                        "write one with `molcloak tune --write-config FILE`") from None
+    given = lambda name: ctx is not None and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE  # noqa: E731
+    fixed = ("weight_bits", "act_bits", "input_bits")  # these flags have defaults; the others are None unless given
+    options = {**data["model_options"], **{k: v for k, v in options.items() if k not in fixed or given(k)}}
+    train_fields = set(TrainConfig.__dataclass_fields__)
+    cli_train = {k: getattr(tcfg, k) for k in ("epochs", "batch_size", "lr", "patience", "seed") if given(k)}
+    tcfg = TrainConfig(**{**{k: v for k, v in data.get("train", {}).items() if k in train_fields}, **cli_train})
+    return (features if given("features") else data.get("features", features), model if given("model") else data.get("model", model),
+            options, tcfg, data.get("compile") or {})
+
+
+def _compile_flags(c: dict) -> str:
+    if not c:
+        return ""
+    flags = f" --rounding-bits {c.get('rounding_bits') or 0} --rounding-method {c.get('rounding_method', 'approximate')}"
+    return flags + (f" --p-error {c['p_error']:g}" if c.get("p_error") else "")
 
 
 def _train_with_progress(ds, features, model, options, tcfg, split, test_fraction):
@@ -629,6 +666,118 @@ def demo(
     from .demo import print_demo
 
     print_demo(result, out)
+
+
+# ---------------------------------------------------------------- bench / tune (code in evaluation/)
+
+
+@app.command()
+@cli_errors
+def bench(
+    task: Optional[List[str]] = typer.Option(None, "--task", help="Bundled task(s) to benchmark (default: sol-low and its regression twin sol-logs)."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Feature spec every model uses (default: the molcloak default's)."),
+    only: Optional[str] = typer.Option(None, "--models", help="Comma-separated subset of: molcloak, cml-linear, cml-xgb, ckks, random-forest."),
+    n_runs: int = typer.Option(5, "--n-runs", help="Encrypted single-molecule runs per model for the latency figures."),
+    execute_all: bool = typer.Option(True, "--execute-all/--no-execute-all", help="Run every test molecule through the molcloak circuit in FHE (executed metrics)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 2 encrypted runs per model, no full FHE test set, fewer trees."),
+    seed: int = typer.Option(0, "--seed", help="Seed for splits, training and models."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full results (per-run times included) to this JSON file ('-' = stdout)."),
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Also write the markdown table to this file."),
+):
+    """Benchmark molcloak's default model against Concrete ML built-ins, the TenSEAL CKKS recipe and a plaintext RandomForest.
+
+    Same features and split for every model; ROC-AUC (RMSE/R² for sol-logs), median and p90 server-side
+    latency per encrypted molecule, keygen time, evaluation-key size, ciphertext sizes, PBS count and bit width.
+    The CKKS row needs `pip install -e ".[bench]"` (tenseal); without it the row says so.
+    Example: molcloak bench --json bench.json --markdown bench.md
+    """
+    from molcloak.evaluation.bench import MODELS, BenchConfig, markdown, run_bench
+
+    models = tuple(m.strip() for m in only.split(",")) if only else MODELS
+    try:
+        kwargs = {"features": features} if features else {}
+        cfg = BenchConfig(tasks=tuple(task or ("sol-low", "sol-logs")), models=models, n_runs=n_runs,
+                          execute_all=execute_all, quick=quick, seed=seed, **kwargs)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    with progress(transient=False) as bar:
+        t = bar.add_task("bench", total=len(cfg.tasks) * len(cfg.models), status="")
+        result = run_bench(cfg, on_progress=lambda msg, n: bar.update(t, advance=n, status=msg))
+    table = markdown(result)
+    if markdown_path:
+        markdown_path.write_text(table)
+    if json_path:
+        if str(json_path) == "-":
+            return emit_json(result)
+        json_path.write_text(json.dumps(result, indent=2, default=_json_default))
+    out.print(table, highlight=False, markup=False)
+
+
+@app.command()
+@cli_errors
+def tune(
+    dataset: str = DatasetOpt,
+    features: Optional[List[str]] = typer.Option(None, "--features", "-f", help="Feature spec(s) to sweep, repeatable (default: the default features)."),
+    widths: str = typer.Option("8;16", "--widths", help="Hidden layer settings separated by ';', each comma-separated, e.g. '8;16;16,8'."),
+    weight_bits: str = typer.Option("3", "--weight-bits", help="Weight bit widths to sweep, e.g. 2,3."),
+    act_bits: str = typer.Option("3", "--act-bits", help="Activation bit widths to sweep."),
+    input_bits: str = typer.Option("4", "--input-bits", help="Input bit widths to sweep."),
+    rounding_bits: str = typer.Option("5", "--rounding-bits", help="Accumulator rounding bits to sweep (0 = off), e.g. 4,5,6."),
+    p_errors: str = typer.Option("1e-6", "--p-error", help="Error probabilities per PBS to sweep, e.g. default,1e-6,0.01 (default = Concrete's 2^-40)."),
+    seeds: str = typer.Option("0", "--seeds", help="Training seeds; accuracy is the mean over them, e.g. 0,1,2."),
+    epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
+    n_runs: int = typer.Option(5, "--n-runs", help="Encrypted runs per executed front point."),
+    execute_front: int = typer.Option(3, "--execute-front", help="Run this many of the most accurate front points for real (0 = none)."),
+    max_latency: float = typer.Option(0.25, "--max-latency", help="Latency budget (s) for the chosen configuration."),
+    max_key_mb: float = typer.Option(30.0, "--max-key-mb", help="Evaluation-key budget (MB) for the chosen configuration."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="PBS cost calibration JSON (default ~/.molcloak/pbs_calibration.json; measured when missing)."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the accuracy/latency plot (PNG) here."),
+    write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the chosen configuration here for `molcloak train --config FILE`."),
+    layer_report: bool = typer.Option(True, "--layer-report/--no-layer-report", help="Per-layer float / quantized / FHE error of the chosen configuration."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all results to this JSON file ('-' = stdout)."),
+):
+    """Sweep bit widths, rounding bits, p_error and width; print the Pareto front (accuracy vs latency vs key size).
+
+    Accuracy: FHE simulation on the test split. Latency: PBS count x a per-PBS cost measured on this machine,
+    plus real encrypted runs of the front's most accurate points. Example:
+    molcloak tune --widths "8;16" --weight-bits 2,3 --p-error default,0.01 --plot tune.png --write-config best.json
+    """
+    from molcloak.evaluation.tune import TuneGrid, print_tune, run_tune
+
+    from .train import TrainConfig
+
+    ds = load_dataset(dataset, "smiles", None, "classification", None, False)
+    grid = TuneGrid(
+        features=tuple(features or ()) or TuneGrid.features,
+        hidden=tuple(tuple(_int_list(w, "--widths")) for w in widths.split(";") if w.strip()),
+        weight_bits=tuple(_int_list(weight_bits, "--weight-bits")), act_bits=tuple(_int_list(act_bits, "--act-bits")),
+        input_bits=tuple(_int_list(input_bits, "--input-bits")),
+        rounding_bits=tuple(b or None for b in _int_list(rounding_bits, "--rounding-bits")),
+        p_error=tuple(_p_errors(p_errors)), seeds=tuple(_int_list(seeds, "--seeds")),
+    )
+    with progress(transient=False) as bar:
+        t = bar.add_task("tune", total=grid.size() * len(grid.seeds) + execute_front + 1, status="")
+        result = run_tune(ds, dataset, grid, TrainConfig(epochs=epochs), n_runs=n_runs, execute_front=execute_front,
+                          max_latency_s=max_latency, max_key_mb=max_key_mb, calibration=calibration, plot_path=plot_path,
+                          config_path=write_config, layer_report=layer_report,
+                          say=lambda msg: bar.update(t, advance=1, status=msg[:70]))
+    if json_path:
+        if str(json_path) == "-":
+            return emit_json(result)
+        json_path.write_text(json.dumps(result, indent=2, default=_json_default))
+    print_tune(result, out)
+
+
+def _p_errors(text: str) -> list:
+    values = []
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        try:
+            values.append(None if word == "default" else float(word))
+        except ValueError:
+            raise DataError(f"--p-error {word!r} is neither a probability nor 'default'; write e.g. default,0.01") from None
+    if not values:
+        raise DataError("--p-error needs at least one value, e.g. 0.01")
+    return values
 
 
 def _mb(n: float) -> str:

@@ -39,6 +39,8 @@ PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
 PART_KINDS = ("physchem", "morgan", "morgan_count", "grid")
 COUNT_CAP = 15  # morgan_count values are clipped here so a few bits represent them
 GRID_CAP = 7  # grid pixels: min(count, 7) / 7, exactly 3 bits (99% of non-zero counts are <= 7)
+SCALES = ("standard", "quantile")  # quantile: each column mapped to [-1, 1] by its training quantiles
+N_QUANTILES = 65
 
 
 def canonical_smiles(smiles: str) -> str | None:
@@ -57,10 +59,13 @@ class Part:
     kind: str
     radius: int = 2
     n_bits: int = 1024
+    scale: str = "standard"
 
     def __post_init__(self):
         if self.kind not in PART_KINDS:
             raise FeaturizerError(f"unknown feature part {self.kind!r}; expected one of {', '.join(PART_KINDS)}")
+        if self.scale not in SCALES or (self.scale != "standard" and self.kind not in ("physchem", "morgan_count")):
+            raise FeaturizerError(f"{self.kind}: scale {self.scale!r} not possible; use scale=quantile on physchem or morgan_count")
         if self.kind != "physchem" and not (1 <= self.radius <= 6 and 8 <= self.n_bits <= 16384):
             raise FeaturizerError(
                 f"{self.kind}: radius {self.radius} / size {self.n_bits} out of range; use r in 1..6 and n in 8..16384"
@@ -86,7 +91,8 @@ class Part:
     def __str__(self) -> str:
         if self.kind == "grid":
             return f"grid:r={self.radius},size={self.side}"
-        return self.kind if self.kind == "physchem" else f"{self.kind}:r={self.radius},n={self.n_bits}"
+        text = self.kind if self.kind == "physchem" else f"{self.kind}:r={self.radius},n={self.n_bits}"
+        return text if self.scale == "standard" else f"{text}{',' if ':' in text else ':'}scale={self.scale}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class FeaturizerSpec:
     # standardization fitted on training data; applied to physchem and count columns only
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    knots: tuple[tuple[float, ...], ...] | None = None  # per column training quantiles (empty: not quantile-scaled)
 
     def __post_init__(self):
         if len(self.parts) > 1 and any(p.kind == "grid" for p in self.parts):
@@ -116,6 +123,9 @@ class FeaturizerSpec:
             kwargs = {}
             for opt in filter(None, opts.split(",")):
                 key, _, val = opt.partition("=")
+                if key.strip() == "scale" and val.strip() in SCALES:
+                    kwargs["scale"] = val.strip()
+                    continue
                 if kind.strip() == "grid" and key.strip() == "size" and val.strip().isdigit():
                     kwargs["n_bits"] = int(val) ** 2  # a grid's size is its side
                     continue
@@ -151,6 +161,7 @@ class FeaturizerSpec:
             "parts": [dataclasses.asdict(p) for p in self.parts],
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
+            **({"knots": [list(k) for k in self.knots]} if self.knots else {}),
         }
 
     @classmethod
@@ -161,7 +172,8 @@ class FeaturizerSpec:
             std = None if d.get("std") is None else tuple(float(v) for v in d["std"])
         except (KeyError, TypeError) as exc:
             raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
-        spec = cls(parts, mean, std)
+        knots = tuple(tuple(float(v) for v in k) for k in d["knots"]) if d.get("knots") else None
+        spec = cls(parts, mean, std, knots)
         if mean is not None and (len(mean) != spec.width or std is None or len(std) != spec.width):
             raise FeaturizerError(f"featurizer spec {spec} has {len(mean)} scaler values for {spec.width} features")
         return spec
@@ -201,7 +213,21 @@ def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
 
 
 def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
-    return np.concatenate([np.full(p.width, p.kind not in ("morgan", "grid")) for p in spec.parts])
+    return np.concatenate([np.full(p.width, p.kind not in ("morgan", "grid") and p.scale == "standard") for p in spec.parts])
+
+
+def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
+    """Quantile-scaled columns -> [-1, 1] by piecewise-linear interpolation of their training quantiles
+    (ties averaged in both directions, the extremes mapped to -1 and 1, as scikit-learn's QuantileTransformer does)."""
+    if not spec.knots:
+        return X
+    X = np.array(X, dtype=np.float64)
+    for j, k in enumerate(spec.knots):
+        if k:
+            k, r = np.asarray(k), np.linspace(-1.0, 1.0, len(k))
+            x = X[:, j]
+            X[:, j] = np.where(x <= k[0], -1.0, np.where(x >= k[-1], 1.0, 0.5 * (np.interp(x, k, r) - np.interp(-x, -k[::-1], -r[::-1]))))
+    return X
 
 
 def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> FeaturizerSpec:
@@ -209,6 +235,12 @@ def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> Featuri
     if isinstance(spec, TabularSpec):  # numeric rows instead of SMILES (molcloak.pipeline.tabular)
         return spec.fit(train_smiles)
     X = raw_features(spec, train_smiles)
+    if any(p.scale == "quantile" for p in spec.parts):
+        quantile = np.concatenate([np.full(p.width, p.scale == "quantile") for p in spec.parts])
+        levels = np.linspace(0, 1, N_QUANTILES)
+        knots = tuple(tuple(map(float, np.quantile(X[:, j], levels))) if q else () for j, q in enumerate(quantile))
+        spec = dataclasses.replace(spec, knots=knots)
+        X = _apply_knots(spec, X)
     mask = _scaled_mask(spec)
     mean = np.where(mask, X.mean(axis=0), 0.0)
     std = np.where(mask, X.std(axis=0), 1.0)
@@ -222,7 +254,7 @@ def featurize(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
         return spec.transform(smiles)
     if not spec.is_fitted:
         raise FeaturizerError(f"featurizer {spec} is not fitted; call fit_featurizer on the training molecules")
-    X = raw_features(spec, smiles)
+    X = _apply_knots(spec, raw_features(spec, smiles))
     return ((X - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32).reshape((-1,) + spec.shape)
 
 

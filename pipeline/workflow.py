@@ -20,7 +20,7 @@ from .server import PrivateServer
 from .tabular import TabularSpec, tabular_featurizer
 from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
-DEFAULT_FEATURES = "physchem"
+DEFAULT_FEATURES = "physchem:scale=quantile"  # 10 descriptors, each mapped to [-1, 1] by training quantiles (PERFORMANCE.md)
 DEFAULT_MODEL = "mlp"
 
 

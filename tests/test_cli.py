@@ -110,11 +110,13 @@ def test_console_script_runs_as_a_subprocess():
 
 @pytest.mark.slow
 def test_demo_runs_the_default_model_end_to_end(tmp_path):
-    """What `make demo` runs: the default model, real keys, FHE equal to simulation."""
+    """What `make demo` runs: the default model, real keys, FHE close to the simulation."""
     result = run("demo", "--out", tmp_path / "demo", "--n", "2", "--json")
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
-    assert len(d["rows"]) == 2 and all(r["fhe_equals_simulation"] for r in d["rows"])
+    # the default's approximate rounding (8-bit accumulators -> 5 bits) may move an accumulator by one step, so FHE
+    # can differ a little from the simulation (PERFORMANCE.md); the probabilities stay close
+    assert len(d["rows"]) == 2 and all(abs(r["fhe"][-1] - r["simulated"][-1]) < 0.2 for r in d["rows"])
     assert d["circuit"]["max_bit_width"] <= 8 and d["evaluation_key_bytes"] > 0
     assert d["metrics"]["fhe_simulate"]["roc_auc"] > 0.85
     assert (tmp_path / "demo" / "bundle" / "client" / "client.zip").is_file()
