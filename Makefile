@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.molcloak-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install chromium demo app test test-fast clean
+.PHONY: install chromium demo app test test-fast bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test: $(STAMP) chromium
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not browser"
+
+# molcloak against its peers (README "Performance"); the "bench" extra adds TenSEAL for the CKKS row.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -e ".[bench]"
+	$(BIN)/molcloak bench --json bench.json --markdown bench.md
 
 clean:
 	rm -rf demo runs bundles .pytest_cache
