@@ -293,7 +293,7 @@ def markdown(result: dict) -> str:
         metric = "RMSE (R²)" if kind == "regression" else "ROC-AUC"
         out.append(f"**{task}** ({metric} on {rows[0]['n_test']} test molecules)\n")
         out.append(f"| model | {metric} float | FHE-simulated | FHE-executed | median s | p90 s | runs | keygen s | eval keys MB "
-                   "| ct in kB | ct out kB | PBS | max bits | molcloak speed-up |")
+                   "| ct in kB | ct out kB | PBS | max bits | its latency / molcloak's |")
         out.append("|" + "---|" * 14)
         for r in rows:
             if r.get("skipped"):
@@ -310,7 +310,7 @@ def markdown(result: dict) -> str:
                 _num(r.get("keygen_s"), 2), _num(r.get("evaluation_key_bytes"), 1, 1e6),
                 _num(r.get("input_ciphertext_bytes"), 1, 1e3), _num(r.get("output_ciphertext_bytes"), 1, 1e3),
                 str(r.get("pbs", "-")), str(r.get("max_bits", "-")),
-                f"{r['molcloak_speedup']:.0f}x" if r.get("molcloak_speedup") else "-",
+                f"{r['molcloak_speedup']:.2g}x" if r.get("molcloak_speedup") else "-",
             ]) + " |")
         out.append("")
     return "\n".join(out)

@@ -710,7 +710,7 @@ def bench(
         if str(json_path) == "-":
             return emit_json(result)
         json_path.write_text(json.dumps(result, indent=2, default=_json_default))
-    out.print(table, highlight=False, markup=False)
+    sys.stdout.write(table + "\n")  # raw markdown, not wrapped to the terminal width
 
 
 @app.command()
