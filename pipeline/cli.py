@@ -250,29 +250,21 @@ def _model_options(items: list[str]) -> dict:
         key, sep, val = item.partition("=")
         if not sep or not key.strip() or not val.strip():
             raise DataError(f"--set {item!r} is not KEY=VALUE; write e.g. --set channels=8,16")
-        words = [w.strip() for w in val.split(",")]
-        try:
-            values = [w.lower() == "true" if w.lower() in ("true", "false") else float(w) if "." in w else int(w) for w in words]
-        except ValueError:
-            raise DataError(f"--set {item!r}: values must be numbers, true/false or comma-separated integers") from None
+        values = [_scalar(w.strip()) for w in val.split(",")]
         options[key.strip()] = values if "," in val else values[0]
     return options
 
 
-def _model_options(items: list[str]) -> dict:
-    """`--set channels=8,16 --set batchnorm=false` -> {"channels": [8, 16], "batchnorm": False}."""
-    options: dict = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip() or not val.strip():
-            raise DataError(f"--set {item!r} is not KEY=VALUE; write e.g. --set channels=8,16")
-        words = [w.strip() for w in val.split(",")]
+def _scalar(text: str):
+    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
         try:
-            values = [w.lower() == "true" if w.lower() in ("true", "false") else float(w) if "." in w else int(w) for w in words]
+            return cast(text)
         except ValueError:
-            raise DataError(f"--set {item!r}: values must be numbers, true/false or comma-separated integers") from None
-        options[key.strip()] = values if "," in val else values[0]
-    return options
+            pass
+    return text
 
 
 def _fmt_metrics(m: dict) -> str:
@@ -606,10 +598,14 @@ def models(as_json: bool = JsonOpt):
 
     from .data import BUNDLED_TASKS
 
+    import dataclasses
+
+    options = {k: dataclasses.asdict(v.config_cls()) for k, v in MODELS.items()}  # defaults; change with --set / --hidden
     if as_json:
-        return emit_json({"models": {k: v.description for k, v in MODELS.items()}, "datasets": BUNDLED_TASKS})
+        return emit_json({"models": {k: v.description for k, v in MODELS.items()}, "options": options, "datasets": BUNDLED_TASKS})
     for k, v in MODELS.items():
         out.print(f"model [bold]{k}[/bold]: {v.description}")
+        out.print(f"  options: {json.dumps(options[k])}" + (f"; features {v.features}" if v.features else ""), highlight=False)
     for k, v in BUNDLED_TASKS.items():
         out.print(f"dataset [bold]{k}[/bold]: {v}")
 

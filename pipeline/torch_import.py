@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .bundle import Checkpoint
-from .data import Dataset, split_dataset
+from .data import Dataset, Split, split_dataset
 from .errors import DataError, ModelConfigError
 from .featurize import FeaturizerSpec, featurize, fit_featurizer
 from .metrics import score, to_predictions
@@ -161,6 +161,21 @@ def check_fits(model: nn.Sequential, spec, task, x: np.ndarray) -> None:
         )
 
 
+def featurized(ds: Dataset, features: str | None = None, split: str | None = None, test_fraction: float = 0.2,
+               seed: int = 0) -> tuple[FeaturizerSpec, np.ndarray, Split]:
+    """(fitted spec, features of every row, split): what an imported model must be trained on.
+
+    The same split and scaler `import_checkpoint` uses with the same arguments, so a float model
+    trained on ``X[split.train]`` sees exactly the features the client will compute.
+    """
+    from .workflow import DEFAULT_FEATURES
+
+    parsed = tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or DEFAULT_FEATURES)
+    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=seed)
+    spec = fit_featurizer(parsed, ds.inputs(sp.train))
+    return spec, featurize(spec, ds.inputs()), sp
+
+
 def import_checkpoint(
     ds: Dataset,
     model_path: str | Path,
@@ -175,13 +190,8 @@ def import_checkpoint(
     `calib_size` limits the calibration set to a seeded random subset of the training split
     (None = all of it). Post-training quantization happens at compile time (`CompileConfig.n_bits`).
     """
-    from .workflow import DEFAULT_FEATURES
-
     model = load_torch_model(model_path)
-    parsed = tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or DEFAULT_FEATURES)
-    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=seed)
-    spec = fit_featurizer(parsed, ds.inputs(sp.train))
-    X = featurize(spec, ds.inputs())
+    spec, X, sp = featurized(ds, features, split, test_fraction, seed)
     check_fits(model, spec, ds.task, X[sp.train[:2]])
     if calib_size is not None and calib_size < 1:
         raise DataError(f"--calib-size {calib_size}: the calibration set needs at least 1 row (e.g. 200)")

@@ -17,6 +17,7 @@ from molcloak.pipeline.torch_import import (
     SUPPORTED_LAYERS,
     TorchImportError,
     build_sequential,
+    featurized,
     import_checkpoint,
     layer_specs,
     load_torch_model,
@@ -110,6 +111,16 @@ def test_input_and_output_sizes_are_checked(sol_low, tmp_path):
         import_checkpoint(sol_low, tmp_path / "out3.pt", "physchem")
 
 
+def test_featurized_is_what_the_import_uses(sol_low, tmp_path):
+    spec, X, split = featurized(sol_low, "physchem")
+    torch.save(_vector_net(), tmp_path / "m.pt")
+    ckpt = import_checkpoint(sol_low, tmp_path / "m.pt", "physchem", calib_size=50, seed=0)
+    assert ckpt.featurizer == spec and np.array_equal(ckpt.X_test, X[split.test])
+    train_rows = {r.tobytes() for r in X[split.train]}
+    assert len(ckpt.X_calib) == 50 and all(r.tobytes() in train_rows for r in ckpt.X_calib)
+    assert ckpt.metrics["float"]["accuracy"] >= 0
+
+
 def test_float_model_needs_n_bits(sol_low):
     with pytest.raises(CompilationError, match="float model .* needs --n-bits"):
         compile_model(_vector_net(), np.zeros((4, 10), dtype=np.float32), CompileConfig())
@@ -120,12 +131,12 @@ def test_float_model_needs_n_bits(sol_low):
 
 @pytest.fixture(scope="module")
 def imported_bundle(tmp_path_factory):
-    """`molcloak compile --torch-model` of a float 10 -> 3 -> 2 MLP with 3-bit PTQ, through the CLI."""
+    """`molcloak compile --torch-model` of a float 10 -> 3 -> 2 MLP with 3-bit PTQ, through the CLI (p_error 1e-12: FHE == simulation)."""
     tmp = tmp_path_factory.mktemp("torch")
     torch.save(_vector_net(), tmp / "model.pt")
     bundle = tmp / "bundle"
     result = runner.invoke(app, ["compile", "--torch-model", str(tmp / "model.pt"), "--dataset", "sol-low",
-                                 "--features", "physchem", "--n-bits", "3", "--calib-size", "100",
+                                 "--features", "physchem", "--n-bits", "3", "--calib-size", "100", "--p-error", "1e-12",
                                  "--bundle", str(bundle), "--json"])
     assert result.exit_code == 0, result.output
     return bundle, json.loads(result.stdout)
@@ -154,7 +165,7 @@ def test_imported_cnn_on_images_runs_encrypted(sol_low, tmp_path):
     torch.save(_image_net(), tmp_path / "cnn.pt")
     ckpt = import_checkpoint(sol_low, tmp_path / "cnn.pt", "grid:r=2,size=8", calib_size=100)
     assert ckpt.X_calib.shape == (100, 1, 8, 8)
-    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(n_bits=2, rounding_bits=None), measure_keys=False)
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(n_bits=2, rounding_bits=None, p_error=None), measure_keys=False)
     assert compiled.stats.pbs_count <= 16 and compiled.stats.max_bit_width <= 7
     bundle = tmp_path / "bundle"
     workflow.deploy(ckpt, compiled, bundle, "imported-cnn")
