@@ -5,7 +5,9 @@ model's defaults (`molcloak train --model NAME`), `compile_checkpoint` with the 
 settings, a real bundle (`deploy`), then the client half generates keys and every executed test
 molecule is encrypted, run by the server half (evaluation keys only) and decrypted
 (`workflow.run_encrypted`). Recorded per model: test metrics (float / quantized / FHE-simulated /
-FHE-executed), how many executed outputs equal the simulation bit for bit, server-side latency
+FHE-executed), how many executed outputs equal the simulation bit for bit (and, for scale, how many
+outputs of a second simulation run equal the first: Concrete simulates approximate rounding and
+p_error with randomness, so neither count is an error rate of the encrypted run), server-side latency
 (median, p90; one warm-up run first), key generation time, key and ciphertext sizes, PBS count,
 maximum bit width, training and compile time, and the machine's load average (other jobs slow
 everything down on a shared 2-core machine).
@@ -67,6 +69,7 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
     compiled = compile_checkpoint(ckpt, CompileConfig())
     X = ckpt.X_test[: n_exec or len(ckpt.X_test)]
     simulated = compiled.q_module.forward(X, fhe="simulate")
+    simulated_again = compiled.q_module.forward(X, fhe="simulate")  # approximate rounding is simulated with randomness
     with tempfile.TemporaryDirectory(prefix="molcloak-zoo-") as tmp:
         deploy(ckpt, compiled, Path(tmp) / "bundle", f"{TASK}-{name}")
         client = PrivateClient(Path(tmp) / "bundle", Path(tmp) / "keys")
@@ -98,6 +101,7 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
         "compile_seconds": round(compiled.seconds, 1),
         "metrics": metrics,
         "fhe_equals_simulation": int(np.sum(np.all(executed == simulated, axis=1))),
+        "simulation_equals_simulation": int(np.sum(np.all(simulated_again == simulated, axis=1))),
         "latency": {"n_runs": len(runs), "median_s": statistics.median(runs),
                     "p90_s": runs_sorted[int(np.ceil(0.9 * len(runs))) - 1], "min_s": runs_sorted[0], "max_s": runs_sorted[-1]},
         "keygen_s": keyinfo.seconds,
@@ -119,13 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt-dir", type=Path, default=None, help="keep trained checkpoints here and reuse them")
     args = parser.parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"task": TASK, "rows": {}}
-    result.update({"command": "python -m molcloak.evaluation.zoo_cnn " + " ".join(argv or []),
-                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()})
+    command = "python -m molcloak.evaluation.zoo_cnn " + " ".join(argv or [])
+    result.update({"omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()})
     for name in args.models:
         if name in result["rows"] and not args.force:
             _say(f"{name}: already in {args.out}, skipped (--force to redo)")
             continue
-        result["rows"][name] = {**bench_model(name, args.n_exec, args.seed, args.ckpt_dir), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        result["rows"][name] = {**bench_model(name, args.n_exec, args.seed, args.ckpt_dir), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "command": command}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
         r = result["rows"][name]

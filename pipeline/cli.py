@@ -144,9 +144,9 @@ def train(
     model: str = typer.Option("mlp", "--model", "-m", help="Model family from the registry (see `molcloak models`)."),
     hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none)."),
     model_set: Optional[List[str]] = typer.Option(None, "--set", help="Other model option KEY=VALUE, repeatable (see `molcloak models`), e.g. --set channels=8,16 --set pool=2."),
-    weight_bits: int = typer.Option(3, "--weight-bits", help="Weight bit width."),
-    act_bits: int = typer.Option(3, "--act-bits", help="Activation bit width."),
-    input_bits: int = typer.Option(4, "--input-bits", help="Input quantizer bit width."),
+    weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bit width (default: the model's; mlp 3, cnn1/cnn2 2)."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bit width (default: the model's; 3)."),
+    input_bits: Optional[int] = typer.Option(None, "--input-bits", help="Input quantizer bit width (default: the model's; mlp 4, cnn1/cnn2 3)."),
     activation: Optional[str] = typer.Option(None, "--activation", help="MLP hidden activation: relu or sigmoid (either is exact: one lookup per neuron; default: the model's)."),
     epochs: int = typer.Option(150, "--epochs", help="Maximum epochs."),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -166,7 +166,8 @@ def train(
     from .train import TrainConfig
 
     ds = load_dataset(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols=feature_cols)
-    options = {"weight_bits": weight_bits, "act_bits": act_bits, "input_bits": input_bits, **_model_options(model_set or [])}
+    bits = {"weight_bits": weight_bits, "act_bits": act_bits, "input_bits": input_bits}
+    options = {**{k: v for k, v in bits.items() if v is not None}, **_model_options(model_set or [])}  # unset: the model's
     if hidden is not None:
         options["hidden"] = _int_list(hidden, "--hidden")
     if activation:
@@ -593,12 +594,12 @@ def info(
 @app.command()
 @cli_errors
 def models(as_json: bool = JsonOpt):
-    """List the model families of the registry and the bundled datasets."""
+    """List the model families of the registry, their default options, and the bundled datasets."""
+    import dataclasses
+
     from molcloak.models.registry import MODELS
 
     from .data import BUNDLED_TASKS
-
-    import dataclasses
 
     options = {k: dataclasses.asdict(v.config_cls()) for k, v in MODELS.items()}  # defaults; change with --set / --hidden
     if as_json:

@@ -100,7 +100,11 @@ def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig =
     `measure_keys` generates throwaway keys to record the exact serialized evaluation-key size
     (the server checks uploads against it); skip it when only simulating.
     """
-    from concrete.ml.torch.compile import compile_brevitas_qat_model, compile_torch_model, has_any_qnn_layers
+    from concrete.ml.torch.compile import (
+        compile_brevitas_qat_model,
+        compile_torch_model,
+        has_any_qnn_layers,
+    )
 
     model.eval()
     qat = has_any_qnn_layers(model)

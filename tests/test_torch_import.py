@@ -131,12 +131,12 @@ def test_float_model_needs_n_bits(sol_low):
 
 @pytest.fixture(scope="module")
 def imported_bundle(tmp_path_factory):
-    """`molcloak compile --torch-model` of a float 10 -> 3 -> 2 MLP with 3-bit PTQ, through the CLI (p_error 1e-12: FHE == simulation)."""
+    """`molcloak compile --torch-model` of a float 10 -> 3 -> 2 MLP with 3-bit PTQ, through the CLI (p_error 1e-12, no approximate rounding: FHE == simulation)."""
     tmp = tmp_path_factory.mktemp("torch")
     torch.save(_vector_net(), tmp / "model.pt")
     bundle = tmp / "bundle"
     result = runner.invoke(app, ["compile", "--torch-model", str(tmp / "model.pt"), "--dataset", "sol-low",
-                                 "--features", "physchem", "--n-bits", "3", "--calib-size", "100", "--p-error", "1e-12",
+                                 "--features", "physchem", "--n-bits", "3", "--calib-size", "100", "--p-error", "1e-12", "--rounding-bits", "0",
                                  "--bundle", str(bundle), "--json"])
     assert result.exit_code == 0, result.output
     return bundle, json.loads(result.stdout)

@@ -132,8 +132,9 @@ def tiny_cnn(request, tmp_path_factory):
     name = request.param
     ds = data.load_bundled("sol-low")
     ckpt = workflow.train_checkpoint(ds, TINY_GRID, name, TINY[name], TrainConfig(epochs=3, patience=3, seed=0))
-    # p_error 2^-40: FHE == simulation; no throwaway keygen for the key-size record (the test generates keys itself)
-    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=4, p_error=None), measure_keys=False)
+    # FHE == simulation needs p_error 2^-40 and no approximate rounding (Concrete simulates that with randomness);
+    # no throwaway keygen for the key-size record (the test generates keys itself)
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None, p_error=None), measure_keys=False)
     bundle = tmp_path_factory.mktemp(name) / "bundle"
     workflow.deploy(ckpt, compiled, bundle, f"tiny-{name}")
     return name, ckpt, compiled, bundle
