@@ -107,8 +107,12 @@ def test_private_prediction_in_chromium(app_url, page, tmp_path):
     # the decrypted prediction shown is the one the pipeline computes for this molecule
     sim = Simulator(bundle)
     raw, values = sim([SMILES])
-    assert describe(sim.task, values[0]) in result
-    assert ", ".join(f"{v:.4f}" for v in raw[0]) in result
+    cfg = sim.compiled.config
+    if cfg.rounding_bits is None or cfg.rounding_method != "approximate":  # the tiny bundle: exact simulation
+        assert describe(sim.task, values[0]) in result
+        assert ", ".join(f"{v:.4f}" for v in raw[0]) in result
+    else:  # approximate rounding is simulated with randomness: the class must agree
+        assert describe(sim.task, values[0]).split(" (")[0] in result
 
     shot = Path(os.environ.get("MOLCLOAK_SCREENSHOT") or tmp_path / "app.png")
     page.screenshot(path=str(shot), full_page=True)
@@ -123,7 +127,7 @@ def test_private_prediction_in_chromium(app_url, page, tmp_path):
     page.click("#predict-btn")
     result = _wait_text(page, "result-out", "CCO ·")
     _, values = sim(["CCO"])
-    assert describe(sim.task, values[0]) in result
+    assert describe(sim.task, values[0]).split(" (")[0] in result
 
     # leaving the page ends the browser session: its key folder goes away
     sessions = state / "sessions"
