@@ -36,7 +36,7 @@ from molcloak.pipeline.workflow import (
 )
 
 from . import ckks
-from .fhe_timing import encrypted_runs, latency_summary, measure_concrete
+from .fhe_timing import encrypted_runs, measure_concrete
 
 MODELS = ("molcloak", "cml-linear", "cml-xgb", "ckks", "random-forest")
 LABELS = {"molcloak": "molcloak default (QAT MLP, TFHE)", "cml-linear": "Concrete ML {linear}", "cml-xgb": "Concrete ML {xgb}",
@@ -126,13 +126,11 @@ def _circuit(stats: CircuitStats) -> dict:
 
 
 def bench_molcloak(data: TaskData, config: BenchConfig, say: ProgressFn) -> dict:
-    import dataclasses as dc
-
     say(f"{data.name}: training the molcloak default model")
     tcfg = TrainConfig(seed=config.seed) if config.epochs is None else TrainConfig(seed=config.seed, epochs=config.epochs)
     ckpt = train_checkpoint(data.dataset, config.features, train_config=tcfg)
     n = len(data.y_test)
-    ckpt = dc.replace(ckpt, X_test=ckpt.X_test[:n], y_test=ckpt.y_test[:n], smiles_test=ckpt.smiles_test[:n],
+    ckpt = dataclasses.replace(ckpt, X_test=ckpt.X_test[:n], y_test=ckpt.y_test[:n], smiles_test=ckpt.smiles_test[:n],
                       metrics={"float": _score(data, predict_raw(ckpt.build_model(), ckpt.X_test[:n]), ckpt.scaler)})
     compiled = compile_checkpoint(ckpt, CompileConfig(), measure_keys=False)
     n_exec = len(data.X_test) if config.execute_all and not config.quick else config.runs
@@ -244,7 +242,7 @@ BENCHERS = {"molcloak": bench_molcloak, "cml-linear": bench_cml_linear, "cml-xgb
 
 def _with_runs(row: dict, m: dict) -> dict:
     row.update({k: m[k] for k in ("keygen_s", "evaluation_key_bytes", "input_ciphertext_bytes", "output_ciphertext_bytes")})
-    row["latency"] = latency_summary(m["run_s"][: max(len(m["run_s"]), 1)])
+    row["latency"] = m["latency"]
     row["run_s"] = m["run_s"]
     row["load_avg_after"] = os.getloadavg()[0]
     return row

@@ -11,6 +11,7 @@ Points on the Pareto front (accuracy up, latency down, key size down) can then b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -115,8 +116,6 @@ def sweep(ds: Dataset, grid: TuneGrid, train_config: TrainConfig | None = None, 
           on_step: StepCallback | None = None) -> tuple[list[Point], dict[str, Checkpoint]]:
     """Train each model setting (per seed), compile each compile setting, simulate; returns points and
     the first seed's checkpoint per point label (to execute or export the chosen ones)."""
-    import dataclasses
-
     calibration = calibration or Calibration()
     train_config = train_config or TrainConfig()
     metric = metric_name(ds)
@@ -134,7 +133,7 @@ def sweep(ds: Dataset, grid: TuneGrid, train_config: TrainConfig | None = None, 
                 s = compiled.stats
                 pt.pbs, pt.max_bits = max(pt.pbs, s.pbs_count), max(pt.max_bits, s.max_bit_width)
                 pt.evaluation_key_bytes = max(pt.evaluation_key_bytes, s.serialized_evaluation_key_bytes)
-                pt.predicted_s = calibration.predict(pt.pbs, pt.max_bits, cfg.p_error)
+                pt.predicted_s = calibration.predict(pt.pbs, pt.max_bits, cfg.rounding_bits, cfg.p_error)
                 checkpoints.setdefault(pt.label, ckpt)
                 if on_step:
                     on_step(f"{pt.label} seed {seed}: {metric} {pt.scores[-1]:.3f}, {s.pbs_count} PBS, {s.max_bit_width} bits")
@@ -178,11 +177,16 @@ def choose(points: Sequence[Point], max_latency_s: float, max_key_mb: float) -> 
     if not front:
         raise TuneError("the sweep produced no variant; widen the grid")
 
-    def latency(p: Point) -> float:
-        return p.measured["latency"]["median_s"] if p.measured else p.predicted_s
+    ok = [p for p in front if _fits(p, max_latency_s, max_key_mb)]
+    return max(ok, key=lambda p: p.score) if ok else min(front, key=_latency)
 
-    ok = [p for p in front if latency(p) <= max_latency_s and p.evaluation_key_bytes <= max_key_mb * 1e6]
-    return max(ok, key=lambda p: p.score) if ok else min(front, key=latency)
+
+def _latency(p: Point) -> float:
+    return p.measured["latency"]["median_s"] if p.measured else p.predicted_s
+
+
+def _fits(p: Point, max_latency_s: float, max_key_mb: float) -> bool:
+    return _latency(p) <= max_latency_s and p.evaluation_key_bytes <= max_key_mb * 1e6
 
 
 def to_train_config(point: Point, dataset: str, train_config: TrainConfig) -> dict:
@@ -259,7 +263,7 @@ def run_tune(ds: Dataset, dataset: str, grid: TuneGrid, train_config: TrainConfi
     result = {
         "dataset": dataset, "metric": metric_name(ds), "grid": _grid_dict(grid), "train": train_config.to_dict(),
         "calibration": str(calib.path), "points": [p.to_dict() for p in points],
-        "front": [p.label for p in front], "chosen": chosen.label,
+        "front": [p.label for p in front], "chosen": chosen.label, "chosen_within_budget": _fits(chosen, max_latency_s, max_key_mb),
         "budget": {"max_latency_s": max_latency_s, "max_key_mb": max_key_mb},
         "config": to_train_config(chosen, dataset, train_config), "load_avg": _load(),
     }
@@ -276,8 +280,6 @@ def run_tune(ds: Dataset, dataset: str, grid: TuneGrid, train_config: TrainConfi
 
 
 def _grid_dict(grid: TuneGrid) -> dict:
-    import dataclasses
-
     return {k: [list(v) if isinstance(v, tuple) else v for v in vals] if isinstance(vals, tuple) else vals
             for k, vals in dataclasses.asdict(grid).items()}
 
@@ -301,8 +303,10 @@ def print_tune(result: dict, console) -> None:
                       f"{m['fhe_equals_simulation']}/{m['latency']['n_runs']}" if m else "-")
     console.print(table)
     b = result["budget"]
-    console.print(f"* chosen: {result['chosen']} (most accurate front point within {b['max_latency_s']} s and "
-                  f"{b['max_key_mb']} MB of evaluation keys)")
+    why = (f"most accurate front point within {b['max_latency_s']} s and {b['max_key_mb']} MB of evaluation keys"
+           if result["chosen_within_budget"] else
+           f"no front point fits {b['max_latency_s']} s and {b['max_key_mb']} MB: the fastest one")
+    console.print(f"* chosen: {result['chosen']} ({why}; latency: measured where run, else predicted)")
     if result.get("layer_errors"):
         le = Table(title=f"per-layer |difference|, max / mean: {result['layer_errors']['label']}")
         for col in ("layer", "values", "float vs quantized", "quantized vs FHE-sim", "float vs FHE-sim", "FHE != quantized"):
