@@ -205,7 +205,7 @@ def _apply_train_config(ctx, path: Path, features, model, options: dict, tcfg):
         raise DataError(f"--config {str(path)!r} is not a molcloak configuration (JSON with 'model_options'); "
                         "write one with `molcloak tune --write-config FILE`") from None
     given = lambda name: ctx is not None and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE  # noqa: E731
-    fixed = ("weight_bits", "act_bits", "input_bits")  # these flags have defaults; the others are None unless given
+    fixed = ("weight_bits", "act_bits", "input_bits")  # bit flags: only a value given on the command line overrides the file
     options = {**data["model_options"], **{k: v for k, v in options.items() if k not in fixed or given(k)}}
     train_fields = set(TrainConfig.__dataclass_fields__)
     cli_train = {k: getattr(tcfg, k) for k in ("epochs", "batch_size", "lr", "patience", "seed") if given(k)}
