@@ -65,6 +65,7 @@ class AppBackend:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._simulators: dict[str, object] = {}
+        self._examples: dict[tuple[str, int], list[tuple[str, str]]] = {}
         self.models = self._fetch_models()
 
     # -- models ---------------------------------------------------------------
@@ -101,6 +102,11 @@ class AppBackend:
 
     def examples(self, name: str, n: int = 6) -> list[tuple[str, str]]:
         """(SMILES, caption) pairs from the bundled test split of the model's task, both classes shown."""
+        if (name, n) not in self._examples:  # loading a bundled dataset parses ~1,300 molecules with RDKit
+            self._examples[(name, n)] = self._pick_examples(name, n)
+        return self._examples[(name, n)]
+
+    def _pick_examples(self, name: str, n: int) -> list[tuple[str, str]]:
         task = self.model(name)["task"]
         try:
             from molcloak.pipeline.data import load_bundled, split_dataset

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from molcloak.pipeline.data import RowProblem, TaskSpec, _parse_target, _summarize
+from molcloak.pipeline.data import (
+    RowProblem,
+    TaskSpec,
+    _parse_target,
+    _summarize,
+    read_csv_text,
+)
 from molcloak.pipeline.errors import DataError, MolcloakError
 
 STATE_FORMAT = 1
@@ -69,16 +75,10 @@ class TestSet:
 
 def read_test_set(config: AuditConfig, task: TaskSpec) -> TestSet:
     """Validate every row before anything is encrypted; invalid rows raise unless skip_invalid."""
-    import pandas as pd
     from molcloak.pipeline.featurize import canonical_smiles
 
     path = Path(config.test_set)
-    if not path.is_file():
-        raise DataError(f"test set {str(path)!r} does not exist; check --test-set")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc}); save it as UTF-8 CSV") from exc
+    df = read_csv_text(path, "check --test-set")
     for flag, col in (("--smiles-col", config.smiles_col), ("--target-col", config.target_col), ("--group-col", config.group_col)):
         if col is not None and col not in df.columns:
             raise DataError(f"{path}: {flag} column {col!r} not found; available columns: {', '.join(map(repr, df.columns))}")

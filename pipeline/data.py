@@ -200,6 +200,16 @@ def _breast_cancer() -> Dataset:
 # ---------------------------------------------------------------- CSV files
 
 
+def read_csv_text(path: Path, fix: str) -> pd.DataFrame:
+    """Every cell as text (empty cells stay ""), or a DataError naming the file and the `fix`."""
+    if not path.is_file():
+        raise DataError(f"CSV file {str(path)!r} does not exist; {fix}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc}); save it as UTF-8 CSV") from exc
+
+
 def load_csv(
     path: str | Path,
     smiles_col: str | None,
@@ -219,12 +229,7 @@ def load_csv(
     tabular dataset; `smiles_col` is then ignored.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"CSV file {str(path)!r} does not exist; check the path")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc}); save it as UTF-8 CSV") from exc
+    df = read_csv_text(path, "check the path")
     targets = [target_col] if target_col in df.columns else [t.strip() for t in str(target_col).split(",") if t.strip()]
     needed = targets + ([split_col] if split_col else []) + ([] if feature_cols is not None else [smiles_col])
     for col in needed:
