@@ -19,10 +19,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError, RemoteError
+
+from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError, RemoteError, StepError
 from molcloak.pipeline.featurize import canonical_smiles
 from molcloak.pipeline.metrics import describe
-from molcloak.pipeline.remote import RemoteModel
+from molcloak.pipeline.serving.http_client import RemoteModel
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FALLBACK_EXAMPLES = [  # used when the model's task is not one of the bundled datasets
@@ -32,10 +33,6 @@ FALLBACK_EXAMPLES = [  # used when the model's task is not one of the bundled da
     ("c1ccc2ccccc2c1", "naphthalene"),
     ("OCC(O)CO", "glycerol"),
 ]
-
-
-class StepError(MolcloakError, RuntimeError):
-    """A step was asked for before the step it needs (e.g. run before encrypt)."""
 
 
 @dataclass
@@ -109,16 +106,14 @@ class AppBackend:
     def _pick_examples(self, name: str, n: int) -> list[tuple[str, str]]:
         task = self.model(name)["task"]
         try:
-            from molcloak.pipeline.data import load_bundled, split_dataset
+            from molcloak.pipeline.data import balanced_sample, load_bundled, split_dataset
 
             ds = load_bundled(task["name"])
             test = ds.subset(split_dataset(ds, "official").test)
         except (MolcloakError, KeyError, ValueError):
             return FALLBACK_EXAMPLES[:n]
-        from molcloak.pipeline.demo import pick_examples
-
         y = np.asarray(test.y)
-        idx = pick_examples(y, n, seed=0) if task["kind"] != "regression" else np.linspace(0, len(y) - 1, n).astype(int)
+        idx = balanced_sample(y, n, seed=0) if task["kind"] != "regression" else np.linspace(0, len(y) - 1, n).astype(int)
         caption = (lambda v: task["labels"][int(v)]) if task["kind"] != "regression" else (lambda v: f"{v:.2f} {task.get('units', '')}")
         return [(test.smiles[i], f"test set, true: {caption(y[i])}") for i in idx]
 
@@ -295,7 +290,7 @@ class AppBackend:
 
     def plaintext(self, name: str, smiles: str) -> dict:
         """The same quantized model in the clear (needs the owner's weights; NOT private)."""
-        from molcloak.pipeline.workflow import Simulator
+        from molcloak.pipeline.predict import Simulator
 
         smiles = self.check_smiles(smiles)
         if not self.can_compare(name):

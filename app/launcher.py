@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
 from molcloak.pipeline.errors import BundleError, RemoteError
 
 DEFAULT_BUNDLE = Path("demo/bundle")
@@ -50,7 +51,7 @@ class ServerProcess:
 
 def start_server(bundles: Path, state_dir: Path, workers: int | None = None, timeout: float = 180.0) -> ServerProcess:
     """Start `molcloak serve` for `bundles` and wait until /health answers."""
-    from molcloak.pipeline.service import find_bundles
+    from molcloak.pipeline.serving.http_api import find_bundles
 
     find_bundles(Path(bundles))  # a clear error now rather than a dead child later
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def run_app(bundle: Path | None = None, server_url: str | None = None, token: st
             host: str = "127.0.0.1", port: int = 7860, state_dir: Path = DEFAULT_STATE, workers: int | None = None,
             max_sessions: int = 16, session_ttl_hours: float = 24.0, compare: bool = True, say=print) -> None:
     """Blocking: run until Ctrl-C, then stop the server child and remove this run's session keys."""
-    from molcloak.pipeline.service import find_bundles
+    from molcloak.pipeline.serving.http_api import find_bundles
 
     from .backend import AppBackend
     from .ui import build_ui

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import gradio as gr
+
 from molcloak.pipeline.errors import MolcloakError
 
 from .backend import AppBackend

@@ -27,9 +27,9 @@ import numpy as np
 import psutil
 
 from molcloak.pipeline.bundle import load_checkpoint
-from molcloak.pipeline.remote import RemoteModel
-from molcloak.pipeline.service import find_bundles
-from molcloak.pipeline.workflow import predict_local
+from molcloak.pipeline.predict import predict_local
+from molcloak.pipeline.serving.http_api import find_bundles
+from molcloak.pipeline.serving.http_client import RemoteModel
 
 
 def _free_port() -> int:

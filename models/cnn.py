@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 import brevitas.nn as qnn
 import torch
 from brevitas.quant import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
-from molcloak.pipeline.errors import ModelConfigError
 from torch import nn
 
 
@@ -48,12 +47,12 @@ class CNNConfig:
             object.__setattr__(self, f, tuple(int(v) for v in getattr(self, f)))
         n = len(self.channels)
         if n == 0 or len(self.kernels) != n or len(self.strides) != n:
-            raise ModelConfigError(
+            raise ValueError(
                 f"channels {list(self.channels)}, kernels {list(self.kernels)} and strides {list(self.strides)} "
                 "need one entry per convolution (at least one), e.g. channels 4,8 kernels 4,2 strides 4,2"
             )
         if min(self.channels + self.kernels + self.strides) < 1 or self.pool < 1:
-            raise ModelConfigError(f"CNN sizes must be positive integers; got {self.to_dict()}")
+            raise ValueError(f"CNN sizes must be positive integers; got {self.to_dict()}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,7 +86,7 @@ def image_side(n_in: int, name: str = "CNN") -> int:
     """Side of the square single-channel image with `n_in` pixels."""
     side = math.isqrt(n_in)
     if side * side != n_in:
-        raise ModelConfigError(
+        raise ValueError(
             f"{name} needs a square molecule image, got {n_in} input features; train it with --features grid:r=2,size=32"
         )
     return side
@@ -104,7 +103,7 @@ class QuantCNN(nn.Module):
         c_in, bits = 1, config.input_bits
         for c_out, k, s in zip(config.channels, config.kernels, config.strides):
             if side < k:
-                raise ModelConfigError(
+                raise ValueError(
                     f"kernel {k} does not fit the {side}x{side} feature map; use smaller kernels/strides or a larger grid"
                 )
             layers += [_unsigned_quant(bits), qnn.QuantConv2d(c_in, c_out, k, stride=s, **_weight_kw(config.weight_bits))]
@@ -116,7 +115,7 @@ class QuantCNN(nn.Module):
             layers += [_unsigned_quant(bits), nn.AvgPool2d(config.pool)]
             side //= config.pool
             if side < 1:
-                raise ModelConfigError(f"pool {config.pool} leaves an empty feature map; lower it")
+                raise ValueError(f"pool {config.pool} leaves an empty feature map; lower it")
         width = c_in * side * side
         layers += [_unsigned_quant(bits), nn.Flatten()]
         for h in config.hidden:

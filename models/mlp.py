@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 import brevitas.nn as qnn
 import torch
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
-from molcloak.pipeline.errors import ModelConfigError
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
@@ -33,7 +32,7 @@ class MLPConfig:
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ModelConfigError(f"activation {self.activation!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
+            raise ValueError(f"activation {self.activation!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden": list(self.hidden)}

@@ -7,8 +7,6 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from molcloak.pipeline.errors import ModelConfigError
-
 from .cnn import CNN1Config, CNN2Config, QuantCNN
 from .mlp import MLPConfig, QuantMLP, SigmoidMLPConfig
 
@@ -44,7 +42,7 @@ def make_config(name: str, options: dict[str, Any] | None = None):
     valid = {f.name for f in dataclasses.fields(entry.config_cls)}
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise ModelConfigError(
+        raise ValueError(
             f"model {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(valid))}"
         )
     for key in ("hidden", "channels", "kernels", "strides"):
@@ -60,9 +58,9 @@ def _check_bits(config) -> None:
     for key in ("weight_bits", "act_bits", "input_bits"):
         bits = getattr(config, key, None)
         if bits is not None and not 1 <= bits <= 8:
-            raise ModelConfigError(f"{key}={bits} is out of range; TFHE circuits need 1..8 bits (2-4 is typical)")
+            raise ValueError(f"{key}={bits} is out of range; TFHE circuits need 1..8 bits (2-4 is typical)")
     if any(h < 1 for h in getattr(config, "hidden", ())):
-        raise ModelConfigError(f"hidden widths {config.hidden} must be positive integers")
+        raise ValueError(f"hidden widths {config.hidden} must be positive integers")
 
 
 def default_features(name: str) -> str | None:
@@ -73,10 +71,10 @@ def check_features(name: str, spec) -> None:
     """Image models need grid features and vector models vector features; say which to use."""
     image = len(spec.shape) == 3
     if _entry(name).image_input and not image:
-        raise ModelConfigError(f"model {name!r} takes molecule images, not {str(spec)!r}; use --features {GRID_FEATURES}")
+        raise ValueError(f"model {name!r} takes molecule images, not {str(spec)!r}; use --features {GRID_FEATURES}")
     if image and not _entry(name).image_input:
         images = ", ".join(k for k, v in MODELS.items() if v.image_input)
-        raise ModelConfigError(f"features {str(spec)!r} are images for the CNN models ({images}); model {name!r} needs "
+        raise ValueError(f"features {str(spec)!r} are images for the CNN models ({images}); model {name!r} needs "
                                "vector features such as physchem or morgan_count:r=2,n=256")
 
 
@@ -87,5 +85,5 @@ def build_model(name: str, n_in: int, n_out: int, config=None) -> nn.Module:
 
 def _entry(name: str) -> ModelEntry:
     if name not in MODELS:
-        raise ModelConfigError(f"unknown model {name!r}; available: {', '.join(model_names())}")
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(model_names())}")
     return MODELS[name]

@@ -86,14 +86,9 @@ class Checkpoint:
     scaler: TargetScaler | None = None
 
     def build_model(self) -> torch.nn.Module:
-        from molcloak.models.registry import build_model, make_config
+        from .networks import build_network
 
-        from .torch_import import IMPORTED_MODEL, build_sequential
-
-        if self.model_name == IMPORTED_MODEL:  # a float nn.Sequential from `compile --torch-model`
-            model = build_sequential(self.model_config["layers"])
-        else:
-            model = build_model(self.model_name, self.n_inputs, self.task.n_outputs, make_config(self.model_name, self.model_config))
+        model = build_network(self.model_name, self.model_config, self.n_inputs, self.task.n_outputs)
         model.load_state_dict(self.state_dict)
         model.eval()
         return model

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from torch import nn
 
-from .errors import CompilationError
+from .errors import CompilationError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,13 @@ class CompileConfig:
 
     def __post_init__(self):
         if self.rounding_bits is not None and not 2 <= self.rounding_bits <= 16:
-            raise CompilationError(f"rounding bits {self.rounding_bits} out of range; use 2..16 or none")
+            raise ConfigError(f"rounding bits {self.rounding_bits} out of range; use 2..16 or none")
         if self.rounding_method not in ("exact", "approximate"):
-            raise CompilationError(f"rounding method {self.rounding_method!r}; expected 'exact' or 'approximate'")
+            raise ConfigError(f"rounding method {self.rounding_method!r}; expected 'exact' or 'approximate'")
         if self.p_error is not None and not 0 < self.p_error < 1:
-            raise CompilationError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
+            raise ConfigError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
         if self.n_bits is not None and not 2 <= self.n_bits <= 8:
-            raise CompilationError(f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)")
+            raise ConfigError(f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)")
 
     def rounding_arg(self):
         if self.rounding_bits is None:
@@ -73,11 +73,11 @@ class CircuitStats:
         return {**asdict(self), "evaluation_key_bytes": self.evaluation_key_bytes}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CircuitStats":
+    def from_dict(cls, d: dict) -> CircuitStats:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     @classmethod
-    def of(cls, circuit) -> "CircuitStats":
+    def of(cls, circuit) -> CircuitStats:
         s = circuit.statistics
         return cls(
             pbs_count=int(s["programmable_bootstrap_count"]),

@@ -197,6 +197,37 @@ def _breast_cancer() -> Dataset:
     return _from_frame(df, None, task, split_col="split", skip_invalid=False, feature_cols=columns)
 
 
+# ---------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a dataset comes from, as `train`, `tune`, `fit` and `compile --torch-model` all take it:
+    a bundled dataset name, or a CSV file with its columns, task and row policy."""
+
+    dataset: str = "sol-low"
+    smiles_col: str = "smiles"
+    target_col: str | None = None
+    task: str = "classification"
+    threshold: float | None = None
+    skip_invalid: bool = False
+    feature_cols: str | None = None
+
+    def load(self) -> Dataset:
+        """The validated dataset; bad rows raise (or are listed in `problems` with `skip_invalid`)."""
+        if self.dataset in BUNDLED_TASKS:
+            if self.feature_cols:
+                raise DataError(f"--feature-cols applies to CSV files; the bundled dataset {self.dataset!r} defines its own inputs")
+            return load_bundled(self.dataset)
+        if not Path(self.dataset).exists():
+            raise DataError(f"dataset {self.dataset!r} is neither a bundled dataset ({', '.join(BUNDLED_TASKS)}) "
+                            "nor an existing CSV file")
+        if not self.target_col:
+            raise DataError(f"{self.dataset}: --target-col is required for a CSV file (and --smiles-col if not 'smiles')")
+        return load_csv(self.dataset, self.smiles_col, self.target_col, self.task, self.threshold, self.skip_invalid,
+                        feature_cols=self.feature_cols)
+
+
 # ---------------------------------------------------------------- CSV files
 
 
@@ -280,7 +311,7 @@ def _is_missing(raw: str) -> bool:
     return raw == "" or raw.lower() in {"nan", "na", "none"}
 
 
-def _parse_target(raw, task: TaskSpec, threshold: float | None) -> tuple[float | int | None, str]:
+def parse_target(raw, task: TaskSpec, threshold: float | None) -> tuple[float | int | None, str]:
     """Return (value, reason-if-invalid)."""
     raw = str(raw).strip()
     if _is_missing(raw):
@@ -303,7 +334,7 @@ def _parse_target(raw, task: TaskSpec, threshold: float | None) -> tuple[float |
 def _parse_targets(record: dict, task: TaskSpec, threshold: float | None) -> tuple[object, str]:
     """One row's target(s): a class id or value, or for multi-task kinds a list with NaN for missing labels."""
     if not task.is_multitask:
-        return _parse_target(record[task.target], task, threshold)
+        return parse_target(record[task.target], task, threshold)
     values = []
     for col in task.tasks:
         raw = str(record[col]).strip()
@@ -378,7 +409,7 @@ def _from_frame(
         if split_col:
             keep_split.append(str(record[split_col]).strip().lower())
     if problems and not skip_invalid:
-        raise DataError(_summarize(problems, source))
+        raise DataError(summarize_problems(problems, source))
     if not keep_x:
         raise DataError(f"{source}: no valid row left ({len(problems)} invalid rows); check the columns")
     dtype = np.int64 if task.kind in ("binary", "multiclass") else np.float64
@@ -403,7 +434,7 @@ def _check_labels(ds: Dataset, source: str) -> None:
             raise DataError(f"{source}: column {col!r} has {len(labelled)} values; each task needs at least two")
 
 
-def _summarize(problems: list[RowProblem], source: str) -> str:
+def summarize_problems(problems: list[RowProblem], source: str) -> str:
     first = problems[0]
     more = ""
     if len(problems) > 1:
@@ -413,6 +444,19 @@ def _summarize(problems: list[RowProblem], source: str) -> str:
 
 
 # ---------------------------------------------------------------- splits
+
+
+def balanced_sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` test indices, alternating between classes so both labels show up."""
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)]
+    picked = []
+    while len(picked) < min(n, len(y)):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return np.asarray(picked, dtype=int)
+
 
 
 @dataclass

@@ -8,27 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import save_checkpoint
-from .client import PrivateClient
 from .compile import CompileConfig
-from .data import TaskSpec, load_bundled
-from .metrics import describe, score, to_predictions
-from .server import PrivateServer
+from .data import balanced_sample, load_bundled
+from .fhe_client import PrivateClient
+from .fhe_server import PrivateServer
+from .metrics import score, to_predictions
+from .predict import run_encrypted
 from .train import TrainConfig, predict_raw
-from .workflow import compile_checkpoint, deploy, run_encrypted, train_checkpoint
+from .workflow import compile_checkpoint, deploy, train_checkpoint
 
 DEMO_TASK = "sol-low"
-
-
-def pick_examples(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` test indices, alternating between classes so both labels show up."""
-    rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)]
-    picked = []
-    while len(picked) < min(n, len(y)):
-        for pool in pools:
-            if pool and len(picked) < n:
-                picked.append(pool.pop())
-    return np.asarray(picked, dtype=int)
 
 
 def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
@@ -53,7 +42,7 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
         eval_keys = client.evaluation_keys()
         keys_on_server = server.load_keys(eval_keys)
 
-    idx = pick_examples(ckpt.y_test, n, seed)
+    idx = balanced_sample(ckpt.y_test, n, seed)
     smiles = [ckpt.smiles_test[i] for i in idx]
     X = ckpt.X_test[idx]
     float_pred = to_predictions(ckpt.task, predict_raw(ckpt.build_model(), X), ckpt.scaler)
@@ -100,41 +89,3 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
 
 def _value(pred) -> list[float] | float:
     return [float(v) for v in pred] if np.ndim(pred) else float(pred)
-
-
-def _short(task: dict, value) -> str:
-    if task["kind"] == "binary":
-        return f"{value[-1]:.3f}"
-    return describe(TaskSpec.from_dict(task), np.asarray(value) if isinstance(value, list) else value)
-
-
-def print_demo(result: dict, console) -> None:
-    from rich.table import Table
-
-    task = result["task"]
-    head = f"p({task['labels'][-1]})" if task["kind"] == "binary" else "prediction"
-    table = Table(title=f"molcloak demo: {task['name']}, {len(result['rows'])} test molecules, bundle {result['bundle']}")
-    for col in ("SMILES", "true", f"{head} float", f"{head} FHE-sim", f"{head} FHE", "FHE = sim", "enc ms", "run ms", "dec ms"):
-        table.add_column(col, overflow="fold")
-    for r in result["rows"]:
-        cells = [_short(task, r[k]) for k in ("float", "simulated", "fhe")]
-        table.add_row(r["smiles"], r["true"], *cells, "yes" if r["fhe_equals_simulation"] else "NO",
-                      f"{r['encrypt_s']*1e3:.0f}", f"{r['run_s']*1e3:.0f}", f"{r['decrypt_s']*1e3:.0f}")
-    console.print(table)
-    c, rows = result["circuit"], result["rows"]
-    runs = sorted(r["run_s"] for r in rows)
-    console.print(
-        f"keygen {result['keygen_s']:.2f} s | evaluation keys {result['evaluation_key_bytes']/1e6:.1f} MB | "
-        f"ciphertext in {rows[0]['input_ciphertext_bytes']/1e3:.1f} kB, out {rows[0]['output_ciphertext_bytes']/1e3:.1f} kB | "
-        f"median FHE run {runs[len(runs)//2]*1e3:.0f} ms"
-    )
-    console.print(f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, p_error {c['p_error']:.2g} per PBS; "
-                  f"features '{result['features']}', model {result['model']['config']}")
-    for key, m in result["metrics"].items():
-        console.print(f"  {key:>13} on the {result['n_test']} test molecules: {_metrics_line(m)}")
-    ex = dict(result["fhe_execute_metrics"])
-    console.print(f"  {'fhe_execute':>13} on the {ex.pop('n_molecules')} molecules above: {_metrics_line(ex)}")
-
-
-def _metrics_line(m: dict) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in m.items())

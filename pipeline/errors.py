@@ -25,8 +25,16 @@ class FeaturizerError(MolcloakError, ValueError):
     """A featurizer spec is malformed or does not match the data."""
 
 
-class ModelConfigError(MolcloakError, ValueError):
+class ConfigError(MolcloakError, ValueError):
+    """An invalid setting: a compile, training, run, bench or tune configuration, or a CLI option value."""
+
+
+class ModelConfigError(ConfigError):
     """An unknown model name or an invalid model/training option."""
+
+
+class TorchImportError(ModelConfigError):
+    """An imported PyTorch model cannot be read, has unsupported layers or does not fit the data."""
 
 
 class CompilationError(MolcloakError, RuntimeError):
@@ -59,3 +67,15 @@ class ServerBusyError(MolcloakError, RuntimeError):
 
 class RemoteError(MolcloakError, RuntimeError):
     """The FHE server answered with an error or could not be reached."""
+
+
+class StepError(MolcloakError, RuntimeError):
+    """A step was asked for before the step it needs (e.g. run before encrypt, in the app)."""
+
+
+class AuditError(MolcloakError, ValueError):
+    """An audit cannot start or resume: the test set or saved progress does not match the model."""
+
+
+class TuneError(MolcloakError, ValueError):
+    """A tune or fit search cannot produce a configuration (empty grid, nothing fits the budget)."""

@@ -115,7 +115,7 @@ class FeaturizerSpec:
         return (self.width,)
 
     @classmethod
-    def parse(cls, text: str) -> "FeaturizerSpec":
+    def parse(cls, text: str) -> FeaturizerSpec:
         """Parse ``physchem+morgan:r=2,n=1024``."""
         parts = []
         for chunk in filter(None, (c.strip() for c in text.split("+"))):
@@ -165,7 +165,7 @@ class FeaturizerSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeaturizerSpec":
+    def from_dict(cls, d: dict) -> FeaturizerSpec:
         try:
             parts = tuple(Part(**p) for p in d["parts"])
             mean = None if d.get("mean") is None else tuple(float(v) for v in d["mean"])

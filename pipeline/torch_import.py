@@ -25,22 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import Checkpoint
-from .data import Dataset, Split, split_dataset
-from .errors import DataError, ModelConfigError
-from .featurize import FeaturizerSpec, featurize, fit_featurizer
-from .metrics import score, to_predictions
-from .tabular import tabular_featurizer
+from .errors import TorchImportError
 from .train import predict_raw
 
 IMPORTED_MODEL = "torch"  # the checkpoint's model name for imported models
 DEFAULT_PTQ_BITS = 4  # `compile --torch-model` default n_bits (see the README's measurements)
 SUPPORTED_LAYERS = ("Linear", "Conv2d", "ReLU", "Sigmoid", "AvgPool2d", "Flatten", "Dropout")
 _NO_ARGS = ("ReLU", "Sigmoid", "Dropout")  # Dropout is the identity at inference
-
-
-class TorchImportError(ModelConfigError):
-    """An imported PyTorch model cannot be read, has unsupported layers or does not fit the data."""
 
 
 def _pair(v) -> list[int]:
@@ -159,57 +150,3 @@ def check_fits(model: nn.Sequential, spec, task, x: np.ndarray) -> None:
             f"the model outputs shape {list(out.shape[1:])} per molecule; task {task.name!r} ({task.kind}) needs "
             f"{task.n_outputs} ({what})"
         )
-
-
-def featurized(ds: Dataset, features: str | None = None, split: str | None = None, test_fraction: float = 0.2,
-               seed: int = 0) -> tuple[FeaturizerSpec, np.ndarray, Split]:
-    """(fitted spec, features of every row, split): what an imported model must be trained on.
-
-    The same split and scaler `import_checkpoint` uses with the same arguments, so a float model
-    trained on ``X[split.train]`` sees exactly the features the client will compute.
-    """
-    from .workflow import DEFAULT_FEATURES
-
-    parsed = tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or DEFAULT_FEATURES)
-    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=seed)
-    spec = fit_featurizer(parsed, ds.inputs(sp.train))
-    return spec, featurize(spec, ds.inputs()), sp
-
-
-def import_checkpoint(
-    ds: Dataset,
-    model_path: str | Path,
-    features: str | None = None,
-    calib_size: int | None = None,
-    seed: int = 0,
-    split: str | None = None,
-    test_fraction: float = 0.2,
-) -> Checkpoint:
-    """A checkpoint for a float model: featurizer fitted on the training split, calibration rows, float test metrics.
-
-    `calib_size` limits the calibration set to a seeded random subset of the training split
-    (None = all of it). Post-training quantization happens at compile time (`CompileConfig.n_bits`).
-    """
-    model = load_torch_model(model_path)
-    spec, X, sp = featurized(ds, features, split, test_fraction, seed)
-    check_fits(model, spec, ds.task, X[sp.train[:2]])
-    if calib_size is not None and calib_size < 1:
-        raise DataError(f"--calib-size {calib_size}: the calibration set needs at least 1 row (e.g. 200)")
-    rng = np.random.default_rng(seed)
-    calib = sp.train if calib_size is None or calib_size >= len(sp.train) else np.sort(rng.choice(sp.train, calib_size, replace=False))
-    float_preds = to_predictions(ds.task, predict_raw(model, X[sp.test]))
-    return Checkpoint(
-        task=ds.task,
-        featurizer=spec,
-        model_name=IMPORTED_MODEL,
-        model_config={"layers": layer_specs(model)},
-        n_inputs=spec.width,
-        train_info={"imported_from": Path(model_path).name, "split": sp.method, "n_train": len(sp.train),
-                    "n_calibration": len(calib), "n_test": len(sp.test), "seed": seed},
-        metrics={"float": score(ds.task, ds.y[sp.test], float_preds)},
-        state_dict=model.state_dict(),
-        X_calib=X[calib],
-        X_test=X[sp.test],
-        y_test=ds.y[sp.test],
-        smiles_test=[ds.smiles[i] for i in sp.test] if ds.smiles else [],
-    )

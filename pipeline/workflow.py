@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .bundle import Checkpoint, Manifest, load_checkpoint, load_manifest, write_bundle
-from .client import PrivateClient
+from . import networks, torch_import
+from .bundle import Checkpoint, Manifest, write_bundle
 from .compile import CircuitStats, CompileConfig, compile_model
-from .data import Dataset, split_dataset
-from .errors import DataError, InvalidSmilesError, MolcloakError
-from .featurize import FeaturizerSpec, canonical_smiles, featurize, fit_featurizer
+from .data import Dataset, Split, split_dataset
+from .errors import DataError
+from .featurize import FeaturizerSpec, featurize, fit_featurizer
 from .metrics import score, to_predictions
-from .server import PrivateServer
-from .tabular import TabularSpec, tabular_featurizer
+from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL, RunConfig
+from .tabular import tabular_featurizer
 from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
-DEFAULT_FEATURES = "physchem:scale=quantile"  # 10 descriptors, each mapped to [-1, 1] by training quantiles (PERFORMANCE.md)
-DEFAULT_MODEL = "mlp"
+__all__ = ["DEFAULT_FEATURES", "DEFAULT_MODEL", "Compiled", "compile_checkpoint", "deploy", "featurized", "import_checkpoint",
+           "recorded_compile_config", "train_checkpoint", "train_run", "unfitted_featurizer"]
+
+
+def unfitted_featurizer(ds: Dataset, features: str | None, default: str = DEFAULT_FEATURES):
+    """The featurizer `features` names for `ds` (a tabular dataset's columns when it has no SMILES)."""
+    return tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or default)
+
+
+def featurized(ds: Dataset, features=None, split: str | None = None, test_fraction: float = 0.2,
+               seed: int = 0) -> tuple[FeaturizerSpec, np.ndarray, Split]:
+    """(fitted featurizer, features of every row, split): the scaler is fitted on the training split only.
+
+    `train_checkpoint` and `import_checkpoint` featurize through here, so a float model trained
+    outside molcloak on ``X[split.train]`` sees exactly the features the client will compute.
+    """
+    parsed = unfitted_featurizer(ds, features) if features is None or isinstance(features, str) else features
+    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=seed)
+    spec = fit_featurizer(parsed, ds.inputs(sp.train))
+    return spec, featurize(spec, ds.inputs()), sp
 
 
 def train_checkpoint(
@@ -35,16 +52,12 @@ def train_checkpoint(
     on_epoch: EpochCallback | None = None,
 ) -> Checkpoint:
     """Split, featurize (scaler fitted on train only), train, and score the float model on test."""
-    from molcloak.models.registry import build_model, check_features, default_features, make_config
-
-    config = make_config(model_name, model_options)
-    parsed = tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or default_features(model_name) or DEFAULT_FEATURES)
-    check_features(model_name, parsed)
-    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=train_config.seed)
-    spec = fit_featurizer(parsed, ds.inputs(sp.train))
-    X = featurize(spec, ds.inputs())
+    config = networks.make_config(model_name, model_options)
+    parsed = unfitted_featurizer(ds, features, networks.default_features(model_name) or DEFAULT_FEATURES)
+    networks.check_features(model_name, parsed)
+    spec, X, sp = featurized(ds, parsed, split, test_fraction, train_config.seed)
     seed_everything(train_config.seed)  # weight initialization is part of the seeded run
-    model = build_model(model_name, spec.width, ds.task.n_outputs, config)
+    model = networks.build_model(model_name, spec.width, ds.task.n_outputs, config)
     result = train_model(model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch)
     float_preds = to_predictions(ds.task, predict_raw(result.model, X[sp.test]), result.scaler)
     return Checkpoint(
@@ -102,174 +115,56 @@ def deploy(ckpt: Checkpoint, compiled: Compiled, out: str | Path, name: str, for
     return write_bundle(out, name, ckpt, compiled.q_module, compiled.info(), compiled.metrics, force=force)
 
 
-# ---------------------------------------------------------------- prediction
+def train_run(ds: Dataset, run: RunConfig, split: str | None = None, test_fraction: float = 0.2,
+              on_epoch: EpochCallback | None = None) -> Checkpoint:
+    """`train_checkpoint` with a run configuration; its compile settings are recorded in the checkpoint
+    (`train_info["compile"]`), where `molcloak compile` and `deploy` read them."""
+    ckpt = train_checkpoint(ds, run.features, run.model, run.model_options, run.train, split, test_fraction, on_epoch)
+    ckpt.train_info["compile"] = run.compile.to_dict()
+    return ckpt
 
 
-@dataclass
-class Prediction:
-    index: int  # 1-based position in the input (the data row of an input CSV)
-    smiles: str  # the molecule; "" for a tabular row
-    error: str = ""
-    raw: list[float] = field(default_factory=list)  # dequantized model outputs
-    # class probabilities, a value in task units, or for multi-task models {task: probability of 1 or value}
-    value: list[float] | float | dict[str, float] | None = None
-    label: str = ""  # predicted class name (single-task classification)
-    seconds: dict[str, float] = field(default_factory=dict)
-    features: dict[str, float] | None = None  # a tabular row's values by column; None for molecules
-
-    @property
-    def input(self) -> str | dict[str, float]:
-        """What the client featurizes: the SMILES, or the tabular row."""
-        return self.smiles if self.features is None else self.features
-
-    def to_dict(self) -> dict:
-        drop = "features" if self.features is None else "smiles"
-        return {k: v for k, v in self.__dict__.items() if k != drop}
+def recorded_compile_config(ckpt: Checkpoint, **given) -> CompileConfig:
+    """The compile settings recorded at training time (defaults when none), with the `given` values
+    (e.g. from the command line) replacing them."""
+    recorded = {k: v for k, v in (ckpt.train_info.get("compile") or {}).items() if k in CompileConfig.__dataclass_fields__}
+    return CompileConfig(**{**recorded, **given})
 
 
-@dataclass
-class PredictReport:
-    predictions: list[Prediction]
-    mode: str
-    keygen_seconds: float = 0.0
-    keys_reused: bool = False
-    evaluation_key_bytes: int = 0
-    input_ciphertext_bytes: int = 0
-    output_ciphertext_bytes: int = 0
+def import_checkpoint(
+    ds: Dataset,
+    model_path: str | Path,
+    features: str | None = None,
+    calib_size: int | None = None,
+    seed: int = 0,
+    split: str | None = None,
+    test_fraction: float = 0.2,
+) -> Checkpoint:
+    """A checkpoint for a float model: featurizer fitted on the training split, calibration rows, float test metrics.
 
-    def to_dict(self) -> dict:
-        return {**{k: v for k, v in self.__dict__.items() if k != "predictions"},
-                "predictions": [p.to_dict() for p in self.predictions]}
-
-
-def validate_smiles(smiles: Sequence[str], skip_invalid: bool) -> list[Prediction]:
-    """One `Prediction` per input; invalid SMILES raise unless `skip_invalid` (then they carry `error`)."""
-    out = []
-    for i, smi in enumerate(smiles, start=1):
-        if canonical_smiles(smi) is None:
-            msg = f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
-            if not skip_invalid:
-                raise InvalidSmilesError(msg)
-            out.append(Prediction(i, smi, error=msg))
-        else:
-            out.append(Prediction(i, smi))
-    return out
-
-
-def validate_inputs(featurizer, inputs, skip_invalid: bool) -> list[Prediction]:
-    """Like `validate_smiles`, for the model's input kind: SMILES, or rows for a tabular model.
-
-    A row is a mapping column -> value (a CSV row read as text, say; extra columns are ignored)
-    or a sequence of numbers in the model's column order; rows are numbered from 1.
+    `calib_size` limits the calibration set to a seeded random subset of the training split
+    (None = all of it). Post-training quantization happens at compile time (`CompileConfig.n_bits`).
     """
-    if not isinstance(featurizer, TabularSpec):
-        return validate_smiles(inputs, skip_invalid)
-    out = []
-    for i, record in enumerate(inputs, start=1):
-        values, reason = featurizer.parse(record)
-        if reason:
-            if not skip_invalid:
-                raise DataError(f"row {i}: {reason}")
-            out.append(Prediction(i, "", error=f"row {i}: {reason}", features={}))
-        else:
-            out.append(Prediction(i, "", features=dict(zip(featurizer.columns, values))))
-    return out
-
-
-def fill_prediction(pred: Prediction, task, values: np.ndarray, raw: np.ndarray) -> None:
-    pred.raw = [float(v) for v in np.ravel(raw)]
-    if task.is_multitask:
-        pred.value = {name: float(v) for name, v in zip(task.tasks, np.ravel(values))}
-    elif task.is_classification:
-        pred.value = [float(v) for v in values]
-        pred.label = task.labels[int(np.argmax(values))]
-    else:
-        pred.value = float(values)
-
-
-ItemCallback = Callable[[Prediction], None]
-
-
-def run_encrypted(client: PrivateClient, server: PrivateServer, keys, x: np.ndarray):
-    """One private prediction through both halves: (raw outputs, ciphertext, encrypted output, timings)."""
-    t0 = time.perf_counter()
-    ct = client.encrypt(x)
-    t1 = time.perf_counter()
-    out = server.run(ct, keys)
-    t2 = time.perf_counter()
-    raw = client.decrypt(out)
-    return raw, ct, out, {"encrypt": t1 - t0, "run": t2 - t1, "decrypt": time.perf_counter() - t2}
-
-
-def predict_local(
-    bundle: str | Path,
-    inputs: Sequence,
-    fhe: str = "execute",
-    key_dir: str | Path | None = None,
-    skip_invalid: bool = False,
-    on_item: ItemCallback | None = None,
-) -> PredictReport:
-    """Private prediction with both halves in this process.
-
-    `execute`: the client half encrypts, the server half (which gets only evaluation keys and
-    ciphertexts) runs the circuit, the client decrypts. `simulate`: the owner's FHE simulation from
-    the bundle's owner/ part (no encryption; needs the weights). `inputs`: SMILES, or rows for a
-    tabular model (see `validate_inputs`).
-    """
-    preds = validate_inputs(load_manifest(bundle, check=False).featurizer, inputs, skip_invalid)
-    todo = [p for p in preds if not p.error]
-    if fhe == "simulate":
-        return _predict_simulated(bundle, preds, todo, on_item)
-    if fhe != "execute":
-        raise MolcloakError(f"unknown --fhe mode {fhe!r}; expected 'execute' or 'simulate'")
-    client = PrivateClient(bundle, key_dir)
-    server = PrivateServer(bundle)
-    keyinfo = client.keygen()
-    keys = server.load_keys(client.evaluation_keys())  # the only key material the server gets
-    report = PredictReport(preds, "execute", keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
-    X = client.featurize([p.input for p in todo]) if todo else np.zeros((0, 0))
-    for pred, x in zip(todo, X):
-        raw, ct, out, pred.seconds = run_encrypted(client, server, keys, x)
-        fill_prediction(pred, client.task, client.predictions(raw)[0], raw)
-        report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(ct), len(out)
-        if on_item:
-            on_item(pred)
-    return report
-
-
-class Simulator:
-    """The owner's FHE simulation of a bundle's model, in the clear (needs the owner/ part: weights)."""
-
-    def __init__(self, bundle: str | Path):
-        self.checkpoint = load_checkpoint(bundle)
-        self.task = self.checkpoint.task
-        self.compiled = compile_checkpoint(_without_test(self.checkpoint), _bundle_compile_config(bundle),
-                                           measure_keys=False)
-
-    def __call__(self, smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(raw outputs, predictions in task units) for valid SMILES."""
-        raw = self.compiled.q_module.forward(featurize(self.checkpoint.featurizer, list(smiles)), fhe="simulate")
-        return raw, to_predictions(self.task, raw, self.checkpoint.scaler)
-
-
-def _predict_simulated(bundle, preds, todo, on_item) -> PredictReport:
-    sim = Simulator(bundle)
-    if todo:
-        raw, values = sim([p.input for p in todo])
-        for pred, r, v in zip(todo, raw, values):
-            fill_prediction(pred, sim.task, v, r)
-            if on_item:
-                on_item(pred)
-    return PredictReport(preds, "simulate")
-
-
-def _without_test(ckpt: Checkpoint) -> Checkpoint:
-    import dataclasses
-
-    return dataclasses.replace(ckpt, X_test=ckpt.X_test[:0], y_test=ckpt.y_test[:0], smiles_test=[])
-
-
-def _bundle_compile_config(bundle) -> CompileConfig:
-    from .bundle import load_manifest
-
-    return CompileConfig(**load_manifest(bundle).data["compile"])
+    model = torch_import.load_torch_model(model_path)
+    spec, X, sp = featurized(ds, features, split, test_fraction, seed)
+    torch_import.check_fits(model, spec, ds.task, X[sp.train[:2]])
+    if calib_size is not None and calib_size < 1:
+        raise DataError(f"--calib-size {calib_size}: the calibration set needs at least 1 row (e.g. 200)")
+    rng = np.random.default_rng(seed)
+    calib = sp.train if calib_size is None or calib_size >= len(sp.train) else np.sort(rng.choice(sp.train, calib_size, replace=False))
+    float_preds = to_predictions(ds.task, predict_raw(model, X[sp.test]))
+    return Checkpoint(
+        task=ds.task,
+        featurizer=spec,
+        model_name=torch_import.IMPORTED_MODEL,
+        model_config={"layers": torch_import.layer_specs(model)},
+        n_inputs=spec.width,
+        train_info={"imported_from": Path(model_path).name, "split": sp.method, "n_train": len(sp.train),
+                    "n_calibration": len(calib), "n_test": len(sp.test), "seed": seed},
+        metrics={"float": score(ds.task, ds.y[sp.test], float_preds)},
+        state_dict=model.state_dict(),
+        X_calib=X[calib],
+        X_test=X[sp.test],
+        y_test=ds.y[sp.test],
+        smiles_test=[ds.smiles[i] for i in sp.test] if ds.smiles else [],
+    )

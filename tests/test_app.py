@@ -8,11 +8,12 @@ import gradio as gr
 import numpy as np
 import psutil
 import pytest
+
 from molcloak.app import ui
-from molcloak.app.backend import AppBackend, StepError, excerpt
+from molcloak.app.backend import AppBackend, excerpt
 from molcloak.app.launcher import start_server
-from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError
-from molcloak.pipeline.workflow import Simulator
+from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError, StepError
+from molcloak.pipeline.predict import Simulator
 
 SMILES = "CC(=O)Oc1ccccc1C(=O)O"
 
@@ -155,8 +156,9 @@ def test_ui_callbacks(backend, simulators):
     (["--server", "http://127.0.0.1:9"], "cannot reach the FHE server at http://127.0.0.1:9"),
 ])
 def test_app_cli_errors_are_one_line(args, message, tmp_path):
-    from molcloak.pipeline.cli import app
     from typer.testing import CliRunner
+
+    from molcloak.pipeline.cli import app
 
     result = CliRunner().invoke(app, ["app", *args, "--state-dir", str(tmp_path)])
     assert result.exit_code == 2

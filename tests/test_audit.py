@@ -12,26 +12,26 @@ import httpx
 import numpy as np
 import pytest
 from helpers import ServerProcess
-from molcloak.evaluation import audit_metrics as am
-from molcloak.evaluation.audit import (
+from scipy.stats import spearmanr
+from sklearn import metrics as skm
+from typer.testing import CliRunner
+
+from molcloak.evaluation.audit import metrics as am
+from molcloak.evaluation.audit.engine import (
     AuditConfig,
-    AuditError,
     AuditState,
     LocalBackend,
     RemoteBackend,
     read_test_set,
     run_audit,
 )
-from molcloak.evaluation.audit_report import write_reports
+from molcloak.evaluation.audit.report import write_reports
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.data import TaskSpec
-from molcloak.pipeline.errors import DataError, RemoteError
+from molcloak.pipeline.errors import AuditError, DataError, RemoteError
 from molcloak.pipeline.featurize import featurize
 from molcloak.pipeline.metrics import to_predictions
-from molcloak.pipeline.remote import RemoteModel
-from scipy.stats import spearmanr
-from sklearn import metrics as skm
-from typer.testing import CliRunner
+from molcloak.pipeline.serving.http_client import RemoteModel
 
 BINARY = TaskSpec("t", "binary", "y", labels=("not low", "low"))
 TOKEN = "audit-token"
@@ -309,7 +309,7 @@ def _remote(served, model, keys, transport):
 
 @pytest.mark.slow
 def test_server_audit_survives_a_server_crash_and_restart(served, tiny_binary, tmp_path, monkeypatch):
-    import molcloak.pipeline.remote as remote_module
+    import molcloak.pipeline.serving.http_client as remote_module
 
     monkeypatch.setattr(remote_module, "RETRIES", 2)
     ckpt, compiled, _ = tiny_binary
@@ -344,7 +344,7 @@ def test_audit_sends_no_smiles_features_labels_or_plaintext(served, tiny_regress
     wire = b"\n".join(f"{m} {p}".encode() + json.dumps(h).encode() + b for m, p, h, b in recorder.sent)
     assert {(m, p) for m, p, _, _ in recorder.sent} <= {("GET", "/models"), ("GET", "/models/tiny-sol-logs/client"),
                                                         ("POST", "/keys"), ("POST", "/predict")}
-    for m, p, _, body in recorder.sent:
+    for _m, p, _, body in recorder.sent:
         if p == "/predict":
             payload = json.loads(body)
             assert set(payload) == {"model", "key_id", "ciphertexts", "client_fingerprint"}

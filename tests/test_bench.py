@@ -6,13 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from molcloak.evaluation import bench, ckks, layer_error, tune
-from molcloak.evaluation.fhe_timing import latency_summary
+from typer.testing import CliRunner
+
+from molcloak.evaluation.bench import ckks
+from molcloak.evaluation.bench import peers as bench
+from molcloak.evaluation.tune import layer_error
+from molcloak.evaluation.tune import sweep as tune
+from molcloak.evaluation.bench.fhe_timing import latency_summary
 from molcloak.pipeline import data
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.train import TrainConfig
-from typer.testing import CliRunner
 
 TINY_GRID = {"hidden": ((3,),), "weight_bits": (2,), "act_bits": (2,), "input_bits": (2,), "rounding_bits": (None,)}
 

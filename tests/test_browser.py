@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from molcloak.app.launcher import free_port
 from molcloak.pipeline.metrics import describe
-from molcloak.pipeline.workflow import Simulator
+from molcloak.pipeline.predict import Simulator
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
-from molcloak.pipeline.client import PrivateClient
 from molcloak.pipeline.errors import BundleError, CiphertextError
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.metrics import to_predictions
-from molcloak.pipeline.server import PrivateServer
+from molcloak.pipeline.predict import predict_local
 from molcloak.pipeline.train import predict_raw
-from molcloak.pipeline.workflow import predict_local
 
 
 @pytest.fixture(scope="module")

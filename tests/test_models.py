@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from molcloak.models import build_model, model_names
-from molcloak.models.registry import make_config
+from molcloak.models import model_names
 from molcloak.pipeline.errors import ModelConfigError
+from molcloak.pipeline.networks import build_model, make_config
 
 
 def test_registry_lists_mlp():

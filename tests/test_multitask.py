@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_csv
-from molcloak.pipeline import data, workflow
+from typer.testing import CliRunner
+
+from molcloak.pipeline import data, predict, workflow
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
-from molcloak.pipeline.client import PrivateClient
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import DataError, ModelConfigError
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.metrics import describe, score, to_predictions
-from molcloak.pipeline.server import PrivateServer
 from molcloak.pipeline.train import MaskedLoss, TrainConfig, train_model
-from typer.testing import CliRunner
 
 TINY = {"hidden": [4], "weight_bits": 2, "act_bits": 2, "input_bits": 2}
 runner = CliRunner()
@@ -177,11 +178,11 @@ def test_multitarget_manifest_and_encrypted_run_equal_simulation(cli_multitarget
     client, server = PrivateClient(bundle, tmp_path / "keys"), PrivateServer(bundle)
     client.keygen()
     keys = server.load_keys(client.evaluation_keys())
-    simulated = workflow.predict_local(bundle, ckpt.smiles_test[:3], fhe="simulate").predictions
+    simulated = predict.predict_local(bundle, ckpt.smiles_test[:3], fhe="simulate").predictions
     raw_sim = np.array([p.raw for p in simulated])
     values_sim = np.array([list(p.value.values()) for p in simulated])
     for i, smi in enumerate(ckpt.smiles_test[:3]):
-        raw, *_ = workflow.run_encrypted(client, server, keys, client.featurize([smi])[0])
+        raw, *_ = predict.run_encrypted(client, server, keys, client.featurize([smi])[0])
         assert np.array_equal(raw[0], raw_sim[i])
         assert np.allclose(client.predictions(raw)[0], values_sim[i])
     assert values_sim.shape == (3, 2)
@@ -211,7 +212,7 @@ def test_multilabel_model_runs_encrypted(multilabel_csv, tmp_path):
     compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None))
     bundle = tmp_path / "bundle"
     workflow.deploy(ckpt, compiled, bundle, "tiny-multilabel")
-    report = workflow.predict_local(bundle, ckpt.smiles_test[:3], key_dir=tmp_path / "keys")
+    report = predict.predict_local(bundle, ckpt.smiles_test[:3], key_dir=tmp_path / "keys")
     simulated = compiled.q_module.forward(ckpt.X_test[:3], fhe="simulate")
     assert [p.raw for p in report.predictions] == simulated.tolist()
     for p, raw in zip(report.predictions, simulated):

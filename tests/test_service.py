@@ -10,8 +10,9 @@ import httpx
 import numpy as np
 import pytest
 from helpers import ServerProcess, free_port
+
 from molcloak.pipeline.errors import RemoteError
-from molcloak.pipeline.remote import RemoteModel
+from molcloak.pipeline.serving.http_client import RemoteModel
 
 TOKEN = "s3cret-token"
 
@@ -174,7 +175,7 @@ def test_remote_client_errors_are_clear(served, tmp_path):
     with pytest.raises(RemoteError, match="401 Unauthorized"):
         RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path)
     with pytest.raises(RemoteError, match="cannot reach the FHE server"):
-        import molcloak.pipeline.remote as rm
+        import molcloak.pipeline.serving.http_client as rm
 
         old, rm.RETRIES = rm.RETRIES, 2
         try:

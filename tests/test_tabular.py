@@ -9,17 +9,18 @@ import shutil
 import numpy as np
 import pytest
 from helpers import write_csv
-from molcloak.pipeline import data, workflow
+from typer.testing import CliRunner
+
+from molcloak.pipeline import data, predict, workflow
 from molcloak.pipeline.bundle import load_manifest
 from molcloak.pipeline.cli import app
-from molcloak.pipeline.client import PrivateClient
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import DataError, FeaturizerError
 from molcloak.pipeline.featurize import featurize, spec_from_dict
-from molcloak.pipeline.server import PrivateServer
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.tabular import TabularSpec
 from molcloak.pipeline.train import TrainConfig
-from typer.testing import CliRunner
 
 TINY = {"hidden": [4], "weight_bits": 2, "act_bits": 2, "input_bits": 2}
 runner = CliRunner()
@@ -90,9 +91,9 @@ def test_sigmoid_model_runs_encrypted_and_equals_simulation(tiny_tabular, breast
     X = client.featurize(rows)
     simulated = compiled.q_module.forward(X, fhe="simulate")
     for x, sim in zip(X, simulated):
-        raw, ct, _, _ = workflow.run_encrypted(client, server, keys, x)
+        raw, ct, _, _ = predict.run_encrypted(client, server, keys, x)
         assert np.array_equal(raw[0], sim) and len(ct) > 0
-    report = workflow.predict_local(bundle, rows, key_dir=tmp_path / "keys")
+    report = predict.predict_local(bundle, rows, key_dir=tmp_path / "keys")
     assert [p.raw for p in report.predictions] == simulated.tolist()
     p = report.predictions[0].to_dict()
     assert "smiles" not in p and p["features"]["mean radius"] == float(rows[0]["mean radius"])
@@ -105,14 +106,14 @@ def test_bad_prediction_rows_name_row_column_value_and_fix(tiny_tabular, breast_
     bad_value = {**good, "mean area": "12,5"}
     missing = {k: v for k, v in good.items() if k != "worst symmetry"}
     with pytest.raises(DataError, match=r"row 2: column 'mean area' value '12,5' is not a number; fix it or pass --skip-invalid"):
-        workflow.predict_local(bundle, [good, bad_value], fhe="simulate")
+        predict.predict_local(bundle, [good, bad_value], fhe="simulate")
     with pytest.raises(DataError, match=r"row 1: column 'worst symmetry' is missing; the model needs the columns"):
-        workflow.predict_local(bundle, [missing], fhe="simulate")
+        predict.predict_local(bundle, [missing], fhe="simulate")
     with pytest.raises(DataError, match=r"row 1: 'CCO' is text, but this model reads numeric rows"):
-        workflow.predict_local(bundle, ["CCO"], fhe="simulate")
+        predict.predict_local(bundle, ["CCO"], fhe="simulate")
     with pytest.raises(DataError, match=r"row 1: column 'mean radius' value '' is empty"):
-        workflow.predict_local(bundle, [{**good, "mean radius": ""}], fhe="simulate")
-    report = workflow.predict_local(bundle, [bad_value, good], fhe="simulate", skip_invalid=True)
+        predict.predict_local(bundle, [{**good, "mean radius": ""}], fhe="simulate")
+    report = predict.predict_local(bundle, [bad_value, good], fhe="simulate", skip_invalid=True)
     assert "value '12,5' is not a number" in report.predictions[0].error and report.predictions[1].raw
 
 
@@ -184,7 +185,7 @@ def test_cli_train_deploy_predict_tabular(cli_tabular):
     result = cli("predict", "--bundle", bundle, "--key-dir", tmp / "keys", "--input", rows_csv, "--json", "--output", tmp / "out.csv")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    simulated = workflow.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
+    simulated = predict.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
     assert [p["raw"] for p in report["predictions"]] == [p.raw for p in simulated.predictions]
     assert [p["index"] for p in report["predictions"]] == [1, 2, 3]
     out = list(csv.DictReader((tmp / "out.csv").open()))
@@ -238,13 +239,13 @@ def test_cli_predict_through_the_server(cli_tabular):
     finally:
         server.stop()
     assert result.exit_code == 0, result.output
-    simulated = workflow.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
+    simulated = predict.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
     assert [p["raw"] for p in json.loads(result.stdout)["predictions"]] == [p.raw for p in simulated.predictions]
 
 
 def test_encrypted_test_set_evaluation(tiny_tabular):
     """evaluation/testset_fhe: fresh keys, encrypted rows of the owner's test split, scored like the simulation."""
-    from molcloak.evaluation.testset_fhe import evaluate
+    from molcloak.evaluation.bench.testset_fhe import evaluate
 
     _, compiled, bundle = tiny_tabular
     result = evaluate(bundle, n=3)

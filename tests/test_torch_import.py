@@ -7,23 +7,22 @@ import json
 import numpy as np
 import pytest
 import torch
-from molcloak.pipeline import data, workflow
+from torch import nn
+from typer.testing import CliRunner
+
+from molcloak.pipeline import data, predict, workflow
 from molcloak.pipeline.bundle import load_checkpoint
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig, compile_model
-from molcloak.pipeline.errors import CompilationError, ModelConfigError
+from molcloak.pipeline.errors import CompilationError, ModelConfigError, TorchImportError
 from molcloak.pipeline.torch_import import (
     IMPORTED_MODEL,
     SUPPORTED_LAYERS,
-    TorchImportError,
     build_sequential,
-    featurized,
-    import_checkpoint,
     layer_specs,
     load_torch_model,
 )
-from torch import nn
-from typer.testing import CliRunner
+from molcloak.pipeline.workflow import featurized, import_checkpoint
 
 runner = CliRunner()
 
@@ -155,8 +154,8 @@ def test_imported_model_becomes_a_normal_bundle(imported_bundle):
 def test_imported_model_encrypted_equals_simulation(imported_bundle, tmp_path):
     bundle, _ = imported_bundle
     smiles = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1"]
-    executed = np.array([p.raw for p in workflow.predict_local(bundle, smiles, key_dir=tmp_path / "keys").predictions])
-    simulated = np.array([p.raw for p in workflow.predict_local(bundle, smiles, fhe="simulate").predictions])
+    executed = np.array([p.raw for p in predict.predict_local(bundle, smiles, key_dir=tmp_path / "keys").predictions])
+    simulated = np.array([p.raw for p in predict.predict_local(bundle, smiles, fhe="simulate").predictions])
     assert executed.shape == (3, 2) and np.array_equal(executed, simulated)
 
 
@@ -169,7 +168,7 @@ def test_imported_cnn_on_images_runs_encrypted(sol_low, tmp_path):
     assert compiled.stats.pbs_count <= 16 and compiled.stats.max_bit_width <= 7
     bundle = tmp_path / "bundle"
     workflow.deploy(ckpt, compiled, bundle, "imported-cnn")
-    report = workflow.predict_local(bundle, ckpt.smiles_test[:2], key_dir=tmp_path / "keys")
+    report = predict.predict_local(bundle, ckpt.smiles_test[:2], key_dir=tmp_path / "keys")
     executed = np.array([p.raw for p in report.predictions])
     assert np.array_equal(executed, compiled.q_module.forward(ckpt.X_test[:2], fhe="simulate"))
 

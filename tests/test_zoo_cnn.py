@@ -9,13 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from molcloak.models.registry import (
-    build_model,
-    check_features,
-    make_config,
-    model_names,
-)
-from molcloak.pipeline import data, workflow
+from typer.testing import CliRunner
+
+from molcloak.models.registry import model_names
+from molcloak.pipeline import data, predict, workflow
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import FeaturizerError, ModelConfigError
@@ -25,8 +22,8 @@ from molcloak.pipeline.featurize import (
     featurize,
     fit_featurizer,
 )
+from molcloak.pipeline.networks import build_model, check_features, make_config
 from molcloak.pipeline.train import TrainConfig
-from typer.testing import CliRunner
 
 TINY_GRID = "grid:r=2,size=8"
 TINY = {
@@ -152,7 +149,7 @@ def test_cnn_compiles_to_one_small_circuit(tiny_cnn):
 def test_cnn_encrypted_prediction_equals_simulation(tiny_cnn, tmp_path):
     _, ckpt, compiled, bundle = tiny_cnn
     smiles = ckpt.smiles_test[:3]
-    report = workflow.predict_local(bundle, smiles, key_dir=tmp_path / "keys")
+    report = predict.predict_local(bundle, smiles, key_dir=tmp_path / "keys")
     executed = np.array([p.raw for p in report.predictions])
     simulated = compiled.q_module.forward(ckpt.X_test[:3], fhe="simulate")
     assert np.array_equal(executed, simulated)  # p_error 2^-40: bit-exact

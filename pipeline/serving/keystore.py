@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import KeysError
+from ..errors import KeysError
 
 KEY_ID = re.compile(r"^[0-9a-f]{32}$")
 

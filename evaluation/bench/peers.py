@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
+
 from molcloak.pipeline.compile import CircuitStats, CompileConfig
 from molcloak.pipeline.data import load_bundled, split_dataset
+from molcloak.pipeline.errors import ConfigError
 from molcloak.pipeline.featurize import FeaturizerSpec, featurize, fit_featurizer
 from molcloak.pipeline.metrics import TargetScaler, score, to_predictions
 from molcloak.pipeline.train import TrainConfig, predict_raw
@@ -59,9 +61,9 @@ class BenchConfig:
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown:
-            raise ValueError(f"unknown bench model(s) {unknown}; choose from {', '.join(MODELS)}")
+            raise ConfigError(f"unknown bench model(s) {unknown}; choose from {', '.join(MODELS)}")
         if self.n_runs < 1:
-            raise ValueError(f"n_runs {self.n_runs} must be at least 1 (the issue asks for >= 5)")
+            raise ConfigError(f"n_runs {self.n_runs} must be at least 1 (the issue asks for >= 5)")
 
     @property
     def runs(self) -> int:

@@ -229,9 +229,10 @@ def _compare(sample: Sample, row: dict, whole: dict, inside, outside, n_boot: in
 
 def property_bins(smiles: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Built-in subgroups from the molecules themselves (computed on the auditor's machine): (labels, bin order)."""
-    from molcloak.pipeline.data import murcko_scaffold
     from rdkit import Chem
     from rdkit.Chem import Descriptors
+
+    from molcloak.pipeline.data import murcko_scaffold
 
     mols = [Chem.MolFromSmiles(s) for s in smiles]
     mw = np.array([Descriptors.MolWt(m) for m in mols])

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from .errors import ServerBusyError
+from ..errors import ServerBusyError
 
 KEY_HEX = re.compile(r"^[0-9a-f]{8}")
 
@@ -23,8 +23,8 @@ _STATE: dict = {}
 
 def _init_worker(bundles: dict[str, str], key_root: str, cache_bytes: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from ..fhe_server import PrivateServer
     from .keystore import KeyStore
-    from .server import PrivateServer
 
     servers = {name: PrivateServer(path) for name, path in bundles.items()}
     _STATE["servers"] = servers

@@ -2,7 +2,7 @@
 
 The model is saved with `FHEModelDev` into a temporary directory and loaded back as the two
 halves of a deployment (`FHEModelClient` with the secret key, `FHEModelServer` with evaluation
-keys only); each molecule goes through `workflow.run_encrypted` (encrypt, server run, decrypt).
+keys only); each molecule goes through `predict.run_encrypted` (encrypt, server run, decrypt).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from molcloak.pipeline.workflow import run_encrypted
+
+from molcloak.pipeline.predict import run_encrypted
 
 
 class DeployedHalves:

@@ -4,7 +4,7 @@ Each model goes the way a model owner and a user would take it: `train_checkpoin
 model's defaults (`molcloak train --model NAME`), `compile_checkpoint` with the default compile
 settings, a real bundle (`deploy`), then the client half generates keys and every executed test
 molecule is encrypted, run by the server half (evaluation keys only) and decrypted
-(`workflow.run_encrypted`). Recorded per model: test metrics (float / quantized / FHE-simulated /
+(`predict.run_encrypted`). Recorded per model: test metrics (float / quantized / FHE-simulated /
 FHE-executed), how many executed outputs equal the simulation bit for bit (and, for scale, how many
 outputs of a second simulation run equal the first: Concrete simulates approximate rounding and
 p_error with randomness, so neither count is an error rate of the encrypted run), server-side latency
@@ -12,7 +12,7 @@ p_error with randomness, so neither count is an error rate of the encrypted run)
 maximum bit width, training and compile time, and the machine's load average (other jobs slow
 everything down on a shared 2-core machine).
 
-    python -m molcloak.evaluation.zoo_cnn --out evaluation/results/zoo_cnn_sol_low.json
+    python -m molcloak.evaluation.bench.zoo_cnn --out evaluation/results/zoo_cnn_sol_low.json
 
 Results are written after each model; a rerun skips models already in the file (--force redoes them),
 and with --ckpt-dir reuses the trained checkpoints.
@@ -29,19 +29,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from molcloak.pipeline.bundle import Checkpoint, load_checkpoint, save_checkpoint
-from molcloak.pipeline.client import PrivateClient
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.data import load_bundled
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.metrics import score, to_predictions
-from molcloak.pipeline.server import PrivateServer
+from molcloak.pipeline.predict import run_encrypted
 from molcloak.pipeline.train import TrainConfig
-from molcloak.pipeline.workflow import (
-    compile_checkpoint,
-    deploy,
-    run_encrypted,
-    train_checkpoint,
-)
+from molcloak.pipeline.workflow import compile_checkpoint, deploy, train_checkpoint
 
 TASK = "sol-low"
 
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt-dir", type=Path, default=None, help="keep trained checkpoints here and reuse them")
     args = parser.parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"task": TASK, "rows": {}}
-    command = "python -m molcloak.evaluation.zoo_cnn " + " ".join(argv or [])
+    command = "python -m molcloak.evaluation.bench.zoo_cnn " + " ".join(argv or [])
     result.update({"omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()})
     for name in args.models:
         if name in result["rows"] and not args.force:

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import httpx
 
-from .client import DEFAULT_KEY_DIR, PrivateClient
-from .errors import RemoteError
-from .workflow import ItemCallback, PredictReport, fill_prediction, validate_inputs
+from ..errors import RemoteError
+from ..fhe_client import DEFAULT_KEY_DIR, PrivateClient
+from ..predict import ItemCallback, PredictReport, fill_prediction, validate_inputs
 
 RETRIES = 5
 
@@ -108,7 +108,7 @@ class RemoteModel:
 
     def predict(self, inputs: Sequence, batch_size: int = 8, skip_invalid: bool = False,
                 on_item: ItemCallback | None = None) -> PredictReport:
-        """Encrypted predictions of SMILES, or of rows for a tabular model (see `workflow.validate_inputs`)."""
+        """Encrypted predictions of SMILES, or of rows for a tabular model (see `predict.validate_inputs`)."""
         preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
         todo = [p for p in preds if not p.error]
         keyinfo = self.client.keygen()

@@ -81,7 +81,7 @@ def plain_forward(model: PolyMLP, X: np.ndarray) -> np.ndarray:
 
 
 class CkksHalves:
-    """Client and server halves of the CKKS model, with the interface of `workflow.run_encrypted`."""
+    """Client and server halves of the CKKS model, with the interface of `predict.run_encrypted`."""
 
     def __init__(self, model: PolyMLP):
         self.w1 = model.fc1.weight.detach().numpy().T.astype(np.float64).tolist()

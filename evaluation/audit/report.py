@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audit_metrics as am
-from .audit_plots import ci, fmt, make_plots
+from . import metrics as am
+from .plots import ci, fmt, make_plots
 
 REPORT_FORMAT = 1
 

@@ -26,21 +26,18 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from molcloak.pipeline.data import (
     RowProblem,
     TaskSpec,
-    _parse_target,
-    _summarize,
+    parse_target,
     read_csv_text,
+    summarize_problems,
 )
-from molcloak.pipeline.errors import DataError, MolcloakError
+from molcloak.pipeline.errors import AuditError, DataError, MolcloakError
 
 STATE_FORMAT = 1
 ProgressCallback = Callable[[int, int, str], None]  # (rows done, rows to score, status)
-
-
-class AuditError(MolcloakError, ValueError):
-    """The audit directory belongs to another audit, or its progress file is damaged."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,7 @@ def read_test_set(config: AuditConfig, task: TaskSpec) -> TestSet:
         smi, raw = str(rec[config.smiles_col]).strip(), _label_alias(str(rec[config.target_col]).strip(), task)
         canon = canonical_smiles(smi)
         y, reason = (None, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid") if canon is None \
-            else _parse_target(raw, task, None)
+            else parse_target(raw, task, None)
         if y is None:
             test.invalid.append(RowProblem(i, smi if canon is None else raw, reason))
             continue
@@ -115,7 +112,7 @@ def _label_alias(raw: str, task: TaskSpec) -> str:
 
 def _check_problems(test: TestSet, config: AuditConfig, path: Path) -> None:
     if test.invalid and not config.skip_invalid:
-        raise DataError(_summarize(test.invalid, str(path)))
+        raise DataError(summarize_problems(test.invalid, str(path)))
 
 
 def _features(client, test: TestSet, config: AuditConfig) -> np.ndarray:
@@ -145,6 +142,7 @@ def _sha256(path: Path) -> str:
 def export_test_split(dataset: str, path: str | Path, seed: int = 0) -> int:
     """Write the test split of a bundled dataset as CSV (smiles + target column); returns the row count."""
     import pandas as pd
+
     from molcloak.pipeline.data import load_bundled, split_dataset
 
     ds = load_bundled(dataset)
@@ -170,8 +168,8 @@ class LocalBackend:
     """Both halves in this process: the server half gets evaluation keys and ciphertexts only."""
 
     def __init__(self, bundle: str | Path, key_dir: str | Path | None = None):
-        from molcloak.pipeline.client import PrivateClient
-        from molcloak.pipeline.server import PrivateServer
+        from molcloak.pipeline.fhe_client import PrivateClient
+        from molcloak.pipeline.fhe_server import PrivateServer
 
         self.client, self.server, self.where = PrivateClient(bundle, key_dir), PrivateServer(bundle), str(bundle)
         self._keys = None
@@ -187,7 +185,7 @@ class LocalBackend:
         return info
 
     def run_batch(self, X: np.ndarray) -> list[np.ndarray]:
-        from molcloak.pipeline.workflow import run_encrypted
+        from molcloak.pipeline.predict import run_encrypted
 
         return [run_encrypted(self.client, self.server, self._keys, x)[0] for x in X]
 
@@ -218,7 +216,7 @@ def open_backend(bundle=None, server=None, model=None, key_dir=None, token=None)
         return LocalBackend(bundle, key_dir)
     if not model:
         raise DataError("--server needs --model NAME; list the served models with GET /models")
-    from molcloak.pipeline.remote import RemoteModel
+    from molcloak.pipeline.serving.http_client import RemoteModel
 
     return RemoteBackend(RemoteModel(server, model, key_dir, token))
 
@@ -320,7 +318,7 @@ def run_audit(config: AuditConfig, backend: Backend, on_progress: ProgressCallba
                          "delete the directory or pass --restart")
     todo = [r for r in test.rows if r not in state.done]
     _score(state, backend, X, position, todo, config, on_progress)
-    from .audit_report import build_report
+    from .report import build_report
 
     return build_report(config, state, backend, test)
 
@@ -354,10 +352,10 @@ def _score(state: AuditState, backend: Backend, X, position, todo, config, on_pr
             state.save()
 
 
-def audit(config: AuditConfig, bundle=None, server=None, model=None, key_dir=None, token=None,
+def audit_command(config: AuditConfig, bundle=None, server=None, model=None, key_dir=None, token=None,
           on_progress: ProgressCallback | None = None) -> dict:
     """The `molcloak audit` command: open the model, score, write report.json/md/html in config.out."""
-    from .audit_report import write_reports
+    from .report import write_reports
 
     backend = open_backend(bundle, server, model, key_dir, token)
     report = run_audit(config, backend, on_progress)

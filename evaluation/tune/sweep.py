@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from molcloak.pipeline.bundle import Checkpoint
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.data import Dataset
-from molcloak.pipeline.errors import MolcloakError
+from molcloak.pipeline.errors import TuneError
+from molcloak.pipeline.runconfig import RunConfig
 from molcloak.pipeline.train import TrainConfig
 from molcloak.pipeline.workflow import (
     DEFAULT_FEATURES,
@@ -33,12 +34,6 @@ from molcloak.pipeline.workflow import (
 )
 
 from .pbs_cost import Calibration
-
-CONFIG_FORMAT = 1
-
-
-class TuneError(MolcloakError, ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -113,7 +108,7 @@ StepCallback = Callable[[str], None]
 
 
 def sweep(ds: Dataset, grid: TuneGrid, train_config: TrainConfig | None = None, calibration: Calibration | None = None,
-          on_step: StepCallback | None = None) -> tuple[list[Point], dict[str, Checkpoint]]:
+          on_step: StepCallback | None = None, split: str | None = None, test_fraction: float = 0.2) -> tuple[list[Point], dict[str, Checkpoint]]:
     """Train each model setting (per seed), compile each compile setting, simulate; returns points and
     the first seed's checkpoint per point label (to execute or export the chosen ones)."""
     calibration = calibration or Calibration()
@@ -123,7 +118,8 @@ def sweep(ds: Dataset, grid: TuneGrid, train_config: TrainConfig | None = None, 
     checkpoints: dict[str, Checkpoint] = {}
     for features, options in grid.model_settings():
         for seed in grid.seeds:
-            ckpt = train_checkpoint(ds, features, grid.model, options, dataclasses.replace(train_config, seed=seed))
+            ckpt = train_checkpoint(ds, features, grid.model, options, dataclasses.replace(train_config, seed=seed), split,
+                                    test_fraction)
             for cfg in grid.compile_settings():
                 compiled = compile_checkpoint(ckpt, cfg, measure_keys=True)
                 pt = Point(features, grid.model, ckpt.model_config, cfg, metric)
@@ -157,7 +153,7 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 
 def execute(point: Point, ckpt: Checkpoint, n_runs: int, on_item=None) -> dict:
     """Compile the point's model for real and time `n_runs` encrypted single-molecule predictions."""
-    from .fhe_timing import measure_concrete
+    from ..bench.fhe_timing import measure_concrete
 
     compiled = compile_checkpoint(ckpt, point.compile, measure_keys=False)
     m = measure_concrete(compiled.q_module, ckpt.X_test[:n_runs], on_item)
@@ -189,26 +185,12 @@ def _fits(p: Point, max_latency_s: float, max_key_mb: float) -> bool:
     return _latency(p) <= max_latency_s and p.evaluation_key_bytes <= max_key_mb * 1e6
 
 
-def to_train_config(point: Point, dataset: str, train_config: TrainConfig) -> dict:
-    """The configuration file `molcloak train --config FILE` reads (compile settings travel with it)."""
-    return {
-        "molcloak_config": CONFIG_FORMAT,
-        "dataset": dataset,
-        "features": point.features,
-        "model": point.model,
-        "model_options": point.model_options,
-        "train": train_config.to_dict(),
-        "compile": point.compile.to_dict(),
-        "tuned": {point.metric: point.score, "predicted_s": point.predicted_s, "measured": point.measured,
-                  "created": time.strftime("%Y-%m-%d %H:%M:%S")},
-    }
-
-
-def write_config(path: str | Path, config: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
+def to_run_config(point: Point, dataset: str, train_config: TrainConfig) -> RunConfig:
+    """The run configuration `molcloak train --config FILE` reads (compile settings travel with it)."""
+    return RunConfig(features=point.features, model=point.model, model_options=point.model_options, train=train_config,
+                     compile=point.compile, dataset=dataset,
+                     tuned={point.metric: point.score, "predicted_s": point.predicted_s, "measured": point.measured,
+                            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def plot(points: Sequence[Point], path: str | Path, title: str) -> Path:
@@ -249,11 +231,11 @@ def run_tune(ds: Dataset, dataset: str, grid: TuneGrid, train_config: TrainConfi
              execute_front: int = 3, max_latency_s: float = 0.25, max_key_mb: float = 30.0,
              calibration: str | Path | None = None, plot_path: str | Path | None = None,
              config_path: str | Path | None = None, layer_report: bool = True,
-             say: StepCallback | None = None) -> dict:
+             say: StepCallback | None = None, split: str | None = None, test_fraction: float = 0.2) -> dict:
     """The whole `molcloak tune` job: sweep, Pareto front, real runs of the front, choice, exports."""
     say = say or (lambda _m: None)
     calib = Calibration(calibration)
-    points, checkpoints = sweep(ds, grid, train_config, calib, on_step=say)
+    points, checkpoints = sweep(ds, grid, train_config, calib, on_step=say, split=split, test_fraction=test_fraction)
     front = pareto_front(points)
     # run the most accurate front points for real (latency and key size measured, not predicted)
     for pt in sorted(front, key=lambda p: -p.score)[:execute_front]:
@@ -265,7 +247,7 @@ def run_tune(ds: Dataset, dataset: str, grid: TuneGrid, train_config: TrainConfi
         "calibration": str(calib.path), "points": [p.to_dict() for p in points],
         "front": [p.label for p in front], "chosen": chosen.label, "chosen_within_budget": _fits(chosen, max_latency_s, max_key_mb),
         "budget": {"max_latency_s": max_latency_s, "max_key_mb": max_key_mb},
-        "config": to_train_config(chosen, dataset, train_config), "load_avg": _load(),
+        "config": to_run_config(chosen, dataset, train_config).to_dict(), "load_avg": _load(),
     }
     if layer_report:
         from .layer_error import layer_errors
@@ -275,7 +257,7 @@ def run_tune(ds: Dataset, dataset: str, grid: TuneGrid, train_config: TrainConfi
     if plot_path:
         result["plot"] = str(plot(points, plot_path, f"molcloak tune: {dataset}"))
     if config_path:
-        result["config_file"] = str(write_config(config_path, result["config"]))
+        result["config_file"] = str(to_run_config(chosen, dataset, train_config).save(config_path))
     return result
 
 

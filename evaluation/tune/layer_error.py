@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
+
 from molcloak.pipeline.bundle import Checkpoint
 from molcloak.pipeline.compile import CompileConfig, compile_model
-from torch import nn
 
 
 class _Prefix(nn.Module):

@@ -24,11 +24,18 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from .bundle import Manifest, load_manifest
-from .errors import (BundleError, CiphertextError, KeyMismatchError, KeysError, MolcloakError, ServerBusyError,
-                     UnknownModelError)
+from ..bundle import Manifest, load_manifest
+from ..errors import (
+    BundleError,
+    CiphertextError,
+    KeyMismatchError,
+    KeysError,
+    MolcloakError,
+    ServerBusyError,
+    UnknownModelError,
+)
+from .executor import WorkerPool
 from .keystore import KeyStore
-from .workers import WorkerPool
 
 MAX_BATCH = 64
 

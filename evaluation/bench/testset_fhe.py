@@ -5,7 +5,7 @@ server half (evaluation keys and ciphertexts only) and decrypted; the decrypted 
 scored like the float, quantized and simulated models the manifest reports. Needs the bundle's
 owner/ part (the test split and, for the simulation, the weights).
 
-    python -m molcloak.evaluation.testset_fhe --bundle bundles/breast-cancer --out bc-fhe.json
+    python -m molcloak.evaluation.bench.testset_fhe --bundle bundles/breast-cancer --out bc-fhe.json
 
 Prints and writes JSON: metrics (float, quantized, fhe_simulate over the whole test split;
 fhe_execute over the rows run), how many executed outputs equal the simulation bit for bit,
@@ -21,11 +21,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
-from molcloak.pipeline.client import PrivateClient
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.metrics import score, to_predictions
-from molcloak.pipeline.server import PrivateServer
-from molcloak.pipeline.workflow import Simulator, run_encrypted
+from molcloak.pipeline.predict import Simulator, run_encrypted
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

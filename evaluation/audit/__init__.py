@@ -1,0 +1,1 @@
+"""Private audits: the engine (resumable encrypted scoring), metrics with CIs, plots, reports."""

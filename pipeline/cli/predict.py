@@ -1,0 +1,175 @@
+"""The user's commands: predict, and the read-only info and models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError
+from .common import (
+    DataOpts,
+    JsonOpt,
+    KeyDirOpt,
+    TokenFileOpt,
+    app,
+    cli_errors,
+    emit_json,
+    fmt_metrics,
+    kb,
+    mb,
+    out,
+    progress,
+    read_token,
+)
+
+
+@app.command()
+@cli_errors
+def predict(
+    ctx: typer.Context,
+    smiles: List[str] | None = typer.Argument(None, help="SMILES to predict (or use --input)."),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle directory (from `molcloak deploy`): both halves in this process."),
+    server: str | None = typer.Option(None, "--server", "-s", help="URL of a `molcloak serve` server (e.g. http://127.0.0.1:8000)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model name on the server (see GET /models)."),
+    token_file: Path | None = TokenFileOpt,
+    batch_size: int = typer.Option(8, "--batch-size", help="Ciphertexts per HTTP request, 1-64 (with --server)."),
+    input_csv: Path | None = typer.Option(None, "--input", "-i", help="CSV file with a SMILES column (or the feature columns of a tabular model)."),
+    smiles_col: str = DataOpts.smiles_col,
+    output: Path | None = typer.Option(None, "--output", help="Write predictions to this CSV file."),
+    fhe: str = typer.Option("execute", "--fhe", help="execute: real encryption with the key split; simulate: owner-side FHE simulation (with --bundle; needs owner/)."),
+    key_dir: Path | None = KeyDirOpt,
+    skip_invalid: bool = DataOpts.skip_invalid,
+    as_json: bool = JsonOpt,
+):
+    """Predict molecules privately: encrypt, run the circuit on ciphertexts, decrypt.
+
+    With --bundle both halves run in this process (the server half receives only evaluation keys
+    and ciphertexts). With --server the circuit runs on a `molcloak serve` server; the secret key
+    stays in --key-dir. Examples: molcloak predict --bundle bundles/sol-low "CCO";
+    molcloak predict --server http://127.0.0.1:8000 --model sol-low "CCO"
+    """
+    from click.core import ParameterSource
+
+    from ..bundle import load_manifest
+    from ..inputs import read_inputs, write_csv
+    from ..predict import predict_local
+
+    if (bundle is None) == (server is None):
+        raise ConfigError("pass either --bundle DIR (local) or --server URL --model NAME (remote)")
+    if fhe not in ("execute", "simulate"):
+        raise ConfigError(f"--fhe {fhe!r} is not a mode; use execute or simulate")
+    if server is not None and not model:
+        raise ConfigError("--server needs --model NAME; list the served models with GET /models")
+    if server is not None and fhe != "execute":
+        raise ConfigError("--fhe simulate needs the owner's weights: use it with --bundle DIR (a bundle with its owner/ part), "
+                          "not with --server")
+    if bundle is not None and ctx.get_parameter_source("batch_size") == ParameterSource.COMMANDLINE:
+        raise ConfigError("--batch-size sets ciphertexts per HTTP request and applies to --server only; leave it out with --bundle")
+    from ..serving.http_api import MAX_BATCH
+
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size {batch_size} is out of range; use 1..{MAX_BATCH} ciphertexts per request")
+    remote = None
+    if server is not None:
+        from ..serving.http_client import RemoteModel
+
+        remote = RemoteModel(server, model, key_dir, read_token(token_file))
+    manifest = remote.client.manifest if remote else load_manifest(bundle, check=False)
+    inputs = read_inputs(manifest.featurizer, smiles, input_csv, smiles_col)  # SMILES, or rows of a tabular model
+    with progress() as bar:
+        t = bar.add_task("keys + encrypted prediction", total=len(inputs), status="")
+        on_item = lambda p: bar.update(t, advance=1, status=p.label or "")  # noqa: E731
+        if remote is not None:
+            report = remote.predict(inputs, batch_size, skip_invalid, on_item=on_item)
+        else:
+            report = predict_local(bundle, inputs, fhe, key_dir, skip_invalid, on_item=on_item)
+    if output:
+        write_csv(output, report)
+    if as_json:
+        return emit_json(report.to_dict())
+    _print_predictions(report, manifest.task)
+    if output:
+        out.print(f"predictions written to {output}")
+
+
+def _print_predictions(report, task) -> None:
+    from ..metrics import describe
+
+    table = Table(title=f"private predictions ({report.mode})")
+    tabular = any(p.features is not None for p in report.predictions)
+    outputs = [f"{name} ({unit})" if unit else name for name, unit in ((n, task.unit_of(j)) for j, n in enumerate(task.tasks))]
+    timing = ("encrypt", "run", "decrypt" if report.mode != "server" else "round_trip")
+    headers = ["#"] + ([] if tabular else ["SMILES"]) + (outputs or ["prediction"])
+    for col in headers + ["encrypt", "FHE run", "decrypt" if report.mode != "server" else "round trip"]:
+        table.add_column(col)
+    for p in report.predictions:
+        first = [str(p.index)] + ([] if tabular else [p.smiles])
+        if p.error:
+            table.add_row(*first, f"[red]{p.error}[/red]", *[""] * (len(headers) - len(first) - 1 + len(timing)))
+            continue
+        if isinstance(p.value, dict):
+            cells = [f"{v:.3f}" for v in p.value.values()]
+        else:
+            cells = [describe(task, p.value) if p.label else f"{p.value:.3f}"]
+        s = p.seconds
+        table.add_row(*first, *cells, *(f"{s[k]*1000:.0f} ms" if k in s else "-" for k in timing))
+    out.print(table)
+    if task.kind == "multilabel":
+        out.print("values: probability of label 1 per task")
+    if report.mode in ("execute", "server"):
+        kg = "reused from key dir" if report.keys_reused else f"generated in {report.keygen_seconds:.2f} s"
+        out.print(f"keys: {kg}; evaluation keys {mb(report.evaluation_key_bytes)}; ciphertexts: input "
+                  f"{kb(report.input_ciphertext_bytes)}, output {kb(report.output_ciphertext_bytes)}")
+
+
+@app.command()
+@cli_errors
+def info(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    as_json: bool = JsonOpt,
+):
+    """Show a bundle's manifest: task, features, metrics, circuit statistics, versions."""
+    from ..bundle import load_manifest
+
+    m = load_manifest(bundle, check=False)
+    if as_json:
+        return emit_json(m.data)
+    d = m.data
+    task = m.task
+    tasks = [f"{n} ({task.unit_of(j)})" if task.unit_of(j) else n for j, n in enumerate(task.tasks)]
+    out.print(f"[bold]{m.name}[/bold]  ({task.kind}; target {task.target!r}" + (f"; labels {list(task.labels)}" if task.labels else "")
+              + (f"; tasks {', '.join(tasks)}" if tasks else "") + ")")
+    out.print(f"features: {d['featurizer']['spec']} ({m.featurizer.width} values)")
+    out.print(f"model: {d['model']['name']} {json.dumps(d['model']['config'])}")
+    out.print(f"compile: {json.dumps(d.get('compile'))}")
+    c = d.get("circuit", {})
+    if c:
+        out.print(f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, evaluation keys ~{mb(c['evaluation_key_bytes'])}, "
+                  f"input {kb(c['input_ciphertext_bytes'])}, output {kb(c['output_ciphertext_bytes'])}, p_error {c['p_error']:.2g}")
+    for key, met in m.metrics.items():
+        out.print(f"  {key:>13} test: {fmt_metrics(met)}")
+    out.print(f"versions: {json.dumps(d.get('versions'))}; created {d.get('created')}")
+
+
+@app.command()
+@cli_errors
+def models(as_json: bool = JsonOpt):
+    """List the model families of the registry, their default options, and the bundled datasets."""
+    import dataclasses
+
+    from molcloak.models.registry import MODELS
+
+    from ..data import BUNDLED_TASKS
+
+    options = {k: dataclasses.asdict(v.config_cls()) for k, v in MODELS.items()}  # defaults; change with --set / --hidden
+    if as_json:
+        return emit_json({"models": {k: v.description for k, v in MODELS.items()}, "options": options, "datasets": BUNDLED_TASKS})
+    for k, v in MODELS.items():
+        out.print(f"model [bold]{k}[/bold]: {v.description}")
+        out.print(f"  options: {json.dumps(options[k])}" + (f"; features {v.features}" if v.features else ""), highlight=False)
+    for k, v in BUNDLED_TASKS.items():
+        out.print(f"dataset [bold]{k}[/bold]: {v}")
