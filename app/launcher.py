@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 
 from molcloak.pipeline.errors import BundleError, RemoteError
+from molcloak.pipeline.files import molcloak_home
 
 DEFAULT_BUNDLE = Path("demo/bundle")
-DEFAULT_STATE = Path(os.environ.get("MOLCLOAK_HOME", Path.home() / ".molcloak")) / "app"
+DEFAULT_STATE = molcloak_home() / "app"
 
 
 def free_port() -> int:

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 
 from molcloak.pipeline.bundle import load_checkpoint
+from molcloak.pipeline.metrics import fhe_equals_simulation
 from molcloak.pipeline.predict import predict_local
 from molcloak.pipeline.serving.http_api import find_bundles
 from molcloak.pipeline.serving.http_client import RemoteModel
@@ -95,7 +95,7 @@ def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, 
                     failures.append(f"client {i}: {exc}")
                     continue
                 latencies.append(time.perf_counter() - t0)
-                if not np.array_equal(pred.raw, expected[smi]):
+                if not fhe_equals_simulation([pred.raw], [expected[smi]])[0]:
                     wrong.append(smi)
 
         start = time.perf_counter()

@@ -19,6 +19,7 @@ crash never leaves a half-written bundle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -160,7 +161,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 @dataclass
 class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
-    directory: Path | None = None  # where manifest.json was read from
 
     @property
     def name(self) -> str:
@@ -235,7 +235,14 @@ def load_manifest(path: str | Path, part: str | None = None, check: bool = True)
         raise BundleError(f"{root}: bundle format {data.get('format')!r}, expected {BUNDLE_FORMAT}; rebuild it with `molcloak deploy`")
     if check:
         check_versions(data.get("versions", {}), root)
-    return Manifest(data, base)
+    return Manifest(data)
+
+
+def client_fingerprint(bundle: str | Path) -> str:
+    """The model's client fingerprint: sha256 of client/client.zip (16 hex characters). The client,
+    the server (GET /models, POST /predict) and the audit's resume check all use this value; it changes
+    exactly when the model is redeployed."""
+    return hashlib.sha256((part_dir(bundle, "client") / "client.zip").read_bytes()).hexdigest()[:16]
 
 
 def part_dir(path: str | Path, part: str) -> Path:

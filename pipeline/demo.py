@@ -12,7 +12,7 @@ from .compile import CompileConfig
 from .data import balanced_sample, load_bundled
 from .fhe_client import PrivateClient
 from .fhe_server import PrivateServer
-from .metrics import score, to_predictions
+from .metrics import fhe_equals_simulation, score, to_predictions
 from .predict import run_encrypted
 from .train import TrainConfig, predict_raw
 from .workflow import compile_checkpoint, deploy, train_checkpoint
@@ -63,7 +63,7 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
                 "float": _value(float_pred[k]),
                 "simulated": _value(sim_pred[k]),
                 "fhe": _value(fhe_pred),
-                "fhe_equals_simulation": bool(np.allclose(raw[0], sim_raw[k])),
+                "fhe_equals_simulation": bool(fhe_equals_simulation(raw, sim_raw[k : k + 1])[0]),
                 "fhe_raw": raw[0].tolist(),
                 "simulated_raw": sim_raw[k].tolist(),
                 **{f"{k}_s": v for k, v in seconds.items()},

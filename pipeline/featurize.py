@@ -155,6 +155,21 @@ class FeaturizerSpec:
     def is_fitted(self) -> bool:
         return self.mean is not None
 
+    input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
+
+    def check_input(self, smiles) -> tuple[str | None, str]:
+        """(canonical SMILES, "") or (None, the reason RDKit rejected it and the fix)."""
+        canon = canonical_smiles(smiles)
+        if canon is None:
+            return None, f"SMILES {smiles!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
+        return canon, ""
+
+    def fit(self, train_inputs) -> FeaturizerSpec:
+        return fit_featurizer(self, train_inputs)
+
+    def transform(self, inputs) -> np.ndarray:
+        return featurize(self, inputs)
+
     def to_dict(self) -> dict:
         return {
             "spec": str(self),

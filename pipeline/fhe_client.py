@@ -1,14 +1,12 @@
 """The client half of the key split: featurize, quantize, encrypt, decrypt.
 
 The secret key is generated here from the OS's random source and stays in the
-client's key directory (`<key_dir>/<circuit fingerprint>/keys.bin`, mode 0600).
+client's key directory (`<key_dir>/<model>-<client fingerprint>/keys.bin`, mode 0600; the fingerprint is the content hash of client.zip).
 Only the serialized evaluation keys and ciphertexts ever leave this object.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import Manifest, load_manifest, part_dir
+from .bundle import Manifest, client_fingerprint, load_manifest, part_dir
 from .errors import CiphertextError, KeysError
 from .featurize import featurize
+from .files import molcloak_home, write_private
 from .metrics import to_predictions
 
-DEFAULT_KEY_DIR = Path(os.environ.get("MOLCLOAK_HOME", Path.home() / ".molcloak")) / "keys"
+DEFAULT_KEY_DIR = molcloak_home() / "keys"
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,7 @@ class PrivateClient:
         self.manifest: Manifest = load_manifest(self.directory, "client")
         self.task = self.manifest.task
         self.featurizer = self.manifest.featurizer
-        zip_bytes = (self.directory / "client.zip").read_bytes()
-        self.fingerprint = hashlib.sha256(zip_bytes).hexdigest()[:16]
+        self.fingerprint = client_fingerprint(self.directory)
         self.key_path = Path(key_dir or DEFAULT_KEY_DIR) / f"{self.manifest.name}-{self.fingerprint}" / "keys.bin"
         self._fhe = FHEModelClient(str(self.directory))
         self._eval_keys: bytes | None = None
@@ -75,7 +73,7 @@ class PrivateClient:
         client.keygen(force=True)  # seeds 0 = fresh randomness from the OS CSPRNG
         seconds = time.perf_counter() - start
         self._eval_keys = None
-        _write_private(self.key_path, client.keys.serialize())
+        write_private(self.key_path, client.keys.serialize())
         self._keyinfo = KeygenInfo(seconds, len(self.evaluation_keys()), False, self.key_path)
         return self._keyinfo
 
@@ -105,9 +103,6 @@ class PrivateClient:
             raise CiphertextError(f"feature row has {x.size} values, the model expects {self.featurizer.width}")
         return self._fhe.quantize_encrypt_serialize(x.reshape((1,) + self.featurizer.shape))
 
-    def encrypt_smiles(self, smiles: Sequence[str]) -> list[bytes]:
-        return [self.encrypt(row) for row in self.featurize(smiles)]
-
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
         """Decrypt and dequantize one encrypted output into raw model outputs (1, n_outputs)."""
         self._require_keys()
@@ -121,14 +116,3 @@ class PrivateClient:
     def predictions(self, raw: np.ndarray) -> np.ndarray:
         """Raw outputs -> class probabilities or values in task units."""
         return to_predictions(self.task, raw, self.manifest.scaler)
-
-
-def _write_private(path: Path, payload: bytes) -> None:
-    """Write `payload` readable by the owner only (dir 0700, file 0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(payload)
-    os.replace(tmp, path)

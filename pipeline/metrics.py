@@ -40,6 +40,17 @@ class TargetScaler:
         return np.asarray(y, dtype=np.float64) * np.asarray(self.std) + np.asarray(self.mean)
 
 
+def fhe_equals_simulation(executed: np.ndarray, simulated: np.ndarray) -> np.ndarray:
+    """Per molecule: are the decrypted FHE outputs equal to Concrete's simulation, bit for bit?
+
+    Both are dequantized from integers the same way, so equality is exact (no tolerance). Expect all
+    True only with exact rounding at a pinned p_error (the tests use 2^-40); with approximate rounding
+    Concrete draws the off-by-one steps at random in the simulation and in FHE, so some rows differ.
+    """
+    e, s = np.asarray(executed, dtype=np.float64), np.asarray(simulated, dtype=np.float64)
+    return np.all(e.reshape(len(e), -1) == s.reshape(len(s), -1), axis=1)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)

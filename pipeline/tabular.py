@@ -31,7 +31,7 @@ class TabularSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
-    kind = TABULAR  # class attribute: how featurizers tell the input kinds apart
+    input_kind = "rows"  # what `check_input`, `fit` and `transform` take: rows (mappings column -> value, or sequences)
 
     def __post_init__(self):
         if not self.columns:
@@ -128,6 +128,9 @@ class TabularSpec:
                 return None, f"column {col!r} value {raw!r} {reason}; fix it or pass --skip-invalid"
             values.append(value)
         return values, ""
+
+    def check_input(self, record: Mapping[str, Any] | Sequence[Any]) -> tuple[list[float] | None, str]:
+        return self.parse(record)
 
     def fit(self, inputs: Any) -> TabularSpec:
         """Return this spec with mean and std fitted on the training rows."""

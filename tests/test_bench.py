@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from molcloak.evaluation.bench import ckks
 from molcloak.evaluation.bench import peers as bench
+from molcloak.evaluation.bench.fhe_timing import latency_summary
 from molcloak.evaluation.tune import layer_error
 from molcloak.evaluation.tune import sweep as tune
-from molcloak.evaluation.bench.fhe_timing import latency_summary
 from molcloak.pipeline import data
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig

@@ -29,7 +29,7 @@ from molcloak.pipeline.compile import CircuitStats, CompileConfig
 from molcloak.pipeline.data import load_bundled, split_dataset
 from molcloak.pipeline.errors import ConfigError
 from molcloak.pipeline.featurize import FeaturizerSpec, featurize, fit_featurizer
-from molcloak.pipeline.metrics import TargetScaler, score, to_predictions
+from molcloak.pipeline.metrics import TargetScaler, fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.train import TrainConfig, predict_raw
 from molcloak.pipeline.workflow import (
     DEFAULT_FEATURES,
@@ -142,7 +142,7 @@ def bench_molcloak(data: TaskData, config: BenchConfig, say: ProgressFn) -> dict
     row = _row(data.name, "molcloak", "TFHE (Concrete ML)", LABELS["molcloak"], **_circuit(compiled.stats))
     row["metrics"] = {k: compiled.metrics[k] for k in ("float", "quantized", "fhe_simulate")}
     row["metrics"]["fhe_execute"] = {"n_molecules": n_exec, **_score(data, m["outputs"], ckpt.scaler, data.y_test[:n_exec])}
-    row["fhe_equals_simulation"] = int(np.sum(np.all(np.isclose(m["outputs"], sim), axis=1)))
+    row["fhe_equals_simulation"] = int(fhe_equals_simulation(m["outputs"], sim).sum())
     row["max_abs_output_diff_vs_simulation"] = float(np.max(np.abs(m["outputs"] - sim))) if n_exec else None
     row["config"] = {"features": str(ckpt.featurizer), "model": ckpt.model_config, "compile": compiled.config.to_dict(),
                      "p_error": compiled.stats.p_error}
@@ -177,7 +177,7 @@ def _bench_cml(which: int, name: str, data: TaskData, config: BenchConfig, say: 
     say(f"{data.name}: {cls}, {config.runs} encrypted molecules")
     m = measure_concrete(model, data.X_test[: config.runs])
     sim = _sk_outputs(data, model, data.X_test[: config.runs], fhe="simulate")
-    row["fhe_equals_simulation"] = int(np.sum(np.all(np.isclose(m["outputs"].reshape(len(sim), -1), sim), axis=1)))
+    row["fhe_equals_simulation"] = int(fhe_equals_simulation(m["outputs"], sim).sum())
     row["config"] = {"n_bits": model.n_bits, "p_error": float(model.fhe_circuit.statistics["p_error"])}
     return _with_runs(row, m)
 

@@ -25,7 +25,7 @@ import numpy as np
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.fhe_client import PrivateClient
 from molcloak.pipeline.fhe_server import PrivateServer
-from molcloak.pipeline.metrics import score, to_predictions
+from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.predict import Simulator, run_encrypted
 
 
@@ -63,7 +63,7 @@ def evaluate(bundle: str | Path, n: int | None = None, on_row=None) -> dict:
         "n_test": len(ckpt.y_test),
         "n_executed": len(X),
         "metrics": {**manifest.metrics, "fhe_execute": executed},
-        "fhe_equals_simulation": int(sum(np.array_equal(r, s) for r, s in zip(raws, simulated))),
+        "fhe_equals_simulation": int(fhe_equals_simulation(raws, simulated).sum()),
         "seconds": {k: _quantiles(v) for k, v in times.items()},
         "keygen_seconds": keyinfo.seconds,
         "evaluation_key_bytes": keyinfo.evaluation_key_bytes,

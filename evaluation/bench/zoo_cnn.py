@@ -35,7 +35,7 @@ from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.data import load_bundled
 from molcloak.pipeline.fhe_client import PrivateClient
 from molcloak.pipeline.fhe_server import PrivateServer
-from molcloak.pipeline.metrics import score, to_predictions
+from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.predict import run_encrypted
 from molcloak.pipeline.train import TrainConfig
 from molcloak.pipeline.workflow import compile_checkpoint, deploy, train_checkpoint
@@ -97,8 +97,8 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
         "epochs_run": ckpt.train_info["epochs_run"],
         "compile_seconds": round(compiled.seconds, 1),
         "metrics": metrics,
-        "fhe_equals_simulation": int(np.sum(np.all(executed == simulated, axis=1))),
-        "simulation_equals_simulation": int(np.sum(np.all(simulated_again == simulated, axis=1))),
+        "fhe_equals_simulation": int(fhe_equals_simulation(executed, simulated).sum()),
+        "simulation_equals_simulation": int(fhe_equals_simulation(simulated_again, simulated).sum()),
         "latency": {"n_runs": len(runs), "median_s": statistics.median(runs),
                     "p90_s": runs_sorted[int(np.ceil(0.9 * len(runs))) - 1], "min_s": runs_sorted[0], "max_s": runs_sorted[-1]},
         "keygen_s": keyinfo.seconds,

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PATH = Path(os.environ.get("MOLCLOAK_HOME", Path.home() / ".molcloak")) / "pbs_calibration.json"
+from molcloak.pipeline.files import molcloak_home
+
+DEFAULT_PATH = molcloak_home() / "pbs_calibration.json"
 SIZES = (1, 16)
 
 

@@ -24,6 +24,7 @@ from molcloak.pipeline.bundle import Checkpoint
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import TuneError
+from molcloak.pipeline.metrics import fhe_equals_simulation
 from molcloak.pipeline.runconfig import RunConfig
 from molcloak.pipeline.train import TrainConfig
 from molcloak.pipeline.workflow import (
@@ -160,7 +161,7 @@ def execute(point: Point, ckpt: Checkpoint, n_runs: int, on_item=None) -> dict:
     sim = compiled.q_module.forward(ckpt.X_test[:n_runs], fhe="simulate")
     point.measured = {
         **{k: m[k] for k in ("keygen_s", "evaluation_key_bytes", "input_ciphertext_bytes", "output_ciphertext_bytes", "latency")},
-        "fhe_equals_simulation": int(np.sum(np.all(np.isclose(m["outputs"], sim), axis=1))),
+        "fhe_equals_simulation": int(fhe_equals_simulation(m["outputs"], sim).sum()),
         "load_avg": _load(),
     }
     return point.measured
