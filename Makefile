@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.molcloak-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install chromium demo app test test-fast bench clean
+.PHONY: install chromium demo app lint format test test-fast bench clean
 
 install: $(STAMP)
 
@@ -31,7 +31,16 @@ demo: $(STAMP)
 app: $(STAMP)
 	$(BIN)/molcloak app --bundle demo/bundle
 
-test: $(STAMP) chromium
+# ruff (configured in pyproject.toml): lint and formatting, checked before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) chromium lint
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

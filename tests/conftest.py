@@ -15,12 +15,16 @@ from molcloak.pipeline.train import TrainConfig  # noqa: E402
 
 TINY = dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2)
 TINY_TRAIN = TrainConfig(epochs=8, patience=8, seed=0)
+# The tiny fixtures compile without approximate rounding at p_error 2^-40 per PBS, so that decrypted FHE
+# outputs equal the simulation bit for bit (tests compare them exactly; Concrete simulates approximate
+# rounding and larger p_error with randomness).
+EXACT_P_ERROR = 2**-40
 
 
 def _tiny(task: str, tmp: Path, rounding_bits=None):
     ds = data.load_bundled(task)
     ckpt = workflow.train_checkpoint(ds, model_options=TINY, train_config=TINY_TRAIN)
-    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=rounding_bits))
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=rounding_bits, p_error=EXACT_P_ERROR))
     bundle = tmp / f"{task}-bundle"
     workflow.deploy(ckpt, compiled, bundle, f"tiny-{task}")
     return ckpt, compiled, bundle

@@ -24,10 +24,6 @@ def primary_metric(kind: str) -> str:
     return "rmse" if kind == "regression" else "roc_auc"
 
 
-def metric_names(kind: str) -> tuple[str, ...]:
-    return REGRESSION_METRICS if kind == "regression" else CLASSIFICATION_METRICS
-
-
 # ---------------------------------------------------------------- vectorized metrics
 
 

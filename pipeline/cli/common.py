@@ -85,6 +85,13 @@ def progress(transient: bool = True) -> Progress:
     )
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """Was option `name` given on the command line (not left at its default)? Compared by name: Typer
+    0.29 vendors its own click, whose ParameterSource is not click.core's."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def read_token(path: Path | None) -> str | None:
     if path is None:
         return None

@@ -19,6 +19,7 @@ from .common import (
     cli_errors,
     emit_json,
     fmt_metrics,
+    given,
     kb,
     mb,
     out,
@@ -52,8 +53,6 @@ def predict(
     stays in --key-dir. Examples: molcloak predict --bundle bundles/sol-low "CCO";
     molcloak predict --server http://127.0.0.1:8000 --model sol-low "CCO"
     """
-    from click.core import ParameterSource
-
     from ..bundle import load_manifest
     from ..inputs import read_inputs, write_csv
     from ..predict import predict_local
@@ -67,7 +66,7 @@ def predict(
     if server is not None and fhe != "execute":
         raise ConfigError("--fhe simulate needs the owner's weights: use it with --bundle DIR (a bundle with its owner/ part), "
                           "not with --server")
-    if bundle is not None and ctx.get_parameter_source("batch_size") == ParameterSource.COMMANDLINE:
+    if bundle is not None and given(ctx, "batch_size"):
         raise ConfigError("--batch-size sets ciphertexts per HTTP request and applies to --server only; leave it out with --bundle")
     from ..serving.http_api import MAX_BATCH
 
