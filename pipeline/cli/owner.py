@@ -66,8 +66,6 @@ def train(
     The checkpoint records the compile settings (--config's, else the defaults) that `compile` and
     `deploy` use. Example: molcloak train --dataset sol-low --features physchem --out runs/sol-low
     """
-    from click.core import ParameterSource
-
     from ..bundle import save_checkpoint
     from ..runconfig import RunConfig, parse_model_options
     from ..workflow import train_run
@@ -82,9 +80,8 @@ def train(
     if config_file is None:
         run = RunConfig().override(features, model, options, settings)
     else:
-        given = lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE  # noqa: E731
-        run = RunConfig.load(config_file).override(features, model if given("model") else None, options,
-                                                   {k: v for k, v in settings.items() if given(k)})
+        run = RunConfig.load(config_file).override(features, model if given(ctx, "model") else None, options,
+                                                   {k: v for k, v in settings.items() if given(ctx, k)})
     with progress() as bar:
         t = bar.add_task("training", total=run.train.epochs, status="")
         on_epoch = lambda epoch, total, row: bar.update(  # noqa: E731
