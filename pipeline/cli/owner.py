@@ -18,6 +18,7 @@ from .common import (
     emit_json,
     err,
     fmt_metrics,
+    given,
     given_compile,
     int_list,
     kb,
