@@ -10,79 +10,30 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from molcloak.pipeline.errors import BundleError
+from molcloak.pipeline.files import molcloak_home, write_private
+from molcloak.pipeline.serving.process import ServerProcess, free_port
 
-from molcloak.pipeline.errors import BundleError, RemoteError
-from molcloak.pipeline.files import molcloak_home
+__all__ = ["DEFAULT_BUNDLE", "DEFAULT_STATE", "ServerProcess", "free_port", "run_app", "start_server"]
 
 DEFAULT_BUNDLE = Path("demo/bundle")
 DEFAULT_STATE = molcloak_home() / "app"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """A `molcloak serve` child process on loopback."""
-
-    url: str
-    token: str
-    process: subprocess.Popen
-    log: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
 def start_server(bundles: Path, state_dir: Path, workers: int | None = None, timeout: float = 180.0) -> ServerProcess:
-    """Start `molcloak serve` for `bundles` and wait until /health answers."""
+    """Start `molcloak serve` for `bundles`, protected by a new random token (`<state_dir>/server-token`,
+    mode 0600; `.token` of the result), and wait until /health answers. Log: `<state_dir>/server.log`."""
     from molcloak.pipeline.serving.http_api import find_bundles
 
     find_bundles(Path(bundles))  # a clear error now rather than a dead child later
-    state_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    token_file = state_dir / "server-token"
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token)
-    port = free_port()
-    cmd = [sys.executable, "-m", "molcloak.pipeline.cli", "serve", "--bundles", str(bundles), "--host", "127.0.0.1",
-           "--port", str(port), "--state-dir", str(state_dir / "server"), "--token-file", str(token_file)]
-    if workers:
-        cmd += ["--workers", str(workers)]
+    state_dir = Path(state_dir)
+    token_file = write_private(state_dir / "server-token", secrets.token_urlsafe(24).encode(), private_dir=False)
     log = state_dir / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    server = ServerProcess(f"http://127.0.0.1:{port}", token, proc, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RemoteError(f"the FHE server exited with code {proc.returncode}: {' | '.join(tail)} (log: {log})")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).is_success:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RemoteError(f"the FHE server did not answer /health within {timeout:.0f} s (log: {log})")
+    log.write_bytes(b"")  # this run's log only
+    return ServerProcess(bundles, state_dir / "server", workers=workers, token_file=token_file, log=log, timeout=timeout)
 
 
 def run_app(bundle: Path | None = None, server_url: str | None = None, token: str | None = None,

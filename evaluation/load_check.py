@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,16 +23,12 @@ import httpx
 import psutil
 
 from molcloak.pipeline.bundle import load_checkpoint
+from molcloak.pipeline.errors import MolcloakError, UnknownModelError
 from molcloak.pipeline.metrics import fhe_equals_simulation
 from molcloak.pipeline.predict import predict_local
 from molcloak.pipeline.serving.http_api import find_bundles
 from molcloak.pipeline.serving.http_client import RemoteModel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from molcloak.pipeline.serving.process import START_TIMEOUT, ServerProcess
 
 
 def _tree_rss(pid: int) -> int:
@@ -46,20 +39,21 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
-def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, key_cache_mb: int) -> dict:
-    bundle_dir = find_bundles(bundles)[model][0]
+def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, key_cache_mb: int,
+        start_timeout: float = START_TIMEOUT) -> dict:
+    found = find_bundles(bundles)
+    if model not in found:
+        raise UnknownModelError(f"model {model!r} is not in {bundles}; available: {', '.join(found)}; pass one with --model")
+    bundle_dir = found[model][0]
 
     ckpt = load_checkpoint(bundle_dir)
     molecules = ckpt.smiles_test[: clients * per_client]
     expected = {p.smiles: p.raw for p in predict_local(bundle_dir, molecules, fhe="simulate").predictions}
 
     tmp = Path(tempfile.mkdtemp(prefix="molcloak-load-"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "molcloak.pipeline.cli", "serve", "--bundles", str(bundles), "--port", str(port),
-         "--workers", str(workers), "--key-cache-mb", str(key_cache_mb), "--state-dir", str(tmp / "state")],
-        stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServerProcess(bundles, tmp / "state", workers=workers, log=tmp / "server.log",
+                           extra_args=["--key-cache-mb", str(key_cache_mb)], timeout=start_timeout)
+    url = server.url
     peak = [0]
     stop = threading.Event()
 
@@ -69,12 +63,6 @@ def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, 
             time.sleep(0.2)
 
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
         idle_rss = _tree_rss(server.pid)
         threading.Thread(target=sample, daemon=True).start()
         remotes = [RemoteModel(url, model, key_dir=tmp / f"client{i}") for i in range(clients)]
@@ -110,8 +98,7 @@ def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, 
         health = httpx.get(f"{url}/health", timeout=10).json()
     finally:
         stop.set()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        server.stop()
     lat = sorted(latencies)
     return {
         "model": model, "clients": clients, "predictions_per_client": per_client, "workers": workers,
@@ -134,9 +121,16 @@ def main(argv=None) -> int:
     ap.add_argument("--per-client", type=int, default=10)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--key-cache-mb", type=int, default=1024, help="server's key cache cap")
+    ap.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
+                    help="seconds to wait for the server to answer /health")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
-    result = run(args.bundles, args.model, args.clients, args.per_client, args.workers, args.key_cache_mb)
+    try:
+        result = run(args.bundles, args.model, args.clients, args.per_client, args.workers, args.key_cache_mb,
+                     args.start_timeout)
+    except MolcloakError as exc:
+        print(f"load_check: error: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -146,4 +140,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # not sys.exit: after an FHE simulation, Concrete's atexit hook (terminate_df_parallelization)
+    # ends the interpreter with status 0 whatever the status asked for
+    os._exit(status)

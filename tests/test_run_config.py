@@ -134,3 +134,14 @@ def test_first_screen_has_no_dependency_noise(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for noise in ("CUDA", "Named tensors", "UserWarning", "DeprecationWarning", "pkg_resources"):
         assert noise not in proc.stderr + proc.stdout, proc.stderr
+
+
+def test_a_failure_after_compiling_exits_2_from_a_real_process(tmp_path):
+    """Defect: once Concrete had compiled, its exit hook turned the CLI's exit status 2 into 0."""
+    result = run("train", *TINY, "--epochs", "1", "--out", tmp_path / "ckpt")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "taken").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "molcloak.pipeline.cli", "compile", str(tmp_path / "ckpt"), "--rounding-bits",
+                           "0", "--bundle", str(tmp_path / "taken")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "already exists; pass --force" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,14 +5,20 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import stat
+import time
 
 import httpx
 import numpy as np
 import pytest
 from helpers import ServerProcess, free_port
 
-from molcloak.pipeline.errors import RemoteError
+from molcloak.pipeline.errors import KeyMismatchError, RemoteError
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
+from molcloak.pipeline.serving.http_api import status_of
 from molcloak.pipeline.serving.http_client import RemoteModel
+from molcloak.pipeline.serving.keystore import KeyStore
 
 TOKEN = "s3cret-token"
 
@@ -90,6 +96,35 @@ def test_keys_survive_a_restart(tiny_binary, tmp_path):
         assert third.predictions[0].raw == first.predictions[0].raw and again.key_id() != key_id
     finally:
         server.stop()
+
+
+def test_client_fingerprint_is_the_clients_and_survives_touch_and_restart(tiny_binary, tmp_path):
+    """GET /models gives sha256(client.zip)[:16], the value `PrivateClient.fingerprint` computes, whatever
+    the files' modification times; POST /predict accepts it."""
+    ckpt, _, bundle = tiny_binary
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    shutil.copytree(bundle, bundles / "binary")
+    expected = PrivateClient(bundles / "binary", tmp_path / "local-keys").fingerprint
+
+    def served(server):
+        (info,) = httpx.get(f"{server.url}/models").json()
+        return info["client_fingerprint"], httpx.get(f"{server.url}/models/tiny-sol-low/client").content
+
+    with ServerProcess(bundles, tmp_path / "state", workers=1) as server:
+        first, download = served(server)
+        model = RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "keys")
+        assert model.client.fingerprint == expected  # the downloaded client part hashes to the same value
+        body = {"model": "tiny-sol-low", "key_id": model.key_id(), "client_fingerprint": expected,
+                "ciphertexts": [base64.b64encode(model.client.encrypt(ckpt.X_test[0])).decode()]}
+        assert model.request("POST", "/predict", json=body).status_code == 200
+    later = time.time() + 3600
+    for f in (bundles / "binary" / "client").iterdir():
+        os.utime(f, (later, later))
+    with ServerProcess(bundles, tmp_path / "state", workers=1, port=server.port) as server:
+        again, download_again = served(server)
+    assert first == again == expected
+    assert download_again == download  # the same files give the same download
 
 
 @pytest.fixture(scope="module")
@@ -250,4 +285,24 @@ def test_fuzz_every_route_of_the_openapi_schema(served):
         assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
 
     check()
+    assert server.alive()
+
+
+def test_key_store_answers_409_for_keys_of_another_model(served, uploaded, tiny_binary):
+    """The worker-side owner check (KeyStore.get) fails like the route's check: KeyMismatchError, 409."""
+    server, root = served
+    binary_key, regression_key = uploaded[:2]
+    fhe = PrivateServer(tiny_binary[2])
+    keys_dir = root / "state" / "keys"
+    store = KeyStore(keys_dir, 2**30, load=lambda model, data: fhe.load_keys(data), cost=lambda model: 1)
+    assert store.get(binary_key, "tiny-sol-low") is not None  # the real uploaded keys, deserialized
+    with pytest.raises(KeyMismatchError, match=f"key id {regression_key} belongs to model 'tiny-sol-logs', "
+                                               "not 'tiny-sol-low'; upload keys generated for 'tiny-sol-low'") as info:
+        store.get(regression_key, "tiny-sol-low")
+    assert status_of(info.value) == 409
+    # evaluation keys on disk: directory 0700, files 0600, no temporary file left behind
+    assert stat.S_IMODE(keys_dir.stat().st_mode) == 0o700
+    files = list(keys_dir.iterdir())
+    assert {f.name for f in files} >= {f"{binary_key}.keys", f"{binary_key}.json", f"{regression_key}.keys"}
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files) and not any(f.name.endswith(".tmp") for f in files)
     assert server.alive()

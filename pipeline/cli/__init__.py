@@ -7,6 +7,9 @@ audit, bench (bench, tune), demo. Nothing outside this package imports it.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from . import (  # noqa: F401  (each registers its commands)
     audit,
     bench,
@@ -20,7 +23,15 @@ from .common import app
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code:  # Concrete's exit hook ends a process that compiled or simulated with status 0: exit now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
 
 
 __all__ = ["app", "main"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import io
 import os
 import secrets
@@ -24,7 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ..bundle import Manifest, load_manifest
+from ..bundle import Manifest, client_fingerprint, load_manifest
 from ..errors import (
     BundleError,
     CiphertextError,
@@ -88,7 +87,8 @@ class ModelInfo(BaseModel):
     metrics: dict
     featurizer: dict
     circuit: dict
-    client_fingerprint: str = Field(description="sha256 of the client part; changes when the model is redeployed")
+    client_fingerprint: str = Field(description="sha256 of the client part's client.zip (16 hex characters), as "
+                                    "`PrivateClient.fingerprint` computes it; changes when the model is redeployed")
     evaluation_key_bytes: int | None = Field(None, description="exact size of this model's serialized evaluation keys")
 
 
@@ -123,6 +123,11 @@ ERRORS = {400: {"model": ErrorResponse, "description": "malformed ciphertext or 
           503: {"model": ErrorResponse, "description": "queue full or worker restarted; retry"}}
 
 
+def status_of(exc: MolcloakError) -> int:
+    """The HTTP status of a molcloak error (400 unless listed in STATUS)."""
+    return next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+
+
 def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
@@ -133,7 +138,7 @@ def error(status: int, kind: str, message: str, headers: dict | None = None) -> 
 def create_app(config: ServeConfig) -> FastAPI:
     models = find_bundles(config.bundles)
     client_zips = {name: _client_zip(d) for name, (d, _) in models.items()}
-    fingerprints = {name: hashlib.sha256(z).hexdigest()[:16] for name, z in client_zips.items()}
+    fingerprints = {name: client_fingerprint(d) for name, (d, _) in models.items()}  # the value clients compute
     config.keys_dir.mkdir(parents=True, exist_ok=True)
     store = KeyStore(config.keys_dir, 0, load=lambda m, d: None, cost=lambda m: 0)  # metadata only
     pool = WorkerPool({n: d for n, (d, _) in models.items()}, config.keys_dir, config.workers, config.queue_size,
@@ -155,7 +160,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(MolcloakError)
     async def molcloak_error(_request, exc: MolcloakError):
-        status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+        status = status_of(exc)
         return error(status, type(exc).__name__, str(exc), {"Retry-After": "2"} if status == 503 else None)
 
     @app.exception_handler(Exception)
@@ -182,7 +187,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/models", response_model=list[ModelInfo])
     async def list_models():
-        return [_model_info(name, m, client_zips[name]) for name, (_, m) in models.items()]
+        return [_model_info(name, m, fingerprints[name]) for name, (_, m) in models.items()]
 
     @app.get("/models/{name}/client", responses={404: ERRORS[404]},
              response_class=Response, summary="The client part of a bundle (zip): quantizers, crypto parameters, manifest; no weights")
@@ -218,9 +223,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post("/predict", response_model=PredictResponse, responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 503)})
     async def predict(req: PredictRequest):
         model_or_404(req.model)
-        owner = store.meta(req.key_id)["model"]
-        if owner != req.model:
-            raise KeyMismatchError(f"key id {req.key_id} belongs to model {owner!r}, not {req.model!r}")
+        store.check_owner(req.key_id, req.model)
         if req.client_fingerprint is not None and req.client_fingerprint != fingerprints[req.model]:
             raise CiphertextError(f"the ciphertexts were encrypted with the client part {req.client_fingerprint!r}, "
                                   f"model {req.model!r} has {fingerprints[req.model]!r}; download its client part again")
@@ -256,18 +259,21 @@ def _b64(text: str, index: int) -> bytes:
 
 
 def _client_zip(bundle_dir: Path) -> bytes:
+    """The download of GET /models/{name}/client: client.zip and manifest.json, with fixed timestamps so
+    the same files always give the same bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for name in ("client.zip", "manifest.json"):
-            z.write(bundle_dir / "client" / name, name)
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            z.writestr(info, (bundle_dir / "client" / name).read_bytes(), zipfile.ZIP_DEFLATED)
     return buf.getvalue()
 
 
-def _model_info(name: str, m: Manifest, client_zip: bytes) -> ModelInfo:
+def _model_info(name: str, m: Manifest, fingerprint: str) -> ModelInfo:
     task = m.task
     return ModelInfo(name=name, task=task.to_dict(), labels=list(task.labels), metrics=m.metrics,
-                     featurizer=m.data["featurizer"], circuit=m.circuit,
-                     client_fingerprint=hashlib.sha256(client_zip).hexdigest()[:16],
+                     featurizer=m.data["featurizer"], circuit=m.circuit, client_fingerprint=fingerprint,
                      evaluation_key_bytes=m.circuit.get("serialized_evaluation_key_bytes"))
 
 

@@ -1,8 +1,8 @@
 """The server's registry of evaluation keys: persisted atomically, hot ones cached (LRU, memory cap).
 
-A key id is 128 random bits (32 hex characters). On disk: `<root>/<id>.keys` (the serialized
-evaluation keys, exactly as uploaded) and `<root>/<id>.json` (model name, size, time). The store
-never holds secret keys: a client only ever sends evaluation keys.
+A key id is 128 random bits (32 hex characters). On disk, in `<root>` (mode 0700): `<id>.keys` (the
+serialized evaluation keys, exactly as uploaded) and `<id>.json` (model name, size, time), both 0600.
+The store never holds secret keys: a client only ever sends evaluation keys.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import KeysError
+from ..errors import KeyMismatchError, KeysError
+from ..files import write_private
 
 KEY_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -27,6 +28,7 @@ class KeyStore:
         """`load(model, data)` deserializes keys; `cost(model)` is the memory one loaded key set takes."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)  # evaluation keys are readable by the server's user only
         self.cache_bytes = cache_bytes
         self._load, self._cost = load, cost
         self._cache: OrderedDict[str, tuple[str, Any, int]] = OrderedDict()
@@ -36,9 +38,9 @@ class KeyStore:
 
     def put(self, model: str, data: bytes) -> str:
         key_id = secrets.token_hex(16)
-        _atomic_write(self.root / f"{key_id}.keys", data)
+        write_private(self.root / f"{key_id}.keys", data, private_dir=False)
         meta = {"model": model, "bytes": len(data), "created": time.time()}
-        _atomic_write(self.root / f"{key_id}.json", json.dumps(meta).encode())
+        write_private(self.root / f"{key_id}.json", json.dumps(meta).encode(), private_dir=False)
         return key_id
 
     def meta(self, key_id: str) -> dict:
@@ -47,6 +49,14 @@ class KeyStore:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise KeysError(f"key id {key_id!r} is unknown to this server; upload the evaluation keys again (POST /keys)") from exc
+
+    def check_owner(self, key_id: str, model: str) -> dict:
+        """The metadata of `key_id`; `KeyMismatchError` (HTTP 409) if its keys were made for another model."""
+        meta = self.meta(key_id)
+        if meta["model"] != model:
+            raise KeyMismatchError(f"key id {key_id} belongs to model {meta['model']!r}, not {model!r}; "
+                                   f"upload keys generated for {model!r} (POST /keys?model={model})")
+        return meta
 
     def delete(self, key_id: str) -> None:
         self.meta(key_id)
@@ -64,9 +74,7 @@ class KeyStore:
 
     def get(self, key_id: str, model: str) -> Any:
         """Loaded keys of `key_id`, which must belong to `model`."""
-        owner = self.meta(key_id)["model"]
-        if owner != model:
-            raise KeysError(f"key id {key_id} belongs to model {owner!r}, not {model!r}; upload keys generated for {model!r}")
+        self.check_owner(key_id, model)
         with self._lock:
             hit = self._cache.get(key_id)
             if hit is not None:
@@ -90,12 +98,3 @@ class KeyStore:
     def __len__(self) -> int:
         return len(list(self.root.glob("*.json")))
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
