@@ -36,7 +36,7 @@ import torch
 
 from .data import TaskSpec
 from .errors import BundleError
-from .featurize import FeaturizerSpec, spec_from_dict
+from .featurize import FeaturizerSpec, featurizer_from_dict
 from .metrics import TargetScaler
 from .tabular import TabularSpec
 
@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     sc = meta.get("target_scaler")
     return Checkpoint(
         task=TaskSpec.from_dict(meta["task"]),
-        featurizer=spec_from_dict(meta["featurizer"]),
+        featurizer=featurizer_from_dict(meta["featurizer"]),
         model_name=meta["model"]["name"],
         model_config=meta["model"]["config"],
         n_inputs=int(meta["model"]["n_inputs"]),
@@ -172,7 +172,7 @@ class Manifest:
 
     @property
     def featurizer(self) -> FeaturizerSpec | TabularSpec:
-        return spec_from_dict(self.data["featurizer"])
+        return featurizer_from_dict(self.data["featurizer"])
 
     @property
     def scaler(self) -> TargetScaler | None:

@@ -1,4 +1,4 @@
-"""Datasets: the bundled benchmarks, CSV loading with row-level validation, splits.
+"""Datasets: the bundled benchmarks and CSV loading with row-level validation (splits: `splits.py`).
 
 A `Dataset` is a list of canonical SMILES with targets and the row numbers they
 came from (1-based data rows: row 1 is the first line after the CSV header).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
+from .featurize import canonical_smiles
+from .tabular import TabularSpec, load_breast_cancer_frame, resolve_feature_cols
 
 TaskKind = Literal["binary", "multiclass", "regression", "multilabel", "multitarget"]
-SplitMethod = Literal["official", "random", "scaffold"]
 MULTITASK_KINDS = ("multilabel", "multitarget")
 MULTILABEL_LABELS = ("0", "1")  # per-task classes of a multi-label task: 0 negative, 1 positive
 
@@ -179,8 +179,6 @@ def _sol_freesolv(sol: pd.DataFrame, fs: pd.DataFrame) -> Dataset:
 
     A molecule present twice in the solubility set (8 are) gets the mean of its logS values.
     """
-    from .featurize import canonical_smiles
-
     sol = sol.assign(key=[canonical_smiles(s) for s in sol["smiles"]]).groupby("key", sort=False)["SOL"].mean()
     fs = fs.assign(key=[canonical_smiles(s) for s in fs["smiles"]]).set_index("key")["expt"]
     df = pd.merge(sol, fs, how="outer", left_index=True, right_index=True).rename_axis("smiles").reset_index()
@@ -189,8 +187,6 @@ def _sol_freesolv(sol: pd.DataFrame, fs: pd.DataFrame) -> Dataset:
 
 
 def _breast_cancer() -> Dataset:
-    from .tabular import load_breast_cancer_frame
-
     df, columns, labels, split = load_breast_cancer_frame()
     df["split"] = split
     task = TaskSpec("breast-cancer", "binary", "diagnosis", labels=labels)
@@ -272,8 +268,6 @@ def load_csv(
         raise DataError(f"{path}: target columns {targets} name a column twice; list each target once")
     ignored: list[str] = []
     if feature_cols is not None:
-        from .tabular import resolve_feature_cols
-
         exclude = targets + ([split_col] if split_col else [])
         feature_cols, ignored = resolve_feature_cols(list(df.columns), df, feature_cols, exclude, str(path))
     task_spec = _csv_task(path.stem, df, targets, task, threshold)
@@ -359,6 +353,17 @@ def _parse_targets(record: dict, task: TaskSpec, threshold: float | None) -> tup
     return values, ""
 
 
+def _check_input(record: dict, smiles_col: str | None, tabular: TabularSpec | None) -> tuple[object, str, str]:
+    """(input, the value a problem shows, reason): the numeric features checked by the tabular
+    featurizer's `check_input`, or the canonical SMILES."""
+    if tabular is not None:
+        values, reason = tabular.check_input(record)
+        return values, "", reason
+    smi = str(record[smiles_col]).strip()
+    canon = canonical_smiles(smi)
+    return canon, smi, "" if canon else f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
+
+
 def _from_frame(
     df: pd.DataFrame,
     smiles_col: str | None,
@@ -371,51 +376,31 @@ def _from_frame(
     feature_cols: tuple[str, ...] | list[str] = (),
 ) -> Dataset:
     """Validate every row: SMILES (or the numeric `feature_cols` of tabular data) and target(s)."""
-    from .featurize import canonical_smiles
-
-    tabular = None
-    if feature_cols:
-        from .tabular import TabularSpec
-
-        tabular = TabularSpec(tuple(feature_cols))
+    tabular = TabularSpec(tuple(feature_cols)) if feature_cols else None
     problems: list[RowProblem] = []
-    seen: dict[str, int] = {}
-    keep_x, keep_y, keep_rows, keep_split = [], [], [], []
+    seen: dict[str, int] = {}  # canonical SMILES -> first row
+    keep = []  # (input, target(s), row, split)
     for i, record in enumerate(df.to_dict("records"), start=1):
-        if tabular is not None:
-            x, reason = tabular.parse(record)
-            if reason:
-                problems.append(RowProblem(i, "", reason))
-                continue
-        else:
-            smi = str(record[smiles_col]).strip()
-            x = canonical_smiles(smi)
-            if x is None:
-                problems.append(RowProblem(i, smi, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"))
-                continue
-        y, reason = _parse_targets(record, task, threshold)
-        if y is None:
-            problems.append(RowProblem(i, "", reason))
+        x, value, reason = _check_input(record, smiles_col, tabular)
+        y = None
+        if not reason:
+            y, reason = _parse_targets(record, task, threshold)
+            value = "" if reason else value
+        if not reason and isinstance(x, str) and seen.setdefault(x, i) != i and not allow_duplicates:
+            reason = f"SMILES {value!r} is the same molecule as row {seen[x]}; remove the duplicate or pass --skip-invalid"
+        if reason:
+            problems.append(RowProblem(i, value, reason))
             continue
-        if tabular is None:
-            if x in seen and not allow_duplicates:
-                problems.append(RowProblem(
-                    i, smi, f"SMILES {smi!r} is the same molecule as row {seen[x]}; remove the duplicate or pass --skip-invalid"))
-                continue
-            seen[x] = i
-        keep_x.append(x)
-        keep_y.append(y)
-        keep_rows.append(i)
-        if split_col:
-            keep_split.append(str(record[split_col]).strip().lower())
+        keep.append((x, y, i, str(record[split_col]).strip().lower() if split_col else ""))
     if problems and not skip_invalid:
         raise DataError(summarize_problems(problems, source))
-    if not keep_x:
+    if not keep:
         raise DataError(f"{source}: no valid row left ({len(problems)} invalid rows); check the columns")
+    xs, ys, rows, splits = (list(c) for c in zip(*keep))
     dtype = np.int64 if task.kind in ("binary", "multiclass") else np.float64
-    split = np.asarray(keep_split) if split_col else None
-    ds = Dataset([] if tabular else keep_x, np.asarray(keep_y, dtype=dtype), task, np.asarray(keep_rows), split, problems,
-                 table=np.asarray(keep_x, dtype=np.float64) if tabular else None, columns=tuple(feature_cols))
+    ds = Dataset(xs if tabular is None else [], np.asarray(ys, dtype=dtype), task, np.asarray(rows),
+                 np.asarray(splits) if split_col else None, problems,
+                 table=None if tabular is None else np.asarray(xs, dtype=np.float64), columns=tuple(feature_cols))
     _check_labels(ds, source)
     return ds
 
@@ -441,91 +426,3 @@ def summarize_problems(problems: list[RowProblem], source: str) -> str:
         rows = ", ".join(str(p.row) for p in problems[1:6]) + (", ..." if len(problems) > 6 else "")
         more = f" (and {len(problems) - 1} more invalid rows: {rows})"
     return f"{source}: {first}{more}"
-
-
-# ---------------------------------------------------------------- splits
-
-
-def balanced_sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` test indices, alternating between classes so both labels show up."""
-    rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)]
-    picked = []
-    while len(picked) < min(n, len(y)):
-        for pool in pools:
-            if pool and len(picked) < n:
-                picked.append(pool.pop())
-    return np.asarray(picked, dtype=int)
-
-
-
-@dataclass
-class Split:
-    train: np.ndarray
-    valid: np.ndarray
-    test: np.ndarray
-    method: str
-
-
-def split_dataset(
-    ds: Dataset,
-    method: SplitMethod | None = None,
-    test_fraction: float = 0.2,
-    valid_fraction: float = 0.1,
-    seed: int = 0,
-) -> Split:
-    """Train/validation/test indices. `None` = official split when the data has one, else random.
-
-    The validation part is always a seeded random subset of the training part.
-    """
-    if not 0 < test_fraction < 1 or not 0 <= valid_fraction < 1:
-        raise DataError(f"split fractions must be in (0, 1); got test={test_fraction}, valid={valid_fraction}")
-    if method is None:
-        method = "official" if ds.official_split is not None else "random"
-    rng = np.random.default_rng(seed)
-    n = len(ds)
-    if method == "official":
-        if ds.official_split is None:
-            raise DataError(f"dataset {ds.task.name!r} has no official split; use --split random or scaffold")
-        test = np.flatnonzero(ds.official_split == "test")
-        trainval = np.flatnonzero(ds.official_split != "test")
-    elif method == "random":
-        perm = rng.permutation(n)
-        n_test = max(1, int(round(test_fraction * n)))
-        test, trainval = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    elif method == "scaffold":
-        if ds.is_tabular:
-            raise DataError(f"dataset {ds.task.name!r} has numeric rows, no molecules to take scaffolds of; use --split random")
-        trainval, test = _scaffold_split(ds.smiles, test_fraction, rng)
-    else:
-        raise DataError(f"unknown split {method!r}; expected official, random or scaffold")
-    perm = rng.permutation(trainval)
-    n_valid = int(round(valid_fraction * len(trainval)))
-    valid, train = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
-    if len(train) == 0 or len(test) == 0:
-        raise DataError(f"split {method!r} left an empty train or test set ({n} molecules); use more data")
-    return Split(train, valid, test, method)
-
-
-def murcko_scaffold(smiles: str) -> str:
-    from rdkit import Chem
-    from rdkit.Chem.Scaffolds import MurckoScaffold
-
-    mol = Chem.MolFromSmiles(smiles)
-    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False) if mol else ""
-
-
-def _scaffold_split(smiles: list[str], test_fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Whole scaffold groups go to one side: large groups to train, the seeded rest fills test."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(smiles):
-        groups[murcko_scaffold(s)].append(i)
-    sets = list(groups.values())
-    order = rng.permutation(len(sets))
-    # big scaffolds first (they belong in train), random order among equal sizes
-    sets = sorted((sets[i] for i in order), key=len, reverse=True)
-    n_train_target = len(smiles) - int(round(test_fraction * len(smiles)))
-    train, test = [], []
-    for g in sets:
-        (train if len(train) + len(g) <= n_train_target else test).extend(g)
-    return np.sort(np.asarray(train, dtype=int)), np.sort(np.asarray(test, dtype=int))

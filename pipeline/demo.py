@@ -9,11 +9,12 @@ import numpy as np
 
 from .bundle import save_checkpoint
 from .compile import CompileConfig
-from .data import balanced_sample, load_bundled
+from .data import load_bundled
 from .fhe_client import PrivateClient
 from .fhe_server import PrivateServer
 from .metrics import fhe_equals_simulation, score, to_predictions
 from .predict import run_encrypted
+from .splits import balanced_sample
 from .train import TrainConfig, predict_raw
 from .workflow import compile_checkpoint, deploy, train_checkpoint
 

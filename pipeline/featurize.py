@@ -1,22 +1,29 @@
-"""SMILES -> feature vectors, with a serializable spec.
+"""The featurizer protocol, and SMILES -> feature vectors with a serializable spec.
 
-A spec string such as ``physchem``, ``morgan:r=2,n=1024``, ``morgan_count:r=2,n=256``
-or ``physchem+morgan:r=2,n=512`` names the parts; `fit_featurizer` adds the
-standardization fitted on the training molecules. The fitted spec travels in
-the bundle manifest so a client featurizes exactly as the model was trained.
+`Featurizer` is what the pipeline needs of a featurizer, for molecules and tabular rows alike:
+``spec.fit(training inputs)`` returns a fitted copy, ``spec.transform(inputs)`` the float32
+features, ``spec.to_dict()`` what the bundle stores and `featurizer_from_dict` reads back (the
+class is chosen by the dict's "kind" key in `FEATURIZERS`). The fitted spec travels in the
+bundle manifest so a client featurizes exactly as the model was trained.
+
+`FeaturizerSpec` featurizes SMILES. A spec string such as ``physchem``, ``morgan:r=2,n=1024``,
+``morgan_count:r=2,n=256`` or ``physchem+morgan:r=2,n=512`` names its parts; each part kind is
+one entry of `PART_KINDS` (how to compute one molecule's values, width, names, whether the columns
+are scaled, which options it takes). ``fit`` adds the scaling fitted on the training molecules.
 
 ``grid:r=2,size=32`` is the molecule image of the CNN models (ChemXor's input): the RDKit
 Morgan count fingerprint of radius r with size*size hashed bins, bin i at row i // size,
 column i % size, counts capped at `GRID_CAP` and divided by it (values k/7 in [0, 1], no
-standardization). It must be the only part; `featurize` then returns (n, 1, size, size).
+standardization). It must be the only part; ``transform`` then returns (n, 1, size, size).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -36,11 +43,48 @@ PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
     "RingCount",
     "HeavyAtomCount",
 )
-PART_KINDS = ("physchem", "morgan", "morgan_count", "grid")
 COUNT_CAP = 15  # morgan_count values are clipped here so a few bits represent them
 GRID_CAP = 7  # grid pixels: min(count, 7) / 7, exactly 3 bits (99% of non-zero counts are <= 7)
 SCALES = ("standard", "quantile")  # quantile: each column mapped to [-1, 1] by its training quantiles
 N_QUANTILES = 65
+MOLECULAR = "molecular"  # the "kind" of a SMILES featurizer's dict (manifests without "kind" are molecular)
+
+
+@runtime_checkable
+class Featurizer(Protocol):
+    """A serializable featurizer: inputs of one kind -> float32 features of a fixed shape.
+
+    - `input_kind`: what `check_input`, `fit` and `transform` take: "smiles" (SMILES strings) or
+      "rows" (mappings column -> value, or sequences in column order).
+    - `check_input(item)`: (the value the featurizer will read, "") or (None, why the item is unusable
+      and the fix); one input, never raises for bad data.
+    - `fit(train_inputs)`: a fitted copy (scaling learned on the training inputs only).
+    - `transform(inputs)`: features of shape (n, *shape), float32; the spec must be fitted.
+    - `width` (features per input), `shape`, `names` (one per feature), `is_fitted`.
+    - `to_dict()`: JSON-able, with a "kind" key `featurizer_from_dict` reads back.
+    """
+
+    input_kind: str
+
+    def check_input(self, item: Any, /) -> tuple[Any | None, str]: ...
+
+    def fit(self, train_inputs: Any) -> Featurizer: ...
+
+    def transform(self, inputs: Any) -> np.ndarray: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def names(self) -> list[str]: ...
+
+    @property
+    def is_fitted(self) -> bool: ...
+
+    def to_dict(self) -> dict: ...
 
 
 def canonical_smiles(smiles: str) -> str | None:
@@ -54,6 +98,118 @@ def canonical_smiles(smiles: str) -> str | None:
     return Chem.MolToSmiles(mol) if mol is not None else None
 
 
+# ---------------------------------------------------------------- part kinds
+
+
+def _no_problem(part: Part) -> str:
+    return ""
+
+
+class PartKind(NamedTuple):
+    """One kind of molecular feature part: an entry of `PART_KINDS`.
+
+    `compute(part, mol)` returns one RDKit molecule's raw values (`width(part)` numbers, before
+    scaling); an exception it raises becomes a `FeaturizerError` naming the molecule (see
+    `descriptor_compute` for descriptor lists, which also name the descriptor that failed).
+    """
+
+    compute: Callable[[Part, Any], Sequence[float] | np.ndarray]
+    width: Callable[[Part], int]
+    names: Callable[[Part], list[str]]
+    description: str
+    options: tuple[str, ...] = ()  # spec options it reads, in the order `str` writes them: r (radius), n (bits), size
+    scaled: bool = True  # columns standardized, scale=quantile allowed; False: bits or pixels used as they are
+    check: Callable[[Part], str] = _no_problem  # "" or what is wrong with the part's options and the fix
+    image: bool = False  # a (1, side, side) molecule image: the only part of its spec
+
+
+@functools.cache
+def _rdkit_descriptor(name: str) -> Callable[[Any], float]:
+    from rdkit.Chem import Descriptors
+
+    return getattr(Descriptors, name)
+
+
+def descriptor_compute(names: Sequence[str], lookup: Callable[[str], Callable[[Any], float]] = _rdkit_descriptor):
+    """The `PartKind.compute` of a descriptor list: each named descriptor (RDKit's by default) on the molecule.
+
+    A descriptor that raises becomes a `FeaturizerError` naming it (the featurizer adds the molecule)."""
+
+    def compute(part: Part, mol) -> list[float]:
+        values = []
+        for name in names:
+            try:
+                values.append(float(lookup(name)(mol)))
+            except Exception as exc:  # RDKit descriptors raise anything (ZeroDivisionError, ...)
+                raise FeaturizerError(f"descriptor {name!r} raised {type(exc).__name__}: {exc}") from exc
+        return values
+
+    return compute
+
+
+@functools.cache
+def _morgan_generator(radius: int, n_bits: int):
+    from rdkit.Chem import rdFingerprintGenerator
+
+    return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
+
+
+def _morgan_bits(part: Part, mol) -> np.ndarray:
+    return _morgan_generator(part.radius, part.n_bits).GetFingerprintAsNumPy(mol)
+
+
+def _morgan_counts(part: Part, mol) -> np.ndarray:
+    return np.minimum(_morgan_generator(part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol), COUNT_CAP)
+
+
+def _grid_pixels(part: Part, mol) -> np.ndarray:
+    counts = _morgan_generator(part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol).astype(np.float64)
+    return np.minimum(counts, GRID_CAP) / GRID_CAP
+
+
+def _check_fingerprint(part: Part) -> str:
+    if 1 <= part.radius <= 6 and 8 <= part.n_bits <= 16384:
+        return ""
+    return f"{part.kind}: radius {part.radius} / size {part.n_bits} out of range; use r in 1..6 and n in 8..16384"
+
+
+def _check_grid(part: Part) -> str:
+    problem = _check_fingerprint(part)
+    if not problem and (part.side**2 != part.n_bits or not 4 <= part.side <= 64):
+        problem = f"grid: {part.n_bits} bins do not form a square image of side 4..64; use e.g. grid:r=2,size=32"
+    return problem
+
+
+def _bins(part: Part) -> int:
+    return part.n_bits
+
+
+def _bin_names(part: Part) -> list[str]:
+    return [f"{part.kind}_r{part.radius}_{i}" for i in range(part.n_bits)]
+
+
+# The molecular part kinds. A new kind is one entry here plus its compute function (`descriptor_compute(names)`
+# for a list of RDKit descriptors); `Part`, parsing, `str`, scaling and the error reports follow from the entry.
+PART_KINDS: dict[str, PartKind] = {
+    "physchem": PartKind(descriptor_compute(PHYSCHEM_DESCRIPTORS), lambda p: len(PHYSCHEM_DESCRIPTORS),
+                         lambda p: list(PHYSCHEM_DESCRIPTORS), "10 RDKit physico-chemical descriptors (logP, TPSA, ...)"),
+    "morgan": PartKind(_morgan_bits, _bins, _bin_names, "Morgan (ECFP) bits of radius r, n bins", ("r", "n"),
+                       scaled=False, check=_check_fingerprint),
+    "morgan_count": PartKind(_morgan_counts, _bins, _bin_names, f"Morgan counts of radius r, n bins, capped at {COUNT_CAP}",
+                             ("r", "n"), check=_check_fingerprint),
+    "grid": PartKind(_grid_pixels, _bins, _bin_names, "Morgan counts as a size x size image for the CNN models",
+                     ("r", "size"), scaled=False, check=_check_grid, image=True),
+}
+OPTION_FIELDS = {"r": "radius", "radius": "radius", "n": "n_bits", "n_bits": "n_bits", "size": "n_bits"}
+
+
+def part_kind(name: str) -> PartKind:
+    """The registry entry of a part kind, or a `FeaturizerError` naming the kinds available."""
+    if name not in PART_KINDS:
+        raise FeaturizerError(f"unknown feature part {name!r}; expected one of {', '.join(PART_KINDS)}")
+    return PART_KINDS[name]
+
+
 @dataclass(frozen=True)
 class Part:
     kind: str
@@ -62,16 +218,13 @@ class Part:
     scale: str = "standard"
 
     def __post_init__(self):
-        if self.kind not in PART_KINDS:
-            raise FeaturizerError(f"unknown feature part {self.kind!r}; expected one of {', '.join(PART_KINDS)}")
-        if self.scale not in SCALES or (self.scale != "standard" and self.kind not in ("physchem", "morgan_count")):
-            raise FeaturizerError(f"{self.kind}: scale {self.scale!r} not possible; use scale=quantile on physchem or morgan_count")
-        if self.kind != "physchem" and not (1 <= self.radius <= 6 and 8 <= self.n_bits <= 16384):
-            raise FeaturizerError(
-                f"{self.kind}: radius {self.radius} / size {self.n_bits} out of range; use r in 1..6 and n in 8..16384"
-            )
-        if self.kind == "grid" and (self.side**2 != self.n_bits or not 4 <= self.side <= 64):
-            raise FeaturizerError(f"grid: {self.n_bits} bins do not form a square image of side 4..64; use e.g. grid:r=2,size=32")
+        entry = part_kind(self.kind)
+        if self.scale not in SCALES or (self.scale != "standard" and not entry.scaled):
+            scaled = " or ".join(k for k, e in PART_KINDS.items() if e.scaled)
+            raise FeaturizerError(f"{self.kind}: scale {self.scale!r} not possible; use scale=quantile on {scaled}")
+        problem = entry.check(self)
+        if problem:
+            raise FeaturizerError(problem)
 
     @property
     def side(self) -> int:
@@ -80,62 +233,71 @@ class Part:
 
     @property
     def width(self) -> int:
-        return len(PHYSCHEM_DESCRIPTORS) if self.kind == "physchem" else self.n_bits
+        return part_kind(self.kind).width(self)
 
     @property
     def names(self) -> list[str]:
-        if self.kind == "physchem":
-            return list(PHYSCHEM_DESCRIPTORS)
-        return [f"{self.kind}_r{self.radius}_{i}" for i in range(self.n_bits)]
+        return part_kind(self.kind).names(self)
 
     def __str__(self) -> str:
-        if self.kind == "grid":
-            return f"grid:r={self.radius},size={self.side}"
-        text = self.kind if self.kind == "physchem" else f"{self.kind}:r={self.radius},n={self.n_bits}"
-        return text if self.scale == "standard" else f"{text}{',' if ':' in text else ':'}scale={self.scale}"
+        values = {"r": self.radius, "n": self.n_bits, "size": self.side}
+        opts = [f"{k}={values[k]}" for k in part_kind(self.kind).options]
+        opts += [f"scale={self.scale}"] if self.scale != "standard" else []
+        return self.kind + (":" + ",".join(opts) if opts else "")
+
+    @classmethod
+    def parse(cls, chunk: str, text: str) -> Part:
+        """One ``kind:opt=value,...`` chunk of the spec string `text`."""
+        kind, _, opts = (s.strip() for s in chunk.partition(":"))
+        entry = part_kind(kind)
+        read = {OPTION_FIELDS[k] for k in entry.options}
+        kwargs: dict[str, Any] = {}
+        for opt in filter(None, (o.strip() for o in opts.split(","))):
+            key, _, val = (s.strip() for s in opt.partition("="))
+            if key == "scale" and val in SCALES:
+                kwargs["scale"] = val
+                continue
+            field = OPTION_FIELDS.get(key)
+            if field is None or not val.isdigit():
+                raise FeaturizerError(f"feature option {opt!r} in {text!r} not understood; write e.g. 'morgan:r=2,n=1024'")
+            if field not in read:
+                takes = ", ".join(entry.options + ("scale",) if entry.scaled else entry.options) or "no option"
+                raise FeaturizerError(f"feature part {kind!r} in {text!r} does not take {opt!r} (it takes {takes}); remove it")
+            kwargs[field] = int(val) ** 2 if key == "size" and entry.image else int(val)  # an image's size is its side
+        return cls(kind, **kwargs)
+
+
+# ---------------------------------------------------------------- the SMILES featurizer
 
 
 @dataclass(frozen=True)
 class FeaturizerSpec:
     parts: tuple[Part, ...]
-    # standardization fitted on training data; applied to physchem and count columns only
+    # standardization fitted on training data; applied to the scaled parts' columns only
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     knots: tuple[tuple[float, ...], ...] | None = None  # per column training quantiles (empty: not quantile-scaled)
 
+    input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
+
     def __post_init__(self):
-        if len(self.parts) > 1 and any(p.kind == "grid" for p in self.parts):
-            raise FeaturizerError(f"'grid' is an image and cannot be joined with other parts in {self}; use it alone")
+        if not self.parts:
+            raise FeaturizerError("a featurizer spec needs at least one part; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
+        images = [p.kind for p in self.parts if part_kind(p.kind).image]
+        if images and len(self.parts) > 1:
+            raise FeaturizerError(f"{images[0]!r} is an image and cannot be joined with other parts in {self}; use it alone")
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one molecule's features: (1, size, size) for a grid image, else (width,)."""
-        if self.parts and self.parts[0].kind == "grid":
+        if part_kind(self.parts[0].kind).image:
             return (1, self.parts[0].side, self.parts[0].side)
         return (self.width,)
 
     @classmethod
     def parse(cls, text: str) -> FeaturizerSpec:
         """Parse ``physchem+morgan:r=2,n=1024``."""
-        parts = []
-        for chunk in filter(None, (c.strip() for c in text.split("+"))):
-            kind, _, opts = chunk.partition(":")
-            kwargs = {}
-            for opt in filter(None, opts.split(",")):
-                key, _, val = opt.partition("=")
-                if key.strip() == "scale" and val.strip() in SCALES:
-                    kwargs["scale"] = val.strip()
-                    continue
-                if kind.strip() == "grid" and key.strip() == "size" and val.strip().isdigit():
-                    kwargs["n_bits"] = int(val) ** 2  # a grid's size is its side
-                    continue
-                key = {"r": "radius", "radius": "radius", "n": "n_bits", "size": "n_bits", "n_bits": "n_bits"}.get(key.strip())
-                if key is None or not val.strip().isdigit():
-                    raise FeaturizerError(
-                        f"feature option {opt!r} in {text!r} not understood; write e.g. 'morgan:r=2,n=1024'"
-                    )
-                kwargs[key] = int(val)
-            parts.append(Part(kind.strip(), **kwargs))
+        parts = [Part.parse(chunk, text) for chunk in filter(None, (c.strip() for c in text.split("+")))]
         if not parts:
             raise FeaturizerError(f"empty feature spec {text!r}; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
         return cls(tuple(parts))
@@ -155,8 +317,6 @@ class FeaturizerSpec:
     def is_fitted(self) -> bool:
         return self.mean is not None
 
-    input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
-
     def check_input(self, smiles) -> tuple[str | None, str]:
         """(canonical SMILES, "") or (None, the reason RDKit rejected it and the fix)."""
         canon = canonical_smiles(smiles)
@@ -164,14 +324,34 @@ class FeaturizerSpec:
             return None, f"SMILES {smiles!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
         return canon, ""
 
-    def fit(self, train_inputs) -> FeaturizerSpec:
-        return fit_featurizer(self, train_inputs)
+    def fit(self, train_inputs: Sequence[str]) -> FeaturizerSpec:
+        """This spec with its scaling fitted on the training SMILES (bit and pixel columns stay as they are)."""
+        X = raw_features(self, train_inputs)
+        if not len(X):
+            raise FeaturizerError(f"featurizer {self} cannot be fitted on 0 molecules; pass the training SMILES")
+        spec = self
+        if any(p.scale == "quantile" for p in self.parts):
+            quantile = np.concatenate([np.full(p.width, p.scale == "quantile") for p in self.parts])
+            levels = np.linspace(0, 1, N_QUANTILES)
+            knots = tuple(tuple(map(float, np.quantile(X[:, j], levels))) if q else () for j, q in enumerate(quantile))
+            spec = dataclasses.replace(spec, knots=knots)
+            X = _apply_knots(spec, X)
+        mask = _scaled_mask(spec)
+        mean = np.where(mask, X.mean(axis=0), 0.0)
+        std = np.where(mask, X.std(axis=0), 1.0)
+        std = np.where(std < 1e-8, 1.0, std)
+        return dataclasses.replace(spec, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
 
-    def transform(self, inputs) -> np.ndarray:
-        return featurize(self, inputs)
+    def transform(self, inputs: Sequence[str]) -> np.ndarray:
+        """Features (float32) as the model sees them, shape (n, *self.shape); the spec must be fitted."""
+        if not self.is_fitted:
+            raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
+        X = _apply_knots(self, raw_features(self, inputs))
+        return ((X - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32).reshape((-1,) + self.shape)
 
     def to_dict(self) -> dict:
         return {
+            "kind": MOLECULAR,
             "spec": str(self),
             "parts": [dataclasses.asdict(p) for p in self.parts],
             "mean": None if self.mean is None else list(self.mean),
@@ -194,23 +374,8 @@ class FeaturizerSpec:
         return spec
 
 
-def _part_matrix(part: Part, mols) -> np.ndarray:
-    from rdkit.Chem import Descriptors, rdFingerprintGenerator
-
-    if part.kind == "physchem":
-        fns = [getattr(Descriptors, name) for name in PHYSCHEM_DESCRIPTORS]
-        return np.array([[fn(m) for fn in fns] for m in mols], dtype=np.float64)
-    gen = rdFingerprintGenerator.GetMorganGenerator(radius=part.radius, fpSize=part.n_bits)
-    if part.kind == "morgan":
-        return np.array([gen.GetFingerprintAsNumPy(m) for m in mols], dtype=np.float64)
-    counts = np.array([gen.GetCountFingerprintAsNumPy(m) for m in mols], dtype=np.float64)
-    if part.kind == "grid":
-        return np.minimum(counts, GRID_CAP) / GRID_CAP
-    return np.minimum(counts, COUNT_CAP)
-
-
-def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
-    """Unscaled features; raises `InvalidSmilesError` naming the first bad molecule (1-based)."""
+def _molecules(smiles: Sequence[str]) -> list:
+    """RDKit molecules; raises `InvalidSmilesError` naming the first bad one (1-based)."""
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")
@@ -218,17 +383,48 @@ def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
     for i, smi in enumerate(smiles, start=1):
         mol = Chem.MolFromSmiles(smi) if isinstance(smi, str) and smi.strip() else None
         if mol is None:
-            raise InvalidSmilesError(
-                f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix or remove it"
-            )
+            raise InvalidSmilesError(f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix or remove it")
         mols.append(mol)
+    return mols
+
+
+def _molecule_row(spec: FeaturizerSpec, i: int, smi: str, mol) -> np.ndarray:
+    """One molecule's raw values, every part's `compute` concatenated; a failure names the molecule."""
+    values = []
+    for part in spec.parts:
+        try:
+            values.append(np.asarray(part_kind(part.kind).compute(part, mol), dtype=np.float64).ravel())
+        except Exception as exc:  # RDKit raises anything; the user gets one line, not a traceback
+            what = str(exc) if isinstance(exc, FeaturizerError) else f"raised {type(exc).__name__}: {exc}"
+            raise FeaturizerError(f"molecule {i}: SMILES {smi!r}: feature part {str(part)!r}: {what}; expected numbers "
+                                  "for every molecule; remove or fix this molecule, or use other features") from exc
+        if len(values[-1]) != part.width:
+            raise FeaturizerError(f"feature part {str(part)!r} computed {len(values[-1])} values for molecule {i}, "
+                                  f"its width is {part.width}; fix its entry in PART_KINDS")
+    return np.concatenate(values)
+
+
+def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
+    """Unscaled features (n, width), float64.
+
+    Raises `InvalidSmilesError` naming the first unparsable molecule and `FeaturizerError` naming the
+    first molecule (1-based), its SMILES and the descriptor or part that failed or gave a non-finite value.
+    """
+    smiles = list(smiles)
+    mols = _molecules(smiles)
     if not mols:
         return np.zeros((0, spec.width))
-    return np.hstack([_part_matrix(p, mols) for p in spec.parts])
+    X = np.vstack([_molecule_row(spec, i, smi, mol) for i, (smi, mol) in enumerate(zip(smiles, mols), start=1)])
+    bad = np.argwhere(~np.isfinite(X))
+    if len(bad):
+        i, j = bad[0]
+        raise FeaturizerError(f"molecule {i + 1}: SMILES {smiles[i]!r}: feature {spec.names[j]!r} is {X[i, j]}, "
+                              "expected a finite number; remove or fix this molecule, or use other features")
+    return X
 
 
 def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
-    return np.concatenate([np.full(p.width, p.kind not in ("morgan", "grid") and p.scale == "standard") for p in spec.parts])
+    return np.concatenate([np.full(p.width, part_kind(p.kind).scaled and p.scale == "standard") for p in spec.parts])
 
 
 def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
@@ -245,36 +441,20 @@ def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
     return X
 
 
-def fit_featurizer(spec: FeaturizerSpec, train_smiles: Sequence[str]) -> FeaturizerSpec:
-    """Return `spec` with standardization fitted on `train_smiles` (bit columns stay 0/1)."""
-    if isinstance(spec, TabularSpec):  # numeric rows instead of SMILES (molcloak.pipeline.tabular)
-        return spec.fit(train_smiles)
-    X = raw_features(spec, train_smiles)
-    if any(p.scale == "quantile" for p in spec.parts):
-        quantile = np.concatenate([np.full(p.width, p.scale == "quantile") for p in spec.parts])
-        levels = np.linspace(0, 1, N_QUANTILES)
-        knots = tuple(tuple(map(float, np.quantile(X[:, j], levels))) if q else () for j, q in enumerate(quantile))
-        spec = dataclasses.replace(spec, knots=knots)
-        X = _apply_knots(spec, X)
-    mask = _scaled_mask(spec)
-    mean = np.where(mask, X.mean(axis=0), 0.0)
-    std = np.where(mask, X.std(axis=0), 1.0)
-    std = np.where(std < 1e-8, 1.0, std)
-    return dataclasses.replace(spec, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+# ---------------------------------------------------------------- the featurizer registry
+
+FEATURIZERS: dict[str, Callable[[dict], Featurizer]] = {
+    MOLECULAR: FeaturizerSpec.from_dict,
+    TABULAR: TabularSpec.from_dict,
+}
 
 
-def featurize(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
-    """Features (float32) as the model sees it, shape (n, *spec.shape); the spec must be fitted."""
-    if isinstance(spec, TabularSpec):  # numeric rows (matrix or records) instead of SMILES
-        return spec.transform(smiles)
-    if not spec.is_fitted:
-        raise FeaturizerError(f"featurizer {spec} is not fitted; call fit_featurizer on the training molecules")
-    X = _apply_knots(spec, raw_features(spec, smiles))
-    return ((X - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32).reshape((-1,) + spec.shape)
-
-
-def spec_from_dict(d: dict) -> FeaturizerSpec | TabularSpec:
-    """The fitted featurizer spec stored in a manifest or checkpoint: molecular or tabular."""
-    if isinstance(d, dict) and d.get("kind") == TABULAR:
-        return TabularSpec.from_dict(d)
-    return FeaturizerSpec.from_dict(d)
+def featurizer_from_dict(d: dict) -> Featurizer:
+    """The featurizer a manifest or checkpoint stores (`to_dict()`), by its "kind" (none: molecular)."""
+    if not isinstance(d, dict):
+        raise FeaturizerError(f"featurizer spec {d!r} is not a mapping; rebuild the bundle")
+    kind = d.get("kind", MOLECULAR)
+    if kind not in FEATURIZERS:
+        raise FeaturizerError(f"unknown featurizer kind {kind!r}; expected one of {', '.join(FEATURIZERS)}; "
+                              "rebuild the bundle or upgrade molcloak")
+    return FEATURIZERS[kind](d)

@@ -16,7 +16,6 @@ import numpy as np
 
 from .bundle import Manifest, client_fingerprint, load_manifest, part_dir
 from .errors import CiphertextError, KeysError
-from .featurize import featurize
 from .files import molcloak_home, write_private
 from .metrics import to_predictions
 
@@ -93,7 +92,7 @@ class PrivateClient:
 
     def featurize(self, inputs: Sequence) -> np.ndarray:
         """Features from SMILES, or from rows (mappings column -> value) for a tabular model."""
-        return featurize(self.featurizer, inputs)
+        return self.featurizer.transform(inputs)
 
     def encrypt(self, x: np.ndarray) -> bytes:
         """Quantize and encrypt one molecule's features (shape `featurizer.shape`, with or without a batch axis of 1)."""

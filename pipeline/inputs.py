@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .data import read_csv_text
 from .errors import DataError
-from .tabular import TabularSpec
 
 
 def read_inputs(featurizer, args: list[str] | None, input_csv: Path | None, smiles_col: str) -> list:
-    """SMILES strings, or for a tabular model the CSV rows as mappings column -> text."""
-    if isinstance(featurizer, TabularSpec):
+    """SMILES strings, or for a tabular model (`input_kind` "rows") the CSV rows as mappings column -> text."""
+    if featurizer.input_kind == "rows":
         return _read_rows(featurizer, args, input_csv)
     if input_csv is None:
         if not args:
@@ -33,31 +33,25 @@ def read_inputs(featurizer, args: list[str] | None, input_csv: Path | None, smil
     return [row[smiles_col] for row in rows]
 
 
-def _read_rows(spec: TabularSpec, args: list[str] | None, input_csv: Path | None) -> list[dict[str, str]]:
+def _read_rows(featurizer, args: list[str] | None, input_csv: Path | None) -> list[dict[str, str]]:
+    columns = featurizer.names
     if args or input_csv is None:
         raise DataError(f"this model reads numeric rows, not SMILES; pass --input rows.csv with the columns "
-                        f"{', '.join(spec.columns)}")
+                        f"{', '.join(columns)}")
     fieldnames, rows = _read_csv(input_csv)
-    missing = [c for c in spec.columns if c not in fieldnames]
+    missing = [c for c in columns if c not in fieldnames]
     if missing:
-        raise DataError(f"{input_csv}: column {missing[0]!r} not found ({len(missing)} of the model's {spec.width} "
-                        f"feature columns missing); the model needs the columns {', '.join(spec.columns)}; add them to the file")
+        raise DataError(f"{input_csv}: column {missing[0]!r} not found ({len(missing)} of the model's {len(columns)} "
+                        f"feature columns missing); the model needs the columns {', '.join(columns)}; add them to the file")
     return rows
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    if not path.is_file():
-        raise DataError(f"input file {str(path)!r} does not exist; check the path")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            fieldnames = list(reader.fieldnames or [])
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc}); save it as UTF-8 CSV") from exc
-    if not rows:
-        raise DataError(f"{path} has no data rows")
-    return fieldnames, rows
+    """The column names and the rows (every cell as text) of an input file, read by `data.read_csv_text`."""
+    df = read_csv_text(Path(path), "check the --input path")
+    if df.empty:
+        raise DataError(f"{path} has no data rows; add at least one row under the header")
+    return [str(c) for c in df.columns], df.to_dict("records")
 
 
 def output_rows(report) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ It travels in the bundle manifest like the molecular featurizer spec, so a
 client standardizes its rows exactly as in training. Inputs are either a
 numeric matrix in column order or records (mappings column -> value, e.g. rows
 of a CSV file read as text); every bad cell is reported with its row, column,
-value and the fix.
+value and the fix. It implements the `featurize.Featurizer` protocol; its dict's
+"kind" is "tabular" (`featurize.featurizer_from_dict` reads it back).
 """
 
 from __future__ import annotations
@@ -97,13 +98,13 @@ class TabularSpec:
             return X
         rows = []
         for i, record in enumerate(inputs, start=1):
-            values, reason = self.parse(record)
+            values, reason = self.check_input(record)
             if reason:
                 raise DataError(f"row {i}: {reason}")
             rows.append(values)
         return np.asarray(rows, dtype=np.float64).reshape(len(rows), self.width)
 
-    def parse(self, record: Mapping[str, Any] | Sequence[Any]) -> tuple[list[float] | None, str]:
+    def check_input(self, record: Mapping[str, Any] | Sequence[Any]) -> tuple[list[float] | None, str]:
         """(values in column order, "") or (None, message naming the column, the value and the fix).
 
         A record is a mapping column -> value (extra keys are ignored) or a sequence in column order.
@@ -129,12 +130,11 @@ class TabularSpec:
             values.append(value)
         return values, ""
 
-    def check_input(self, record: Mapping[str, Any] | Sequence[Any]) -> tuple[list[float] | None, str]:
-        return self.parse(record)
-
-    def fit(self, inputs: Any) -> TabularSpec:
+    def fit(self, train_inputs: Any) -> TabularSpec:
         """Return this spec with mean and std fitted on the training rows."""
-        X = self.matrix(inputs)
+        X = self.matrix(train_inputs)
+        if not len(X):
+            raise FeaturizerError(f"featurizer {self} cannot be fitted on 0 rows; pass the training rows")
         std = X.std(axis=0)
         std = np.where(std < 1e-12, 1.0, std)
         return dataclasses.replace(self, mean=tuple(map(float, X.mean(axis=0))), std=tuple(map(float, std)))

@@ -11,11 +11,12 @@ import numpy as np
 from . import networks, torch_import
 from .bundle import Checkpoint, Manifest, write_bundle
 from .compile import CircuitStats, CompileConfig, compile_model
-from .data import Dataset, Split, split_dataset
+from .data import Dataset
 from .errors import DataError
-from .featurize import FeaturizerSpec, featurize, fit_featurizer
+from .featurize import Featurizer, FeaturizerSpec
 from .metrics import score, to_predictions
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL, RunConfig
+from .splits import Split, split_dataset
 from .tabular import tabular_featurizer
 from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
@@ -29,7 +30,7 @@ def unfitted_featurizer(ds: Dataset, features: str | None, default: str = DEFAUL
 
 
 def featurized(ds: Dataset, features=None, split: str | None = None, test_fraction: float = 0.2,
-               seed: int = 0) -> tuple[FeaturizerSpec, np.ndarray, Split]:
+               seed: int = 0) -> tuple[Featurizer, np.ndarray, Split]:
     """(fitted featurizer, features of every row, split): the scaler is fitted on the training split only.
 
     `train_checkpoint` and `import_checkpoint` featurize through here, so a float model trained
@@ -37,8 +38,8 @@ def featurized(ds: Dataset, features=None, split: str | None = None, test_fracti
     """
     parsed = unfitted_featurizer(ds, features) if features is None or isinstance(features, str) else features
     sp = split_dataset(ds, split, test_fraction=test_fraction, seed=seed)
-    spec = fit_featurizer(parsed, ds.inputs(sp.train))
-    return spec, featurize(spec, ds.inputs()), sp
+    spec = parsed.fit(ds.inputs(sp.train))
+    return spec, spec.transform(ds.inputs()), sp
 
 
 def train_checkpoint(

@@ -131,24 +131,19 @@ def test_layer_errors_float_quantized_fhe(tiny_binary):
 
 def test_quantile_scaled_features_roundtrip_and_range():
     """The default features: descriptors mapped to [-1, 1] by training quantiles, stored in the spec."""
-    from molcloak.pipeline.featurize import (
-        FeaturizerSpec,
-        featurize,
-        fit_featurizer,
-        raw_features,
-    )
+    from molcloak.pipeline.featurize import FeaturizerSpec, raw_features
     from molcloak.pipeline.workflow import DEFAULT_FEATURES
 
     smiles = data.load_bundled("sol-low").smiles[:300]
-    spec = fit_featurizer(FeaturizerSpec.parse(DEFAULT_FEATURES), smiles[:200])
+    spec = FeaturizerSpec.parse(DEFAULT_FEATURES).fit(smiles[:200])
     assert str(spec) == "physchem:scale=quantile" and FeaturizerSpec.parse(str(spec)).parts == spec.parts
-    X = featurize(spec, smiles)
+    X = spec.transform(smiles)
     assert X.min() >= -1 and X.max() <= 1 and X.shape == (300, 10)
     raw = raw_features(FeaturizerSpec.parse("physchem"), smiles)
     logp = 0  # MolLogP: the transform keeps the order of the training molecules
     order = np.argsort(raw[:200, logp], kind="stable")
     assert np.all(np.diff(X[:200, logp][order]) >= -1e-6)
     again = FeaturizerSpec.from_dict(spec.to_dict())
-    np.testing.assert_array_equal(featurize(again, smiles[:20]), X[:20])
+    np.testing.assert_array_equal(again.transform(smiles[:20]), X[:20])
     with pytest.raises(ValueError, match="scale 'quantile' not possible"):
         FeaturizerSpec.parse("morgan:r=2,n=64,scale=quantile")

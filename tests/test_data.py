@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from molcloak.pipeline.data import load_bundled, load_csv, murcko_scaffold, split_dataset
+from molcloak.pipeline.data import load_bundled, load_csv
 from molcloak.pipeline.errors import DataError, MolcloakError
+from molcloak.pipeline.splits import murcko_scaffold, split_dataset
 
 
 def test_sol_low_is_the_documented_benchmark():
@@ -81,6 +82,22 @@ def test_random_split_is_seeded():
     assert np.array_equal(a.test, b.test) and not np.array_equal(a.test, c.test)
     with pytest.raises(DataError, match="has no official split"):
         split_dataset(ds, "official")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"test_fraction": 0.0}, "test fraction 0.0 must be strictly between 0 and 1"),
+    ({"test_fraction": 1}, "test fraction 1 must be strictly between 0 and 1 .*; use e.g. --test-fraction 0.2"),
+    ({"test_fraction": float("nan")}, "test fraction nan must be strictly between 0 and 1"),
+    ({"valid_fraction": 0}, "validation fraction 0 must be strictly between 0 and 1 .*; use e.g. 0.1"),
+    ({"valid_fraction": 1.0}, "validation fraction 1.0 must be strictly between 0 and 1"),
+])
+def test_split_fractions_of_0_or_1_are_refused(csv_file, kwargs, message):
+    ds = load_csv(csv_file("smiles,y\nCCO,1\nCCN,0\nCCC,1\nCCCC,0\nCCCCC,1\n"), "smiles", "y")
+    for method in ("random", "scaffold"):
+        with pytest.raises(DataError, match=message):
+            split_dataset(ds, method, **kwargs)
+    sp = split_dataset(ds, "random", test_fraction=0.4, valid_fraction=0.34)
+    assert (len(sp.train), len(sp.valid), len(sp.test)) == (2, 1, 2)
 
 
 def test_scaffold_split_keeps_scaffolds_on_one_side():

@@ -11,14 +11,15 @@ import pytest
 from helpers import write_csv
 from typer.testing import CliRunner
 
-from molcloak.pipeline import data, predict, workflow
+from molcloak.pipeline import data, inputs, predict, workflow
 from molcloak.pipeline.bundle import load_manifest
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import DataError, FeaturizerError
-from molcloak.pipeline.featurize import featurize, spec_from_dict
+from molcloak.pipeline.featurize import FeaturizerSpec, featurizer_from_dict
 from molcloak.pipeline.fhe_client import PrivateClient
 from molcloak.pipeline.fhe_server import PrivateServer
+from molcloak.pipeline.splits import split_dataset
 from molcloak.pipeline.tabular import TabularSpec
 from molcloak.pipeline.train import TrainConfig
 
@@ -54,29 +55,29 @@ def test_breast_cancer_uses_the_notebooks_80_20_split_with_seed_42(breast_cancer
     assert breast_cancer.is_tabular and breast_cancer.table.shape == (569, 30) and breast_cancer.smiles == []
     assert breast_cancer.columns == tuple(raw.feature_names) and breast_cancer.task.labels == ("malignant", "benign")
     _, test_idx = train_test_split(np.arange(569), test_size=0.2, random_state=42)
-    sp = data.split_dataset(breast_cancer, seed=0)
+    sp = split_dataset(breast_cancer, seed=0)
     assert sp.method == "official" and np.array_equal(sp.test, np.sort(test_idx))
     assert len(sp.train) + len(sp.valid) == 455
     assert np.array_equal(breast_cancer.table, raw.data) and np.array_equal(breast_cancer.y, raw.target)
     with pytest.raises(DataError, match="no molecules to take scaffolds of; use --split random"):
-        data.split_dataset(breast_cancer, "scaffold")
+        split_dataset(breast_cancer, "scaffold")
 
 
 def test_scaler_fitted_on_train_travels_in_the_bundle(tiny_tabular, breast_cancer):
     ckpt, _, bundle = tiny_tabular
     spec = ckpt.featurizer
     assert isinstance(spec, TabularSpec) and spec.columns == breast_cancer.columns
-    sp = data.split_dataset(breast_cancer, seed=0)
+    sp = split_dataset(breast_cancer, seed=0)
     assert np.allclose(spec.mean, breast_cancer.table[sp.train].mean(axis=0))
     assert np.allclose(spec.std, breast_cancer.table[sp.train].std(axis=0))
     stored = json.loads((bundle / "client" / "manifest.json").read_text())["featurizer"]
     assert stored["kind"] == "tabular" and stored["columns"] == list(spec.columns)
-    again = spec_from_dict(json.loads(json.dumps(stored)))
+    again = featurizer_from_dict(json.loads(json.dumps(stored)))
     assert again == spec
     # records as text (a CSV row) and the numeric matrix featurize identically
     records = [{c: repr(v) for c, v in zip(spec.columns, row)} for row in breast_cancer.table[sp.test[:4]]]
-    assert np.array_equal(featurize(again, records), featurize(spec, breast_cancer.table[sp.test[:4]]))
-    assert np.array_equal(featurize(again, records), ckpt.X_test[:4])
+    assert np.array_equal(again.transform(records), spec.transform(breast_cancer.table[sp.test[:4]]))
+    assert np.array_equal(again.transform(records), ckpt.X_test[:4])
 
 
 def test_sigmoid_model_runs_encrypted_and_equals_simulation(tiny_tabular, breast_cancer, tmp_path):
@@ -151,9 +152,35 @@ def test_tabular_spec_rejects_bad_specs():
     with pytest.raises(FeaturizerError, match="not fitted"):
         TabularSpec(("a",)).transform(np.zeros((1, 1)))
     with pytest.raises(FeaturizerError, match="malformed"):
-        spec_from_dict({"kind": "tabular"})
+        featurizer_from_dict({"kind": "tabular"})
+    with pytest.raises(FeaturizerError, match="cannot be fitted on 0 rows"):
+        TabularSpec(("a",)).fit(np.zeros((0, 1)))
     with pytest.raises(FeaturizerError, match="--features 'physchem'.*does not apply"):
         workflow.train_checkpoint(data.load_bundled("breast-cancer"), features="physchem")
+
+
+def test_read_inputs_by_input_kind(csv_file, tmp_path):
+    """`predict --input`: rows for a tabular featurizer, a SMILES column for a molecular one, one CSV reader."""
+    rows_csv = csv_file("id,b,a\nm1,2,1\nm2,,3\n", "rows.csv")
+    tabular = TabularSpec(("a", "b"))
+    assert inputs.read_inputs(tabular, None, rows_csv, "smiles") == [{"id": "m1", "b": "2", "a": "1"},
+                                                                     {"id": "m2", "b": "", "a": "3"}]
+    molecular = FeaturizerSpec.parse("physchem")
+    assert inputs.read_inputs(molecular, None, csv_file("smiles,y\nCCO,1\nc1ccccc1,0\n"), "smiles") == ["CCO", "c1ccccc1"]
+    assert inputs.read_inputs(molecular, ["CCO"], None, "smiles") == ["CCO"]
+    bad = [
+        (tabular, ["CCO"], None, "this model reads numeric rows, not SMILES; pass --input rows.csv with the columns a, b"),
+        (TabularSpec(("a", "c")), None, rows_csv, r"column 'c' not found \(1 of the model's 2 feature columns missing\)"),
+        (molecular, None, rows_csv, "column 'smiles' not found; available columns: id, b, a; pass --smiles-col"),
+        (molecular, None, tmp_path / "nope.csv", "CSV file '.*nope.csv' does not exist; check the --input path"),
+        (molecular, None, csv_file("smiles,y\n", "empty.csv"), "empty.csv has no data rows"),
+        (molecular, None, csv_file("", "blank.csv"), "blank.csv: not a readable CSV file"),
+        (molecular, None, None, "no molecules given"),
+        (molecular, ["CCO"], rows_csv, "not both"),
+    ]
+    for featurizer, args, path, message in bad:
+        with pytest.raises(DataError, match=message):
+            inputs.read_inputs(featurizer, args, path, "smiles")
 
 
 # ---------------------------------------------------------------- the command line

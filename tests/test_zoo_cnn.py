@@ -16,12 +16,7 @@ from molcloak.pipeline import data, predict, workflow
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import FeaturizerError, ModelConfigError
-from molcloak.pipeline.featurize import (
-    GRID_CAP,
-    FeaturizerSpec,
-    featurize,
-    fit_featurizer,
-)
+from molcloak.pipeline.featurize import GRID_CAP, FeaturizerSpec
 from molcloak.pipeline.networks import build_model, check_features, make_config
 from molcloak.pipeline.train import TrainConfig
 
@@ -40,8 +35,8 @@ def test_grid_layout_is_row_major_capped_morgan_counts():
     from rdkit import Chem
     from rdkit.Chem import rdFingerprintGenerator
 
-    spec = fit_featurizer(FeaturizerSpec.parse(TINY_GRID), SMILES)
-    X = featurize(spec, SMILES)
+    spec = FeaturizerSpec.parse(TINY_GRID).fit(SMILES)
+    X = spec.transform(SMILES)
     assert X.shape == (4, 1, 8, 8) and X.dtype == np.float32
     gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=64)
     for smi, img in zip(SMILES, X):
@@ -56,7 +51,7 @@ def test_grid_layout_is_row_major_capped_morgan_counts():
 def test_grid_spec_parses_round_trips_and_defaults_to_32x32():
     spec = FeaturizerSpec.parse("grid")
     assert str(spec) == "grid:r=2,size=32" and spec.shape == (1, 32, 32) and spec.width == 1024
-    fitted = fit_featurizer(FeaturizerSpec.parse(TINY_GRID), SMILES)
+    fitted = FeaturizerSpec.parse(TINY_GRID).fit(SMILES)
     again = FeaturizerSpec.from_dict(fitted.to_dict())
     assert again == fitted and str(again) == TINY_GRID
     assert FeaturizerSpec.parse("physchem").shape == (10,)

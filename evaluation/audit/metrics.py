@@ -228,7 +228,7 @@ def property_bins(smiles: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
     from rdkit import Chem
     from rdkit.Chem import Descriptors
 
-    from molcloak.pipeline.data import murcko_scaffold
+    from molcloak.pipeline.splits import murcko_scaffold
 
     mols = [Chem.MolFromSmiles(s) for s in smiles]
     mw = np.array([Descriptors.MolWt(m) for m in mols])

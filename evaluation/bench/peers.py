@@ -26,10 +26,11 @@ from importlib import metadata
 import numpy as np
 
 from molcloak.pipeline.compile import CircuitStats, CompileConfig
-from molcloak.pipeline.data import load_bundled, split_dataset
+from molcloak.pipeline.data import load_bundled
 from molcloak.pipeline.errors import ConfigError
-from molcloak.pipeline.featurize import FeaturizerSpec, featurize, fit_featurizer
+from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.metrics import TargetScaler, fhe_equals_simulation, score, to_predictions
+from molcloak.pipeline.splits import split_dataset
 from molcloak.pipeline.train import TrainConfig, predict_raw
 from molcloak.pipeline.workflow import (
     DEFAULT_FEATURES,
@@ -109,11 +110,11 @@ def run_bench(config: BenchConfig = BenchConfig(), on_progress: StepFn | None = 
 def _task_data(ds, config: BenchConfig) -> TaskData:
     """The split and featurizer of `train_checkpoint` (fitted on the training part), for every model."""
     sp = split_dataset(ds, None, seed=config.seed)
-    spec = fit_featurizer(FeaturizerSpec.parse(config.features), ds.inputs(sp.train))
+    spec = FeaturizerSpec.parse(config.features).fit(ds.inputs(sp.train))
     train = np.concatenate([sp.train, sp.valid])
     test = sp.test[: config.max_test] if config.max_test else sp.test
-    return TaskData(ds.task.name, ds, ds.task, featurize(spec, ds.inputs(train)), ds.y[train],
-                    featurize(spec, ds.inputs(test)), ds.y[test])
+    return TaskData(ds.task.name, ds, ds.task, spec.transform(ds.inputs(train)), ds.y[train],
+                    spec.transform(ds.inputs(test)), ds.y[test])
 
 
 def _score(data: TaskData, raw: np.ndarray, scaler: TargetScaler | None = None, y: np.ndarray | None = None) -> dict:

@@ -1,0 +1,102 @@
+"""Train/validation/test splits (official, random, Murcko-scaffold) and class-balanced samples."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .data import Dataset
+
+SplitMethod = Literal["official", "random", "scaffold"]
+
+
+def balanced_sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` test indices, alternating between classes so both labels show up."""
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)]
+    picked = []
+    while len(picked) < min(n, len(y)):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return np.asarray(picked, dtype=int)
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    method: str
+
+
+def split_dataset(
+    ds: Dataset,
+    method: SplitMethod | None = None,
+    test_fraction: float = 0.2,
+    valid_fraction: float = 0.1,
+    seed: int = 0,
+) -> Split:
+    """Train/validation/test indices. `None` = official split when the data has one, else random.
+
+    The validation part is always a seeded random subset of the training part.
+    """
+    for name, value, example in (("test", test_fraction, "--test-fraction 0.2"), ("validation", valid_fraction, "0.1")):
+        if not 0 < value < 1:
+            raise DataError(f"{name} fraction {value!r} must be strictly between 0 and 1 (a share of the molecules); "
+                            f"use e.g. {example}")
+    if method is None:
+        method = "official" if ds.official_split is not None else "random"
+    rng = np.random.default_rng(seed)
+    n = len(ds)
+    if method == "official":
+        if ds.official_split is None:
+            raise DataError(f"dataset {ds.task.name!r} has no official split; use --split random or scaffold")
+        test = np.flatnonzero(ds.official_split == "test")
+        trainval = np.flatnonzero(ds.official_split != "test")
+    elif method == "random":
+        perm = rng.permutation(n)
+        n_test = max(1, int(round(test_fraction * n)))
+        test, trainval = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    elif method == "scaffold":
+        if ds.is_tabular:
+            raise DataError(f"dataset {ds.task.name!r} has numeric rows, no molecules to take scaffolds of; use --split random")
+        trainval, test = _scaffold_split(ds.smiles, test_fraction, rng)
+    else:
+        raise DataError(f"unknown split {method!r}; expected official, random or scaffold")
+    perm = rng.permutation(trainval)
+    n_valid = int(round(valid_fraction * len(trainval)))
+    valid, train = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"split {method!r} left an empty train or test set ({n} molecules); use more data")
+    return Split(train, valid, test, method)
+
+
+def murcko_scaffold(smiles: str) -> str:
+    from rdkit import Chem
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    mol = Chem.MolFromSmiles(smiles)
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False) if mol else ""
+
+
+def _scaffold_split(smiles: list[str], test_fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Whole scaffold groups go to one side: large groups to train, the seeded rest fills test."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(smiles):
+        groups[murcko_scaffold(s)].append(i)
+    sets = list(groups.values())
+    order = rng.permutation(len(sets))
+    # big scaffolds first (they belong in train), random order among equal sizes
+    sets = sorted((sets[i] for i in order), key=len, reverse=True)
+    n_train_target = len(smiles) - int(round(test_fraction * len(smiles)))
+    train, test = [], []
+    for g in sets:
+        (train if len(train) + len(g) <= n_train_target else test).extend(g)
+    return np.sort(np.asarray(train, dtype=int)), np.sort(np.asarray(test, dtype=int))
