@@ -2,9 +2,11 @@
 
 The app process is the client. Each browser session gets a key directory of its own under
 `<state_dir>/sessions/<id>/` (secret key mode 0600, never sent anywhere); the FHE server is
-reached over HTTP exactly as a remote deployment would be (`RemoteModel`), so it only ever
-receives evaluation keys and ciphertexts. Old sessions are cleaned up (count and age bounds),
-together with their evaluation keys on the server, so the app can run for days.
+reached over HTTP exactly as a remote deployment would be (`RemoteModel`, the remote
+`PredictionBackend`), so it only ever receives evaluation keys and ciphertexts. Old sessions are
+cleaned up (count and age bounds), together with their evaluation keys on the server, so the app
+can run for days. The page shows single-task SMILES models; other served models are named in the
+model card as not shown (see `unsupported`), and a server with none to show is refused at start.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError, RemoteError, StepError
+from molcloak.pipeline.errors import ConfigError, InvalidSmilesError, MolcloakError, RemoteError, StepError
 from molcloak.pipeline.featurize import canonical_smiles
 from molcloak.pipeline.metrics import describe
 from molcloak.pipeline.serving.http_client import RemoteModel
@@ -63,7 +65,12 @@ class AppBackend:
         self._lock = threading.Lock()
         self._simulators: dict[str, object] = {}
         self._examples: dict[tuple[str, int], list[tuple[str, str]]] = {}
-        self.models = self._fetch_models()
+        served = self._fetch_models()
+        why = {name: unsupported(m, self.server_url, self.bundles.get(name)) for name, m in served.items()}
+        self.skipped = {name: reason for name, reason in why.items() if reason}  # name -> why the page cannot show it
+        self.models = {name: m for name, m in served.items() if name not in self.skipped}
+        if not self.models:  # before the page starts: one line naming each model, its kind and what to use
+            raise ConfigError(f"the app cannot show any model served at {self.server_url}: {'; '.join(self.skipped.values())}")
 
     # -- models ---------------------------------------------------------------
 
@@ -78,6 +85,8 @@ class AppBackend:
         return {m["name"]: m for m in r.json()}
 
     def model(self, name: str) -> dict:
+        if name in self.skipped:
+            raise ConfigError(self.skipped[name])
         if name not in self.models:
             raise MolcloakError(f"model {name!r} is not served; pick one of: {', '.join(self.models)}")
         return self.models[name]
@@ -95,6 +104,8 @@ class AppBackend:
         if circuit:
             lines.append(f"- circuit: {circuit.get('pbs_count')} programmable bootstraps, "
                          f"max bit width {circuit.get('max_bit_width')}")
+        if self.skipped:  # the model list shows only what the page can run; say what else is served
+            lines.append("\nAlso served, not shown here: " + "; ".join(self.skipped.values()))
         return "\n".join(lines)
 
     def examples(self, name: str, n: int = 6) -> list[tuple[str, str]]:
@@ -106,13 +117,16 @@ class AppBackend:
     def _pick_examples(self, name: str, n: int) -> list[tuple[str, str]]:
         task = self.model(name)["task"]
         try:
-            from molcloak.pipeline.data import balanced_sample, load_bundled, split_dataset
+            from molcloak.pipeline.data import load_bundled
+            from molcloak.pipeline.splits import balanced_sample, split_dataset
 
             ds = load_bundled(task["name"])
             test = ds.subset(split_dataset(ds, "official").test)
         except (MolcloakError, KeyError, ValueError):
             return FALLBACK_EXAMPLES[:n]
         y = np.asarray(test.y)
+        if not test.smiles or len(y) == 0 or y.ndim != 1:  # not a single-task molecular test split
+            return FALLBACK_EXAMPLES[:n]
         idx = balanced_sample(y, n, seed=0) if task["kind"] != "regression" else np.linspace(0, len(y) - 1, n).astype(int)
         caption = (lambda v: task["labels"][int(v)]) if task["kind"] != "regression" else (lambda v: f"{v:.2f} {task.get('units', '')}")
         return [(test.smiles[i], f"test set, true: {caption(y[i])}") for i in idx]
@@ -208,10 +222,10 @@ class AppBackend:
         with s.lock:
             remote = self._remote(s, name)
             old = s.keys.pop(name, {}).get("key_id")
-            info = remote.client.keygen(force=True)
             t0 = time.perf_counter()
-            key_id = remote.key_id(refresh=True)
-            upload = time.perf_counter() - t0
+            info = remote.keygen(force=True)  # fresh keys; the evaluation keys are uploaded
+            upload = max(0.0, time.perf_counter() - t0 - info.seconds)
+            key_id = remote.key_id()
             if old and old != key_id:
                 remote.request("DELETE", f"/keys/{old}")
             s.ciphertext = s.output = None  # made with the old keys
@@ -305,6 +319,34 @@ class AppBackend:
     def close(self) -> None:
         for sid in list(self._sessions):
             self.end_session(sid)
+
+
+def unsupported(info: dict, server_url: str, bundle: Path | None = None) -> str:
+    """Why the page cannot show a served model (from its GET /models entry), or "" when it can.
+
+    The page draws, encrypts and explains one molecule with one prediction: models that read tabular
+    rows, or predict several tasks at once, are used with `molcloak predict` instead.
+    """
+    from molcloak.pipeline.data import TaskSpec
+    from molcloak.pipeline.featurize import featurizer_from_dict
+
+    name = info.get("name", "?")
+
+    def use(extra: str = "") -> str:
+        local = f" (or `molcloak predict --bundle {bundle}{extra}`)" if bundle else ""
+        return f"use `molcloak predict --server {server_url} --model {name}{extra}`{local} instead"
+
+    try:
+        featurizer, task = featurizer_from_dict(info["featurizer"]), TaskSpec.from_dict(info["task"])
+    except (MolcloakError, KeyError, TypeError, ValueError) as exc:
+        return f"model {name!r} has a featurizer or task this app cannot read ({exc}); {use()}"
+    if featurizer.input_kind != "smiles":
+        return (f"model {name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES, and the app only shows "
+                f"molecules; {use(' --input rows.csv')}")
+    if task.is_multitask:
+        return (f"model {name!r} is a multi-task {task.kind} model ({len(task.tasks)} tasks: {', '.join(task.tasks)}) "
+                f"and the app shows one prediction per molecule; {use()}")
+    return ""
 
 
 def excerpt(data: bytes, width: int = 32) -> str:

