@@ -55,7 +55,7 @@ def predict(
     """
     from ..bundle import load_manifest
     from ..inputs import read_inputs, write_csv
-    from ..predict import predict_local
+    from ..predict import LocalBackend, predict_local
 
     if (bundle is None) == (server is None):
         raise ConfigError("pass either --bundle DIR (local) or --server URL --model NAME (remote)")
@@ -72,20 +72,21 @@ def predict(
 
     if not 1 <= batch_size <= MAX_BATCH:
         raise ConfigError(f"--batch-size {batch_size} is out of range; use 1..{MAX_BATCH} ciphertexts per request")
-    remote = None
     if server is not None:
         from ..serving.http_client import RemoteModel
 
-        remote = RemoteModel(server, model, key_dir, read_token(token_file))
-    manifest = remote.client.manifest if remote else load_manifest(bundle, check=False)
+        backend = RemoteModel(server, model, key_dir, read_token(token_file))
+    else:
+        backend = LocalBackend(bundle, key_dir) if fhe == "execute" else None  # simulate: the owner's weights, no keys
+    manifest = backend.client.manifest if backend else load_manifest(bundle, check=False)
     inputs = read_inputs(manifest.featurizer, smiles, input_csv, smiles_col)  # SMILES, or rows of a tabular model
     with progress() as bar:
         t = bar.add_task("keys + encrypted prediction", total=len(inputs), status="")
         on_item = lambda p: bar.update(t, advance=1, status=p.label or "")  # noqa: E731
-        if remote is not None:
-            report = remote.predict(inputs, batch_size, skip_invalid, on_item=on_item)
+        if backend is None:
+            report = predict_local(bundle, inputs, "simulate", skip_invalid=skip_invalid, on_item=on_item)
         else:
-            report = predict_local(bundle, inputs, fhe, key_dir, skip_invalid, on_item=on_item)
+            report = backend.predict(inputs, batch_size, skip_invalid, on_item=on_item)
     if output:
         write_csv(output, report)
     if as_json:
