@@ -53,13 +53,22 @@ class Session:
 class AppBackend:
     """Everything the app does, callable from tests without a browser."""
 
-    def __init__(self, server_url: str, state_dir: str | Path, token: str | None = None,
-                 bundles: dict[str, Path] | None = None, max_sessions: int = 16, session_ttl_s: float = 24 * 3600):
+    def __init__(
+        self,
+        server_url: str,
+        state_dir: str | Path,
+        token: str | None = None,
+        bundles: dict[str, Path] | None = None,
+        max_sessions: int = 16,
+        session_ttl_s: float = 24 * 3600,
+    ):
         self.server_url, self.token = server_url.rstrip("/"), token
         self.state_dir = Path(state_dir)
         self.sessions_dir = self.state_dir / "sessions"
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
-        self.bundles = bundles or {}  # name -> local bundle (only when the app runs next to the owner's bundles)
+        self.bundles = (
+            bundles or {}
+        )  # name -> local bundle (only when the app runs next to the owner's bundles)
         self.max_sessions, self.session_ttl_s = max_sessions, session_ttl_s
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -67,10 +76,14 @@ class AppBackend:
         self._examples: dict[tuple[str, int], list[tuple[str, str]]] = {}
         served = self._fetch_models()
         why = {name: unsupported(m, self.server_url, self.bundles.get(name)) for name, m in served.items()}
-        self.skipped = {name: reason for name, reason in why.items() if reason}  # name -> why the page cannot show it
+        self.skipped = {
+            name: reason for name, reason in why.items() if reason
+        }  # name -> why the page cannot show it
         self.models = {name: m for name, m in served.items() if name not in self.skipped}
         if not self.models:  # before the page starts: one line naming each model, its kind and what to use
-            raise ConfigError(f"the app cannot show any model served at {self.server_url}: {'; '.join(self.skipped.values())}")
+            raise ConfigError(
+                f"the app cannot show any model served at {self.server_url}: {'; '.join(self.skipped.values())}"
+            )
 
     # -- models ---------------------------------------------------------------
 
@@ -79,9 +92,13 @@ class AppBackend:
         try:
             r = httpx.get(f"{self.server_url}/models", headers=headers, timeout=30)
         except httpx.TransportError as exc:
-            raise RemoteError(f"cannot reach the FHE server at {self.server_url} ({exc}); is `molcloak serve` running?") from exc
+            raise RemoteError(
+                f"cannot reach the FHE server at {self.server_url} ({exc}); is `molcloak serve` running?"
+            ) from exc
         if not r.is_success:
-            raise RemoteError(f"the FHE server at {self.server_url} answered {r.status_code} to GET /models: {r.text[:200]}")
+            raise RemoteError(
+                f"the FHE server at {self.server_url} answered {r.status_code} to GET /models: {r.text[:200]}"
+            )
         return {m["name"]: m for m in r.json()}
 
     def model(self, name: str) -> dict:
@@ -95,15 +112,20 @@ class AppBackend:
         """Markdown: what the model predicts and how it scored on its test split (from the manifest)."""
         m = self.model(name)
         task, circuit = m["task"], m.get("circuit", {})
-        what = (f"classifies molecules as {' / '.join(task['labels'])}" if task["kind"] != "regression"
-                else f"predicts {task['target']} {('in ' + task['units']) if task.get('units') else ''}".rstrip())
+        what = (
+            f"classifies molecules as {' / '.join(task['labels'])}"
+            if task["kind"] != "regression"
+            else f"predicts {task['target']} {('in ' + task['units']) if task.get('units') else ''}".rstrip()
+        )
         lines = [f"**{name}** {what} from `{m['featurizer'].get('spec', '?')}` features."]
         for split, values in m.get("metrics", {}).items():
             vals = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, (int, float)))
             lines.append(f"- {split.replace('_', ' ')} on the owner's test split: {vals}")
         if circuit:
-            lines.append(f"- circuit: {circuit.get('pbs_count')} programmable bootstraps, "
-                         f"max bit width {circuit.get('max_bit_width')}")
+            lines.append(
+                f"- circuit: {circuit.get('pbs_count')} programmable bootstraps, "
+                f"max bit width {circuit.get('max_bit_width')}"
+            )
         if self.skipped:  # the model list shows only what the page can run; say what else is served
             lines.append("\nAlso served, not shown here: " + "; ".join(self.skipped.values()))
         return "\n".join(lines)
@@ -127,8 +149,16 @@ class AppBackend:
         y = np.asarray(test.y)
         if not test.smiles or len(y) == 0 or y.ndim != 1:  # not a single-task molecular test split
             return FALLBACK_EXAMPLES[:n]
-        idx = balanced_sample(y, n, seed=0) if task["kind"] != "regression" else np.linspace(0, len(y) - 1, n).astype(int)
-        caption = (lambda v: task["labels"][int(v)]) if task["kind"] != "regression" else (lambda v: f"{v:.2f} {task.get('units', '')}")
+        idx = (
+            balanced_sample(y, n, seed=0)
+            if task["kind"] != "regression"
+            else np.linspace(0, len(y) - 1, n).astype(int)
+        )
+        caption = (
+            (lambda v: task["labels"][int(v)])
+            if task["kind"] != "regression"
+            else (lambda v: f"{v:.2f} {task.get('units', '')}")
+        )
         return [(test.smiles[i], f"test set, true: {caption(y[i])}") for i in idx]
 
     # -- molecule -------------------------------------------------------------
@@ -139,8 +169,10 @@ class AppBackend:
         if not smiles:
             raise InvalidSmilesError("no SMILES given; type one (e.g. CCO for ethanol) or pick an example")
         if canonical_smiles(smiles) is None:
-            raise InvalidSmilesError(f"SMILES {smiles!r} could not be parsed by RDKit; check brackets, ring closures "
-                                     "and atom symbols, or pick an example")
+            raise InvalidSmilesError(
+                f"SMILES {smiles!r} could not be parsed by RDKit; check brackets, ring closures "
+                "and atom symbols, or pick an example"
+            )
         return smiles
 
     def draw(self, smiles: str, size: int = 320):
@@ -175,7 +207,7 @@ class AppBackend:
             live = sorted(self._sessions.values(), key=lambda s: s.last_used, reverse=True)
             ended = [s for s in live if s.id != keep and now - s.last_used > self.session_ttl_s]
             rest = [s for s in live if s not in ended]
-            ended += [s for s in rest[self.max_sessions:] if s.id != keep]
+            ended += [s for s in rest[self.max_sessions :] if s.id != keep]
             for s in ended:
                 del self._sessions[s.id]
             orphans = [d for d in self.sessions_dir.iterdir() if d.is_dir() and d.name not in self._sessions]
@@ -211,7 +243,9 @@ class AppBackend:
     def _remote(self, s: Session, name: str) -> RemoteModel:
         self.model(name)
         if name not in s.remotes:
-            s.remotes[name] = RemoteModel(self.server_url, name, key_dir=s.directory / "keys", token=self.token)
+            s.remotes[name] = RemoteModel(
+                self.server_url, name, key_dir=s.directory / "keys", token=self.token
+            )
         return s.remotes[name]
 
     # -- the five steps -------------------------------------------------------
@@ -229,8 +263,12 @@ class AppBackend:
             if old and old != key_id:
                 remote.request("DELETE", f"/keys/{old}")
             s.ciphertext = s.output = None  # made with the old keys
-            s.keys[name] = {"key_id": key_id, "keygen_seconds": info.seconds, "upload_seconds": upload,
-                            "evaluation_key_bytes": info.evaluation_key_bytes}
+            s.keys[name] = {
+                "key_id": key_id,
+                "keygen_seconds": info.seconds,
+                "upload_seconds": upload,
+                "evaluation_key_bytes": info.evaluation_key_bytes,
+            }
             return dict(s.keys[name])
 
     def encrypt(self, session_id: str, name: str, smiles: str) -> dict:
@@ -246,8 +284,13 @@ class AppBackend:
             ct = client.encrypt(x)
             seconds = time.perf_counter() - t0
             s.ciphertext, s.output = {"model": name, "smiles": smiles, "bytes": ct}, None
-            return {"smiles": smiles, "bytes": len(ct), "seconds": seconds, "hex": excerpt(ct),
-                    "sha256": hashlib.sha256(ct).hexdigest()[:16]}
+            return {
+                "smiles": smiles,
+                "bytes": len(ct),
+                "seconds": seconds,
+                "hex": excerpt(ct),
+                "sha256": hashlib.sha256(ct).hexdigest()[:16],
+            }
 
     def run(self, session_id: str, name: str) -> dict:
         """Step 4: send the ciphertext and the key id; the server runs the whole network in FHE."""
@@ -258,9 +301,19 @@ class AppBackend:
                 raise StepError(f"encrypt a molecule for model {name!r} first (step 3)")
             t0 = time.perf_counter()
             outs, server_s = self._remote(s, name).run([ct["bytes"]])
-            s.output = {"model": name, "smiles": ct["smiles"], "bytes": outs[0], "server_seconds": server_s[0]}
-            return {"smiles": ct["smiles"], "server_seconds": server_s[0], "round_trip_seconds": time.perf_counter() - t0,
-                    "bytes": len(outs[0]), "hex": excerpt(outs[0])}
+            s.output = {
+                "model": name,
+                "smiles": ct["smiles"],
+                "bytes": outs[0],
+                "server_seconds": server_s[0],
+            }
+            return {
+                "smiles": ct["smiles"],
+                "server_seconds": server_s[0],
+                "round_trip_seconds": time.perf_counter() - t0,
+                "bytes": len(outs[0]),
+                "hex": excerpt(outs[0]),
+            }
 
     def decrypt(self, session_id: str, name: str) -> dict:
         """Step 5: only this session's secret key turns the server's answer into a prediction."""
@@ -272,8 +325,12 @@ class AppBackend:
             client = self._remote(s, name).client
             raw = client.decrypt(out["bytes"])
             values = client.predictions(raw)[0]
-            return {"smiles": out["smiles"], "text": describe(client.task, values), "values": _floats(values),
-                    "raw": _floats(raw[0])}
+            return {
+                "smiles": out["smiles"],
+                "text": describe(client.task, values),
+                "values": _floats(values),
+                "raw": _floats(raw[0]),
+            }
 
     def predict(self, session_id: str, name: str, smiles: str, on_step=None) -> dict:
         """All steps at once ("Predict privately"); keys are generated only when the session has none.
@@ -308,13 +365,20 @@ class AppBackend:
 
         smiles = self.check_smiles(smiles)
         if not self.can_compare(name):
-            raise MolcloakError(f"no local weights for model {name!r}: the plaintext comparison is only available "
-                                "when the app runs next to the owner's bundle (molcloak app --bundle DIR)")
+            raise MolcloakError(
+                f"no local weights for model {name!r}: the plaintext comparison is only available "
+                "when the app runs next to the owner's bundle (molcloak app --bundle DIR)"
+            )
         if name not in self._simulators:
             self._simulators[name] = Simulator(self.bundles[name])
         sim = self._simulators[name]
         raw, values = sim([smiles])
-        return {"smiles": smiles, "text": describe(sim.task, values[0]), "values": _floats(values[0]), "raw": _floats(raw[0])}
+        return {
+            "smiles": smiles,
+            "text": describe(sim.task, values[0]),
+            "values": _floats(values[0]),
+            "raw": _floats(raw[0]),
+        }
 
     def close(self) -> None:
         for sid in list(self._sessions):
@@ -327,8 +391,8 @@ def unsupported(info: dict, server_url: str, bundle: Path | None = None) -> str:
     The page draws, encrypts and explains one molecule with one prediction: models that read tabular
     rows, or predict several tasks at once, are used with `molcloak predict` instead.
     """
-    from molcloak.pipeline.data import TaskSpec
     from molcloak.pipeline.featurize import featurizer_from_dict
+    from molcloak.pipeline.tasks import TaskSpec
 
     name = info.get("name", "?")
 
@@ -341,11 +405,15 @@ def unsupported(info: dict, server_url: str, bundle: Path | None = None) -> str:
     except (MolcloakError, KeyError, TypeError, ValueError) as exc:
         return f"model {name!r} has a featurizer or task this app cannot read ({exc}); {use()}"
     if featurizer.input_kind != "smiles":
-        return (f"model {name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES, and the app only shows "
-                f"molecules; {use(' --input rows.csv')}")
+        return (
+            f"model {name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES, and the app only shows "
+            f"molecules; {use(' --input rows.csv')}"
+        )
     if task.is_multitask:
-        return (f"model {name!r} is a multi-task {task.kind} model ({len(task.tasks)} tasks: {', '.join(task.tasks)}) "
-                f"and the app shows one prediction per molecule; {use()}")
+        return (
+            f"model {name!r} is a multi-task {task.kind} model ({len(task.tasks)} tasks: {', '.join(task.tasks)}) "
+            f"and the app shows one prediction per molecule; {use()}"
+        )
     return ""
 
 
@@ -354,7 +422,7 @@ def excerpt(data: bytes, width: int = 32) -> str:
     if len(data) <= width:
         return data.hex(" ")
     start = (len(data) - width) // 2
-    return f"bytes {start}-{start + width - 1} of {len(data)}: {data[start:start + width].hex(' ')}"
+    return f"bytes {start}-{start + width - 1} of {len(data)}: {data[start : start + width].hex(' ')}"
 
 
 def _floats(a) -> list[float] | float:

@@ -25,7 +25,7 @@ or the prediction; you never see the model's weights.
 
 PRIVACY = {
     "keys": "The secret key stays in this session's key folder on the app's machine; "
-            "only the evaluation keys (which cannot decrypt) were uploaded.",
+    "only the evaluation keys (which cannot decrypt) were uploaded.",
     "encrypt": "This ciphertext is **all the server will get** about your molecule.",
     "run": "The server computed on ciphertexts only; its answer is encrypted too.",
     "decrypt": "Decrypted here with your secret key: the first and only place this prediction exists in the clear.",
@@ -50,30 +50,40 @@ def _guard(fn):
 
 
 def fmt_keys(k: dict) -> str:
-    return (f"**Keys ready.** Key generation {k['keygen_seconds']:.2f} s · evaluation keys "
-            f"{k['evaluation_key_bytes'] / 1e6:.1f} MB uploaded in {k['upload_seconds']:.2f} s · "
-            f"server key id `{k['key_id'][:12]}…`\n\n{PRIVACY['keys']}")
+    return (
+        f"**Keys ready.** Key generation {k['keygen_seconds']:.2f} s · evaluation keys "
+        f"{k['evaluation_key_bytes'] / 1e6:.1f} MB uploaded in {k['upload_seconds']:.2f} s · "
+        f"server key id `{k['key_id'][:12]}…`\n\n{PRIVACY['keys']}"
+    )
 
 
 def fmt_encrypt(e: dict) -> str:
-    return (f"**Encrypted** `{e['smiles']}` in {e['seconds'] * 1e3:.0f} ms: ciphertext of **{e['bytes']:,} bytes** "
-            f"(sha256 `{e['sha256']}`).\n\n```\n{e['hex']}\n```\n{PRIVACY['encrypt']}")
+    return (
+        f"**Encrypted** `{e['smiles']}` in {e['seconds'] * 1e3:.0f} ms: ciphertext of **{e['bytes']:,} bytes** "
+        f"(sha256 `{e['sha256']}`).\n\n```\n{e['hex']}\n```\n{PRIVACY['encrypt']}"
+    )
 
 
 def fmt_run(r: dict) -> str:
-    return (f"**Computed in FHE on the server** in **{r['server_seconds']:.2f} s** (round trip "
-            f"{r['round_trip_seconds']:.2f} s) · encrypted answer of {r['bytes']:,} bytes\n\n```\n{r['hex']}\n```\n"
-            f"{PRIVACY['run']}")
+    return (
+        f"**Computed in FHE on the server** in **{r['server_seconds']:.2f} s** (round trip "
+        f"{r['round_trip_seconds']:.2f} s) · encrypted answer of {r['bytes']:,} bytes\n\n```\n{r['hex']}\n```\n"
+        f"{PRIVACY['run']}"
+    )
 
 
 def fmt_result(d: dict, model: str) -> str:
-    return (f"## {d['text']}\n`{d['smiles']}` · model **{model}** · raw outputs "
-            f"{', '.join(f'{v:.4f}' for v in _as_list(d['raw']))}\n\n{PRIVACY['decrypt']}")
+    return (
+        f"## {d['text']}\n`{d['smiles']}` · model **{model}** · raw outputs "
+        f"{', '.join(f'{v:.4f}' for v in _as_list(d['raw']))}\n\n{PRIVACY['decrypt']}"
+    )
 
 
 def fmt_plain(d: dict) -> str:
-    return (f"Plaintext, same quantized model (owner's weights, FHE simulation in the clear, **not private**): "
-            f"**{d['text']}**; raw outputs {', '.join(f'{v:.4f}' for v in _as_list(d['raw']))}")
+    return (
+        f"Plaintext, same quantized model (owner's weights, FHE simulation in the clear, **not private**): "
+        f"**{d['text']}**; raw outputs {', '.join(f'{v:.4f}' for v in _as_list(d['raw']))}"
+    )
 
 
 def _as_list(v):
@@ -88,7 +98,12 @@ def build_ui(backend: AppBackend) -> gr.Blocks:
         return [(f"{smi}  ({caption})", smi) for smi, caption in backend.examples(name)]
 
     def on_model(name: str):
-        return backend.model_card(name), gr.update(choices=example_choices(name), value=None), gr.update(visible=backend.can_compare(name)), *_cleared()
+        return (
+            backend.model_card(name),
+            gr.update(choices=example_choices(name), value=None),
+            gr.update(visible=backend.can_compare(name)),
+            *_cleared(),
+        )
 
     def on_smiles(smiles: str):
         if not (smiles or "").strip():
@@ -119,8 +134,13 @@ def build_ui(backend: AppBackend) -> gr.Blocks:
     @_guard
     def on_predict(name, smiles, compare, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         r = backend.predict(_session(request), name, smiles, on_step=lambda f, desc: progress(f, desc=desc))
-        return (fmt_keys(r["keys"]), fmt_encrypt(r["encrypt"]), fmt_run(r["run"]), fmt_result(r["decrypt"], name),
-                _plain(name, r["decrypt"]["smiles"], compare))
+        return (
+            fmt_keys(r["keys"]),
+            fmt_encrypt(r["encrypt"]),
+            fmt_run(r["run"]),
+            fmt_result(r["decrypt"], name),
+            _plain(name, r["decrypt"]["smiles"], compare),
+        )
 
     def _plain(name, smiles, compare) -> str:
         return fmt_plain(backend.plaintext(name, smiles)) if compare and backend.can_compare(name) else ""
@@ -139,16 +159,30 @@ def build_ui(backend: AppBackend) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=2):
                 gr.Markdown("### 1. Molecule")
-                example = gr.Dropdown(label="Example molecules from the test set", elem_id="examples", value=None,
-                                      choices=example_choices(first))
+                example = gr.Dropdown(
+                    label="Example molecules from the test set",
+                    elem_id="examples",
+                    value=None,
+                    choices=example_choices(first),
+                )
                 smiles = gr.Textbox(label="SMILES", placeholder="e.g. CCO", elem_id="smiles")
                 mol_status = gr.Markdown(elem_id="mol-status")
-            image = gr.Image(label="Molecule (RDKit)", type="pil", height=260, interactive=False, elem_id="mol-image",
-                             scale=1)
+            image = gr.Image(
+                label="Molecule (RDKit)",
+                type="pil",
+                height=260,
+                interactive=False,
+                elem_id="mol-image",
+                scale=1,
+            )
         with gr.Row():
             predict_btn = gr.Button("Predict privately (all steps)", variant="primary", elem_id="predict-btn")
-            compare = gr.Checkbox(label="also show the plaintext prediction of the same quantized model (owner only)",
-                                  value=False, visible=backend.can_compare(first), elem_id="compare")
+            compare = gr.Checkbox(
+                label="also show the plaintext prediction of the same quantized model (owner only)",
+                value=False,
+                visible=backend.can_compare(first),
+                elem_id="compare",
+            )
         with gr.Row():
             keygen_btn = gr.Button("2. Generate keys", elem_id="keygen-btn")
             encrypt_btn = gr.Button("3. Encrypt", elem_id="encrypt-btn")

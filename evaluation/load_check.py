@@ -39,11 +39,20 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
-def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, key_cache_mb: int,
-        start_timeout: float = START_TIMEOUT) -> dict:
+def run(
+    bundles: Path,
+    model: str,
+    clients: int,
+    per_client: int,
+    workers: int,
+    key_cache_mb: int,
+    start_timeout: float = START_TIMEOUT,
+) -> dict:
     found = find_bundles(bundles)
     if model not in found:
-        raise UnknownModelError(f"model {model!r} is not in {bundles}; available: {', '.join(found)}; pass one with --model")
+        raise UnknownModelError(
+            f"model {model!r} is not in {bundles}; available: {', '.join(found)}; pass one with --model"
+        )
     bundle_dir = found[model][0]
 
     ckpt = load_checkpoint(bundle_dir)
@@ -51,8 +60,14 @@ def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, 
     expected = {p.smiles: p.raw for p in predict_local(bundle_dir, molecules, fhe="simulate").predictions}
 
     tmp = Path(tempfile.mkdtemp(prefix="molcloak-load-"))
-    server = ServerProcess(bundles, tmp / "state", workers=workers, log=tmp / "server.log",
-                           extra_args=["--key-cache-mb", str(key_cache_mb)], timeout=start_timeout)
+    server = ServerProcess(
+        bundles,
+        tmp / "state",
+        workers=workers,
+        log=tmp / "server.log",
+        extra_args=["--key-cache-mb", str(key_cache_mb)],
+        timeout=start_timeout,
+    )
     url = server.url
     peak = [0]
     stop = threading.Event()
@@ -93,41 +108,70 @@ def run(bundles: Path, model: str, clients: int, per_client: int, workers: int, 
         wall = time.perf_counter() - start
         stop.set()
         log = (tmp / "server.log").read_text()
-        statuses = [int(w) for line in log.splitlines() if '" ' in line and "HTTP/1.1" in line
-                    for w in line.rsplit('" ', 1)[1].split()[:1] if w.isdigit()]
+        statuses = [
+            int(w)
+            for line in log.splitlines()
+            if '" ' in line and "HTTP/1.1" in line
+            for w in line.rsplit('" ', 1)[1].split()[:1]
+            if w.isdigit()
+        ]
         health = httpx.get(f"{url}/health", timeout=10).json()
     finally:
         stop.set()
         server.stop()
     lat = sorted(latencies)
     return {
-        "model": model, "clients": clients, "predictions_per_client": per_client, "workers": workers,
-        "predictions": len(latencies), "wrong_results": len(wrong), "client_failures": failures[:10],
-        "http_5xx": sum(s >= 500 for s in statuses), "http_4xx": sum(400 <= s < 500 for s in statuses),
-        "throughput_per_s": len(latencies) / wall if wall else 0.0, "wall_s": wall, "key_setup_s": setup_s,
+        "model": model,
+        "clients": clients,
+        "predictions_per_client": per_client,
+        "workers": workers,
+        "predictions": len(latencies),
+        "wrong_results": len(wrong),
+        "client_failures": failures[:10],
+        "http_5xx": sum(s >= 500 for s in statuses),
+        "http_4xx": sum(400 <= s < 500 for s in statuses),
+        "throughput_per_s": len(latencies) / wall if wall else 0.0,
+        "wall_s": wall,
+        "key_setup_s": setup_s,
         "latency_p50_s": statistics.median(lat) if lat else None,
         "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
-        "server_rss_idle_mb": idle_rss / 2**20, "server_rss_peak_mb": peak[0] / 2**20,
-        "key_cache_cap_mb": key_cache_mb, "worker_restarts": health.get("worker_restarts"),
-        "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+        "server_rss_idle_mb": idle_rss / 2**20,
+        "server_rss_peak_mb": peak[0] / 2**20,
+        "key_cache_cap_mb": key_cache_mb,
+        "worker_restarts": health.get("worker_restarts"),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
     }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundles", type=Path, default=Path("demo"), help="folder of bundles to serve (default: demo)")
+    ap.add_argument(
+        "--bundles", type=Path, default=Path("demo"), help="folder of bundles to serve (default: demo)"
+    )
     ap.add_argument("--model", default="sol-low")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--per-client", type=int, default=10)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--key-cache-mb", type=int, default=1024, help="server's key cache cap")
-    ap.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
-                    help="seconds to wait for the server to answer /health")
+    ap.add_argument(
+        "--start-timeout",
+        type=float,
+        default=START_TIMEOUT,
+        help="seconds to wait for the server to answer /health",
+    )
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
     try:
-        result = run(args.bundles, args.model, args.clients, args.per_client, args.workers, args.key_cache_mb,
-                     args.start_timeout)
+        result = run(
+            args.bundles,
+            args.model,
+            args.clients,
+            args.per_client,
+            args.workers,
+            args.key_cache_mb,
+            args.start_timeout,
+        )
     except MolcloakError as exc:
         print(f"load_check: error: {exc}", file=sys.stderr)
         return 2

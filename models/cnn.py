@@ -78,8 +78,13 @@ def _unsigned_quant(bits: int) -> qnn.QuantIdentity:
 
 
 def _weight_kw(bits: int) -> dict:
-    return {"bias": True, "weight_bit_width": bits, "weight_quant": Int8WeightPerTensorFloat, "bias_quant": None,
-            "weight_narrow_range": True}
+    return {
+        "bias": True,
+        "weight_bit_width": bits,
+        "weight_quant": Int8WeightPerTensorFloat,
+        "bias_quant": None,
+        "weight_narrow_range": True,
+    }
 
 
 def image_side(n_in: int, name: str = "CNN") -> int:
@@ -106,7 +111,10 @@ class QuantCNN(nn.Module):
                 raise ValueError(
                     f"kernel {k} does not fit the {side}x{side} feature map; use smaller kernels/strides or a larger grid"
                 )
-            layers += [_unsigned_quant(bits), qnn.QuantConv2d(c_in, c_out, k, stride=s, **_weight_kw(config.weight_bits))]
+            layers += [
+                _unsigned_quant(bits),
+                qnn.QuantConv2d(c_in, c_out, k, stride=s, **_weight_kw(config.weight_bits)),
+            ]
             if config.batchnorm:
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.ReLU())

@@ -32,7 +32,9 @@ class MLPConfig:
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
+            raise ValueError(
+                f"activation {self.activation!r} is not supported; use one of {', '.join(ACTIVATIONS)}"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden": list(self.hidden)}
@@ -53,8 +55,13 @@ def _quant_identity(bits: int) -> qnn.QuantIdentity:
 
 def _quant_linear(n_in: int, n_out: int, bits: int) -> qnn.QuantLinear:
     return qnn.QuantLinear(
-        n_in, n_out, bias=True, weight_bit_width=bits, weight_quant=Int8WeightPerTensorFloat,
-        bias_quant=None, weight_narrow_range=True,
+        n_in,
+        n_out,
+        bias=True,
+        weight_bit_width=bits,
+        weight_quant=Int8WeightPerTensorFloat,
+        bias_quant=None,
+        weight_narrow_range=True,
     )
 
 

@@ -22,12 +22,26 @@ class ModelEntry(NamedTuple):
 GRID_FEATURES = "grid:r=2,size=32"
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(MLPConfig, QuantMLP, "Brevitas QAT MLP (hidden widths, weight/activation/input bits)"),
-    "mlp-sigmoid": ModelEntry(SigmoidMLPConfig, QuantMLP, "the MLP with sigmoid activations, each evaluated exactly by one PBS "
-                              "(tabular data, e.g. breast-cancer)"),
-    "cnn1": ModelEntry(CNN1Config, QuantCNN, "Brevitas QAT CNN, one convolution (4 ch, 4x4 stride 4) on 32x32 molecule images",
-                       GRID_FEATURES, image_input=True),
-    "cnn2": ModelEntry(CNN2Config, QuantCNN, "Brevitas QAT CNN, two convolutions (4 and 8 ch) on 32x32 molecule images",
-                       GRID_FEATURES, image_input=True),
+    "mlp-sigmoid": ModelEntry(
+        SigmoidMLPConfig,
+        QuantMLP,
+        "the MLP with sigmoid activations, each evaluated exactly by one PBS "
+        "(tabular data, e.g. breast-cancer)",
+    ),
+    "cnn1": ModelEntry(
+        CNN1Config,
+        QuantCNN,
+        "Brevitas QAT CNN, one convolution (4 ch, 4x4 stride 4) on 32x32 molecule images",
+        GRID_FEATURES,
+        image_input=True,
+    ),
+    "cnn2": ModelEntry(
+        CNN2Config,
+        QuantCNN,
+        "Brevitas QAT CNN, two convolutions (4 and 8 ch) on 32x32 molecule images",
+        GRID_FEATURES,
+        image_input=True,
+    ),
 }
 
 
@@ -71,11 +85,15 @@ def check_features(name: str, spec) -> None:
     """Image models need grid features and vector models vector features; say which to use."""
     image = len(spec.shape) == 3
     if _entry(name).image_input and not image:
-        raise ValueError(f"model {name!r} takes molecule images, not {str(spec)!r}; use --features {GRID_FEATURES}")
+        raise ValueError(
+            f"model {name!r} takes molecule images, not {str(spec)!r}; use --features {GRID_FEATURES}"
+        )
     if image and not _entry(name).image_input:
         images = ", ".join(k for k, v in MODELS.items() if v.image_input)
-        raise ValueError(f"features {str(spec)!r} are images for the CNN models ({images}); model {name!r} needs "
-                               "vector features such as physchem or morgan_count:r=2,n=256")
+        raise ValueError(
+            f"features {str(spec)!r} are images for the CNN models ({images}); model {name!r} needs "
+            "vector features such as physchem or morgan_count:r=2,n=256"
+        )
 
 
 def build_model(name: str, n_in: int, n_out: int, config=None) -> nn.Module:

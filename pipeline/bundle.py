@@ -34,11 +34,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .data import TaskSpec
 from .errors import BundleError
 from .featurize import FeaturizerSpec, featurizer_from_dict
 from .metrics import TargetScaler
 from .tabular import TabularSpec
+from .tasks import TaskSpec
 
 BUNDLE_FORMAT = 1
 CHECKED_PACKAGES = ("concrete-ml", "concrete-python")
@@ -100,7 +100,9 @@ class Checkpoint:
             "task": self.task.to_dict(),
             "featurizer": self.featurizer.to_dict(),
             "model": {"name": self.model_name, "config": self.model_config, "n_inputs": self.n_inputs},
-            "target_scaler": None if self.scaler is None else {"mean": self.scaler.mean, "std": self.scaler.std},
+            "target_scaler": None
+            if self.scaler is None
+            else {"mean": self.scaler.mean, "std": self.scaler.std},
             "training": self.train_info,
             "metrics": self.metrics,
             "versions": package_versions(),
@@ -118,7 +120,10 @@ def _write_checkpoint(ckpt: Checkpoint, d: Path) -> None:
     (d / "checkpoint.json").write_text(json.dumps(ckpt.meta(), indent=2))
     torch.save(ckpt.state_dict, d / "model.pt")
     np.savez_compressed(
-        d / "data.npz", X_calib=ckpt.X_calib, X_test=ckpt.X_test, y_test=ckpt.y_test,
+        d / "data.npz",
+        X_calib=ckpt.X_calib,
+        X_test=ckpt.X_test,
+        y_test=ckpt.y_test,
         smiles_test=np.asarray(ckpt.smiles_test, dtype=object).astype(str),
     )
 
@@ -201,7 +206,9 @@ def write_bundle(
     from concrete.ml.deployment import FHEModelDev
 
     meta = ckpt.meta()
-    meta.update({"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics, **compile_info})
+    meta.update(
+        {"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics, **compile_info}
+    )
     manifest = Manifest(meta)
     with _atomic_dir(Path(out_dir), force) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp) as dev_dir:
@@ -227,12 +234,18 @@ def load_manifest(path: str | Path, part: str | None = None, check: bool = True)
     base = root / part if part and (root / part).is_dir() else root
     manifest_path = base / "manifest.json"
     if not manifest_path.is_file():
-        raise BundleError(f"{root} has no manifest.json; it is not a molcloak bundle (create one with `molcloak deploy`)")
+        raise BundleError(
+            f"{root} has no manifest.json; it is not a molcloak bundle (create one with `molcloak deploy`)"
+        )
     if part and not (base / f"{part}.zip").is_file():
-        raise BundleError(f"{root} has no {part}.zip; the bundle is incomplete, rebuild it with `molcloak deploy`")
+        raise BundleError(
+            f"{root} has no {part}.zip; the bundle is incomplete, rebuild it with `molcloak deploy`"
+        )
     data = _read_json(manifest_path)
     if data.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{root}: bundle format {data.get('format')!r}, expected {BUNDLE_FORMAT}; rebuild it with `molcloak deploy`")
+        raise BundleError(
+            f"{root}: bundle format {data.get('format')!r}, expected {BUNDLE_FORMAT}; rebuild it with `molcloak deploy`"
+        )
     if check:
         check_versions(data.get("versions", {}), root)
     return Manifest(data)

@@ -40,7 +40,9 @@ class CompileConfig:
         if self.p_error is not None and not 0 < self.p_error < 1:
             raise ConfigError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
         if self.n_bits is not None and not 2 <= self.n_bits <= 8:
-            raise ConfigError(f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)")
+            raise ConfigError(
+                f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)"
+            )
 
     def rounding_arg(self):
         if self.rounding_bits is None:
@@ -93,7 +95,9 @@ class CircuitStats:
         )
 
 
-def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig = CompileConfig(), measure_keys: bool = True):
+def compile_model(
+    model: nn.Module, X_calib: np.ndarray, config: CompileConfig = CompileConfig(), measure_keys: bool = True
+):
     """Compile a trained Brevitas QAT model; returns (QuantizedModule, CircuitStats).
 
     `X_calib` (the training features) bounds every intermediate value of the circuit.
@@ -109,8 +113,10 @@ def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig =
     model.eval()
     qat = has_any_qnn_layers(model)
     if not qat and config.n_bits is None:
-        raise CompilationError("the model is a float model (no Brevitas quantizers); post-training quantization needs "
-                               "--n-bits N (e.g. 4-6)")
+        raise CompilationError(
+            "the model is a float model (no Brevitas quantizers); post-training quantization needs "
+            "--n-bits N (e.g. 4-6)"
+        )
     compile_fn = compile_brevitas_qat_model if qat else partial(compile_torch_model, n_bits=config.n_bits)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -130,4 +136,6 @@ def compile_model(model: nn.Module, X_calib: np.ndarray, config: CompileConfig =
         return q_module, stats
     circuit = q_module.fhe_circuit
     circuit.keygen(force=True)  # throwaway keys, only to measure the exact evaluation-key size
-    return q_module, dataclasses.replace(stats, serialized_evaluation_key_bytes=len(circuit.keys.evaluation.serialize()))
+    return q_module, dataclasses.replace(
+        stats, serialized_evaluation_key_bytes=len(circuit.keys.evaluation.serialize())
+    )

@@ -8,7 +8,6 @@ Loading never drops a row silently: every problem is a `RowProblem`; without
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,54 +19,7 @@ import pandas as pd
 from .errors import DataError
 from .featurize import canonical_smiles
 from .tabular import TabularSpec, load_breast_cancer_frame, resolve_feature_cols
-
-TaskKind = Literal["binary", "multiclass", "regression", "multilabel", "multitarget"]
-MULTITASK_KINDS = ("multilabel", "multitarget")
-MULTILABEL_LABELS = ("0", "1")  # per-task classes of a multi-label task: 0 negative, 1 positive
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the model predicts: the kind of task, its target(s) and class labels.
-
-    Multi-task kinds predict several targets at once, one output per task: "multilabel" (one
-    binary label per task, sigmoid per output, Tox21-style) and "multitarget" (one regression
-    value per task). Their targets may be missing (NaN) per molecule; `tasks` names the target
-    columns (`target` is them joined by ",") and `task_units` gives each task's units.
-    """
-
-    name: str
-    kind: TaskKind
-    target: str
-    labels: tuple[str, ...] = ()  # class names, index = class id; empty for regression
-    units: str = ""  # regression units shown to users (e.g. "logS")
-    tasks: tuple[str, ...] = ()  # multi-task: one name per output
-    task_units: tuple[str, ...] = ()  # multitarget: units per task
-
-    @property
-    def is_classification(self) -> bool:
-        return self.kind in ("binary", "multiclass", "multilabel")
-
-    @property
-    def is_multitask(self) -> bool:
-        return self.kind in MULTITASK_KINDS
-
-    @property
-    def n_outputs(self) -> int:
-        if self.is_multitask:
-            return len(self.tasks)
-        return len(self.labels) if self.is_classification else 1
-
-    def unit_of(self, i: int) -> str:
-        return self.task_units[i] if i < len(self.task_units) else ""
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "labels": list(self.labels), "tasks": list(self.tasks),
-                "task_units": list(self.task_units)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TaskSpec:
-        return cls(**{**d, **{k: tuple(d.get(k, ())) for k in ("labels", "tasks", "task_units")}})
+from .tasks import MULTILABEL_LABELS, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -116,7 +68,9 @@ class Dataset:
         split = None if self.official_split is None else self.official_split[idx]
         smiles = [] if self.is_tabular else [self.smiles[i] for i in idx]
         table = None if self.table is None else self.table[idx]
-        return Dataset(smiles, self.y[idx], self.task, self.rows[idx], split, table=table, columns=self.columns)
+        return Dataset(
+            smiles, self.y[idx], self.task, self.rows[idx], split, table=table, columns=self.columns
+        )
 
 
 # ---------------------------------------------------------------- bundled data
@@ -127,9 +81,9 @@ BUNDLED_TASKS: dict[str, str] = {
     "sol-logs": "Huuskonen solubility, regression on logS (official split)",
     "freesolv": "FreeSolv hydration free energy, regression in kcal/mol (random split)",
     "sol-freesolv": "multi-task regression: logS (Huuskonen) and hydration free energy (FreeSolv) on the union "
-                    "of both sets, a label missing where a molecule is in one set only (random split)",
+    "of both sets, a label missing where a molecule is in one set only (random split)",
     "breast-cancer": "tabular: scikit-learn's Wisconsin breast cancer, 30 numeric features, malignant/benign "
-                     "(80/20 split, seed 42)",
+    "(80/20 split, seed 42)",
 }
 
 
@@ -179,10 +133,14 @@ def _sol_freesolv(sol: pd.DataFrame, fs: pd.DataFrame) -> Dataset:
 
     A molecule present twice in the solubility set (8 are) gets the mean of its logS values.
     """
-    sol = sol.assign(key=[canonical_smiles(s) for s in sol["smiles"]]).groupby("key", sort=False)["SOL"].mean()
+    sol = (
+        sol.assign(key=[canonical_smiles(s) for s in sol["smiles"]]).groupby("key", sort=False)["SOL"].mean()
+    )
     fs = fs.assign(key=[canonical_smiles(s) for s in fs["smiles"]]).set_index("key")["expt"]
     df = pd.merge(sol, fs, how="outer", left_index=True, right_index=True).rename_axis("smiles").reset_index()
-    task = TaskSpec("sol-freesolv", "multitarget", "SOL,expt", tasks=("SOL", "expt"), task_units=("logS", "kcal/mol"))
+    task = TaskSpec(
+        "sol-freesolv", "multitarget", "SOL,expt", tasks=("SOL", "expt"), task_units=("logS", "kcal/mol")
+    )
     return _from_frame(df, "smiles", task, split_col=None, skip_invalid=False)
 
 
@@ -213,15 +171,28 @@ class DataSource:
         """The validated dataset; bad rows raise (or are listed in `problems` with `skip_invalid`)."""
         if self.dataset in BUNDLED_TASKS:
             if self.feature_cols:
-                raise DataError(f"--feature-cols applies to CSV files; the bundled dataset {self.dataset!r} defines its own inputs")
+                raise DataError(
+                    f"--feature-cols applies to CSV files; the bundled dataset {self.dataset!r} defines its own inputs"
+                )
             return load_bundled(self.dataset)
         if not Path(self.dataset).exists():
-            raise DataError(f"dataset {self.dataset!r} is neither a bundled dataset ({', '.join(BUNDLED_TASKS)}) "
-                            "nor an existing CSV file")
+            raise DataError(
+                f"dataset {self.dataset!r} is neither a bundled dataset ({', '.join(BUNDLED_TASKS)}) "
+                "nor an existing CSV file"
+            )
         if not self.target_col:
-            raise DataError(f"{self.dataset}: --target-col is required for a CSV file (and --smiles-col if not 'smiles')")
-        return load_csv(self.dataset, self.smiles_col, self.target_col, self.task, self.threshold, self.skip_invalid,
-                        feature_cols=self.feature_cols)
+            raise DataError(
+                f"{self.dataset}: --target-col is required for a CSV file (and --smiles-col if not 'smiles')"
+            )
+        return load_csv(
+            self.dataset,
+            self.smiles_col,
+            self.target_col,
+            self.task,
+            self.threshold,
+            self.skip_invalid,
+            feature_cols=self.feature_cols,
+        )
 
 
 # ---------------------------------------------------------------- CSV files
@@ -257,7 +228,11 @@ def load_csv(
     """
     path = Path(path)
     df = read_csv_text(path, "check the path")
-    targets = [target_col] if target_col in df.columns else [t.strip() for t in str(target_col).split(",") if t.strip()]
+    targets = (
+        [target_col]
+        if target_col in df.columns
+        else [t.strip() for t in str(target_col).split(",") if t.strip()]
+    )
     needed = targets + ([split_col] if split_col else []) + ([] if feature_cols is not None else [smiles_col])
     for col in needed:
         if col not in df.columns:
@@ -271,20 +246,36 @@ def load_csv(
         exclude = targets + ([split_col] if split_col else [])
         feature_cols, ignored = resolve_feature_cols(list(df.columns), df, feature_cols, exclude, str(path))
     task_spec = _csv_task(path.stem, df, targets, task, threshold)
-    ds = _from_frame(df, None if feature_cols is not None else smiles_col, task_spec, split_col, skip_invalid,
-                     threshold, source=str(path), feature_cols=feature_cols or ())
+    ds = _from_frame(
+        df,
+        None if feature_cols is not None else smiles_col,
+        task_spec,
+        split_col,
+        skip_invalid,
+        threshold,
+        source=str(path),
+        feature_cols=feature_cols or (),
+    )
     ds.ignored_columns = tuple(ignored)
     return ds
 
 
-def _csv_task(name: str, df: pd.DataFrame, targets: list[str], task: str, threshold: float | None) -> TaskSpec:
+def _csv_task(
+    name: str, df: pd.DataFrame, targets: list[str], task: str, threshold: float | None
+) -> TaskSpec:
     if task not in ("classification", "regression"):
         raise DataError(f"unknown task {task!r}; expected 'classification' or 'regression'")
     if len(targets) > 1:
         kind = "multitarget" if task == "regression" and threshold is None else "multilabel"
         labels = MULTILABEL_LABELS if kind == "multilabel" else ()
-        return TaskSpec(name, kind, ",".join(targets), labels=labels, tasks=tuple(targets),
-                        task_units=("",) * len(targets) if kind == "multitarget" else ())
+        return TaskSpec(
+            name,
+            kind,
+            ",".join(targets),
+            labels=labels,
+            tasks=tuple(targets),
+            task_units=("",) * len(targets) if kind == "multitarget" else (),
+        )
     target_col = targets[0]
     if threshold is not None:
         return TaskSpec(name, "binary", target_col, labels=(f"< {threshold:g}", f">= {threshold:g}"))
@@ -314,9 +305,15 @@ def parse_target(raw, task: TaskSpec, threshold: float | None) -> tuple[float | 
         try:
             value = float(raw)
         except ValueError:
-            return None, f"target {raw!r} in column {task.target!r} is not a number; fix it or pass --skip-invalid"
+            return (
+                None,
+                f"target {raw!r} in column {task.target!r} is not a number; fix it or pass --skip-invalid",
+            )
         if not math.isfinite(value):
-            return None, f"target {raw!r} in column {task.target!r} is not finite; fix it or pass --skip-invalid"
+            return (
+                None,
+                f"target {raw!r} in column {task.target!r} is not finite; fix it or pass --skip-invalid",
+            )
         if threshold is not None:
             return int(value >= threshold), ""
         return value, ""
@@ -340,20 +337,30 @@ def _parse_targets(record: dict, task: TaskSpec, threshold: float | None) -> tup
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            return None, f"target {raw!r} in column {col!r} is not a number; fix it, leave it empty (missing label) or pass --skip-invalid"
+            return (
+                None,
+                f"target {raw!r} in column {col!r} is not a number; fix it, leave it empty (missing label) or pass --skip-invalid",
+            )
         if task.kind == "multilabel":
             if threshold is not None:
                 value = float(value >= threshold)
             elif value not in (0.0, 1.0):
-                return None, (f"label {raw!r} in column {col!r} is not 0 or 1; multi-label columns hold 0/1 (empty = "
-                              "missing); fix it, pass --threshold T to binarize values, or pass --skip-invalid")
+                return None, (
+                    f"label {raw!r} in column {col!r} is not 0 or 1; multi-label columns hold 0/1 (empty = "
+                    "missing); fix it, pass --threshold T to binarize values, or pass --skip-invalid"
+                )
         values.append(value)
     if all(math.isnan(v) for v in values):
-        return None, f"all targets ({', '.join(task.tasks)}) are empty; a row needs at least one label; fill one in or pass --skip-invalid"
+        return (
+            None,
+            f"all targets ({', '.join(task.tasks)}) are empty; a row needs at least one label; fill one in or pass --skip-invalid",
+        )
     return values, ""
 
 
-def _check_input(record: dict, smiles_col: str | None, tabular: TabularSpec | None) -> tuple[object, str, str]:
+def _check_input(
+    record: dict, smiles_col: str | None, tabular: TabularSpec | None
+) -> tuple[object, str, str]:
     """(input, the value a problem shows, reason): the numeric features checked by the tabular
     featurizer's `check_input`, or the canonical SMILES."""
     if tabular is not None:
@@ -361,7 +368,11 @@ def _check_input(record: dict, smiles_col: str | None, tabular: TabularSpec | No
         return values, "", reason
     smi = str(record[smiles_col]).strip()
     canon = canonical_smiles(smi)
-    return canon, smi, "" if canon else f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid"
+    return (
+        canon,
+        smi,
+        "" if canon else f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid",
+    )
 
 
 def _from_frame(
@@ -398,9 +409,16 @@ def _from_frame(
         raise DataError(f"{source}: no valid row left ({len(problems)} invalid rows); check the columns")
     xs, ys, rows, splits = (list(c) for c in zip(*keep))
     dtype = np.int64 if task.kind in ("binary", "multiclass") else np.float64
-    ds = Dataset(xs if tabular is None else [], np.asarray(ys, dtype=dtype), task, np.asarray(rows),
-                 np.asarray(splits) if split_col else None, problems,
-                 table=None if tabular is None else np.asarray(xs, dtype=np.float64), columns=tuple(feature_cols))
+    ds = Dataset(
+        xs if tabular is None else [],
+        np.asarray(ys, dtype=dtype),
+        task,
+        np.asarray(rows),
+        np.asarray(splits) if split_col else None,
+        problems,
+        table=None if tabular is None else np.asarray(xs, dtype=np.float64),
+        columns=tuple(feature_cols),
+    )
     _check_labels(ds, source)
     return ds
 
@@ -409,14 +427,20 @@ def _check_labels(ds: Dataset, source: str) -> None:
     """A classifier needs two classes (per task); a multi-task regression two values per task."""
     task = ds.task
     if task.kind in ("binary", "multiclass") and len(np.unique(ds.y)) < 2:
-        raise DataError(f"{source}: only one class present in column {task.target!r}; a classifier needs at least two")
+        raise DataError(
+            f"{source}: only one class present in column {task.target!r}; a classifier needs at least two"
+        )
     for j, col in enumerate(task.tasks if task.is_multitask else ()):
         labelled = ds.y[:, j][~np.isnan(ds.y[:, j])]
         if task.kind == "multilabel" and len(np.unique(labelled)) < 2:
-            raise DataError(f"{source}: column {col!r} has only one class among its {len(labelled)} labels; "
-                            "each task of a multi-label classifier needs both 0 and 1")
+            raise DataError(
+                f"{source}: column {col!r} has only one class among its {len(labelled)} labels; "
+                "each task of a multi-label classifier needs both 0 and 1"
+            )
         if task.kind == "multitarget" and len(labelled) < 2:
-            raise DataError(f"{source}: column {col!r} has {len(labelled)} values; each task needs at least two")
+            raise DataError(
+                f"{source}: column {col!r} has {len(labelled)} values; each task needs at least two"
+            )
 
 
 def summarize_problems(problems: list[RowProblem], source: str) -> str:

@@ -26,8 +26,9 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
     ds = load_bundled(DEMO_TASK)
     with progress() as bar:
         t = bar.add_task("1/4 training the QAT model", total=TrainConfig().epochs, status="")
-        ckpt = train_checkpoint(ds, train_config=TrainConfig(seed=seed),
-                                on_epoch=lambda e, total, row: bar.update(t, completed=e))
+        ckpt = train_checkpoint(
+            ds, train_config=TrainConfig(seed=seed), on_epoch=lambda e, total, row: bar.update(t, completed=e)
+        )
     save_checkpoint(ckpt, out_dir / "checkpoint", force=True)
     with console.status("2/4 compiling to a TFHE circuit and simulating the test split..."):
         compiled = compile_checkpoint(ckpt, CompileConfig())
@@ -58,18 +59,21 @@ def run_demo(out_dir: Path, n: int, seed: int, progress, console) -> dict:
             raw, ct, ct_out, seconds = run_encrypted(client, server, keys_on_server, x)
             fhe_pred = client.predictions(raw)[0]
             fhe_preds.append(fhe_pred)
-            rows.append({
-                "smiles": smi,
-                "true": ckpt.task.labels[int(ckpt.y_test[idx[k]])],
-                "float": _value(float_pred[k]),
-                "simulated": _value(sim_pred[k]),
-                "fhe": _value(fhe_pred),
-                "fhe_equals_simulation": bool(fhe_equals_simulation(raw, sim_raw[k : k + 1])[0]),
-                "fhe_raw": raw[0].tolist(),
-                "simulated_raw": sim_raw[k].tolist(),
-                **{f"{k}_s": v for k, v in seconds.items()},
-                "input_ciphertext_bytes": len(ct), "output_ciphertext_bytes": len(ct_out),
-            })
+            rows.append(
+                {
+                    "smiles": smi,
+                    "true": ckpt.task.labels[int(ckpt.y_test[idx[k]])],
+                    "float": _value(float_pred[k]),
+                    "simulated": _value(sim_pred[k]),
+                    "fhe": _value(fhe_pred),
+                    "fhe_equals_simulation": bool(fhe_equals_simulation(raw, sim_raw[k : k + 1])[0]),
+                    "fhe_raw": raw[0].tolist(),
+                    "simulated_raw": sim_raw[k].tolist(),
+                    **{f"{k}_s": v for k, v in seconds.items()},
+                    "input_ciphertext_bytes": len(ct),
+                    "output_ciphertext_bytes": len(ct_out),
+                }
+            )
             bar.update(t, advance=1)
     executed = score(ckpt.task, ckpt.y_test[idx], np.asarray(fhe_preds))
     return {

@@ -20,32 +20,15 @@ standardization). It must be the only part; ``transform`` then returns (n, 1, si
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from .errors import FeaturizerError, InvalidSmilesError
+from .feature_kinds import Part, part_kind
 from .tabular import TABULAR, TabularSpec
 
-# RDKit descriptor names, in the order they appear in the feature vector.
-PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
-    "MolLogP",
-    "TPSA",
-    "MolWt",
-    "NumHDonors",
-    "NumHAcceptors",
-    "NumRotatableBonds",
-    "NumAromaticRings",
-    "FractionCSP3",
-    "RingCount",
-    "HeavyAtomCount",
-)
-COUNT_CAP = 15  # morgan_count values are clipped here so a few bits represent them
-GRID_CAP = 7  # grid pixels: min(count, 7) / 7, exactly 3 bits (99% of non-zero counts are <= 7)
-SCALES = ("standard", "quantile")  # quantile: each column mapped to [-1, 1] by its training quantiles
 N_QUANTILES = 65
 MOLECULAR = "molecular"  # the "kind" of a SMILES featurizer's dict (manifests without "kind" are molecular)
 
@@ -101,172 +84,6 @@ def canonical_smiles(smiles: str) -> str | None:
 # ---------------------------------------------------------------- part kinds
 
 
-def _no_problem(part: Part) -> str:
-    return ""
-
-
-class PartKind(NamedTuple):
-    """One kind of molecular feature part: an entry of `PART_KINDS`.
-
-    `compute(part, mol)` returns one RDKit molecule's raw values (`width(part)` numbers, before
-    scaling); an exception it raises becomes a `FeaturizerError` naming the molecule (see
-    `descriptor_compute` for descriptor lists, which also name the descriptor that failed).
-    """
-
-    compute: Callable[[Part, Any], Sequence[float] | np.ndarray]
-    width: Callable[[Part], int]
-    names: Callable[[Part], list[str]]
-    description: str
-    options: tuple[str, ...] = ()  # spec options it reads, in the order `str` writes them: r (radius), n (bits), size
-    scaled: bool = True  # columns standardized, scale=quantile allowed; False: bits or pixels used as they are
-    check: Callable[[Part], str] = _no_problem  # "" or what is wrong with the part's options and the fix
-    image: bool = False  # a (1, side, side) molecule image: the only part of its spec
-
-
-@functools.cache
-def _rdkit_descriptor(name: str) -> Callable[[Any], float]:
-    from rdkit.Chem import Descriptors
-
-    return getattr(Descriptors, name)
-
-
-def descriptor_compute(names: Sequence[str], lookup: Callable[[str], Callable[[Any], float]] = _rdkit_descriptor):
-    """The `PartKind.compute` of a descriptor list: each named descriptor (RDKit's by default) on the molecule.
-
-    A descriptor that raises becomes a `FeaturizerError` naming it (the featurizer adds the molecule)."""
-
-    def compute(part: Part, mol) -> list[float]:
-        values = []
-        for name in names:
-            try:
-                values.append(float(lookup(name)(mol)))
-            except Exception as exc:  # RDKit descriptors raise anything (ZeroDivisionError, ...)
-                raise FeaturizerError(f"descriptor {name!r} raised {type(exc).__name__}: {exc}") from exc
-        return values
-
-    return compute
-
-
-@functools.cache
-def _morgan_generator(radius: int, n_bits: int):
-    from rdkit.Chem import rdFingerprintGenerator
-
-    return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
-
-
-def _morgan_bits(part: Part, mol) -> np.ndarray:
-    return _morgan_generator(part.radius, part.n_bits).GetFingerprintAsNumPy(mol)
-
-
-def _morgan_counts(part: Part, mol) -> np.ndarray:
-    return np.minimum(_morgan_generator(part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol), COUNT_CAP)
-
-
-def _grid_pixels(part: Part, mol) -> np.ndarray:
-    counts = _morgan_generator(part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol).astype(np.float64)
-    return np.minimum(counts, GRID_CAP) / GRID_CAP
-
-
-def _check_fingerprint(part: Part) -> str:
-    if 1 <= part.radius <= 6 and 8 <= part.n_bits <= 16384:
-        return ""
-    return f"{part.kind}: radius {part.radius} / size {part.n_bits} out of range; use r in 1..6 and n in 8..16384"
-
-
-def _check_grid(part: Part) -> str:
-    problem = _check_fingerprint(part)
-    if not problem and (part.side**2 != part.n_bits or not 4 <= part.side <= 64):
-        problem = f"grid: {part.n_bits} bins do not form a square image of side 4..64; use e.g. grid:r=2,size=32"
-    return problem
-
-
-def _bins(part: Part) -> int:
-    return part.n_bits
-
-
-def _bin_names(part: Part) -> list[str]:
-    return [f"{part.kind}_r{part.radius}_{i}" for i in range(part.n_bits)]
-
-
-# The molecular part kinds. A new kind is one entry here plus its compute function (`descriptor_compute(names)`
-# for a list of RDKit descriptors); `Part`, parsing, `str`, scaling and the error reports follow from the entry.
-PART_KINDS: dict[str, PartKind] = {
-    "physchem": PartKind(descriptor_compute(PHYSCHEM_DESCRIPTORS), lambda p: len(PHYSCHEM_DESCRIPTORS),
-                         lambda p: list(PHYSCHEM_DESCRIPTORS), "10 RDKit physico-chemical descriptors (logP, TPSA, ...)"),
-    "morgan": PartKind(_morgan_bits, _bins, _bin_names, "Morgan (ECFP) bits of radius r, n bins", ("r", "n"),
-                       scaled=False, check=_check_fingerprint),
-    "morgan_count": PartKind(_morgan_counts, _bins, _bin_names, f"Morgan counts of radius r, n bins, capped at {COUNT_CAP}",
-                             ("r", "n"), check=_check_fingerprint),
-    "grid": PartKind(_grid_pixels, _bins, _bin_names, "Morgan counts as a size x size image for the CNN models",
-                     ("r", "size"), scaled=False, check=_check_grid, image=True),
-}
-OPTION_FIELDS = {"r": "radius", "radius": "radius", "n": "n_bits", "n_bits": "n_bits", "size": "n_bits"}
-
-
-def part_kind(name: str) -> PartKind:
-    """The registry entry of a part kind, or a `FeaturizerError` naming the kinds available."""
-    if name not in PART_KINDS:
-        raise FeaturizerError(f"unknown feature part {name!r}; expected one of {', '.join(PART_KINDS)}")
-    return PART_KINDS[name]
-
-
-@dataclass(frozen=True)
-class Part:
-    kind: str
-    radius: int = 2
-    n_bits: int = 1024
-    scale: str = "standard"
-
-    def __post_init__(self):
-        entry = part_kind(self.kind)
-        if self.scale not in SCALES or (self.scale != "standard" and not entry.scaled):
-            scaled = " or ".join(k for k, e in PART_KINDS.items() if e.scaled)
-            raise FeaturizerError(f"{self.kind}: scale {self.scale!r} not possible; use scale=quantile on {scaled}")
-        problem = entry.check(self)
-        if problem:
-            raise FeaturizerError(problem)
-
-    @property
-    def side(self) -> int:
-        """Image side of a grid part (size*size = n_bits)."""
-        return math.isqrt(self.n_bits)
-
-    @property
-    def width(self) -> int:
-        return part_kind(self.kind).width(self)
-
-    @property
-    def names(self) -> list[str]:
-        return part_kind(self.kind).names(self)
-
-    def __str__(self) -> str:
-        values = {"r": self.radius, "n": self.n_bits, "size": self.side}
-        opts = [f"{k}={values[k]}" for k in part_kind(self.kind).options]
-        opts += [f"scale={self.scale}"] if self.scale != "standard" else []
-        return self.kind + (":" + ",".join(opts) if opts else "")
-
-    @classmethod
-    def parse(cls, chunk: str, text: str) -> Part:
-        """One ``kind:opt=value,...`` chunk of the spec string `text`."""
-        kind, _, opts = (s.strip() for s in chunk.partition(":"))
-        entry = part_kind(kind)
-        read = {OPTION_FIELDS[k] for k in entry.options}
-        kwargs: dict[str, Any] = {}
-        for opt in filter(None, (o.strip() for o in opts.split(","))):
-            key, _, val = (s.strip() for s in opt.partition("="))
-            if key == "scale" and val in SCALES:
-                kwargs["scale"] = val
-                continue
-            field = OPTION_FIELDS.get(key)
-            if field is None or not val.isdigit():
-                raise FeaturizerError(f"feature option {opt!r} in {text!r} not understood; write e.g. 'morgan:r=2,n=1024'")
-            if field not in read:
-                takes = ", ".join(entry.options + ("scale",) if entry.scaled else entry.options) or "no option"
-                raise FeaturizerError(f"feature part {kind!r} in {text!r} does not take {opt!r} (it takes {takes}); remove it")
-            kwargs[field] = int(val) ** 2 if key == "size" and entry.image else int(val)  # an image's size is its side
-        return cls(kind, **kwargs)
-
-
 # ---------------------------------------------------------------- the SMILES featurizer
 
 
@@ -276,16 +93,22 @@ class FeaturizerSpec:
     # standardization fitted on training data; applied to the scaled parts' columns only
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    knots: tuple[tuple[float, ...], ...] | None = None  # per column training quantiles (empty: not quantile-scaled)
+    knots: tuple[tuple[float, ...], ...] | None = (
+        None  # per column training quantiles (empty: not quantile-scaled)
+    )
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
 
     def __post_init__(self):
         if not self.parts:
-            raise FeaturizerError("a featurizer spec needs at least one part; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
+            raise FeaturizerError(
+                "a featurizer spec needs at least one part; use e.g. 'physchem' or 'morgan:r=2,n=1024'"
+            )
         images = [p.kind for p in self.parts if part_kind(p.kind).image]
         if images and len(self.parts) > 1:
-            raise FeaturizerError(f"{images[0]!r} is an image and cannot be joined with other parts in {self}; use it alone")
+            raise FeaturizerError(
+                f"{images[0]!r} is an image and cannot be joined with other parts in {self}; use it alone"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -328,12 +151,16 @@ class FeaturizerSpec:
         """This spec with its scaling fitted on the training SMILES (bit and pixel columns stay as they are)."""
         X = raw_features(self, train_inputs)
         if not len(X):
-            raise FeaturizerError(f"featurizer {self} cannot be fitted on 0 molecules; pass the training SMILES")
+            raise FeaturizerError(
+                f"featurizer {self} cannot be fitted on 0 molecules; pass the training SMILES"
+            )
         spec = self
         if any(p.scale == "quantile" for p in self.parts):
             quantile = np.concatenate([np.full(p.width, p.scale == "quantile") for p in self.parts])
             levels = np.linspace(0, 1, N_QUANTILES)
-            knots = tuple(tuple(map(float, np.quantile(X[:, j], levels))) if q else () for j, q in enumerate(quantile))
+            knots = tuple(
+                tuple(map(float, np.quantile(X[:, j], levels))) if q else () for j, q in enumerate(quantile)
+            )
             spec = dataclasses.replace(spec, knots=knots)
             X = _apply_knots(spec, X)
         mask = _scaled_mask(spec)
@@ -347,7 +174,11 @@ class FeaturizerSpec:
         if not self.is_fitted:
             raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
         X = _apply_knots(self, raw_features(self, inputs))
-        return ((X - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32).reshape((-1,) + self.shape)
+        return (
+            ((X - np.asarray(self.mean)) / np.asarray(self.std))
+            .astype(np.float32)
+            .reshape((-1,) + self.shape)
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -370,7 +201,9 @@ class FeaturizerSpec:
         knots = tuple(tuple(float(v) for v in k) for k in d["knots"]) if d.get("knots") else None
         spec = cls(parts, mean, std, knots)
         if mean is not None and (len(mean) != spec.width or std is None or len(std) != spec.width):
-            raise FeaturizerError(f"featurizer spec {spec} has {len(mean)} scaler values for {spec.width} features")
+            raise FeaturizerError(
+                f"featurizer spec {spec} has {len(mean)} scaler values for {spec.width} features"
+            )
         return spec
 
 
@@ -383,7 +216,9 @@ def _molecules(smiles: Sequence[str]) -> list:
     for i, smi in enumerate(smiles, start=1):
         mol = Chem.MolFromSmiles(smi) if isinstance(smi, str) and smi.strip() else None
         if mol is None:
-            raise InvalidSmilesError(f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix or remove it")
+            raise InvalidSmilesError(
+                f"molecule {i}: SMILES {smi!r} could not be parsed by RDKit; fix or remove it"
+            )
         mols.append(mol)
     return mols
 
@@ -396,11 +231,15 @@ def _molecule_row(spec: FeaturizerSpec, i: int, smi: str, mol) -> np.ndarray:
             values.append(np.asarray(part_kind(part.kind).compute(part, mol), dtype=np.float64).ravel())
         except Exception as exc:  # RDKit raises anything; the user gets one line, not a traceback
             what = str(exc) if isinstance(exc, FeaturizerError) else f"raised {type(exc).__name__}: {exc}"
-            raise FeaturizerError(f"molecule {i}: SMILES {smi!r}: feature part {str(part)!r}: {what}; expected numbers "
-                                  "for every molecule; remove or fix this molecule, or use other features") from exc
+            raise FeaturizerError(
+                f"molecule {i}: SMILES {smi!r}: feature part {str(part)!r}: {what}; expected numbers "
+                "for every molecule; remove or fix this molecule, or use other features"
+            ) from exc
         if len(values[-1]) != part.width:
-            raise FeaturizerError(f"feature part {str(part)!r} computed {len(values[-1])} values for molecule {i}, "
-                                  f"its width is {part.width}; fix its entry in PART_KINDS")
+            raise FeaturizerError(
+                f"feature part {str(part)!r} computed {len(values[-1])} values for molecule {i}, "
+                f"its width is {part.width}; fix its entry in PART_KINDS"
+            )
     return np.concatenate(values)
 
 
@@ -414,17 +253,23 @@ def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
     mols = _molecules(smiles)
     if not mols:
         return np.zeros((0, spec.width))
-    X = np.vstack([_molecule_row(spec, i, smi, mol) for i, (smi, mol) in enumerate(zip(smiles, mols), start=1)])
+    X = np.vstack(
+        [_molecule_row(spec, i, smi, mol) for i, (smi, mol) in enumerate(zip(smiles, mols), start=1)]
+    )
     bad = np.argwhere(~np.isfinite(X))
     if len(bad):
         i, j = bad[0]
-        raise FeaturizerError(f"molecule {i + 1}: SMILES {smiles[i]!r}: feature {spec.names[j]!r} is {X[i, j]}, "
-                              "expected a finite number; remove or fix this molecule, or use other features")
+        raise FeaturizerError(
+            f"molecule {i + 1}: SMILES {smiles[i]!r}: feature {spec.names[j]!r} is {X[i, j]}, "
+            "expected a finite number; remove or fix this molecule, or use other features"
+        )
     return X
 
 
 def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
-    return np.concatenate([np.full(p.width, part_kind(p.kind).scaled and p.scale == "standard") for p in spec.parts])
+    return np.concatenate(
+        [np.full(p.width, part_kind(p.kind).scaled and p.scale == "standard") for p in spec.parts]
+    )
 
 
 def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
@@ -437,7 +282,11 @@ def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
         if k:
             k, r = np.asarray(k), np.linspace(-1.0, 1.0, len(k))
             x = X[:, j]
-            X[:, j] = np.where(x <= k[0], -1.0, np.where(x >= k[-1], 1.0, 0.5 * (np.interp(x, k, r) - np.interp(-x, -k[::-1], -r[::-1]))))
+            X[:, j] = np.where(
+                x <= k[0],
+                -1.0,
+                np.where(x >= k[-1], 1.0, 0.5 * (np.interp(x, k, r) - np.interp(-x, -k[::-1], -r[::-1]))),
+            )
     return X
 
 
@@ -455,6 +304,8 @@ def featurizer_from_dict(d: dict) -> Featurizer:
         raise FeaturizerError(f"featurizer spec {d!r} is not a mapping; rebuild the bundle")
     kind = d.get("kind", MOLECULAR)
     if kind not in FEATURIZERS:
-        raise FeaturizerError(f"unknown featurizer kind {kind!r}; expected one of {', '.join(FEATURIZERS)}; "
-                              "rebuild the bundle or upgrade molcloak")
+        raise FeaturizerError(
+            f"unknown featurizer kind {kind!r}; expected one of {', '.join(FEATURIZERS)}; "
+            "rebuild the bundle or upgrade molcloak"
+        )
     return FEATURIZERS[kind](d)

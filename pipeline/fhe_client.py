@@ -41,7 +41,9 @@ class PrivateClient:
         self.task = self.manifest.task
         self.featurizer = self.manifest.featurizer
         self.fingerprint = client_fingerprint(self.directory)
-        self.key_path = Path(key_dir or DEFAULT_KEY_DIR) / f"{self.manifest.name}-{self.fingerprint}" / "keys.bin"
+        self.key_path = (
+            Path(key_dir or DEFAULT_KEY_DIR) / f"{self.manifest.name}-{self.fingerprint}" / "keys.bin"
+        )
         self._fhe = FHEModelClient(str(self.directory))
         self._eval_keys: bytes | None = None
         self._keyinfo: KeygenInfo | None = None  # keys loaded in memory
@@ -99,7 +101,9 @@ class PrivateClient:
         self._require_keys()
         x = np.asarray(x, dtype=np.float32)
         if x.size != self.featurizer.width:
-            raise CiphertextError(f"feature row has {x.size} values, the model expects {self.featurizer.width}")
+            raise CiphertextError(
+                f"feature row has {x.size} values, the model expects {self.featurizer.width}"
+            )
         return self._fhe.quantize_encrypt_serialize(x.reshape((1,) + self.featurizer.shape))
 
     def decrypt(self, ciphertext: bytes) -> np.ndarray:

@@ -35,7 +35,9 @@ class PrivateServer:
         try:
             return fhe.EvaluationKeys.deserialize(bytes(evaluation_keys))
         except (RuntimeError, ValueError) as exc:
-            raise CiphertextError(f"evaluation keys are malformed ({str(exc)[:200]}); regenerate them on the client") from exc
+            raise CiphertextError(
+                f"evaluation keys are malformed ({str(exc)[:200]}); regenerate them on the client"
+            ) from exc
 
     def run(self, ciphertext: bytes, evaluation_keys) -> bytes:
         """Evaluate the model on one serialized ciphertext; returns the serialized encrypted output."""
@@ -48,7 +50,9 @@ class PrivateServer:
         try:
             value = fhe.Value.deserialize(bytes(ciphertext))
         except (RuntimeError, ValueError) as exc:
-            raise CiphertextError(f"ciphertext is malformed ({str(exc)[:200]}); re-encrypt it with the client") from exc
+            raise CiphertextError(
+                f"ciphertext is malformed ({str(exc)[:200]}); re-encrypt it with the client"
+            ) from exc
         try:
             return self._fhe.run(value, evaluation_keys).serialize()
         except (RuntimeError, ValueError, TypeError) as exc:

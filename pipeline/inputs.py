@@ -29,20 +29,26 @@ def read_inputs(featurizer, args: list[str] | None, input_csv: Path | None, smil
         raise DataError("give SMILES arguments or --input, not both")
     fieldnames, rows = _read_csv(input_csv)
     if smiles_col not in fieldnames:
-        raise DataError(f"{input_csv}: column {smiles_col!r} not found; available columns: {', '.join(fieldnames)}; pass --smiles-col")
+        raise DataError(
+            f"{input_csv}: column {smiles_col!r} not found; available columns: {', '.join(fieldnames)}; pass --smiles-col"
+        )
     return [row[smiles_col] for row in rows]
 
 
 def _read_rows(featurizer, args: list[str] | None, input_csv: Path | None) -> list[dict[str, str]]:
     columns = featurizer.names
     if args or input_csv is None:
-        raise DataError(f"this model reads numeric rows, not SMILES; pass --input rows.csv with the columns "
-                        f"{', '.join(columns)}")
+        raise DataError(
+            f"this model reads numeric rows, not SMILES; pass --input rows.csv with the columns "
+            f"{', '.join(columns)}"
+        )
     fieldnames, rows = _read_csv(input_csv)
     missing = [c for c in columns if c not in fieldnames]
     if missing:
-        raise DataError(f"{input_csv}: column {missing[0]!r} not found ({len(missing)} of the model's {len(columns)} "
-                        f"feature columns missing); the model needs the columns {', '.join(columns)}; add them to the file")
+        raise DataError(
+            f"{input_csv}: column {missing[0]!r} not found ({len(missing)} of the model's {len(columns)} "
+            f"feature columns missing); the model needs the columns {', '.join(columns)}; add them to the file"
+        )
     return rows
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import TaskSpec
+from .tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ class TargetScaler:
         y = np.asarray(y, dtype=np.float64)
         if y.ndim == 2:
             std = np.nanstd(y, axis=0)
-            return cls(tuple(map(float, np.nanmean(y, axis=0))), tuple(float(s) if s > 1e-12 else 1.0 for s in std))
+            return cls(
+                tuple(map(float, np.nanmean(y, axis=0))), tuple(float(s) if s > 1e-12 else 1.0 for s in std)
+            )
         std = float(np.std(y))
         return cls(float(np.mean(y)), std if std > 1e-12 else 1.0)
 
@@ -130,8 +132,10 @@ def describe(task: TaskSpec, pred_row: np.ndarray | float) -> str:
     if task.kind == "multilabel":
         return ", ".join(f"{name} p={float(v):.2f}" for name, v in zip(task.tasks, np.ravel(pred_row)))
     if task.kind == "multitarget":
-        return ", ".join(f"{name} {float(v):.2f} {task.unit_of(j)}".strip()
-                         for j, (name, v) in enumerate(zip(task.tasks, np.ravel(pred_row))))
+        return ", ".join(
+            f"{name} {float(v):.2f} {task.unit_of(j)}".strip()
+            for j, (name, v) in enumerate(zip(task.tasks, np.ravel(pred_row)))
+        )
     if task.is_classification:
         k = int(np.argmax(pred_row))
         return f"{task.labels[k]} (p={float(pred_row[k]):.2f})"

@@ -62,8 +62,10 @@ class PredictReport:
     output_ciphertext_bytes: int = 0
 
     def to_dict(self) -> dict:
-        return {**{k: v for k, v in self.__dict__.items() if k != "predictions"},
-                "predictions": [p.to_dict() for p in self.predictions]}
+        return {
+            **{k: v for k, v in self.__dict__.items() if k != "predictions"},
+            "predictions": [p.to_dict() for p in self.predictions],
+        }
 
 
 def validate_inputs(featurizer, inputs: Sequence, skip_invalid: bool) -> list[Prediction]:
@@ -76,8 +78,10 @@ def validate_inputs(featurizer, inputs: Sequence, skip_invalid: bool) -> list[Pr
     """
     kind = getattr(featurizer, "input_kind", None)
     if kind not in ("smiles", "rows"):
-        raise FeaturizerError(f"featurizer {featurizer} takes inputs of kind {kind!r}; prediction reads 'smiles' or 'rows'; "
-                              "rebuild the bundle with a SMILES or tabular featurizer")
+        raise FeaturizerError(
+            f"featurizer {featurizer} takes inputs of kind {kind!r}; prediction reads 'smiles' or 'rows'; "
+            "rebuild the bundle with a SMILES or tabular featurizer"
+        )
     smiles = kind == "smiles"
     noun, error = ("molecule", InvalidSmilesError) if smiles else ("row", DataError)
     out = []
@@ -87,7 +91,9 @@ def validate_inputs(featurizer, inputs: Sequence, skip_invalid: bool) -> list[Pr
             msg = f"{noun} {i}: {reason}"
             if not skip_invalid:
                 raise error(msg)
-            out.append(Prediction(i, item, error=msg) if smiles else Prediction(i, "", error=msg, features={}))
+            out.append(
+                Prediction(i, item, error=msg) if smiles else Prediction(i, "", error=msg, features={})
+            )
         elif smiles:
             out.append(Prediction(i, item))  # as given; the featurizer reads it exactly like training did
         else:
@@ -124,7 +130,9 @@ class EncryptedRun:
     seconds: dict[str, float]  # encrypt, run (server side), decrypt; round_trip when the server is remote
 
 
-def run_encrypted_batch(client, run: BatchRunner, X: np.ndarray, round_trip: bool = False) -> list[EncryptedRun]:
+def run_encrypted_batch(
+    client, run: BatchRunner, X: np.ndarray, round_trip: bool = False
+) -> list[EncryptedRun]:
     """THE encrypt -> run -> decrypt step: the client half encrypts each row of `X`, `run` evaluates the
     batch on the server half (evaluation keys and ciphertexts only), the client half decrypts.
 
@@ -141,8 +149,10 @@ def run_encrypted_batch(client, run: BatchRunner, X: np.ndarray, round_trip: boo
     outs, server_s = run(cts)
     t2 = time.perf_counter()
     if len(outs) != n or (server_s is not None and len(server_s) != n):
-        raise RemoteError(f"the server half answered {len(outs)} outputs for {n} ciphertexts; expected one per "
-                          "ciphertext; check that client and server run the same molcloak version")
+        raise RemoteError(
+            f"the server half answered {len(outs)} outputs for {n} ciphertexts; expected one per "
+            "ciphertext; check that client and server run the same molcloak version"
+        )
     raws = [client.decrypt(o) for o in outs]
     t3 = time.perf_counter()
     runs = list(server_s) if server_s is not None else [(t2 - t1) / n] * n
@@ -210,8 +220,13 @@ class PredictionBackend(abc.ABC):
         self.keygen()
         return run_encrypted_batch(self.client, self.run, X, round_trip=self.mode == "server")
 
-    def predict(self, inputs: Sequence, batch_size: int = 8, skip_invalid: bool = False,
-                on_item: ItemCallback | None = None) -> PredictReport:
+    def predict(
+        self,
+        inputs: Sequence,
+        batch_size: int = 8,
+        skip_invalid: bool = False,
+        on_item: ItemCallback | None = None,
+    ) -> PredictReport:
         """Encrypted predictions of SMILES, or of rows for a tabular model (see `validate_inputs`).
 
         `batch_size` rows are encrypted, run (one request for a remote server) and decrypted together;
@@ -222,13 +237,18 @@ class PredictionBackend(abc.ABC):
         preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
         todo = [p for p in preds if not p.error]
         keyinfo = self.keygen()
-        report = PredictReport(preds, self.mode, keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes)
+        report = PredictReport(
+            preds, self.mode, keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes
+        )
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             for pred, r in zip(batch, self.run_rows(self.client.featurize([p.input for p in batch]))):
                 fill_prediction(pred, self.client.task, self.client.predictions(r.raw)[0], r.raw)
                 pred.seconds = r.seconds
-                report.input_ciphertext_bytes, report.output_ciphertext_bytes = len(r.ciphertext), len(r.output)
+                report.input_ciphertext_bytes, report.output_ciphertext_bytes = (
+                    len(r.ciphertext),
+                    len(r.output),
+                )
                 if on_item:
                     on_item(pred)
         return report
@@ -251,7 +271,11 @@ class LocalBackend(PredictionBackend):
     mode, source = "execute", "bundle"
 
     def __init__(self, bundle: str | Path, key_dir: str | Path | None = None):
-        self.client, self.server, self.where = PrivateClient(bundle, key_dir), PrivateServer(bundle), str(bundle)
+        self.client, self.server, self.where = (
+            PrivateClient(bundle, key_dir),
+            PrivateServer(bundle),
+            str(bundle),
+        )
         self._keyinfo: KeygenInfo | None = None
         self._keys = None  # deserialized evaluation keys, held by the server half
 
@@ -302,12 +326,15 @@ class Simulator:
     def __init__(self, bundle: str | Path):
         self.checkpoint = load_checkpoint(bundle)
         self.task = self.checkpoint.task
-        self.compiled = compile_checkpoint(_without_test(self.checkpoint), _bundle_compile_config(bundle),
-                                           measure_keys=False)
+        self.compiled = compile_checkpoint(
+            _without_test(self.checkpoint), _bundle_compile_config(bundle), measure_keys=False
+        )
 
     def __call__(self, inputs: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """(raw outputs, predictions in task units) for valid inputs (SMILES, or rows of a tabular model)."""
-        raw = self.compiled.q_module.forward(self.checkpoint.featurizer.transform(list(inputs)), fhe="simulate")
+        raw = self.compiled.q_module.forward(
+            self.checkpoint.featurizer.transform(list(inputs)), fhe="simulate"
+        )
         return raw, to_predictions(self.task, raw, self.checkpoint.scaler)
 
 

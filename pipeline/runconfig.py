@@ -18,7 +18,9 @@ from .errors import ConfigError
 from .train import TrainConfig
 
 CONFIG_FORMAT = 1
-DEFAULT_FEATURES = "physchem:scale=quantile"  # 10 descriptors, each mapped to [-1, 1] by training quantiles (PERFORMANCE.md)
+DEFAULT_FEATURES = (
+    "physchem:scale=quantile"  # 10 descriptors, each mapped to [-1, 1] by training quantiles (PERFORMANCE.md)
+)
 DEFAULT_MODEL = "mlp"
 
 
@@ -35,8 +37,14 @@ class RunConfig:
     dataset: str | None = None  # what it was tuned on (information only)
     tuned: dict | None = None  # the tune result that chose it (information only)
 
-    def override(self, features: str | None = None, model: str | None = None, model_options: dict | None = None,
-                 train: dict | None = None, compile: dict | None = None) -> RunConfig:
+    def override(
+        self,
+        features: str | None = None,
+        model: str | None = None,
+        model_options: dict | None = None,
+        train: dict | None = None,
+        compile: dict | None = None,
+    ) -> RunConfig:
         """A copy with the given values replacing the file's (options and settings merged key by key)."""
         return dataclasses.replace(
             self,
@@ -48,15 +56,24 @@ class RunConfig:
         )
 
     def to_dict(self) -> dict:
-        return {"molcloak_config": CONFIG_FORMAT, "dataset": self.dataset, "features": self.features, "model": self.model,
-                "model_options": self.model_options, "train": self.train.to_dict(), "compile": self.compile.to_dict(),
-                "tuned": self.tuned}
+        return {
+            "molcloak_config": CONFIG_FORMAT,
+            "dataset": self.dataset,
+            "features": self.features,
+            "model": self.model,
+            "model_options": self.model_options,
+            "train": self.train.to_dict(),
+            "compile": self.compile.to_dict(),
+            "tuned": self.tuned,
+        }
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "configuration") -> RunConfig:
         if not isinstance(d, dict) or not isinstance(d.get("model_options"), dict):
-            raise ConfigError(f"{source} is not a molcloak configuration (JSON with 'model_options'); "
-                              "write one with `molcloak tune --write-config FILE`")
+            raise ConfigError(
+                f"{source} is not a molcloak configuration (JSON with 'model_options'); "
+                "write one with `molcloak tune --write-config FILE`"
+            )
         train_fields = set(TrainConfig.__dataclass_fields__)
         compile_fields = set(CompileConfig.__dataclass_fields__)
         try:
@@ -65,20 +82,26 @@ class RunConfig:
                 model=d.get("model") or DEFAULT_MODEL,
                 model_options=dict(d["model_options"]),
                 train=TrainConfig(**{k: v for k, v in (d.get("train") or {}).items() if k in train_fields}),
-                compile=CompileConfig(**{k: v for k, v in (d.get("compile") or {}).items() if k in compile_fields}),
+                compile=CompileConfig(
+                    **{k: v for k, v in (d.get("compile") or {}).items() if k in compile_fields}
+                ),
                 dataset=d.get("dataset"),
                 tuned=d.get("tuned"),
             )
         except TypeError as exc:
-            raise ConfigError(f"{source} has a setting of the wrong type ({exc}); rewrite it with `molcloak tune --write-config`") from exc
+            raise ConfigError(
+                f"{source} has a setting of the wrong type ({exc}); rewrite it with `molcloak tune --write-config`"
+            ) from exc
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError):
-            raise ConfigError(f"--config {str(path)!r} is not a molcloak configuration (JSON with 'model_options'); "
-                              "write one with `molcloak tune --write-config FILE`") from None
+            raise ConfigError(
+                f"--config {str(path)!r} is not a molcloak configuration (JSON with 'model_options'); "
+                "write one with `molcloak tune --write-config FILE`"
+            ) from None
         return cls.from_dict(data, f"--config {str(path)!r}")
 
     def save(self, path: str | Path) -> Path:

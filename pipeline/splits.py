@@ -47,10 +47,15 @@ def split_dataset(
 
     The validation part is always a seeded random subset of the training part.
     """
-    for name, value, example in (("test", test_fraction, "--test-fraction 0.2"), ("validation", valid_fraction, "0.1")):
+    for name, value, example in (
+        ("test", test_fraction, "--test-fraction 0.2"),
+        ("validation", valid_fraction, "0.1"),
+    ):
         if not 0 < value < 1:
-            raise DataError(f"{name} fraction {value!r} must be strictly between 0 and 1 (a share of the molecules); "
-                            f"use e.g. {example}")
+            raise DataError(
+                f"{name} fraction {value!r} must be strictly between 0 and 1 (a share of the molecules); "
+                f"use e.g. {example}"
+            )
     if method is None:
         method = "official" if ds.official_split is not None else "random"
     rng = np.random.default_rng(seed)
@@ -66,7 +71,9 @@ def split_dataset(
         test, trainval = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     elif method == "scaffold":
         if ds.is_tabular:
-            raise DataError(f"dataset {ds.task.name!r} has numeric rows, no molecules to take scaffolds of; use --split random")
+            raise DataError(
+                f"dataset {ds.task.name!r} has numeric rows, no molecules to take scaffolds of; use --split random"
+            )
         trainval, test = _scaffold_split(ds.smiles, test_fraction, rng)
     else:
         raise DataError(f"unknown split {method!r}; expected official, random or scaffold")

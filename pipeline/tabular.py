@@ -78,9 +78,15 @@ class TabularSpec:
                 None if d.get("std") is None else tuple(float(v) for v in d["std"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise FeaturizerError(f"tabular featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
-        if spec.is_fitted and (len(spec.mean) != spec.width or spec.std is None or len(spec.std) != spec.width):
-            raise FeaturizerError(f"tabular featurizer has scaler values for {len(spec.mean)} of {spec.width} columns; rebuild the bundle")
+            raise FeaturizerError(
+                f"tabular featurizer spec {d!r} is malformed ({exc}); rebuild the bundle"
+            ) from exc
+        if spec.is_fitted and (
+            len(spec.mean) != spec.width or spec.std is None or len(spec.std) != spec.width
+        ):
+            raise FeaturizerError(
+                f"tabular featurizer has scaler values for {len(spec.mean)} of {spec.width} columns; rebuild the bundle"
+            )
         return spec
 
     # -- data -------------------------------------------------------------
@@ -90,11 +96,15 @@ class TabularSpec:
         if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "iuf":
             X = np.atleast_2d(inputs).astype(np.float64)
             if X.shape[1] != self.width:
-                raise DataError(f"feature matrix has {X.shape[1]} columns, the model expects {self.width} ({', '.join(self.columns)})")
+                raise DataError(
+                    f"feature matrix has {X.shape[1]} columns, the model expects {self.width} ({', '.join(self.columns)})"
+                )
             bad = np.argwhere(~np.isfinite(X))
             if len(bad):
                 i, j = bad[0]
-                raise DataError(f"row {i + 1}: column {self.columns[j]!r} value {X[i, j]!r} is not finite; fix it")
+                raise DataError(
+                    f"row {i + 1}: column {self.columns[j]!r} value {X[i, j]!r} is not finite; fix it"
+                )
             return X
         rows = []
         for i, record in enumerate(inputs, start=1):
@@ -110,17 +120,25 @@ class TabularSpec:
         A record is a mapping column -> value (extra keys are ignored) or a sequence in column order.
         """
         if isinstance(record, str):
-            return None, (f"{record!r} is text, but this model reads numeric rows with the columns "
-                          f"{list(self.columns)}; pass the rows as a CSV file with these columns (--input rows.csv)")
+            return None, (
+                f"{record!r} is text, but this model reads numeric rows with the columns "
+                f"{list(self.columns)}; pass the rows as a CSV file with these columns (--input rows.csv)"
+            )
         if isinstance(record, Mapping):
             missing = [c for c in self.columns if c not in record]
             if missing:
-                return None, f"column {missing[0]!r} is missing; the model needs the columns {list(self.columns)}"
+                return (
+                    None,
+                    f"column {missing[0]!r} is missing; the model needs the columns {list(self.columns)}",
+                )
             cells = [(c, record[c]) for c in self.columns]
         else:
             record = list(record)
             if len(record) != self.width:
-                return None, f"{len(record)} values, the model expects {self.width} ({', '.join(self.columns)})"
+                return (
+                    None,
+                    f"{len(record)} values, the model expects {self.width} ({', '.join(self.columns)})",
+                )
             cells = list(zip(self.columns, record))
         values = []
         for col, raw in cells:
@@ -168,8 +186,13 @@ def parse_number(raw: Any) -> tuple[float, str]:
     return value, ""
 
 
-def resolve_feature_cols(columns: Sequence[str], values: Mapping[str, Sequence[str]], feature_cols: str | Sequence[str],
-                         exclude: Sequence[str], source: str) -> tuple[list[str], list[str]]:
+def resolve_feature_cols(
+    columns: Sequence[str],
+    values: Mapping[str, Sequence[str]],
+    feature_cols: str | Sequence[str],
+    exclude: Sequence[str],
+    source: str,
+) -> tuple[list[str], list[str]]:
     """Feature columns from ``a,b,c`` (or a list), or ``all``: every column but `exclude` holding numbers.
 
     With ``all``, a column none of whose cells is a number (an id or name column, say) is left out
@@ -181,18 +204,30 @@ def resolve_feature_cols(columns: Sequence[str], values: Mapping[str, Sequence[s
         chosen = [c for c in candidates if any(not parse_number(v)[1] for v in values[c])]
         ignored = [c for c in candidates if c not in chosen]
         if not chosen:
-            raise DataError(f"{source}: no numeric column besides {list(exclude)}; name the feature columns with --feature-cols a,b,c")
+            raise DataError(
+                f"{source}: no numeric column besides {list(exclude)}; name the feature columns with --feature-cols a,b,c"
+            )
         return chosen, ignored
-    names = [c.strip() for c in feature_cols.split(",")] if isinstance(feature_cols, str) else [str(c) for c in feature_cols]
+    names = (
+        [c.strip() for c in feature_cols.split(",")]
+        if isinstance(feature_cols, str)
+        else [str(c) for c in feature_cols]
+    )
     names = [c for c in names if c]
     missing = [c for c in names if c not in columns]
     if missing:
-        raise DataError(f"{source}: feature column {missing[0]!r} not found; available columns: {', '.join(map(repr, columns))}")
+        raise DataError(
+            f"{source}: feature column {missing[0]!r} not found; available columns: {', '.join(map(repr, columns))}"
+        )
     clash = [c for c in names if c in set(exclude)]
     if clash:
-        raise DataError(f"{source}: column {clash[0]!r} is a target and a feature; remove it from --feature-cols")
+        raise DataError(
+            f"{source}: column {clash[0]!r} is a target and a feature; remove it from --feature-cols"
+        )
     if not names:
-        raise DataError(f"{source}: --feature-cols is empty; write e.g. --feature-cols a,b,c or --feature-cols all")
+        raise DataError(
+            f"{source}: --feature-cols is empty; write e.g. --feature-cols a,b,c or --feature-cols all"
+        )
     return names, []
 
 
@@ -221,6 +256,8 @@ def tabular_featurizer(ds, features: str | None) -> TabularSpec | None:
     if not getattr(ds, "is_tabular", False):
         return None
     if features not in (None, TABULAR):
-        raise FeaturizerError(f"dataset {ds.task.name!r} has numeric feature columns, so --features {features!r} "
-                              "(a molecule featurizer) does not apply; leave --features out")
+        raise FeaturizerError(
+            f"dataset {ds.task.name!r} has numeric feature columns, so --features {features!r} "
+            "(a molecule featurizer) does not apply; leave --features out"
+        )
     return TabularSpec(tuple(ds.columns))

@@ -48,35 +48,61 @@ def _layer_spec(i: int, layer: nn.Module) -> dict[str, Any]:
     if kind in _NO_ARGS:
         return {"type": kind}
     if kind == "Linear":
-        return {"type": kind, "in_features": layer.in_features, "out_features": layer.out_features,
-                "bias": layer.bias is not None}
+        return {
+            "type": kind,
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+        }
     if kind == "Flatten":
         if layer.start_dim != 1 or layer.end_dim != -1:
-            raise TorchImportError(f"layer {i} (Flatten) flattens dims {layer.start_dim}..{layer.end_dim}; only "
-                                   "Flatten() (start_dim=1, end_dim=-1) is supported")
+            raise TorchImportError(
+                f"layer {i} (Flatten) flattens dims {layer.start_dim}..{layer.end_dim}; only "
+                "Flatten() (start_dim=1, end_dim=-1) is supported"
+            )
         return {"type": kind}
     if kind == "Conv2d":
-        unsupported = {"groups": layer.groups != 1, "dilation": _pair(layer.dilation) != [1, 1],
-                       "padding": isinstance(layer.padding, str), "padding_mode": layer.padding_mode != "zeros"}
+        unsupported = {
+            "groups": layer.groups != 1,
+            "dilation": _pair(layer.dilation) != [1, 1],
+            "padding": isinstance(layer.padding, str),
+            "padding_mode": layer.padding_mode != "zeros",
+        }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise TorchImportError(f"layer {i} (Conv2d) sets {', '.join(bad)}; only groups=1, dilation=1, numeric "
-                                   "zero padding are supported")
-        return {"type": kind, "in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                "kernel_size": _pair(layer.kernel_size), "stride": _pair(layer.stride),
-                "padding": _pair(layer.padding), "bias": layer.bias is not None}
+            raise TorchImportError(
+                f"layer {i} (Conv2d) sets {', '.join(bad)}; only groups=1, dilation=1, numeric "
+                "zero padding are supported"
+            )
+        return {
+            "type": kind,
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": _pair(layer.kernel_size),
+            "stride": _pair(layer.stride),
+            "padding": _pair(layer.padding),
+            "bias": layer.bias is not None,
+        }
     # AvgPool2d
     if layer.ceil_mode or not layer.count_include_pad or layer.divisor_override is not None:
-        raise TorchImportError(f"layer {i} (AvgPool2d) sets ceil_mode/count_include_pad/divisor_override; only the "
-                               "defaults are supported")
-    return {"type": kind, "kernel_size": _pair(layer.kernel_size), "stride": _pair(layer.stride or layer.kernel_size),
-            "padding": _pair(layer.padding)}
+        raise TorchImportError(
+            f"layer {i} (AvgPool2d) sets ceil_mode/count_include_pad/divisor_override; only the "
+            "defaults are supported"
+        )
+    return {
+        "type": kind,
+        "kernel_size": _pair(layer.kernel_size),
+        "stride": _pair(layer.stride or layer.kernel_size),
+        "padding": _pair(layer.padding),
+    }
 
 
 def layer_specs(model: nn.Module) -> list[dict[str, Any]]:
     """JSON description of an `nn.Sequential` of supported layers (raises on the first other layer)."""
     if not isinstance(model, nn.Sequential):
-        raise TorchImportError(f"expected an nn.Sequential, got {type(model).__name__}; put the layers in nn.Sequential(...)")
+        raise TorchImportError(
+            f"expected an nn.Sequential, got {type(model).__name__}; put the layers in nn.Sequential(...)"
+        )
     if len(model) == 0:
         raise TorchImportError("the nn.Sequential has no layers")
     return [_layer_spec(i, layer) for i, layer in enumerate(model)]
@@ -89,7 +115,9 @@ def build_sequential(layers: list[dict[str, Any]]) -> nn.Sequential:
         args = dict(spec)
         kind = args.pop("type", None)
         if kind not in SUPPORTED_LAYERS:
-            raise TorchImportError(f"layer {i} ({kind}) is not supported; supported: {', '.join(SUPPORTED_LAYERS)}")
+            raise TorchImportError(
+                f"layer {i} ({kind}) is not supported; supported: {', '.join(SUPPORTED_LAYERS)}"
+            )
         try:
             out.append(getattr(nn, kind)(**args))
         except TypeError as exc:
@@ -101,7 +129,9 @@ def load_torch_model(path: str | Path) -> nn.Sequential:
     """Read a whole saved `nn.Sequential` or a {"layers", "state_dict"} file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise TorchImportError(f"model file {str(path)!r} does not exist; save it with torch.save(model, path)")
+        raise TorchImportError(
+            f"model file {str(path)!r} does not exist; save it with torch.save(model, path)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError):  # a pickled module, not plain tensors
@@ -122,7 +152,9 @@ def load_torch_model(path: str | Path) -> nn.Sequential:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise TorchImportError(f"{path}: the weights do not match the layers ({str(exc).splitlines()[0][:200]})") from exc
+        raise TorchImportError(
+            f"{path}: the weights do not match the layers ({str(exc).splitlines()[0][:200]})"
+        ) from exc
     return model.eval()
 
 
@@ -145,7 +177,9 @@ def check_fits(model: nn.Sequential, spec, task, x: np.ndarray) -> None:
             f"{spec.width} values); {_first_layer_expects(model)}; choose --features to match or change the model"
         ) from exc
     if out.ndim != 2 or out.shape[1] != task.n_outputs:
-        what = "one logit per class" if task.is_classification else "one value per target, in the target's units"
+        what = (
+            "one logit per class" if task.is_classification else "one value per target, in the target's units"
+        )
         raise TorchImportError(
             f"the model outputs shape {list(out.shape[1:])} per molecule; task {task.name!r} ({task.kind}) needs "
             f"{task.n_outputs} ({what})"

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TaskSpec
 from .errors import ModelConfigError
 from .metrics import TargetScaler, score, to_predictions
+from .tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,10 @@ def _check_task_labels(task: TaskSpec, y_train: np.ndarray) -> None:
     counts = (~np.isnan(y_train)).sum(axis=0)
     empty = [name for name, c in zip(task.tasks, counts) if c == 0]
     if empty:
-        raise ModelConfigError(f"task {empty[0]!r} has no label in the training split ({len(y_train)} rows); "
-                               "add labelled rows for it, drop the column, or change --seed / --split")
+        raise ModelConfigError(
+            f"task {empty[0]!r} has no label in the training split ({len(y_train)} rows); "
+            "add labelled rows for it, drop the column, or change --seed / --split"
+        )
 
 
 def predict_raw(model: nn.Module, X: np.ndarray) -> np.ndarray:
@@ -150,7 +152,12 @@ def train_model(
             if has_valid:
                 out = model(Xv)
                 row["valid_loss"] = float(loss_fn(out, yv))
-                row.update({f"valid_{k}": v for k, v in score(task, y_valid, to_predictions(task, out.numpy(), scaler)).items()})
+                row.update(
+                    {
+                        f"valid_{k}": v
+                        for k, v in score(task, y_valid, to_predictions(task, out.numpy(), scaler)).items()
+                    }
+                )
         history.append(row)
         if on_epoch:
             on_epoch(epoch, config.epochs, row)

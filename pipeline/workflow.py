@@ -20,8 +20,19 @@ from .splits import Split, split_dataset
 from .tabular import tabular_featurizer
 from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
-__all__ = ["DEFAULT_FEATURES", "DEFAULT_MODEL", "Compiled", "compile_checkpoint", "deploy", "featurized", "import_checkpoint",
-           "recorded_compile_config", "train_checkpoint", "train_run", "unfitted_featurizer"]
+__all__ = [
+    "DEFAULT_FEATURES",
+    "DEFAULT_MODEL",
+    "Compiled",
+    "compile_checkpoint",
+    "deploy",
+    "featurized",
+    "import_checkpoint",
+    "recorded_compile_config",
+    "train_checkpoint",
+    "train_run",
+    "unfitted_featurizer",
+]
 
 
 def unfitted_featurizer(ds: Dataset, features: str | None, default: str = DEFAULT_FEATURES):
@@ -29,8 +40,9 @@ def unfitted_featurizer(ds: Dataset, features: str | None, default: str = DEFAUL
     return tabular_featurizer(ds, features) or FeaturizerSpec.parse(features or default)
 
 
-def featurized(ds: Dataset, features=None, split: str | None = None, test_fraction: float = 0.2,
-               seed: int = 0) -> tuple[Featurizer, np.ndarray, Split]:
+def featurized(
+    ds: Dataset, features=None, split: str | None = None, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[Featurizer, np.ndarray, Split]:
     """(fitted featurizer, features of every row, split): the scaler is fitted on the training split only.
 
     `train_checkpoint` and `import_checkpoint` featurize through here, so a float model trained
@@ -59,7 +71,9 @@ def train_checkpoint(
     spec, X, sp = featurized(ds, parsed, split, test_fraction, train_config.seed)
     seed_everything(train_config.seed)  # weight initialization is part of the seeded run
     model = networks.build_model(model_name, spec.width, ds.task.n_outputs, config)
-    result = train_model(model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch)
+    result = train_model(
+        model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch
+    )
     float_preds = to_predictions(ds.task, predict_raw(result.model, X[sp.test]), result.scaler)
     return Checkpoint(
         task=ds.task,
@@ -96,10 +110,16 @@ class Compiled:
     seconds: float
 
     def info(self) -> dict:
-        return {"compile": self.config.to_dict(), "circuit": self.stats.to_dict(), "compile_seconds": self.seconds}
+        return {
+            "compile": self.config.to_dict(),
+            "circuit": self.stats.to_dict(),
+            "compile_seconds": self.seconds,
+        }
 
 
-def compile_checkpoint(ckpt: Checkpoint, config: CompileConfig = CompileConfig(), measure_keys: bool = True) -> Compiled:
+def compile_checkpoint(
+    ckpt: Checkpoint, config: CompileConfig = CompileConfig(), measure_keys: bool = True
+) -> Compiled:
     """Compile to a TFHE circuit and score the FHE-simulated model on the test split."""
     start = time.perf_counter()
     q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config, measure_keys)
@@ -116,11 +136,18 @@ def deploy(ckpt: Checkpoint, compiled: Compiled, out: str | Path, name: str, for
     return write_bundle(out, name, ckpt, compiled.q_module, compiled.info(), compiled.metrics, force=force)
 
 
-def train_run(ds: Dataset, run: RunConfig, split: str | None = None, test_fraction: float = 0.2,
-              on_epoch: EpochCallback | None = None) -> Checkpoint:
+def train_run(
+    ds: Dataset,
+    run: RunConfig,
+    split: str | None = None,
+    test_fraction: float = 0.2,
+    on_epoch: EpochCallback | None = None,
+) -> Checkpoint:
     """`train_checkpoint` with a run configuration; its compile settings are recorded in the checkpoint
     (`train_info["compile"]`), where `molcloak compile` and `deploy` read them."""
-    ckpt = train_checkpoint(ds, run.features, run.model, run.model_options, run.train, split, test_fraction, on_epoch)
+    ckpt = train_checkpoint(
+        ds, run.features, run.model, run.model_options, run.train, split, test_fraction, on_epoch
+    )
     ckpt.train_info["compile"] = run.compile.to_dict()
     return ckpt
 
@@ -128,7 +155,11 @@ def train_run(ds: Dataset, run: RunConfig, split: str | None = None, test_fracti
 def recorded_compile_config(ckpt: Checkpoint, **given) -> CompileConfig:
     """The compile settings recorded at training time (defaults when none), with the `given` values
     (e.g. from the command line) replacing them."""
-    recorded = {k: v for k, v in (ckpt.train_info.get("compile") or {}).items() if k in CompileConfig.__dataclass_fields__}
+    recorded = {
+        k: v
+        for k, v in (ckpt.train_info.get("compile") or {}).items()
+        if k in CompileConfig.__dataclass_fields__
+    }
     return CompileConfig(**{**recorded, **given})
 
 
@@ -152,7 +183,11 @@ def import_checkpoint(
     if calib_size is not None and calib_size < 1:
         raise DataError(f"--calib-size {calib_size}: the calibration set needs at least 1 row (e.g. 200)")
     rng = np.random.default_rng(seed)
-    calib = sp.train if calib_size is None or calib_size >= len(sp.train) else np.sort(rng.choice(sp.train, calib_size, replace=False))
+    calib = (
+        sp.train
+        if calib_size is None or calib_size >= len(sp.train)
+        else np.sort(rng.choice(sp.train, calib_size, replace=False))
+    )
     float_preds = to_predictions(ds.task, predict_raw(model, X[sp.test]))
     return Checkpoint(
         task=ds.task,
@@ -160,8 +195,14 @@ def import_checkpoint(
         model_name=torch_import.IMPORTED_MODEL,
         model_config={"layers": torch_import.layer_specs(model)},
         n_inputs=spec.width,
-        train_info={"imported_from": Path(model_path).name, "split": sp.method, "n_train": len(sp.train),
-                    "n_calibration": len(calib), "n_test": len(sp.test), "seed": seed},
+        train_info={
+            "imported_from": Path(model_path).name,
+            "split": sp.method,
+            "n_train": len(sp.train),
+            "n_calibration": len(calib),
+            "n_test": len(sp.test),
+            "seed": seed,
+        },
         metrics={"float": score(ds.task, ds.y[sp.test], float_preds)},
         state_dict=model.state_dict(),
         X_calib=X[calib],

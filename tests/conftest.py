@@ -24,7 +24,9 @@ EXACT_P_ERROR = 2**-40
 def _tiny(task: str, tmp: Path, rounding_bits=None):
     ds = data.load_bundled(task)
     ckpt = workflow.train_checkpoint(ds, model_options=TINY, train_config=TINY_TRAIN)
-    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=rounding_bits, p_error=EXACT_P_ERROR))
+    compiled = workflow.compile_checkpoint(
+        ckpt, CompileConfig(rounding_bits=rounding_bits, p_error=EXACT_P_ERROR)
+    )
     bundle = tmp / f"{task}-bundle"
     workflow.deploy(ckpt, compiled, bundle, f"tiny-{task}")
     return ckpt, compiled, bundle

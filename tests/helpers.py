@@ -15,11 +15,25 @@ __all__ = ["ServerProcess", "free_port", "write_csv"]
 class ServerProcess(process.ServerProcess):
     """Two FHE workers; the log is `<state>/../server-<port>.log`, appended to by a restart on the same port."""
 
-    def __init__(self, bundles: Path, state: Path, token_file: Path | None = None, port: int | None = None,
-                 workers: int = 2, **kwargs):
+    def __init__(
+        self,
+        bundles: Path,
+        state: Path,
+        token_file: Path | None = None,
+        port: int | None = None,
+        workers: int = 2,
+        **kwargs,
+    ):
         port = port or free_port()
-        super().__init__(bundles, state, workers=workers, token_file=token_file, port=port,
-                         log=Path(state).parent / f"server-{port}.log", **kwargs)
+        super().__init__(
+            bundles,
+            state,
+            workers=workers,
+            token_file=token_file,
+            port=port,
+            log=Path(state).parent / f"server-{port}.log",
+            **kwargs,
+        )
 
     @property
     def proc(self):

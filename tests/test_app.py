@@ -55,7 +55,10 @@ def test_models_cards_and_examples(backend):
     assert "rmse" in backend.model_card("tiny-sol-logs")
     examples = backend.examples("tiny-sol-low", n=6)
     assert len(examples) == 6
-    assert {c for _, c in examples} == {"test set, true: low", "test set, true: not low"}  # both classes shown
+    assert {c for _, c in examples} == {
+        "test set, true: low",
+        "test set, true: not low",
+    }  # both classes shown
     with pytest.raises(MolcloakError, match="model 'nope' is not served; pick one of"):
         backend.model_card("nope")
 
@@ -133,7 +136,9 @@ def test_ui_callbacks(backend, simulators):
     blocks = ui.build_ui(backend)
     request = gr.Request(session_hash="browser1")
     on_predict = _callback(blocks, "on_predict")
-    keys, ct, run, result, plain = on_predict("tiny-sol-low", SMILES, True, request, progress=lambda *a, **k: None)
+    keys, ct, run, result, plain = on_predict(
+        "tiny-sol-low", SMILES, True, request, progress=lambda *a, **k: None
+    )
     assert "Keys ready" in keys and "all the server will get" in ct and "Computed in FHE" in run
     _, values = simulators["tiny-sol-low"]([SMILES])
     from molcloak.pipeline.metrics import describe
@@ -150,11 +155,14 @@ def test_ui_callbacks(backend, simulators):
     assert image is None and "could not be parsed" in status
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bundle", "no/such/bundle"], "no bundle at 'no/such/bundle'; run `molcloak demo` first"),
-    (["--bundle", "x", "--server", "http://127.0.0.1:9"], "pass either --bundle"),
-    (["--server", "http://127.0.0.1:9"], "cannot reach the FHE server at http://127.0.0.1:9"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bundle", "no/such/bundle"], "no bundle at 'no/such/bundle'; run `molcloak demo` first"),
+        (["--bundle", "x", "--server", "http://127.0.0.1:9"], "pass either --bundle"),
+        (["--server", "http://127.0.0.1:9"], "cannot reach the FHE server at http://127.0.0.1:9"),
+    ],
+)
 def test_app_cli_errors_are_one_line(args, message, tmp_path):
     from typer.testing import CliRunner
 
@@ -173,8 +181,12 @@ def _deploy(ds, out, name, **train):
     from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.train import TrainConfig
 
-    ckpt = workflow.train_checkpoint(ds, model_options=dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2),
-                                     train_config=TrainConfig(epochs=3), **train)
+    ckpt = workflow.train_checkpoint(
+        ds,
+        model_options=dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2),
+        train_config=TrainConfig(epochs=3),
+        **train,
+    )
     workflow.deploy(ckpt, workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None)), out, name)
     return out
 
@@ -188,10 +200,16 @@ def unsupported(tmp_path_factory):
     from molcloak.pipeline import data
 
     root = tmp_path_factory.mktemp("unsupported")
-    tabular = _deploy(data.load_bundled("breast-cancer"), root / "tabular", "tiny-breast-cancer", model_name="mlp")
+    tabular = _deploy(
+        data.load_bundled("breast-cancer"), root / "tabular", "tiny-breast-cancer", model_name="mlp"
+    )
     df = dm.data.freesolv().iloc[:120]
-    csv_path = write_csv(root / "freesolv.csv", ["smiles", "expt", "calc"], zip(df["smiles"], df["expt"], df["calc"]))
-    multitask = _deploy(data.load_csv(csv_path, "smiles", "expt,calc", task="regression"), root / "mt", "tiny-freesolv")
+    csv_path = write_csv(
+        root / "freesolv.csv", ["smiles", "expt", "calc"], zip(df["smiles"], df["expt"], df["calc"])
+    )
+    multitask = _deploy(
+        data.load_csv(csv_path, "smiles", "expt,calc", task="regression"), root / "mt", "tiny-freesolv"
+    )
     return tabular, multitask
 
 
@@ -213,9 +231,13 @@ def test_app_refuses_a_tabular_model_before_the_page_starts(unsupported, tmp_pat
     finally:
         server.stop()
     message = str(info.value)
-    assert "\n" not in message and message.startswith(f"the app cannot show any model served at {server.url}: ")
+    assert "\n" not in message and message.startswith(
+        f"the app cannot show any model served at {server.url}: "
+    )
     assert "model 'tiny-breast-cancer' reads rows" in message and "not SMILES" in message
-    assert f"use `molcloak predict --server {server.url} --model tiny-breast-cancer --input rows.csv`" in message
+    assert (
+        f"use `molcloak predict --server {server.url} --model tiny-breast-cancer --input rows.csv`" in message
+    )
     assert f"molcloak predict --bundle {unsupported[0]} --input rows.csv" in message
 
 
@@ -227,7 +249,9 @@ def test_app_skips_models_it_cannot_show_and_says_so(unsupported, tiny_binary, s
         assert "multi-task multitarget model (2 tasks: expt, calc)" in b.skipped["tiny-freesolv"]
         card = b.model_card("tiny-sol-low")
         assert "Also served, not shown here: " in card and "'tiny-breast-cancer' reads rows" in card
-        with pytest.raises(ConfigError, match=r"model 'tiny-freesolv' is a multi-task .* use `molcloak predict --server"):
+        with pytest.raises(
+            ConfigError, match=r"model 'tiny-freesolv' is a multi-task .* use `molcloak predict --server"
+        ):
             b.model_card("tiny-freesolv")
         ui.build_ui(b)  # the page builds: only shown models in the list
         r = b.predict("s", "tiny-sol-low", SMILES)

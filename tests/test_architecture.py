@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"pipeline": "molcloak.pipeline", "models": "molcloak.models", "app": "molcloak.app",
-            "evaluation": "molcloak.evaluation"}
+PACKAGES = {
+    "pipeline": "molcloak.pipeline",
+    "models": "molcloak.models",
+    "app": "molcloak.app",
+    "evaluation": "molcloak.evaluation",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -62,9 +66,14 @@ GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
 
 def layer(module: str) -> str:
-    for prefix, name in (("molcloak.pipeline.serving", "serving"), ("molcloak.pipeline.cli", "cli"),
-                         ("molcloak.pipeline", "core"), ("molcloak.models", "models"), ("molcloak.app", "app"),
-                         ("molcloak.evaluation", "evaluation")):
+    for prefix, name in (
+        ("molcloak.pipeline.serving", "serving"),
+        ("molcloak.pipeline.cli", "cli"),
+        ("molcloak.pipeline", "core"),
+        ("molcloak.models", "models"),
+        ("molcloak.app", "app"),
+        ("molcloak.evaluation", "evaluation"),
+    ):
         if module == prefix or module.startswith(prefix + "."):
             return name
     raise AssertionError(module)
@@ -88,8 +97,12 @@ def test_the_tree_has_the_layers():
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_follow_the_layers(module):
-    bad = sorted(m for m in GRAPH[module] if layer(m) != layer(module) and layer(m) not in ALLOWED[layer(module)])
-    assert not bad, f"{module} ({layer(module)}) imports {bad}; {layer(module)} may import only {sorted(ALLOWED[layer(module)])}"
+    bad = sorted(
+        m for m in GRAPH[module] if layer(m) != layer(module) and layer(m) not in ALLOWED[layer(module)]
+    )
+    assert not bad, (
+        f"{module} ({layer(module)}) imports {bad}; {layer(module)} may import only {sorted(ALLOWED[layer(module)])}"
+    )
 
 
 def test_no_import_cycles():
@@ -120,7 +133,8 @@ def test_every_exception_class_lives_in_errors():
     for module, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef) and any(
-                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases):
+                getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases
+            ):
                 if module != errors.__name__:
                     elsewhere.append(f"{module}.{node.name}")
     assert not elsewhere, f"exception classes outside pipeline/errors.py: {elsewhere}"

@@ -21,11 +21,11 @@ from molcloak.evaluation.audit.engine import AuditConfig, AuditState, read_test_
 from molcloak.evaluation.audit.report import write_reports
 from molcloak.pipeline.bundle import client_fingerprint
 from molcloak.pipeline.cli import app
-from molcloak.pipeline.data import TaskSpec
 from molcloak.pipeline.errors import AuditError, DataError, RemoteError
 from molcloak.pipeline.metrics import to_predictions
 from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.serving.http_client import RemoteModel
+from molcloak.pipeline.tasks import TaskSpec
 
 BINARY = TaskSpec("t", "binary", "y", labels=("not low", "low"))
 TOKEN = "audit-token"
@@ -38,7 +38,9 @@ def _random_case(rng, k):
     n = int(rng.integers(8, 60))
     y = rng.integers(0, k, n)
     y[:k] = np.arange(k)  # every class present
-    logits = np.round(rng.normal(size=(n, k)), int(rng.integers(0, 3)))  # rounding makes ties, as quantized outputs do
+    logits = np.round(
+        rng.normal(size=(n, k)), int(rng.integers(0, 3))
+    )  # rounding makes ties, as quantized outputs do
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     return y, p
 
@@ -52,15 +54,24 @@ def test_classification_metrics_equal_sklearn(k):
         yhat = p.argmax(1)
         got = am.Sample("binary" if k == 2 else "multiclass", y, p).point()
         if k == 2:
-            ref = {"roc_auc": skm.roc_auc_score(y, p[:, 1]), "pr_auc": skm.average_precision_score(y, p[:, 1]),
-                   "f1": skm.f1_score(y, yhat), "brier": skm.brier_score_loss(y, p[:, 1])}
+            ref = {
+                "roc_auc": skm.roc_auc_score(y, p[:, 1]),
+                "pr_auc": skm.average_precision_score(y, p[:, 1]),
+                "f1": skm.f1_score(y, yhat),
+                "brier": skm.brier_score_loss(y, p[:, 1]),
+            }
         else:
-            ref = {"roc_auc": skm.roc_auc_score(y, p, multi_class="ovr"),
-                   "pr_auc": skm.average_precision_score(np.eye(k)[y], p, average="macro"),
-                   "f1": skm.f1_score(y, yhat, average="macro"),
-                   "brier": np.mean(((p - np.eye(k)[y]) ** 2).sum(1))}
-        ref.update(accuracy=skm.accuracy_score(y, yhat), balanced_accuracy=skm.balanced_accuracy_score(y, yhat),
-                   mcc=skm.matthews_corrcoef(y, yhat))
+            ref = {
+                "roc_auc": skm.roc_auc_score(y, p, multi_class="ovr"),
+                "pr_auc": skm.average_precision_score(np.eye(k)[y], p, average="macro"),
+                "f1": skm.f1_score(y, yhat, average="macro"),
+                "brier": np.mean(((p - np.eye(k)[y]) ** 2).sum(1)),
+            }
+        ref.update(
+            accuracy=skm.accuracy_score(y, yhat),
+            balanced_accuracy=skm.balanced_accuracy_score(y, yhat),
+            mcc=skm.matthews_corrcoef(y, yhat),
+        )
         assert got == pytest.approx(ref, abs=1e-12)
 
 
@@ -70,8 +81,15 @@ def test_regression_metrics_equal_sklearn_and_scipy():
         y = rng.normal(size=int(rng.integers(5, 80)))
         v = np.round(y + rng.normal(size=len(y)), 1)  # ties in the predictions
         got = am.Sample("regression", y, v).point()
-        assert got == pytest.approx({"rmse": np.sqrt(skm.mean_squared_error(y, v)), "mae": skm.mean_absolute_error(y, v),
-                                     "r2": skm.r2_score(y, v), "spearman": spearmanr(y, v).statistic}, abs=1e-12)
+        assert got == pytest.approx(
+            {
+                "rmse": np.sqrt(skm.mean_squared_error(y, v)),
+                "mae": skm.mean_absolute_error(y, v),
+                "r2": skm.r2_score(y, v),
+                "spearman": spearmanr(y, v).statistic,
+            },
+            abs=1e-12,
+        )
 
 
 def test_undefined_metrics_are_none():
@@ -90,7 +108,9 @@ def test_bootstrap_interval_equals_sklearn_on_the_same_resamples():
     assert table["roc_auc"]["low"] == pytest.approx(np.percentile(aucs, 2.5))
     assert table["roc_auc"]["high"] == pytest.approx(np.percentile(aucs, 97.5))
     assert table["roc_auc"]["n_boot"] == len(aucs)
-    assert (table["accuracy"]["low"], table["accuracy"]["high"]) == pytest.approx(tuple(np.percentile(accs, [2.5, 97.5])))
+    assert (table["accuracy"]["low"], table["accuracy"]["high"]) == pytest.approx(
+        tuple(np.percentile(accs, [2.5, 97.5]))
+    )
     assert table["roc_auc"]["low"] <= table["roc_auc"]["value"] <= table["roc_auc"]["high"]
     assert am.with_ci(am.Sample("binary", y, p), n_boot, seed) == table  # seeded
 
@@ -112,11 +132,19 @@ def test_subgroup_that_differs_is_flagged():
 
 
 def test_claims_check_flags_claims_outside_the_interval():
-    audited = {"roc_auc": {"value": 0.80, "low": 0.75, "high": 0.85}, "rmse": {"value": 1.0, "low": 0.9, "high": 1.1}}
-    claims = am.claims_check({"fhe_simulate": {"roc_auc": 0.95, "accuracy": 0.9}, "float": {"roc_auc": 0.82, "rmse": 0.5}}, audited)
+    audited = {
+        "roc_auc": {"value": 0.80, "low": 0.75, "high": 0.85},
+        "rmse": {"value": 1.0, "low": 0.9, "high": 1.1},
+    }
+    claims = am.claims_check(
+        {"fhe_simulate": {"roc_auc": 0.95, "accuracy": 0.9}, "float": {"roc_auc": 0.82, "rmse": 0.5}}, audited
+    )
     by = {(c["source"], c["metric"]): c for c in claims}
     assert set(by) == {("fhe_simulate", "roc_auc"), ("float", "roc_auc"), ("float", "rmse")}
-    assert by["fhe_simulate", "roc_auc"]["flagged"] and by["fhe_simulate", "roc_auc"]["verdict"] == "claim better than audited"
+    assert (
+        by["fhe_simulate", "roc_auc"]["flagged"]
+        and by["fhe_simulate", "roc_auc"]["verdict"] == "claim better than audited"
+    )
     assert not by["float", "roc_auc"]["flagged"]
     assert by["float", "rmse"]["flagged"] and by["float", "rmse"]["verdict"] == "claim better than audited"
 
@@ -126,7 +154,12 @@ def test_property_bins():
     labels, order = bins["molecular weight"]
     assert list(labels) == ["MW < 200", "MW < 200", "MW < 200", "MW 300-400"] and order[0] == "MW < 200"
     assert list(bins["logP"][0])[-1] == "logP >= 5"
-    assert list(bins["scaffold frequency"][0]) == ["acyclic", "scaffold shared by 2-4", "scaffold shared by 2-4", "acyclic"]
+    assert list(bins["scaffold frequency"][0]) == [
+        "acyclic",
+        "scaffold shared by 2-4",
+        "scaffold shared by 2-4",
+        "acyclic",
+    ]
 
 
 # ---------------------------------------------------------------- test set and checkpoint (no FHE)
@@ -135,20 +168,37 @@ def test_property_bins():
 def test_invalid_rows_are_reported_with_their_row(csv_file, tmp_path):
     path = csv_file("smiles,y,site\nCCO,low,a\nC1CC,low,a\nc1ccccc1,maybe,b\nCCN,1,b\nCCC,,a\n")
     config = AuditConfig(path, tmp_path / "out", "y", group_col="site")
-    with pytest.raises(DataError, match=r"row 2: SMILES 'C1CC' could not be parsed.*--skip-invalid.*and 2 more invalid rows: 3, 5"):
+    with pytest.raises(
+        DataError,
+        match=r"row 2: SMILES 'C1CC' could not be parsed.*--skip-invalid.*and 2 more invalid rows: 3, 5",
+    ):
         read_test_set(config, BINARY)
-    test = read_test_set(AuditConfig(path, tmp_path / "out", "y", group_col="site", skip_invalid=True), BINARY)
-    assert test.rows == [1, 4] and test.y.tolist() == [1, 1] and test.groups == ["a", "b"]  # '1' is the class id of 'low'
+    test = read_test_set(
+        AuditConfig(path, tmp_path / "out", "y", group_col="site", skip_invalid=True), BINARY
+    )
+    assert (
+        test.rows == [1, 4] and test.y.tolist() == [1, 1] and test.groups == ["a", "b"]
+    )  # '1' is the class id of 'low'
     assert [(p.row, p.reason.split(";")[0]) for p in test.invalid] == [
-        (2, "SMILES 'C1CC' could not be parsed by RDKit"), (3, "label 'maybe' is not one of ['not low', 'low']"),
-        (5, "target 'y' is empty")]
-    with pytest.raises(DataError, match=r"--group-col column 'nope' not found; available columns: 'smiles', 'y', 'site'"):
+        (2, "SMILES 'C1CC' could not be parsed by RDKit"),
+        (3, "label 'maybe' is not one of ['not low', 'low']"),
+        (5, "target 'y' is empty"),
+    ]
+    with pytest.raises(
+        DataError, match=r"--group-col column 'nope' not found; available columns: 'smiles', 'y', 'site'"
+    ):
         read_test_set(AuditConfig(path, tmp_path / "out", "y", group_col="nope"), BINARY)
 
 
 def test_checkpoint_refuses_other_inputs_and_survives_a_torn_line(tmp_path):
-    identity = {"test_set_sha256": "aa", "smiles_col": "smiles", "target_col": "y", "task": "binary",
-                "skip_invalid": False, "model": {"name": "m", "client_fingerprint": "f1"}}
+    identity = {
+        "test_set_sha256": "aa",
+        "smiles_col": "smiles",
+        "target_col": "y",
+        "task": "binary",
+        "skip_invalid": False,
+        "model": {"name": "m", "client_fingerprint": "f1"},
+    }
     state = AuditState(tmp_path, identity)
     state.append([1, 2], [np.array([[0.5, -0.5]]), np.array([[1.0, 2.0]])])
     with state.progress_path.open("a") as fh:
@@ -157,7 +207,9 @@ def test_checkpoint_refuses_other_inputs_and_survives_a_torn_line(tmp_path):
     assert again.done == {1: [0.5, -0.5], 2: [1.0, 2.0]}
     assert state.progress_path.read_text().endswith("]}\n")
     other = {**identity, "test_set_sha256": "bb", "model": {"name": "m", "client_fingerprint": "f2"}}
-    with pytest.raises(AuditError, match=r"test file content \(was 'aa', now 'bb'\); model .*--restart to start over"):
+    with pytest.raises(
+        AuditError, match=r"test file content \(was 'aa', now 'bb'\); model .*--restart to start over"
+    ):
         AuditState(tmp_path, other)
     assert AuditState(tmp_path, other, restart=True).done == {}
     (tmp_path / "progress.jsonl").write_text('{"row": 1, "raw": [1]}\nnot json\n{"row": 2, "raw": [1]}\n')
@@ -171,9 +223,13 @@ def test_audit_refuses_a_model_that_does_not_read_smiles(csv_file, tmp_path):
 
     from molcloak.pipeline.tabular import TabularSpec
 
-    client = SimpleNamespace(task=BINARY, featurizer=TabularSpec(("a", "b")), manifest=SimpleNamespace(name="rows-model"))
+    client = SimpleNamespace(
+        task=BINARY, featurizer=TabularSpec(("a", "b")), manifest=SimpleNamespace(name="rows-model")
+    )
     path = csv_file("smiles,y\nCCO,low\n")
-    with pytest.raises(DataError, match=r"model 'rows-model' reads rows .*not SMILES; audits score SMILES models only"):
+    with pytest.raises(
+        DataError, match=r"model 'rows-model' reads rows .*not SMILES; audits score SMILES models only"
+    ):
         run_audit(AuditConfig(path, tmp_path / "out", "y"), SimpleNamespace(client=client))
     assert not (tmp_path / "out").exists()
 
@@ -218,9 +274,13 @@ class Counting:
 def test_local_audit_resumes_after_ctrl_c_and_scores_every_row_once(tiny_binary, tmp_path):
     ckpt, compiled, bundle = tiny_binary
     path = _test_csv(tmp_path, ckpt, 14, extra_rows="x,C1CC,low,north\n")
-    config = AuditConfig(path, tmp_path / "audit", "truth", group_col="site", bootstrap=200, batch_size=4, skip_invalid=True)
+    config = AuditConfig(
+        path, tmp_path / "audit", "truth", group_col="site", bootstrap=200, batch_size=4, skip_invalid=True
+    )
     first = Counting(LocalBackend(bundle, tmp_path / "keys"), fail_at=3)
-    with pytest.raises(KeyboardInterrupt, match="8 of 14 rows are scored and saved .* rerun the same command to resume"):
+    with pytest.raises(
+        KeyboardInterrupt, match="8 of 14 rows are scored and saved .* rerun the same command to resume"
+    ):
         run_audit(config, first)
     assert first.rows == 8
     second = Counting(LocalBackend(bundle, tmp_path / "keys"))
@@ -229,8 +289,13 @@ def test_local_audit_resumes_after_ctrl_c_and_scores_every_row_once(tiny_binary,
     lines = (tmp_path / "audit" / "progress.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["row"] for x in lines) == list(range(1, 15))
     assert [r["row"] for r in report["rows"]] == list(range(1, 15))
-    assert report["invalid_rows"] == [{"row": 15, "value": "C1CC", "reason": "SMILES 'C1CC' could not be parsed by RDKit; "
-                                                                             "fix it or pass --skip-invalid"}]
+    assert report["invalid_rows"] == [
+        {
+            "row": 15,
+            "value": "C1CC",
+            "reason": "SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid",
+        }
+    ]
     assert report["test_set"]["rows"] == report["test_set"]["scored"] + report["test_set"]["invalid"] == 15
     raw, probs = _simulated(compiled, ckpt, ckpt.smiles_test[:14])
     assert [r["raw"] for r in report["rows"]] == raw.tolist()  # FHE execution equals the simulation
@@ -241,7 +306,10 @@ def test_local_audit_resumes_after_ctrl_c_and_scores_every_row_once(tiny_binary,
     assert [c["source"] for c in report["claims"]][:2] == ["fhe_simulate", "fhe_simulate"]
     assert np.sum(report["confusion_matrix"]["counts"]) == 14 and len(report["timing"]["sessions"]) == 2
     # the resume check's model identity: the client fingerprint the server also reports (sha256 of client.zip)
-    assert report["model"]["client_fingerprint"] == client_fingerprint(bundle) and report["model"]["source"] == "bundle"
+    assert (
+        report["model"]["client_fingerprint"] == client_fingerprint(bundle)
+        and report["model"]["source"] == "bundle"
+    )
     files = write_reports(report, tmp_path / "audit")
     for key in ("json", "markdown", "html", "roc_pr", "calibration", "subgroups"):
         assert Path(files[key]).stat().st_size > 500
@@ -258,8 +326,23 @@ def test_cli_audit_regression_json_and_errors(tiny_regression, tmp_path):
     ckpt, compiled, bundle = tiny_regression
     path = _test_csv(tmp_path, ckpt, 10)
     runner = CliRunner()
-    args = ["audit", "--bundle", bundle, "--test-set", path, "--target-col", "truth", "--out", tmp_path / "out",
-            "--key-dir", tmp_path / "keys", "--bootstrap", "100", "--batch-size", "3"]
+    args = [
+        "audit",
+        "--bundle",
+        bundle,
+        "--test-set",
+        path,
+        "--target-col",
+        "truth",
+        "--out",
+        tmp_path / "out",
+        "--key-dir",
+        tmp_path / "keys",
+        "--bootstrap",
+        "100",
+        "--batch-size",
+        "3",
+    ]
     result = runner.invoke(app, [str(a) for a in args + ["--json"]])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -268,11 +351,17 @@ def test_cli_audit_regression_json_and_errors(tiny_regression, tmp_path):
     assert "rows" not in summary and summary["files"]["scatter"].endswith("scatter.png")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["prediction"] for r in report["rows"]] == pytest.approx(values.tolist())
-    result = runner.invoke(app, [str(a) for a in args])  # rerun: nothing left to score, same numbers, human output
+    result = runner.invoke(
+        app, [str(a) for a in args]
+    )  # rerun: nothing left to score, same numbers, human output
     assert result.exit_code == 0 and "rmse" in result.output and "claims check" in result.output
     result = runner.invoke(app, [str(a) for a in args[:-4] + ["--task", "classification"]])
-    assert result.exit_code == 2 and "does not match model 'tiny-sol-logs', a regression model" in result.output
-    result = runner.invoke(app, [str(a) for a in args[:5] + ["--target-col", "compound", "--out", tmp_path / "out"]])
+    assert (
+        result.exit_code == 2 and "does not match model 'tiny-sol-logs', a regression model" in result.output
+    )
+    result = runner.invoke(
+        app, [str(a) for a in args[:5] + ["--target-col", "compound", "--out", tmp_path / "out"]]
+    )
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["audit", "--help"])
     assert result.exit_code == 0 and "--group-col" in result.output and "resume" in result.output
@@ -285,7 +374,13 @@ class Recorder(httpx.BaseTransport):
     """Records every request the audit sends; can kill the server when the n-th /predict goes out."""
 
     def __init__(self, kill=None, kill_at=None):
-        self.inner, self.sent, self.predicts, self.kill, self.kill_at = httpx.HTTPTransport(), [], 0, kill, kill_at
+        self.inner, self.sent, self.predicts, self.kill, self.kill_at = (
+            httpx.HTTPTransport(),
+            [],
+            0,
+            kill,
+            kill_at,
+        )
 
     def handle_request(self, request):
         body = request.read()
@@ -327,21 +422,31 @@ def test_server_audit_survives_a_server_crash_and_restart(served, tiny_binary, t
     config = AuditConfig(path, tmp_path / "audit", "truth", group_col="site", bootstrap=200, batch_size=3)
     server = served["server"]
     first = Recorder(kill=server.kill, kill_at=3)  # the server crashes while the third batch is on its way
-    with pytest.raises(RemoteError, match=f"cannot reach the FHE server.*6 of {n} rows are scored and saved.*resume"):
+    with pytest.raises(
+        RemoteError, match=f"cannot reach the FHE server.*6 of {n} rows are scored and saved.*resume"
+    ):
         run_audit(config, _remote(served, "tiny-sol-low", "keys", first))
     assert server.proc.poll() is not None  # the server is really gone
-    served["server"] = ServerProcess(served["root"] / "bundles", served["root"] / "state", served["root"] / "token", port=server.port)
+    served["server"] = ServerProcess(
+        served["root"] / "bundles", served["root"] / "state", served["root"] / "token", port=server.port
+    )
     second = Recorder()
     report = run_audit(config, _remote(served, "tiny-sol-low", "keys", second))
     assert second.ciphertexts() == n - 6  # the lost batch is sent again, the 6 scored rows are not
-    assert not any(p == "/keys" for _, p, _, _ in second.sent)  # the restarted server kept the evaluation keys
+    assert not any(
+        p == "/keys" for _, p, _, _ in second.sent
+    )  # the restarted server kept the evaluation keys
     rows = [json.loads(x)["row"] for x in (tmp_path / "audit" / "progress.jsonl").read_text().splitlines()]
     assert sorted(rows) == list(range(1, n + 1)) == [r["row"] for r in report["rows"]]
     raw, probs = _simulated(compiled, ckpt, ckpt.smiles_test[:n])
     assert [r["raw"] for r in report["rows"]] == raw.tolist()
     assert report["metrics"] == am.with_ci(am.Sample("binary", ckpt.y_test[:n], probs), 200, 0)
-    assert report["model"]["source"] == "server" and [s["rows_scored"] for s in report["timing"]["sessions"]] == [6, n - 6]
-    assert report["model"]["client_fingerprint"] == client_fingerprint(tiny_binary[2])  # the same as a local audit's
+    assert report["model"]["source"] == "server" and [
+        s["rows_scored"] for s in report["timing"]["sessions"]
+    ] == [6, n - 6]
+    assert report["model"]["client_fingerprint"] == client_fingerprint(
+        tiny_binary[2]
+    )  # the same as a local audit's
 
 
 @pytest.mark.slow
@@ -350,10 +455,16 @@ def test_audit_sends_no_smiles_features_labels_or_plaintext(served, tiny_regress
     path = _test_csv(tmp_path, ckpt, 6)
     recorder = Recorder()
     backend = _remote(served, "tiny-sol-logs", "privacy-keys", recorder)
-    report = run_audit(AuditConfig(path, tmp_path / "audit", "truth", group_col="site", bootstrap=50, batch_size=4), backend)
+    report = run_audit(
+        AuditConfig(path, tmp_path / "audit", "truth", group_col="site", bootstrap=50, batch_size=4), backend
+    )
     wire = b"\n".join(f"{m} {p}".encode() + json.dumps(h).encode() + b for m, p, h, b in recorder.sent)
-    assert {(m, p) for m, p, _, _ in recorder.sent} <= {("GET", "/models"), ("GET", "/models/tiny-sol-logs/client"),
-                                                        ("POST", "/keys"), ("POST", "/predict")}
+    assert {(m, p) for m, p, _, _ in recorder.sent} <= {
+        ("GET", "/models"),
+        ("GET", "/models/tiny-sol-logs/client"),
+        ("POST", "/keys"),
+        ("POST", "/predict"),
+    }
     for _m, p, _, body in recorder.sent:
         if p == "/predict":
             payload = json.loads(body)
@@ -364,8 +475,14 @@ def test_audit_sends_no_smiles_features_labels_or_plaintext(served, tiny_regress
     X = ckpt.featurizer.transform(ckpt.smiles_test[:6])
     secrets = [s.encode() for s in ckpt.smiles_test[:6]] + [b"north", b"south", b"compound", b"truth"]
     for r in report["rows"]:
-        secrets += [r["target"].encode(), repr(r["prediction"]).encode(), np.float64(r["y"]).tobytes(),
-                    np.float64(r["prediction"]).tobytes(), json.dumps(r["raw"]).encode(), repr(r["raw"][0]).encode()]
+        secrets += [
+            r["target"].encode(),
+            repr(r["prediction"]).encode(),
+            np.float64(r["y"]).tobytes(),
+            np.float64(r["prediction"]).tobytes(),
+            json.dumps(r["raw"]).encode(),
+            repr(r["raw"][0]).encode(),
+        ]
     for row in X:
         secrets += [row.tobytes(), row.astype(np.float64).tobytes()]
     secrets.append(backend.client.key_path.read_bytes())  # the secret key file

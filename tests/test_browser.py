@@ -23,9 +23,18 @@ from molcloak.pipeline.predict import Simulator
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", "--disable-extensions"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+]
 SMILES = "CC(=O)Oc1ccccc1C(=O)O"
 TIMEOUT_MS = 240_000
 
@@ -36,9 +45,24 @@ def app_url(tiny_binary, tmp_path_factory):
     state = tmp_path_factory.mktemp("browser-app")
     port = free_port()
     with open(state / "app.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "molcloak.pipeline.cli", "app", "--bundle", str(bundle),
-                                 "--port", str(port), "--state-dir", str(state), "--workers", "1"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "molcloak.pipeline.cli",
+                "app",
+                "--bundle",
+                str(bundle),
+                "--port",
+                str(port),
+                "--state-dir",
+                str(state),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -77,7 +101,9 @@ def _text(page, element_id: str) -> str:
 def _wait_text(page, element_id: str, needle: str) -> str:
     page.wait_for_function(
         "([id, needle]) => { const e = document.getElementById(id); return e && e.innerText.includes(needle); }",
-        arg=[element_id, needle], timeout=TIMEOUT_MS)
+        arg=[element_id, needle],
+        timeout=TIMEOUT_MS,
+    )
     return _text(page, element_id)
 
 
@@ -138,4 +164,3 @@ def test_private_prediction_in_chromium(app_url, page, tmp_path):
     while list(sessions.iterdir()) and time.monotonic() < deadline:
         time.sleep(1)
     assert not list(sessions.iterdir()), "the session's keys outlived the closed page"
-

@@ -14,7 +14,18 @@ COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands
 
 
 def test_every_documented_command_is_registered():
-    assert {"train", "compile", "deploy", "predict", "serve", "info", "models", "demo", "app", "audit"} <= set(COMMANDS)
+    assert {
+        "train",
+        "compile",
+        "deploy",
+        "predict",
+        "serve",
+        "info",
+        "models",
+        "demo",
+        "app",
+        "audit",
+    } <= set(COMMANDS)
 
 
 def run(*args):
@@ -38,8 +49,24 @@ def test_top_level_help_lists_commands():
 def cli_bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     ckpt = tmp / "run"
-    result = run("train", "--dataset", "sol-low", "--hidden", "3", "--weight-bits", "2", "--act-bits", "2",
-                 "--input-bits", "2", "--epochs", "4", "--out", ckpt, "--json")
+    result = run(
+        "train",
+        "--dataset",
+        "sol-low",
+        "--hidden",
+        "3",
+        "--weight-bits",
+        "2",
+        "--act-bits",
+        "2",
+        "--input-bits",
+        "2",
+        "--epochs",
+        "4",
+        "--out",
+        ckpt,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["training"]["n_test"] == 257 and "roc_auc" in summary["metrics"]["float"]
@@ -60,8 +87,20 @@ def test_predict_json_and_csv(cli_bundle):
     assert all(p["label"] in ("low", "not low") for p in report["predictions"])
     inp = tmp / "in.csv"
     inp.write_text("name,smi\nethanol,CCO\nbad,C1CC\nphenol,Oc1ccccc1\n")
-    result = run("predict", "--bundle", bundle, "--key-dir", tmp / "keys", "--input", inp, "--smiles-col", "smi",
-                 "--skip-invalid", "--output", tmp / "out.csv")
+    result = run(
+        "predict",
+        "--bundle",
+        bundle,
+        "--key-dir",
+        tmp / "keys",
+        "--input",
+        inp,
+        "--smiles-col",
+        "smi",
+        "--skip-invalid",
+        "--output",
+        tmp / "out.csv",
+    )
     assert result.exit_code == 0, result.output
     lines = (tmp / "out.csv").read_text().splitlines()
     assert len(lines) == 4 and "could not be parsed" in lines[2] and lines[3].startswith("3,Oc1ccccc1,")
@@ -75,16 +114,28 @@ def test_info_shows_manifest(cli_bundle):
     assert data["name"] == "bundle" and data["task"]["labels"] == ["not low", "low"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["predict", "--bundle", "{bundle}", "--key-dir", "{tmp}/k", "C1CC"], "molecule 1: SMILES 'C1CC' could not be parsed"),
-    (["predict", "--bundle", "{tmp}/nope", "CCO"], "does not exist"),
-    (["predict", "--bundle", "{bundle}"], "no molecules given"),
-    (["train", "--dataset", "{tmp}/missing.csv"], "neither a bundled dataset"),
-    (["train", "--dataset", "sol-low", "--hidden", "a,b", "--out", "{tmp}/x"], "--hidden 'a,b' is not a comma-separated list"),
-    (["train", "--dataset", "sol-low", "--weight-bits", "12", "--out", "{tmp}/x"], "weight_bits=12 is out of range"),
-    (["deploy", "{tmp}", "--out", "{tmp}/b2"], "is not a molcloak checkpoint"),
-    (["deploy", "{tmp}/run", "--out", "{bundle}"], "already exists; pass --force"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["predict", "--bundle", "{bundle}", "--key-dir", "{tmp}/k", "C1CC"],
+            "molecule 1: SMILES 'C1CC' could not be parsed",
+        ),
+        (["predict", "--bundle", "{tmp}/nope", "CCO"], "does not exist"),
+        (["predict", "--bundle", "{bundle}"], "no molecules given"),
+        (["train", "--dataset", "{tmp}/missing.csv"], "neither a bundled dataset"),
+        (
+            ["train", "--dataset", "sol-low", "--hidden", "a,b", "--out", "{tmp}/x"],
+            "--hidden 'a,b' is not a comma-separated list",
+        ),
+        (
+            ["train", "--dataset", "sol-low", "--weight-bits", "12", "--out", "{tmp}/x"],
+            "weight_bits=12 is out of range",
+        ),
+        (["deploy", "{tmp}", "--out", "{tmp}/b2"], "is not a molcloak checkpoint"),
+        (["deploy", "{tmp}/run", "--out", "{bundle}"], "already exists; pass --force"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(cli_bundle, args, message):
     tmp, bundle = cli_bundle
     result = run(*[a.format(tmp=tmp, bundle=bundle) for a in args])
@@ -97,13 +148,20 @@ def test_csv_training_reports_bad_rows(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("smiles,y\nCCO,1\nC1CC,0\nCCN,0\nCCC,1\n")
     result = run("train", "--dataset", path, "--target-col", "nope", "--out", tmp_path / "r")
-    assert result.exit_code == 2 and "column 'nope' not found; available columns: 'smiles', 'y'" in result.output
+    assert (
+        result.exit_code == 2 and "column 'nope' not found; available columns: 'smiles', 'y'" in result.output
+    )
     result = run("train", "--dataset", path, "--target-col", "y", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "row 2: SMILES 'C1CC' could not be parsed" in result.output
 
 
 def test_console_script_runs_as_a_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "molcloak.pipeline.cli", "models", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "molcloak.pipeline.cli", "models", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mlp" in json.loads(proc.stdout)["models"]
 
@@ -116,7 +174,9 @@ def test_demo_runs_the_default_model_end_to_end(tmp_path):
     d = json.loads(result.stdout)
     # the default's approximate rounding (8-bit accumulators -> 5 bits) may move an accumulator by one step, so FHE
     # can differ a little from the simulation (PERFORMANCE.md); the probabilities stay close
-    assert len(d["rows"]) == 2 and all(abs(r["fhe"][-1] - r["simulated"][-1]) < 0.4 for r in d["rows"])  # max 0.25 over 257
+    assert len(d["rows"]) == 2 and all(
+        abs(r["fhe"][-1] - r["simulated"][-1]) < 0.4 for r in d["rows"]
+    )  # max 0.25 over 257
     assert d["circuit"]["max_bit_width"] <= 8 and d["evaluation_key_bytes"] > 0
     assert d["metrics"]["fhe_simulate"]["roc_auc"] > 0.85
     assert (tmp_path / "demo" / "bundle" / "client" / "client.zip").is_file()

@@ -17,7 +17,10 @@ def test_sol_low_is_the_documented_benchmark():
     assert not set(sp.test) & set(sp.train) and not set(sp.valid) & set(sp.train)
 
 
-@pytest.mark.parametrize("name,kind,n_out", [("sol-class", "multiclass", 3), ("sol-logs", "regression", 1), ("freesolv", "regression", 1)])
+@pytest.mark.parametrize(
+    "name,kind,n_out",
+    [("sol-class", "multiclass", 3), ("sol-logs", "regression", 1), ("freesolv", "regression", 1)],
+)
 def test_other_bundled_tasks(name, kind, n_out):
     ds = load_bundled(name)
     assert ds.task.kind == kind and ds.task.n_outputs == n_out
@@ -30,17 +33,37 @@ def test_unknown_bundled_dataset():
 
 
 BAD_CSV = {
-    "invalid SMILES": ("smiles,y\nCCO,1\nC1CC,0\nCCN,0\n", "y", "classification",
-                       r"row 2: SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid"),
+    "invalid SMILES": (
+        "smiles,y\nCCO,1\nC1CC,0\nCCN,0\n",
+        "y",
+        "classification",
+        r"row 2: SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid",
+    ),
     "empty target": ("smiles,y\nCCO,1\nCCN,\nCCC,0\n", "y", "classification", r"row 2: target 'y' is empty"),
-    "non-numeric regression target": ("smiles,y\nCCO,1.5\nCCN,high\nCCC,0.2\n", "y", "regression",
-                                      r"row 2: target 'high' in column 'y' is not a number"),
-    "missing column": ("smiles,y\nCCO,1\n", "logS", "classification",
-                       r"column 'logS' not found; available columns: 'smiles', 'y'"),
-    "duplicate molecule": ("smiles,y\nCCO,1\nCCN,0\nOCC,0\n", "y", "classification",  # OCC is ethanol again
-                           r"row 3: SMILES 'OCC' is the same molecule as row 1"),
-    "several problems": ("smiles,y\nxx,1\nCCN,\nCCO,1\nyy,0\nCCC,0\n", "y", "classification",
-                         r"row 1: .*\(and 2 more invalid rows: 2, 4\)"),
+    "non-numeric regression target": (
+        "smiles,y\nCCO,1.5\nCCN,high\nCCC,0.2\n",
+        "y",
+        "regression",
+        r"row 2: target 'high' in column 'y' is not a number",
+    ),
+    "missing column": (
+        "smiles,y\nCCO,1\n",
+        "logS",
+        "classification",
+        r"column 'logS' not found; available columns: 'smiles', 'y'",
+    ),
+    "duplicate molecule": (
+        "smiles,y\nCCO,1\nCCN,0\nOCC,0\n",
+        "y",
+        "classification",  # OCC is ethanol again
+        r"row 3: SMILES 'OCC' is the same molecule as row 1",
+    ),
+    "several problems": (
+        "smiles,y\nxx,1\nCCN,\nCCO,1\nyy,0\nCCC,0\n",
+        "y",
+        "classification",
+        r"row 1: .*\(and 2 more invalid rows: 2, 4\)",
+    ),
 }
 
 
@@ -84,13 +107,19 @@ def test_random_split_is_seeded():
         split_dataset(ds, "official")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"test_fraction": 0.0}, "test fraction 0.0 must be strictly between 0 and 1"),
-    ({"test_fraction": 1}, "test fraction 1 must be strictly between 0 and 1 .*; use e.g. --test-fraction 0.2"),
-    ({"test_fraction": float("nan")}, "test fraction nan must be strictly between 0 and 1"),
-    ({"valid_fraction": 0}, "validation fraction 0 must be strictly between 0 and 1 .*; use e.g. 0.1"),
-    ({"valid_fraction": 1.0}, "validation fraction 1.0 must be strictly between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"test_fraction": 0.0}, "test fraction 0.0 must be strictly between 0 and 1"),
+        (
+            {"test_fraction": 1},
+            "test fraction 1 must be strictly between 0 and 1 .*; use e.g. --test-fraction 0.2",
+        ),
+        ({"test_fraction": float("nan")}, "test fraction nan must be strictly between 0 and 1"),
+        ({"valid_fraction": 0}, "validation fraction 0 must be strictly between 0 and 1 .*; use e.g. 0.1"),
+        ({"valid_fraction": 1.0}, "validation fraction 1.0 must be strictly between 0 and 1"),
+    ],
+)
 def test_split_fractions_of_0_or_1_are_refused(csv_file, kwargs, message):
     ds = load_csv(csv_file("smiles,y\nCCO,1\nCCN,0\nCCC,1\nCCCC,0\nCCCCC,1\n"), "smiles", "y")
     for method in ("random", "scaffold"):

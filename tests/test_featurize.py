@@ -5,17 +5,14 @@ import pytest
 
 from molcloak.pipeline import featurize
 from molcloak.pipeline.errors import FeaturizerError, InvalidSmilesError
-from molcloak.pipeline.featurize import (
+from molcloak.pipeline.feature_kinds import (
     COUNT_CAP,
     PART_KINDS,
     PHYSCHEM_DESCRIPTORS,
-    Featurizer,
-    FeaturizerSpec,
     PartKind,
     descriptor_compute,
-    featurizer_from_dict,
-    raw_features,
 )
+from molcloak.pipeline.featurize import Featurizer, FeaturizerSpec, featurizer_from_dict, raw_features
 from molcloak.pipeline.tabular import TabularSpec
 
 TRAIN = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CCCCCCCC", "OC(=O)c1ccccc1"]
@@ -62,14 +59,26 @@ def test_counts_are_capped():
     assert X.max() == COUNT_CAP
 
 
-@pytest.mark.parametrize("text,match", [
-    ("fingerprints", "unknown feature part 'fingerprints'; expected one of physchem, morgan, morgan_count, grid"),
-    ("morgan:x=2", "feature option 'x=2'"),
-    ("morgan:r=9,n=64", "radius 9 / size 64 out of range"),
-    ("physchem:r=2", "feature part 'physchem' in 'physchem:r=2' does not take 'r=2' \\(it takes scale\\)"),
-    ("morgan:r=2,n=64,scale=quantile", "scale 'quantile' not possible; use scale=quantile on physchem or morgan_count"),
-    ("", "empty feature spec"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (
+            "fingerprints",
+            "unknown feature part 'fingerprints'; expected one of physchem, morgan, morgan_count, grid",
+        ),
+        ("morgan:x=2", "feature option 'x=2'"),
+        ("morgan:r=9,n=64", "radius 9 / size 64 out of range"),
+        (
+            "physchem:r=2",
+            "feature part 'physchem' in 'physchem:r=2' does not take 'r=2' \\(it takes scale\\)",
+        ),
+        (
+            "morgan:r=2,n=64,scale=quantile",
+            "scale 'quantile' not possible; use scale=quantile on physchem or morgan_count",
+        ),
+        ("", "empty feature spec"),
+    ],
+)
 def test_bad_specs(text, match):
     with pytest.raises(FeaturizerError, match=match):
         FeaturizerSpec.parse(text)
@@ -99,7 +108,10 @@ def test_registry_holds_the_documented_kinds():
 
 
 def test_unknown_kind_names_the_available_kinds():
-    with pytest.raises(FeaturizerError, match="unknown feature part 'maccs'; expected one of physchem, morgan, morgan_count, grid"):
+    with pytest.raises(
+        FeaturizerError,
+        match="unknown feature part 'maccs'; expected one of physchem, morgan, morgan_count, grid",
+    ):
         featurize.part_kind("maccs")
     with pytest.raises(FeaturizerError, match="unknown feature part 'maccs'"):
         FeaturizerSpec.from_dict({"parts": [{"kind": "maccs"}], "mean": None, "std": None})
@@ -149,22 +161,33 @@ def test_tabular_round_trips_through_the_registry():
 
 def test_old_manifest_without_kind_still_loads():
     """A manifest written before featurizer dicts had "kind" (and with physchem's unused defaults stored)."""
-    old = {"spec": "physchem+morgan:r=2,n=16",
-           "parts": [{"kind": "physchem", "radius": 2, "n_bits": 1024, "scale": "standard"},
-                     {"kind": "morgan", "radius": 2, "n_bits": 16, "scale": "standard"}],
-           "mean": [0.5] * 26, "std": [2.0] * 26}
+    old = {
+        "spec": "physchem+morgan:r=2,n=16",
+        "parts": [
+            {"kind": "physchem", "radius": 2, "n_bits": 1024, "scale": "standard"},
+            {"kind": "morgan", "radius": 2, "n_bits": 16, "scale": "standard"},
+        ],
+        "mean": [0.5] * 26,
+        "std": [2.0] * 26,
+    }
     spec = featurizer_from_dict(old)
     assert isinstance(spec, FeaturizerSpec) and str(spec) == old["spec"] and spec.is_fitted
     assert spec.transform(TEST).shape == (len(TEST), 26)
     assert spec.to_dict() == {"kind": "molecular", **old}
 
 
-@pytest.mark.parametrize("d,match", [
-    ({"kind": "images", "parts": []}, "unknown featurizer kind 'images'; expected one of molecular, tabular"),
-    ({"kind": "tabular"}, "tabular featurizer spec .* is malformed"),
-    ({"spec": "physchem"}, "featurizer spec .* is malformed"),
-    (["physchem"], "is not a mapping"),
-])
+@pytest.mark.parametrize(
+    "d,match",
+    [
+        (
+            {"kind": "images", "parts": []},
+            "unknown featurizer kind 'images'; expected one of molecular, tabular",
+        ),
+        ({"kind": "tabular"}, "tabular featurizer spec .* is malformed"),
+        ({"spec": "physchem"}, "featurizer spec .* is malformed"),
+        (["physchem"], "is not a mapping"),
+    ],
+)
 def test_bad_featurizer_dicts(d, match):
     with pytest.raises(FeaturizerError, match=match):
         featurizer_from_dict(d)
@@ -177,7 +200,11 @@ def test_both_featurizers_satisfy_the_protocol(spec):
         assert isinstance(featurizer, Featurizer)
     assert not spec.is_fitted and fitted.is_fitted
     assert fitted.input_kind in ("smiles", "rows") and fitted.shape == (fitted.width,) == (len(fitted.names),)
-    good, bad = ("OCC", "C1CC") if spec.input_kind == "smiles" else ({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "x", "c": "3"})
+    good, bad = (
+        ("OCC", "C1CC")
+        if spec.input_kind == "smiles"
+        else ({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "x", "c": "3"})
+    )
     assert fitted.check_input(good)[1] == "" and fitted.check_input(good)[0] is not None
     value, reason = fitted.check_input(bad)
     assert value is None and "fix it" in reason
@@ -206,8 +233,11 @@ def test_a_raising_descriptor_names_the_molecule_smiles_and_descriptor(monkeypat
     spec = FeaturizerSpec.parse("physchem+boom")
     assert spec.width == 11 and spec.names[-1] == "Boom"
     assert raw_features(spec, ["CCO", "CC"])[:, -1].tolist() == [3.0, 2.0]
-    with pytest.raises(FeaturizerError, match=r"^molecule 2: SMILES 'C': feature part 'boom': descriptor 'Boom' raised "
-                                              r"ZeroDivisionError: division by zero; .*remove or fix this molecule"):
+    with pytest.raises(
+        FeaturizerError,
+        match=r"^molecule 2: SMILES 'C': feature part 'boom': descriptor 'Boom' raised "
+        r"ZeroDivisionError: division by zero; .*remove or fix this molecule",
+    ):
         spec.fit(["CCO", "C", "CCN"])
 
 
@@ -215,8 +245,11 @@ def test_a_real_rdkit_descriptor_that_raises_is_reported(monkeypatch):
     """RDKit's SPS divides by zero on a lone proton."""
     _register(monkeypatch, "sps", descriptor_compute(["SPS"]), names=("SPS",))
     spec = FeaturizerSpec.parse("sps").fit(["CCO", "c1ccccc1"])
-    with pytest.raises(FeaturizerError, match=r"molecule 3: SMILES '\[H\+\]': feature part 'sps': descriptor 'SPS' "
-                                              r"raised ZeroDivisionError"):
+    with pytest.raises(
+        FeaturizerError,
+        match=r"molecule 3: SMILES '\[H\+\]': feature part 'sps': descriptor 'SPS' "
+        r"raised ZeroDivisionError",
+    ):
         spec.transform(["CCO", "CCN", "[H+]"])
 
 
@@ -225,10 +258,14 @@ def test_a_failing_part_or_a_non_finite_value_is_named(monkeypatch):
         raise RuntimeError("Pre-condition Violation")
 
     _register(monkeypatch, "broken", broken)
-    with pytest.raises(FeaturizerError, match=r"molecule 1: SMILES 'CCO': feature part 'broken': raised RuntimeError"):
+    with pytest.raises(
+        FeaturizerError, match=r"molecule 1: SMILES 'CCO': feature part 'broken': raised RuntimeError"
+    ):
         FeaturizerSpec.parse("broken").fit(["CCO"])
     _register(monkeypatch, "nan", descriptor_compute(["Boom"], lambda name: lambda m: float("nan")))
-    with pytest.raises(FeaturizerError, match=r"molecule 1: SMILES 'CCO': feature 'Boom' is nan, expected a finite number"):
+    with pytest.raises(
+        FeaturizerError, match=r"molecule 1: SMILES 'CCO': feature 'Boom' is nan, expected a finite number"
+    ):
         FeaturizerSpec.parse("morgan:r=1,n=8+nan").fit(["CCO"])
     _register(monkeypatch, "short", lambda part, mol: [1.0], width=2)
     with pytest.raises(FeaturizerError, match="computed 1 values for molecule 1, its width is 2"):

@@ -76,7 +76,9 @@ def test_client_part_carries_no_weights(tiny_binary):
     with zipfile.ZipFile(bundle / "client" / "client.zip") as z:
         names = set(z.namelist())
         processing = json.loads(z.read("serialized_processing.json"))
-    assert "serialized_processing.json" in names and not any(n.endswith((".pt", ".onnx", ".mlir")) for n in names)
+    assert "serialized_processing.json" in names and not any(
+        n.endswith((".pt", ".onnx", ".mlir")) for n in names
+    )
     assert "weight" not in json.dumps(processing).lower()
     assert not (bundle / "client" / "model.pt").exists()
 
@@ -119,7 +121,10 @@ def test_version_mismatch_fails_clearly(tiny_binary, tmp_path):
         data = json.loads(path.read_text())
         data["versions"]["concrete-ml"] = "1.4.0"
         path.write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=r"built with concrete-ml 1.4.0, this machine has 1.9.0; install concrete-ml==1.4.0 or rebuild"):
+    with pytest.raises(
+        BundleError,
+        match=r"built with concrete-ml 1.4.0, this machine has 1.9.0; install concrete-ml==1.4.0 or rebuild",
+    ):
         PrivateClient(copy, tmp_path / "k")
     with pytest.raises(BundleError, match="does not exist"):
         load_manifest(tmp_path / "missing")
@@ -128,13 +133,17 @@ def test_version_mismatch_fails_clearly(tiny_binary, tmp_path):
 def test_owner_part_reloads_the_same_model(tiny_binary):
     ckpt, _, bundle = tiny_binary
     again = load_checkpoint(bundle)
-    assert np.array_equal(predict_raw(again.build_model(), ckpt.X_test), predict_raw(ckpt.build_model(), ckpt.X_test))
+    assert np.array_equal(
+        predict_raw(again.build_model(), ckpt.X_test), predict_raw(ckpt.build_model(), ckpt.X_test)
+    )
 
 
 def test_regression_prediction_in_task_units(tiny_regression, tmp_path):
     ckpt, compiled, bundle = tiny_regression
     report = predict_local(bundle, ckpt.smiles_test[:3], key_dir=tmp_path)
-    simulated = to_predictions(ckpt.task, compiled.q_module.forward(ckpt.X_test[:3], fhe="simulate"), ckpt.scaler)
+    simulated = to_predictions(
+        ckpt.task, compiled.q_module.forward(ckpt.X_test[:3], fhe="simulate"), ckpt.scaler
+    )
     got = np.array([p.value for p in report.predictions])
     assert np.allclose(got, simulated)
     assert -12 < got.min() and got.max() < 3  # logS range, not standardized units
@@ -180,12 +189,18 @@ def test_local_and_remote_backends_give_the_simulation_bit_for_bit(tiny_binary, 
     smiles = ckpt.smiles_test[:5]
     simulated = compiled.q_module.forward(ckpt.X_test[:5], fhe="simulate").tolist()
     seen = []
-    with LocalBackend(bundle, tmp_path / "local-keys") as local, \
-            RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "remote-keys") as remote:
+    with (
+        LocalBackend(bundle, tmp_path / "local-keys") as local,
+        RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "remote-keys") as remote,
+    ):
         assert isinstance(local, PredictionBackend) and isinstance(remote, PredictionBackend)
         local_report = local.predict(smiles, batch_size=2, on_item=seen.append)
         remote_report = remote.predict(smiles, batch_size=3)
-        assert [p.raw for p in local_report.predictions] == simulated == [p.raw for p in remote_report.predictions]
+        assert (
+            [p.raw for p in local_report.predictions]
+            == simulated
+            == [p.raw for p in remote_report.predictions]
+        )
         assert [p.label for p in local_report.predictions] == [p.label for p in remote_report.predictions]
         assert seen == local_report.predictions  # on_item once per prediction, in order
         assert (local_report.mode, remote_report.mode) == ("execute", "server")
@@ -194,8 +209,16 @@ def test_local_and_remote_backends_give_the_simulation_bit_for_bit(tiny_binary, 
         assert local_report.input_ciphertext_bytes == remote_report.input_ciphertext_bytes > 0
         # one identity for resume checks: the same model has the same client fingerprint either way
         fingerprint = client_fingerprint(bundle)
-        assert local.identity() == {"source": "bundle", "name": "tiny-sol-low", "client_fingerprint": fingerprint}
-        assert remote.identity() == {"source": "server", "name": "tiny-sol-low", "client_fingerprint": fingerprint}
+        assert local.identity() == {
+            "source": "bundle",
+            "name": "tiny-sol-low",
+            "client_fingerprint": fingerprint,
+        }
+        assert remote.identity() == {
+            "source": "server",
+            "name": "tiny-sol-low",
+            "client_fingerprint": fingerprint,
+        }
         # the shared encrypt -> run -> decrypt step on features, as the audit uses it
         rows = remote.run_rows(ckpt.X_test[:2])
         assert [r.raw[0].tolist() for r in rows] == simulated[:2]

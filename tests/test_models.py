@@ -35,8 +35,19 @@ def test_training_is_reproducible_with_a_seed():
 
     ds = data.load_bundled("sol-low")
     opts = dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2)
-    runs = [workflow.train_checkpoint(ds, model_options=opts, train_config=TrainConfig(epochs=3, seed=s)) for s in (7, 7, 8)]
-    same = [torch.equal(a, b) for a, b in zip(runs[0].state_dict.values(), runs[1].state_dict.values()) if isinstance(a, torch.Tensor)]
+    runs = [
+        workflow.train_checkpoint(ds, model_options=opts, train_config=TrainConfig(epochs=3, seed=s))
+        for s in (7, 7, 8)
+    ]
+    same = [
+        torch.equal(a, b)
+        for a, b in zip(runs[0].state_dict.values(), runs[1].state_dict.values())
+        if isinstance(a, torch.Tensor)
+    ]
     assert same and all(same)
     assert runs[0].metrics == runs[1].metrics
-    assert not all(torch.equal(a, b) for a, b in zip(runs[0].state_dict.values(), runs[2].state_dict.values()) if isinstance(a, torch.Tensor))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(runs[0].state_dict.values(), runs[2].state_dict.values())
+        if isinstance(a, torch.Tensor)
+    )

@@ -58,7 +58,11 @@ def test_models_and_client_download_carry_no_weights(served):
     models = httpx.get(f"{server.url}/models", headers=auth()).json()
     assert {m["name"] for m in models} == {"tiny-sol-low", "tiny-sol-logs"}
     m = next(m for m in models if m["name"] == "tiny-sol-low")
-    assert m["labels"] == ["not low", "low"] and m["circuit"]["pbs_count"] == 4 and "fhe_simulate" in m["metrics"]
+    assert (
+        m["labels"] == ["not low", "low"]
+        and m["circuit"]["pbs_count"] == 4
+        and "fhe_simulate" in m["metrics"]
+    )
     r = httpx.get(f"{server.url}/models/tiny-sol-low/client", headers=auth())
     import io
     import zipfile
@@ -85,8 +89,15 @@ def test_keys_survive_a_restart(tiny_binary, tmp_path):
     try:
         again = RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "keys")
         assert again.key_id() == key_id  # nothing re-uploaded
-        r = again.request("POST", "/predict", json={"model": "tiny-sol-low", "key_id": key_id,
-                                                    "ciphertexts": [base64.b64encode(again.client.encrypt(ckpt.X_test[0])).decode()]})
+        r = again.request(
+            "POST",
+            "/predict",
+            json={
+                "model": "tiny-sol-low",
+                "key_id": key_id,
+                "ciphertexts": [base64.b64encode(again.client.encrypt(ckpt.X_test[0])).decode()],
+            },
+        )
         assert r.status_code == 200
         second = again.predict(ckpt.smiles_test[:2])
         assert [p.raw for p in second.predictions] == [p.raw for p in first.predictions]
@@ -115,8 +126,12 @@ def test_client_fingerprint_is_the_clients_and_survives_touch_and_restart(tiny_b
         first, download = served(server)
         model = RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "keys")
         assert model.client.fingerprint == expected  # the downloaded client part hashes to the same value
-        body = {"model": "tiny-sol-low", "key_id": model.key_id(), "client_fingerprint": expected,
-                "ciphertexts": [base64.b64encode(model.client.encrypt(ckpt.X_test[0])).decode()]}
+        body = {
+            "model": "tiny-sol-low",
+            "key_id": model.key_id(),
+            "client_fingerprint": expected,
+            "ciphertexts": [base64.b64encode(model.client.encrypt(ckpt.X_test[0])).decode()],
+        }
         assert model.request("POST", "/predict", json=body).status_code == 200
     later = time.time() + 3600
     for f in (bundles / "binary" / "client").iterdir():
@@ -134,7 +149,13 @@ def uploaded(served, tiny_binary, tiny_regression):
     regression = remote(server, root, "tiny-sol-logs")
     ct_binary = base64.b64encode(binary.client.encrypt(tiny_binary[0].X_test[0])).decode()
     ct_regression = base64.b64encode(regression.client.encrypt(tiny_regression[0].X_test[0])).decode()
-    return binary.key_id(), regression.key_id(), ct_binary, ct_regression, regression.info["client_fingerprint"]
+    return (
+        binary.key_id(),
+        regression.key_id(),
+        ct_binary,
+        ct_regression,
+        regression.info["client_fingerprint"],
+    )
 
 
 def _post_predict(url, body, **kw):
@@ -142,17 +163,59 @@ def _post_predict(url, body, **kw):
 
 
 BAD = {
-    "unknown model": (lambda k: {"model": "nope", "key_id": k[0], "ciphertexts": [k[2]]}, 404, "UnknownModelError"),
-    "unknown key id": (lambda k: {"model": "tiny-sol-low", "key_id": "f" * 32, "ciphertexts": [k[2]]}, 404, "KeysError"),
-    "malformed key id": (lambda k: {"model": "tiny-sol-low", "key_id": "../../etc/passwd", "ciphertexts": [k[2]]}, 404, "KeysError"),
-    "key of another model": (lambda k: {"model": "tiny-sol-low", "key_id": k[1], "ciphertexts": [k[2]]}, 409, "KeyMismatchError"),
-    "truncated ciphertext": (lambda k: {"model": "tiny-sol-low", "key_id": k[0],
-                                        "ciphertexts": [base64.b64encode(base64.b64decode(k[2])[:100]).decode()]}, 400, "CiphertextError"),
-    "random ciphertext bytes": (lambda k: {"model": "tiny-sol-low", "key_id": k[0],
-                                           "ciphertexts": [base64.b64encode(os.urandom(504)).decode()]}, 400, "CiphertextError"),
-    "ciphertext of another model": (lambda k: {"model": "tiny-sol-low", "key_id": k[0], "ciphertexts": [k[3]],
-                                               "client_fingerprint": k[4]}, 400, "CiphertextError"),
-    "not base64": (lambda k: {"model": "tiny-sol-low", "key_id": k[0], "ciphertexts": ["%%%"]}, 400, "CiphertextError"),
+    "unknown model": (
+        lambda k: {"model": "nope", "key_id": k[0], "ciphertexts": [k[2]]},
+        404,
+        "UnknownModelError",
+    ),
+    "unknown key id": (
+        lambda k: {"model": "tiny-sol-low", "key_id": "f" * 32, "ciphertexts": [k[2]]},
+        404,
+        "KeysError",
+    ),
+    "malformed key id": (
+        lambda k: {"model": "tiny-sol-low", "key_id": "../../etc/passwd", "ciphertexts": [k[2]]},
+        404,
+        "KeysError",
+    ),
+    "key of another model": (
+        lambda k: {"model": "tiny-sol-low", "key_id": k[1], "ciphertexts": [k[2]]},
+        409,
+        "KeyMismatchError",
+    ),
+    "truncated ciphertext": (
+        lambda k: {
+            "model": "tiny-sol-low",
+            "key_id": k[0],
+            "ciphertexts": [base64.b64encode(base64.b64decode(k[2])[:100]).decode()],
+        },
+        400,
+        "CiphertextError",
+    ),
+    "random ciphertext bytes": (
+        lambda k: {
+            "model": "tiny-sol-low",
+            "key_id": k[0],
+            "ciphertexts": [base64.b64encode(os.urandom(504)).decode()],
+        },
+        400,
+        "CiphertextError",
+    ),
+    "ciphertext of another model": (
+        lambda k: {
+            "model": "tiny-sol-low",
+            "key_id": k[0],
+            "ciphertexts": [k[3]],
+            "client_fingerprint": k[4],
+        },
+        400,
+        "CiphertextError",
+    ),
+    "not base64": (
+        lambda k: {"model": "tiny-sol-low", "key_id": k[0], "ciphertexts": ["%%%"]},
+        400,
+        "CiphertextError",
+    ),
     "empty batch": (lambda k: {"model": "tiny-sol-low", "key_id": k[0], "ciphertexts": []}, 422, None),
 }
 
@@ -178,10 +241,17 @@ def test_transport_level_bad_input(served, uploaded):
     r = httpx.get(f"{url}/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
     big = b"\0" * (129 * 2**20)
-    r = httpx.post(f"{url}/keys", params={"model": "tiny-sol-low"}, content=big,
-                   headers=auth(**{"Content-Type": "application/octet-stream"}), timeout=120)
+    r = httpx.post(
+        f"{url}/keys",
+        params={"model": "tiny-sol-low"},
+        content=big,
+        headers=auth(**{"Content-Type": "application/octet-stream"}),
+        timeout=120,
+    )
     assert r.status_code == 413 and r.json()["error"]["type"] == "BodyTooLarge"
-    r = httpx.post(f"{url}/predict", content=b"{not json", headers=auth(**{"Content-Type": "application/json"}))
+    r = httpx.post(
+        f"{url}/predict", content=b"{not json", headers=auth(**{"Content-Type": "application/json"})
+    )
     assert r.status_code == 422
     assert server.alive()
 
@@ -191,14 +261,26 @@ def test_bad_key_uploads(served, tiny_binary, tiny_regression):
     url = server.url
     octet = auth(**{"Content-Type": "application/octet-stream"})
     mine = remote(server, root).client.evaluation_keys()
-    for body, message in [(b"", "body is empty"), (os.urandom(5000), "expects"), (mine[: len(mine) // 2], "expects")]:
-        r = httpx.post(f"{url}/keys", params={"model": "tiny-sol-low"}, content=body, headers=octet, timeout=120)
+    for body, message in [
+        (b"", "body is empty"),
+        (os.urandom(5000), "expects"),
+        (mine[: len(mine) // 2], "expects"),
+    ]:
+        r = httpx.post(
+            f"{url}/keys", params={"model": "tiny-sol-low"}, content=body, headers=octet, timeout=120
+        )
         assert r.status_code == 400, r.text[:300]
         assert r.json()["error"]["type"] == "CiphertextError" and message in r.json()["error"]["message"]
     r = httpx.post(f"{url}/keys", params={"model": "nope"}, content=mine, headers=octet, timeout=120)
     assert r.status_code == 404
     # same size as valid keys, random content: rejected or stored, never a crash
-    r = httpx.post(f"{url}/keys", params={"model": "tiny-sol-low"}, content=os.urandom(len(mine)), headers=octet, timeout=120)
+    r = httpx.post(
+        f"{url}/keys",
+        params={"model": "tiny-sol-low"},
+        content=os.urandom(len(mine)),
+        headers=octet,
+        timeout=120,
+    )
     assert r.status_code in (201, 400, 503)
     assert server.alive()
 
@@ -228,12 +310,18 @@ def test_server_never_sees_smiles_features_or_secret_keys(served, tiny_binary, t
 
     class Recorder(httpx.BaseTransport):
         def handle_request(self, request):
-            sent.append(str(request.url).encode() + b"\n" + b"".join(f"{k}: {v}\n".encode() for k, v in request.headers.items())
-                        + request.read())
+            sent.append(
+                str(request.url).encode()
+                + b"\n"
+                + b"".join(f"{k}: {v}\n".encode() for k, v in request.headers.items())
+                + request.read()
+            )
             return transport.handle_request(request)
 
     smiles = ["CC(C)Cc1ccc(cc1)C(C)C(=O)O", "c1ccc2ccccc2c1"]
-    model = RemoteModel(server.url, "tiny-sol-low", key_dir=tmp_path / "keys", token=TOKEN, transport=Recorder())
+    model = RemoteModel(
+        server.url, "tiny-sol-low", key_dir=tmp_path / "keys", token=TOKEN, transport=Recorder()
+    )
     report = model.predict(smiles)
     wire = b"\n".join(sent)
     X = model.client.featurize(smiles)
@@ -261,13 +349,23 @@ def test_fuzz_every_route_of_the_openapi_schema(served):
     schema = httpx.get(f"{server.url}/openapi.json", headers=auth()).json()
     routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
     assert ("POST", "/predict") in routes and ("POST", "/keys") in routes
-    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                               lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8)
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        max_leaves=8,
+    )
     bodies = st.one_of(
         json_values.map(lambda v: ("application/json", v)),
-        st.fixed_dictionaries({"model": st.sampled_from(["tiny-sol-low", "x", ""]), "key_id": st.text(max_size=40),
-                               "ciphertexts": st.lists(st.text(max_size=30) | st.binary(max_size=30).map(lambda b: base64.b64encode(b).decode()), max_size=3)})
-        .map(lambda v: ("application/json", v)),
+        st.fixed_dictionaries(
+            {
+                "model": st.sampled_from(["tiny-sol-low", "x", ""]),
+                "key_id": st.text(max_size=40),
+                "ciphertexts": st.lists(
+                    st.text(max_size=30) | st.binary(max_size=30).map(lambda b: base64.b64encode(b).decode()),
+                    max_size=3,
+                ),
+            }
+        ).map(lambda v: ("application/json", v)),
         st.binary(max_size=300).map(lambda b: ("application/octet-stream", b)),
         st.binary(max_size=50).map(lambda b: ("text/plain", b)),
     )
@@ -280,8 +378,14 @@ def test_fuzz_every_route_of_the_openapi_schema(served):
         path = path.replace("{name}", seg).replace("{key_id}", seg)
         ctype, payload = body
         kwargs = {"json": payload} if ctype == "application/json" else {"content": payload}
-        r = httpx.request(method, f"{server.url}{path}", params={"model": model}, timeout=120,
-                          headers=auth(**{"Content-Type": ctype}), **kwargs)
+        r = httpx.request(
+            method,
+            f"{server.url}{path}",
+            params={"model": model},
+            timeout=120,
+            headers=auth(**{"Content-Type": ctype}),
+            **kwargs,
+        )
         assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
 
     check()
@@ -296,13 +400,18 @@ def test_key_store_answers_409_for_keys_of_another_model(served, uploaded, tiny_
     keys_dir = root / "state" / "keys"
     store = KeyStore(keys_dir, 2**30, load=lambda model, data: fhe.load_keys(data), cost=lambda model: 1)
     assert store.get(binary_key, "tiny-sol-low") is not None  # the real uploaded keys, deserialized
-    with pytest.raises(KeyMismatchError, match=f"key id {regression_key} belongs to model 'tiny-sol-logs', "
-                                               "not 'tiny-sol-low'; upload keys generated for 'tiny-sol-low'") as info:
+    with pytest.raises(
+        KeyMismatchError,
+        match=f"key id {regression_key} belongs to model 'tiny-sol-logs', "
+        "not 'tiny-sol-low'; upload keys generated for 'tiny-sol-low'",
+    ) as info:
         store.get(regression_key, "tiny-sol-low")
     assert status_of(info.value) == 409
     # evaluation keys on disk: directory 0700, files 0600, no temporary file left behind
     assert stat.S_IMODE(keys_dir.stat().st_mode) == 0o700
     files = list(keys_dir.iterdir())
     assert {f.name for f in files} >= {f"{binary_key}.keys", f"{binary_key}.json", f"{regression_key}.keys"}
-    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files) and not any(f.name.endswith(".tmp") for f in files)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files) and not any(
+        f.name.endswith(".tmp") for f in files
+    )
     assert server.alive()

@@ -39,8 +39,12 @@ def breast_cancer():
 @pytest.fixture(scope="module")
 def tiny_tabular(breast_cancer, tmp_path_factory):
     """breast-cancer, MLP 30 -> 4 -> 2 with sigmoid activations (2 bits), compiled and deployed."""
-    ckpt = workflow.train_checkpoint(breast_cancer, model_name="mlp-sigmoid", model_options=TINY,
-                                     train_config=TrainConfig(epochs=4, patience=4, seed=0))
+    ckpt = workflow.train_checkpoint(
+        breast_cancer,
+        model_name="mlp-sigmoid",
+        model_options=TINY,
+        train_config=TrainConfig(epochs=4, patience=4, seed=0),
+    )
     compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None))
     bundle = tmp_path_factory.mktemp("tabular") / "bundle"
     workflow.deploy(ckpt, compiled, bundle, "tiny-breast-cancer")
@@ -53,7 +57,10 @@ def test_breast_cancer_uses_the_notebooks_80_20_split_with_seed_42(breast_cancer
 
     raw = load_breast_cancer()
     assert breast_cancer.is_tabular and breast_cancer.table.shape == (569, 30) and breast_cancer.smiles == []
-    assert breast_cancer.columns == tuple(raw.feature_names) and breast_cancer.task.labels == ("malignant", "benign")
+    assert breast_cancer.columns == tuple(raw.feature_names) and breast_cancer.task.labels == (
+        "malignant",
+        "benign",
+    )
     _, test_idx = train_test_split(np.arange(569), test_size=0.2, random_state=42)
     sp = split_dataset(breast_cancer, seed=0)
     assert sp.method == "official" and np.array_equal(sp.test, np.sort(test_idx))
@@ -106,9 +113,14 @@ def test_bad_prediction_rows_name_row_column_value_and_fix(tiny_tabular, breast_
     good = dict(zip(breast_cancer.columns, map(str, breast_cancer.table[0])))
     bad_value = {**good, "mean area": "12,5"}
     missing = {k: v for k, v in good.items() if k != "worst symmetry"}
-    with pytest.raises(DataError, match=r"row 2: column 'mean area' value '12,5' is not a number; fix it or pass --skip-invalid"):
+    with pytest.raises(
+        DataError,
+        match=r"row 2: column 'mean area' value '12,5' is not a number; fix it or pass --skip-invalid",
+    ):
         predict.predict_local(bundle, [good, bad_value], fhe="simulate")
-    with pytest.raises(DataError, match=r"row 1: column 'worst symmetry' is missing; the model needs the columns"):
+    with pytest.raises(
+        DataError, match=r"row 1: column 'worst symmetry' is missing; the model needs the columns"
+    ):
         predict.predict_local(bundle, [missing], fhe="simulate")
     with pytest.raises(DataError, match=r"row 1: 'CCO' is text, but this model reads numeric rows"):
         predict.predict_local(bundle, ["CCO"], fhe="simulate")
@@ -127,23 +139,33 @@ def test_load_csv_feature_cols_all_and_explicit(csv_file):
     assert ds.columns == ("b", "a") and ds.table[0].tolist() == [2.0, 1.5] and ds.task.kind == "regression"
 
 
-@pytest.mark.parametrize("text,cols,message", [
-    ("a,b,y\n1,2,0\n3,x,1\n", "all", r"row 2: column 'b' value 'x' is not a number; fix it or pass --skip-invalid"),
-    ("a,b,y\n1,,0\n3,4,1\n", "a,b", r"row 1: column 'b' value '' is empty"),
-    ("a,b,y\n1,2,0\n3,inf,1\n", "a,b", r"row 2: column 'b' value 'inf' is not finite"),
-    ("a,b,y\n1,2,0\n3,4,1\n", "a,c", r"feature column 'c' not found; available columns: 'a', 'b', 'y'"),
-    ("a,b,y\n1,2,0\n3,4,1\n", "a,y", r"column 'y' is a target and a feature"),
-    ("name,y\nfoo,0\nbar,1\n", "all", r"no numeric column besides \['y'\]"),
-])
+@pytest.mark.parametrize(
+    "text,cols,message",
+    [
+        (
+            "a,b,y\n1,2,0\n3,x,1\n",
+            "all",
+            r"row 2: column 'b' value 'x' is not a number; fix it or pass --skip-invalid",
+        ),
+        ("a,b,y\n1,,0\n3,4,1\n", "a,b", r"row 1: column 'b' value '' is empty"),
+        ("a,b,y\n1,2,0\n3,inf,1\n", "a,b", r"row 2: column 'b' value 'inf' is not finite"),
+        ("a,b,y\n1,2,0\n3,4,1\n", "a,c", r"feature column 'c' not found; available columns: 'a', 'b', 'y'"),
+        ("a,b,y\n1,2,0\n3,4,1\n", "a,y", r"column 'y' is a target and a feature"),
+        ("name,y\nfoo,0\nbar,1\n", "all", r"no numeric column besides \['y'\]"),
+    ],
+)
 def test_bad_tabular_training_data(csv_file, text, cols, message):
     with pytest.raises(DataError, match=message):
         data.load_csv(csv_file(text), None, "y", feature_cols=cols)
 
 
 def test_skip_invalid_drops_and_lists_bad_rows(csv_file):
-    ds = data.load_csv(csv_file("a,b,y\n1,2,0\n3,x,1\n5,6,1\n7,8,0\n"), None, "y", feature_cols="all", skip_invalid=True)
+    ds = data.load_csv(
+        csv_file("a,b,y\n1,2,0\n3,x,1\n5,6,1\n7,8,0\n"), None, "y", feature_cols="all", skip_invalid=True
+    )
     assert ds.rows.tolist() == [1, 3, 4] and [str(p) for p in ds.problems] == [
-        "row 2: column 'b' value 'x' is not a number; fix it or pass --skip-invalid"]
+        "row 2: column 'b' value 'x' is not a number; fix it or pass --skip-invalid"
+    ]
 
 
 def test_tabular_spec_rejects_bad_specs():
@@ -163,16 +185,41 @@ def test_read_inputs_by_input_kind(csv_file, tmp_path):
     """`predict --input`: rows for a tabular featurizer, a SMILES column for a molecular one, one CSV reader."""
     rows_csv = csv_file("id,b,a\nm1,2,1\nm2,,3\n", "rows.csv")
     tabular = TabularSpec(("a", "b"))
-    assert inputs.read_inputs(tabular, None, rows_csv, "smiles") == [{"id": "m1", "b": "2", "a": "1"},
-                                                                     {"id": "m2", "b": "", "a": "3"}]
+    assert inputs.read_inputs(tabular, None, rows_csv, "smiles") == [
+        {"id": "m1", "b": "2", "a": "1"},
+        {"id": "m2", "b": "", "a": "3"},
+    ]
     molecular = FeaturizerSpec.parse("physchem")
-    assert inputs.read_inputs(molecular, None, csv_file("smiles,y\nCCO,1\nc1ccccc1,0\n"), "smiles") == ["CCO", "c1ccccc1"]
+    assert inputs.read_inputs(molecular, None, csv_file("smiles,y\nCCO,1\nc1ccccc1,0\n"), "smiles") == [
+        "CCO",
+        "c1ccccc1",
+    ]
     assert inputs.read_inputs(molecular, ["CCO"], None, "smiles") == ["CCO"]
     bad = [
-        (tabular, ["CCO"], None, "this model reads numeric rows, not SMILES; pass --input rows.csv with the columns a, b"),
-        (TabularSpec(("a", "c")), None, rows_csv, r"column 'c' not found \(1 of the model's 2 feature columns missing\)"),
-        (molecular, None, rows_csv, "column 'smiles' not found; available columns: id, b, a; pass --smiles-col"),
-        (molecular, None, tmp_path / "nope.csv", "CSV file '.*nope.csv' does not exist; check the --input path"),
+        (
+            tabular,
+            ["CCO"],
+            None,
+            "this model reads numeric rows, not SMILES; pass --input rows.csv with the columns a, b",
+        ),
+        (
+            TabularSpec(("a", "c")),
+            None,
+            rows_csv,
+            r"column 'c' not found \(1 of the model's 2 feature columns missing\)",
+        ),
+        (
+            molecular,
+            None,
+            rows_csv,
+            "column 'smiles' not found; available columns: id, b, a; pass --smiles-col",
+        ),
+        (
+            molecular,
+            None,
+            tmp_path / "nope.csv",
+            "CSV file '.*nope.csv' does not exist; check the --input path",
+        ),
         (molecular, None, csv_file("smiles,y\n", "empty.csv"), "empty.csv has no data rows"),
         (molecular, None, csv_file("", "blank.csv"), "blank.csv: not a readable CSV file"),
         (molecular, None, None, "no molecules given"),
@@ -191,42 +238,105 @@ def cli_tabular(breast_cancer, tmp_path_factory):
     """`molcloak train --feature-cols all` + `deploy` on a CSV of 6 breast-cancer columns plus an id column."""
     tmp = tmp_path_factory.mktemp("cli-tabular")
     cols = list(breast_cancer.columns[:6])
-    rows = [[f"p{i}", *map(repr, breast_cancer.table[i, :6]), breast_cancer.task.labels[breast_cancer.y[i]]]
-            for i in range(300)]
+    rows = [
+        [f"p{i}", *map(repr, breast_cancer.table[i, :6]), breast_cancer.task.labels[breast_cancer.y[i]]]
+        for i in range(300)
+    ]
     train_csv = write_csv(tmp / "train.csv", ["patient", *cols, "diagnosis"], rows)
-    result = cli("train", "--dataset", train_csv, "--feature-cols", "all", "--target-col", "diagnosis",
-                 "--model", "mlp-sigmoid", "--hidden", "3", "--weight-bits", "2", "--act-bits", "2", "--input-bits", "2",
-                 "--epochs", "3", "--out", tmp / "run", "--json")
+    result = cli(
+        "train",
+        "--dataset",
+        train_csv,
+        "--feature-cols",
+        "all",
+        "--target-col",
+        "diagnosis",
+        "--model",
+        "mlp-sigmoid",
+        "--hidden",
+        "3",
+        "--weight-bits",
+        "2",
+        "--act-bits",
+        "2",
+        "--input-bits",
+        "2",
+        "--epochs",
+        "3",
+        "--out",
+        tmp / "run",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["n_features"] == 6 and summary["features"] == "tabular:6 columns" and "f1" in summary["metrics"]["float"]
+    assert (
+        summary["n_features"] == 6
+        and summary["features"] == "tabular:6 columns"
+        and "f1" in summary["metrics"]["float"]
+    )
     result = cli("deploy", tmp / "run", "--out", tmp / "bundles" / "bc6", "--rounding-bits", "0", "--json")
     assert result.exit_code == 0, result.output
-    rows_csv = write_csv(tmp / "rows.csv", ["patient", *reversed(cols)],  # any column order, extra columns ignored
-                          [[f"q{i}", *map(repr, breast_cancer.table[i, :6][::-1])] for i in range(400, 403)])
+    rows_csv = write_csv(
+        tmp / "rows.csv",
+        ["patient", *reversed(cols)],  # any column order, extra columns ignored
+        [[f"q{i}", *map(repr, breast_cancer.table[i, :6][::-1])] for i in range(400, 403)],
+    )
     return tmp, tmp / "bundles" / "bc6", cols, rows_csv
 
 
 def test_cli_train_deploy_predict_tabular(cli_tabular):
     tmp, bundle, cols, rows_csv = cli_tabular
-    result = cli("predict", "--bundle", bundle, "--key-dir", tmp / "keys", "--input", rows_csv, "--json", "--output", tmp / "out.csv")
+    result = cli(
+        "predict",
+        "--bundle",
+        bundle,
+        "--key-dir",
+        tmp / "keys",
+        "--input",
+        rows_csv,
+        "--json",
+        "--output",
+        tmp / "out.csv",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     simulated = predict.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
     assert [p["raw"] for p in report["predictions"]] == [p.raw for p in simulated.predictions]
     assert [p["index"] for p in report["predictions"]] == [1, 2, 3]
     out = list(csv.DictReader((tmp / "out.csv").open()))
-    assert list(out[0]) == ["index", "prediction", "value", "error"] and out[0]["prediction"] in ("malignant", "benign")
+    assert list(out[0]) == ["index", "prediction", "value", "error"] and out[0]["prediction"] in (
+        "malignant",
+        "benign",
+    )
     table = cli("predict", "--bundle", bundle, "--key-dir", tmp / "keys", "--input", rows_csv)
-    assert table.exit_code == 0 and "SMILES" not in table.output and ("benign" in table.output or "malignant" in table.output)
+    assert (
+        table.exit_code == 0
+        and "SMILES" not in table.output
+        and ("benign" in table.output or "malignant" in table.output)
+    )
     assert load_manifest(bundle).featurizer.columns == tuple(cols)
 
 
-@pytest.mark.parametrize("rows,args,message", [
-    ("mean radius,mean texture\n1,2\n", [], "column 'mean perimeter' not found (4 of the model's 6 feature columns missing)"),
-    (None, ["CCO"], "this model reads numeric rows, not SMILES; pass --input rows.csv with the columns mean radius"),
-    ("{header}\n{good}\n{good_but_x}\n", [], "row 2: column 'mean area' value 'x' is not a number; fix it or pass --skip-invalid"),
-])
+@pytest.mark.parametrize(
+    "rows,args,message",
+    [
+        (
+            "mean radius,mean texture\n1,2\n",
+            [],
+            "column 'mean perimeter' not found (4 of the model's 6 feature columns missing)",
+        ),
+        (
+            None,
+            ["CCO"],
+            "this model reads numeric rows, not SMILES; pass --input rows.csv with the columns mean radius",
+        ),
+        (
+            "{header}\n{good}\n{good_but_x}\n",
+            [],
+            "row 2: column 'mean area' value 'x' is not a number; fix it or pass --skip-invalid",
+        ),
+    ],
+)
 def test_cli_bad_rows_are_one_line_and_exit_2(cli_tabular, rows, args, message):
     tmp, bundle, cols, _ = cli_tabular
     extra = []
@@ -238,17 +348,38 @@ def test_cli_bad_rows_are_one_line_and_exit_2(cli_tabular, rows, args, message):
         extra = ["--input", path]
     result = cli("predict", "--bundle", bundle, "--key-dir", tmp / "keys", *extra, *args)
     assert result.exit_code == 2, result.output
-    assert message in result.output and result.output.strip().startswith("error:") and "Traceback" not in result.output
+    assert (
+        message in result.output
+        and result.output.strip().startswith("error:")
+        and "Traceback" not in result.output
+    )
 
 
 def test_cli_skip_invalid_keeps_the_bad_row_with_its_error(cli_tabular):
     tmp, bundle, cols, _ = cli_tabular
     path = tmp / "mixed.csv"
-    path.write_text(",".join(cols) + "\n" + ",".join(["1.0"] * 6) + "\n" + ",".join(["?"] + ["1.0"] * 5) + "\n")
-    result = cli("predict", "--bundle", bundle, "--fhe", "simulate", "--input", path, "--skip-invalid", "--output", tmp / "m.csv")
+    path.write_text(
+        ",".join(cols) + "\n" + ",".join(["1.0"] * 6) + "\n" + ",".join(["?"] + ["1.0"] * 5) + "\n"
+    )
+    result = cli(
+        "predict",
+        "--bundle",
+        bundle,
+        "--fhe",
+        "simulate",
+        "--input",
+        path,
+        "--skip-invalid",
+        "--output",
+        tmp / "m.csv",
+    )
     assert result.exit_code == 0, result.output
     out = list(csv.DictReader((tmp / "m.csv").open()))
-    assert out[0]["error"] == "" and out[1]["error"] == "row 2: column 'mean radius' value '?' is not a number; fix it or pass --skip-invalid"
+    assert (
+        out[0]["error"] == ""
+        and out[1]["error"]
+        == "row 2: column 'mean radius' value '?' is not a number; fix it or pass --skip-invalid"
+    )
 
 
 @pytest.mark.slow
@@ -261,13 +392,25 @@ def test_cli_predict_through_the_server(cli_tabular):
     shutil.copytree(bundle.parent, bundles, dirs_exist_ok=True)
     server = ServerProcess(bundles, tmp / "state")
     try:
-        result = cli("predict", "--server", server.url, "--model", "bc6", "--key-dir", tmp / "remote-keys",
-                     "--input", rows_csv, "--json")
+        result = cli(
+            "predict",
+            "--server",
+            server.url,
+            "--model",
+            "bc6",
+            "--key-dir",
+            tmp / "remote-keys",
+            "--input",
+            rows_csv,
+            "--json",
+        )
     finally:
         server.stop()
     assert result.exit_code == 0, result.output
     simulated = predict.predict_local(bundle, list(csv.DictReader(rows_csv.open())), fhe="simulate")
-    assert [p["raw"] for p in json.loads(result.stdout)["predictions"]] == [p.raw for p in simulated.predictions]
+    assert [p["raw"] for p in json.loads(result.stdout)["predictions"]] == [
+        p.raw for p in simulated.predictions
+    ]
 
 
 def test_encrypted_test_set_evaluation(tiny_tabular):

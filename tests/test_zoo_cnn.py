@@ -16,14 +16,29 @@ from molcloak.pipeline import data, predict, workflow
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import FeaturizerError, ModelConfigError
-from molcloak.pipeline.featurize import GRID_CAP, FeaturizerSpec
+from molcloak.pipeline.feature_kinds import GRID_CAP
+from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.networks import build_model, check_features, make_config
 from molcloak.pipeline.train import TrainConfig
 
 TINY_GRID = "grid:r=2,size=8"
 TINY = {
-    "cnn1": {"channels": [2], "kernels": [4], "strides": [4], "weight_bits": 2, "act_bits": 2, "input_bits": 2},
-    "cnn2": {"channels": [2, 2], "kernels": [2, 2], "strides": [2, 2], "weight_bits": 2, "act_bits": 2, "input_bits": 2},
+    "cnn1": {
+        "channels": [2],
+        "kernels": [4],
+        "strides": [4],
+        "weight_bits": 2,
+        "act_bits": 2,
+        "input_bits": 2,
+    },
+    "cnn2": {
+        "channels": [2, 2],
+        "kernels": [2, 2],
+        "strides": [2, 2],
+        "weight_bits": 2,
+        "act_bits": 2,
+        "input_bits": 2,
+    },
 }
 SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CCCCCCCCCCCCCCCC(=O)O"]
 
@@ -57,11 +72,14 @@ def test_grid_spec_parses_round_trips_and_defaults_to_32x32():
     assert FeaturizerSpec.parse("physchem").shape == (10,)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("grid:r=2,size=3", "do not form a square image of side 4..64"),
-    ("grid:n=100", "do not form a square image"),  # 100 bins are 10x10: fine
-    ("physchem+grid", "cannot be joined with other parts"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("grid:r=2,size=3", "do not form a square image of side 4..64"),
+        ("grid:n=100", "do not form a square image"),  # 100 bins are 10x10: fine
+        ("physchem+grid", "cannot be joined with other parts"),
+    ],
+)
 def test_bad_grid_specs(text, message):
     if text == "grid:n=100":
         assert FeaturizerSpec.parse(text).shape == (1, 10, 10)
@@ -97,7 +115,9 @@ def test_cnn_options_are_validated():
         build_model("cnn1", 10, 2)
     with pytest.raises(ModelConfigError, match="kernel 4 does not fit the 2x2 feature map"):
         build_model("cnn2", 16, 2, make_config("cnn2", {"kernels": [2, 4], "strides": [2, 4]}))
-    with pytest.raises(ModelConfigError, match="model 'cnn1' takes molecule images, not 'physchem'; use --features grid"):
+    with pytest.raises(
+        ModelConfigError, match="model 'cnn1' takes molecule images, not 'physchem'; use --features grid"
+    ):
         check_features("cnn1", FeaturizerSpec.parse("physchem"))
     with pytest.raises(ModelConfigError, match="are images for the CNN models"):
         check_features("mlp", FeaturizerSpec.parse("grid"))
@@ -123,10 +143,14 @@ def test_cli_rejects_mismatched_features_with_exit_2(tmp_path):
 def tiny_cnn(request, tmp_path_factory):
     name = request.param
     ds = data.load_bundled("sol-low")
-    ckpt = workflow.train_checkpoint(ds, TINY_GRID, name, TINY[name], TrainConfig(epochs=3, patience=3, seed=0))
+    ckpt = workflow.train_checkpoint(
+        ds, TINY_GRID, name, TINY[name], TrainConfig(epochs=3, patience=3, seed=0)
+    )
     # FHE == simulation needs p_error 2^-40 and no approximate rounding (Concrete simulates that with randomness);
     # no throwaway keygen for the key-size record (the test generates keys itself)
-    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None, p_error=None), measure_keys=False)
+    compiled = workflow.compile_checkpoint(
+        ckpt, CompileConfig(rounding_bits=None, p_error=None), measure_keys=False
+    )
     bundle = tmp_path_factory.mktemp(name) / "bundle"
     workflow.deploy(ckpt, compiled, bundle, f"tiny-{name}")
     return name, ckpt, compiled, bundle

@@ -78,17 +78,29 @@ def read_test_set(config: AuditConfig, task: TaskSpec) -> TestSet:
 
     path = Path(config.test_set)
     df = read_csv_text(path, "check --test-set")
-    for flag, col in (("--smiles-col", config.smiles_col), ("--target-col", config.target_col), ("--group-col", config.group_col)):
+    for flag, col in (
+        ("--smiles-col", config.smiles_col),
+        ("--target-col", config.target_col),
+        ("--group-col", config.group_col),
+    ):
         if col is not None and col not in df.columns:
-            raise DataError(f"{path}: {flag} column {col!r} not found; available columns: {', '.join(map(repr, df.columns))}")
+            raise DataError(
+                f"{path}: {flag} column {col!r} not found; available columns: {', '.join(map(repr, df.columns))}"
+            )
     task = dataclasses.replace(task, target=config.target_col)
     test = TestSet([], [], np.zeros(0), [], [] if config.group_col else None, [], len(df), _sha256(path))
     ys = []
     for i, rec in enumerate(df.to_dict("records"), start=1):
-        smi, raw = str(rec[config.smiles_col]).strip(), _label_alias(str(rec[config.target_col]).strip(), task)
+        smi, raw = (
+            str(rec[config.smiles_col]).strip(),
+            _label_alias(str(rec[config.target_col]).strip(), task),
+        )
         canon = canonical_smiles(smi)
-        y, reason = (None, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid") if canon is None \
+        y, reason = (
+            (None, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid")
+            if canon is None
             else parse_target(raw, task, None)
+        )
         if y is None:
             test.invalid.append(RowProblem(i, smi if canon is None else raw, reason))
             continue
@@ -101,13 +113,20 @@ def read_test_set(config: AuditConfig, task: TaskSpec) -> TestSet:
     test.y = np.asarray(ys, dtype=np.float64 if task.kind == "regression" else np.int64)
     _check_problems(test, config, path)
     if not test.rows:
-        raise DataError(f"{path}: no valid row to score ({len(test.invalid)} invalid); check --smiles-col and --target-col")
+        raise DataError(
+            f"{path}: no valid row to score ({len(test.invalid)} invalid); check --smiles-col and --target-col"
+        )
     return test
 
 
 def _label_alias(raw: str, task: TaskSpec) -> str:
     """Class ids 0..k-1 are accepted for class names when no class name is itself a number."""
-    if task.is_classification and raw.isdigit() and int(raw) < len(task.labels) and not any(lab.isdigit() for lab in task.labels):
+    if (
+        task.is_classification
+        and raw.isdigit()
+        and int(raw) < len(task.labels)
+        and not any(lab.isdigit() for lab in task.labels)
+    ):
         return task.labels[int(raw)]
     return raw
 
@@ -123,10 +142,18 @@ def _features(client, test: TestSet, config: AuditConfig) -> np.ndarray:
     bad = ~np.isfinite(X.reshape(len(X), -1)).all(1)
     if bad.any():
         for j in np.flatnonzero(bad):
-            test.invalid.append(RowProblem(test.rows[j], test.smiles[j], "RDKit computed non-finite features; remove the row or pass --skip-invalid"))
+            test.invalid.append(
+                RowProblem(
+                    test.rows[j],
+                    test.smiles[j],
+                    "RDKit computed non-finite features; remove the row or pass --skip-invalid",
+                )
+            )
         test.invalid.sort(key=lambda p: p.row)
         keep = np.flatnonzero(~bad)
-        test.rows, test.smiles, test.targets = ([v[j] for j in keep] for v in (test.rows, test.smiles, test.targets))
+        test.rows, test.smiles, test.targets = (
+            [v[j] for j in keep] for v in (test.rows, test.smiles, test.targets)
+        )
         test.groups = None if test.groups is None else [test.groups[j] for j in keep]
         test.y, X = test.y[keep], X[keep]
         _check_problems(test, config, Path(config.test_set))
@@ -207,11 +234,15 @@ class AuditState:
                 rec = json.loads(line)
                 done.setdefault(int(rec["row"]), [float(v) for v in rec["raw"]])
             except (ValueError, KeyError, TypeError) as exc:
-                raise AuditError(f"{self.progress_path} line {n} is damaged ({exc}); delete the directory or pass --restart") from exc
+                raise AuditError(
+                    f"{self.progress_path} line {n} is damaged ({exc}); delete the directory or pass --restart"
+                ) from exc
         return done
 
     def append(self, rows: list[int], raws: list[np.ndarray]) -> None:
-        text = "".join(json.dumps({"row": r, "raw": np.ravel(raw).tolist()}) + "\n" for r, raw in zip(rows, raws))
+        text = "".join(
+            json.dumps({"row": r, "raw": np.ravel(raw).tolist()}) + "\n" for r, raw in zip(rows, raws)
+        )
         with self.progress_path.open("a") as fh:
             fh.write(text)
             fh.flush()
@@ -225,47 +256,74 @@ class AuditState:
         os.replace(tmp, self.meta_path)
 
 
-IDENTITY_NAMES = {"test_set_sha256": "test file content", "smiles_col": "--smiles-col", "target_col": "--target-col",
-                  "task": "task", "skip_invalid": "--skip-invalid", "model": "model"}
+IDENTITY_NAMES = {
+    "test_set_sha256": "test file content",
+    "smiles_col": "--smiles-col",
+    "target_col": "--target-col",
+    "task": "task",
+    "skip_invalid": "--skip-invalid",
+    "model": "model",
+}
 
 
 def _check_same_audit(old: dict, new: dict, out: Path) -> None:
-    changed = [f"{IDENTITY_NAMES.get(k, k)} (was {old.get(k)!r}, now {new.get(k)!r})" for k in new if old.get(k) != new[k]]
+    changed = [
+        f"{IDENTITY_NAMES.get(k, k)} (was {old.get(k)!r}, now {new.get(k)!r})"
+        for k in new
+        if old.get(k) != new[k]
+    ]
     if changed:
         raise AuditError(
             f"{out} holds an audit with other inputs: {'; '.join(changed)}; predictions of different runs cannot be "
-            f"mixed. Rerun with the original arguments to resume, choose another --out, or pass --restart to start over")
+            f"mixed. Rerun with the original arguments to resume, choose another --out, or pass --restart to start over"
+        )
 
 
 # ---------------------------------------------------------------- the audit
 
 
-def run_audit(config: AuditConfig, backend: PredictionBackend, on_progress: ProgressCallback | None = None) -> dict:
+def run_audit(
+    config: AuditConfig, backend: PredictionBackend, on_progress: ProgressCallback | None = None
+) -> dict:
     """Score every valid row once (resuming from DIR), compute metrics, return the report dict."""
     on_progress = on_progress or (lambda done, total, status: None)
     task, featurizer = backend.client.task, backend.client.featurizer
     if featurizer.input_kind != "smiles":
-        raise DataError(f"model {backend.client.manifest.name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES; "
-                        "audits score SMILES models only for now: score this model with `molcloak predict --input FILE.csv` "
-                        "and compare the predictions with your labels")
+        raise DataError(
+            f"model {backend.client.manifest.name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES; "
+            "audits score SMILES models only for now: score this model with `molcloak predict --input FILE.csv` "
+            "and compare the predictions with your labels"
+        )
     if task.kind not in ("binary", "multiclass", "regression"):
-        raise DataError(f"model {backend.client.manifest.name!r} is a {task.kind} model; audits cover binary, multiclass "
-                        "and regression models")
+        raise DataError(
+            f"model {backend.client.manifest.name!r} is a {task.kind} model; audits cover binary, multiclass "
+            "and regression models"
+        )
     if config.task and config.task != ("regression" if task.kind == "regression" else "classification"):
-        raise DataError(f"--task {config.task} does not match model {backend.client.manifest.name!r}, a {task.kind} model; "
-                        "drop --task or audit a matching model")
+        raise DataError(
+            f"--task {config.task} does not match model {backend.client.manifest.name!r}, a {task.kind} model; "
+            "drop --task or audit a matching model"
+        )
     if config.batch_size < 1:
         raise DataError(f"--batch-size {config.batch_size} must be at least 1")
     test = read_test_set(config, task)
     X = _features(backend.client, test, config)
-    identity = {"test_set_sha256": test.sha256, "smiles_col": config.smiles_col, "target_col": config.target_col,
-                "task": task.kind, "skip_invalid": config.skip_invalid, "model": backend.identity()}
+    identity = {
+        "test_set_sha256": test.sha256,
+        "smiles_col": config.smiles_col,
+        "target_col": config.target_col,
+        "task": task.kind,
+        "skip_invalid": config.skip_invalid,
+        "model": backend.identity(),
+    }
     state = AuditState(Path(config.out), identity, config.restart)
     position = {r: j for j, r in enumerate(test.rows)}
     unknown = sorted(set(state.done) - set(position))
     if unknown:
-        raise AuditError(f"{state.progress_path} holds rows {unknown[:5]} that are not valid rows of the test set; "
-                         "delete the directory or pass --restart")
+        raise AuditError(
+            f"{state.progress_path} holds rows {unknown[:5]} that are not valid rows of the test set; "
+            "delete the directory or pass --restart"
+        )
     todo = [r for r in test.rows if r not in state.done]
     _score(state, backend, X, position, todo, config, on_progress)
     from .report import build_report
@@ -284,17 +342,21 @@ def _score(state: AuditState, backend: PredictionBackend, X, position, todo, con
             session["keygen_seconds"], session["keys_reused"] = keyinfo.seconds, keyinfo.reused
         t_score = time.perf_counter()
         for start in range(0, len(todo), config.batch_size):
-            rows = todo[start:start + config.batch_size]
+            rows = todo[start : start + config.batch_size]
             state.append(rows, [r.raw for r in backend.run_rows(X[[position[r] for r in rows]])])
             session["rows_scored"] += len(rows)
             rate = session["rows_scored"] / (time.perf_counter() - t_score)
             on_progress(len(state.done), total, f"{rate:.2f} mol/s")
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted; {len(state.done)} of {total} rows are scored and saved in {state.out}; "
-                                "rerun the same command to resume") from None
+        raise KeyboardInterrupt(
+            f"interrupted; {len(state.done)} of {total} rows are scored and saved in {state.out}; "
+            "rerun the same command to resume"
+        ) from None
     except MolcloakError as exc:
-        raise type(exc)(f"{exc}; {len(state.done)} of {total} rows are scored and saved in {state.out}; "
-                        "rerun the same command to resume") from exc
+        raise type(exc)(
+            f"{exc}; {len(state.done)} of {total} rows are scored and saved in {state.out}; "
+            "rerun the same command to resume"
+        ) from exc
     finally:
         session["seconds"] = time.perf_counter() - t0
         if todo:
@@ -302,8 +364,15 @@ def _score(state: AuditState, backend: PredictionBackend, X, position, todo, con
             state.save()
 
 
-def audit_command(config: AuditConfig, bundle=None, server=None, model=None, key_dir=None, token=None,
-          on_progress: ProgressCallback | None = None) -> dict:
+def audit_command(
+    config: AuditConfig,
+    bundle=None,
+    server=None,
+    model=None,
+    key_dir=None,
+    token=None,
+    on_progress: ProgressCallback | None = None,
+) -> dict:
     """The `molcloak audit` command: open the model, score, write report.json/md/html in config.out."""
     from .report import write_reports
 

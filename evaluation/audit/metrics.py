@@ -49,7 +49,9 @@ def average_precision(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     yy = np.take_along_axis(y, order, -1).astype(np.float64)
     tp = np.cumsum(yy, -1)
     precision = tp / np.arange(1, s.shape[-1] + 1)
-    end = np.concatenate([ss[..., :-1] != ss[..., 1:], np.ones(ss.shape[:-1] + (1,), bool)], -1)  # last of a tie
+    end = np.concatenate(
+        [ss[..., :-1] != ss[..., 1:], np.ones(ss.shape[:-1] + (1,), bool)], -1
+    )  # last of a tie
     tp_end = np.maximum.accumulate(np.where(end, tp, 0.0), -1)
     previous = np.concatenate([np.zeros(tp.shape[:-1] + (1,)), tp_end[..., :-1]], -1)
     return _safe_div(np.where(end, (tp - previous) * precision, 0.0).sum(-1), tp[..., -1])
@@ -94,7 +96,9 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, yhat: np.ndarray) -> di
         out["pr_auc"] = np.mean([average_precision((y == c).astype(int), p[..., c]) for c in range(k)], 0)
     out.update(_from_confusion(confusion(y, yhat, k)))
     onehot = np.eye(k)[y]
-    brier = ((p - onehot) ** 2).sum(-1)  # multi-class Brier; binary: the usual (p1 - y)^2 counted for both classes
+    brier = ((p - onehot) ** 2).sum(
+        -1
+    )  # multi-class Brier; binary: the usual (p1 - y)^2 counted for both classes
     out["brier"] = brier.mean(-1) / 2 if k == 2 else brier.mean(-1)
     return {name: out[name] for name in CLASSIFICATION_METRICS}
 
@@ -178,7 +182,9 @@ def with_ci(sample: Sample, n_boot: int, seed: int) -> dict[str, dict]:
 # ---------------------------------------------------------------- subgroups
 
 
-def subgroup_table(sample: Sample, labels: np.ndarray, n_boot: int, seed: int, order: list[str] | None = None) -> list[dict]:
+def subgroup_table(
+    sample: Sample, labels: np.ndarray, n_boot: int, seed: int, order: list[str] | None = None
+) -> list[dict]:
     """Metrics of every subgroup, each compared with the whole test set.
 
     Stratified bootstrap: each replicate resamples the subgroup and the rest separately, so the
@@ -197,12 +203,20 @@ def subgroup_table(sample: Sample, labels: np.ndarray, n_boot: int, seed: int, o
         primary = primary_metric(sample.kind)
         if point.get(primary) is None and sample.kind != "regression":
             primary = "accuracy"
-        row = {"group": str(value), "n": len(inside), "primary": primary, "too_small": len(inside) < MIN_GROUP,
-               "metrics": {k: {"value": v, "low": None, "high": None, "n_boot": 0} for k, v in point.items()}, "difference": {}}
+        row = {
+            "group": str(value),
+            "n": len(inside),
+            "primary": primary,
+            "too_small": len(inside) < MIN_GROUP,
+            "metrics": {k: {"value": v, "low": None, "high": None, "n_boot": 0} for k, v in point.items()},
+            "difference": {},
+        }
         if n_boot > 0 and len(outside) and len(inside) > 1:
             _compare(sample, row, whole, inside, outside, n_boot, rng)
         d = row["difference"].get(primary, {})
-        row["significant"] = bool(not row["too_small"] and d.get("low") is not None and (d["low"] > 0 or d["high"] < 0))
+        row["significant"] = bool(
+            not row["too_small"] and d.get("low") is not None and (d["low"] > 0 or d["high"] < 0)
+        )
         out.append(row)
     return out
 
@@ -240,13 +254,17 @@ def property_bins(smiles: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
         if not s:
             return "acyclic"
         c = counts[s]
-        return "unique scaffold" if c == 1 else ("scaffold shared by 2-4" if c < 5 else "scaffold shared by 5+")
+        return (
+            "unique scaffold" if c == 1 else ("scaffold shared by 2-4" if c < 5 else "scaffold shared by 5+")
+        )
 
     return {
         "molecular weight": _bins(mw, [200, 300, 400], "MW", "{:g}"),
         "logP": _bins(logp, [1, 3, 5], "logP", "{:g}"),
-        "scaffold frequency": (np.array([scaffold_bin(s) for s in scaffolds], dtype=object),
-                               ["acyclic", "unique scaffold", "scaffold shared by 2-4", "scaffold shared by 5+"]),
+        "scaffold frequency": (
+            np.array([scaffold_bin(s) for s in scaffolds], dtype=object),
+            ["acyclic", "unique scaffold", "scaffold shared by 2-4", "scaffold shared by 5+"],
+        ),
     }
 
 
@@ -271,11 +289,21 @@ def calibration_bins(sample: Sample, n_bins: int = 10) -> dict:
     for b in range(n_bins):
         m = which == b
         if m.any():
-            bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "n": int(m.sum()),
-                         "mean_predicted": float(conf[m].mean()), "observed": float(hit[m].mean())})
+            bins.append(
+                {
+                    "low": b / n_bins,
+                    "high": (b + 1) / n_bins,
+                    "n": int(m.sum()),
+                    "mean_predicted": float(conf[m].mean()),
+                    "observed": float(hit[m].mean()),
+                }
+            )
     ece = sum(abs(b["observed"] - b["mean_predicted"]) * b["n"] for b in bins) / max(len(conf), 1)
-    return {"kind": "positive class" if sample.kind == "binary" else "top-class confidence", "bins": bins,
-            "expected_calibration_error": float(ece)}
+    return {
+        "kind": "positive class" if sample.kind == "binary" else "top-class confidence",
+        "bins": bins,
+        "expected_calibration_error": float(ece),
+    }
 
 
 def claims_check(claimed: dict, audited: dict[str, dict]) -> list[dict]:
@@ -289,8 +317,19 @@ def claims_check(claimed: dict, audited: dict[str, dict]) -> list[dict]:
             low, high = got["low"], got["high"]
             outside = low is not None and not (low <= value <= high)
             better_claim = value < got["value"] if metric in LOWER_IS_BETTER else value > got["value"]
-            out.append({"source": source, "metric": metric, "claimed": float(value), "audited": got["value"],
-                        "low": low, "high": high, "gap": got["value"] - float(value), "flagged": bool(outside),
-                        "verdict": ("claim better than audited" if better_claim else "audit better than claim")
-                        if outside else "consistent"})
+            out.append(
+                {
+                    "source": source,
+                    "metric": metric,
+                    "claimed": float(value),
+                    "audited": got["value"],
+                    "low": low,
+                    "high": high,
+                    "gap": got["value"] - float(value),
+                    "flagged": bool(outside),
+                    "verdict": ("claim better than audited" if better_claim else "audit better than claim")
+                    if outside
+                    else "consistent",
+                }
+            )
     return out

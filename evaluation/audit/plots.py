@@ -48,9 +48,16 @@ def _roc_pr(plt, y, p, labels, report):
         ax1.plot(fpr, tpr, drawstyle="steps-post", label=name)
         ax2.plot(rec, prec, drawstyle="steps-post", label=name)
     ax1.plot([0, 1], [0, 1], ":", color="grey")
-    ax1.set(xlabel="false positive rate", ylabel="true positive rate",
-            title=f"ROC, AUC {fmt(m['roc_auc']['value'])} {ci(m['roc_auc'])}")
-    ax2.set(xlabel="recall", ylabel="precision", title=f"precision-recall, AP {fmt(m['pr_auc']['value'])} {ci(m['pr_auc'])}")
+    ax1.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"ROC, AUC {fmt(m['roc_auc']['value'])} {ci(m['roc_auc'])}",
+    )
+    ax2.set(
+        xlabel="recall",
+        ylabel="precision",
+        title=f"precision-recall, AP {fmt(m['pr_auc']['value'])} {ci(m['pr_auc'])}",
+    )
     for ax in (ax1, ax2):
         ax.legend(loc="lower right" if ax is ax1 else "lower left", fontsize=8)
         ax.set_xlim(-0.02, 1.02)
@@ -66,9 +73,20 @@ def _calibration(plt, cal):
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
     ax.plot(x, [b["observed"] for b in bins], "o-", label="audit")
     for b in bins:
-        ax.annotate(str(b["n"]), (b["mean_predicted"], b["observed"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set(xlabel=f"mean predicted ({cal['kind']})", ylabel="observed frequency", xlim=(0, 1), ylim=(-0.02, 1.02),
-           title=f"calibration, ECE {cal['expected_calibration_error']:.3f} (n per bin)")
+        ax.annotate(
+            str(b["n"]),
+            (b["mean_predicted"], b["observed"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
+    ax.set(
+        xlabel=f"mean predicted ({cal['kind']})",
+        ylabel="observed frequency",
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+        title=f"calibration, ECE {cal['expected_calibration_error']:.3f} (n per bin)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     return fig
 
@@ -80,15 +98,23 @@ def _scatter(plt, y, v, task, report):
     ax.plot([lo, hi], [lo, hi], ":", color="grey")
     m = report["metrics"]
     units = f" ({task['units']})" if task.get("units") else ""
-    ax.set(xlabel=f"true {task['target']}{units}", ylabel=f"predicted{units}",
-           title=f"RMSE {fmt(m['rmse']['value'])} {ci(m['rmse'])}, R² {fmt(m['r2']['value'])}")
+    ax.set(
+        xlabel=f"true {task['target']}{units}",
+        ylabel=f"predicted{units}",
+        title=f"RMSE {fmt(m['rmse']['value'])} {ci(m['rmse'])}, R² {fmt(m['r2']['value'])}",
+    )
     return fig
 
 
 def _subgroups(plt, report):
     groupings = report["subgroups"]
-    fig, axes = plt.subplots(len(groupings), 1, figsize=(8, 1.2 + 0.45 * sum(len(r) for r in groupings.values())),
-                             squeeze=False, gridspec_kw={"height_ratios": [max(len(r), 1) for r in groupings.values()]})
+    fig, axes = plt.subplots(
+        len(groupings),
+        1,
+        figsize=(8, 1.2 + 0.45 * sum(len(r) for r in groupings.values())),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [max(len(r), 1) for r in groupings.values()]},
+    )
     whole_key = report["primary_metric"]
     whole = report["metrics"][whole_key]["value"]
     for ax, (grouping, rows) in zip(axes[:, 0], groupings.items()):
@@ -96,7 +122,9 @@ def _subgroups(plt, report):
         for r in rows:
             m = r["metrics"][r["primary"]]
             value = m["value"] if m["value"] is not None else np.nan
-            names.append(f"{r['group']} (n={r['n']}{', ' + r['primary'] if r['primary'] != whole_key else ''})")
+            names.append(
+                f"{r['group']} (n={r['n']}{', ' + r['primary'] if r['primary'] != whole_key else ''})"
+            )
             values.append(value)
             errs[0].append(0 if m["low"] is None else max(value - m["low"], 0))
             errs[1].append(0 if m["high"] is None else max(m["high"] - value, 0))
@@ -107,7 +135,9 @@ def _subgroups(plt, report):
         ax.invert_yaxis()
         ax.set_title(grouping, fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
-    axes[-1, 0].set_xlabel(f"{whole_key} with 95% CI (dashed: whole test set; red: differs significantly; grey: n < 10)")
+    axes[-1, 0].set_xlabel(
+        f"{whole_key} with 95% CI (dashed: whole test set; red: differs significantly; grey: n < 10)"
+    )
     fig.tight_layout()
     return fig
 

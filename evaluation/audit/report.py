@@ -27,44 +27,91 @@ def build_report(config, state, backend, test) -> dict:
     raws = np.array([state.done[r] for r in test.rows], dtype=np.float64)
     preds = client.predictions(raws)
     sample = am.Sample(task.kind, test.y, preds)
-    groupings = {f"column {config.group_col}": (np.array(test.groups, dtype=object), None)} if test.groups is not None else {}
+    groupings = (
+        {f"column {config.group_col}": (np.array(test.groups, dtype=object), None)}
+        if test.groups is not None
+        else {}
+    )
     groupings.update(am.property_bins(test.smiles))
     metrics = am.with_ci(sample, config.bootstrap, config.seed)
-    subgroups = {name: am.subgroup_table(sample, labels, config.bootstrap, config.seed + i + 1, order)
-                 for i, (name, (labels, order)) in enumerate(groupings.items())}
+    subgroups = {
+        name: am.subgroup_table(sample, labels, config.bootstrap, config.seed + i + 1, order)
+        for i, (name, (labels, order)) in enumerate(groupings.items())
+    }
     sessions = state.meta["sessions"]
     scored_rows = sum(s["rows_scored"] for s in sessions)
     scoring_seconds = sum(s["seconds"] for s in sessions)
     report = {
         "format": REPORT_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {**state.meta["identity"]["model"], "where": backend.where, "task": task.to_dict(), "circuit": manifest.circuit},
-        "test_set": {"path": str(config.test_set), "sha256": test.sha256, "smiles_col": config.smiles_col,
-                     "target_col": config.target_col, "group_col": config.group_col, "rows": test.n_rows,
-                     "scored": len(test.rows), "invalid": len(test.invalid),
-                     "duplicate_molecules": len(test.smiles) - len(set(test.smiles))},
+        "model": {
+            **state.meta["identity"]["model"],
+            "where": backend.where,
+            "task": task.to_dict(),
+            "circuit": manifest.circuit,
+        },
+        "test_set": {
+            "path": str(config.test_set),
+            "sha256": test.sha256,
+            "smiles_col": config.smiles_col,
+            "target_col": config.target_col,
+            "group_col": config.group_col,
+            "rows": test.n_rows,
+            "scored": len(test.rows),
+            "invalid": len(test.invalid),
+            "duplicate_molecules": len(test.smiles) - len(set(test.smiles)),
+        },
         "invalid_rows": [{"row": p.row, "value": p.value, "reason": p.reason} for p in test.invalid],
         "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "confidence": 0.95},
         "primary_metric": am.primary_metric(task.kind),
         "metrics": metrics,
         "subgroups": subgroups,
-        "flagged_subgroups": [{"grouping": g, "group": r["group"], "metric": r["primary"], "difference": r["difference"][r["primary"]]}
-                              for g, rows in subgroups.items() for r in rows if r["significant"]],
+        "flagged_subgroups": [
+            {
+                "grouping": g,
+                "group": r["group"],
+                "metric": r["primary"],
+                "difference": r["difference"][r["primary"]],
+            }
+            for g, rows in subgroups.items()
+            for r in rows
+            if r["significant"]
+        ],
         "claims": am.claims_check(manifest.metrics, metrics),
-        "timing": {"sessions": sessions, "rows_scored": scored_rows, "seconds": scoring_seconds,
-                   "seconds_per_molecule": scoring_seconds / scored_rows if scored_rows else None},
+        "timing": {
+            "sessions": sessions,
+            "rows_scored": scored_rows,
+            "seconds": scoring_seconds,
+            "seconds_per_molecule": scoring_seconds / scored_rows if scored_rows else None,
+        },
     }
     if task.is_classification:
         cm = am.confusion(sample.y[None], sample.yhat[None], len(task.labels))[0]
-        report["confusion_matrix"] = {"labels": list(task.labels), "counts": cm.tolist(), "rows": "true class", "columns": "predicted class"}
+        report["confusion_matrix"] = {
+            "labels": list(task.labels),
+            "counts": cm.tolist(),
+            "rows": "true class",
+            "columns": "predicted class",
+        }
         report["calibration"] = am.calibration_bins(sample)
-    report["rows"] = [_row(task, r, s, t, yy, p, raw, {g: str(v[0][j]) for g, v in groupings.items()})
-                      for j, (r, s, t, yy, p, raw) in enumerate(zip(test.rows, test.smiles, test.targets, test.y, preds, raws))]
+    report["rows"] = [
+        _row(task, r, s, t, yy, p, raw, {g: str(v[0][j]) for g, v in groupings.items()})
+        for j, (r, s, t, yy, p, raw) in enumerate(
+            zip(test.rows, test.smiles, test.targets, test.y, preds, raws)
+        )
+    ]
     return report
 
 
 def _row(task, row, smiles, target, y, pred, raw, groups) -> dict:
-    out = {"row": row, "smiles": smiles, "target": target, "y": y.item(), "raw": raw.tolist(), "groups": groups}
+    out = {
+        "row": row,
+        "smiles": smiles,
+        "target": target,
+        "y": y.item(),
+        "raw": raw.tolist(),
+        "groups": groups,
+    }
     if task.is_classification:
         out.update(prediction=pred.tolist(), label=task.labels[int(np.argmax(pred))])
     else:
@@ -99,39 +146,112 @@ def metrics_rows(report: dict) -> list[list[str]]:
 def _blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
     m, t = report["model"], report["test_set"]
     b: list[tuple] = [("h1", f"Private audit of model {m['name']}")]
-    b.append(("p", (f"Model {m['name']} ({m['task']['kind']}, client part {m['client_fingerprint']}) run on ciphertexts at "
-                   f"{m['where']} ({m['source']}). Test set {t['path']} (sha256 {t['sha256'][:16]}): {t['rows']} rows, "
-                   f"{t['scored']} scored, {t['invalid']} invalid. 95% confidence intervals from "
-                   f"{report['bootstrap']['replicates']} bootstrap replicates (seed {report['bootstrap']['seed']}).")))
+    b.append(
+        (
+            "p",
+            (
+                f"Model {m['name']} ({m['task']['kind']}, client part {m['client_fingerprint']}) run on ciphertexts at "
+                f"{m['where']} ({m['source']}). Test set {t['path']} (sha256 {t['sha256'][:16]}): {t['rows']} rows, "
+                f"{t['scored']} scored, {t['invalid']} invalid. 95% confidence intervals from "
+                f"{report['bootstrap']['replicates']} bootstrap replicates (seed {report['bootstrap']['seed']})."
+            ),
+        )
+    )
     b += [("h2", "Metrics"), ("table", ["metric", "value", "95% CI"], metrics_rows(report))]
     if "confusion_matrix" in report:
         cm = report["confusion_matrix"]
-        b += [("h3", "Confusion matrix (rows: true, columns: predicted)"),
-              ("table", ["true \\ predicted"] + cm["labels"], [[lab] + list(map(str, row)) for lab, row in zip(cm["labels"], cm["counts"])]),
-              ("p", (f"Calibration ({report['calibration']['kind']}): expected calibration error "
-                    f"{fmt(report['calibration']['expected_calibration_error'])}."))]
+        b += [
+            ("h3", "Confusion matrix (rows: true, columns: predicted)"),
+            (
+                "table",
+                ["true \\ predicted"] + cm["labels"],
+                [[lab] + list(map(str, row)) for lab, row in zip(cm["labels"], cm["counts"])],
+            ),
+            (
+                "p",
+                (
+                    f"Calibration ({report['calibration']['kind']}): expected calibration error "
+                    f"{fmt(report['calibration']['expected_calibration_error'])}."
+                ),
+            ),
+        ]
     for key in ("roc_pr", "calibration", "scatter"):
         if key in plots:
             b.append(("img", plots[key], key))
-    b += [("h2", "Claims check"), ("p", ("Metrics the owner states in the bundle manifest (on the owner's own test split) "
-                                        "against this audit; a claim outside the audit's 95% CI is flagged."))]
-    b.append(("table", ["claim", "metric", "claimed", "audited", "95% CI", "gap", "verdict"],
-              [[c["source"], c["metric"], fmt(c["claimed"]), fmt(c["audited"]), ci(c), f"{c['gap']:+.3f}",
-                ("**FLAG** " if c["flagged"] else "") + c["verdict"]] for c in report["claims"]]))
-    b += [("h2", "Subgroups"), ("p", (f"Primary metric per subgroup, compared with the whole test set by a stratified bootstrap; "
-                                     f"FLAG = the 95% CI of the difference excludes 0 (groups under {am.MIN_GROUP} molecules are never flagged)."))]
+    b += [
+        ("h2", "Claims check"),
+        (
+            "p",
+            (
+                "Metrics the owner states in the bundle manifest (on the owner's own test split) "
+                "against this audit; a claim outside the audit's 95% CI is flagged."
+            ),
+        ),
+    ]
+    b.append(
+        (
+            "table",
+            ["claim", "metric", "claimed", "audited", "95% CI", "gap", "verdict"],
+            [
+                [
+                    c["source"],
+                    c["metric"],
+                    fmt(c["claimed"]),
+                    fmt(c["audited"]),
+                    ci(c),
+                    f"{c['gap']:+.3f}",
+                    ("**FLAG** " if c["flagged"] else "") + c["verdict"],
+                ]
+                for c in report["claims"]
+            ],
+        )
+    )
+    b += [
+        ("h2", "Subgroups"),
+        (
+            "p",
+            (
+                f"Primary metric per subgroup, compared with the whole test set by a stratified bootstrap; "
+                f"FLAG = the 95% CI of the difference excludes 0 (groups under {am.MIN_GROUP} molecules are never flagged)."
+            ),
+        ),
+    ]
     if "subgroups" in plots:
         b.append(("img", plots["subgroups"], "subgroups"))
     for grouping, rows in report["subgroups"].items():
-        b += [("h3", grouping), ("table", ["group", "n", "metric", "value", "95% CI", "difference", "difference CI", "flag"],
-                                  [_subgroup_row(r) for r in rows])]
-    b += [("h2", "Invalid rows"), ("p", "none") if not report["invalid_rows"] else
-          ("table", ["row", "value", "reason"], [[str(r["row"]), r["value"], r["reason"]] for r in report["invalid_rows"]])]
+        b += [
+            ("h3", grouping),
+            (
+                "table",
+                ["group", "n", "metric", "value", "95% CI", "difference", "difference CI", "flag"],
+                [_subgroup_row(r) for r in rows],
+            ),
+        ]
+    b += [
+        ("h2", "Invalid rows"),
+        ("p", "none")
+        if not report["invalid_rows"]
+        else (
+            "table",
+            ["row", "value", "reason"],
+            [[str(r["row"]), r["value"], r["reason"]] for r in report["invalid_rows"]],
+        ),
+    ]
     tm = report["timing"]
-    b += [("h2", "Timing"), ("p", (f"{tm['rows_scored']} molecules scored in {len(tm['sessions'])} session(s), "
-                                  f"{fmt(tm['seconds'], 1)} s of scoring (key generation included), "
-                                  f"{fmt(tm['seconds_per_molecule'], 2)} s per molecule."))]
-    b.append(("p", "report.json holds every number and the decrypted prediction of every row: keep it private."))
+    b += [
+        ("h2", "Timing"),
+        (
+            "p",
+            (
+                f"{tm['rows_scored']} molecules scored in {len(tm['sessions'])} session(s), "
+                f"{fmt(tm['seconds'], 1)} s of scoring (key generation included), "
+                f"{fmt(tm['seconds_per_molecule'], 2)} s per molecule."
+            ),
+        ),
+    ]
+    b.append(
+        ("p", "report.json holds every number and the decrypted prediction of every row: keep it private.")
+    )
     return b
 
 
@@ -161,9 +281,13 @@ def _markdown(blocks: list[tuple]) -> str:
 
 def _html(blocks: list[tuple], out: Path) -> str:
     e = html.escape
-    parts = [("<!doctype html><html><head><meta charset='utf-8'><title>molcloak audit</title><style>"
-             "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #bbb;padding:.2em .5em;text-align:right}img{max-width:100%}</style></head><body>")]
+    parts = [
+        (
+            "<!doctype html><html><head><meta charset='utf-8'><title>molcloak audit</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse;margin:.5em 0}"
+            "td,th{border:1px solid #bbb;padding:.2em .5em;text-align:right}img{max-width:100%}</style></head><body>"
+        )
+    ]
     for kind, *rest in blocks:
         if kind in ("h1", "h2", "h3"):
             parts.append(f"<{kind}>{e(rest[0])}</{kind}>")
@@ -174,9 +298,16 @@ def _html(blocks: list[tuple], out: Path) -> str:
             parts.append(f"<p><img alt='{e(rest[1])}' src='data:image/png;base64,{data}'></p>")
         else:
             header, rows = rest
-            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-                         + "".join("<tr>" + "".join(f"<td>{e(c.replace('**', ''))}</td>" for c in row) + "</tr>" for row in rows)
-                         + "</table>")
+            parts.append(
+                "<table><tr>"
+                + "".join(f"<th>{e(h)}</th>" for h in header)
+                + "</tr>"
+                + "".join(
+                    "<tr>" + "".join(f"<td>{e(c.replace('**', ''))}</td>" for c in row) + "</tr>"
+                    for row in rows
+                )
+                + "</table>"
+            )
     return "\n".join(parts + ["</body></html>"])
 
 
@@ -193,23 +324,43 @@ def print_summary(report: dict, console) -> None:
     console.print(table)
     if "confusion_matrix" in report:
         cm = report["confusion_matrix"]
-        console.print("confusion matrix (rows true, columns predicted): " + "; ".join(
-            f"{lab}: {row}" for lab, row in zip(cm["labels"], cm["counts"])), highlight=False)
+        console.print(
+            "confusion matrix (rows true, columns predicted): "
+            + "; ".join(f"{lab}: {row}" for lab, row in zip(cm["labels"], cm["counts"])),
+            highlight=False,
+        )
     flagged = [c for c in report["claims"] if c["flagged"]]
-    console.print(f"claims check: {len(report['claims']) - len(flagged)} of {len(report['claims'])} manifest claims "
-                  "within the audit's 95% CI", highlight=False)
+    console.print(
+        f"claims check: {len(report['claims']) - len(flagged)} of {len(report['claims'])} manifest claims "
+        "within the audit's 95% CI",
+        highlight=False,
+    )
     for c in flagged:
-        console.print(f"  [red]FLAG[/red] {c['source']} {c['metric']}: claimed {fmt(c['claimed'])}, audited "
-                      f"{fmt(c['audited'])} {ci(c)} ({c['verdict']})", highlight=False)
+        console.print(
+            f"  [red]FLAG[/red] {c['source']} {c['metric']}: claimed {fmt(c['claimed'])}, audited "
+            f"{fmt(c['audited'])} {ci(c)} ({c['verdict']})",
+            highlight=False,
+        )
     groups = report["flagged_subgroups"]
-    console.print(f"subgroups differing significantly from the whole set: {len(groups) or 'none'}", highlight=False)
+    console.print(
+        f"subgroups differing significantly from the whole set: {len(groups) or 'none'}", highlight=False
+    )
     for g in groups:
         d = g["difference"]
-        console.print(f"  [red]FLAG[/red] {g['grouping']} / {g['group']}: {g['metric']} {d['value']:+.3f} {ci(d)}", highlight=False)
+        console.print(
+            f"  [red]FLAG[/red] {g['grouping']} / {g['group']}: {g['metric']} {d['value']:+.3f} {ci(d)}",
+            highlight=False,
+        )
     if report["invalid_rows"]:
-        console.print(f"[yellow]{len(report['invalid_rows'])} invalid rows[/yellow] (listed in the report):", highlight=False)
+        console.print(
+            f"[yellow]{len(report['invalid_rows'])} invalid rows[/yellow] (listed in the report):",
+            highlight=False,
+        )
         for r in report["invalid_rows"][:10]:
             console.print(f"  row {r['row']}: {r['reason']}", highlight=False)
     tm = report["timing"]
-    console.print(f"{tm['rows_scored']} molecules scored in {len(tm['sessions'])} session(s), {fmt(tm['seconds'], 1)} s; "
-                  f"reports: {report['files']['markdown']}, {report['files']['html']}, {report['files']['json']}", highlight=False)
+    console.print(
+        f"{tm['rows_scored']} molecules scored in {len(tm['sessions'])} session(s), {fmt(tm['seconds'], 1)} s; "
+        f"reports: {report['files']['markdown']}, {report['files']['html']}, {report['files']['json']}",
+        highlight=False,
+    )

@@ -29,7 +29,7 @@ def available() -> str | None:
     try:
         import tenseal  # noqa: F401
     except ImportError as exc:
-        return f"tenseal is not installed ({exc}); install it with pip install -e \".[bench]\""
+        return f'tenseal is not installed ({exc}); install it with pip install -e ".[bench]"'
     return None
 
 
@@ -50,8 +50,15 @@ class PolyMLP(nn.Module):
         return out if self.regression else sigmoid3(out)
 
 
-def train_poly_mlp(X: np.ndarray, y: np.ndarray, n_out: int, regression: bool, hidden: int = 32,
-                   epochs: int = 200, seed: int = 0) -> PolyMLP:
+def train_poly_mlp(
+    X: np.ndarray,
+    y: np.ndarray,
+    n_out: int,
+    regression: bool,
+    hidden: int = 32,
+    epochs: int = 200,
+    seed: int = 0,
+) -> PolyMLP:
     """Float training (Adam, full batch). Classification: BCE on the approximated sigmoid outputs
     (clipped into (0, 1), one output per class); regression: MSE on the standardized target."""
     torch.manual_seed(seed)
@@ -96,12 +103,16 @@ class CkksHalves:
         import tenseal as ts
 
         start = time.perf_counter()
-        ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=POLY_MODULUS, coeff_mod_bit_sizes=list(COEFF_MODULI))
+        ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS, poly_modulus_degree=POLY_MODULUS, coeff_mod_bit_sizes=list(COEFF_MODULI)
+        )
         ctx.global_scale = 2**SCALE_BITS
         ctx.generate_galois_keys()
         seconds = time.perf_counter() - start
         self.secret_context = ctx
-        return seconds, ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True)
+        return seconds, ctx.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
+        )
 
     def load_keys(self, public_context: bytes):
         import tenseal as ts
@@ -127,4 +138,6 @@ class CkksHalves:
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
         import tenseal as ts
 
-        return np.asarray(ts.ckks_vector_from(self.secret_context, ciphertext).decrypt(), dtype=np.float64).reshape(1, -1)
+        return np.asarray(
+            ts.ckks_vector_from(self.secret_context, ciphertext).decrypt(), dtype=np.float64
+        ).reshape(1, -1)

@@ -50,7 +50,9 @@ class DeployedHalves:
         return self.server.run(fhe.Value.deserialize(ciphertext), keys).serialize()
 
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
-        return np.asarray(self.client.deserialize_decrypt_dequantize(ciphertext), dtype=np.float64).reshape(1, -1)
+        return np.asarray(self.client.deserialize_decrypt_dequantize(ciphertext), dtype=np.float64).reshape(
+            1, -1
+        )
 
 
 def latency_summary(seconds: list[float]) -> dict:
@@ -58,8 +60,13 @@ def latency_summary(seconds: list[float]) -> dict:
     s = sorted(seconds)
     if not s:
         return {"n_runs": 0}
-    return {"n_runs": len(s), "median_s": statistics.median(s), "p90_s": s[min(len(s) - 1, int(np.ceil(0.9 * len(s))) - 1)],
-            "min_s": s[0], "max_s": s[-1]}
+    return {
+        "n_runs": len(s),
+        "median_s": statistics.median(s),
+        "p90_s": s[min(len(s) - 1, int(np.ceil(0.9 * len(s))) - 1)],
+        "min_s": s[0],
+        "max_s": s[-1],
+    }
 
 
 def encrypted_runs(halves, X: np.ndarray, on_item: Callable[[int], None] | None = None) -> dict:
@@ -83,9 +90,12 @@ def encrypted_runs(halves, X: np.ndarray, on_item: Callable[[int], None] | None 
         if on_item:
             on_item(i)
     return {
-        "keygen_s": keygen_s, "evaluation_key_bytes": len(eval_keys),
-        "input_ciphertext_bytes": len(ct), "output_ciphertext_bytes": len(out),
-        "latency": latency_summary(runs), "run_s": runs,
+        "keygen_s": keygen_s,
+        "evaluation_key_bytes": len(eval_keys),
+        "input_ciphertext_bytes": len(ct),
+        "output_ciphertext_bytes": len(out),
+        "latency": latency_summary(runs),
+        "run_s": runs,
         "encrypt_median_s": statistics.median(enc) if enc else None,
         "decrypt_median_s": statistics.median(dec) if dec else None,
         "outputs": np.asarray(outputs),

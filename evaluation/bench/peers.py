@@ -42,8 +42,13 @@ from . import ckks
 from .fhe_timing import encrypted_runs, measure_concrete
 
 MODELS = ("molcloak", "cml-linear", "cml-xgb", "ckks", "random-forest")
-LABELS = {"molcloak": "molcloak default (QAT MLP, TFHE)", "cml-linear": "Concrete ML {linear}", "cml-xgb": "Concrete ML {xgb}",
-          "ckks": "TenSEAL CKKS MLP (cubic sigmoid)", "random-forest": "RandomForest (plaintext)"}
+LABELS = {
+    "molcloak": "molcloak default (QAT MLP, TFHE)",
+    "cml-linear": "Concrete ML {linear}",
+    "cml-xgb": "Concrete ML {xgb}",
+    "ckks": "TenSEAL CKKS MLP (cubic sigmoid)",
+    "random-forest": "RandomForest (plaintext)",
+}
 
 
 @dataclass(frozen=True)
@@ -100,11 +105,18 @@ def run_bench(config: BenchConfig = BenchConfig(), on_progress: StepFn | None = 
         data = _task_data(ds, config)
         for model in config.models:
             step(f"{task}: {model}", 0)
-            rows.append({**BENCHERS[model](data, config, lambda msg: step(msg, 0)), "n_test": len(data.y_test)})
+            rows.append(
+                {**BENCHERS[model](data, config, lambda msg: step(msg, 0)), "n_test": len(data.y_test)}
+            )
             step(f"{task}: {model} done", 1)
         _speedups(rows, task)
-    return {"config": dataclasses.asdict(config), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": _machine(), "rows": rows}
+    return {
+        "config": dataclasses.asdict(config),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": _machine(),
+        "rows": rows,
+    }
 
 
 def _task_data(ds, config: BenchConfig) -> TaskData:
@@ -113,11 +125,20 @@ def _task_data(ds, config: BenchConfig) -> TaskData:
     spec = FeaturizerSpec.parse(config.features).fit(ds.inputs(sp.train))
     train = np.concatenate([sp.train, sp.valid])
     test = sp.test[: config.max_test] if config.max_test else sp.test
-    return TaskData(ds.task.name, ds, ds.task, spec.transform(ds.inputs(train)), ds.y[train],
-                    spec.transform(ds.inputs(test)), ds.y[test])
+    return TaskData(
+        ds.task.name,
+        ds,
+        ds.task,
+        spec.transform(ds.inputs(train)),
+        ds.y[train],
+        spec.transform(ds.inputs(test)),
+        ds.y[test],
+    )
 
 
-def _score(data: TaskData, raw: np.ndarray, scaler: TargetScaler | None = None, y: np.ndarray | None = None) -> dict:
+def _score(
+    data: TaskData, raw: np.ndarray, scaler: TargetScaler | None = None, y: np.ndarray | None = None
+) -> dict:
     return score(data.task, data.y_test if y is None else y, to_predictions(data.task, raw, scaler))
 
 
@@ -130,11 +151,20 @@ def _circuit(stats: CircuitStats) -> dict:
 
 def bench_molcloak(data: TaskData, config: BenchConfig, say: ProgressFn) -> dict:
     say(f"{data.name}: training the molcloak default model")
-    tcfg = TrainConfig(seed=config.seed) if config.epochs is None else TrainConfig(seed=config.seed, epochs=config.epochs)
+    tcfg = (
+        TrainConfig(seed=config.seed)
+        if config.epochs is None
+        else TrainConfig(seed=config.seed, epochs=config.epochs)
+    )
     ckpt = train_checkpoint(data.dataset, config.features, train_config=tcfg)
     n = len(data.y_test)
-    ckpt = dataclasses.replace(ckpt, X_test=ckpt.X_test[:n], y_test=ckpt.y_test[:n], smiles_test=ckpt.smiles_test[:n],
-                      metrics={"float": _score(data, predict_raw(ckpt.build_model(), ckpt.X_test[:n]), ckpt.scaler)})
+    ckpt = dataclasses.replace(
+        ckpt,
+        X_test=ckpt.X_test[:n],
+        y_test=ckpt.y_test[:n],
+        smiles_test=ckpt.smiles_test[:n],
+        metrics={"float": _score(data, predict_raw(ckpt.build_model(), ckpt.X_test[:n]), ckpt.scaler)},
+    )
     compiled = compile_checkpoint(ckpt, CompileConfig(), measure_keys=False)
     n_exec = len(data.X_test) if config.execute_all and not config.quick else config.runs
     say(f"{data.name}: molcloak, {n_exec} encrypted molecules")
@@ -142,11 +172,18 @@ def bench_molcloak(data: TaskData, config: BenchConfig, say: ProgressFn) -> dict
     sim = compiled.q_module.forward(data.X_test[:n_exec], fhe="simulate")
     row = _row(data.name, "molcloak", "TFHE (Concrete ML)", LABELS["molcloak"], **_circuit(compiled.stats))
     row["metrics"] = {k: compiled.metrics[k] for k in ("float", "quantized", "fhe_simulate")}
-    row["metrics"]["fhe_execute"] = {"n_molecules": n_exec, **_score(data, m["outputs"], ckpt.scaler, data.y_test[:n_exec])}
+    row["metrics"]["fhe_execute"] = {
+        "n_molecules": n_exec,
+        **_score(data, m["outputs"], ckpt.scaler, data.y_test[:n_exec]),
+    }
     row["fhe_equals_simulation"] = int(fhe_equals_simulation(m["outputs"], sim).sum())
     row["max_abs_output_diff_vs_simulation"] = float(np.max(np.abs(m["outputs"] - sim))) if n_exec else None
-    row["config"] = {"features": str(ckpt.featurizer), "model": ckpt.model_config, "compile": compiled.config.to_dict(),
-                     "p_error": compiled.stats.p_error}
+    row["config"] = {
+        "features": str(ckpt.featurizer),
+        "model": ckpt.model_config,
+        "compile": compiled.config.to_dict(),
+        "p_error": compiled.stats.p_error,
+    }
     return _with_runs(row, m)
 
 
@@ -174,7 +211,10 @@ def _bench_cml(which: int, name: str, data: TaskData, config: BenchConfig, say: 
         model, float_model = model.fit_benchmark(data.X_train, data.y_train, random_state=config.seed)
         model.compile(data.X_train)
     row = _row(data.name, name, "TFHE (Concrete ML)", label, **_circuit(CircuitStats.of(model.fhe_circuit)))
-    row["metrics"] = {"float": _sk_score(data, float_model), "fhe_simulate": _sk_score(data, model, fhe="simulate")}
+    row["metrics"] = {
+        "float": _sk_score(data, float_model),
+        "fhe_simulate": _sk_score(data, model, fhe="simulate"),
+    }
     say(f"{data.name}: {cls}, {config.runs} encrypted molecules")
     m = measure_concrete(model, data.X_test[: config.runs])
     sim = _sk_outputs(data, model, data.X_test[: config.runs], fhe="simulate")
@@ -211,15 +251,24 @@ def bench_ckks(data: TaskData, config: BenchConfig, say: ProgressFn) -> dict:
     regression = data.task.kind == "regression"
     scaler = TargetScaler.fit(data.y_train) if regression else None
     y = scaler.transform(data.y_train) if regression else data.y_train
-    model = ckks.train_poly_mlp(data.X_train, y, data.task.n_outputs, regression, config.ckks_hidden, seed=config.seed)
+    model = ckks.train_poly_mlp(
+        data.X_train, y, data.task.n_outputs, regression, config.ckks_hidden, seed=config.seed
+    )
     plain = ckks.plain_forward(model, data.X_test)
     row["metrics"] = {"float": _score(data, _logits(plain, regression), scaler)}
     say(f"{data.name}: CKKS, {config.runs} encrypted molecules")
     m = encrypted_runs(ckks.CkksHalves(model), data.X_test[: config.runs])
     n = len(m["outputs"])
-    row["max_abs_error_vs_plaintext"] = float(np.max(np.abs(m["outputs"][:, : plain.shape[1]] - plain[:n]))) if n else None
-    row["config"] = {"hidden": config.ckks_hidden, "poly_modulus": ckks.POLY_MODULUS, "coeff_moduli": list(ckks.COEFF_MODULI),
-                     "scale_bits": ckks.SCALE_BITS, "activation": "0.5 + 0.197x - 0.004x^3"}
+    row["max_abs_error_vs_plaintext"] = (
+        float(np.max(np.abs(m["outputs"][:, : plain.shape[1]] - plain[:n]))) if n else None
+    )
+    row["config"] = {
+        "hidden": config.ckks_hidden,
+        "poly_modulus": ckks.POLY_MODULUS,
+        "coeff_moduli": list(ckks.COEFF_MODULI),
+        "scale_bits": ckks.SCALE_BITS,
+        "activation": "0.5 + 0.197x - 0.004x^3",
+    }
     return _with_runs(row, m)
 
 
@@ -233,18 +282,30 @@ def bench_random_forest(data: TaskData, config: BenchConfig, say: ProgressFn) ->
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
     cls = RandomForestRegressor if data.task.kind == "regression" else RandomForestClassifier
-    model = cls(n_estimators=100 if config.quick else 500, random_state=config.seed, n_jobs=2).fit(data.X_train, data.y_train)
+    model = cls(n_estimators=100 if config.quick else 500, random_state=config.seed, n_jobs=2).fit(
+        data.X_train, data.y_train
+    )
     row = _row(data.name, "random-forest", "plaintext", LABELS["random-forest"])
     row["metrics"] = {"float": _sk_score(data, model)}
     return row
 
 
-BENCHERS = {"molcloak": bench_molcloak, "cml-linear": bench_cml_linear, "cml-xgb": bench_cml_xgb, "ckks": bench_ckks,
-            "random-forest": bench_random_forest}
+BENCHERS = {
+    "molcloak": bench_molcloak,
+    "cml-linear": bench_cml_linear,
+    "cml-xgb": bench_cml_xgb,
+    "ckks": bench_ckks,
+    "random-forest": bench_random_forest,
+}
 
 
 def _with_runs(row: dict, m: dict) -> dict:
-    row.update({k: m[k] for k in ("keygen_s", "evaluation_key_bytes", "input_ciphertext_bytes", "output_ciphertext_bytes")})
+    row.update(
+        {
+            k: m[k]
+            for k in ("keygen_s", "evaluation_key_bytes", "input_ciphertext_bytes", "output_ciphertext_bytes")
+        }
+    )
     row["latency"] = m["latency"]
     row["run_s"] = m["run_s"]
     row["load_avg_after"] = os.getloadavg()[0]
@@ -270,8 +331,13 @@ def _machine() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"node": platform.node(), "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_avg_at_end": os.getloadavg(), "versions": versions}
+    return {
+        "node": platform.node(),
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_at_end": os.getloadavg(),
+        "versions": versions,
+    }
 
 
 # ---------------------------------------------------------------- the table
@@ -290,11 +356,17 @@ def markdown(result: dict) -> str:
     out = []
     for task in dict.fromkeys(r["task"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["task"] == task]
-        kind = "regression" if any("rmse" in m for r in rows for m in r["metrics"].values()) else "classification"
+        kind = (
+            "regression"
+            if any("rmse" in m for r in rows for m in r["metrics"].values())
+            else "classification"
+        )
         metric = "RMSE (R²)" if kind == "regression" else "ROC-AUC"
         out.append(f"**{task}** ({metric} on {rows[0]['n_test']} test molecules)\n")
-        out.append(f"| model | {metric} float | FHE-simulated | FHE-executed | median s | p90 s | runs | keygen s | eval keys MB "
-                   "| ct in kB | ct out kB | PBS | max bits | its latency / molcloak's |")
+        out.append(
+            f"| model | {metric} float | FHE-simulated | FHE-executed | median s | p90 s | runs | keygen s | eval keys MB "
+            "| ct in kB | ct out kB | PBS | max bits | its latency / molcloak's |"
+        )
         out.append("|" + "---|" * 14)
         for r in rows:
             if r.get("skipped"):
@@ -305,14 +377,28 @@ def markdown(result: dict) -> str:
             exec_cell = _fmt_metric(kind, ex) + (f" (n={ex['n_molecules']})" if ex else "")
             if r["model"] == "ckks" and r.get("max_abs_error_vs_plaintext") is not None:
                 exec_cell = f"= float ± {r['max_abs_error_vs_plaintext']:.1e}"
-            out.append("| " + " | ".join([
-                r["label"], _fmt_metric(kind, m.get("float")), _fmt_metric(kind, m.get("fhe_simulate")), exec_cell,
-                _num(lat.get("median_s"), 3), _num(lat.get("p90_s"), 3), str(lat.get("n_runs", "-")),
-                _num(r.get("keygen_s"), 2), _num(r.get("evaluation_key_bytes"), 1, 1e6),
-                _num(r.get("input_ciphertext_bytes"), 1, 1e3), _num(r.get("output_ciphertext_bytes"), 1, 1e3),
-                str(r.get("pbs", "-")), str(r.get("max_bits", "-")),
-                f"{r['molcloak_speedup']:.2g}x" if r.get("molcloak_speedup") else "-",
-            ]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        r["label"],
+                        _fmt_metric(kind, m.get("float")),
+                        _fmt_metric(kind, m.get("fhe_simulate")),
+                        exec_cell,
+                        _num(lat.get("median_s"), 3),
+                        _num(lat.get("p90_s"), 3),
+                        str(lat.get("n_runs", "-")),
+                        _num(r.get("keygen_s"), 2),
+                        _num(r.get("evaluation_key_bytes"), 1, 1e6),
+                        _num(r.get("input_ciphertext_bytes"), 1, 1e3),
+                        _num(r.get("output_ciphertext_bytes"), 1, 1e3),
+                        str(r.get("pbs", "-")),
+                        str(r.get("max_bits", "-")),
+                        f"{r['molcloak_speedup']:.2g}x" if r.get("molcloak_speedup") else "-",
+                    ]
+                )
+                + " |"
+            )
         out.append("")
     return "\n".join(out)
 

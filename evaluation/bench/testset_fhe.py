@@ -41,7 +41,7 @@ def evaluate(bundle: str | Path, n: int | None = None, on_row=None) -> dict:
         keyinfo = backend.keygen(force=True)  # fresh keys; the server half gets the evaluation keys only
         runs = []
         for i in range(len(X)):  # one row at a time: per-row latency, and progress
-            runs += backend.run_rows(X[i:i + 1])
+            runs += backend.run_rows(X[i : i + 1])
             if on_row:
                 on_row(i + 1, len(X))
     raws = np.asarray([r.raw[0] for r in runs])
@@ -84,11 +84,20 @@ def main(argv: list[str] | None = None) -> None:
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)  # evaluation does not import cli
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )  # evaluation does not import cli
     with bar:
         t = bar.add_task("keygen, then encrypt -> FHE run -> decrypt per test row", total=None)
-        result = evaluate(args.bundle, args.n, on_row=lambda i, total: bar.update(t, completed=i, total=total))
+        result = evaluate(
+            args.bundle, args.n, on_row=lambda i, total: bar.update(t, completed=i, total=total)
+        )
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -66,7 +66,9 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
     compiled = compile_checkpoint(ckpt, CompileConfig())
     X = ckpt.X_test[: n_exec or len(ckpt.X_test)]
     simulated = compiled.q_module.forward(X, fhe="simulate")
-    simulated_again = compiled.q_module.forward(X, fhe="simulate")  # approximate rounding is simulated with randomness
+    simulated_again = compiled.q_module.forward(
+        X, fhe="simulate"
+    )  # approximate rounding is simulated with randomness
     with tempfile.TemporaryDirectory(prefix="molcloak-zoo-") as tmp:
         deploy(ckpt, compiled, Path(tmp) / "bundle", f"{TASK}-{name}")
         client = PrivateClient(Path(tmp) / "bundle", Path(tmp) / "keys")
@@ -85,7 +87,10 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
     executed = np.asarray(outputs)
     y = ckpt.y_test[: len(X)]
     metrics = {k: compiled.metrics[k] for k in ("float", "quantized", "fhe_simulate")}
-    metrics["fhe_execute"] = {"n_molecules": len(X), **score(ckpt.task, y, to_predictions(ckpt.task, executed, ckpt.scaler))}
+    metrics["fhe_execute"] = {
+        "n_molecules": len(X),
+        **score(ckpt.task, y, to_predictions(ckpt.task, executed, ckpt.scaler)),
+    }
     runs_sorted = sorted(runs)
     return {
         "model": name,
@@ -99,8 +104,13 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
         "metrics": metrics,
         "fhe_equals_simulation": int(fhe_equals_simulation(executed, simulated).sum()),
         "simulation_equals_simulation": int(fhe_equals_simulation(simulated_again, simulated).sum()),
-        "latency": {"n_runs": len(runs), "median_s": statistics.median(runs),
-                    "p90_s": runs_sorted[int(np.ceil(0.9 * len(runs))) - 1], "min_s": runs_sorted[0], "max_s": runs_sorted[-1]},
+        "latency": {
+            "n_runs": len(runs),
+            "median_s": statistics.median(runs),
+            "p90_s": runs_sorted[int(np.ceil(0.9 * len(runs))) - 1],
+            "min_s": runs_sorted[0],
+            "max_s": runs_sorted[-1],
+        },
         "keygen_s": keyinfo.seconds,
         "evaluation_key_bytes": keyinfo.evaluation_key_bytes,
         "input_ciphertext_bytes": ct_in,
@@ -113,11 +123,15 @@ def bench_model(name: str, n_exec: int | None, seed: int = 0, ckpt_dir: Path | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn1", "cnn2"])
-    parser.add_argument("--n-exec", type=int, default=None, help="encrypted test molecules per model (default: all 257)")
+    parser.add_argument(
+        "--n-exec", type=int, default=None, help="encrypted test molecules per model (default: all 257)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/zoo_cnn_sol_low.json"))
     parser.add_argument("--force", action="store_true", help="redo models already in --out")
-    parser.add_argument("--ckpt-dir", type=Path, default=None, help="keep trained checkpoints here and reuse them")
+    parser.add_argument(
+        "--ckpt-dir", type=Path, default=None, help="keep trained checkpoints here and reuse them"
+    )
     args = parser.parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"task": TASK, "rows": {}}
     command = "python -m molcloak.evaluation.bench.zoo_cnn " + " ".join(argv or [])
@@ -126,13 +140,18 @@ def main(argv: list[str] | None = None) -> None:
         if name in result["rows"] and not args.force:
             _say(f"{name}: already in {args.out}, skipped (--force to redo)")
             continue
-        result["rows"][name] = {**bench_model(name, args.n_exec, args.seed, args.ckpt_dir), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "command": command}
+        result["rows"][name] = {
+            **bench_model(name, args.n_exec, args.seed, args.ckpt_dir),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
         r = result["rows"][name]
-        _say(f"{name}: AUC float {r['metrics']['float']['roc_auc']:.3f} / FHE-exec {r['metrics']['fhe_execute']['roc_auc']:.3f}, "
-              f"median run {r['latency']['median_s']:.2f} s, {r['circuit']['pbs_count']} PBS, {r['circuit']['max_bit_width']} bits")
+        _say(
+            f"{name}: AUC float {r['metrics']['float']['roc_auc']:.3f} / FHE-exec {r['metrics']['fhe_execute']['roc_auc']:.3f}, "
+            f"median run {r['latency']['median_s']:.2f} s, {r['circuit']['pbs_count']} PBS, {r['circuit']['max_bit_width']} bits"
+        )
 
 
 if __name__ == "__main__":

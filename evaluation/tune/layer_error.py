@@ -67,9 +67,16 @@ def layer_errors(ckpt: Checkpoint, config: CompileConfig, n: int | None = None) 
         q_module, stats = compile_model(prefix, ckpt.X_calib, config, measure_keys=False)
         quant = q_module.forward(X, fhe="disable")
         fhe = q_module.forward(X, fhe="simulate")
-        rows.append({
-            "layer": name, "values": int(np.prod(flt.shape)), "pbs": stats.pbs_count, "max_bits": stats.max_bit_width,
-            "float_vs_quantized": _stats(flt, quant), "quantized_vs_fhe": _stats(quant, fhe), "float_vs_fhe": _stats(flt, fhe),
-            "fhe_differs_share": float(np.mean(~np.isclose(quant, fhe))),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "values": int(np.prod(flt.shape)),
+                "pbs": stats.pbs_count,
+                "max_bits": stats.max_bit_width,
+                "float_vs_quantized": _stats(flt, quant),
+                "quantized_vs_fhe": _stats(quant, fhe),
+                "float_vs_fhe": _stats(flt, fhe),
+                "fhe_differs_share": float(np.mean(~np.isclose(quant, fhe))),
+            }
+        )
     return rows

@@ -60,9 +60,16 @@ def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5
         times[n] = min(runs)  # the least disturbed run: other processes only ever add time
     per_pbs = max((times[SIZES[1]] - times[SIZES[0]]) / (SIZES[1] - SIZES[0]), 0.0)
     return {
-        "bits": bits, "lookup_bits": lookup_bits, "p_error": p_error, "fixed_s": max(times[SIZES[0]] - per_pbs, 0.0), "per_pbs_s": per_pbs,
-        "seconds": {str(n): t for n, t in times.items()}, "load_avg": os.getloadavg()[0],
-        "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "cpus": os.cpu_count(),
+        "bits": bits,
+        "lookup_bits": lookup_bits,
+        "p_error": p_error,
+        "fixed_s": max(times[SIZES[0]] - per_pbs, 0.0),
+        "per_pbs_s": per_pbs,
+        "seconds": {str(n): t for n, t in times.items()},
+        "load_avg": os.getloadavg()[0],
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
     }
 
 
@@ -92,5 +99,7 @@ class Calibration:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": "seconds = fixed_s + pbs * per_pbs_s", "entries": self.entries}, indent=2))
+        tmp.write_text(
+            json.dumps({"model": "seconds = fixed_s + pbs * per_pbs_s", "entries": self.entries}, indent=2)
+        )
         os.replace(tmp, self.path)

@@ -15,15 +15,39 @@ from .common import DataOpts, app, cli_errors, int_list, load_data, out, progres
 @app.command()
 @cli_errors
 def bench(
-    task: List[str] | None = typer.Option(None, "--task", help="Bundled task(s) to benchmark (default: sol-low and its regression twin sol-logs)."),
-    features: str | None = typer.Option(None, "--features", "-f", help="Feature spec every model uses (default: the molcloak default's)."),
-    only: str | None = typer.Option(None, "--models", help="Comma-separated subset of: molcloak, cml-linear, cml-xgb, ckks, random-forest."),
-    n_runs: int = typer.Option(5, "--n-runs", help="Encrypted single-molecule runs per model for the latency figures."),
-    execute_all: bool = typer.Option(True, "--execute-all/--no-execute-all", help="Run every test molecule through the molcloak circuit in FHE (executed metrics)."),
-    quick: bool = typer.Option(False, "--quick", help="Smoke run: 2 encrypted runs per model, no full FHE test set, fewer trees."),
+    task: List[str] | None = typer.Option(
+        None,
+        "--task",
+        help="Bundled task(s) to benchmark (default: sol-low and its regression twin sol-logs).",
+    ),
+    features: str | None = typer.Option(
+        None, "--features", "-f", help="Feature spec every model uses (default: the molcloak default's)."
+    ),
+    only: str | None = typer.Option(
+        None,
+        "--models",
+        help="Comma-separated subset of: molcloak, cml-linear, cml-xgb, ckks, random-forest.",
+    ),
+    n_runs: int = typer.Option(
+        5, "--n-runs", help="Encrypted single-molecule runs per model for the latency figures."
+    ),
+    execute_all: bool = typer.Option(
+        True,
+        "--execute-all/--no-execute-all",
+        help="Run every test molecule through the molcloak circuit in FHE (executed metrics).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Smoke run: 2 encrypted runs per model, no full FHE test set, fewer trees."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for splits, training and models."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the full results (per-run times included) to this JSON file ('-' = stdout)."),
-    markdown_path: Path | None = typer.Option(None, "--markdown", help="Also write the markdown table to this file."),
+    json_path: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Write the full results (per-run times included) to this JSON file ('-' = stdout).",
+    ),
+    markdown_path: Path | None = typer.Option(
+        None, "--markdown", help="Also write the markdown table to this file."
+    ),
 ):
     """Benchmark molcloak's default model against Concrete ML built-ins, the TenSEAL CKKS recipe and a plaintext RandomForest.
 
@@ -36,8 +60,15 @@ def bench(
 
     models = tuple(m.strip() for m in only.split(",")) if only else MODELS
     kwargs = {"features": features} if features else {}
-    cfg = BenchConfig(tasks=tuple(task or ("sol-low", "sol-logs")), models=models, n_runs=n_runs,
-                      execute_all=execute_all, quick=quick, seed=seed, **kwargs)
+    cfg = BenchConfig(
+        tasks=tuple(task or ("sol-low", "sol-logs")),
+        models=models,
+        n_runs=n_runs,
+        execute_all=execute_all,
+        quick=quick,
+        seed=seed,
+        **kwargs,
+    )
     with progress(transient=False) as bar:
         t = bar.add_task("bench", total=len(cfg.tasks) * len(cfg.models), status="")
         result = run_bench(cfg, on_progress=lambda msg, n: bar.update(t, advance=n, status=msg))
@@ -63,24 +94,56 @@ def tune(
     feature_cols: str | None = DataOpts.feature_cols,
     split: str | None = DataOpts.split,
     test_fraction: float = DataOpts.test_fraction,
-    features: List[str] | None = typer.Option(None, "--features", "-f", help="Feature spec(s) to sweep, repeatable (default: the default features)."),
-    widths: str = typer.Option("8;16", "--widths", help="Hidden layer settings separated by ';', each comma-separated, e.g. '8;16;16,8'."),
+    features: List[str] | None = typer.Option(
+        None, "--features", "-f", help="Feature spec(s) to sweep, repeatable (default: the default features)."
+    ),
+    widths: str = typer.Option(
+        "8;16",
+        "--widths",
+        help="Hidden layer settings separated by ';', each comma-separated, e.g. '8;16;16,8'.",
+    ),
     weight_bits: str = typer.Option("3", "--weight-bits", help="Weight bit widths to sweep, e.g. 2,3."),
     act_bits: str = typer.Option("3", "--act-bits", help="Activation bit widths to sweep."),
     input_bits: str = typer.Option("4", "--input-bits", help="Input bit widths to sweep."),
-    rounding_bits: str = typer.Option("5", "--rounding-bits", help="Accumulator rounding bits to sweep (0 = off), e.g. 4,5,6."),
-    p_errors: str = typer.Option("1e-6", "--p-error", help="Error probabilities per PBS to sweep, e.g. default,1e-6,0.01 (default = Concrete's 2^-40)."),
-    seeds: str = typer.Option("0", "--seeds", help="Training seeds; accuracy is the mean over them, e.g. 0,1,2."),
+    rounding_bits: str = typer.Option(
+        "5", "--rounding-bits", help="Accumulator rounding bits to sweep (0 = off), e.g. 4,5,6."
+    ),
+    p_errors: str = typer.Option(
+        "1e-6",
+        "--p-error",
+        help="Error probabilities per PBS to sweep, e.g. default,1e-6,0.01 (default = Concrete's 2^-40).",
+    ),
+    seeds: str = typer.Option(
+        "0", "--seeds", help="Training seeds; accuracy is the mean over them, e.g. 0,1,2."
+    ),
     epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
     n_runs: int = typer.Option(5, "--n-runs", help="Encrypted runs per executed front point."),
-    execute_front: int = typer.Option(3, "--execute-front", help="Run this many of the most accurate front points for real (0 = none)."),
-    max_latency: float = typer.Option(0.25, "--max-latency", help="Latency budget (s) for the chosen configuration."),
-    max_key_mb: float = typer.Option(30.0, "--max-key-mb", help="Evaluation-key budget (MB) for the chosen configuration."),
-    calibration: Path | None = typer.Option(None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json; measured when missing)."),
+    execute_front: int = typer.Option(
+        3, "--execute-front", help="Run this many of the most accurate front points for real (0 = none)."
+    ),
+    max_latency: float = typer.Option(
+        0.25, "--max-latency", help="Latency budget (s) for the chosen configuration."
+    ),
+    max_key_mb: float = typer.Option(
+        30.0, "--max-key-mb", help="Evaluation-key budget (MB) for the chosen configuration."
+    ),
+    calibration: Path | None = typer.Option(
+        None,
+        "--calibration",
+        help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json; measured when missing).",
+    ),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the accuracy/latency plot (PNG) here."),
-    write_config: Path | None = typer.Option(None, "--write-config", help="Write the chosen configuration here for `molcloak train --config FILE`."),
-    layer_report: bool = typer.Option(True, "--layer-report/--no-layer-report", help="Per-layer float / quantized / FHE error of the chosen configuration."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write all results to this JSON file ('-' = stdout)."),
+    write_config: Path | None = typer.Option(
+        None, "--write-config", help="Write the chosen configuration here for `molcloak train --config FILE`."
+    ),
+    layer_report: bool = typer.Option(
+        True,
+        "--layer-report/--no-layer-report",
+        help="Per-layer float / quantized / FHE error of the chosen configuration.",
+    ),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Write all results to this JSON file ('-' = stdout)."
+    ),
 ):
     """Sweep bit widths, rounding bits, p_error and width; print the Pareto front (accuracy vs latency vs key size).
 
@@ -97,17 +160,32 @@ def tune(
     grid = TuneGrid(
         features=tuple(features or ()) or TuneGrid.features,
         hidden=tuple(tuple(int_list(w, "--widths")) for w in widths.split(";") if w.strip()),
-        weight_bits=tuple(int_list(weight_bits, "--weight-bits")), act_bits=tuple(int_list(act_bits, "--act-bits")),
+        weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
+        act_bits=tuple(int_list(act_bits, "--act-bits")),
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
-        p_error=tuple(_p_errors(p_errors)), seeds=tuple(int_list(seeds, "--seeds")),
+        p_error=tuple(_p_errors(p_errors)),
+        seeds=tuple(int_list(seeds, "--seeds")),
     )
     with progress(transient=False) as bar:
         t = bar.add_task("tune", total=grid.size() * len(grid.seeds) + execute_front + 1, status="")
-        result = run_tune(ds, dataset, grid, TrainConfig(epochs=epochs), n_runs=n_runs, execute_front=execute_front,
-                          max_latency_s=max_latency, max_key_mb=max_key_mb, calibration=calibration, plot_path=plot_path,
-                          config_path=write_config, layer_report=layer_report,
-                          say=lambda msg: bar.update(t, advance=1, status=msg[:70]), split=split, test_fraction=test_fraction)
+        result = run_tune(
+            ds,
+            dataset,
+            grid,
+            TrainConfig(epochs=epochs),
+            n_runs=n_runs,
+            execute_front=execute_front,
+            max_latency_s=max_latency,
+            max_key_mb=max_key_mb,
+            calibration=calibration,
+            plot_path=plot_path,
+            config_path=write_config,
+            layer_report=layer_report,
+            say=lambda msg: bar.update(t, advance=1, status=msg[:70]),
+            split=split,
+            test_fraction=test_fraction,
+        )
     if json_path:
         write_json(json_path, result)
         if str(json_path) == "-":
@@ -121,7 +199,9 @@ def _p_errors(text: str) -> list:
         try:
             values.append(None if word == "default" else float(word))
         except ValueError:
-            raise ConfigError(f"--p-error {word!r} is neither a probability nor 'default'; write e.g. default,0.01") from None
+            raise ConfigError(
+                f"--p-error {word!r} is neither a probability nor 'default'; write e.g. default,0.01"
+            ) from None
     if not values:
         raise ConfigError("--p-error needs at least one value, e.g. 0.01")
     return values

@@ -80,8 +80,14 @@ def json_default(o):
 
 def progress(transient: bool = True) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=transient,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=transient,
     )
 
 
@@ -131,31 +137,62 @@ def kb(n: float) -> str:
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 ForceOpt = typer.Option(False, "--force", help="Replace the output directory if it exists.")
 TokenFileOpt = typer.Option(None, "--token-file", help="File holding the server's bearer token.")
-KeyDirOpt = typer.Option(None, "--key-dir", help="Where the client keeps its secret keys (default $MOLCLOAK_HOME/keys, ~/.molcloak/keys).")
+KeyDirOpt = typer.Option(
+    None,
+    "--key-dir",
+    help="Where the client keeps its secret keys (default $MOLCLOAK_HOME/keys, ~/.molcloak/keys).",
+)
 
 
 class DataOpts:
     """The data options of every command that reads a training dataset (train, tune, compile --torch-model)."""
 
-    dataset = typer.Option("sol-low", "--dataset", "-d", help="Bundled dataset (sol-low, sol-class, sol-logs, freesolv, sol-freesolv, breast-cancer) or a CSV file.")
+    dataset = typer.Option(
+        "sol-low",
+        "--dataset",
+        "-d",
+        help="Bundled dataset (sol-low, sol-class, sol-logs, freesolv, sol-freesolv, breast-cancer) or a CSV file.",
+    )
     smiles_col = typer.Option("smiles", "--smiles-col", help="CSV column holding SMILES.")
-    target_col = typer.Option(None, "--target-col", help="CSV column holding the target (required for CSV files); several joined by ',' train a multi-task model (empty cells = missing labels).")
-    feature_cols = typer.Option(None, "--feature-cols", help="Tabular CSV: numeric feature columns 'a,b,c', or 'all' (every column but the targets holding numbers) instead of SMILES.")
+    target_col = typer.Option(
+        None,
+        "--target-col",
+        help="CSV column holding the target (required for CSV files); several joined by ',' train a multi-task model (empty cells = missing labels).",
+    )
+    feature_cols = typer.Option(
+        None,
+        "--feature-cols",
+        help="Tabular CSV: numeric feature columns 'a,b,c', or 'all' (every column but the targets holding numbers) instead of SMILES.",
+    )
     task = typer.Option("classification", "--task", help="CSV target type: classification or regression.")
-    threshold = typer.Option(None, "--threshold", help="Binarize a numeric CSV target: class 1 when value >= threshold.")
-    skip_invalid = typer.Option(False, "--skip-invalid", help="Drop invalid rows (counted and listed) instead of failing.")
+    threshold = typer.Option(
+        None, "--threshold", help="Binarize a numeric CSV target: class 1 when value >= threshold."
+    )
+    skip_invalid = typer.Option(
+        False, "--skip-invalid", help="Drop invalid rows (counted and listed) instead of failing."
+    )
     split = typer.Option(None, "--split", help="official (when the data has one), random or scaffold.")
     test_fraction = typer.Option(0.2, "--test-fraction", help="Test share for random/scaffold splits.")
 
 
-def load_data(dataset: str, smiles_col: str, target_col: str | None, task: str, threshold: float | None,
-              skip_invalid: bool, feature_cols: str | None):
+def load_data(
+    dataset: str,
+    smiles_col: str,
+    target_col: str | None,
+    task: str,
+    threshold: float | None,
+    skip_invalid: bool,
+    feature_cols: str | None,
+):
     """Load a dataset the way every command does, and report ignored columns and skipped rows on stderr."""
     from ..data import DataSource
 
     ds = DataSource(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols).load()
     if ds.ignored_columns:
-        err.print(f"[yellow]--feature-cols all: ignored columns without numbers:[/yellow] {', '.join(ds.ignored_columns)}", highlight=False)
+        err.print(
+            f"[yellow]--feature-cols all: ignored columns without numbers:[/yellow] {', '.join(ds.ignored_columns)}",
+            highlight=False,
+        )
     if ds.problems:
         err.print(f"[yellow]skipped {len(ds.problems)} invalid rows[/yellow] (--skip-invalid):")
         for p in ds.problems[:20]:
@@ -168,13 +205,26 @@ def load_data(dataset: str, smiles_col: str, target_col: str | None, task: str, 
 class CompileOpts:
     """Compile options; unset ones take the settings recorded in the checkpoint at training time, then the defaults."""
 
-    rounding_bits = typer.Option(None, "--rounding-bits", help="Round accumulators to this many bits before each lookup (0 = off; default: the checkpoint's, else 5).")
-    rounding_method = typer.Option(None, "--rounding-method", help="exact or approximate (cheaper; default: the checkpoint's, else approximate).")
-    p_error = typer.Option(None, "--p-error", help="Error probability per bootstrap (default: the checkpoint's, else 1e-6: FHE equals the simulation except ~1 molecule in 65,000; 1e-12 ~ Concrete's 2^-40, 2x slower; 0.01 is ~15% faster, FHE then differs now and then).")
+    rounding_bits = typer.Option(
+        None,
+        "--rounding-bits",
+        help="Round accumulators to this many bits before each lookup (0 = off; default: the checkpoint's, else 5).",
+    )
+    rounding_method = typer.Option(
+        None,
+        "--rounding-method",
+        help="exact or approximate (cheaper; default: the checkpoint's, else approximate).",
+    )
+    p_error = typer.Option(
+        None,
+        "--p-error",
+        help="Error probability per bootstrap (default: the checkpoint's, else 1e-6: FHE equals the simulation except ~1 molecule in 65,000; 1e-12 ~ Concrete's 2^-40, 2x slower; 0.01 is ~15% faster, FHE then differs now and then).",
+    )
 
 
-def given_compile(rounding_bits: int | None, rounding_method: str | None, p_error: float | None,
-                  n_bits: int | None = None) -> dict:
+def given_compile(
+    rounding_bits: int | None, rounding_method: str | None, p_error: float | None, n_bits: int | None = None
+) -> dict:
     """The compile settings given on the command line (0 rounding bits = off)."""
     given: dict = {}
     if rounding_bits is not None:

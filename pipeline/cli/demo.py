@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from ..data import TaskSpec
 from ..metrics import describe
+from ..tasks import TaskSpec
 from .common import JsonOpt, app, cli_errors, emit_json, err, out, progress
 
 
 @app.command()
 @cli_errors
 def demo(
-    out_dir: Path = typer.Option(Path("demo"), "--out", "-o", help="Where the demo writes its checkpoint, bundle and keys."),
+    out_dir: Path = typer.Option(
+        Path("demo"), "--out", "-o", help="Where the demo writes its checkpoint, bundle and keys."
+    ),
     n: int = typer.Option(5, "--n", help="Number of test molecules to predict in FHE."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
@@ -43,27 +45,50 @@ def print_demo(result: dict, console) -> None:
 
     task = result["task"]
     head = f"p({task['labels'][-1]})" if task["kind"] == "binary" else "prediction"
-    table = Table(title=f"molcloak demo: {task['name']}, {len(result['rows'])} test molecules, bundle {result['bundle']}")
-    for col in ("SMILES", "true", f"{head} float", f"{head} FHE-sim", f"{head} FHE", "FHE = sim", "enc ms", "run ms", "dec ms"):
+    table = Table(
+        title=f"molcloak demo: {task['name']}, {len(result['rows'])} test molecules, bundle {result['bundle']}"
+    )
+    for col in (
+        "SMILES",
+        "true",
+        f"{head} float",
+        f"{head} FHE-sim",
+        f"{head} FHE",
+        "FHE = sim",
+        "enc ms",
+        "run ms",
+        "dec ms",
+    ):
         table.add_column(col, overflow="fold")
     for r in result["rows"]:
         cells = [_short(task, r[k]) for k in ("float", "simulated", "fhe")]
-        table.add_row(r["smiles"], r["true"], *cells, "yes" if r["fhe_equals_simulation"] else "NO",
-                      f"{r['encrypt_s']*1e3:.0f}", f"{r['run_s']*1e3:.0f}", f"{r['decrypt_s']*1e3:.0f}")
+        table.add_row(
+            r["smiles"],
+            r["true"],
+            *cells,
+            "yes" if r["fhe_equals_simulation"] else "NO",
+            f"{r['encrypt_s'] * 1e3:.0f}",
+            f"{r['run_s'] * 1e3:.0f}",
+            f"{r['decrypt_s'] * 1e3:.0f}",
+        )
     console.print(table)
     c, rows = result["circuit"], result["rows"]
     runs = sorted(r["run_s"] for r in rows)
     console.print(
-        f"keygen {result['keygen_s']:.2f} s | evaluation keys {result['evaluation_key_bytes']/1e6:.1f} MB | "
-        f"ciphertext in {rows[0]['input_ciphertext_bytes']/1e3:.1f} kB, out {rows[0]['output_ciphertext_bytes']/1e3:.1f} kB | "
-        f"median FHE run {runs[len(runs)//2]*1e3:.0f} ms"
+        f"keygen {result['keygen_s']:.2f} s | evaluation keys {result['evaluation_key_bytes'] / 1e6:.1f} MB | "
+        f"ciphertext in {rows[0]['input_ciphertext_bytes'] / 1e3:.1f} kB, out {rows[0]['output_ciphertext_bytes'] / 1e3:.1f} kB | "
+        f"median FHE run {runs[len(runs) // 2] * 1e3:.0f} ms"
     )
-    console.print(f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, p_error {c['p_error']:.2g} per PBS; "
-                  f"features '{result['features']}', model {result['model']['config']}")
+    console.print(
+        f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, p_error {c['p_error']:.2g} per PBS; "
+        f"features '{result['features']}', model {result['model']['config']}"
+    )
     for key, m in result["metrics"].items():
         console.print(f"  {key:>13} on the {result['n_test']} test molecules: {_metrics_line(m)}")
     ex = dict(result["fhe_execute_metrics"])
-    console.print(f"  {'fhe_execute':>13} on the {ex.pop('n_molecules')} molecules above: {_metrics_line(ex)}")
+    console.print(
+        f"  {'fhe_execute':>13} on the {ex.pop('n_molecules')} molecules above: {_metrics_line(ex)}"
+    )
 
 
 def _metrics_line(m: dict) -> str:

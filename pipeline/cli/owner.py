@@ -44,23 +44,54 @@ def train(
     feature_cols: str | None = DataOpts.feature_cols,
     split: str | None = DataOpts.split,
     test_fraction: float = DataOpts.test_fraction,
-    features: str | None = typer.Option(None, "--features", "-f", help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem:scale=quantile for mlp, the image grid:r=2,size=32 for cnn1/cnn2; tabular data uses its columns)."),
-    model: str = typer.Option("mlp", "--model", "-m", help="Model family from the registry (see `molcloak models`)."),
-    hidden: str | None = typer.Option(None, "--hidden", help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none)."),
-    model_set: List[str] | None = typer.Option(None, "--set", help="Other model option KEY=VALUE, repeatable (see `molcloak models`), e.g. --set channels=8,16 --set pool=2."),
-    weight_bits: int | None = typer.Option(None, "--weight-bits", help="Weight bit width (default: the model's; mlp 3, cnn1/cnn2 2)."),
-    act_bits: int | None = typer.Option(None, "--act-bits", help="Activation bit width (default: the model's; 3)."),
-    input_bits: int | None = typer.Option(None, "--input-bits", help="Input quantizer bit width (default: the model's; mlp 4, cnn1/cnn2 3)."),
-    activation: str | None = typer.Option(None, "--activation", help="MLP hidden activation: relu or sigmoid (either is exact: one lookup per neuron; default: the model's)."),
+    features: str | None = typer.Option(
+        None,
+        "--features",
+        "-f",
+        help="Feature spec: physchem, morgan:r=2,n=1024, morgan_count:r=2,n=256, or parts joined by '+' (default: the model's; physchem:scale=quantile for mlp, the image grid:r=2,size=32 for cnn1/cnn2; tabular data uses its columns).",
+    ),
+    model: str = typer.Option(
+        "mlp", "--model", "-m", help="Model family from the registry (see `molcloak models`)."
+    ),
+    hidden: str | None = typer.Option(
+        None,
+        "--hidden",
+        help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none).",
+    ),
+    model_set: List[str] | None = typer.Option(
+        None,
+        "--set",
+        help="Other model option KEY=VALUE, repeatable (see `molcloak models`), e.g. --set channels=8,16 --set pool=2.",
+    ),
+    weight_bits: int | None = typer.Option(
+        None, "--weight-bits", help="Weight bit width (default: the model's; mlp 3, cnn1/cnn2 2)."
+    ),
+    act_bits: int | None = typer.Option(
+        None, "--act-bits", help="Activation bit width (default: the model's; 3)."
+    ),
+    input_bits: int | None = typer.Option(
+        None, "--input-bits", help="Input quantizer bit width (default: the model's; mlp 4, cnn1/cnn2 3)."
+    ),
+    activation: str | None = typer.Option(
+        None,
+        "--activation",
+        help="MLP hidden activation: relu or sigmoid (either is exact: one lookup per neuron; default: the model's).",
+    ),
     epochs: int = typer.Option(150, "--epochs", help="Maximum epochs."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate."),
-    patience: int = typer.Option(50, "--patience", help="Early stopping: epochs without validation improvement."),
+    patience: int = typer.Option(
+        50, "--patience", help="Early stopping: epochs without validation improvement."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for split, initialization and batches."),
     out_dir: Path = typer.Option(Path("runs/model"), "--out", "-o", help="Checkpoint directory to write."),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
-    config_file: Path | None = typer.Option(None, "--config", help="JSON configuration from `molcloak tune --write-config` (features, model options, training and compile settings); options given on the command line override it."),
+    config_file: Path | None = typer.Option(
+        None,
+        "--config",
+        help="JSON configuration from `molcloak tune --write-config` (features, model options, training and compile settings); options given on the command line override it.",
+    ),
 ):
     """Train a quantization-aware model and write a checkpoint (weights stay with the owner).
 
@@ -72,8 +103,16 @@ def train(
     from ..workflow import train_run
 
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
-    options = {k: v for k, v in {"weight_bits": weight_bits, "act_bits": act_bits, "input_bits": input_bits,
-                                 "activation": activation}.items() if v is not None}  # unset: the model's
+    options = {
+        k: v
+        for k, v in {
+            "weight_bits": weight_bits,
+            "act_bits": act_bits,
+            "input_bits": input_bits,
+            "activation": activation,
+        }.items()
+        if v is not None
+    }  # unset: the model's
     options.update(parse_model_options(model_set or []))
     if hidden is not None:
         options["hidden"] = int_list(hidden, "--hidden")
@@ -81,30 +120,45 @@ def train(
     if config_file is None:
         run = RunConfig().override(features, model, options, settings)
     else:
-        run = RunConfig.load(config_file).override(features, model if given(ctx, "model") else None, options,
-                                                   {k: v for k, v in settings.items() if given(ctx, k)})
+        run = RunConfig.load(config_file).override(
+            features,
+            model if given(ctx, "model") else None,
+            options,
+            {k: v for k, v in settings.items() if given(ctx, k)},
+        )
     with progress() as bar:
         t = bar.add_task("training", total=run.train.epochs, status="")
         on_epoch = lambda epoch, total, row: bar.update(  # noqa: E731
-            t, completed=epoch, status=f"loss {row.get('valid_loss', row['train_loss']):.3f}")
+            t, completed=epoch, status=f"loss {row.get('valid_loss', row['train_loss']):.3f}"
+        )
         ckpt = train_run(ds, run, split, test_fraction, on_epoch=on_epoch)
     ckpt.train_info["dataset"] = dataset
     save_checkpoint(ckpt, out_dir, force=force)
-    summary = {"checkpoint": str(out_dir), "task": ckpt.task.to_dict(), "features": str(ckpt.featurizer),
-               "n_features": ckpt.n_inputs, "training": ckpt.train_info, "metrics": ckpt.metrics}
+    summary = {
+        "checkpoint": str(out_dir),
+        "task": ckpt.task.to_dict(),
+        "features": str(ckpt.featurizer),
+        "n_features": ckpt.n_inputs,
+        "training": ckpt.train_info,
+        "metrics": ckpt.metrics,
+    }
     if as_json:
         return emit_json(summary)
-    out.print(f"trained [bold]{run.model}[/bold] on {dataset} ({ckpt.task.kind}, {ckpt.n_inputs} features "
-              f"'{ckpt.featurizer}'): best epoch {ckpt.train_info['best_epoch']}/{ckpt.train_info['epochs_run']}")
+    out.print(
+        f"trained [bold]{run.model}[/bold] on {dataset} ({ckpt.task.kind}, {ckpt.n_inputs} features "
+        f"'{ckpt.featurizer}'): best epoch {ckpt.train_info['best_epoch']}/{ckpt.train_info['epochs_run']}"
+    )
     out.print(f"float test metrics: {fmt_metrics(ckpt.metrics['float'])}")
     out.print(f"checkpoint written to {out_dir}; next: molcloak deploy {out_dir} --out bundles/<name>")
 
 
 def _print_compiled(compiled) -> None:
     s = compiled.stats
-    out.print(f"circuit: {s.pbs_count} PBS, max bit width {s.max_bit_width}, evaluation keys ~{mb(s.evaluation_key_bytes)} "
-              f"(in memory), input {kb(s.input_ciphertext_bytes)}, output {kb(s.output_ciphertext_bytes)}, "
-              f"p_error {s.p_error:.2g} per PBS, compiled in {compiled.seconds:.1f} s")
+    out.print(
+        f"circuit: {s.pbs_count} PBS, max bit width {s.max_bit_width}, evaluation keys ~{mb(s.evaluation_key_bytes)} "
+        f"(in memory), input {kb(s.input_ciphertext_bytes)}, output {kb(s.output_ciphertext_bytes)}, "
+        f"p_error {s.p_error:.2g} per PBS, compiled in {compiled.seconds:.1f} s"
+    )
     for key, m in compiled.metrics.items():
         out.print(f"  {key:>13} test: {fmt_metrics(m)}")
 
@@ -112,15 +166,25 @@ def _print_compiled(compiled) -> None:
 @app.command("compile")
 @cli_errors
 def compile_cmd(
-    checkpoint: Path | None = typer.Argument(None, help="Checkpoint directory written by `molcloak train` (omit with --torch-model)."),
+    checkpoint: Path | None = typer.Argument(
+        None, help="Checkpoint directory written by `molcloak train` (omit with --torch-model)."
+    ),
     rounding_bits: int | None = CompileOpts.rounding_bits,
     rounding_method: str | None = CompileOpts.rounding_method,
     p_error: float | None = CompileOpts.p_error,
-    bundle: Path | None = typer.Option(None, "--bundle", help="Also write the deployment bundle here (same as `deploy`)."),
-    name: str | None = typer.Option(None, "--name", help="Model name in the bundle (default: bundle directory name)."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Also write the deployment bundle here (same as `deploy`)."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Model name in the bundle (default: bundle directory name)."
+    ),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
-    torch_model: Path | None = typer.Option(None, "--torch-model", help="Instead of a checkpoint: a float PyTorch nn.Sequential (Linear, Conv2d, ReLU, Sigmoid, AvgPool2d, Flatten) saved with torch.save, quantized after training (--n-bits) and calibrated on --dataset's training split."),
+    torch_model: Path | None = typer.Option(
+        None,
+        "--torch-model",
+        help="Instead of a checkpoint: a float PyTorch nn.Sequential (Linear, Conv2d, ReLU, Sigmoid, AvgPool2d, Flatten) saved with torch.save, quantized after training (--n-bits) and calibrated on --dataset's training split.",
+    ),
     dataset: str = DataOpts.dataset,
     smiles_col: str = DataOpts.smiles_col,
     target_col: str | None = DataOpts.target_col,
@@ -128,11 +192,28 @@ def compile_cmd(
     threshold: float | None = DataOpts.threshold,
     feature_cols: str | None = DataOpts.feature_cols,
     skip_invalid: bool = DataOpts.skip_invalid,
-    split: str | None = typer.Option(None, "--split", help="With --torch-model: official (when the data has one), random or scaffold."),
-    features: str | None = typer.Option(None, "--features", "-f", help="With --torch-model: the features the model takes (default physchem; grid:r=2,size=32 for Conv2d models)."),
-    n_bits: int | None = typer.Option(None, "--n-bits", help="Post-training quantization bits of a float model (default 4 with --torch-model)."),
-    calib_size: int | None = typer.Option(None, "--calib-size", help="With --torch-model: calibration rows, a seeded sample of the training split (default: all of it)."),
-    seed: int = typer.Option(0, "--seed", help="With --torch-model: seed of the split and the calibration sample."),
+    split: str | None = typer.Option(
+        None, "--split", help="With --torch-model: official (when the data has one), random or scaffold."
+    ),
+    features: str | None = typer.Option(
+        None,
+        "--features",
+        "-f",
+        help="With --torch-model: the features the model takes (default physchem; grid:r=2,size=32 for Conv2d models).",
+    ),
+    n_bits: int | None = typer.Option(
+        None,
+        "--n-bits",
+        help="Post-training quantization bits of a float model (default 4 with --torch-model).",
+    ),
+    calib_size: int | None = typer.Option(
+        None,
+        "--calib-size",
+        help="With --torch-model: calibration rows, a seeded sample of the training split (default: all of it).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="With --torch-model: seed of the split and the calibration sample."
+    ),
 ):
     """Compile a checkpoint to a TFHE circuit; report PBS count, bit width, key sizes and FHE-simulated metrics.
 
@@ -153,7 +234,9 @@ def compile_cmd(
             ckpt = import_checkpoint(ds, torch_model, features, calib_size, seed, split)
         n_bits = DEFAULT_PTQ_BITS if n_bits is None else n_bits
     elif checkpoint is None:
-        raise ConfigError("no model given; pass a checkpoint directory (from `molcloak train`) or --torch-model model.pt")
+        raise ConfigError(
+            "no model given; pass a checkpoint directory (from `molcloak train`) or --torch-model model.pt"
+        )
     else:
         ckpt = load_checkpoint(checkpoint)
     cfg = recorded_compile_config(ckpt, **given_compile(rounding_bits, rounding_method, p_error, n_bits))
@@ -174,7 +257,9 @@ def compile_cmd(
 @cli_errors
 def deploy(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `molcloak train`."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (manifest.json, client/, server/, owner/)."),
+    out_dir: Path = typer.Option(
+        ..., "--out", "-o", help="Bundle directory to write (manifest.json, client/, server/, owner/)."
+    ),
     name: str | None = typer.Option(None, "--name", help="Model name (default: the --out directory name)."),
     rounding_bits: int | None = CompileOpts.rounding_bits,
     rounding_method: str | None = CompileOpts.rounding_method,
@@ -187,5 +272,15 @@ def deploy(
     Ship client/ to users and server/ to the FHE server; keep owner/ (the weights) to yourself.
     Example: molcloak deploy runs/sol-low --out bundles/sol-low
     """
-    compile_cmd(checkpoint, rounding_bits, rounding_method, p_error, out_dir, name, force, as_json, torch_model=None,
-                n_bits=None)
+    compile_cmd(
+        checkpoint,
+        rounding_bits,
+        rounding_method,
+        p_error,
+        out_dir,
+        name,
+        force,
+        as_json,
+        torch_model=None,
+        n_bits=None,
+    )

@@ -33,15 +33,32 @@ from .common import (
 def predict(
     ctx: typer.Context,
     smiles: List[str] | None = typer.Argument(None, help="SMILES to predict (or use --input)."),
-    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle directory (from `molcloak deploy`): both halves in this process."),
-    server: str | None = typer.Option(None, "--server", "-s", help="URL of a `molcloak serve` server (e.g. http://127.0.0.1:8000)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model name on the server (see GET /models)."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", "-b", help="Bundle directory (from `molcloak deploy`): both halves in this process."
+    ),
+    server: str | None = typer.Option(
+        None, "--server", "-s", help="URL of a `molcloak serve` server (e.g. http://127.0.0.1:8000)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model name on the server (see GET /models)."
+    ),
     token_file: Path | None = TokenFileOpt,
-    batch_size: int = typer.Option(8, "--batch-size", help="Ciphertexts per HTTP request, 1-64 (with --server)."),
-    input_csv: Path | None = typer.Option(None, "--input", "-i", help="CSV file with a SMILES column (or the feature columns of a tabular model)."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Ciphertexts per HTTP request, 1-64 (with --server)."
+    ),
+    input_csv: Path | None = typer.Option(
+        None,
+        "--input",
+        "-i",
+        help="CSV file with a SMILES column (or the feature columns of a tabular model).",
+    ),
     smiles_col: str = DataOpts.smiles_col,
     output: Path | None = typer.Option(None, "--output", help="Write predictions to this CSV file."),
-    fhe: str = typer.Option("execute", "--fhe", help="execute: real encryption with the key split; simulate: owner-side FHE simulation (with --bundle; needs owner/)."),
+    fhe: str = typer.Option(
+        "execute",
+        "--fhe",
+        help="execute: real encryption with the key split; simulate: owner-side FHE simulation (with --bundle; needs owner/).",
+    ),
     key_dir: Path | None = KeyDirOpt,
     skip_invalid: bool = DataOpts.skip_invalid,
     as_json: bool = JsonOpt,
@@ -64,22 +81,32 @@ def predict(
     if server is not None and not model:
         raise ConfigError("--server needs --model NAME; list the served models with GET /models")
     if server is not None and fhe != "execute":
-        raise ConfigError("--fhe simulate needs the owner's weights: use it with --bundle DIR (a bundle with its owner/ part), "
-                          "not with --server")
+        raise ConfigError(
+            "--fhe simulate needs the owner's weights: use it with --bundle DIR (a bundle with its owner/ part), "
+            "not with --server"
+        )
     if bundle is not None and given(ctx, "batch_size"):
-        raise ConfigError("--batch-size sets ciphertexts per HTTP request and applies to --server only; leave it out with --bundle")
+        raise ConfigError(
+            "--batch-size sets ciphertexts per HTTP request and applies to --server only; leave it out with --bundle"
+        )
     from ..serving.http_api import MAX_BATCH
 
     if not 1 <= batch_size <= MAX_BATCH:
-        raise ConfigError(f"--batch-size {batch_size} is out of range; use 1..{MAX_BATCH} ciphertexts per request")
+        raise ConfigError(
+            f"--batch-size {batch_size} is out of range; use 1..{MAX_BATCH} ciphertexts per request"
+        )
     if server is not None:
         from ..serving.http_client import RemoteModel
 
         backend = RemoteModel(server, model, key_dir, read_token(token_file))
     else:
-        backend = LocalBackend(bundle, key_dir) if fhe == "execute" else None  # simulate: the owner's weights, no keys
+        backend = (
+            LocalBackend(bundle, key_dir) if fhe == "execute" else None
+        )  # simulate: the owner's weights, no keys
     manifest = backend.client.manifest if backend else load_manifest(bundle, check=False)
-    inputs = read_inputs(manifest.featurizer, smiles, input_csv, smiles_col)  # SMILES, or rows of a tabular model
+    inputs = read_inputs(
+        manifest.featurizer, smiles, input_csv, smiles_col
+    )  # SMILES, or rows of a tabular model
     with progress() as bar:
         t = bar.add_task("keys + encrypted prediction", total=len(inputs), status="")
         on_item = lambda p: bar.update(t, advance=1, status=p.label or "")  # noqa: E731
@@ -101,7 +128,10 @@ def _print_predictions(report, task) -> None:
 
     table = Table(title=f"private predictions ({report.mode})")
     tabular = any(p.features is not None for p in report.predictions)
-    outputs = [f"{name} ({unit})" if unit else name for name, unit in ((n, task.unit_of(j)) for j, n in enumerate(task.tasks))]
+    outputs = [
+        f"{name} ({unit})" if unit else name
+        for name, unit in ((n, task.unit_of(j)) for j, n in enumerate(task.tasks))
+    ]
     timing = ("encrypt", "run", "decrypt" if report.mode != "server" else "round_trip")
     headers = ["#"] + ([] if tabular else ["SMILES"]) + (outputs or ["prediction"])
     for col in headers + ["encrypt", "FHE run", "decrypt" if report.mode != "server" else "round trip"]:
@@ -109,21 +139,25 @@ def _print_predictions(report, task) -> None:
     for p in report.predictions:
         first = [str(p.index)] + ([] if tabular else [p.smiles])
         if p.error:
-            table.add_row(*first, f"[red]{p.error}[/red]", *[""] * (len(headers) - len(first) - 1 + len(timing)))
+            table.add_row(
+                *first, f"[red]{p.error}[/red]", *[""] * (len(headers) - len(first) - 1 + len(timing))
+            )
             continue
         if isinstance(p.value, dict):
             cells = [f"{v:.3f}" for v in p.value.values()]
         else:
             cells = [describe(task, p.value) if p.label else f"{p.value:.3f}"]
         s = p.seconds
-        table.add_row(*first, *cells, *(f"{s[k]*1000:.0f} ms" if k in s else "-" for k in timing))
+        table.add_row(*first, *cells, *(f"{s[k] * 1000:.0f} ms" if k in s else "-" for k in timing))
     out.print(table)
     if task.kind == "multilabel":
         out.print("values: probability of label 1 per task")
     if report.mode in ("execute", "server"):
         kg = "reused from key dir" if report.keys_reused else f"generated in {report.keygen_seconds:.2f} s"
-        out.print(f"keys: {kg}; evaluation keys {mb(report.evaluation_key_bytes)}; ciphertexts: input "
-                  f"{kb(report.input_ciphertext_bytes)}, output {kb(report.output_ciphertext_bytes)}")
+        out.print(
+            f"keys: {kg}; evaluation keys {mb(report.evaluation_key_bytes)}; ciphertexts: input "
+            f"{kb(report.input_ciphertext_bytes)}, output {kb(report.output_ciphertext_bytes)}"
+        )
 
 
 @app.command()
@@ -141,15 +175,21 @@ def info(
     d = m.data
     task = m.task
     tasks = [f"{n} ({task.unit_of(j)})" if task.unit_of(j) else n for j, n in enumerate(task.tasks)]
-    out.print(f"[bold]{m.name}[/bold]  ({task.kind}; target {task.target!r}" + (f"; labels {list(task.labels)}" if task.labels else "")
-              + (f"; tasks {', '.join(tasks)}" if tasks else "") + ")")
+    out.print(
+        f"[bold]{m.name}[/bold]  ({task.kind}; target {task.target!r}"
+        + (f"; labels {list(task.labels)}" if task.labels else "")
+        + (f"; tasks {', '.join(tasks)}" if tasks else "")
+        + ")"
+    )
     out.print(f"features: {d['featurizer']['spec']} ({m.featurizer.width} values)")
     out.print(f"model: {d['model']['name']} {json.dumps(d['model']['config'])}")
     out.print(f"compile: {json.dumps(d.get('compile'))}")
     c = d.get("circuit", {})
     if c:
-        out.print(f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, evaluation keys ~{mb(c['evaluation_key_bytes'])}, "
-                  f"input {kb(c['input_ciphertext_bytes'])}, output {kb(c['output_ciphertext_bytes'])}, p_error {c['p_error']:.2g}")
+        out.print(
+            f"circuit: {c['pbs_count']} PBS, max bit width {c['max_bit_width']}, evaluation keys ~{mb(c['evaluation_key_bytes'])}, "
+            f"input {kb(c['input_ciphertext_bytes'])}, output {kb(c['output_ciphertext_bytes'])}, p_error {c['p_error']:.2g}"
+        )
     for key, met in m.metrics.items():
         out.print(f"  {key:>13} test: {fmt_metrics(met)}")
     out.print(f"versions: {json.dumps(d.get('versions'))}; created {d.get('created')}")
@@ -165,11 +205,22 @@ def models(as_json: bool = JsonOpt):
 
     from ..data import BUNDLED_TASKS
 
-    options = {k: dataclasses.asdict(v.config_cls()) for k, v in MODELS.items()}  # defaults; change with --set / --hidden
+    options = {
+        k: dataclasses.asdict(v.config_cls()) for k, v in MODELS.items()
+    }  # defaults; change with --set / --hidden
     if as_json:
-        return emit_json({"models": {k: v.description for k, v in MODELS.items()}, "options": options, "datasets": BUNDLED_TASKS})
+        return emit_json(
+            {
+                "models": {k: v.description for k, v in MODELS.items()},
+                "options": options,
+                "datasets": BUNDLED_TASKS,
+            }
+        )
     for k, v in MODELS.items():
         out.print(f"model [bold]{k}[/bold]: {v.description}")
-        out.print(f"  options: {json.dumps(options[k])}" + (f"; features {v.features}" if v.features else ""), highlight=False)
+        out.print(
+            f"  options: {json.dumps(options[k])}" + (f"; features {v.features}" if v.features else ""),
+            highlight=False,
+        )
     for k, v in BUNDLED_TASKS.items():
         out.print(f"dataset [bold]{k}[/bold]: {v}")

@@ -13,15 +13,27 @@ from .common import app, cli_errors, err, read_token
 @app.command()
 @cli_errors
 def serve(
-    bundles: Path = typer.Option(..., "--bundles", help="Folder with one bundle directory per model (each with server/server.zip)."),
+    bundles: Path = typer.Option(
+        ..., "--bundles", help="Folder with one bundle directory per model (each with server/server.zip)."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     workers: int = typer.Option(0, "--workers", help="FHE worker processes (0 = one per core)."),
-    token_file: Path | None = typer.Option(None, "--token-file", help="Require 'Authorization: Bearer <token>' with the token in this file."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="Where uploaded evaluation keys are kept (default <bundles>/.molcloak-server)."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Require 'Authorization: Bearer <token>' with the token in this file."
+    ),
+    state_dir: Path | None = typer.Option(
+        None,
+        "--state-dir",
+        help="Where uploaded evaluation keys are kept (default <bundles>/.molcloak-server).",
+    ),
     max_body_mb: int = typer.Option(128, "--max-body-mb", help="Largest accepted request body."),
-    key_cache_mb: int = typer.Option(2048, "--key-cache-mb", help="Memory for loaded evaluation keys, shared by the workers (LRU)."),
-    queue_size: int = typer.Option(64, "--queue-size", help="FHE jobs waiting or running before the server answers 503."),
+    key_cache_mb: int = typer.Option(
+        2048, "--key-cache-mb", help="Memory for loaded evaluation keys, shared by the workers (LRU)."
+    ),
+    queue_size: int = typer.Option(
+        64, "--queue-size", help="FHE jobs waiting or running before the server answers 503."
+    ),
 ):
     """Serve every bundle in --bundles over HTTP: the server holds evaluation keys and ciphertexts only.
 
@@ -33,27 +45,55 @@ def serve(
     from ..serving.http_api import ServeConfig
     from ..serving.http_api import serve as run_server
 
-    config = ServeConfig(bundles=bundles, state_dir=state_dir, workers=workers or max(1, os.cpu_count() or 1),
-                         queue_size=queue_size, max_body_bytes=max_body_mb * 2**20, key_cache_bytes=key_cache_mb * 2**20,
-                         token=read_token(token_file))
-    err.print(f"molcloak serve: bundles from {bundles}, {config.workers} FHE workers, keys in {config.keys_dir}; "
-              f"starting on http://{host}:{port}")
+    config = ServeConfig(
+        bundles=bundles,
+        state_dir=state_dir,
+        workers=workers or max(1, os.cpu_count() or 1),
+        queue_size=queue_size,
+        max_body_bytes=max_body_mb * 2**20,
+        key_cache_bytes=key_cache_mb * 2**20,
+        token=read_token(token_file),
+    )
+    err.print(
+        f"molcloak serve: bundles from {bundles}, {config.workers} FHE workers, keys in {config.keys_dir}; "
+        f"starting on http://{host}:{port}"
+    )
     run_server(config, host, port)
 
 
 @app.command("app")
 @cli_errors
 def app_cmd(
-    bundle: Path | None = typer.Option(None, "--bundle", help="A bundle, or a folder of bundles, to serve (default demo/bundle)."),
-    server: str | None = typer.Option(None, "--server", help="Use a running FHE server (molcloak serve) instead of starting one."),
-    token_file: Path | None = typer.Option(None, "--token-file", help="Bearer token for --server, in a file."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="A bundle, or a folder of bundles, to serve (default demo/bundle)."
+    ),
+    server: str | None = typer.Option(
+        None, "--server", help="Use a running FHE server (molcloak serve) instead of starting one."
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Bearer token for --server, in a file."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface the web page listens on."),
     port: int = typer.Option(7860, "--port", help="TCP port of the web page."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="Session keys and the server's state (default $MOLCLOAK_HOME/app, ~/.molcloak/app)."),
-    workers: int = typer.Option(0, "--workers", help="FHE workers of the server it starts (0 = one per core)."),
-    max_sessions: int = typer.Option(16, "--max-sessions", help="Browser sessions whose keys are kept; older ones are deleted."),
-    session_hours: float = typer.Option(24.0, "--session-hours", help="Delete a session's keys after this long unused."),
-    compare: bool = typer.Option(True, "--compare/--no-compare", help="Offer the owner's plaintext prediction next to the private one (needs the bundle's owner/ part)."),
+    state_dir: Path | None = typer.Option(
+        None,
+        "--state-dir",
+        help="Session keys and the server's state (default $MOLCLOAK_HOME/app, ~/.molcloak/app).",
+    ),
+    workers: int = typer.Option(
+        0, "--workers", help="FHE workers of the server it starts (0 = one per core)."
+    ),
+    max_sessions: int = typer.Option(
+        16, "--max-sessions", help="Browser sessions whose keys are kept; older ones are deleted."
+    ),
+    session_hours: float = typer.Option(
+        24.0, "--session-hours", help="Delete a session's keys after this long unused."
+    ),
+    compare: bool = typer.Option(
+        True,
+        "--compare/--no-compare",
+        help="Offer the owner's plaintext prediction next to the private one (needs the bundle's owner/ part).",
+    ),
 ):
     """The browser demo: watch a private prediction step by step (keys, encrypt, FHE run, decrypt).
 
@@ -62,9 +102,21 @@ def app_cmd(
     ciphertexts. Example: molcloak app --bundle demo/bundle, then open http://127.0.0.1:7860
     """
     if bundle is not None and server is not None:
-        raise ConfigError("pass either --bundle (start a server for it) or --server URL (use a running one), not both")
+        raise ConfigError(
+            "pass either --bundle (start a server for it) or --server URL (use a running one), not both"
+        )
     from molcloak.app.launcher import DEFAULT_STATE, run_app
 
-    run_app(bundle=bundle, server_url=server, token=read_token(token_file), host=host, port=port,
-            state_dir=state_dir or DEFAULT_STATE, workers=workers or None, max_sessions=max_sessions,
-            session_ttl_hours=session_hours, compare=compare, say=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    run_app(
+        bundle=bundle,
+        server_url=server,
+        token=read_token(token_file),
+        host=host,
+        port=port,
+        state_dir=state_dir or DEFAULT_STATE,
+        workers=workers or None,
+        max_sessions=max_sessions,
+        session_ttl_hours=session_hours,
+        compare=compare,
+        say=lambda m: err.print(m, highlight=False, soft_wrap=True),
+    )

@@ -29,7 +29,8 @@ def _init_worker(bundles: dict[str, str], key_root: str, cache_bytes: int) -> No
     servers = {name: PrivateServer(path) for name, path in bundles.items()}
     _STATE["servers"] = servers
     _STATE["store"] = KeyStore(
-        key_root, cache_bytes,
+        key_root,
+        cache_bytes,
         load=lambda model, data: servers[model].load_keys(data),
         # measured: a loaded key set takes ~1.2x the circuit's in-memory key-size estimate
         cost=lambda model: int(1.2 * servers[model].manifest.circuit.get("evaluation_key_bytes", 0)),
@@ -56,8 +57,14 @@ class WorkerPool:
     deserialized and cached in one worker only, not once per worker.
     """
 
-    def __init__(self, bundles: dict[str, Path], key_root: Path, workers: int, queue_size: int, cache_bytes: int):
-        self._args = ({k: str(v) for k, v in bundles.items()}, str(key_root), max(1, cache_bytes // max(1, workers)))
+    def __init__(
+        self, bundles: dict[str, Path], key_root: Path, workers: int, queue_size: int, cache_bytes: int
+    ):
+        self._args = (
+            {k: str(v) for k, v in bundles.items()},
+            str(key_root),
+            max(1, cache_bytes // max(1, workers)),
+        )
         self.workers, self.queue_size = workers, queue_size
         self.pending = 0
         self.restarts = 0
@@ -71,7 +78,9 @@ class WorkerPool:
     async def submit(self, key_id: str, fn, *args, spread: int = 0):
         """Run `fn(*args)` on the key's home worker, or `spread` workers further (batches use all workers)."""
         if self.pending >= self.queue_size:
-            raise ServerBusyError(f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds")
+            raise ServerBusyError(
+                f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds"
+            )
         self.pending += 1
         home = int(key_id[:8], 16) % self.workers if KEY_HEX.match(key_id) else 0
         slot = (home + spread) % self.workers

@@ -57,14 +57,22 @@ class ServeConfig:
 def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
     """Every subdirectory of `root` with a server part, by model name (or `root` itself if it is a bundle)."""
     if not root.is_dir():
-        raise BundleError(f"bundles directory {str(root)!r} does not exist; point --bundles at a folder of bundles")
+        raise BundleError(
+            f"bundles directory {str(root)!r} does not exist; point --bundles at a folder of bundles"
+        )
     found = {}
-    dirs = [root] if (root / "server" / "server.zip").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
+    dirs = (
+        [root]
+        if (root / "server" / "server.zip").is_file()
+        else sorted(p for p in root.iterdir() if p.is_dir())
+    )
     for d in (p for p in dirs if (p / "server" / "server.zip").is_file()):
         m = load_manifest(d, "server")
         found[m.name] = (d, m)
     if not found:
-        raise BundleError(f"no bundle found in {root}; each model needs <dir>/server/server.zip (from `molcloak deploy`)")
+        raise BundleError(
+            f"no bundle found in {root}; each model needs <dir>/server/server.zip (from `molcloak deploy`)"
+        )
     return found
 
 
@@ -87,9 +95,13 @@ class ModelInfo(BaseModel):
     metrics: dict
     featurizer: dict
     circuit: dict
-    client_fingerprint: str = Field(description="sha256 of the client part's client.zip (16 hex characters), as "
-                                    "`PrivateClient.fingerprint` computes it; changes when the model is redeployed")
-    evaluation_key_bytes: int | None = Field(None, description="exact size of this model's serialized evaluation keys")
+    client_fingerprint: str = Field(
+        description="sha256 of the client part's client.zip (16 hex characters), as "
+        "`PrivateClient.fingerprint` computes it; changes when the model is redeployed"
+    )
+    evaluation_key_bytes: int | None = Field(
+        None, description="exact size of this model's serialized evaluation keys"
+    )
 
 
 class KeyUploaded(BaseModel):
@@ -101,9 +113,14 @@ class KeyUploaded(BaseModel):
 class PredictRequest(BaseModel):
     model: str
     key_id: str
-    ciphertexts: list[str] = Field(min_length=1, max_length=MAX_BATCH, description="base64 serialized ciphertexts, one per molecule")
-    client_fingerprint: str | None = Field(None, description="fingerprint of the client part used to encrypt (from GET /models); "
-                                           "checked when given, so ciphertexts made for another model are refused")
+    ciphertexts: list[str] = Field(
+        min_length=1, max_length=MAX_BATCH, description="base64 serialized ciphertexts, one per molecule"
+    )
+    client_fingerprint: str | None = Field(
+        None,
+        description="fingerprint of the client part used to encrypt (from GET /models); "
+        "checked when given, so ciphertexts made for another model are refused",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -113,14 +130,22 @@ class PredictResponse(BaseModel):
     total_seconds: float
 
 
-STATUS = {UnknownModelError: 404, KeyMismatchError: 409, KeysError: 404, CiphertextError: 400, ServerBusyError: 503}
-ERRORS = {400: {"model": ErrorResponse, "description": "malformed ciphertext or keys"},
-          401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
-          404: {"model": ErrorResponse, "description": "unknown model or key id"},
-          409: {"model": ErrorResponse, "description": "key id belongs to another model"},
-          413: {"model": ErrorResponse, "description": "body over the size limit"},
-          415: {"model": ErrorResponse, "description": "wrong content type"},
-          503: {"model": ErrorResponse, "description": "queue full or worker restarted; retry"}}
+STATUS = {
+    UnknownModelError: 404,
+    KeyMismatchError: 409,
+    KeysError: 404,
+    CiphertextError: 400,
+    ServerBusyError: 503,
+}
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "malformed ciphertext or keys"},
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorResponse, "description": "unknown model or key id"},
+    409: {"model": ErrorResponse, "description": "key id belongs to another model"},
+    413: {"model": ErrorResponse, "description": "body over the size limit"},
+    415: {"model": ErrorResponse, "description": "wrong content type"},
+    503: {"model": ErrorResponse, "description": "queue full or worker restarted; retry"},
+}
 
 
 def status_of(exc: MolcloakError) -> int:
@@ -138,19 +163,30 @@ def error(status: int, kind: str, message: str, headers: dict | None = None) -> 
 def create_app(config: ServeConfig) -> FastAPI:
     models = find_bundles(config.bundles)
     client_zips = {name: _client_zip(d) for name, (d, _) in models.items()}
-    fingerprints = {name: client_fingerprint(d) for name, (d, _) in models.items()}  # the value clients compute
+    fingerprints = {
+        name: client_fingerprint(d) for name, (d, _) in models.items()
+    }  # the value clients compute
     config.keys_dir.mkdir(parents=True, exist_ok=True)
     store = KeyStore(config.keys_dir, 0, load=lambda m, d: None, cost=lambda m: 0)  # metadata only
-    pool = WorkerPool({n: d for n, (d, _) in models.items()}, config.keys_dir, config.workers, config.queue_size,
-                      config.key_cache_bytes)
+    pool = WorkerPool(
+        {n: d for n, (d, _) in models.items()},
+        config.keys_dir,
+        config.workers,
+        config.queue_size,
+        config.key_cache_bytes,
+    )
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         pool.shutdown()
 
-    app = FastAPI(title="molcloak FHE server", version="1", lifespan=lifespan,
-                  description="Encrypted molecular property prediction. The server sees evaluation keys and ciphertexts only.")
+    app = FastAPI(
+        title="molcloak FHE server",
+        version="1",
+        lifespan=lifespan,
+        description="Encrypted molecular property prediction. The server sees evaluation keys and ciphertexts only.",
+    )
     app.state.pool = pool
 
     def model_or_404(name: str) -> Manifest:
@@ -165,7 +201,9 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):
-        return error(500, "InternalError", f"unexpected server error ({type(exc).__name__}); the server keeps running")
+        return error(
+            500, "InternalError", f"unexpected server error ({type(exc).__name__}); the server keeps running"
+        )
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -174,39 +212,76 @@ def create_app(config: ServeConfig) -> FastAPI:
             return error(401, "Unauthorized", "missing or wrong token; send 'Authorization: Bearer <token>'")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return error(413, "BodyTooLarge", f"body of {length} bytes is over the limit of {config.max_body_bytes} bytes")
+            return error(
+                413,
+                "BodyTooLarge",
+                f"body of {length} bytes is over the limit of {config.max_body_bytes} bytes",
+            )
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        expected = {("POST", "/predict"): "application/json", ("POST", "/keys"): "application/octet-stream"}.get((method, path))
+        expected = {
+            ("POST", "/predict"): "application/json",
+            ("POST", "/keys"): "application/octet-stream",
+        }.get((method, path))
         if expected and ctype != expected:
-            return error(415, "UnsupportedMediaType", f"{method} {path} takes {expected}, got {ctype or 'no content type'!r}")
+            return error(
+                415,
+                "UnsupportedMediaType",
+                f"{method} {path} takes {expected}, got {ctype or 'no content type'!r}",
+            )
         return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(models), "pending_jobs": pool.pending, "worker_restarts": pool.restarts}
+        return {
+            "status": "ok",
+            "models": list(models),
+            "pending_jobs": pool.pending,
+            "worker_restarts": pool.restarts,
+        }
 
     @app.get("/models", response_model=list[ModelInfo])
     async def list_models():
         return [_model_info(name, m, fingerprints[name]) for name, (_, m) in models.items()]
 
-    @app.get("/models/{name}/client", responses={404: ERRORS[404]},
-             response_class=Response, summary="The client part of a bundle (zip): quantizers, crypto parameters, manifest; no weights")
+    @app.get(
+        "/models/{name}/client",
+        responses={404: ERRORS[404]},
+        response_class=Response,
+        summary="The client part of a bundle (zip): quantizers, crypto parameters, manifest; no weights",
+    )
     async def client_part(name: str):
         model_or_404(name)
-        return Response(client_zips[name], media_type="application/zip",
-                        headers={"Content-Disposition": f'attachment; filename="{name}-client.zip"'})
+        return Response(
+            client_zips[name],
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{name}-client.zip"'},
+        )
 
-    @app.post("/keys", status_code=201, response_model=KeyUploaded, responses={k: ERRORS[k] for k in (400, 404, 413, 415, 503)},
-              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload_keys(request: Request, model: str = Query(..., description="model the keys were generated for")):
+    @app.post(
+        "/keys",
+        status_code=201,
+        response_model=KeyUploaded,
+        responses={k: ERRORS[k] for k in (400, 404, 413, 415, 503)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def upload_keys(
+        request: Request, model: str = Query(..., description="model the keys were generated for")
+    ):
         manifest = model_or_404(model)
         data = await _read_capped(request, config.max_body_bytes)
         expected = manifest.circuit.get("serialized_evaluation_key_bytes")
         if not data:
             raise CiphertextError("the body is empty; send the serialized evaluation keys")
         if expected and len(data) != expected:
-            raise CiphertextError(f"evaluation keys have {len(data)} bytes, model {model!r} expects {expected}; "
-                                  "were they generated with this model's client part?")
+            raise CiphertextError(
+                f"evaluation keys have {len(data)} bytes, model {model!r} expects {expected}; "
+                "were they generated with this model's client part?"
+            )
         key_id = await asyncio.to_thread(store.put, model, data)  # 10s of MB + fsync: off the event loop
         try:
             await pool.check_keys(model, key_id)
@@ -220,18 +295,28 @@ def create_app(config: ServeConfig) -> FastAPI:
         store.delete(key_id)
         return Response(status_code=204)
 
-    @app.post("/predict", response_model=PredictResponse, responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 503)})
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 503)},
+    )
     async def predict(req: PredictRequest):
         model_or_404(req.model)
         store.check_owner(req.key_id, req.model)
         if req.client_fingerprint is not None and req.client_fingerprint != fingerprints[req.model]:
-            raise CiphertextError(f"the ciphertexts were encrypted with the client part {req.client_fingerprint!r}, "
-                                  f"model {req.model!r} has {fingerprints[req.model]!r}; download its client part again")
+            raise CiphertextError(
+                f"the ciphertexts were encrypted with the client part {req.client_fingerprint!r}, "
+                f"model {req.model!r} has {fingerprints[req.model]!r}; download its client part again"
+            )
         cts = [_b64(c, i) for i, c in enumerate(req.ciphertexts)]
         start = time.perf_counter()
         results = await asyncio.gather(*(pool.run(req.model, req.key_id, ct, i) for i, ct in enumerate(cts)))
-        return PredictResponse(model=req.model, outputs=[base64.b64encode(o).decode() for o, _ in results],
-                               server_seconds=[s for _, s in results], total_seconds=time.perf_counter() - start)
+        return PredictResponse(
+            model=req.model,
+            outputs=[base64.b64encode(o).decode() for o, _ in results],
+            server_seconds=[s for _, s in results],
+            total_seconds=time.perf_counter() - start,
+        )
 
     return app
 
@@ -255,7 +340,9 @@ def _b64(text: str, index: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise CiphertextError(f"ciphertext {index} is not valid base64; send base64 of the serialized ciphertext") from exc
+        raise CiphertextError(
+            f"ciphertext {index} is not valid base64; send base64 of the serialized ciphertext"
+        ) from exc
 
 
 def _client_zip(bundle_dir: Path) -> bytes:
@@ -272,9 +359,16 @@ def _client_zip(bundle_dir: Path) -> bytes:
 
 def _model_info(name: str, m: Manifest, fingerprint: str) -> ModelInfo:
     task = m.task
-    return ModelInfo(name=name, task=task.to_dict(), labels=list(task.labels), metrics=m.metrics,
-                     featurizer=m.data["featurizer"], circuit=m.circuit, client_fingerprint=fingerprint,
-                     evaluation_key_bytes=m.circuit.get("serialized_evaluation_key_bytes"))
+    return ModelInfo(
+        name=name,
+        task=task.to_dict(),
+        labels=list(task.labels),
+        metrics=m.metrics,
+        featurizer=m.data["featurizer"],
+        circuit=m.circuit,
+        client_fingerprint=fingerprint,
+        evaluation_key_bytes=m.circuit.get("serialized_evaluation_key_bytes"),
+    )
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:

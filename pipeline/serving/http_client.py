@@ -37,7 +37,10 @@ from ..predict import PredictionBackend
 
 RETRIES = 5
 # the server's error types that have a matching client-side exception; any other type -> RemoteError
-ERROR_TYPES = {cls.__name__: cls for cls in (KeysError, KeyMismatchError, CiphertextError, UnknownModelError, ServerBusyError)}
+ERROR_TYPES = {
+    cls.__name__: cls
+    for cls in (KeysError, KeyMismatchError, CiphertextError, UnknownModelError, ServerBusyError)
+}
 
 
 def server_error(r: httpx.Response) -> tuple[str, str]:
@@ -54,8 +57,15 @@ class RemoteModel(PredictionBackend):
 
     mode, source = "server", "server"
 
-    def __init__(self, url: str, model: str, key_dir: str | Path | None = None, token: str | None = None,
-                 timeout: float = 600.0, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        key_dir: str | Path | None = None,
+        token: str | None = None,
+        timeout: float = 600.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.url, self.model = url.rstrip("/"), model
         self.where = self.url
         self.key_dir = Path(key_dir or DEFAULT_KEY_DIR)
@@ -76,7 +86,9 @@ class RemoteModel(PredictionBackend):
                 r = self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 if attempt == RETRIES - 1:
-                    raise RemoteError(f"cannot reach the FHE server at {self.url} ({exc}); is `molcloak serve` running?") from exc
+                    raise RemoteError(
+                        f"cannot reach the FHE server at {self.url} ({exc}); is `molcloak serve` running?"
+                    ) from exc
             else:
                 if r.status_code != 503 or attempt == RETRIES - 1:
                     return r
@@ -98,7 +110,9 @@ class RemoteModel(PredictionBackend):
         for m in models:
             if m["name"] == self.model:
                 return m
-        raise RemoteError(f"model {self.model!r} is not served at {self.url}; available: {', '.join(m['name'] for m in models)}")
+        raise RemoteError(
+            f"model {self.model!r} is not served at {self.url}; available: {', '.join(m['name'] for m in models)}"
+        )
 
     def _client_part(self) -> Path:
         """The model's client part, cached by fingerprint; its client.zip must hash to what the server
@@ -115,8 +129,10 @@ class RemoteModel(PredictionBackend):
             got = client_fingerprint(target)
             if got == expected:
                 return target
-        raise RemoteError(f"the client part of model {self.model!r} from {self.url} has fingerprint {got}, the server "
-                          f"advertises {expected}; the model was probably redeployed meanwhile: retry")
+        raise RemoteError(
+            f"the client part of model {self.model!r} from {self.url} has fingerprint {got}, the server "
+            f"advertises {expected}; the model was probably redeployed meanwhile: retry"
+        )
 
     def keygen(self, force: bool = False) -> KeygenInfo:
         """Load or generate this model's keys; make sure the server holds their evaluation keys."""
@@ -149,11 +165,21 @@ class RemoteModel(PredictionBackend):
         return stored.get("key_id")
 
     def _upload_keys(self) -> str:
-        r = self._ok(self.request("POST", "/keys", params={"model": self.model}, content=self.client.evaluation_keys(),
-                                  headers={"Content-Type": "application/octet-stream"}))
+        r = self._ok(
+            self.request(
+                "POST",
+                "/keys",
+                params={"model": self.model},
+                content=self.client.evaluation_keys(),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        )
         key_id = r.json()["key_id"]
-        self._key_file.write_text(json.dumps({"key_id": key_id, "model": self.model, "url": self.url,
-                                              "keys_sha256": self._keys_sha256()}))
+        self._key_file.write_text(
+            json.dumps(
+                {"key_id": key_id, "model": self.model, "url": self.url, "keys_sha256": self._keys_sha256()}
+            )
+        )
         return key_id
 
     def _keys_sha256(self) -> str:
@@ -163,8 +189,11 @@ class RemoteModel(PredictionBackend):
 
     def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
         """Send one batch; re-upload the keys once if the server no longer knows our key id."""
-        body = {"model": self.model, "ciphertexts": [base64.b64encode(c).decode() for c in ciphertexts],
-                "client_fingerprint": self.info["client_fingerprint"]}
+        body = {
+            "model": self.model,
+            "ciphertexts": [base64.b64encode(c).decode() for c in ciphertexts],
+            "client_fingerprint": self.info["client_fingerprint"],
+        }
         for refresh in (False, True):
             r = self.request("POST", "/predict", json={**body, "key_id": self.key_id(refresh)})
             if not refresh and r.status_code == 404 and server_error(r)[0] == "KeysError":

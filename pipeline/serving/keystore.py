@@ -24,7 +24,13 @@ KEY_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class KeyStore:
-    def __init__(self, root: str | Path, cache_bytes: int, load: Callable[[str, bytes], Any], cost: Callable[[str], int]):
+    def __init__(
+        self,
+        root: str | Path,
+        cache_bytes: int,
+        load: Callable[[str, bytes], Any],
+        cost: Callable[[str], int],
+    ):
         """`load(model, data)` deserializes keys; `cost(model)` is the memory one loaded key set takes."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -48,14 +54,18 @@ class KeyStore:
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise KeysError(f"key id {key_id!r} is unknown to this server; upload the evaluation keys again (POST /keys)") from exc
+            raise KeysError(
+                f"key id {key_id!r} is unknown to this server; upload the evaluation keys again (POST /keys)"
+            ) from exc
 
     def check_owner(self, key_id: str, model: str) -> dict:
         """The metadata of `key_id`; `KeyMismatchError` (HTTP 409) if its keys were made for another model."""
         meta = self.meta(key_id)
         if meta["model"] != model:
-            raise KeyMismatchError(f"key id {key_id} belongs to model {meta['model']!r}, not {model!r}; "
-                                   f"upload keys generated for {model!r} (POST /keys?model={model})")
+            raise KeyMismatchError(
+                f"key id {key_id} belongs to model {meta['model']!r}, not {model!r}; "
+                f"upload keys generated for {model!r} (POST /keys?model={model})"
+            )
         return meta
 
     def delete(self, key_id: str) -> None:
@@ -67,7 +77,9 @@ class KeyStore:
 
     def _path(self, key_id: str, ext: str) -> Path:
         if not isinstance(key_id, str) or not KEY_ID.match(key_id):
-            raise KeysError(f"key id {str(key_id)[:40]!r} is malformed; expected the 32 hex characters POST /keys returned")
+            raise KeysError(
+                f"key id {str(key_id)[:40]!r} is malformed; expected the 32 hex characters POST /keys returned"
+            )
         return self.root / f"{key_id}.{ext}"
 
     # -- cache --------------------------------------------------------------
@@ -97,4 +109,3 @@ class KeyStore:
 
     def __len__(self) -> int:
         return len(list(self.root.glob("*.json")))
-

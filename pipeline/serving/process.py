@@ -46,16 +46,37 @@ class ServerProcess:
     `timeout` (seconds to wait for GET /health).
     """
 
-    def __init__(self, bundles: str | Path, state_dir: str | Path, *, workers: int | None = None,
-                 token_file: str | Path | None = None, port: int | None = None, log: str | Path | None = None,
-                 extra_args: Sequence[str] = (), timeout: float = START_TIMEOUT):
+    def __init__(
+        self,
+        bundles: str | Path,
+        state_dir: str | Path,
+        *,
+        workers: int | None = None,
+        token_file: str | Path | None = None,
+        port: int | None = None,
+        log: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+        timeout: float = START_TIMEOUT,
+    ):
         self.bundles, self.state_dir = Path(bundles), Path(state_dir)
         self.token_file = Path(token_file) if token_file else None
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = Path(log) if log else self.state_dir.with_name(f"{self.state_dir.name}.log")
-        cmd = [sys.executable, "-m", "molcloak.pipeline.cli", "serve", "--bundles", str(self.bundles),
-               "--host", HOST, "--port", str(self.port), "--state-dir", str(self.state_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "molcloak.pipeline.cli",
+            "serve",
+            "--bundles",
+            str(self.bundles),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir),
+        ]
         if workers:
             cmd += ["--workers", str(workers)]
         if self.token_file:
@@ -64,8 +85,13 @@ class ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as fh:  # the child keeps its own descriptor
             self._log_start = fh.tell()  # this run's part of the log (a restart appends to it)
-            self.process = subprocess.Popen(self.command, stdout=fh, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self._wait_healthy(timeout)
 
     @property
@@ -82,16 +108,20 @@ class ServerProcess:
         while True:
             if self.process.poll() is not None:
                 self._kill_group()  # FHE workers it may have started
-                raise RemoteError(f"the FHE server exited with status {self.process.returncode} before answering "
-                                  f"{self.url}/health: {self.log_tail()} (command: {' '.join(self.command[1:])}; "
-                                  f"log: {self.log}); fix the error above and start it again")
+                raise RemoteError(
+                    f"the FHE server exited with status {self.process.returncode} before answering "
+                    f"{self.url}/health: {self.log_tail()} (command: {' '.join(self.command[1:])}; "
+                    f"log: {self.log}); fix the error above and start it again"
+                )
             if self._healthy():
                 return
             if time.monotonic() >= deadline:
                 self._kill_group()
-                raise RemoteError(f"the FHE server did not answer {self.url}/health within {timeout:g} s and was "
-                                  f"stopped; last log lines: {self.log_tail() or '(none)'} (log: {self.log}); "
-                                  "allow more time if its models are large, or read the log")
+                raise RemoteError(
+                    f"the FHE server did not answer {self.url}/health within {timeout:g} s and was "
+                    f"stopped; last log lines: {self.log_tail() or '(none)'} (log: {self.log}); "
+                    "allow more time if its models are large, or read the log"
+                )
             time.sleep(0.25)
 
     def _healthy(self) -> bool:
