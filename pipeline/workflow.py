@@ -30,6 +30,7 @@ __all__ = [
     "import_checkpoint",
     "recorded_compile_config",
     "train_checkpoint",
+    "train_on_features",
     "train_run",
     "unfitted_featurizer",
 ]
@@ -41,7 +42,12 @@ def unfitted_featurizer(ds: Dataset, features: str | None, default: str = DEFAUL
 
 
 def featurized(
-    ds: Dataset, features=None, split: str | None = None, test_fraction: float = 0.2, seed: int = 0
+    ds: Dataset,
+    features=None,
+    split: str | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    valid_fraction: float = 0.1,
 ) -> tuple[Featurizer, np.ndarray, Split]:
     """(fitted featurizer, features of every row, split): the scaler is fitted on the training split only.
 
@@ -49,7 +55,7 @@ def featurized(
     outside molcloak on ``X[split.train]`` sees exactly the features the client will compute.
     """
     parsed = unfitted_featurizer(ds, features) if features is None or isinstance(features, str) else features
-    sp = split_dataset(ds, split, test_fraction=test_fraction, seed=seed)
+    sp = split_dataset(ds, split, test_fraction=test_fraction, valid_fraction=valid_fraction, seed=seed)
     spec = parsed.fit(ds.inputs(sp.train))
     return spec, spec.transform(ds.inputs()), sp
 
@@ -65,10 +71,25 @@ def train_checkpoint(
     on_epoch: EpochCallback | None = None,
 ) -> Checkpoint:
     """Split, featurize (scaler fitted on train only), train, and score the float model on test."""
-    config = networks.make_config(model_name, model_options)
+    networks.make_config(model_name, model_options)  # bad options fail before featurizing
     parsed = unfitted_featurizer(ds, features, networks.default_features(model_name) or DEFAULT_FEATURES)
     networks.check_features(model_name, parsed)
     spec, X, sp = featurized(ds, parsed, split, test_fraction, train_config.seed)
+    return train_on_features(ds, spec, X, sp, model_name, model_options, train_config, on_epoch)
+
+
+def train_on_features(
+    ds: Dataset,
+    spec: Featurizer,
+    X: np.ndarray,
+    sp: Split,
+    model_name: str = DEFAULT_MODEL,
+    model_options: dict | None = None,
+    train_config: TrainConfig = TrainConfig(),
+    on_epoch: EpochCallback | None = None,
+) -> Checkpoint:
+    """Train on features already computed by `featurized` (a search trains many models on one featurization)."""
+    config = networks.make_config(model_name, model_options)
     seed_everything(train_config.seed)  # weight initialization is part of the seeded run
     model = networks.build_model(model_name, spec.width, ds.task.n_outputs, config)
     result = train_model(

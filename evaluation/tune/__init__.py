@@ -1,1 +1,1 @@
-"""molcloak tune: the sweep and Pareto front (sweep), PBS cost calibration (pbs_cost), per-layer errors (layer_error)."""
+"""molcloak tune: the sweep and Pareto front (sweep) and per-layer errors (layer_error); the PBS cost model it uses is the core's (molcloak.pipeline.pbs_cost, shared with molcloak fit)."""

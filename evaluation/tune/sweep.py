@@ -2,7 +2,7 @@
 
 Accuracy comes from Concrete's FHE simulation of each compiled variant on the test split
 (which includes the error injected by `p_error`); latency is predicted from the circuit's PBS
-count and maximum bit width with a per-PBS cost measured on this machine (`pbs_cost`); the
+count and maximum bit width with a per-PBS cost measured on this machine (`molcloak.pipeline.pbs_cost`); the
 key size is the serialized evaluation-key size (throwaway keys generated once per variant).
 Points on the Pareto front (accuracy up, latency down, key size down) can then be run for real
 (keygen, encrypt, server run, decrypt). The chosen point is written as a JSON configuration that
@@ -34,7 +34,7 @@ from molcloak.pipeline.workflow import (
     train_checkpoint,
 )
 
-from .pbs_cost import Calibration
+from molcloak.pipeline.pbs_cost import Calibration
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-from . import (  # noqa: F401  (each registers its commands)
-    audit,
-    bench,
-    demo,
-    owner,
-    predict,
-    quiet,  # noqa: F401  (first: silences dependency noise before torch or concrete load)
-    serve,
-)
+# isort: off
+from . import quiet  # noqa: F401  (first: silences dependency noise before torch or concrete load)
+from . import audit, bench, demo, fit, owner, predict, serve  # noqa: F401  (each registers its commands)
+
+# isort: on
 from .common import app
 
 

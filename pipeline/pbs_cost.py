@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from molcloak.pipeline.files import molcloak_home
+from .files import molcloak_home
 
 DEFAULT_PATH = molcloak_home() / "pbs_calibration.json"
 SIZES = (1, 16)

@@ -1,0 +1,165 @@
+"""The model owner's `molcloak fit`: search the model for this data under a latency and key budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import (
+    DataOpts,
+    ForceOpt,
+    JsonOpt,
+    app,
+    cli_errors,
+    emit_json,
+    fmt_metrics,
+    int_list,
+    load_data,
+    out,
+    progress,
+)
+
+
+@app.command()
+@cli_errors
+def fit(
+    dataset: str = DataOpts.dataset,
+    smiles_col: str = DataOpts.smiles_col,
+    target_col: str | None = DataOpts.target_col,
+    task: str = DataOpts.task,
+    threshold: float | None = DataOpts.threshold,
+    skip_invalid: bool = DataOpts.skip_invalid,
+    feature_cols: str | None = DataOpts.feature_cols,
+    split: str | None = DataOpts.split,
+    test_fraction: float = DataOpts.test_fraction,
+    budget_ms: float = typer.Option(
+        250.0, "--budget-ms", help="Latency budget: median server-side run of one encrypted molecule, in ms."
+    ),
+    max_key_mb: float = typer.Option(
+        60.0, "--max-key-mb", help="Evaluation-key budget (MB a client uploads)."
+    ),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Wall-clock cap of the search; the best model found so far is kept."
+    ),
+    features: list[str] | None = typer.Option(
+        None,
+        "--features",
+        "-f",
+        help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
+        "with selection, physchem + Morgan bits).",
+    ),
+    widths: str = typer.Option(
+        "8;16;24;32;16,16", "--widths", help="Hidden layer settings to try, ';'-separated, e.g. '8;16;16,8'."
+    ),
+    weight_bits: str = typer.Option("2,3,4", "--weight-bits", help="Weight bit widths to try."),
+    input_bits: str = typer.Option("3,4", "--input-bits", help="Input bit widths to try."),
+    rounding_bits: str = typer.Option(
+        "5,4,6", "--rounding-bits", help="Accumulator rounding bits to try (0 = off)."
+    ),
+    epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json)."
+    ),
+    out_dir: Path = typer.Option(Path("runs/fit"), "--out", "-o", help="Checkpoint directory to write."),
+    deploy_dir: Path | None = typer.Option(None, "--deploy", help="Also write the deployment bundle here."),
+    name: str | None = typer.Option(
+        None, "--name", help="Model name in the bundle (default: its directory name)."
+    ),
+    force: bool = ForceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Find the most accurate encrypted model for your data within a latency and key budget, and train it.
+
+    Models are trained on the training split and chosen by their FHE-simulated metric on an inner
+    validation part (never the test split); latency is predicted from each circuit's PBS count and bit
+    width with the PBS cost measured on this machine. The chosen model is compiled, timed for real and
+    written as a checkpoint (with its compile settings, for `deploy`).
+    Example: molcloak fit --dataset bace.csv --target-col Class --split scaffold --out runs/bace
+    """
+    from ..bundle import save_checkpoint
+    from ..fit import FitBudget, SearchSpace, fit
+    from ..pbs_cost import Calibration
+    from ..train import TrainConfig
+    from ..workflow import deploy
+
+    ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
+    space = SearchSpace(
+        **({"features": tuple(features)} if features else {}),
+        hidden=tuple(tuple(int_list(w, "--widths")) for w in widths.split(";") if w.strip()),
+        weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
+        input_bits=tuple(int_list(input_bits, "--input-bits")),
+        rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
+    )
+    budget = FitBudget(budget_ms, max_key_mb, max_minutes)
+    with progress(transient=False) as bar:
+        t = bar.add_task("fit", total=None, status="")
+        on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
+        result = fit(
+            ds,
+            space,
+            budget,
+            split,
+            test_fraction,
+            seed,
+            TrainConfig(epochs=epochs, patience=30),
+            Calibration(calibration),
+            on_step,
+        )
+    result.checkpoint.train_info["dataset"] = dataset
+    save_checkpoint(result.checkpoint, out_dir, force=force)
+    summary = {"checkpoint": str(out_dir), **result.to_dict()}
+    if deploy_dir is not None:
+        deploy(result.checkpoint, result.compiled, deploy_dir, name or deploy_dir.name, force=force)
+        summary["bundle"] = str(deploy_dir)
+    if as_json:
+        return emit_json(summary)
+    _print_fit(result, budget)
+    out.print(
+        f"checkpoint written to {out_dir}"
+        + (
+            f", bundle to {deploy_dir}"
+            if deploy_dir
+            else f"; next: molcloak deploy {out_dir} --out bundles/<name>"
+        )
+    )
+
+
+def _print_fit(result, budget) -> None:
+    table = Table(
+        title=f"molcloak fit: {len(result.candidates)} variants, validation {result.metric} (FHE-simulated)"
+    )
+    for col in ("features", "network", "compile", result.metric, "float", "PBS", "bits", "MB", "ms", "fits"):
+        table.add_column(col, overflow="fold")
+    ranked = sorted(result.candidates, key=lambda c: (c.fits(budget), c.valid), reverse=True)
+    for c in ranked:
+        mark = " *" if c is result.chosen else ""
+        table.add_row(
+            (c.features or "columns") + mark,
+            c.network,
+            c.compile_label,
+            f"{c.valid:.3f}",
+            f"{c.float_valid:.3f}",
+            str(c.pbs),
+            str(c.max_bits),
+            f"{c.key_bytes / 1e6:.0f}",
+            f"{c.predicted_s * 1e3:.0f}",
+            "yes" if c.fits(budget) else "no",
+        )
+    out.print(table)
+    out.print(
+        f"* chosen: the most accurate within {budget.latency_ms:g} ms and {budget.key_mb:g} MB "
+        "(ms: predicted from PBS count and bit width)"
+    )
+    m = result.measured
+    if m.get("median_run_s") is not None:
+        out.print(
+            f"  measured: {m['median_run_s'] * 1e3:.0f} ms median over {m['runs']} encrypted runs, keygen "
+            f"{m['keygen_s']:.2f} s, evaluation keys {m['evaluation_key_bytes'] / 1e6:.1f} MB"
+        )
+    if result.stopped_early:
+        out.print("[yellow]--max-minutes reached: the best model found so far was kept[/yellow]")
+    for key, metrics in result.compiled.metrics.items():
+        out.print(f"  {key:>13} test: {fmt_metrics(metrics)}")

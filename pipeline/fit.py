@@ -1,0 +1,384 @@
+"""`molcloak fit`: the most accurate encrypted model for the owner's data within a latency and key budget.
+
+The search runs on the training part of the split only: models are trained on `train`, and chosen
+by their FHE-simulated metric on an inner validation part (`valid`, a seeded random share of the
+training molecules); the test part is scored once, for the chosen model. Latency is predicted from
+the circuit's PBS count and maximum bit width with the PBS cost measured on this machine
+(`pbs_cost.Calibration`, the model `molcloak tune` uses); the evaluation-key size is measured on
+throwaway keys. Three stages, each bounded, with a wall-clock cap that returns the best so far:
+
+1. features: every candidate feature spec with the reference network;
+2. network: for the best feature specs, one setting at a time (hidden widths, weight bits, input
+   bits) moved from the best network found so far, kept when it is more accurate within budget;
+3. compile settings: the best networks recompiled with other rounding bits and p_error (no training).
+
+The chosen model is compiled again on the test split, its latency measured for real (keygen and
+encrypted runs through both halves), and its checkpoint records the compile settings for `deploy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import networks
+from .bundle import Checkpoint
+from .compile import CompileConfig
+from .data import Dataset
+from .errors import CompilationError, ConfigError, TuneError
+from .metrics import score, to_predictions
+from .pbs_cost import Calibration
+from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
+from .train import TrainConfig, predict_raw
+from .workflow import Compiled, compile_checkpoint, deploy, featurized, train_on_features, unfitted_featurizer
+
+# Feature specs tried by default, cheapest first: the 10 physchem descriptors, then richer sets
+# reduced to a bounded number of encrypted inputs by selection fitted on the training molecules.
+DEFAULT_FEATURE_CANDIDATES = (
+    DEFAULT_FEATURES,
+    "rdkit2d:scale=quantile+select:k=32",
+    "rdkit2d:scale=quantile+morgan_count:r=2,n=2048,scale=quantile+select:k=64",
+    "physchem:scale=quantile+morgan:r=2,n=1024",
+)
+MAX_MEASURED_BITS = 9  # wider circuits cost several times the 250 ms budget (PERF_NOTES): not calibrated
+INNER_VALID_FRACTION = 0.2
+StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps planned)
+
+
+@dataclass(frozen=True)
+class FitBudget:
+    latency_ms: float = 250.0  # median server-side run of one encrypted molecule, this machine
+    key_mb: float = 60.0  # serialized evaluation keys a client uploads
+    max_minutes: float | None = None  # wall-clock cap of the search; the best found so far is returned
+
+    def __post_init__(self):
+        if (
+            self.latency_ms <= 0
+            or self.key_mb <= 0
+            or (self.max_minutes is not None and self.max_minutes <= 0)
+        ):
+            raise ConfigError(
+                f"budget {dataclasses.asdict(self)} is not positive; use e.g. --budget-ms 250 --max-key-mb 60"
+            )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
+    start: tuple[tuple[str, object], ...] = (
+        ("hidden", (16,)),
+        ("weight_bits", 3),
+        ("act_bits", 3),
+        ("input_bits", 4),
+    )
+    hidden: tuple[tuple[int, ...], ...] = ((8,), (16,), (24,), (32,), (16, 16))
+    weight_bits: tuple[int, ...] = (2, 3, 4)
+    input_bits: tuple[int, ...] = (3, 4)
+    rounding_bits: tuple[int | None, ...] = (5, 4, 6)  # the first is used in stages 1-2
+    p_error: tuple[float | None, ...] = (1e-6,)
+    top_features: int = 2  # feature specs carried into stage 2
+    top_networks: int = 3  # networks recompiled in stage 3
+    model: str = DEFAULT_MODEL
+
+    def __post_init__(self):
+        if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:
+            raise ConfigError(
+                "the search space is empty; give at least one feature spec, width, rounding and p_error"
+            )
+
+    @property
+    def start_options(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.start}
+
+    @property
+    def first_compile(self) -> CompileConfig:
+        return CompileConfig(self.rounding_bits[0], "approximate", self.p_error[0])
+
+    def network_moves(self) -> list[tuple[str, list]]:
+        return [
+            ("hidden", [list(h) for h in self.hidden]),
+            ("weight_bits", list(self.weight_bits)),
+            ("input_bits", list(self.input_bits)),
+        ]
+
+
+@dataclass
+class Candidate:
+    """One trained and compiled variant, scored on the inner validation part."""
+
+    features: str | None
+    options: dict
+    compile: CompileConfig
+    stage: str
+    valid: float = float("nan")  # FHE-simulated validation metric (higher is better)
+    float_valid: float = float("nan")
+    pbs: int = 0
+    max_bits: int = 0
+    key_bytes: int = 0
+    predicted_s: float = float("inf")
+    seconds: float = 0.0
+    trained: str = ""  # key of its checkpoint in the search's cache
+
+    @property
+    def network(self) -> str:
+        o = self.options
+        hidden = ",".join(map(str, o.get("hidden", [])))
+        return f"h={hidden} w{o.get('weight_bits')}a{o.get('act_bits')}i{o.get('input_bits')}"
+
+    @property
+    def compile_label(self) -> str:
+        p = "default" if self.compile.p_error is None else f"{self.compile.p_error:g}"
+        return f"r{self.compile.rounding_bits} p={p}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.features or 'columns'} {self.network} {self.compile_label}"
+
+    def fits(self, budget: FitBudget) -> bool:
+        return self.predicted_s * 1e3 <= budget.latency_ms and self.key_bytes <= budget.key_mb * 1e6
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "features": self.features,
+            "model_options": self.options,
+            "compile": self.compile.to_dict(),
+            "stage": self.stage,
+            "valid": self.valid,
+            "float_valid": self.float_valid,
+            "pbs": self.pbs,
+            "max_bits": self.max_bits,
+            "evaluation_key_bytes": self.key_bytes,
+            "predicted_s": self.predicted_s,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class FitResult:
+    checkpoint: Checkpoint
+    compiled: Compiled
+    chosen: Candidate
+    candidates: list[Candidate]
+    metric: str
+    measured: dict = field(default_factory=dict)
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "metric": self.metric,
+            "chosen": self.chosen.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "test_metrics": self.compiled.metrics,
+            "circuit": self.compiled.stats.to_dict(),
+            "measured": self.measured,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def selection_metric(task) -> str:
+    """ROC-AUC for classification (mean over tasks for multi-label), R² for regression."""
+    return "roc_auc" if task.is_classification else "r2"
+
+
+class _Search:
+    """The state of one search: features cached per spec, trained checkpoints cached per network."""
+
+    def __init__(self, ds, space, budget, split, test_fraction, seed, train, calibration, on_step):
+        self.ds, self.space, self.budget, self.train = ds, space, budget, train
+        self.split, self.test_fraction, self.seed = split, test_fraction, seed
+        self.calibration, self.on_step = calibration, on_step or (lambda msg, done, total: None)
+        self.metric = selection_metric(ds.task)
+        self.deadline = time.monotonic() + budget.max_minutes * 60 if budget.max_minutes else float("inf")
+        self.features: dict[str | None, tuple] = {}
+        self.trained: dict[str, Checkpoint] = {}
+        self.candidates: list[Candidate] = []
+        self.planned = len(space.features) + space.top_features * sum(
+            len(v) for _, v in space.network_moves()
+        )
+        self.planned += space.top_networks * (len(space.rounding_bits) * len(space.p_error) - 1)
+
+    @property
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def featurize(self, features: str | None):
+        if features not in self.features:
+            spec, X, sp = featurized(
+                self.ds,
+                unfitted_featurizer(self.ds, features),
+                self.split,
+                self.test_fraction,
+                self.seed,
+                valid_fraction=INNER_VALID_FRACTION,
+            )
+            if len(sp.valid) < 10:
+                raise TuneError(
+                    f"the inner validation part has {len(sp.valid)} molecules; fit needs at least 10 to choose "
+                    "a model: use a larger dataset or a smaller --test-fraction"
+                )
+            self.features[features] = (spec, X, sp)
+        return self.features[features]
+
+    def evaluate(self, features: str | None, options: dict, cfg: CompileConfig, stage: str) -> Candidate:
+        start = time.perf_counter()
+        spec, X, sp = self.featurize(features)
+        options = networks.make_config(
+            self.space.model, options
+        ).to_dict()  # one key per network, defaults filled
+        key = f"{features}|{sorted((k, str(v)) for k, v in options.items())}"
+        if key not in self.trained:
+            self.trained[key] = train_on_features(self.ds, spec, X, sp, self.space.model, options, self.train)
+        ckpt = self.trained[key]
+        done = next((c for c in self.candidates if c.trained == key and c.compile == cfg), None)
+        if done is not None:
+            return done
+        valid_view = dataclasses.replace(ckpt, X_test=X[sp.valid], y_test=self.ds.y[sp.valid], smiles_test=[])
+        cand = Candidate(features, dict(ckpt.model_config), cfg, stage, trained=key)
+        try:
+            compiled = compile_checkpoint(valid_view, cfg, measure_keys=True)
+        except CompilationError as exc:  # a variant Concrete cannot compile is skipped, the search goes on
+            self.on_step(f"skipped {cand.label}: {str(exc)[:120]}", len(self.candidates), self.planned)
+            return cand
+        raw = predict_raw(ckpt.build_model(), X[sp.valid])
+        float_metrics = score(
+            self.ds.task, self.ds.y[sp.valid], to_predictions(self.ds.task, raw, ckpt.scaler)
+        )
+        cand.valid = compiled.metrics["fhe_simulate"].get(self.metric, float("nan"))
+        cand.float_valid = float_metrics.get(self.metric, float("nan"))
+        s = compiled.stats
+        cand.pbs, cand.max_bits, cand.key_bytes = (
+            s.pbs_count,
+            s.max_bit_width,
+            s.serialized_evaluation_key_bytes,
+        )
+        if s.max_bit_width <= MAX_MEASURED_BITS:
+            cand.predicted_s = self.calibration.predict(
+                s.pbs_count, s.max_bit_width, cfg.rounding_bits, cfg.p_error
+            )
+        cand.seconds = time.perf_counter() - start
+        self.candidates.append(cand)
+        fits = "within budget" if cand.fits(self.budget) else "over budget"
+        self.on_step(
+            f"{cand.label}: {self.metric} {cand.valid:.3f}, {cand.predicted_s * 1e3:.0f} ms, {fits}",
+            len(self.candidates),
+            self.planned,
+        )
+        return cand
+
+    def best(self, pool: list[Candidate] | None = None, within: bool = True) -> Candidate | None:
+        pool = [c for c in (self.candidates if pool is None else pool) if np.isfinite(c.valid)]
+        pool = [c for c in pool if c.fits(self.budget)] if within else pool
+        return max(pool, key=lambda c: (c.valid, -c.predicted_s), default=None)
+
+
+def fit(
+    ds: Dataset,
+    space: SearchSpace = SearchSpace(),
+    budget: FitBudget = FitBudget(),
+    split: str | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    train: TrainConfig = TrainConfig(patience=30),
+    calibration: Calibration | None = None,
+    on_step: StepCallback | None = None,
+    measure_runs: int = 5,
+) -> FitResult:
+    """Search, choose on the inner validation part, compile the choice on the test part and time it."""
+    if ds.is_tabular:
+        space = dataclasses.replace(space, features=(None,))
+    train = dataclasses.replace(train, seed=seed)
+    search = _Search(
+        ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step
+    )
+    _search(search)
+    chosen = search.best()
+    if chosen is None:
+        cheapest = min(search.candidates, key=lambda c: c.predicted_s, default=None)
+        found = (
+            f"the cheapest found is {cheapest.label} at {cheapest.predicted_s * 1e3:.0f} ms and "
+            f"{cheapest.key_bytes / 1e6:.1f} MB of keys"
+            if cheapest
+            else "no variant compiled"
+        )
+        raise TuneError(
+            f"no configuration meets {budget.latency_ms:g} ms and {budget.key_mb:g} MB ({found}); raise "
+            "--budget-ms / --max-key-mb or try smaller networks"
+        )
+    ckpt = search.trained[chosen.trained]
+    ckpt.train_info["compile"] = chosen.compile.to_dict()
+    ckpt.train_info["fit"] = {
+        "metric": search.metric,
+        "valid": chosen.valid,
+        "budget": dataclasses.asdict(budget),
+        "features": chosen.features,
+    }
+    compiled = compile_checkpoint(ckpt, chosen.compile, measure_keys=True)
+    result = FitResult(
+        ckpt, compiled, chosen, search.candidates, search.metric, stopped_early=search.out_of_time
+    )
+    if measure_runs:
+        result.measured = measure_latency(ckpt, compiled, measure_runs)
+    return result
+
+
+def _search(search: _Search) -> None:
+    space = search.space
+    start, cfg0 = space.start_options, space.first_compile
+    for features in space.features:  # stage 1
+        if search.out_of_time:
+            return
+        search.evaluate(features, start, cfg0, "features")
+    ranked = sorted(
+        (c for c in search.candidates if np.isfinite(c.valid)),
+        key=lambda c: (c.fits(search.budget), c.valid),
+        reverse=True,
+    )
+    for features in [c.features for c in ranked][: space.top_features]:  # stage 2
+        current = start
+        for name, values in space.network_moves():
+            for value in values:
+                if search.out_of_time:
+                    return
+                options = {**current, name: value}
+                search.evaluate(features, options, cfg0, "network")
+            mine = [c for c in search.candidates if c.features == features and c.compile == cfg0]
+            best = search.best(mine) or search.best(mine, within=False)
+            current = {**best.options} if best else current
+    networks = sorted(
+        (c for c in search.candidates if c.compile == cfg0 and np.isfinite(c.valid)),
+        key=lambda c: c.valid,
+        reverse=True,
+    )
+    for base in networks[: space.top_networks]:  # stage 3
+        for rounding in space.rounding_bits:
+            for p_error in space.p_error:
+                cfg = CompileConfig(rounding, "approximate", p_error)
+                if cfg != cfg0 and not search.out_of_time:
+                    search.evaluate(base.features, base.options, cfg, "compile")
+
+
+def measure_latency(ckpt: Checkpoint, compiled: Compiled, n_runs: int) -> dict:
+    """Keygen and `n_runs` encrypted runs of test rows through both halves (a temporary bundle)."""
+    from .predict import LocalBackend
+
+    with tempfile.TemporaryDirectory(prefix="molcloak-fit-") as tmp:
+        deploy(ckpt, compiled, f"{tmp}/bundle", "fit")
+        backend = LocalBackend(f"{tmp}/bundle", key_dir=f"{tmp}/keys")
+        info = backend.keygen()
+        X = ckpt.X_test[: n_runs + 1]
+        runs = backend.run_rows(X) if len(X) else []
+        seconds = [r.seconds["run"] for r in runs[1:]]  # the first run pays one-time setup
+        backend.close()
+    return {
+        "keygen_s": info.seconds,
+        "evaluation_key_bytes": info.evaluation_key_bytes,
+        "median_run_s": statistics.median(seconds) if seconds else None,
+        "runs": len(seconds),
+    }

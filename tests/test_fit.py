@@ -1,0 +1,162 @@
+"""`molcloak fit` on a tiny CSV with a tiny search space: real training, compilation, keys and encrypted runs.
+
+The PBS cost calibration is given as a file (fixed costs per bit width) so the predicted latencies, and
+with them the budget decisions, are the same on every machine; `tests/test_bench.py` measures a real
+calibration. No assertion is on time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import write_csv
+from typer.testing import CliRunner
+
+from molcloak.pipeline import data
+from molcloak.pipeline.bundle import load_checkpoint, load_manifest
+from molcloak.pipeline.cli import app
+from molcloak.pipeline.errors import ConfigError, TuneError
+from molcloak.pipeline.fit import FitBudget, SearchSpace, fit
+from molcloak.pipeline.pbs_cost import Calibration, key
+from molcloak.pipeline.train import TrainConfig
+
+TINY = SearchSpace(
+    features=("physchem:scale=quantile", "physchem"),
+    start=(("hidden", (3,)), ("weight_bits", 2), ("act_bits", 2), ("input_bits", 2)),
+    hidden=((3,), (4,)),
+    weight_bits=(2,),
+    input_bits=(2,),
+    rounding_bits=(None, 4),
+    p_error=(2**-40,),
+    top_features=1,
+    top_networks=1,
+)
+
+
+def calibration(tmp_path) -> Calibration:
+    """50 ms + 5 ms per PBS at every bit width (a fixed cost model: deterministic budget decisions)."""
+    entries = {
+        key(b, lb, p): {"bits": b, "lookup_bits": lb, "p_error": p, "fixed_s": 0.05, "per_pbs_s": 0.005}
+        for b in range(1, 10)
+        for lb in range(1, b + 1)
+        for p in (2**-40, 1e-6)
+    }
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"entries": entries}))
+    return Calibration(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    ds = data.load_bundled("sol-low")
+    rows = [(s, ds.task.labels[int(y)]) for s, y in zip(ds.smiles[:240], ds.y[:240])]
+    return write_csv(tmp_path_factory.mktemp("fit") / "mols.csv", ["smiles", "label"], rows)
+
+
+@pytest.mark.slow
+def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_csv, tmp_path):
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    steps = []
+    result = fit(
+        ds,
+        TINY,
+        FitBudget(latency_ms=500),
+        "scaffold",
+        0.2,
+        0,
+        TrainConfig(epochs=3, patience=3),
+        calibration(tmp_path),
+        on_step=lambda msg, done, total: steps.append((msg, done, total)),
+    )
+    stages = {c.stage for c in result.candidates}
+    assert stages == {"features", "network", "compile"} and len(result.candidates) >= 4 and steps
+    assert all(c.fits(FitBudget(latency_ms=500)) for c in result.candidates)  # 50 ms + a few PBS x 5 ms
+    assert result.chosen.valid == max(c.valid for c in result.candidates)  # chosen on validation, not test
+    assert result.metric == "roc_auc" and 0 <= result.compiled.metrics["fhe_simulate"]["roc_auc"] <= 1
+    ckpt = result.checkpoint
+    assert (
+        ckpt.train_info["compile"] == result.chosen.compile.to_dict()
+        and ckpt.train_info["split"] == "scaffold"
+    )
+    assert ckpt.train_info["n_valid"] >= 30  # the inner validation share (20 % of the training molecules)
+    assert str(ckpt.featurizer) == result.chosen.features
+    m = result.measured
+    assert m["runs"] == 5 and m["median_run_s"] > 0 and m["evaluation_key_bytes"] > 0  # real keys, real runs
+    # the same search again gives the same choice (seeded)
+    again = fit(
+        ds,
+        TINY,
+        FitBudget(latency_ms=500),
+        "scaffold",
+        0.2,
+        0,
+        TrainConfig(epochs=3, patience=3),
+        calibration(tmp_path),
+        measure_runs=0,
+    )
+    assert again.chosen.label == result.chosen.label and np.isclose(again.chosen.valid, result.chosen.valid)
+
+
+def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    space = SearchSpace(
+        features=("physchem",),
+        start=TINY.start,
+        hidden=((3,),),
+        weight_bits=(2,),
+        input_bits=(2,),
+        rounding_bits=(None,),
+        p_error=(2**-40,),
+        top_features=1,
+        top_networks=1,
+    )
+    with pytest.raises(
+        TuneError,
+        match=r"no configuration meets 10 ms and 60 MB \(the cheapest found is physchem "
+        r"h=3 w2a2i2 rNone p=9.09495e-13 at \d+ ms",
+    ):
+        fit(ds, space, FitBudget(latency_ms=10), None, 0.2, 0, TrainConfig(epochs=2), calibration(tmp_path))
+    with pytest.raises(ConfigError, match="budget .* is not positive"):
+        FitBudget(latency_ms=0)
+
+
+def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
+    calibration(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "--dataset",
+            str(tiny_csv),
+            "--target-col",
+            "label",
+            "--split",
+            "random",
+            "--features",
+            "physchem",
+            "--widths",
+            "3",
+            "--weight-bits",
+            "2",
+            "--input-bits",
+            "2",
+            "--rounding-bits",
+            "0",
+            "--epochs",
+            "2",
+            "--calibration",
+            str(tmp_path / "calib.json"),
+            "--out",
+            str(tmp_path / "ckpt"),
+            "--deploy",
+            str(tmp_path / "bundle"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["chosen"]["features"] == "physchem" and summary["candidates"]
+    assert load_checkpoint(tmp_path / "ckpt").train_info["fit"]["metric"] == "roc_auc"
+    assert load_manifest(tmp_path / "bundle").data["compile"]["rounding_bits"] is None
