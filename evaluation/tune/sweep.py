@@ -25,6 +25,7 @@ from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import TuneError
 from molcloak.pipeline.metrics import fhe_equals_simulation
+from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.runconfig import RunConfig
 from molcloak.pipeline.train import TrainConfig
 from molcloak.pipeline.workflow import (
@@ -33,8 +34,6 @@ from molcloak.pipeline.workflow import (
     compile_checkpoint,
     train_checkpoint,
 )
-
-from molcloak.pipeline.pbs_cost import Calibration
 
 
 @dataclass(frozen=True)
