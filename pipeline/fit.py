@@ -35,6 +35,7 @@ from .errors import CompilationError, ConfigError, TuneError
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
+from .teacher import teacher_outputs
 from .train import TrainConfig, predict_raw
 from .workflow import Compiled, compile_checkpoint, deploy, featurized, train_on_features, unfitted_featurizer
 
@@ -199,6 +200,7 @@ class _Search:
         self.features: dict[str | None, tuple] = {}
         self.trained: dict[str, Checkpoint] = {}
         self.candidates: list[Candidate] = []
+        self._teacher: np.ndarray | None = None
         self.planned = len(space.features) + space.top_features * sum(
             len(v) for _, v in space.network_moves()
         )
@@ -234,7 +236,10 @@ class _Search:
         ).to_dict()  # one key per network, defaults filled
         key = f"{features}|{sorted((k, str(v)) for k, v in options.items())}"
         if key not in self.trained:
-            self.trained[key] = train_on_features(self.ds, spec, X, sp, self.space.model, options, self.train)
+            soft = self.teacher(sp) if self.train.teacher else None
+            self.trained[key] = train_on_features(
+                self.ds, spec, X, sp, self.space.model, options, self.train, soft_train=soft
+            )
         ckpt = self.trained[key]
         done = next((c for c in self.candidates if c.trained == key and c.compile == cfg), None)
         if done is not None:
@@ -271,6 +276,13 @@ class _Search:
             self.planned,
         )
         return cand
+
+    def teacher(self, sp) -> np.ndarray:
+        """The teacher's out-of-bag outputs on the training rows, computed once per search."""
+        if self._teacher is None:
+            self.on_step(f"training the {self.train.teacher} teacher", len(self.candidates), self.planned)
+            self._teacher = teacher_outputs(self.ds, sp.train, self.train.teacher, self.seed)
+        return self._teacher
 
     def best(self, pool: list[Candidate] | None = None, within: bool = True) -> Candidate | None:
         pool = [c for c in (self.candidates if pool is None else pool) if np.isfinite(c.valid)]

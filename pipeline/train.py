@@ -24,8 +24,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 50  # epochs without validation-loss improvement before stopping
     seed: int = 0
+    teacher: str | None = None  # "rf": also learn a plaintext teacher's out-of-bag outputs (teacher.py)
+    distill: float = 0.5  # with a teacher: the weight of its outputs in the loss (the labels get 1 - distill)
 
     def __post_init__(self):
+        if not 0 <= self.distill < 1:
+            raise ModelConfigError(
+                f"distill weight {self.distill} out of range; use 0 <= distill < 1 (e.g. 0.5)"
+            )
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 1:
             raise ModelConfigError(
                 f"invalid training options {asdict(self)}; need epochs >= 1, batch_size >= 2, lr > 0, patience >= 1"
@@ -104,6 +110,24 @@ def _check_task_labels(task: TaskSpec, y_train: np.ndarray) -> None:
         )
 
 
+def _soft_target(task: TaskSpec, soft: np.ndarray, scaler: TargetScaler | None) -> torch.Tensor:
+    """A teacher's outputs in the space of the network's raw outputs' targets."""
+    if task.kind in ("regression", "multitarget"):
+        soft = scaler.transform(soft) if scaler is not None else soft
+        t = torch.as_tensor(soft, dtype=torch.float32)
+        return t.unsqueeze(1) if task.kind == "regression" else t
+    return torch.as_tensor(soft, dtype=torch.float32)  # probabilities
+
+
+def _soft_loss(task: TaskSpec, out: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's class probabilities, BCE per task, or squared error to its values."""
+    if task.kind in ("binary", "multiclass"):
+        return -(soft * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
+    if task.kind == "multilabel":
+        return nn.functional.binary_cross_entropy_with_logits(out, soft)
+    return nn.functional.mse_loss(out, soft)
+
+
 def predict_raw(model: nn.Module, X: np.ndarray) -> np.ndarray:
     """Raw outputs (logits or standardized values) of the float/QAT torch model."""
     model.eval()
@@ -120,8 +144,13 @@ def train_model(
     y_valid: np.ndarray,
     config: TrainConfig = TrainConfig(),
     on_epoch: EpochCallback | None = None,
+    soft_train: np.ndarray | None = None,
 ) -> TrainResult:
-    """Train `model` in place and return it with the best validation epoch's weights restored."""
+    """Train `model` in place and return it with the best validation epoch's weights restored.
+
+    `soft_train`: a teacher's outputs on the training rows (`teacher.teacher_outputs`: probabilities
+    or values in task units); the loss is then (1 - distill) x label loss + distill x teacher loss.
+    Early stopping always watches the label loss on the validation rows."""
     if len(X_train) < 2:
         raise ModelConfigError(f"need at least 2 training molecules, got {len(X_train)}")
     seed_everything(config.seed)
@@ -130,6 +159,7 @@ def train_model(
     scaler = TargetScaler.fit(y_train) if task.kind in ("regression", "multitarget") else None
     loss_fn = make_loss(task)
     yt, yv = target_tensor(task, y_train, scaler), target_tensor(task, y_valid, scaler)
+    soft = None if soft_train is None or not config.distill else _soft_target(task, soft_train, scaler)
     Xt = torch.as_tensor(X_train, dtype=torch.float32)
     Xv = torch.as_tensor(X_valid, dtype=torch.float32)
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -142,7 +172,10 @@ def train_model(
         total = 0.0
         for idx in batches(len(Xt), config.batch_size, rng):
             optim.zero_grad()
-            loss = loss_fn(model(Xt[idx]), yt[idx])
+            out = model(Xt[idx])
+            loss = loss_fn(out, yt[idx])
+            if soft is not None:
+                loss = (1 - config.distill) * loss + config.distill * _soft_loss(task, out, soft[idx])
             loss.backward()
             optim.step()
             total += float(loss) * len(idx)

@@ -18,6 +18,7 @@ from .metrics import score, to_predictions
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL, RunConfig
 from .splits import Split, split_dataset
 from .tabular import tabular_featurizer
+from .teacher import teacher_outputs
 from .train import EpochCallback, TrainConfig, predict_raw, seed_everything, train_model
 
 __all__ = [
@@ -87,13 +88,27 @@ def train_on_features(
     model_options: dict | None = None,
     train_config: TrainConfig = TrainConfig(),
     on_epoch: EpochCallback | None = None,
+    soft_train: np.ndarray | None = None,
 ) -> Checkpoint:
-    """Train on features already computed by `featurized` (a search trains many models on one featurization)."""
+    """Train on features already computed by `featurized` (a search trains many models on one featurization).
+
+    With `train_config.teacher`, the student also learns the teacher's out-of-bag outputs on the training
+    rows (`soft_train`, computed here when not given; a search computes them once)."""
     config = networks.make_config(model_name, model_options)
+    if train_config.teacher and soft_train is None:
+        soft_train = teacher_outputs(ds, sp.train, train_config.teacher, train_config.seed)
     seed_everything(train_config.seed)  # weight initialization is part of the seeded run
     model = networks.build_model(model_name, spec.width, ds.task.n_outputs, config)
     result = train_model(
-        model, ds.task, X[sp.train], ds.y[sp.train], X[sp.valid], ds.y[sp.valid], train_config, on_epoch
+        model,
+        ds.task,
+        X[sp.train],
+        ds.y[sp.train],
+        X[sp.valid],
+        ds.y[sp.valid],
+        train_config,
+        on_epoch,
+        soft_train=soft_train if train_config.teacher else None,
     )
     float_preds = to_predictions(ds.task, predict_raw(result.model, X[sp.test]), result.scaler)
     return Checkpoint(

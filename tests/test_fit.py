@@ -160,3 +160,42 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert summary["chosen"]["features"] == "physchem" and summary["candidates"]
     assert load_checkpoint(tmp_path / "ckpt").train_info["fit"]["metric"] == "roc_auc"
     assert load_manifest(tmp_path / "bundle").data["compile"]["rounding_bits"] is None
+
+
+def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():
+    """Binary: class probabilities; multi-task regression with missing labels: one value per task."""
+    from molcloak.pipeline.splits import split_dataset
+    from molcloak.pipeline.teacher import teacher_outputs
+
+    ds = data.load_bundled("sol-low").subset(np.arange(300))
+    sp = split_dataset(ds, "random", seed=0)
+    soft = teacher_outputs(ds, sp.train, "rf", seed=0, trees=50)
+    assert soft.shape == (len(sp.train), 2) and np.allclose(soft.sum(axis=1), 1)
+    y = ds.y[sp.train]
+    # out of bag: not the labels memorized (a forest on its own training rows would give ~1.0 to the label)
+    assert 0.6 < np.mean(soft.argmax(axis=1) == y) < 0.99
+    mt = data.load_bundled("sol-freesolv").subset(np.arange(400))
+    sp = split_dataset(mt, "random", seed=0)
+    values = teacher_outputs(mt, sp.train, "rf", seed=0, trees=50)
+    assert values.shape == (len(sp.train), 2) and np.isfinite(values).all()  # missing labels get a prediction
+    with pytest.raises(ConfigError, match="unknown teacher 'svm'"):
+        teacher_outputs(ds, sp.train, "svm")
+
+
+def test_distillation_changes_the_student_and_is_recorded():
+    from molcloak.pipeline import workflow
+
+    ds = data.load_bundled("sol-low").subset(np.arange(400))
+    tiny = dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2)
+    plain = workflow.train_checkpoint(
+        ds, "physchem", model_options=tiny, train_config=TrainConfig(epochs=4), split="random"
+    )
+    taught = workflow.train_checkpoint(
+        ds, "physchem", model_options=tiny, train_config=TrainConfig(epochs=4, teacher="rf"), split="random"
+    )
+    assert taught.train_info["config"]["teacher"] == "rf" and taught.train_info["config"]["distill"] == 0.5
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(plain.state_dict.values(), taught.state_dict.values())
+    )
+    with pytest.raises(ConfigError, match="distill weight 1.0 out of range"):
+        TrainConfig(teacher="rf", distill=1.0)

@@ -59,6 +59,13 @@ def fit(
         "5,4,6", "--rounding-bits", help="Accumulator rounding bits to try (0 = off)."
     ),
     epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
+    teacher: str = typer.Option(
+        "none",
+        "--teacher",
+        help="rf: also train each network on the out-of-bag outputs of a plaintext RandomForest the owner keeps "
+        "(distillation); none: labels only.",
+    ),
+    distill: float = typer.Option(0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json)."
@@ -97,6 +104,7 @@ def fit(
     with progress(transient=False) as bar:
         t = bar.add_task("fit", total=None, status="")
         on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
+        train = TrainConfig(epochs=epochs, patience=30, teacher=None if teacher == "none" else teacher, distill=distill)
         result = fit(
             ds,
             space,
@@ -104,7 +112,7 @@ def fit(
             split,
             test_fraction,
             seed,
-            TrainConfig(epochs=epochs, patience=30),
+            train,
             Calibration(calibration),
             on_step,
         )
