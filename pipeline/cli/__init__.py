@@ -12,7 +12,7 @@ import sys
 
 # isort: off
 from . import quiet  # noqa: F401  (first: silences dependency noise before torch or concrete load)
-from . import audit, bench, demo, fit, owner, predict, serve  # noqa: F401  (each registers its commands)
+from . import demo, fit, owner, predict, serve, audit, bench  # noqa: F401  (registration order = --help order)
 
 # isort: on
 from .common import app
