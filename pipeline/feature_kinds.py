@@ -1,4 +1,10 @@
-"""The molecular feature part kinds: one registry entry per kind (physchem, morgan, morgan_count, grid).
+"""The molecular feature part kinds: one registry entry per kind.
+
+Descriptors: physchem (10), rdkit2d (RDKit's 217 2D descriptors, missing values imputed: see `rdkit2d`).
+Fingerprints (RDKit's fingerprint generators, one cached generator per options): morgan / morgan_count
+(ECFP), fmorgan / fmorgan_count (feature-Morgan, FCFP: pharmacophoric atom invariants), atompair_count,
+torsion_count (hashed atom pairs and topological torsions), maccs (the 167 MACCS keys); counts are capped
+at `COUNT_CAP`. Images: grid (the CNN models' input).
 
 A part kind says how to compute one molecule's raw values, the width and names of its columns,
 which options it reads and whether its columns are scaled. `Part` is one parsed ``kind:opt=value``
@@ -16,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from .errors import FeaturizerError
+from .rdkit2d import RDKIT2D_DESCRIPTORS, check_rdkit2d, rdkit2d_names, rdkit2d_values
 
 # RDKit descriptor names, in the order they appear in the feature vector.
 PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
@@ -30,6 +37,7 @@ PHYSCHEM_DESCRIPTORS: tuple[str, ...] = (
     "RingCount",
     "HeavyAtomCount",
 )
+MACCS_KEYS = 167  # RDKit's MACCS keys: bit 0 unused, bits 1..166 the public keys
 COUNT_CAP = 15  # morgan_count values are clipped here so a few bits represent them
 GRID_CAP = 7  # grid pixels: min(count, 7) / 7, exactly 3 bits (99% of non-zero counts are <= 7)
 SCALES = ("standard", "quantile")  # quantile: each column mapped to [-1, 1] by its training quantiles
@@ -59,6 +67,8 @@ class PartKind(NamedTuple):
     )
     check: Callable[[Part], str] = _no_problem  # "" or what is wrong with the part's options and the fix
     image: bool = False  # a (1, side, side) molecule image: the only part of its spec
+    imputed: bool = False  # compute gives NaN for a missing value, the fitted spec imputes the median
+    slow: bool = False  # milliseconds per molecule: big batches are featurized on several processes
 
 
 @functools.cache
@@ -88,22 +98,45 @@ def descriptor_compute(
 
 
 @functools.cache
-def _morgan_generator(radius: int, n_bits: int):
-    from rdkit.Chem import rdFingerprintGenerator
+def _generator(family: str, radius: int, n_bits: int):
+    """RDKit's fingerprint generator of a family (morgan, fmorgan, atompair, torsion), one per options."""
+    from rdkit.Chem import rdFingerprintGenerator as gen
 
-    return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
+    if family == "atompair":
+        return gen.GetAtomPairGenerator(fpSize=n_bits)
+    if family == "torsion":
+        return gen.GetTopologicalTorsionGenerator(fpSize=n_bits)
+    invariants = gen.GetMorganFeatureAtomInvGen() if family == "fmorgan" else None
+    return gen.GetMorganGenerator(radius=radius, fpSize=n_bits, atomInvariantsGenerator=invariants)
 
 
-def _morgan_bits(part: Part, mol) -> np.ndarray:
-    return _morgan_generator(part.radius, part.n_bits).GetFingerprintAsNumPy(mol)
+def _bits(family: str) -> Callable[[Part, Any], np.ndarray]:
+    def compute(part: Part, mol) -> np.ndarray:
+        return _generator(family, part.radius, part.n_bits).GetFingerprintAsNumPy(mol)
+
+    return compute
 
 
-def _morgan_counts(part: Part, mol) -> np.ndarray:
-    return np.minimum(_morgan_generator(part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol), COUNT_CAP)
+def _counts(family: str) -> Callable[[Part, Any], np.ndarray]:
+    """Hashed counts of a fingerprint family, capped at `COUNT_CAP`."""
+
+    def compute(part: Part, mol) -> np.ndarray:
+        counts = _generator(family, part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol)
+        return np.minimum(counts, COUNT_CAP)
+
+    return compute
+
+
+def _maccs_bits(part: Part, mol) -> np.ndarray:
+    from rdkit.Chem import MACCSkeys
+
+    out = np.zeros(MACCS_KEYS)
+    out[list(MACCSkeys.GenMACCSKeys(mol).GetOnBits())] = 1.0
+    return out
 
 
 def _grid_pixels(part: Part, mol) -> np.ndarray:
-    counts = _morgan_generator(part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol).astype(np.float64)
+    counts = _generator("morgan", part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol).astype(np.float64)
     return np.minimum(counts, GRID_CAP) / GRID_CAP
 
 
@@ -111,6 +144,12 @@ def _check_fingerprint(part: Part) -> str:
     if 1 <= part.radius <= 6 and 8 <= part.n_bits <= 16384:
         return ""
     return f"{part.kind}: radius {part.radius} / size {part.n_bits} out of range; use r in 1..6 and n in 8..16384"
+
+
+def _check_hashed(part: Part) -> str:
+    if 8 <= part.n_bits <= 16384:
+        return ""
+    return f"{part.kind}: size {part.n_bits} out of range; use n in 8..16384"
 
 
 def _check_grid(part: Part) -> str:
@@ -130,6 +169,10 @@ def _bin_names(part: Part) -> list[str]:
     return [f"{part.kind}_r{part.radius}_{i}" for i in range(part.n_bits)]
 
 
+def _hashed_names(part: Part) -> list[str]:
+    return [f"{part.kind}_{i}" for i in range(part.n_bits)]
+
+
 # The molecular part kinds. A new kind is one entry here plus its compute function (`descriptor_compute(names)`
 # for a list of RDKit descriptors); `Part`, parsing, `str`, scaling and the error reports follow from the entry.
 PART_KINDS: dict[str, PartKind] = {
@@ -140,7 +183,7 @@ PART_KINDS: dict[str, PartKind] = {
         "10 RDKit physico-chemical descriptors (logP, TPSA, ...)",
     ),
     "morgan": PartKind(
-        _morgan_bits,
+        _bits("morgan"),
         _bins,
         _bin_names,
         "Morgan (ECFP) bits of radius r, n bins",
@@ -149,12 +192,61 @@ PART_KINDS: dict[str, PartKind] = {
         check=_check_fingerprint,
     ),
     "morgan_count": PartKind(
-        _morgan_counts,
+        _counts("morgan"),
         _bins,
         _bin_names,
         f"Morgan counts of radius r, n bins, capped at {COUNT_CAP}",
         ("r", "n"),
         check=_check_fingerprint,
+    ),
+    "rdkit2d": PartKind(
+        rdkit2d_values,
+        lambda p: len(RDKIT2D_DESCRIPTORS),
+        rdkit2d_names,
+        f"the {len(RDKIT2D_DESCRIPTORS)} RDKit 2D descriptors (log1p of Ipc; a missing value gets the training median)",
+        check=check_rdkit2d,
+        imputed=True,
+        slow=True,
+    ),
+    "maccs": PartKind(
+        _maccs_bits,
+        lambda p: MACCS_KEYS,
+        lambda p: [f"maccs_{i}" for i in range(MACCS_KEYS)],
+        f"the {MACCS_KEYS} MACCS keys (bits)",
+        scaled=False,
+    ),
+    "fmorgan": PartKind(
+        _bits("fmorgan"),
+        _bins,
+        _bin_names,
+        "feature-Morgan (FCFP) bits of radius r, n bins",
+        ("r", "n"),
+        scaled=False,
+        check=_check_fingerprint,
+    ),
+    "fmorgan_count": PartKind(
+        _counts("fmorgan"),
+        _bins,
+        _bin_names,
+        f"feature-Morgan (FCFP) counts of radius r, n bins, capped at {COUNT_CAP}",
+        ("r", "n"),
+        check=_check_fingerprint,
+    ),
+    "atompair_count": PartKind(
+        _counts("atompair"),
+        _bins,
+        _hashed_names,
+        f"hashed atom-pair counts, n bins, capped at {COUNT_CAP}",
+        ("n",),
+        check=_check_hashed,
+    ),
+    "torsion_count": PartKind(
+        _counts("torsion"),
+        _bins,
+        _hashed_names,
+        f"hashed topological-torsion counts, n bins, capped at {COUNT_CAP}",
+        ("n",),
+        check=_check_hashed,
     ),
     "grid": PartKind(
         _grid_pixels,
@@ -173,7 +265,10 @@ OPTION_FIELDS = {"r": "radius", "radius": "radius", "n": "n_bits", "n_bits": "n_
 def part_kind(name: str) -> PartKind:
     """The registry entry of a part kind, or a `FeaturizerError` naming the kinds available."""
     if name not in PART_KINDS:
-        raise FeaturizerError(f"unknown feature part {name!r}; expected one of {', '.join(PART_KINDS)}")
+        raise FeaturizerError(
+            f"unknown feature part {name!r}; expected one of {', '.join(PART_KINDS)} "
+            "(and optionally select:k=K last)"
+        )
     return PART_KINDS[name]
 
 

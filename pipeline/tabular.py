@@ -148,8 +148,8 @@ class TabularSpec:
             values.append(value)
         return values, ""
 
-    def fit(self, train_inputs: Any) -> TabularSpec:
-        """Return this spec with mean and std fitted on the training rows."""
+    def fit(self, train_inputs: Any, targets: Any = None) -> TabularSpec:
+        """Return this spec with mean and std fitted on the training rows (`targets` unused: no selection)."""
         X = self.matrix(train_inputs)
         if not len(X):
             raise FeaturizerError(f"featurizer {self} cannot be fitted on 0 rows; pass the training rows")

@@ -57,7 +57,7 @@ def featurized(
     """
     parsed = unfitted_featurizer(ds, features) if features is None or isinstance(features, str) else features
     sp = split_dataset(ds, split, test_fraction=test_fraction, valid_fraction=valid_fraction, seed=seed)
-    spec = parsed.fit(ds.inputs(sp.train))
+    spec = parsed.fit(ds.inputs(sp.train), ds.y[sp.train])  # labels: for a supervised `select` only
     return spec, spec.transform(ds.inputs()), sp
 
 

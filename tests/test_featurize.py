@@ -23,8 +23,15 @@ KIND_SPECS = {
     "physchem": ("physchem", 10, "MolLogP"),
     "morgan": ("morgan:r=3,n=64", 64, "morgan_r3_0"),
     "morgan_count": ("morgan_count:r=2,n=32,scale=quantile", 32, "morgan_count_r2_0"),
+    "rdkit2d": ("rdkit2d:scale=quantile", 217, "MaxAbsEStateIndex"),
+    "maccs": ("maccs", 167, "maccs_0"),
+    "fmorgan": ("fmorgan:r=2,n=64", 64, "fmorgan_r2_0"),
+    "fmorgan_count": ("fmorgan_count:r=3,n=32", 32, "fmorgan_count_r3_0"),
+    "atompair_count": ("atompair_count:n=64,scale=quantile", 64, "atompair_count_0"),
+    "torsion_count": ("torsion_count:n=32", 32, "torsion_count_0"),
     "grid": ("grid:r=1,size=8", 64, "grid_r1_0"),
 }
+KINDS = "physchem, morgan, morgan_count, rdkit2d, maccs, fmorgan, fmorgan_count, atompair_count, torsion_count, grid"
 
 
 def test_parse_and_str_round_trip():
@@ -64,7 +71,7 @@ def test_counts_are_capped():
     [
         (
             "fingerprints",
-            "unknown feature part 'fingerprints'; expected one of physchem, morgan, morgan_count, grid",
+            f"unknown feature part 'fingerprints'; expected one of {KINDS} \\(and optionally select:k=K last\\)",
         ),
         ("morgan:x=2", "feature option 'x=2'"),
         ("morgan:r=9,n=64", "radius 9 / size 64 out of range"),
@@ -74,8 +81,13 @@ def test_counts_are_capped():
         ),
         (
             "morgan:r=2,n=64,scale=quantile",
-            "scale 'quantile' not possible; use scale=quantile on physchem or morgan_count",
+            "scale 'quantile' not possible; use scale=quantile on physchem or morgan_count or rdkit2d or "
+            "fmorgan_count or atompair_count or torsion_count",
         ),
+        ("maccs:n=64", "feature part 'maccs' in 'maccs:n=64' does not take 'n=64' \\(it takes no option\\)"),
+        ("atompair_count:r=2", "does not take 'r=2' \\(it takes n, scale\\)"),
+        ("torsion_count:n=4", "torsion_count: size 4 out of range; use n in 8..16384"),
+        ("fmorgan:r=7,n=64", "fmorgan: radius 7 / size 64 out of range"),
         ("", "empty feature spec"),
     ],
 )
@@ -101,20 +113,21 @@ def test_unfitted_spec_is_refused():
 
 
 def test_registry_holds_the_documented_kinds():
-    assert list(PART_KINDS) == ["physchem", "morgan", "morgan_count", "grid"]
+    assert ", ".join(PART_KINDS) == KINDS
     assert all(isinstance(e, PartKind) and e.description for e in PART_KINDS.values())
-    assert [k for k, e in PART_KINDS.items() if e.scaled] == ["physchem", "morgan_count"]
+    assert [k for k, e in PART_KINDS.items() if not e.scaled] == ["morgan", "maccs", "fmorgan", "grid"]
     assert [k for k, e in PART_KINDS.items() if e.image] == ["grid"]
+    assert [k for k, e in PART_KINDS.items() if e.imputed] == ["rdkit2d"]
 
 
 def test_unknown_kind_names_the_available_kinds():
     with pytest.raises(
         FeaturizerError,
-        match="unknown feature part 'maccs'; expected one of physchem, morgan, morgan_count, grid",
+        match=f"unknown feature part 'ecfp'; expected one of {KINDS}",
     ):
-        featurize.part_kind("maccs")
-    with pytest.raises(FeaturizerError, match="unknown feature part 'maccs'"):
-        FeaturizerSpec.from_dict({"parts": [{"kind": "maccs"}], "mean": None, "std": None})
+        featurize.part_kind("ecfp")
+    with pytest.raises(FeaturizerError, match="unknown feature part 'ecfp'"):
+        FeaturizerSpec.from_dict({"parts": [{"kind": "ecfp"}], "mean": None, "std": None})
 
 
 @pytest.mark.parametrize("kind", list(KIND_SPECS))
@@ -129,8 +142,11 @@ def test_each_kind_width_names_and_values(kind):
     if kind == "physchem":
         assert spec.names == list(PHYSCHEM_DESCRIPTORS)
         assert X[0, spec.names.index("HeavyAtomCount")] == 3  # ethanol: C, C, O
-    if kind in ("morgan", "grid"):
-        assert set(np.unique(X)) <= ({0.0, 1.0} if kind == "morgan" else {k / 7 for k in range(8)})
+    if kind in ("morgan", "grid", "maccs", "fmorgan"):
+        assert set(np.unique(X)) <= ({k / 7 for k in range(8)} if kind == "grid" else {0.0, 1.0})
+    if kind.endswith("_count"):
+        assert set(np.unique(X)) <= set(range(COUNT_CAP + 1)) and X.max() >= 1
+    assert np.array_equal(raw_features(spec, list(reversed(TRAIN))), X[::-1])  # per molecule, deterministic
 
 
 @pytest.mark.parametrize("kind", list(KIND_SPECS))
@@ -270,3 +286,119 @@ def test_a_failing_part_or_a_non_finite_value_is_named(monkeypatch):
     _register(monkeypatch, "short", lambda part, mol: [1.0], width=2)
     with pytest.raises(FeaturizerError, match="computed 1 values for molecule 1, its width is 2"):
         FeaturizerSpec.parse("short").fit(["CCO"])
+
+
+# ---------------------------------------------------------------- the kinds chemists expect, checked against RDKit
+
+
+def test_fingerprint_kinds_match_rdkit():
+    from rdkit import Chem
+    from rdkit.Chem import MACCSkeys, rdFingerprintGenerator
+
+    mols = [Chem.MolFromSmiles(s) for s in TRAIN]
+    fcfp = rdFingerprintGenerator.GetMorganGenerator(
+        radius=2, fpSize=64, atomInvariantsGenerator=rdFingerprintGenerator.GetMorganFeatureAtomInvGen()
+    )
+    ap = rdFingerprintGenerator.GetAtomPairGenerator(fpSize=64)
+    tt = rdFingerprintGenerator.GetTopologicalTorsionGenerator(fpSize=32)
+    cases = {
+        "maccs": [[int(b) for b in MACCSkeys.GenMACCSKeys(m)] for m in mols],
+        "fmorgan:r=2,n=64": [fcfp.GetFingerprintAsNumPy(m) for m in mols],
+        "fmorgan_count:r=2,n=64": [np.minimum(fcfp.GetCountFingerprintAsNumPy(m), COUNT_CAP) for m in mols],
+        "atompair_count:n=64": [np.minimum(ap.GetCountFingerprintAsNumPy(m), COUNT_CAP) for m in mols],
+        "torsion_count:n=32": [np.minimum(tt.GetCountFingerprintAsNumPy(m), COUNT_CAP) for m in mols],
+    }
+    for text, expected in cases.items():
+        assert np.array_equal(raw_features(FeaturizerSpec.parse(text), TRAIN), np.array(expected)), text
+    # feature-Morgan is not Morgan: pharmacophoric atom classes instead of atom identities
+    morgan = raw_features(FeaturizerSpec.parse("morgan:r=2,n=64"), TRAIN)
+    assert not np.array_equal(raw_features(FeaturizerSpec.parse("fmorgan:r=2,n=64"), TRAIN), morgan)
+    # counts are capped: a long chain has more than COUNT_CAP identical atom pairs and torsions
+    chain = raw_features(FeaturizerSpec.parse("atompair_count:n=64+torsion_count:n=32"), ["C" * 40])
+    assert chain.max() == COUNT_CAP
+
+
+def test_rdkit2d_is_the_fixed_named_descriptor_list():
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors
+
+    from molcloak.pipeline.rdkit2d import RDKIT2D_DESCRIPTORS
+
+    spec = FeaturizerSpec.parse("rdkit2d")
+    assert spec.names == [n if n != "Ipc" else "log1p_Ipc" for n in RDKIT2D_DESCRIPTORS]
+    assert {"MolLogP", "TPSA", "SPS", "qed", "fr_benzene", "log1p_Ipc"} <= set(spec.names)
+    assert "Ipc" not in spec.names and len(set(spec.names)) == spec.width == len(RDKIT2D_DESCRIPTORS)
+    X = raw_features(spec, TRAIN)
+    assert np.all(np.isfinite(X))
+    mol = Chem.MolFromSmiles(TRAIN[2])
+    row = dict(zip(spec.names, X[2]))
+    for name in ("MolLogP", "TPSA", "MaxEStateIndex", "MinAbsEStateIndex", "qed", "BertzCT", "fr_amide"):
+        assert row[name] == pytest.approx(getattr(Descriptors, name)(mol), rel=1e-12), name
+    assert row["log1p_Ipc"] == pytest.approx(np.log1p(Descriptors.Ipc(mol)), rel=1e-12)
+    assert np.array_equal(raw_features(spec, TRAIN[::-1]), X[::-1])  # no state carried between molecules
+
+
+def test_rdkit2d_imputes_a_failing_descriptor_with_the_training_median():
+    """RDKit's SPS divides by zero on a lone proton: missing, replaced by the training median of SPS."""
+    spec = FeaturizerSpec.parse("rdkit2d")
+    j = spec.names.index("SPS")
+    raw = raw_features(spec, ["[H+]", "CCO"])
+    assert np.isnan(raw[0, j]) and np.isfinite(raw[1, j])
+    assert np.isfinite(np.delete(raw[0], j)).all()  # only SPS is missing for [H+]
+    fitted = spec.fit(TRAIN)
+    train_sps = raw_features(spec, TRAIN)[:, j]
+    assert len(fitted.medians) == 217 and fitted.medians[j] == np.median(train_sps)
+    X = fitted.transform(["[H+]", "CCO"])
+    assert np.all(np.isfinite(X))
+    expected = (np.median(train_sps) - fitted.mean[j]) / fitted.std[j]
+    assert X[0, j] == pytest.approx(expected, abs=1e-6)
+    # the client imputes exactly as training did: the medians travel in the stored spec
+    again = featurizer_from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again == fitted and np.array_equal(again.transform(["[H+]", "CCO"]), X)
+    # a molecule with a missing descriptor among the training molecules: the median of the others
+    with_proton = spec.fit(TRAIN + ["[H+]"])
+    assert with_proton.medians[j] == np.median(train_sps)
+    assert np.all(np.isfinite(with_proton.transform(TRAIN + ["[H+]"])))
+
+
+def test_rdkit2d_missing_medians_in_a_stored_spec_are_refused():
+    d = FeaturizerSpec.parse("physchem+rdkit2d").fit(TRAIN).to_dict()
+    d["medians"] = d["medians"][:-1]
+    with pytest.raises(
+        FeaturizerError, match="216 imputation medians for 217 imputed columns; rebuild the bundle"
+    ):
+        featurizer_from_dict(d)
+
+
+def test_other_kinds_still_refuse_a_failing_molecule(monkeypatch):
+    """Only imputed kinds (rdkit2d) treat a failure as missing; a physchem-like list names the molecule."""
+    _register(monkeypatch, "sps", descriptor_compute(["SPS"]), names=("SPS",))
+    with pytest.raises(FeaturizerError, match=r"molecule 2: SMILES '\[H\+\]': feature part 'sps'"):
+        FeaturizerSpec.parse("rdkit2d+sps").fit(["CCO", "[H+]"])
+
+
+def test_big_batches_featurize_in_parallel_with_the_same_values(monkeypatch):
+    smiles = TRAIN + TEST + ["[H+]"]
+    spec = FeaturizerSpec.parse("physchem+rdkit2d+morgan:r=1,n=16")
+    monkeypatch.setenv("MOLCLOAK_FEATURIZE_JOBS", "1")
+    serial = raw_features(spec, smiles)
+    monkeypatch.setenv("MOLCLOAK_FEATURIZE_JOBS", "2")
+    monkeypatch.setattr(featurize, "PARALLEL_MIN", 4)
+    assert featurize.featurize_jobs() == 2
+    assert np.array_equal(raw_features(spec, smiles), serial, equal_nan=True)
+    with pytest.raises(InvalidSmilesError, match=r"molecule 9: SMILES 'C1CC'"):
+        raw_features(spec, smiles[:8] + ["C1CC"])
+
+
+def test_rdkit2d_refuses_an_rdkit_without_one_of_its_descriptors(monkeypatch):
+    from molcloak.pipeline import rdkit2d
+
+    monkeypatch.setattr(rdkit2d, "RDKIT2D_DESCRIPTORS", rdkit2d.RDKIT2D_DESCRIPTORS + ("NoSuchDescriptor",))
+    rdkit2d._missing_descriptors.cache_clear()
+    try:
+        with pytest.raises(
+            FeaturizerError, match=r"^rdkit2d: RDKit \S+ lacks the descriptor\(s\) NoSuchDescriptor"
+        ):
+            FeaturizerSpec.parse("physchem+rdkit2d")
+    finally:
+        rdkit2d._missing_descriptors.cache_clear()

@@ -65,7 +65,9 @@ def fit(
         help="rf: also train each network on the out-of-bag outputs of a plaintext RandomForest the owner keeps "
         "(distillation); none: labels only.",
     ),
-    distill: float = typer.Option(0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."),
+    distill: float = typer.Option(
+        0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json)."
@@ -104,7 +106,9 @@ def fit(
     with progress(transient=False) as bar:
         t = bar.add_task("fit", total=None, status="")
         on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
-        train = TrainConfig(epochs=epochs, patience=30, teacher=None if teacher == "none" else teacher, distill=distill)
+        train = TrainConfig(
+            epochs=epochs, patience=30, teacher=None if teacher == "none" else teacher, distill=distill
+        )
         result = fit(
             ds,
             space,
