@@ -35,10 +35,16 @@ TINY = SearchSpace(
 )
 
 
-def calibration(tmp_path) -> Calibration:
+def calibration(tmp_path, fixed_s: float = 0.05, per_pbs_s: float = 0.005) -> Calibration:
     """50 ms + 5 ms per PBS at every bit width (a fixed cost model: deterministic budget decisions)."""
     entries = {
-        key(b, lb, p): {"bits": b, "lookup_bits": lb, "p_error": p, "fixed_s": 0.05, "per_pbs_s": 0.005}
+        key(b, lb, p): {
+            "bits": b,
+            "lookup_bits": lb,
+            "p_error": p,
+            "fixed_s": fixed_s,
+            "per_pbs_s": per_pbs_s,
+        }
         for b in range(1, 10)
         for lb in range(1, b + 1)
         for p in (2**-40, 1e-6)
@@ -84,6 +90,7 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     assert str(ckpt.featurizer) == result.chosen.features
     m = result.measured
     assert m["runs"] == 5 and m["median_run_s"] > 0 and m["evaluation_key_bytes"] > 0  # real keys, real runs
+    assert result.chosen.measured_s == m["median_run_s"] and not result.over_budget
     # the same search again gives the same choice (seeded)
     again = fit(
         ds,
@@ -118,6 +125,13 @@ def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
         r"h=3 w2a2i2 rNone p=9.09495e-13 at \d+ ms",
     ):
         fit(ds, space, FitBudget(latency_ms=10), None, 0.2, 0, TrainConfig(epochs=2), calibration(tmp_path))
+    # predicted within 1 ms (a cost model that is far too optimistic), measured above it: the measurement
+    # decides, the fastest timed candidate is kept and flagged
+    optimistic = calibration(tmp_path, fixed_s=1e-5, per_pbs_s=1e-6)
+    kept = fit(
+        ds, space, FitBudget(latency_ms=1), None, 0.2, 0, TrainConfig(epochs=2), optimistic, measure_runs=2
+    )
+    assert kept.over_budget and kept.chosen.measured_s > 0.001 and kept.chosen.predicted_s < 0.001
     with pytest.raises(ConfigError, match="budget .* is not positive"):
         FitBudget(latency_ms=0)
 

@@ -171,6 +171,12 @@ def _print_fit(result, budget) -> None:
             f"  measured: {m['median_run_s'] * 1e3:.0f} ms median over {m['runs']} encrypted runs, keygen "
             f"{m['keygen_s']:.2f} s, evaluation keys {m['evaluation_key_bytes'] / 1e6:.1f} MB"
         )
+    if result.over_budget:
+        out.print(
+            f"[yellow]none of the timed candidates ran within {budget.latency_ms:g} ms on this machine now "
+            "(other load inflates timings): the fastest was kept; rerun on a quiet machine or raise "
+            "--budget-ms[/yellow]"
+        )
     if result.stopped_early:
         out.print("[yellow]--max-minutes reached: the best model found so far was kept[/yellow]")
     for key, metrics in result.compiled.metrics.items():
