@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List
@@ -9,12 +10,39 @@ from typing import List
 import typer
 
 from ..errors import ConfigError
-from .common import DataOpts, app, cli_errors, int_list, load_data, out, progress, write_json
+from .common import DataOpts, app, cli_errors, err, given, int_list, load_data, out, progress, write_json
+
+PANEL_ONLY = ("datasets", "seeds", "sample", "trees")
+NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
 
 @app.command()
 @cli_errors
 def bench(
+    ctx: typer.Context,
+    panel_dir: Path | None = typer.Argument(
+        None,
+        metavar="DIR",
+        help="With --panel: the folder of panel CSV files (default ../shared/data/panel).",
+    ),
+    panel: bool = typer.Option(
+        False,
+        "--panel",
+        help="Panel mode: molcloak vs plaintext references on every described CSV of DIR "
+        "(bace, clintox, ames, herg, tox21, lipophilicity; panel.json in DIR adds or overrides files).",
+    ),
+    datasets: str | None = typer.Option(
+        None, "--datasets", help="Panel: comma-separated subset of the panel's datasets, e.g. herg,bace."
+    ),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Panel: scaffold-split seeds, e.g. 0,1,2."),
+    sample: int | None = typer.Option(
+        None,
+        "--sample",
+        help="Panel: FHE-execute a fixed seeded random sample of N >= 200 test molecules (default all; 0 = none).",
+    ),
+    trees: int | None = typer.Option(
+        None, "--trees", help="Panel: RandomForest trees of the references (default 500; --quick 100)."
+    ),
     task: List[str] | None = typer.Option(
         None,
         "--task",
@@ -26,7 +54,8 @@ def bench(
     only: str | None = typer.Option(
         None,
         "--models",
-        help="Comma-separated subset of: molcloak, cml-linear, cml-xgb, ckks, random-forest.",
+        help="Comma-separated subset of: molcloak, cml-linear, cml-xgb, ckks, random-forest. "
+        "Panel: of molcloak, references, cml-xgb (default molcloak,references).",
     ),
     n_runs: int = typer.Option(
         5, "--n-runs", help="Encrypted single-molecule runs per model for the latency figures."
@@ -37,7 +66,10 @@ def bench(
         help="Run every test molecule through the molcloak circuit in FHE (executed metrics).",
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="Smoke run: 2 encrypted runs per model, no full FHE test set, fewer trees."
+        False,
+        "--quick",
+        help="Smoke run: 2 encrypted runs per model, no full FHE test set, fewer trees. "
+        "Panel: herg and bace (or the 2 smallest files), one seed, 8 encrypted molecules, 100 trees.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for splits, training and models."),
     json_path: Path | None = typer.Option(
@@ -55,7 +87,20 @@ def bench(
     latency per encrypted molecule, keygen time, evaluation-key size, ciphertext sizes, PBS count and bit width.
     The CKKS row needs `pip install -e ".[bench]"` (tenseal); without it the row says so.
     Example: molcloak bench --json bench.json --markdown bench.md
+
+    With --panel [DIR]: per dataset and scaffold seed, molcloak's model (float / FHE-simulated /
+    FHE-executed, latency, keygen, key size, PBS, bits) next to RandomForests on ECFP4, RDKit 2D and
+    both, and logistic/ridge regression, trained on the same molecules; one row per dataset (means over
+    seeds). --json FILE is rewritten after each dataset and seed, and a rerun with the same settings
+    resumes from it. Example: molcloak bench --panel --seeds 0 --json panel.json --markdown panel.md
     """
+    if panel:
+        return _bench_panel(
+            ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path
+        )
+    wrong = [n for n in PANEL_ONLY if given(ctx, n)] + (["DIR"] if panel_dir else [])
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} only apply with --panel; add --panel or drop them")
     from molcloak.evaluation.bench.peers import MODELS, BenchConfig, markdown, run_bench
 
     models = tuple(m.strip() for m in only.split(",")) if only else MODELS
@@ -80,6 +125,56 @@ def bench(
         if str(json_path) == "-":
             return
     sys.stdout.write(table + "\n")  # raw markdown, not wrapped to the terminal width
+
+
+def _bench_panel(ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path):
+    from molcloak.evaluation.bench import panel, panel_report
+
+    wrong = [n for n in NOT_PANEL if given(ctx, n)]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} do not apply with --panel; drop them")
+    folder = panel_dir or panel.default_panel_dir()
+    cfg = panel.PanelConfig(
+        folder=str(folder),
+        datasets=tuple(d.strip() for d in datasets.split(",") if d.strip()) if datasets else None,
+        seeds=tuple(int_list(seeds, "--seeds")),
+        sample=sample,
+        quick=quick,
+        models=tuple(m.strip() for m in only.split(",") if m.strip()) if only else panel.DEFAULT_MODELS,
+        trees=trees,
+    )
+    saving = json_path is not None and str(json_path) != "-"
+    previous = None
+    if saving and json_path.is_file():
+        try:
+            previous = json.loads(json_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None  # not an earlier result: it is overwritten
+        if previous:
+            err.print(f"resuming from {json_path}: finished runs with the same settings are reused")
+    with progress(transient=False) as bar:
+        t = bar.add_task("panel", total=None, status="")
+        result = panel.run_panel(
+            cfg,
+            on_progress=lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:60]),
+            previous=previous,
+            on_run=(lambda r: write_json(json_path, r)) if saving else None,
+            command=panel.command_line(cfg, json_path, markdown_path),
+        )
+    for name, d in result["datasets"].items():
+        if d["n_skipped_rows"]:
+            first = d["skipped_rows"][0]
+            err.print(
+                f"[yellow]{name}: skipped {d['n_skipped_rows']} invalid rows[/yellow] ({first}; all in the JSON)"
+            )
+    table = panel_report.markdown(result)
+    if markdown_path:
+        markdown_path.write_text(table)
+    if json_path:
+        write_json(json_path, result)
+        if str(json_path) == "-":
+            return
+    sys.stdout.write(table)
 
 
 @app.command()

@@ -1,0 +1,439 @@
+"""`molcloak bench --panel`: molcloak against plaintext references on a panel of real assay files.
+
+A panel is a folder of CSV files, each described by its SMILES column, target column(s) and task:
+the built-in table (`BUILTIN`) covers the files of `../shared/data/panel`; a `panel.json` in the
+folder overrides or adds entries (any folder of CSVs), e.g.
+    {"mine": {"file": "mine.csv", "smiles_col": "SMILES", "targets": ["active"], "task": "binary"},
+     "ames": null}
+(`null` drops an entry; `file` defaults to NAME.csv, `smiles_col` to "smiles"; task: binary,
+multiclass, multilabel or regression; several targets make a multi-label task, empty cells missing).
+
+Per dataset, loaded like any user file (`DataSource(..., skip_invalid=True)`: invalid and duplicate
+SMILES are reported and skipped), and per seed of the scaffold split (test fraction 0.2):
+- the plaintext references (`references.py`), trained on train + valid, scored on test;
+- molcloak: `molcloak_model` (checkpoint and compiled model), its float / FHE-simulated metrics on
+  the whole test split, and the FHE-executed metric on all test molecules or a fixed seeded sample,
+  run through `predict.LocalBackend` from a temporary bundle (fresh keys; median server-side
+  latency from `run_rows`, keygen time, evaluation-key size, PBS count, max bit width);
+- optionally Concrete ML's XGB on molcloak's features (`peers.bench_cml_xgb`, its latency too).
+The result is JSON-ready (`run_panel`), with means over seeds (`panel_report.summarize`) and a
+markdown table (`panel_report.markdown`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from molcloak.pipeline import workflow
+from molcloak.pipeline.data import Dataset, DataSource
+from molcloak.pipeline.errors import ConfigError
+from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
+from molcloak.pipeline.predict import LocalBackend
+from molcloak.pipeline.splits import Split, split_dataset
+from molcloak.pipeline.train import TrainConfig
+
+from . import panel_report, references
+from .fhe_timing import latency_summary
+
+DEFAULT_PANEL = Path("../shared/data/panel")
+SPLIT, TEST_FRACTION = "scaffold", 0.2
+TASKS = ("binary", "multiclass", "multilabel", "regression")
+MODELS = ("molcloak", "references", "cml-xgb")
+DEFAULT_MODELS = ("molcloak", "references")
+QUICK_DATASETS, QUICK_SAMPLE, QUICK_TREES = ("herg", "bace"), 8, 100
+MIN_SAMPLE = 200
+TOX21_TASKS = (
+    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma",
+    "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PanelEntry:
+    name: str
+    file: str
+    smiles_col: str
+    targets: tuple[str, ...]
+    task: str  # binary, multiclass, multilabel or regression
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+
+BUILTIN = {
+    "bace": PanelEntry("bace", "bace.csv", "smiles", ("Class",), "binary"),
+    "clintox": PanelEntry("clintox", "clintox.csv", "smiles", ("CT_TOX",), "binary"),
+    "ames": PanelEntry("ames", "ames.csv", "smiles", ("Y",), "binary"),
+    "herg": PanelEntry("herg", "herg.csv", "smiles", ("Y",), "binary"),
+    "tox21": PanelEntry("tox21", "tox21.csv", "smiles", TOX21_TASKS, "multilabel"),
+    "lipophilicity": PanelEntry("lipophilicity", "lipophilicity.csv", "smiles", ("exp",), "regression"),
+}
+EXCLUDED = {"hiv.csv": "throughput and screening at scale, not the accuracy table"}
+
+
+def default_panel_dir() -> Path:
+    """`../shared/data/panel` relative to the current directory, when it exists."""
+    if not DEFAULT_PANEL.is_dir():
+        raise ConfigError(
+            f"no panel folder at {DEFAULT_PANEL} (relative to {Path.cwd()}); "
+            "give one: molcloak bench --panel DIR"
+        )
+    return DEFAULT_PANEL.resolve()
+
+
+def describe_panel(folder: str | Path) -> tuple[dict[str, PanelEntry], dict[str, str]]:
+    """({name: entry} of the described files present, {file: why it is left out} for the other CSVs)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"panel folder {str(folder)!r} is not a directory; give a folder of CSV files")
+    entries = {n: e for n, e in BUILTIN.items() if (folder / e.file).is_file()}
+    overrides = _read_panel_json(folder / "panel.json")
+    for name, spec in overrides.items():
+        if spec is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = _entry(name, spec, folder)
+    for e in entries.values():
+        if not (folder / e.file).is_file():
+            raise ConfigError(f"panel.json entry {e.name!r}: file {str(folder / e.file)!r} does not exist")
+    described = {e.file for e in entries.values()}
+    left_out = {
+        p.name: EXCLUDED.get(p.name, "not described; add it to panel.json (smiles_col, targets, task)")
+        for p in sorted(folder.glob("*.csv"))
+        if p.name not in described
+    }
+    if not entries:
+        raise ConfigError(
+            f"no dataset described in {folder}; write a panel.json there, e.g. "
+            '{"mine": {"file": "mine.csv", "smiles_col": "smiles", "targets": ["y"], "task": "binary"}}'
+        )
+    return entries, left_out
+
+
+def _read_panel_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file") from None
+    data = data.get("datasets", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object {{name: {{file, smiles_col, targets, task}}}}")
+    return data
+
+
+def _entry(name: str, spec: dict, folder: Path) -> PanelEntry:
+    where = f"{folder / 'panel.json'} entry {name!r}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected an object or null, got {spec!r}")
+    unknown = set(spec) - {"file", "smiles_col", "targets", "target", "task"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; use file, smiles_col, targets, task")
+    base = BUILTIN.get(name)
+    targets = spec.get("targets", spec.get("target", base.targets if base else None))
+    targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
+    task = spec.get("task", base.task if base else None)
+    if not targets or task not in TASKS:
+        raise ConfigError(f"{where}: needs targets (a column or a list) and task, one of {', '.join(TASKS)}")
+    return PanelEntry(
+        name,
+        spec.get("file", base.file if base else f"{name}.csv"),
+        spec.get("smiles_col", base.smiles_col if base else "smiles"),
+        targets,
+        task,
+    )
+
+
+def load_entry(folder: str | Path, entry: PanelEntry) -> Dataset:
+    """The dataset as any user's file is loaded: invalid and duplicate SMILES skipped and reported."""
+    ds = DataSource(
+        dataset=str(Path(folder) / entry.file),
+        smiles_col=entry.smiles_col,
+        target_col=",".join(entry.targets),
+        task="regression" if entry.task == "regression" else "classification",
+        skip_invalid=True,
+    ).load()
+    if ds.task.kind != entry.task:
+        raise ConfigError(
+            f"{entry.file}: described as {entry.task} but the data makes a {ds.task.kind} task "
+            f"(targets {', '.join(entry.targets)}); fix the task in panel.json"
+        )
+    return ds
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class PanelConfig:
+    folder: str
+    datasets: tuple[str, ...] | None = None  # None: all described (quick: herg and bace, or the 2 smallest)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sample: int | None = None  # FHE-execute a seeded sample of N test molecules (None: all; 0: none)
+    quick: bool = False  # CI: two small datasets, one seed, a sample of 8, 100 trees
+    models: tuple[str, ...] = DEFAULT_MODELS
+    trees: int | None = None  # RandomForest trees (default 500; quick 100)
+    budget_ms: float = 250.0  # latency budget handed to molcloak_model (`molcloak fit`)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown or not self.models:
+            raise ConfigError(f"panel models {list(self.models)}: choose from {', '.join(MODELS)}")
+        if not self.seeds:
+            raise ConfigError("--seeds needs at least one seed, e.g. 0,1,2")
+        if self.sample is not None and self.sample < 0:
+            raise ConfigError(f"--sample {self.sample} must be >= 0 (0 = no FHE execution)")
+        if self.sample and self.sample < MIN_SAMPLE and not self.quick:
+            raise ConfigError(
+                f"--sample {self.sample}: the panel protocol FHE-executes at least {MIN_SAMPLE} test "
+                f"molecules (or all); use --sample {MIN_SAMPLE} or more, 0 for none, or --quick"
+            )
+        if self.trees is not None and self.trees < 1:
+            raise ConfigError(f"trees {self.trees} must be at least 1")
+
+    @property
+    def n_trees(self) -> int:
+        return self.trees or (QUICK_TREES if self.quick else 500)
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds[:1] if self.quick else self.seeds
+
+    @property
+    def n_sample(self) -> int | None:
+        return QUICK_SAMPLE if self.quick and self.sample is None else self.sample
+
+    def select(self, entries: dict[str, PanelEntry]) -> list[PanelEntry]:
+        if self.datasets:
+            unknown = [d for d in self.datasets if d not in entries]
+            if unknown:
+                raise ConfigError(
+                    f"--datasets {','.join(unknown)}: not in the panel {self.folder}; "
+                    f"choose from {', '.join(entries)}"
+                )
+            return [entries[d] for d in self.datasets]
+        if not self.quick:
+            return list(entries.values())
+        if all(d in entries for d in QUICK_DATASETS):
+            return [entries[d] for d in QUICK_DATASETS]
+        size = lambda e: (Path(self.folder) / e.file).stat().st_size  # noqa: E731
+        return sorted(entries.values(), key=size)[:2]
+
+
+def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str:
+    """The `molcloak bench --panel` command that reproduces `config`."""
+    args = ["molcloak", "bench", "--panel", config.folder]
+    args += ["--seeds", ",".join(map(str, config.seeds))] if config.seeds != (0, 1, 2) else []
+    args += ["--datasets", ",".join(config.datasets)] if config.datasets else []
+    args += ["--sample", str(config.sample)] if config.sample is not None else []
+    args += ["--quick"] if config.quick else []
+    args += ["--models", ",".join(config.models)] if config.models != DEFAULT_MODELS else []
+    args += ["--trees", str(config.trees)] if config.trees else []
+    args += ["--json", str(json_path)] if json_path else []
+    args += ["--markdown", str(markdown_path)] if markdown_path else []
+    return shlex.join(args)
+
+
+# ---------------------------------------------------------------- the molcloak row
+
+
+def molcloak_model(ds: Dataset, split: str, seed: int, budget_ms: float):
+    """(checkpoint, compiled model) for `ds` on the `split` method's test part with `seed`.
+
+    Until `molcloak fit` (a search under the latency budget) lands: the default training and
+    compile settings; `budget_ms` is not used yet. Swapping in `fit` changes this call only.
+    """
+    ckpt = workflow.train_checkpoint(
+        ds, split=split, test_fraction=TEST_FRACTION, train_config=TrainConfig(seed=seed)
+    )
+    return ckpt, workflow.compile_checkpoint(ckpt)
+
+
+MODEL_SOURCE = "default training and compile settings (molcloak fit not yet available)"
+
+
+def sample_positions(n_test: int, sample: int | None, seed: int) -> np.ndarray:
+    """Positions in the test split to FHE-execute: all, or a fixed seeded random sample, sorted."""
+    if sample is None or sample >= n_test:
+        return np.arange(n_test)
+    return np.sort(np.random.default_rng(seed).choice(n_test, size=sample, replace=False))
+
+
+def execute_sample(ckpt, compiled, picks: np.ndarray, on_row: Callable[[], None] | None = None) -> dict:
+    """Deploy to a temporary bundle, make fresh keys and run the `picks` test rows one at a time through
+    `LocalBackend` (client encrypts, the server half gets evaluation keys and ciphertexts only)."""
+    X, y = ckpt.X_test[picks], ckpt.y_test[picks]
+    simulated = compiled.q_module.forward(X, fhe="simulate")
+    with tempfile.TemporaryDirectory(prefix="molcloak-panel-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        workflow.deploy(ckpt, compiled, bundle, f"panel-{ckpt.task.name}")
+        with LocalBackend(bundle, Path(tmp) / "keys") as backend:
+            keys = backend.keygen(force=True)
+            backend.run_rows(X[:1])  # warm-up, not timed
+            runs = []
+            for i in range(len(X)):
+                runs += backend.run_rows(X[i : i + 1])
+                if on_row:
+                    on_row()
+    raws = np.asarray([r.raw[0] for r in runs])
+    seconds = [r.seconds["run"] for r in runs]
+    return {
+        "n_molecules": len(picks),
+        "metrics": score(ckpt.task, y, to_predictions(ckpt.task, raws, ckpt.scaler)),
+        "fhe_simulate_same_molecules": score(ckpt.task, y, to_predictions(ckpt.task, simulated, ckpt.scaler)),
+        "fhe_equals_simulation": int(fhe_equals_simulation(raws, simulated).sum()),
+        "latency": latency_summary(seconds),
+        "run_s": seconds,
+        "encrypt_median_s": float(np.median([r.seconds["encrypt"] for r in runs])),
+        "decrypt_median_s": float(np.median([r.seconds["decrypt"] for r in runs])),
+        "keygen_s": keys.seconds,
+        "evaluation_key_bytes": keys.evaluation_key_bytes,
+        "input_ciphertext_bytes": len(runs[-1].ciphertext),
+        "output_ciphertext_bytes": len(runs[-1].output),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+
+
+def run_molcloak(
+    ds: Dataset, sp: Split, seed: int, config: PanelConfig, tick, execute: bool = True
+) -> tuple[dict, object]:
+    """molcloak's row for one seed: metrics, circuit, and the FHE-executed sample (when `execute`)."""
+    start = time.perf_counter()
+    ckpt, compiled = molcloak_model(ds, SPLIT, seed, config.budget_ms)
+    fit_s = time.perf_counter() - start
+    if list(ckpt.smiles_test) != [ds.smiles[i] for i in sp.test]:
+        raise ConfigError(f"{ds.task.name} seed {seed}: molcloak_model's test split differs from the panel's")
+    tick("molcloak trained and compiled", "fit")
+    row = {
+        "source": MODEL_SOURCE,
+        "budget_ms": config.budget_ms,
+        "metrics": compiled.metrics,
+        "pbs": compiled.stats.pbs_count,
+        "max_bits": compiled.stats.max_bit_width,
+        "circuit": compiled.stats.to_dict(),
+        "config": {
+            "features": str(ckpt.featurizer),
+            "model": ckpt.model_name,
+            "model_config": ckpt.model_config,
+            "compile": compiled.config.to_dict(),
+            "train": {k: ckpt.train_info.get(k) for k in ("config", "best_epoch", "epochs_run")},
+        },
+        "seconds": {"fit_and_compile": fit_s, "compile": compiled.seconds},
+    }
+    picks = sample_positions(len(sp.test), config.n_sample, seed) if execute else []
+    if len(picks):
+        start = time.perf_counter()
+        row["fhe_execute"] = execute_sample(ckpt, compiled, picks, lambda: tick("FHE execution", "row"))
+        row["seconds"]["fhe_execute"] = time.perf_counter() - start
+    return row, ckpt
+
+
+def run_cml_xgb(ds: Dataset, sp: Split, ckpt, seed: int, quick: bool) -> dict:
+    """Concrete ML's XGBClassifier/XGBRegressor on molcloak's features, timed like `molcloak bench`."""
+    if ds.task.kind not in ("binary", "regression"):
+        return {"skipped": f"Concrete ML's XGB has no {ds.task.kind} model (one output per task)"}
+    from .peers import BenchConfig, TaskData, bench_cml_xgb
+
+    train = np.sort(np.concatenate([sp.train, sp.valid]))
+    X_train = ckpt.featurizer.transform(ds.inputs(train))
+    data = TaskData(ds.task.name, ds, ds.task, X_train, ds.y[train], ckpt.X_test, ckpt.y_test)
+    return bench_cml_xgb(data, BenchConfig(models=("cml-xgb",), quick=quick, seed=seed), lambda _m: None)
+
+
+# ---------------------------------------------------------------- the loop
+
+ProgressFn = Callable[[str, float, float], None]  # (status, work done, total work), in rough seconds
+
+
+def run_panel(
+    config: PanelConfig,
+    on_progress: ProgressFn | None = None,
+    previous: dict | None = None,
+    on_run: Callable[[dict], None] | None = None,
+    command: str | None = None,
+) -> dict:
+    """Every selected dataset and seed; `previous` (an earlier result of the same configuration) lends
+    its finished runs; `on_run(result so far)` after each (dataset, seed), e.g. to save a checkpoint."""
+    entries, left_out = describe_panel(config.folder)
+    chosen = config.select(entries)
+    work = panel_report.Work(config, chosen, on_progress)
+    done = panel_report.reusable_runs(previous, config)
+    cache = references.FeatureCache()
+    result = {
+        "command": command or command_line(config),
+        "config": {**dataclasses.asdict(config), "n_trees": config.n_trees, "n_sample": config.n_sample},
+        "panel": {
+            "folder": config.folder,
+            "entries": {e.name: e.to_dict() for e in chosen},
+            "left_out": left_out,
+        },
+        "split": {"method": SPLIT, "test_fraction": TEST_FRACTION, "seeds": list(config.run_seeds)},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": panel_report.machine(),
+        "datasets": {},
+    }
+    for entry in chosen:
+        ds = load_entry(config.folder, entry)
+        result["datasets"][entry.name] = panel_report.dataset_header(entry, ds)
+        runs = result["datasets"][entry.name]["runs"]
+        for seed in config.run_seeds:
+            key = panel_report.run_key(config, entry, seed)
+            if key in done:
+                runs.append({**done[key], "resumed": True})
+                work.skip(entry, seed)
+            else:
+                runs.append(_one_run(ds, entry, seed, config, cache, work))
+            result["datasets"][entry.name]["mean"] = panel_report.summarize(runs, ds.task)
+            if on_run:
+                on_run(result)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    work.finish()
+    return result
+
+
+def _one_run(ds: Dataset, entry: PanelEntry, seed: int, config: PanelConfig, cache, work) -> dict:
+    tick = work.ticker(entry, seed)
+    start = time.perf_counter()
+    sp = split_dataset(ds, SPLIT, test_fraction=TEST_FRACTION, seed=seed)
+    train = np.sort(np.concatenate([sp.train, sp.valid]))
+    run = {
+        "key": panel_report.run_key(config, entry, seed),
+        "seed": seed,
+        "n_train": int(len(sp.train)),
+        "n_valid": int(len(sp.valid)),
+        "n_test": int(len(sp.test)),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
+    if "references" in config.models:
+        feats = cache.get(str(Path(config.folder) / entry.file), ds.smiles)
+        tick("features", "features")
+        run["feature_seconds"] = feats.seconds
+        refs = references.run_references(
+            ds.task, feats, ds.y, train, sp.test, seed, config.n_trees, on_done=lambda n, _s: tick(n, "ref")
+        )
+        run["imputation"] = refs.pop("_imputation")
+        run["references"] = refs
+    ckpt = None
+    if "molcloak" in config.models or "cml-xgb" in config.models:
+        ours = "molcloak" in config.models
+        row, ckpt = run_molcloak(ds, sp, seed, config, tick, execute=ours)
+        if ours:
+            run["molcloak"] = row
+    if "cml-xgb" in config.models:
+        run["cml_xgb"] = run_cml_xgb(ds, sp, ckpt, seed, config.quick)
+        tick("Concrete ML XGB", "xgb")
+    run["seconds"] = time.perf_counter() - start
+    run["load_avg_at_end"] = list(os.getloadavg())
+    return run

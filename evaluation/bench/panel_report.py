@@ -1,0 +1,326 @@
+"""The panel's bookkeeping and report: progress estimates, resumable runs, means over seeds, markdown."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .references import LABELS, RANDOM_FORESTS, REFERENCES
+
+# ---------------------------------------------------------------- progress (rough seconds on 2 cores)
+
+
+class Work:
+    """Progress in estimated seconds, so that the bar's rate gives an honest ETA: training dominates,
+    then the random forests (per task), the descriptors and the encrypted runs."""
+
+    def __init__(self, config, entries, on_progress):
+        self.config, self.on_progress = config, on_progress or (lambda _s, _d, _t: None)
+        self.size = {e.name: _rows(Path(config.folder) / e.file) for e in entries}
+        self.tasks = {e.name: len(e.targets) for e in entries}
+        self.featurized: set[str] = set()
+        self.done = 0.0
+        self.total = sum(
+            self._features(e.name) + len(config.run_seeds) * self._per_seed(e.name) for e in entries
+        )
+
+    def _features(self, name: str) -> float:
+        return 0.012 * self.size[name] if "references" in self.config.models else 0.0
+
+    def cost(self, name: str, kind: str) -> float:
+        n, c = self.size[name], self.config
+        if kind == "ref":
+            return 0.0025 * n * self.tasks[name] * max(c.n_trees / 500, 0.2)
+        if kind == "fit":
+            return 0.16 * n + 15
+        if kind == "row":
+            return 0.2
+        if kind == "xgb":
+            return 10.0 if c.quick else 40.0
+        return 0.0
+
+    def _n_rows(self, name: str) -> int:
+        n_test = round(0.2 * self.size[name])
+        s = self.config.n_sample
+        return n_test if s is None else min(s, n_test)
+
+    def _per_seed(self, name: str) -> float:
+        models, total = self.config.models, 0.0
+        if "references" in models:
+            total += len(REFERENCES) * self.cost(name, "ref")
+        if "molcloak" in models or "cml-xgb" in models:
+            total += self.cost(name, "fit")
+        if "molcloak" in models:
+            total += self._n_rows(name) * self.cost(name, "row")
+        if "cml-xgb" in models:
+            total += self.cost(name, "xgb")
+        return total
+
+    def _advance(self, amount: float, status: str) -> None:
+        self.done = min(self.total, self.done + amount)
+        self.on_progress(status, self.done, self.total)
+
+    def ticker(self, entry, seed: int):
+        def tick(status: str, kind: str) -> None:
+            amount = self.cost(entry.name, kind)
+            if kind == "features" and entry.name not in self.featurized:
+                self.featurized.add(entry.name)
+                amount = self._features(entry.name)
+            self._advance(amount, f"{entry.name} seed {seed}: {status}")
+
+        self.on_progress(f"{entry.name} seed {seed}: starting", self.done, self.total)
+        return tick
+
+    def skip(self, entry, seed: int) -> None:
+        amount = self._per_seed(entry.name)
+        if entry.name not in self.featurized:
+            self.featurized.add(entry.name)
+            amount += self._features(entry.name)
+        self._advance(amount, f"{entry.name} seed {seed}: resumed")
+
+    def finish(self) -> None:
+        self.done = self.total
+        self.on_progress("done", self.total, self.total)
+
+
+def _rows(path: Path) -> int:
+    with open(path, "rb") as f:
+        return max(1, sum(1 for _ in f) - 1)
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def run_key(config, entry, seed: int) -> str:
+    """What one run's numbers depend on; an earlier run with the same key is reused."""
+    path = Path(config.folder) / entry.file
+    stat = path.stat()
+    parts = {
+        "entry": entry.to_dict(),
+        "file": [str(path.resolve()), stat.st_size, int(stat.st_mtime)],
+        "seed": seed,
+        "sample": config.n_sample,
+        "trees": config.n_trees,
+        "models": sorted(config.models),
+        "budget_ms": config.budget_ms,
+        "quick": config.quick,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reusable_runs(previous: dict | None, config) -> dict[str, dict]:
+    if not previous:
+        return {}
+    return {
+        run["key"]: run
+        for ds in previous.get("datasets", {}).values()
+        for run in ds.get("runs", [])
+        if isinstance(run, dict) and "key" in run
+    }
+
+
+# ---------------------------------------------------------------- result parts
+
+
+def machine() -> dict:
+    versions = {"python": platform.python_version()}
+    for pkg in ("molcloak", "concrete-ml", "concrete-python", "torch", "scikit-learn", "rdkit", "xgboost"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "node": platform.node(),
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_at_start": list(os.getloadavg()),
+        "versions": versions,
+    }
+
+
+def primary_metric(task) -> str:
+    return "rmse" if task.kind == "regression" else "roc_auc"
+
+
+def dataset_header(entry, ds) -> dict:
+    return {
+        "entry": entry.to_dict(),
+        "task": ds.task.kind,
+        "metric": primary_metric(ds.task),
+        "n_molecules": len(ds),
+        "n_skipped_rows": len(ds.problems),
+        "skipped_rows": [str(p) for p in ds.problems[:50]],
+        "runs": [],
+    }
+
+
+def _keys(task) -> tuple[str, ...]:
+    return ("rmse", "r2") if task.kind == "regression" else ("roc_auc",)
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _mean_metrics(dicts: list[dict | None], keys: tuple[str, ...]) -> dict | None:
+    dicts = [d for d in dicts if d]
+    if not dicts:
+        return None
+    return {k: _mean(d.get(k) for d in dicts) for k in keys}
+
+
+def summarize(runs: list[dict], task) -> dict:
+    """Means over seeds: molcloak's metrics and costs, each reference, the best plaintext and the gap."""
+    keys, primary = _keys(task), primary_metric(task)
+    better = min if primary == "rmse" else max
+    out: dict = {"metric": primary, "seeds": [r["seed"] for r in runs]}
+    ours = [r["molcloak"] for r in runs if r.get("molcloak")]
+    runs_ours = [r for r in runs if r.get("molcloak")]
+    if ours:
+        ex = [r.get("fhe_execute") or {} for r in ours]
+        out["molcloak"] = {
+            **{
+                k: _mean_metrics([r["metrics"].get(k) for r in ours], keys) for k in ("float", "fhe_simulate")
+            },
+            "fhe_execute": _mean_metrics([e.get("metrics") for e in ex], keys),
+            "fhe_execute_molecules": sum(e.get("n_molecules", 0) for e in ex),
+            "latency_median_s": _mean((e.get("latency") or {}).get("median_s") for e in ex),
+            "keygen_s": _mean(e.get("keygen_s") for e in ex),
+            "evaluation_key_bytes": _mean(
+                e.get("evaluation_key_bytes") or r["circuit"].get("serialized_evaluation_key_bytes")
+                for e, r in zip(ex, ours)
+            ),
+            "pbs": _mean(r["pbs"] for r in ours),
+            "max_bits": max(r["max_bits"] for r in ours),
+        }
+    refs = {
+        name: _mean_metrics([(r.get("references") or {}).get(name, {}).get("metrics") for r in runs], keys)
+        for name in REFERENCES
+    }
+    refs = {k: v for k, v in refs.items() if v and v.get(primary) is not None}
+    if refs:
+        out["references"] = refs
+        for field, names in (("best_reference", list(refs)), ("best_random_forest", RANDOM_FORESTS)):
+            names = [n for n in names if n in refs]
+            if names:
+                best = better(names, key=lambda n: refs[n][primary])
+                out[field] = {"name": best, "label": LABELS[best], primary: refs[best][primary]}
+    xgb = [r["cml_xgb"] for r in runs if r.get("cml_xgb") and not r["cml_xgb"].get("skipped")]
+    if xgb:
+        out["cml_xgb"] = {
+            "fhe_simulate": _mean_metrics([x["metrics"].get("fhe_simulate") for x in xgb], keys),
+            "latency_median_s": _mean(x["latency"].get("median_s") for x in xgb),
+        }
+    if ours and "best_reference" in out:
+        m = out["molcloak"]
+        # the references are scored on the whole test split: so is the gap, FHE-executed when every test
+        # molecule was executed, else FHE-simulated
+        everything = all(e.get("n_molecules") == r["n_test"] for e, r in zip(ex, runs_ours))
+        order = ("fhe_execute", "fhe_simulate", "float") if everything else ("fhe_simulate", "float")
+        vs = next(k for k in order if m[k] and m[k][primary] is not None)
+        value, best = m[vs][primary], out["best_reference"][primary]
+        out["gap"] = {"vs": vs, "difference": value - best, "relative": value / best - 1 if best else None}
+    return out
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _cell(m: dict | None, primary: str) -> str:
+    if not m or m.get(primary) is None:
+        return "-"
+    if primary == "rmse":
+        return f"{m['rmse']:.3f} (R² {m['r2']:.2f})" if m.get("r2") is not None else f"{m['rmse']:.3f}"
+    return f"{m[primary]:.3f}"
+
+
+def _num(v, digits: int, div: float = 1.0) -> str:
+    return "-" if v is None else f"{v / div:.{digits}f}"
+
+
+def _gap(gap: dict | None, primary: str) -> str:
+    if not gap:
+        return "-"
+    sim = " (sim)" if gap["vs"] != "fhe_execute" else ""
+    if primary == "rmse":
+        return f"{gap['relative']:+.0%} RMSE{sim}" if gap["relative"] is not None else "-"
+    return f"{gap['difference']:+.3f}{sim}"
+
+
+COLUMNS = (
+    "dataset", "task (metric)", "test mols", "seeds", "molcloak float", "FHE-sim", "FHE-exec (n)",
+    "RF ECFP4", "RF RDKit2D", "RF both", "linear", "best plaintext", "gap", "latency s",
+    "keygen s", "keys MB", "PBS", "max bits",
+)  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    """One row per dataset: means over seeds (FHE-exec n = molecules executed over all seeds)."""
+    xgb = any("cml_xgb" in d.get("mean", {}) for d in result["datasets"].values())
+    cols = COLUMNS + (("CML XGB sim", "XGB latency s") if xgb else ())
+    m = result["machine"]
+    end = m.get("load_avg_at_end")
+    lines = [
+        f"`{result['command']}`  ",
+        f"{result['started']} - {result.get('finished', '(unfinished)')}, {m['node']}, {m['cpus']} cores, "
+        f"load average {m['load_avg_at_start'][0]:.1f} at start, {f'{end[0]:.1f}' if end else '?'} at end; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for name, d in result["datasets"].items():
+        s, primary = d.get("mean") or {}, d["metric"]
+        ours, refs = s.get("molcloak") or {}, s.get("references") or {}
+        runs = d["runs"]
+        best = s.get("best_reference")
+        exec_n = ours.get("fhe_execute_molecules")
+        cells = [
+            name,
+            f"{d['task']} ({'RMSE' if primary == 'rmse' else 'ROC-AUC'})",
+            str(runs[0]["n_test"]) if runs else "-",
+            ",".join(map(str, s.get("seeds", []))),
+            _cell(ours.get("float"), primary),
+            _cell(ours.get("fhe_simulate"), primary),
+            _cell(ours.get("fhe_execute"), primary) + (f", n={exec_n}" if exec_n else ""),
+            *(_cell(refs.get(r), primary) for r in REFERENCES),
+            f"{best[primary]:.3f} ({best['label']})" if best else "-",
+            _gap(s.get("gap"), primary),
+            _num(ours.get("latency_median_s"), 3),
+            _num(ours.get("keygen_s"), 2),
+            _num(ours.get("evaluation_key_bytes"), 1, 1e6),
+            _num(ours.get("pbs"), 0),
+            str(ours.get("max_bits", "-")),
+        ]
+        if xgb:
+            x = s.get("cml_xgb") or {}
+            cells += [_cell(x.get("fhe_simulate"), primary), _num(x.get("latency_median_s"), 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        "Means over the seeds of the scaffold split (test fraction 0.2). molcloak: "
+        + (_source(result) or "not run")
+        + "; FHE-exec on the n molecules executed over all seeds (all test molecules, or a seeded sample). "
+        "Gap: molcloak's FHE-executed metric minus the best plaintext reference's, on the whole test split "
+        "(regression: RMSE relative); (sim) = FHE-simulated, when only a sample was executed. "
+        "Latency: median server-side run of one encrypted molecule.",
+    ]
+    left = result["panel"].get("left_out") or {}
+    if left:
+        notes.append("Not in the table: " + "; ".join(f"{f} ({why})" for f, why in left.items()) + ".")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _source(result: dict) -> str | None:
+    for d in result["datasets"].values():
+        for r in d["runs"]:
+            if r.get("molcloak"):
+                return r["molcloak"]["source"]
+    return None

@@ -1,0 +1,148 @@
+"""`molcloak bench --panel`: two tiny panel files made here, real compilation, keys and encryption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from molcloak.evaluation.bench import panel, references
+from molcloak.pipeline import data
+from molcloak.pipeline.cli import app
+from molcloak.pipeline.errors import ConfigError
+
+
+def _tiny_panel(folder, n=180):
+    """sol-low as a binary file (with one invalid and one duplicate SMILES), sol-logs as a regression file,
+    an undescribed CSV, and the panel.json describing the first two."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    low = data.load_bundled("sol-low")
+    pick = rng.choice(len(low), n, replace=False)
+    rows = [(low.smiles[i], int(low.y[i])) for i in pick]
+    rows += [("C1CC", 1), rows[0]]  # reported and skipped, like any user's file
+    pd.DataFrame(rows, columns=["SMILES", "low"]).to_csv(folder / "sol_low.csv", index=False)
+    logs = data.load_bundled("sol-logs")
+    pick = rng.choice(len(logs), n, replace=False)
+    frame = pd.DataFrame({"smiles": [logs.smiles[i] for i in pick], "logS": logs.y[pick]})
+    frame.drop_duplicates("smiles").to_csv(folder / "sol_logs.csv", index=False)
+    (folder / "notes.csv").write_text("smiles,whatever\nCCO,1\n")
+    (folder / "panel.json").write_text(
+        json.dumps(
+            {
+                "sol_low": {
+                    "file": "sol_low.csv",
+                    "smiles_col": "SMILES",
+                    "targets": ["low"],
+                    "task": "binary",
+                },
+                "sol_logs": {"file": "sol_logs.csv", "targets": "logS", "task": "regression"},
+            }
+        )
+    )
+    return folder
+
+
+def test_describe_panel_builtin_table_and_panel_json(tmp_path):
+    for name in ("bace", "tox21", "hiv"):
+        (tmp_path / f"{name}.csv").write_text("smiles\n")
+    (tmp_path / "panel.json").write_text(
+        json.dumps({"datasets": {"bace": {"targets": "pIC50", "task": "regression"}, "tox21": None}})
+    )
+    entries, left_out = panel.describe_panel(tmp_path)
+    assert list(entries) == ["bace"] and entries["bace"].targets == ("pIC50",)
+    assert entries["bace"].task == "regression" and entries["bace"].file == "bace.csv"
+    assert "throughput" in left_out["hiv.csv"] and "panel.json" in left_out["tox21.csv"]
+    assert panel.BUILTIN["tox21"].task == "multilabel" and len(panel.BUILTIN["tox21"].targets) == 12
+
+
+def test_panel_config_refuses_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="at least 200"):
+        panel.PanelConfig(str(tmp_path), sample=50)
+    assert panel.PanelConfig(str(tmp_path), sample=50, quick=True).n_sample == 50
+    with pytest.raises(ConfigError, match="choose from"):
+        panel.PanelConfig(str(tmp_path), models=("molcloak", "svm"))
+    (tmp_path / "panel.json").write_text('{"x": {"task": "ranking", "targets": "y"}}')
+    with pytest.raises(ConfigError, match="needs targets"):
+        panel.describe_panel(tmp_path)
+    (tmp_path / "panel.json").unlink()
+    for name, size in (("bace", 30), ("clintox", 20), ("herg", 50), ("ames", 10)):
+        (tmp_path / f"{name}.csv").write_text("smiles,Y\n" + "C\n" * size)
+    entries, _ = panel.describe_panel(tmp_path)
+    quick = panel.PanelConfig(str(tmp_path), quick=True)
+    assert [e.name for e in quick.select(entries)] == ["herg", "bace"] and quick.run_seeds == (0,)
+    (tmp_path / "herg.csv").unlink()
+    entries, _ = panel.describe_panel(tmp_path)
+    assert [e.name for e in quick.select(entries)] == ["ames", "clintox"]  # the two smallest files
+    assert list(panel.sample_positions(10, 4, 0)) == list(panel.sample_positions(10, 4, 0))
+    assert len(panel.sample_positions(10, None, 0)) == 10
+
+
+def test_references_impute_failed_descriptors_with_training_median():
+    feats = references.molecule_features(["CCO", "c1ccccc1O", "CCN", "[H+]"])
+    assert feats.ecfp4.shape == (4, 2048) and feats.rdkit2d.shape[1] == len(feats.descriptor_names)
+    assert np.isnan(feats.rdkit2d[3]).any()  # SPS fails on [H+]
+    train, test, report = references.impute(feats.rdkit2d[:3], feats.rdkit2d[3:])
+    assert np.isfinite(test).all() and report["imputed_test_values"] >= 1
+
+
+def test_bench_panel_quick_through_the_cli(tmp_path):
+    folder = _tiny_panel(tmp_path / "panel")
+    out_json, out_md = tmp_path / "panel-result.json", tmp_path / "panel.md"
+    res = CliRunner().invoke(
+        app, ["bench", "--panel", str(folder), "--quick", "--json", str(out_json), "--markdown", str(out_md)]
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads(out_json.read_text())
+    assert set(result["datasets"]) == {"sol_low", "sol_logs"} and "--quick" in result["command"]
+    assert "notes.csv" in result["panel"]["left_out"]
+    assert result["machine"]["versions"]["concrete-ml"] and result["machine"]["load_avg_at_start"]
+    low = result["datasets"]["sol_low"]
+    assert low["n_skipped_rows"] == 2 and "could not be parsed" in " ".join(low["skipped_rows"])
+    for name, d in result["datasets"].items():
+        (run,) = d["runs"]  # --quick: one seed
+        assert run["seed"] == 0 and run["n_test"] > 0
+        assert set(run["references"]) == set(references.REFERENCES)
+        ours = run["molcloak"]
+        ex = ours["fhe_execute"]
+        assert ex["n_molecules"] == panel.QUICK_SAMPLE == len(ex["run_s"]) == ex["latency"]["n_runs"]
+        assert (
+            ex["keygen_s"] > 0
+            and ex["evaluation_key_bytes"] > 1e6
+            and ours["pbs"] > 0
+            and ours["max_bits"] > 0
+        )
+        mean = d["mean"]
+        if name == "sol_low":
+            for m in [*(r["metrics"] for r in run["references"].values()), ours["metrics"]["fhe_simulate"]]:
+                assert 0.5 < m["roc_auc"] <= 1
+            assert 0 <= ex["metrics"].get("roc_auc", 0.5) <= 1 and mean["metric"] == "roc_auc"
+        else:
+            for m in [*(r["metrics"] for r in run["references"].values()), ours["metrics"]["fhe_simulate"]]:
+                assert 0 < m["rmse"] < 2.5 and m["r2"] > 0
+            assert ex["metrics"]["rmse"] > 0 and mean["metric"] == "rmse"
+        assert mean["best_reference"]["name"] in references.REFERENCES and "gap" in mean
+        assert mean["molcloak"]["fhe_execute_molecules"] == panel.QUICK_SAMPLE
+    table = out_md.read_text()
+    assert "| sol_low |" in table and "| sol_logs |" in table and "RF ECFP4" in table and "max bits" in table
+    assert table in res.output  # also printed
+
+    # a rerun with the same settings resumes every run from the JSON
+    res = CliRunner().invoke(app, ["bench", "--panel", str(folder), "--quick", "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    again = json.loads(out_json.read_text())
+    assert all(r.get("resumed") for d in again["datasets"].values() for r in d["runs"])
+
+
+def test_bench_panel_errors_are_one_line(tmp_path):
+    folder = _tiny_panel(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "--panel", str(folder), "--datasets", "nope", "--quick"])
+    assert res.exit_code == 2 and "nope" in res.output and "sol_low" in res.output
+    res = runner.invoke(app, ["bench", "--seeds", "0,1"])
+    assert res.exit_code == 2 and "only apply with --panel" in res.output
+    res = runner.invoke(app, ["bench", "--panel", str(folder), "--task", "sol-low"])
+    assert res.exit_code == 2 and "do not apply with --panel" in res.output
