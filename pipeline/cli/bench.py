@@ -85,7 +85,7 @@ def bench(
 
     Same features and split for every model; ROC-AUC (RMSE/R² for sol-logs), median and p90 server-side
     latency per encrypted molecule, keygen time, evaluation-key size, ciphertext sizes, PBS count and bit width.
-    The CKKS row needs `pip install -e ".[bench]"` (tenseal); without it the row says so.
+    The CKKS row needs `pip install -e ".\\[bench]"` (tenseal); without it the row says so.
     Example: molcloak bench --json bench.json --markdown bench.md
 
     With --panel [DIR]: per dataset and scaffold seed, molcloak's model (float / FHE-simulated /
