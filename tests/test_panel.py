@@ -135,6 +135,7 @@ def test_bench_panel_quick_through_the_cli(tmp_path):
     assert res.exit_code == 0, res.output
     again = json.loads(out_json.read_text())
     assert all(r.get("resumed") for d in again["datasets"].values() for r in d["runs"])
+    assert "2 of 2 runs were resumed" in res.output
 
 
 def test_bench_panel_errors_are_one_line(tmp_path):

@@ -436,4 +436,5 @@ def _one_run(ds: Dataset, entry: PanelEntry, seed: int, config: PanelConfig, cac
         tick("Concrete ML XGB", "xgb")
     run["seconds"] = time.perf_counter() - start
     run["load_avg_at_end"] = list(os.getloadavg())
+    run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return run

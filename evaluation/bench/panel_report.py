@@ -312,6 +312,13 @@ def markdown(result: dict) -> str:
         "(regression: RMSE relative); (sim) = FHE-simulated, when only a sample was executed. "
         "Latency: median server-side run of one encrypted molecule.",
     ]
+    runs = [r for d in result["datasets"].values() for r in d["runs"]]
+    resumed = sum(bool(r.get("resumed")) for r in runs)
+    if resumed:
+        notes.append(
+            f"{resumed} of {len(runs)} runs were resumed from an earlier JSON of the same settings; "
+            "each run records its own finish time and load average there."
+        )
     left = result["panel"].get("left_out") or {}
     if left:
         notes.append("Not in the table: " + "; ".join(f"{f} ({why})" for f, why in left.items()) + ".")
