@@ -392,12 +392,12 @@ def _search(search: _Search) -> None:
             mine = [c for c in search.candidates if c.features == features and c.compile == cfg0]
             best = search.best(mine) or search.best(mine, within=False)
             current = {**best.options} if best else current
-    networks = sorted(
+    best_networks = sorted(
         (c for c in search.candidates if c.compile == cfg0 and np.isfinite(c.valid)),
         key=lambda c: c.valid,
         reverse=True,
     )
-    for base in networks[: space.top_networks]:  # stage 3
+    for base in best_networks[: space.top_networks]:  # stage 3
         for rounding in space.rounding_bits:
             for p_error in space.p_error:
                 cfg = CompileConfig(rounding, "approximate", p_error)
