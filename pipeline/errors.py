@@ -65,6 +65,26 @@ class ServerBusyError(MolcloakError, RuntimeError):
     """The FHE job queue is full or a worker restarted; retry later."""
 
 
+class WorkerCrashError(ServerBusyError):
+    """An FHE worker process died while it evaluated a job (it was replaced)."""
+
+
+class KeysRevokedError(KeysError):
+    """A key id was revoked by the server: a job with its evaluation keys crashed an FHE worker."""
+
+
+class JobTimeoutError(ServerBusyError):
+    """An FHE job ran longer than the server's job timeout; its worker was replaced."""
+
+
+class BodyTooLargeError(MolcloakError, ValueError):
+    """A request body is over the server's size limit."""
+
+
+class KeyStorageError(MolcloakError, OSError):
+    """The server could not store uploaded evaluation keys (disk full or not writable)."""
+
+
 class RemoteError(MolcloakError, RuntimeError):
     """The FHE server answered with an error or could not be reached."""
 

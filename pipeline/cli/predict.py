@@ -44,7 +44,9 @@ def predict(
     ),
     token_file: Path | None = TokenFileOpt,
     batch_size: int = typer.Option(
-        8, "--batch-size", help="Ciphertexts per HTTP request, 1-64 (with --server)."
+        8,
+        "--batch-size",
+        help="Ciphertexts per HTTP request, 1-64 and at most the server's limit (with --server).",
     ),
     input_csv: Path | None = typer.Option(
         None,

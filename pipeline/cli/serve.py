@@ -34,6 +34,14 @@ def serve(
     queue_size: int = typer.Option(
         64, "--queue-size", help="FHE jobs waiting or running before the server answers 503."
     ),
+    max_batch: int = typer.Option(
+        64, "--max-batch", help="Most ciphertexts in one POST /predict (1-64); advertised in GET /models."
+    ),
+    job_timeout: float = typer.Option(
+        300.0,
+        "--job-timeout",
+        help="Seconds one FHE job may run; a job over it gets its worker replaced and the request a 503.",
+    ),
 ):
     """Serve every bundle in --bundles over HTTP: the server holds evaluation keys and ciphertexts only.
 
@@ -42,8 +50,13 @@ def serve(
     """
     import os
 
-    from ..serving.http_api import ServeConfig
+    from ..serving.http_api import MAX_BATCH, ServeConfig
     from ..serving.http_api import serve as run_server
+
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise ConfigError(f"--max-batch {max_batch} is out of range; use 1..{MAX_BATCH}")
+    if not job_timeout > 0:
+        raise ConfigError(f"--job-timeout {job_timeout} must be a positive number of seconds")
 
     config = ServeConfig(
         bundles=bundles,
@@ -53,6 +66,8 @@ def serve(
         max_body_bytes=max_body_mb * 2**20,
         key_cache_bytes=key_cache_mb * 2**20,
         token=read_token(token_file),
+        max_batch=max_batch,
+        job_timeout=job_timeout,
     )
     err.print(
         f"molcloak serve: bundles from {bundles}, {config.workers} FHE workers, keys in {config.keys_dir}; "

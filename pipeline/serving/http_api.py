@@ -13,6 +13,7 @@ import binascii
 import io
 import os
 import secrets
+import sys
 import time
 import zipfile
 from contextlib import asynccontextmanager
@@ -20,20 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from ..bundle import Manifest, client_fingerprint, load_manifest
 from ..errors import (
+    BodyTooLargeError,
     BundleError,
     CiphertextError,
+    JobTimeoutError,
     KeyMismatchError,
     KeysError,
+    KeysRevokedError,
+    KeyStorageError,
     MolcloakError,
     ServerBusyError,
     UnknownModelError,
+    WorkerCrashError,
 )
 from .executor import WorkerPool
+from .guards import BodyLimit, CiphertextShape, validation_message
 from .keystore import KeyStore
 
 MAX_BATCH = 64
@@ -48,10 +56,16 @@ class ServeConfig:
     max_body_bytes: int = 128 * 2**20
     key_cache_bytes: int = 2 * 2**30
     token: str | None = None
+    max_batch: int = MAX_BATCH  # ciphertexts per POST /predict, 1..MAX_BATCH
+    job_timeout: float = 300.0  # seconds one FHE job may run before its worker is replaced
 
     @property
     def keys_dir(self) -> Path:
         return (self.state_dir or self.bundles / ".molcloak-server") / "keys"
+
+    @property
+    def shapes_dir(self) -> Path:
+        return (self.state_dir or self.bundles / ".molcloak-server") / "ciphertexts"
 
 
 def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
@@ -102,6 +116,7 @@ class ModelInfo(BaseModel):
     evaluation_key_bytes: int | None = Field(
         None, description="exact size of this model's serialized evaluation keys"
     )
+    max_batch: int = Field(MAX_BATCH, description="most ciphertexts this server takes in one POST /predict")
 
 
 class KeyUploaded(BaseModel):
@@ -130,21 +145,26 @@ class PredictResponse(BaseModel):
     total_seconds: float
 
 
-STATUS = {
+STATUS = {  # the first class that matches wins
     UnknownModelError: 404,
     KeyMismatchError: 409,
+    KeysRevokedError: 400,
     KeysError: 404,
     CiphertextError: 400,
+    BodyTooLargeError: 413,
+    KeyStorageError: 507,
     ServerBusyError: 503,
 }
 ERRORS = {
-    400: {"model": ErrorResponse, "description": "malformed ciphertext or keys"},
+    400: {"model": ErrorResponse, "description": "malformed ciphertext or keys, or revoked key id"},
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
     404: {"model": ErrorResponse, "description": "unknown model or key id"},
     409: {"model": ErrorResponse, "description": "key id belongs to another model"},
     413: {"model": ErrorResponse, "description": "body over the size limit"},
     415: {"model": ErrorResponse, "description": "wrong content type"},
-    503: {"model": ErrorResponse, "description": "queue full or worker restarted; retry"},
+    422: {"model": ErrorResponse, "description": "request not valid for the schema, or batch too large"},
+    503: {"model": ErrorResponse, "description": "queue full, worker restarted or job timed out"},
+    507: {"model": ErrorResponse, "description": "no room left to store evaluation keys"},
 }
 
 
@@ -168,13 +188,18 @@ def create_app(config: ServeConfig) -> FastAPI:
     }  # the value clients compute
     config.keys_dir.mkdir(parents=True, exist_ok=True)
     store = KeyStore(config.keys_dir, 0, load=lambda m, d: None, cost=lambda m: 0)  # metadata only
+    swept = store.sweep()  # what a failed or interrupted key write left behind
+    if swept:
+        print(f"molcloak serve: removed {len(swept)} leftover key files: {', '.join(swept)}", file=sys.stderr)
     pool = WorkerPool(
         {n: d for n, (d, _) in models.items()},
         config.keys_dir,
         config.workers,
         config.queue_size,
         config.key_cache_bytes,
+        config.job_timeout,
     )
+    shapes: dict[str, CiphertextShape] = {}  # filled by `measure_ciphertexts` before serving
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -188,6 +213,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         description="Encrypted molecular property prediction. The server sees evaluation keys and ciphertexts only.",
     )
     app.state.pool = pool
+    app.state.measure_ciphertexts = lambda: shapes.update(_measure_ciphertexts(config, pool, fingerprints))
+    # inside the token and content-type guard below: counts the bytes of every body as they arrive
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     def model_or_404(name: str) -> Manifest:
         if name not in models:
@@ -198,6 +226,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def molcloak_error(_request, exc: MolcloakError):
         status = status_of(exc)
         return error(status, type(exc).__name__, str(exc), {"Retry-After": "2"} if status == 503 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError):
+        return error(422, "RequestValidationError", validation_message(exc.errors()))
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):
@@ -210,13 +242,6 @@ def create_app(config: ServeConfig) -> FastAPI:
         path, method = request.url.path, request.method
         if config.token and path != "/health" and not _authorized(request, config.token):
             return error(401, "Unauthorized", "missing or wrong token; send 'Authorization: Bearer <token>'")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return error(
-                413,
-                "BodyTooLarge",
-                f"body of {length} bytes is over the limit of {config.max_body_bytes} bytes",
-            )
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         expected = {
             ("POST", "/predict"): "application/json",
@@ -237,11 +262,12 @@ def create_app(config: ServeConfig) -> FastAPI:
             "models": list(models),
             "pending_jobs": pool.pending,
             "worker_restarts": pool.restarts,
+            "max_batch": config.max_batch,
         }
 
     @app.get("/models", response_model=list[ModelInfo])
     async def list_models():
-        return [_model_info(name, m, fingerprints[name]) for name, (_, m) in models.items()]
+        return [_model_info(name, m, fingerprints[name], config.max_batch) for name, (_, m) in models.items()]
 
     @app.get(
         "/models/{name}/client",
@@ -261,7 +287,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         "/keys",
         status_code=201,
         response_model=KeyUploaded,
-        responses={k: ERRORS[k] for k in (400, 404, 413, 415, 503)},
+        responses={k: ERRORS[k] for k in (400, 404, 413, 415, 503, 507)},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -283,9 +309,16 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "were they generated with this model's client part?"
             )
         key_id = await asyncio.to_thread(store.put, model, data)  # 10s of MB + fsync: off the event loop
-        try:
-            await pool.check_keys(model, key_id)
-        except MolcloakError:
+        try:  # run the circuit once with the keys, in a worker: a crash there only rejects these keys
+            await pool.check_keys(model, key_id, shapes[model].sample)
+        except (WorkerCrashError, JobTimeoutError) as exc:
+            store.delete(key_id)
+            what = "crashed the FHE worker" if isinstance(exc, WorkerCrashError) else "stalled the circuit"
+            raise CiphertextError(
+                f"these evaluation keys {what} when the server ran model {model!r} with them once, and were "
+                "refused; generate new keys with this model's client part and upload them"
+            ) from exc
+        except BaseException:
             store.delete(key_id)
             raise
         return KeyUploaded(key_id=key_id, model=model, bytes=len(data))
@@ -298,10 +331,17 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 503)},
+        responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 422, 503)},
     )
     async def predict(req: PredictRequest):
         model_or_404(req.model)
+        if len(req.ciphertexts) > config.max_batch:
+            return error(
+                422,
+                "BatchTooLarge",
+                f"{len(req.ciphertexts)} ciphertexts in one request, this server takes at most "
+                f"{config.max_batch}; send smaller batches (molcloak predict --batch-size)",
+            )
         store.check_owner(req.key_id, req.model)
         if req.client_fingerprint is not None and req.client_fingerprint != fingerprints[req.model]:
             raise CiphertextError(
@@ -309,8 +349,20 @@ def create_app(config: ServeConfig) -> FastAPI:
                 f"model {req.model!r} has {fingerprints[req.model]!r}; download its client part again"
             )
         cts = [_b64(c, i) for i, c in enumerate(req.ciphertexts)]
+        for i, ct in enumerate(cts):
+            shapes[req.model].check(ct, i)  # size and header, before a worker deserializes it
         start = time.perf_counter()
-        results = await asyncio.gather(*(pool.run(req.model, req.key_id, ct, i) for i, ct in enumerate(cts)))
+        try:
+            results = await asyncio.gather(
+                *(pool.run(req.model, req.key_id, ct, i) for i, ct in enumerate(cts))
+            )
+        except WorkerCrashError as exc:  # one job per worker: this request's keys or ciphertexts did it
+            store.revoke(req.key_id, "a job with its evaluation keys crashed an FHE worker")
+            raise KeysRevokedError(
+                f"an FHE worker crashed while evaluating this request; key id {req.key_id} is revoked "
+                "(the server refuses it from now on); generate new keys with this model's client part, "
+                "upload them and re-encrypt"
+            ) from exc
         return PredictResponse(
             model=req.model,
             outputs=[base64.b64encode(o).decode() for o, _ in results],
@@ -331,9 +383,24 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise CiphertextError(f"body over the limit of {limit} bytes")
+            raise BodyTooLargeError(f"body of more than {limit} bytes is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _measure_ciphertexts(config: ServeConfig, pool: WorkerPool, fingerprints: dict) -> dict:
+    """Each model's `CiphertextShape`, from ciphertexts a worker encrypts under a throwaway key; cached
+    in the state directory per client part, so a restart does not generate keys again."""
+    shapes = {}
+    config.shapes_dir.mkdir(parents=True, exist_ok=True)
+    for name, fingerprint in fingerprints.items():
+        path = config.shapes_dir / f"{name}.json"
+        shape = CiphertextShape.load(name, path, fingerprint)
+        if shape is None:
+            shape = CiphertextShape.from_samples(name, pool.reference_ciphertexts(name))
+            path.write_text(shape.to_json(fingerprint))
+        shapes[name] = shape
+    return shapes
 
 
 def _b64(text: str, index: int) -> bytes:
@@ -357,7 +424,7 @@ def _client_zip(bundle_dir: Path) -> bytes:
     return buf.getvalue()
 
 
-def _model_info(name: str, m: Manifest, fingerprint: str) -> ModelInfo:
+def _model_info(name: str, m: Manifest, fingerprint: str, max_batch: int = MAX_BATCH) -> ModelInfo:
     task = m.task
     return ModelInfo(
         name=name,
@@ -368,6 +435,7 @@ def _model_info(name: str, m: Manifest, fingerprint: str) -> ModelInfo:
         circuit=m.circuit,
         client_fingerprint=fingerprint,
         evaluation_key_bytes=m.circuit.get("serialized_evaluation_key_bytes"),
+        max_batch=max_batch,
     )
 
 
@@ -376,4 +444,5 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> Non
 
     app = create_app(config)
     app.state.pool.warm_up()
+    app.state.measure_ciphertexts()
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=30)

@@ -26,8 +26,11 @@ import httpx
 from ..bundle import client_fingerprint
 from ..errors import (
     CiphertextError,
+    ConfigError,
+    JobTimeoutError,
     KeyMismatchError,
     KeysError,
+    KeysRevokedError,
     RemoteError,
     ServerBusyError,
     UnknownModelError,
@@ -36,10 +39,21 @@ from ..fhe_client import DEFAULT_KEY_DIR, KeygenInfo, PrivateClient
 from ..predict import PredictionBackend
 
 RETRIES = 5
+# answers to POST /predict after which the client uploads its evaluation keys again (once): the server
+# lost them, or revoked them after a worker crash (it tries uploaded keys before accepting them)
+RELOAD = {(404, "KeysError"), (400, "KeysRevokedError")}
 # the server's error types that have a matching client-side exception; any other type -> RemoteError
 ERROR_TYPES = {
     cls.__name__: cls
-    for cls in (KeysError, KeyMismatchError, CiphertextError, UnknownModelError, ServerBusyError)
+    for cls in (
+        KeysError,
+        KeyMismatchError,
+        KeysRevokedError,
+        CiphertextError,
+        UnknownModelError,
+        ServerBusyError,
+        JobTimeoutError,
+    )
 }
 
 
@@ -89,8 +103,8 @@ class RemoteModel(PredictionBackend):
                     raise RemoteError(
                         f"cannot reach the FHE server at {self.url} ({exc}); is `molcloak serve` running?"
                     ) from exc
-            else:
-                if r.status_code != 503 or attempt == RETRIES - 1:
+            else:  # a 503 is retried, except a job over the server's time limit: it would time out again
+                if r.status_code != 503 or attempt == RETRIES - 1 or server_error(r)[0] == "JobTimeoutError":
                     return r
             time.sleep(delay)
             delay *= 2
@@ -187,6 +201,17 @@ class RemoteModel(PredictionBackend):
 
     # -- the server half --------------------------------------------------------
 
+    def predict(self, inputs, batch_size: int = 8, skip_invalid: bool = False, on_item=None):
+        """`PredictionBackend.predict`, with `batch_size` checked against the server's advertised limit
+        first (nothing is encrypted or sent when it is out of range)."""
+        limit = self.info.get("max_batch")
+        if batch_size < 1 or (limit and batch_size > limit):
+            raise ConfigError(
+                f"batch size {batch_size} is out of range for the server at {self.url}, which takes 1.."
+                f"{limit or '?'} ciphertexts per request; pass --batch-size between 1 and {limit or 1}"
+            )
+        return super().predict(inputs, batch_size, skip_invalid, on_item)
+
     def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
         """Send one batch; re-upload the keys once if the server no longer knows our key id."""
         body = {
@@ -196,8 +221,8 @@ class RemoteModel(PredictionBackend):
         }
         for refresh in (False, True):
             r = self.request("POST", "/predict", json={**body, "key_id": self.key_id(refresh)})
-            if not refresh and r.status_code == 404 and server_error(r)[0] == "KeysError":
-                continue  # the server lost or deleted our evaluation keys: upload them again, once
+            if not refresh and (r.status_code, server_error(r)[0]) in RELOAD:
+                continue  # the server lost, deleted or revoked our evaluation keys: upload them again, once
             data = self._ok(r).json()
             return [base64.b64decode(o) for o in data["outputs"]], data["server_seconds"]
         raise AssertionError("unreachable")

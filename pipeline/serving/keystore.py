@@ -2,7 +2,9 @@
 
 A key id is 128 random bits (32 hex characters). On disk, in `<root>` (mode 0700): `<id>.keys` (the
 serialized evaluation keys, exactly as uploaded) and `<id>.json` (model name, size, time), both 0600.
-The store never holds secret keys: a client only ever sends evaluation keys.
+A revoked key id (its keys crashed an FHE worker) keeps only its `.json`, marked `revoked`, so that its
+user is told why it stopped working. The store never holds secret keys: a client only ever sends
+evaluation keys.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import KeyMismatchError, KeysError
+from ..errors import KeyMismatchError, KeysError, KeysRevokedError, KeyStorageError
 from ..files import write_private
 
 KEY_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -43,13 +45,58 @@ class KeyStore:
     # -- disk ---------------------------------------------------------------
 
     def put(self, model: str, data: bytes) -> str:
+        """Store `data` under a new key id; `KeyStorageError` (nothing left on disk) if it cannot be written."""
         key_id = secrets.token_hex(16)
-        write_private(self.root / f"{key_id}.keys", data, private_dir=False)
-        meta = {"model": model, "bytes": len(data), "created": time.time()}
-        write_private(self.root / f"{key_id}.json", json.dumps(meta).encode(), private_dir=False)
+        try:
+            write_private(self.root / f"{key_id}.keys", data, private_dir=False)
+            meta = {"model": model, "bytes": len(data), "created": time.time()}
+            write_private(self.root / f"{key_id}.json", json.dumps(meta).encode(), private_dir=False)
+        except OSError as exc:
+            for ext in ("json", "keys"):
+                self._path(key_id, ext).unlink(missing_ok=True)
+            raise KeyStorageError(
+                f"the server could not store {len(data)} bytes of evaluation keys "
+                f"({exc.strerror or type(exc).__name__}); its disk is full or not writable: "
+                "retry later or tell the server's operator"
+            ) from exc
         return key_id
 
-    def meta(self, key_id: str) -> dict:
+    def sweep(self) -> list[str]:
+        """Remove what an interrupted or failed write left behind: temporary files, a `.keys` without its
+        `.json` and a `.json` without its `.keys` (unless revoked); returns the names removed."""
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            stem, ext = path.name.rsplit(".", 1) if "." in path.name else (path.name, "")
+            if ext == "tmp":
+                stray = True
+            elif ext == "keys":
+                stray = not (self.root / f"{stem}.json").exists()
+            elif ext == "json":
+                stray = not (self.root / f"{stem}.keys").exists() and not self._revoked(path)
+            else:
+                stray = False
+            if stray and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+    @staticmethod
+    def _revoked(path: Path) -> bool:
+        try:
+            return bool(json.loads(path.read_text()).get("revoked"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def revoke(self, key_id: str, reason: str) -> None:
+        """Mark `key_id` revoked (every later use answers `KeysRevokedError`) and delete its keys."""
+        meta = self._read_meta(key_id)
+        meta.update(revoked=reason, revoked_at=time.time())
+        with self._lock:
+            self._cache.pop(key_id, None)
+        write_private(self._path(key_id, "json"), json.dumps(meta).encode(), private_dir=False)
+        self._path(key_id, "keys").unlink(missing_ok=True)
+
+    def _read_meta(self, key_id: str) -> dict:
         path = self._path(key_id, "json")
         try:
             return json.loads(path.read_text())
@@ -57,6 +104,15 @@ class KeyStore:
             raise KeysError(
                 f"key id {key_id!r} is unknown to this server; upload the evaluation keys again (POST /keys)"
             ) from exc
+
+    def meta(self, key_id: str) -> dict:
+        meta = self._read_meta(key_id)
+        if meta.get("revoked"):
+            raise KeysRevokedError(
+                f"key id {key_id} was revoked by the server: {meta['revoked']}; generate new keys "
+                "(delete this model's keys in the client's key directory) and upload them"
+            )
+        return meta
 
     def check_owner(self, key_id: str, model: str) -> dict:
         """The metadata of `key_id`; `KeyMismatchError` (HTTP 409) if its keys were made for another model."""
@@ -69,7 +125,7 @@ class KeyStore:
         return meta
 
     def delete(self, key_id: str) -> None:
-        self.meta(key_id)
+        self._read_meta(key_id)
         with self._lock:
             self._cache.pop(key_id, None)
         for ext in ("json", "keys"):
@@ -92,7 +148,12 @@ class KeyStore:
             if hit is not None:
                 self._cache.move_to_end(key_id)
                 return hit[1]
-        data = self._path(key_id, "keys").read_bytes()
+        try:
+            data = self._path(key_id, "keys").read_bytes()
+        except FileNotFoundError as exc:
+            raise KeysError(
+                f"the evaluation keys of key id {key_id} are gone from this server; upload them again (POST /keys)"
+            ) from exc
         keys = self._load(model, data)
         with self._lock:
             self._cache[key_id] = (model, keys, self._cost(model))

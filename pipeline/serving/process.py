@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import httpx
 
@@ -43,7 +43,8 @@ class ServerProcess:
     `bundles`, `state_dir` (evaluation keys), `workers` (None: the server's default, one per core),
     `token_file` (bearer token the server requires; its content is `token`), `port` (None: a free one),
     `log` (stdout and stderr, appended; default `<state_dir>.log`), `extra_args` (more `serve` options),
-    `timeout` (seconds to wait for GET /health).
+    `timeout` (seconds to wait for GET /health), `preexec_fn` (run in the child before `serve` starts,
+    e.g. to set resource limits).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class ServerProcess:
         log: str | Path | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = START_TIMEOUT,
+        preexec_fn: Callable[[], None] | None = None,
     ):
         self.bundles, self.state_dir = Path(bundles), Path(state_dir)
         self.token_file = Path(token_file) if token_file else None
@@ -91,6 +93,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=preexec_fn,
             )
         self._wait_healthy(timeout)
 
