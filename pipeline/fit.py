@@ -1,11 +1,14 @@
 """`molcloak fit`: the most accurate encrypted model for the owner's data within a latency and key budget.
 
 The search runs on the training part of the split only: models are trained on `train`, and chosen
-by their FHE-simulated metric on an inner validation part (`valid`, a seeded random share of the
-training molecules); the test part is scored once, for the chosen model. Latency is predicted from
-the circuit's PBS count and maximum bit width with the PBS cost measured on this machine
-(`pbs_cost.Calibration`, the model `molcloak tune` uses); the evaluation-key size is measured on
-throwaway keys. Three stages, each bounded, with a wall-clock cap that returns the best so far:
+by their FHE-simulated metric on an inner validation part (`valid`: whole scaffold groups of the
+training molecules when the split is by scaffold, so the choice is judged on unseen scaffolds like
+the test; a seeded random share otherwise); the test part is scored once, for the chosen model.
+Latency is predicted from the circuit's PBS count and maximum bit width with the PBS cost measured
+on this machine (`pbs_cost.Calibration`, the model `molcloak tune` uses) and, since compiling already
+made throwaway keys (to measure the evaluation-key size), also timed: a few encrypted runs of the
+candidate's own circuit; the timing decides when there is one. Three stages, each bounded, with a
+wall-clock cap that returns the best so far:
 
 1. features: every candidate feature spec with the reference network;
 2. network: for the best feature specs, one setting at a time (hidden widths, weight bits, input
@@ -21,8 +24,6 @@ settings for `deploy`.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,22 +35,24 @@ from .bundle import Checkpoint
 from .compile import CompileConfig
 from .data import Dataset
 from .errors import CompilationError, ConfigError, TuneError
+from .latency import TIMED_RUNS, measure_latency, time_circuit
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
+from .splits import Split, can_score
 from .teacher import teacher_outputs
 from .train import TrainConfig, predict_raw
-from .workflow import Compiled, compile_checkpoint, deploy, featurized, train_on_features, unfitted_featurizer
+from .workflow import Compiled, compile_checkpoint, featurized, train_on_features, unfitted_featurizer
 
 # Feature specs tried by default, cheapest first: the 10 physchem descriptors, then richer sets
 # reduced to a bounded number of encrypted inputs by selection fitted on the training molecules.
 DEFAULT_FEATURE_CANDIDATES = (
     DEFAULT_FEATURES,
     "rdkit2d:scale=quantile+select:k=32",
-    "rdkit2d:scale=quantile+morgan_count:r=2,n=2048,scale=quantile+select:k=64",
-    "physchem:scale=quantile+morgan:r=2,n=1024",
+    "rdkit2d:scale=quantile+morgan_count:r=2,n=2048,scale=quantile+select:k=48",
+    "physchem:scale=quantile+morgan:r=2,n=2048",
 )
-MAX_MEASURED_BITS = 9  # wider circuits cost several times the 250 ms budget (PERF_NOTES): not calibrated
+MAX_MEASURED_BITS = 9  # the cost model is calibrated up to this width; wider circuits are only timed
 INNER_VALID_FRACTION = 0.2
 StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps planned)
 
@@ -88,6 +91,9 @@ class SearchSpace:
     top_features: int = 2  # feature specs carried into stage 2
     top_networks: int = 3  # networks recompiled in stage 3
     model: str = DEFAULT_MODEL
+    # variants within this much of the best validation metric count as equally accurate: the fastest of
+    # them is preferred (a difference this small is noise on a few hundred validation molecules)
+    tolerance: float = 0.005
 
     def __post_init__(self):
         if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:
@@ -125,6 +131,7 @@ class Candidate:
     max_bits: int = 0
     key_bytes: int = 0
     predicted_s: float = float("inf")
+    run_s: float | None = None  # median of a few encrypted runs of its circuit during the search
     seconds: float = 0.0
     measured_s: float | None = None  # median of real encrypted runs, for the candidates timed at the end
     trained: str = ""  # key of its checkpoint in the search's cache
@@ -144,8 +151,18 @@ class Candidate:
     def label(self) -> str:
         return f"{self.features or 'columns'} {self.network} {self.compile_label}"
 
+    @property
+    def latency_s(self) -> float:
+        """The timing when there is one, else the cost model's prediction."""
+        return self.predicted_s if self.run_s is None else self.run_s
+
+    def rank(self) -> tuple:
+        """Higher is better: the validation metric, ties broken by the cost model's prediction (seeded,
+        so a rerun chooses the same) and then by the timing."""
+        return (self.valid, -self.predicted_s, -(self.run_s or 0.0))
+
     def fits(self, budget: FitBudget) -> bool:
-        return self.predicted_s * 1e3 <= budget.latency_ms and self.key_bytes <= budget.key_mb * 1e6
+        return self.latency_s * 1e3 <= budget.latency_ms and self.key_bytes <= budget.key_mb * 1e6
 
     def to_dict(self) -> dict:
         return {
@@ -160,6 +177,7 @@ class Candidate:
             "max_bits": self.max_bits,
             "evaluation_key_bytes": self.key_bytes,
             "predicted_s": self.predicted_s,
+            "run_s": self.run_s,
             "measured_s": self.measured_s,
             "seconds": self.seconds,
         }
@@ -175,6 +193,8 @@ class FitResult:
     measured: dict = field(default_factory=dict)
     stopped_early: bool = False
     over_budget: bool = False  # no timed candidate ran within the budget: the fastest one was kept
+    inner_valid: str = "random"  # the inner validation part: whole scaffold groups or random molecules
+    tolerance: float = 0.0  # validation metrics this close to the best counted as equal (cheapest chosen)
 
     def to_dict(self) -> dict:
         return {
@@ -186,6 +206,8 @@ class FitResult:
             "measured": self.measured,
             "stopped_early": self.stopped_early,
             "over_budget": self.over_budget,
+            "inner_valid": self.inner_valid,
+            "tolerance": self.tolerance,
         }
 
 
@@ -197,13 +219,15 @@ def selection_metric(task) -> str:
 class _Search:
     """The state of one search: features cached per spec, trained checkpoints cached per network."""
 
-    def __init__(self, ds, space, budget, split, test_fraction, seed, train, calibration, on_step):
+    def __init__(self, ds, space, budget, split, test_fraction, seed, train, calibration, on_step, **how):
         self.ds, self.space, self.budget, self.train = ds, space, budget, train
+        self.timed_runs, self.refit = how.get("timed_runs", TIMED_RUNS), how.get("refit", True)
         self.split, self.test_fraction, self.seed = split, test_fraction, seed
         self.calibration, self.on_step = calibration, on_step or (lambda msg, done, total: None)
         self.metric = selection_metric(ds.task)
         self.deadline = time.monotonic() + budget.max_minutes * 60 if budget.max_minutes else float("inf")
         self.features: dict[str | None, tuple] = {}
+        self.inner_valid = "random"  # how the inner validation part was drawn (scaffold or random)
         self.trained: dict[str, Checkpoint] = {}
         self.candidates: list[Candidate] = []
         self._teacher: np.ndarray | None = None
@@ -218,14 +242,26 @@ class _Search:
 
     def featurize(self, features: str | None):
         if features not in self.features:
-            spec, X, sp = featurized(
-                self.ds,
-                unfitted_featurizer(self.ds, features),
-                self.split,
-                self.test_fraction,
-                self.seed,
-                valid_fraction=INNER_VALID_FRACTION,
-            )
+            for valid_method in dict.fromkeys(
+                ("scaffold" if self.split == "scaffold" else "random", "random")
+            ):
+                spec, X, sp = featurized(
+                    self.ds,
+                    unfitted_featurizer(self.ds, features),
+                    self.split,
+                    self.test_fraction,
+                    self.seed,
+                    valid_fraction=INNER_VALID_FRACTION,
+                    valid_method=valid_method,
+                )
+                if can_score(self.ds, sp.valid):
+                    break
+                self.on_step(  # e.g. every small scaffold group holds one class: choose on random molecules
+                    f"the {valid_method} inner validation part has one class only; using a random one",
+                    len(self.candidates),
+                    self.planned,
+                )
+            self.inner_valid = valid_method
             if len(sp.valid) < 10:
                 raise TuneError(
                     f"the inner validation part has {len(sp.valid)} molecules; fit needs at least 10 to choose "
@@ -273,11 +309,13 @@ class _Search:
             cand.predicted_s = self.calibration.predict(
                 s.pbs_count, s.max_bit_width, cfg.rounding_bits, cfg.p_error
             )
+        if self.timed_runs and cand.key_bytes <= self.budget.key_mb * 1e6:
+            cand.run_s = time_circuit(compiled.q_module, X[sp.valid], self.timed_runs)
         cand.seconds = time.perf_counter() - start
         self.candidates.append(cand)
         fits = "within budget" if cand.fits(self.budget) else "over budget"
         self.on_step(
-            f"{cand.label}: {self.metric} {cand.valid:.3f}, {cand.predicted_s * 1e3:.0f} ms, {fits}",
+            f"{cand.label}: {self.metric} {cand.valid:.3f}, {cand.latency_s * 1e3:.0f} ms, {fits}",
             len(self.candidates),
             self.planned,
         )
@@ -290,10 +328,32 @@ class _Search:
             self._teacher = teacher_outputs(self.ds, sp.train, self.train.teacher, self.seed)
         return self._teacher
 
+    def final(self, cand: Candidate) -> Checkpoint:
+        """The chosen features and network refitted on training and inner validation molecules together, for as many
+        epochs as its search run needed (validation only chose it; with a scaffold inner part, leaving its
+        small scaffold groups out would keep the model from the molecules most like the test's)."""
+        ckpt = self.trained[cand.trained]
+        if not self.refit:
+            return ckpt
+        _, _, sp = self.featurize(cand.features)
+        both = Split(np.union1d(sp.train, sp.valid), np.array([], dtype=int), sp.test, sp.method)
+        spec = unfitted_featurizer(self.ds, cand.features).fit(
+            self.ds.inputs(both.train), self.ds.y[both.train]
+        )
+        X = spec.transform(self.ds.inputs())  # scaling and selection refitted on the same molecules
+        epochs = int(ckpt.train_info["best_epoch"])
+        cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs)
+        soft = teacher_outputs(self.ds, both.train, cfg.teacher, self.seed) if cfg.teacher else None
+        final = train_on_features(
+            self.ds, spec, X, both, self.space.model, cand.options, cfg, soft_train=soft
+        )
+        final.train_info["n_inner_valid"] = int(len(sp.valid))
+        return final
+
     def best(self, pool: list[Candidate] | None = None, within: bool = True) -> Candidate | None:
         pool = [c for c in (self.candidates if pool is None else pool) if np.isfinite(c.valid)]
         pool = [c for c in pool if c.fits(self.budget)] if within else pool
-        return max(pool, key=lambda c: (c.valid, -c.predicted_s), default=None)
+        return max(pool, key=Candidate.rank, default=None)
 
 
 def fit(
@@ -308,24 +368,28 @@ def fit(
     on_step: StepCallback | None = None,
     measure_runs: int = 5,
     verify: int = 3,
+    time_candidates: bool = True,
+    refit: bool = True,
 ) -> FitResult:
-    """Search, choose on the inner validation part, compile the choice on the test part and time it."""
+    """Search, choose on the inner validation part, compile the choice on the test part and time it.
+
+    `time_candidates`: time every candidate's circuit during the search (else the cost model alone
+    ranks them until the final timing of the `verify` best). `refit`: retrain the chosen network on the
+    training and inner validation molecules together before compiling it (else the search's model)."""
     if ds.is_tabular:
         space = dataclasses.replace(space, features=(None,))
     train = dataclasses.replace(train, seed=seed)
-    search = _Search(
-        ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step
-    )
+    timed_runs = TIMED_RUNS if time_candidates and measure_runs else 0
+    args = (ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step)
+    search = _Search(*args, timed_runs=timed_runs, refit=refit)
     _search(search)
-    ranked = sorted(
-        (c for c in search.candidates if c.fits(budget) and np.isfinite(c.valid)),
-        key=lambda c: (c.valid, -c.predicted_s),
-        reverse=True,
+    ranked = _preference(
+        [c for c in search.candidates if c.fits(budget) and np.isfinite(c.valid)], space.tolerance
     )
     if not ranked:
-        cheapest = min(search.candidates, key=lambda c: c.predicted_s, default=None)
+        cheapest = min(search.candidates, key=lambda c: c.latency_s, default=None)
         found = (
-            f"the cheapest found is {cheapest.label} at {cheapest.predicted_s * 1e3:.0f} ms and "
+            f"the cheapest found is {cheapest.label} at {cheapest.latency_s * 1e3:.0f} ms and "
             f"{cheapest.key_bytes / 1e6:.1f} MB of keys"
             if cheapest
             else "no variant compiled"
@@ -342,10 +406,34 @@ def fit(
         "budget": dataclasses.asdict(budget),
         "features": chosen.features,
         "measured_s": chosen.measured_s,
+        "inner_valid": search.inner_valid,
+        "refit": refit,
     }
     return FitResult(
-        ckpt, compiled, chosen, search.candidates, search.metric, measured, search.out_of_time, over
+        ckpt,
+        compiled,
+        chosen,
+        search.candidates,
+        search.metric,
+        measured,
+        search.out_of_time,
+        over,
+        search.inner_valid,
+        space.tolerance,
     )
+
+
+def _preference(pool: list[Candidate], tolerance: float) -> list[Candidate]:
+    """Candidates in the order they are timed for the final choice: those within `tolerance` of the best
+    validation metric, fastest first (by PBS count and bit width, deterministic), then the rest by metric."""
+    if not pool:
+        return []
+    best = max(c.valid for c in pool)
+    near = sorted(
+        (c for c in pool if c.valid >= best - tolerance), key=lambda c: (c.pbs, c.max_bits, -c.valid)
+    )
+    rest = sorted((c for c in pool if c.valid < best - tolerance), key=Candidate.rank, reverse=True)
+    return near + rest
 
 
 def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
@@ -354,7 +442,7 @@ def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
     When none does, the fastest measured one is kept and flagged (a loaded machine inflates timings)."""
     tried = []
     for cand in ranked:
-        ckpt = search.trained[cand.trained]
+        ckpt = search.final(cand)
         compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=True)
         measured = measure_latency(ckpt, compiled, measure_runs) if measure_runs else {}
         cand.measured_s = measured.get("median_run_s")
@@ -403,23 +491,3 @@ def _search(search: _Search) -> None:
                 cfg = CompileConfig(rounding, "approximate", p_error)
                 if cfg != cfg0 and not search.out_of_time:
                     search.evaluate(base.features, base.options, cfg, "compile")
-
-
-def measure_latency(ckpt: Checkpoint, compiled: Compiled, n_runs: int) -> dict:
-    """Keygen and `n_runs` encrypted runs of test rows through both halves (a temporary bundle)."""
-    from .predict import LocalBackend
-
-    with tempfile.TemporaryDirectory(prefix="molcloak-fit-") as tmp:
-        deploy(ckpt, compiled, f"{tmp}/bundle", "fit")
-        backend = LocalBackend(f"{tmp}/bundle", key_dir=f"{tmp}/keys")
-        info = backend.keygen()
-        X = ckpt.X_test[: n_runs + 1]
-        runs = backend.run_rows(X) if len(X) else []
-        seconds = [r.seconds["run"] for r in runs[1:]]  # the first run pays one-time setup
-        backend.close()
-    return {
-        "keygen_s": info.seconds,
-        "evaluation_key_bytes": info.evaluation_key_bytes,
-        "median_run_s": statistics.median(seconds) if seconds else None,
-        "runs": len(seconds),
-    }

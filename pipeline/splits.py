@@ -42,10 +42,13 @@ def split_dataset(
     test_fraction: float = 0.2,
     valid_fraction: float = 0.1,
     seed: int = 0,
+    valid_method: Literal["random", "scaffold"] = "random",
 ) -> Split:
     """Train/validation/test indices. `None` = official split when the data has one, else random.
 
-    The validation part is always a seeded random subset of the training part.
+    The validation part is a seeded random subset of the training part, or with
+    `valid_method="scaffold"` whole scaffold groups of it (like a scaffold test part: `fit` chooses
+    models on such a part, so that its choice is judged on unseen scaffolds as the test will be).
     """
     for name, value, example in (
         ("test", test_fraction, "--test-fraction 0.2"),
@@ -77,9 +80,15 @@ def split_dataset(
         trainval, test = _scaffold_split(ds.smiles, test_fraction, rng)
     else:
         raise DataError(f"unknown split {method!r}; expected official, random or scaffold")
-    perm = rng.permutation(trainval)
-    n_valid = int(round(valid_fraction * len(trainval)))
-    valid, train = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    if valid_method == "scaffold" and not ds.is_tabular:
+        inner_train, inner_valid = _scaffold_split([ds.smiles[i] for i in trainval], valid_fraction, rng)
+        train, valid = trainval[inner_train], trainval[inner_valid]
+    elif valid_method in ("random", "scaffold"):
+        perm = rng.permutation(trainval)
+        n_valid = int(round(valid_fraction * len(trainval)))
+        valid, train = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    else:
+        raise DataError(f"unknown validation split {valid_method!r}; expected random or scaffold")
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"split {method!r} left an empty train or test set ({n} molecules); use more data")
     return Split(train, valid, test, method)
@@ -107,3 +116,11 @@ def _scaffold_split(smiles: list[str], test_fraction: float, rng) -> tuple[np.nd
     for g in sets:
         (train if len(train) + len(g) <= n_train_target else test).extend(g)
     return np.sort(np.asarray(train, dtype=int)), np.sort(np.asarray(test, dtype=int))
+
+
+def can_score(ds: Dataset, rows: np.ndarray) -> bool:
+    """Whether a metric can be computed on `rows`: for classification, every task has two classes there."""
+    if not ds.task.is_classification:
+        return True
+    y = np.asarray(ds.y[rows], dtype=float).reshape(len(rows), -1)
+    return all(len(np.unique(col[np.isfinite(col)])) >= 2 for col in y.T)

@@ -49,6 +49,7 @@ def featurized(
     test_fraction: float = 0.2,
     seed: int = 0,
     valid_fraction: float = 0.1,
+    valid_method: str = "random",
 ) -> tuple[Featurizer, np.ndarray, Split]:
     """(fitted featurizer, features of every row, split): the scaler is fitted on the training split only.
 
@@ -56,7 +57,14 @@ def featurized(
     outside molcloak on ``X[split.train]`` sees exactly the features the client will compute.
     """
     parsed = unfitted_featurizer(ds, features) if features is None or isinstance(features, str) else features
-    sp = split_dataset(ds, split, test_fraction=test_fraction, valid_fraction=valid_fraction, seed=seed)
+    sp = split_dataset(
+        ds,
+        split,
+        test_fraction=test_fraction,
+        valid_fraction=valid_fraction,
+        seed=seed,
+        valid_method=valid_method,
+    )
     spec = parsed.fit(ds.inputs(sp.train), ds.y[sp.train])  # labels: for a supervised `select` only
     return spec, spec.transform(ds.inputs()), sp
 

@@ -137,6 +137,18 @@ def test_bench_panel_quick_through_the_cli(tmp_path):
     assert all(r.get("resumed") for d in again["datasets"].values() for r in d["runs"])
     assert "2 of 2 runs were resumed" in res.output
 
+    # other settings for molcloak (a budget): the references do not depend on it and are reused per part
+    res = CliRunner().invoke(
+        app,
+        ["bench", "--panel", str(folder), "--quick", "--models", "references", "--json", str(out_json)],
+    )
+    assert res.exit_code == 0, res.output
+    refs_only = json.loads(out_json.read_text())
+    for name, d in refs_only["datasets"].items():
+        (run,) = d["runs"]
+        assert run["resumed_parts"] == ["references"] and "molcloak" not in run
+        assert run["references"] == result["datasets"][name]["runs"][0]["references"]
+
 
 def test_bench_panel_errors_are_one_line(tmp_path):
     folder = _tiny_panel(tmp_path)

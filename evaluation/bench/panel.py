@@ -37,6 +37,7 @@ import numpy as np
 from molcloak.pipeline import workflow
 from molcloak.pipeline.data import Dataset, DataSource
 from molcloak.pipeline.errors import ConfigError
+from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.splits import Split, split_dataset
@@ -184,7 +185,8 @@ class PanelConfig:
     quick: bool = False  # CI: two small datasets, one seed, a sample of 8, 100 trees
     models: tuple[str, ...] = DEFAULT_MODELS
     trees: int | None = None  # RandomForest trees (default 500; quick 100)
-    budget_ms: float = 250.0  # latency budget handed to molcloak_model (`molcloak fit`)
+    budget_ms: float = 250.0  # latency budget handed to `molcloak fit`
+    fit_minutes: float | None = 10.0  # wall-clock cap of each fit's search (None: the whole search space)
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -199,6 +201,8 @@ class PanelConfig:
                 f"--sample {self.sample}: the panel protocol FHE-executes at least {MIN_SAMPLE} test "
                 f"molecules (or all); use --sample {MIN_SAMPLE} or more, 0 for none, or --quick"
             )
+        if self.fit_minutes is not None and self.fit_minutes <= 0:
+            raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 
@@ -240,6 +244,8 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--quick"] if config.quick else []
     args += ["--models", ",".join(config.models)] if config.models != DEFAULT_MODELS else []
     args += ["--trees", str(config.trees)] if config.trees else []
+    args += ["--budget-ms", f"{config.budget_ms:g}"] if config.budget_ms != 250.0 else []
+    args += ["--fit-minutes", f"{config.fit_minutes:g}"] if config.fit_minutes != 10.0 else []
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -248,19 +254,36 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
 # ---------------------------------------------------------------- the molcloak row
 
 
-def molcloak_model(ds: Dataset, split: str, seed: int, budget_ms: float):
-    """(checkpoint, compiled model) for `ds` on the `split` method's test part with `seed`.
+# The search `--quick` runs (CI): one feature spec, one tiny network, no moves.
+QUICK_SPACE = SearchSpace(
+    features=("physchem:scale=quantile",),
+    start=(("hidden", (8,)), ("weight_bits", 3), ("act_bits", 3), ("input_bits", 4)),
+    hidden=((8,),),
+    weight_bits=(3,),
+    input_bits=(4,),
+    rounding_bits=(5,),
+    top_features=1,
+    top_networks=1,
+)
 
-    Until `molcloak fit` (a search under the latency budget) lands: the default training and
-    compile settings; `budget_ms` is not used yet. Swapping in `fit` changes this call only.
-    """
-    ckpt = workflow.train_checkpoint(
-        ds, split=split, test_fraction=TEST_FRACTION, train_config=TrainConfig(seed=seed)
+
+def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> FitResult:
+    """`molcloak fit` on the `split` method's training part with `seed`, under the panel's budget: it
+    chooses on an inner validation part and compiles its choice on the test part."""
+    return fit(
+        ds,
+        QUICK_SPACE if config.quick else SearchSpace(),
+        FitBudget(latency_ms=config.budget_ms, max_minutes=config.fit_minutes),
+        split,
+        TEST_FRACTION,
+        seed,
+        TrainConfig(epochs=80, patience=20) if config.quick else TrainConfig(patience=30),
+        measure_runs=2 if config.quick else 5,
+        verify=1 if config.quick else 3,
     )
-    return ckpt, workflow.compile_checkpoint(ckpt)
 
 
-MODEL_SOURCE = "default training and compile settings (molcloak fit not yet available)"
+MODEL_SOURCE = "molcloak fit (search under the latency and key budget, chosen on an inner validation part)"
 
 
 def sample_positions(n_test: int, sample: int | None, seed: int) -> np.ndarray:
@@ -310,7 +333,8 @@ def run_molcloak(
 ) -> tuple[dict, object]:
     """molcloak's row for one seed: metrics, circuit, and the FHE-executed sample (when `execute`)."""
     start = time.perf_counter()
-    ckpt, compiled = molcloak_model(ds, SPLIT, seed, config.budget_ms)
+    fitted = molcloak_model(ds, SPLIT, seed, config)
+    ckpt, compiled = fitted.checkpoint, fitted.compiled
     fit_s = time.perf_counter() - start
     if list(ckpt.smiles_test) != [ds.smiles[i] for i in sp.test]:
         raise ConfigError(f"{ds.task.name} seed {seed}: molcloak_model's test split differs from the panel's")
@@ -328,6 +352,15 @@ def run_molcloak(
             "model_config": ckpt.model_config,
             "compile": compiled.config.to_dict(),
             "train": {k: ckpt.train_info.get(k) for k in ("config", "best_epoch", "epochs_run")},
+        },
+        "fit": {
+            "chosen": fitted.chosen.to_dict(),
+            "n_candidates": len(fitted.candidates),
+            "candidates": [c.to_dict() for c in fitted.candidates],
+            "measured": fitted.measured,
+            "stopped_early": fitted.stopped_early,
+            "over_budget": fitted.over_budget,
+            "fit_minutes": config.fit_minutes,
         },
         "seconds": {"fit_and_compile": fit_s, "compile": compiled.seconds},
     }
@@ -393,7 +426,7 @@ def run_panel(
                 runs.append({**done[key], "resumed": True})
                 work.skip(entry, seed)
             else:
-                runs.append(_one_run(ds, entry, seed, config, cache, work))
+                runs.append(_one_run(ds, entry, seed, config, cache, work, done))
             result["datasets"][entry.name]["mean"] = panel_report.summarize(runs, ds.task)
             if on_run:
                 on_run(result)
@@ -403,20 +436,29 @@ def run_panel(
     return result
 
 
-def _one_run(ds: Dataset, entry: PanelEntry, seed: int, config: PanelConfig, cache, work) -> dict:
+def _one_run(ds: Dataset, entry: PanelEntry, seed: int, config: PanelConfig, cache, work, done) -> dict:
+    """One (dataset, seed); a part (references, molcloak, Concrete ML's XGB) whose key is in `done` (an
+    earlier JSON) is reused, so e.g. the references of a `--models references` run are not recomputed."""
     tick = work.ticker(entry, seed)
     start = time.perf_counter()
     sp = split_dataset(ds, SPLIT, test_fraction=TEST_FRACTION, seed=seed)
     train = np.sort(np.concatenate([sp.train, sp.valid]))
+    wanted = [part for part in panel_report.PARTS if part.replace("_", "-") in config.models]
     run = {
         "key": panel_report.run_key(config, entry, seed),
+        "part_keys": {p: panel_report.run_key(config, entry, seed, p) for p in wanted},
         "seed": seed,
         "n_train": int(len(sp.train)),
         "n_valid": int(len(sp.valid)),
         "n_test": int(len(sp.test)),
         "load_avg_at_start": list(os.getloadavg()),
+        "resumed_parts": [],
     }
-    if "references" in config.models:
+    for part in wanted:
+        if run["part_keys"][part] in done and not (part == "molcloak" and "cml_xgb" in wanted):
+            run.update(done[run["part_keys"][part]])
+            run["resumed_parts"].append(part)
+    if "references" in wanted and "references" not in run["resumed_parts"]:
         feats = cache.get(str(Path(config.folder) / entry.file), ds.smiles)
         tick("features", "features")
         run["feature_seconds"] = feats.seconds
@@ -425,15 +467,14 @@ def _one_run(ds: Dataset, entry: PanelEntry, seed: int, config: PanelConfig, cac
         )
         run["imputation"] = refs.pop("_imputation")
         run["references"] = refs
-    ckpt = None
-    if "molcloak" in config.models or "cml-xgb" in config.models:
-        ours = "molcloak" in config.models
+    if {"molcloak", "cml_xgb"} & set(wanted) - set(run["resumed_parts"]):
+        ours = "molcloak" in wanted
         row, ckpt = run_molcloak(ds, sp, seed, config, tick, execute=ours)
         if ours:
             run["molcloak"] = row
-    if "cml-xgb" in config.models:
-        run["cml_xgb"] = run_cml_xgb(ds, sp, ckpt, seed, config.quick)
-        tick("Concrete ML XGB", "xgb")
+        if "cml_xgb" in wanted:
+            run["cml_xgb"] = run_cml_xgb(ds, sp, ckpt, seed, config.quick)
+            tick("Concrete ML XGB", "xgb")
     run["seconds"] = time.perf_counter() - start
     run["load_avg_at_end"] = list(os.getloadavg())
     run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -97,32 +97,49 @@ def _rows(path: Path) -> int:
 # ---------------------------------------------------------------- resuming
 
 
-def run_key(config, entry, seed: int) -> str:
-    """What one run's numbers depend on; an earlier run with the same key is reused."""
+PARTS = ("references", "molcloak", "cml_xgb")  # a run's parts, each resumable on its own
+
+
+def run_key(config, entry, seed: int, part: str | None = None) -> str:
+    """What one run's numbers depend on (`part`: what that part of the run depends on only); an earlier
+    run or part with the same key is reused. The references do not depend on molcloak's settings, so a
+    `--models molcloak` run reuses the references of an earlier `--models references` run."""
     path = Path(config.folder) / entry.file
     stat = path.stat()
     parts = {
         "entry": entry.to_dict(),
         "file": [str(path.resolve()), stat.st_size, int(stat.st_mtime)],
         "seed": seed,
-        "sample": config.n_sample,
-        "trees": config.n_trees,
-        "models": sorted(config.models),
-        "budget_ms": config.budget_ms,
-        "quick": config.quick,
     }
+    if part == "references":
+        parts["trees"] = config.n_trees
+    else:
+        parts.update(sample=config.n_sample, budget_ms=config.budget_ms, quick=config.quick)
+        if part is None:
+            parts.update(trees=config.n_trees, models=sorted(config.models))
+        else:  # molcloak, cml_xgb (on molcloak's features)
+            parts.update(part=part, fit_minutes=config.fit_minutes)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def reusable_runs(previous: dict | None, config) -> dict[str, dict]:
+    """Earlier runs by run key, and earlier run parts by part key."""
     if not previous:
         return {}
-    return {
-        run["key"]: run
-        for ds in previous.get("datasets", {}).values()
-        for run in ds.get("runs", [])
-        if isinstance(run, dict) and "key" in run
-    }
+    done = {}
+    for ds in previous.get("datasets", {}).values():
+        for run in ds.get("runs", []):
+            if not isinstance(run, dict):
+                continue
+            if "key" in run:
+                done[run["key"]] = run
+            for part, key in (run.get("part_keys") or {}).items():
+                if run.get(part) is not None:
+                    done[key] = {k: run[k] for k in (part, *PART_EXTRAS.get(part, ())) if k in run}
+    return done
+
+
+PART_EXTRAS = {"references": ("imputation", "feature_seconds")}  # run fields that belong to a part
 
 
 # ---------------------------------------------------------------- result parts
@@ -331,3 +348,61 @@ def _source(result: dict) -> str | None:
             if r.get("molcloak"):
                 return r["molcloak"]["source"]
     return None
+
+
+def front(candidates: list[dict]) -> list[dict]:
+    """The variants no other variant beats on both validation metric and latency (timed when timed),
+    fastest first."""
+
+    def latency(c):
+        return c["run_s"] if c.get("run_s") is not None else c["predicted_s"]
+
+    pool = sorted(
+        (c for c in candidates if c.get("valid") is not None and np.isfinite(c["valid"])),
+        key=lambda c: (latency(c), -c["valid"]),
+    )
+    kept, best = [], -np.inf
+    for c in pool:
+        if c["valid"] > best:
+            kept.append(c)
+            best = c["valid"]
+    return kept
+
+
+def frontier_markdown(result: dict) -> str:
+    """Per dataset and seed: the front `molcloak fit` explored (validation metric against latency), with
+    the chosen variant marked and its test metrics; empty when no molcloak run holds a search."""
+    lines = []
+    for name, d in result["datasets"].items():
+        for run in d["runs"]:
+            fit = (run.get("molcloak") or {}).get("fit")
+            if not fit:
+                continue
+            chosen = fit["chosen"]["label"]
+            lines += [
+                "",
+                f"**{name}, seed {run['seed']}**: {fit['n_candidates']} variants"
+                + (", stopped by the time cap" if fit.get("stopped_early") else "")
+                + f"; chosen `{chosen}`",
+                "",
+                "| features | network, compile | valid | valid float | PBS | max bits | keys MB | timed ms | predicted ms |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            rows = front(fit["candidates"])
+            if chosen not in {c["label"] for c in rows}:
+                rows.append(fit["chosen"])
+            for c in rows:
+                features, _, rest = c["label"].partition(" ")
+                mark = " (chosen)" if c["label"] == chosen else ""
+                lines.append(
+                    f"| `{features}` | {rest}{mark} | {c['valid']:.3f} | {c['float_valid']:.3f} | {c['pbs']} | "
+                    f"{c['max_bits']} | {c['evaluation_key_bytes'] / 1e6:.0f} | {_num(_ms(c.get('run_s')), 0)} | "
+                    f"{_num(_ms(c['predicted_s']), 0)} |"
+                )
+    if not lines:
+        return ""
+    return "\n".join(["", "### The front `molcloak fit` explored (inner validation part)", *lines]) + "\n"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None or not np.isfinite(seconds) else seconds * 1e3

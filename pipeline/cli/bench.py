@@ -12,7 +12,7 @@ import typer
 from ..errors import ConfigError
 from .common import DataOpts, app, cli_errors, err, given, int_list, load_data, out, progress, write_json
 
-PANEL_ONLY = ("datasets", "seeds", "sample", "trees")
+PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes")
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
 
@@ -42,6 +42,12 @@ def bench(
     ),
     trees: int | None = typer.Option(
         None, "--trees", help="Panel: RandomForest trees of the references (default 500; --quick 100)."
+    ),
+    budget_ms: float = typer.Option(
+        250.0, "--budget-ms", help="Panel: latency budget of `molcloak fit` (median server-side run, ms)."
+    ),
+    fit_minutes: float = typer.Option(
+        10.0, "--fit-minutes", help="Panel: wall-clock cap of each fit's search, per dataset and seed."
     ),
     task: List[str] | None = typer.Option(
         None,
@@ -88,15 +94,17 @@ def bench(
     The CKKS row needs `pip install -e ".\\[bench]"` (tenseal); without it the row says so.
     Example: molcloak bench --json bench.json --markdown bench.md
 
-    With --panel [DIR]: per dataset and scaffold seed, molcloak's model (float / FHE-simulated /
+    With --panel [DIR]: per dataset and scaffold seed, the model `molcloak fit` chooses under
+    --budget-ms within --fit-minutes (float / FHE-simulated /
     FHE-executed, latency, keygen, key size, PBS, bits) next to RandomForests on ECFP4, RDKit 2D and
     both, and logistic/ridge regression, trained on the same molecules; one row per dataset (means over
     seeds). --json FILE is rewritten after each dataset and seed, and a rerun with the same settings
     resumes from it. Example: molcloak bench --panel --seeds 0 --json panel.json --markdown panel.md
     """
     if panel:
+        limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes}
         return _bench_panel(
-            ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path
+            ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )
     wrong = [n for n in PANEL_ONLY if given(ctx, n)] + (["DIR"] if panel_dir else [])
     if wrong:
@@ -127,7 +135,9 @@ def bench(
     sys.stdout.write(table + "\n")  # raw markdown, not wrapped to the terminal width
 
 
-def _bench_panel(ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path):
+def _bench_panel(
+    ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
+):
     from molcloak.evaluation.bench import panel, panel_report
 
     wrong = [n for n in NOT_PANEL if given(ctx, n)]
@@ -142,6 +152,7 @@ def _bench_panel(ctx, panel_dir, datasets, seeds, sample, trees, only, quick, js
         quick=quick,
         models=tuple(m.strip() for m in only.split(",") if m.strip()) if only else panel.DEFAULT_MODELS,
         trees=trees,
+        **limits,
     )
     saving = json_path is not None and str(json_path) != "-"
     previous = None
@@ -168,8 +179,8 @@ def _bench_panel(ctx, panel_dir, datasets, seeds, sample, trees, only, quick, js
                 f"[yellow]{name}: skipped {d['n_skipped_rows']} invalid rows[/yellow] ({first}; all in the JSON)"
             )
     table = panel_report.markdown(result)
-    if markdown_path:
-        markdown_path.write_text(table)
+    if markdown_path:  # the table, then the front each fit explored
+        markdown_path.write_text(table + panel_report.frontier_markdown(result))
     if json_path:
         write_json(json_path, result)
         if str(json_path) == "-":

@@ -143,7 +143,20 @@ def _print_fit(result, budget) -> None:
     table = Table(
         title=f"molcloak fit: {len(result.candidates)} variants, validation {result.metric} (FHE-simulated)"
     )
-    for col in ("features", "network", "compile", result.metric, "float", "PBS", "bits", "MB", "ms", "fits"):
+    cols = (
+        "features",
+        "network",
+        "compile",
+        result.metric,
+        "float",
+        "PBS",
+        "bits",
+        "MB",
+        "ms",
+        "pred. ms",
+        "fits",
+    )
+    for col in cols:
         table.add_column(col, overflow="fold")
     ranked = sorted(result.candidates, key=lambda c: (c.fits(budget), c.valid), reverse=True)
     for c in ranked:
@@ -157,13 +170,16 @@ def _print_fit(result, budget) -> None:
             str(c.pbs),
             str(c.max_bits),
             f"{c.key_bytes / 1e6:.0f}",
+            "-" if c.run_s is None else f"{c.run_s * 1e3:.0f}",
             f"{c.predicted_s * 1e3:.0f}",
             "yes" if c.fits(budget) else "no",
         )
     out.print(table)
     out.print(
-        f"* chosen: the most accurate within {budget.latency_ms:g} ms and {budget.key_mb:g} MB "
-        "(ms: predicted from PBS count and bit width)"
+        f"* chosen: within {budget.latency_ms:g} ms and {budget.key_mb:g} MB, the cheapest of the most "
+        f"accurate (within {result.tolerance:g} of the best validation {result.metric}) "
+        "(ms: median of timed encrypted runs during the search; pred. ms: from PBS count and bit width; "
+        f"inner validation part: {result.inner_valid})"
     )
     m = result.measured
     if m.get("median_run_s") is not None:
