@@ -99,3 +99,25 @@ class AuditError(MolcloakError, ValueError):
 
 class TuneError(MolcloakError, ValueError):
     """A tune or fit search cannot produce a configuration (empty grid, nothing fits the budget)."""
+
+
+class QuotaError(MolcloakError, RuntimeError):
+    """A server quota is reached: key sets per model (per token when the server has tokens); HTTP 429.
+
+    `headers` are sent with the answer (Retry-After, the remaining prediction budget)."""
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.headers = dict(headers or {})
+
+
+class BudgetExhaustedError(QuotaError):
+    """A key id (or token) has used its prediction budget (`--max-predictions-per-key`/`-per-token`)."""
+
+
+class RateLimitedError(QuotaError):
+    """More predictions per minute than the server's `--rate` allows for one key id; retry after a while."""
+
+
+class KeyStorageFullError(KeyStorageError):
+    """Storing uploaded evaluation keys would exceed the server's `--max-key-storage-mb` (HTTP 507)."""

@@ -20,7 +20,10 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     workers: int = typer.Option(0, "--workers", help="FHE worker processes (0 = one per core)."),
     token_file: Path | None = typer.Option(
-        None, "--token-file", help="Require 'Authorization: Bearer <token>' with the token in this file."
+        None,
+        "--token-file",
+        help="Require 'Authorization: Bearer <token>' with a token from this file: one token per line, "
+        "one per client (key quotas and prediction budgets then count per token).",
     ),
     state_dir: Path | None = typer.Option(
         None,
@@ -42,6 +45,30 @@ def serve(
         "--job-timeout",
         help="Seconds one FHE job may run; a job over it gets its worker replaced and the request a 503.",
     ),
+    max_key_storage_mb: float = typer.Option(
+        4096, "--max-key-storage-mb", help="Disk for all uploaded evaluation keys together (507 past it)."
+    ),
+    max_keys_per_model: int = typer.Option(
+        32,
+        "--max-keys-per-model",
+        help="Key sets stored per model (429 past it); per token and model when tokens are used.",
+    ),
+    key_ttl_hours: float = typer.Option(
+        72.0,
+        "--key-ttl-hours",
+        help="Delete a key set unused for this long (0 = never); checked periodically.",
+    ),
+    max_predictions_per_key: int = typer.Option(
+        0, "--max-predictions-per-key", help="Predictions one key id may make in all (0 = no budget)."
+    ),
+    max_predictions_per_token: int = typer.Option(
+        0,
+        "--max-predictions-per-token",
+        help="Predictions one token may make in all, over all its key ids (0 = no budget).",
+    ),
+    rate: float = typer.Option(
+        0.0, "--rate", help="Predictions per minute per key id (token bucket; 0 = no rate limit)."
+    ),
 ):
     """Serve every bundle in --bundles over HTTP: the server holds evaluation keys and ciphertexts only.
 
@@ -52,11 +79,34 @@ def serve(
 
     from ..serving.http_api import MAX_BATCH, ServeConfig
     from ..serving.http_api import serve as run_server
+    from ..serving.quotas import Limits
 
     if not 1 <= max_batch <= MAX_BATCH:
         raise ConfigError(f"--max-batch {max_batch} is out of range; use 1..{MAX_BATCH}")
     if not job_timeout > 0:
         raise ConfigError(f"--job-timeout {job_timeout} must be a positive number of seconds")
+    for flag, value, low in [
+        ("--max-key-storage-mb", max_key_storage_mb, 1),
+        ("--max-keys-per-model", max_keys_per_model, 1),
+        ("--key-ttl-hours", key_ttl_hours, 0),
+        ("--max-predictions-per-key", max_predictions_per_key, 0),
+        ("--max-predictions-per-token", max_predictions_per_token, 0),
+        ("--rate", rate, 0),
+    ]:
+        if not value >= low:  # also refuses NaN
+            raise ConfigError(
+                f"{flag} {value} is out of range; use a number >= {low}"
+                + (" (0 = no limit)" if low == 0 else "")
+            )
+    tokens = tuple(line.strip() for line in (read_token(token_file) or "").splitlines() if line.strip())
+    limits = Limits(
+        max_key_bytes=int(max_key_storage_mb * 2**20),
+        max_keys_per_model=max_keys_per_model,
+        key_ttl_seconds=key_ttl_hours * 3600,
+        max_predictions_per_key=max_predictions_per_key,
+        max_predictions_per_token=max_predictions_per_token,
+        rate_per_minute=rate,
+    )
 
     config = ServeConfig(
         bundles=bundles,
@@ -65,9 +115,10 @@ def serve(
         queue_size=queue_size,
         max_body_bytes=max_body_mb * 2**20,
         key_cache_bytes=key_cache_mb * 2**20,
-        token=read_token(token_file),
+        tokens=tokens,
         max_batch=max_batch,
         job_timeout=job_timeout,
+        limits=limits,
     )
     err.print(
         f"molcloak serve: bundles from {bundles}, {config.workers} FHE workers, keys in {config.keys_dir}; "

@@ -3,6 +3,8 @@ and ciphertexts; it never receives a secret key, a SMILES string, features or a 
 
 Endpoints: GET /health, GET /models, GET /models/{name}/client, POST /keys?model=NAME,
 DELETE /keys/{key_id}, POST /predict. Errors are JSON: {"error": {"type": ..., "message": ...}}.
+Key storage quotas, key expiry, prediction budgets and the rate limit: `quotas.py` (429/507); schemas and
+the status of each error: `schemas.py`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import Response
 
 from ..bundle import Manifest, client_fingerprint, load_manifest
 from ..errors import (
@@ -31,20 +32,26 @@ from ..errors import (
     BundleError,
     CiphertextError,
     JobTimeoutError,
-    KeyMismatchError,
-    KeysError,
     KeysRevokedError,
-    KeyStorageError,
     MolcloakError,
-    ServerBusyError,
     UnknownModelError,
     WorkerCrashError,
 )
 from .executor import WorkerPool
 from .guards import BodyLimit, CiphertextShape, validation_message
 from .keystore import KeyStore
-
-MAX_BATCH = 64
+from .quotas import Limits, Quotas, token_owner
+from .schemas import (  # noqa: F401  (status_of, ErrorResponse: part of this module's interface)
+    ERRORS,
+    MAX_BATCH,
+    ErrorResponse,
+    KeyUploaded,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+    error,
+    status_of,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,12 @@ class ServeConfig:
     token: str | None = None
     max_batch: int = MAX_BATCH  # ciphertexts per POST /predict, 1..MAX_BATCH
     job_timeout: float = 300.0  # seconds one FHE job may run before its worker is replaced
+    tokens: tuple[str, ...] = ()  # more bearer tokens (one per client: quotas and budgets count per token)
+    limits: Limits = Limits()
+
+    @property
+    def all_tokens(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*((self.token,) if self.token else ()), *self.tokens)))
 
     @property
     def keys_dir(self) -> Path:
@@ -66,6 +79,10 @@ class ServeConfig:
     @property
     def shapes_dir(self) -> Path:
         return (self.state_dir or self.bundles / ".molcloak-server") / "ciphertexts"
+
+    @property
+    def usage_path(self) -> Path:
+        return (self.state_dir or self.bundles / ".molcloak-server") / "token-usage.json"
 
 
 def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
@@ -90,93 +107,6 @@ def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
     return found
 
 
-# ---------------------------------------------------------------- schemas
-
-
-class ErrorBody(BaseModel):
-    type: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class ModelInfo(BaseModel):
-    name: str
-    task: dict
-    labels: list[str]
-    metrics: dict
-    featurizer: dict
-    circuit: dict
-    client_fingerprint: str = Field(
-        description="sha256 of the client part's client.zip (16 hex characters), as "
-        "`PrivateClient.fingerprint` computes it; changes when the model is redeployed"
-    )
-    evaluation_key_bytes: int | None = Field(
-        None, description="exact size of this model's serialized evaluation keys"
-    )
-    max_batch: int = Field(MAX_BATCH, description="most ciphertexts this server takes in one POST /predict")
-
-
-class KeyUploaded(BaseModel):
-    key_id: str
-    model: str
-    bytes: int
-
-
-class PredictRequest(BaseModel):
-    model: str
-    key_id: str
-    ciphertexts: list[str] = Field(
-        min_length=1, max_length=MAX_BATCH, description="base64 serialized ciphertexts, one per molecule"
-    )
-    client_fingerprint: str | None = Field(
-        None,
-        description="fingerprint of the client part used to encrypt (from GET /models); "
-        "checked when given, so ciphertexts made for another model are refused",
-    )
-
-
-class PredictResponse(BaseModel):
-    model: str
-    outputs: list[str] = Field(description="base64 serialized encrypted outputs, in request order")
-    server_seconds: list[float] = Field(description="FHE run time of each ciphertext")
-    total_seconds: float
-
-
-STATUS = {  # the first class that matches wins
-    UnknownModelError: 404,
-    KeyMismatchError: 409,
-    KeysRevokedError: 400,
-    KeysError: 404,
-    CiphertextError: 400,
-    BodyTooLargeError: 413,
-    KeyStorageError: 507,
-    ServerBusyError: 503,
-}
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "malformed ciphertext or keys, or revoked key id"},
-    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
-    404: {"model": ErrorResponse, "description": "unknown model or key id"},
-    409: {"model": ErrorResponse, "description": "key id belongs to another model"},
-    413: {"model": ErrorResponse, "description": "body over the size limit"},
-    415: {"model": ErrorResponse, "description": "wrong content type"},
-    422: {"model": ErrorResponse, "description": "request not valid for the schema, or batch too large"},
-    503: {"model": ErrorResponse, "description": "queue full, worker restarted or job timed out"},
-    507: {"model": ErrorResponse, "description": "no room left to store evaluation keys"},
-}
-
-
-def status_of(exc: MolcloakError) -> int:
-    """The HTTP status of a molcloak error (400 unless listed in STATUS)."""
-    return next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-
-
-def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -191,6 +121,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     swept = store.sweep()  # what a failed or interrupted key write left behind
     if swept:
         print(f"molcloak serve: removed {len(swept)} leftover key files: {', '.join(swept)}", file=sys.stderr)
+    quotas = Quotas(store, config.limits, config.usage_path)
+    expired = quotas.collect()  # key sets unused for longer than --key-ttl-hours
+    if expired:
+        print(f"molcloak serve: removed {len(expired)} expired key sets", file=sys.stderr)
+    owners = {token: token_owner(token) for token in config.all_tokens}
     pool = WorkerPool(
         {n: d for n, (d, _) in models.items()},
         config.keys_dir,
@@ -201,9 +136,22 @@ def create_app(config: ServeConfig) -> FastAPI:
     )
     shapes: dict[str, CiphertextShape] = {}  # filled by `measure_ciphertexts` before serving
 
+    async def collect_garbage() -> None:
+        while True:
+            await asyncio.sleep(config.limits.gc_interval)
+            try:
+                removed = quotas.collect()
+            except OSError as exc:  # a transient disk error: try again next time
+                print(f"molcloak serve: key expiry failed ({exc}); retrying later", file=sys.stderr)
+                continue
+            if removed:
+                print(f"molcloak serve: removed {len(removed)} expired key sets", file=sys.stderr)
+
     @asynccontextmanager
     async def lifespan(_app):
+        collector = asyncio.create_task(collect_garbage())
         yield
+        collector.cancel()
         pool.shutdown()
 
     app = FastAPI(
@@ -213,6 +161,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         description="Encrypted molecular property prediction. The server sees evaluation keys and ciphertexts only.",
     )
     app.state.pool = pool
+    app.state.quotas = quotas
     app.state.measure_ciphertexts = lambda: shapes.update(_measure_ciphertexts(config, pool, fingerprints))
     # inside the token and content-type guard below: counts the bytes of every body as they arrive
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
@@ -225,7 +174,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.exception_handler(MolcloakError)
     async def molcloak_error(_request, exc: MolcloakError):
         status = status_of(exc)
-        return error(status, type(exc).__name__, str(exc), {"Retry-After": "2"} if status == 503 else None)
+        headers = {"Retry-After": "2"} if status == 503 else getattr(exc, "headers", None)
+        return error(status, type(exc).__name__, str(exc), headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, exc: RequestValidationError):
@@ -240,7 +190,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path, method = request.url.path, request.method
-        if config.token and path != "/health" and not _authorized(request, config.token):
+        request.state.owner = _owner(request, owners)  # None: no or wrong token, or a server without
+        if owners and path != "/health" and request.state.owner is None:
             return error(401, "Unauthorized", "missing or wrong token; send 'Authorization: Bearer <token>'")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         expected = {
@@ -256,13 +207,17 @@ def create_app(config: ServeConfig) -> FastAPI:
         return await call_next(request)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        """Status for anyone; the figures only for token holders when the server has tokens."""
+        if owners and request.state.owner is None:
+            return {"status": "ok"}
         return {
             "status": "ok",
             "models": list(models),
             "pending_jobs": pool.pending,
             "worker_restarts": pool.restarts,
             "max_batch": config.max_batch,
+            "keys": quotas.figures(),
         }
 
     @app.get("/models", response_model=list[ModelInfo])
@@ -287,7 +242,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         "/keys",
         status_code=201,
         response_model=KeyUploaded,
-        responses={k: ERRORS[k] for k in (400, 404, 413, 415, 503, 507)},
+        responses={k: ERRORS[k] for k in (400, 404, 413, 415, 429, 503, 507)},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -299,8 +254,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         request: Request, model: str = Query(..., description="model the keys were generated for")
     ):
         manifest = model_or_404(model)
-        data = await _read_capped(request, config.max_body_bytes)
+        owner = request.state.owner
         expected = manifest.circuit.get("serialized_evaluation_key_bytes")
+        if expected:  # quotas first: a refused upload is not read
+            quotas.reserve(model, expected, owner)()
+        data = await _read_capped(request, config.max_body_bytes)
         if not data:
             raise CiphertextError("the body is empty; send the serialized evaluation keys")
         if expected and len(data) != expected:
@@ -308,7 +266,11 @@ def create_app(config: ServeConfig) -> FastAPI:
                 f"evaluation keys have {len(data)} bytes, model {model!r} expects {expected}; "
                 "were they generated with this model's client part?"
             )
-        key_id = await asyncio.to_thread(store.put, model, data)  # 10s of MB + fsync: off the event loop
+        release = quotas.reserve(model, len(data), owner)  # again: other uploads may have come meanwhile
+        try:  # 10s of MB + fsync: off the event loop
+            key_id = await asyncio.to_thread(store.put, model, data, owner)
+        finally:
+            release()
         try:  # run the circuit once with the keys, in a worker: a crash there only rejects these keys
             await pool.check_keys(model, key_id, shapes[model].sample)
         except (WorkerCrashError, JobTimeoutError) as exc:
@@ -324,16 +286,17 @@ def create_app(config: ServeConfig) -> FastAPI:
         return KeyUploaded(key_id=key_id, model=model, bytes=len(data))
 
     @app.delete("/keys/{key_id}", status_code=204, responses={404: ERRORS[404]})
-    async def delete_keys(key_id: str):
+    async def delete_keys(key_id: str, request: Request):
+        quotas.check_access(key_id, store.read_meta(key_id), request.state.owner)
         store.delete(key_id)
         return Response(status_code=204)
 
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 422, 503)},
+        responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 422, 429, 503)},
     )
-    async def predict(req: PredictRequest):
+    async def predict(req: PredictRequest, request: Request, response: Response):
         model_or_404(req.model)
         if len(req.ciphertexts) > config.max_batch:
             return error(
@@ -342,7 +305,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 f"{len(req.ciphertexts)} ciphertexts in one request, this server takes at most "
                 f"{config.max_batch}; send smaller batches (molcloak predict --batch-size)",
             )
-        store.check_owner(req.key_id, req.model)
+        meta = store.check_owner(req.key_id, req.model)
+        quotas.check_access(req.key_id, meta, request.state.owner)  # another token's key id: unknown
         if req.client_fingerprint is not None and req.client_fingerprint != fingerprints[req.model]:
             raise CiphertextError(
                 f"the ciphertexts were encrypted with the client part {req.client_fingerprint!r}, "
@@ -351,18 +315,24 @@ def create_app(config: ServeConfig) -> FastAPI:
         cts = [_b64(c, i) for i, c in enumerate(req.ciphertexts)]
         for i, ct in enumerate(cts):
             shapes[req.model].check(ct, i)  # size and header, before a worker deserializes it
+        grant = quotas.charge(req.key_id, meta, request.state.owner, len(cts))  # budget and rate: 429
         start = time.perf_counter()
         try:
             results = await asyncio.gather(
                 *(pool.run(req.model, req.key_id, ct, i) for i, ct in enumerate(cts))
             )
-        except WorkerCrashError as exc:  # one job per worker: this request's keys or ciphertexts did it
+        except BaseException as exc:
+            quotas.refund(grant)  # no outputs left the server
+            if not isinstance(exc, WorkerCrashError):
+                raise
+            # one job per worker: this request's keys or ciphertexts did it
             store.revoke(req.key_id, "a job with its evaluation keys crashed an FHE worker")
             raise KeysRevokedError(
                 f"an FHE worker crashed while evaluating this request; key id {req.key_id} is revoked "
                 "(the server refuses it from now on); generate new keys with this model's client part, "
                 "upload them and re-encrypt"
             ) from exc
+        response.headers.update(grant.headers)
         return PredictResponse(
             model=req.model,
             outputs=[base64.b64encode(o).decode() for o, _ in results],
@@ -373,9 +343,16 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def _authorized(request: Request, token: str) -> bool:
+def _owner(request: Request, owners: dict[str, str]) -> str | None:
+    """The recorded identity (`token_owner`) of the request's bearer token, or None if it has none of
+    `owners`' tokens; every token is compared, in constant time."""
     got = request.headers.get("authorization", "")
-    return got.startswith("Bearer ") and secrets.compare_digest(got[7:].strip().encode(), token.encode())
+    sent = got[7:].strip().encode() if got.startswith("Bearer ") else b""
+    found = None
+    for token, owner in owners.items():
+        if secrets.compare_digest(sent, token.encode()) and sent:
+            found = owner
+    return found
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

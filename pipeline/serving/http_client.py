@@ -8,7 +8,12 @@ prediction loop itself is `PredictionBackend.predict`, shared with the local bac
 
 Server errors are JSON (`{"error": {"type": ..., "message": ...}}`); they are raised as the
 matching `MolcloakError` (`KeysError`, `KeyMismatchError`, `CiphertextError`, `UnknownModelError`,
-`ServerBusyError`) or else as `RemoteError`, with the HTTP status, the type and the message.
+`ServerBusyError`, `QuotaError`, `BudgetExhaustedError`, `RateLimitedError`, `KeyStorageError`) or else
+as `RemoteError`, with the HTTP status, the type and the message.
+
+Server quotas: a 429 over the rate limit is waited out (its Retry-After, up to `MAX_WAIT` seconds, a few
+times); a spent prediction budget raises `BudgetExhaustedError` at once. The budget left after the last
+request (X-Molcloak-Predictions-Remaining) is `RemoteModel.predictions_remaining`.
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ import httpx
 
 from ..bundle import client_fingerprint
 from ..errors import (
+    BudgetExhaustedError,
     CiphertextError,
     ConfigError,
     JobTimeoutError,
     KeyMismatchError,
     KeysError,
     KeysRevokedError,
+    KeyStorageError,
+    KeyStorageFullError,
+    QuotaError,
+    RateLimitedError,
     RemoteError,
     ServerBusyError,
     UnknownModelError,
@@ -39,6 +49,8 @@ from ..fhe_client import DEFAULT_KEY_DIR, KeygenInfo, PrivateClient
 from ..predict import PredictionBackend
 
 RETRIES = 5
+MAX_WAIT = 120.0  # longest Retry-After of a rate-limited answer that the client waits out
+REMAINING = "X-Molcloak-Predictions-Remaining"
 # answers to POST /predict after which the client uploads its evaluation keys again (once): the server
 # lost them, or revoked them after a worker crash (it tries uploaded keys before accepting them)
 RELOAD = {(404, "KeysError"), (400, "KeysRevokedError")}
@@ -53,6 +65,11 @@ ERROR_TYPES = {
         UnknownModelError,
         ServerBusyError,
         JobTimeoutError,
+        QuotaError,
+        BudgetExhaustedError,
+        RateLimitedError,
+        KeyStorageError,
+        KeyStorageFullError,
     )
 }
 
@@ -90,6 +107,7 @@ class RemoteModel(PredictionBackend):
         self._key_file = self.client.key_path.parent / f"server-{_slug(self.url)}.json"
         self._key_id: str | None = None
         self._keyinfo: KeygenInfo | None = None  # the keys whose evaluation keys the server has
+        self.predictions_remaining: int | None = None  # the server's budget for our key id, if it has one
 
     # -- HTTP with retries ----------------------------------------------------
 
@@ -104,6 +122,10 @@ class RemoteModel(PredictionBackend):
                         f"cannot reach the FHE server at {self.url} ({exc}); is `molcloak serve` running?"
                     ) from exc
             else:  # a 503 is retried, except a job over the server's time limit: it would time out again
+                wait = _rate_wait(r)
+                if attempt < RETRIES - 1 and wait is not None:
+                    time.sleep(wait)  # over the server's rate limit: wait as it says, then again
+                    continue
                 if r.status_code != 503 or attempt == RETRIES - 1 or server_error(r)[0] == "JobTimeoutError":
                     return r
             time.sleep(delay)
@@ -223,12 +245,26 @@ class RemoteModel(PredictionBackend):
             r = self.request("POST", "/predict", json={**body, "key_id": self.key_id(refresh)})
             if not refresh and (r.status_code, server_error(r)[0]) in RELOAD:
                 continue  # the server lost, deleted or revoked our evaluation keys: upload them again, once
+            if REMAINING in r.headers:
+                self.predictions_remaining = int(r.headers[REMAINING])
             data = self._ok(r).json()
             return [base64.b64decode(o) for o in data["outputs"]], data["server_seconds"]
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.http.close()
+
+
+def _rate_wait(r: httpx.Response) -> float | None:
+    """Seconds to wait before sending again, for a 429 over the rate limit with a Retry-After of at most
+    `MAX_WAIT`; None for any other answer."""
+    if r.status_code != 429 or server_error(r)[0] != "RateLimitedError":
+        return None
+    try:
+        wait = float(r.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return wait if 0 <= wait <= MAX_WAIT else None
 
 
 def _slug(url: str) -> str:

@@ -1,7 +1,8 @@
 """The server's registry of evaluation keys: persisted atomically, hot ones cached (LRU, memory cap).
 
 A key id is 128 random bits (32 hex characters). On disk, in `<root>` (mode 0700): `<id>.keys` (the
-serialized evaluation keys, exactly as uploaded) and `<id>.json` (model name, size, time), both 0600.
+serialized evaluation keys, exactly as uploaded) and `<id>.json` (model name, size, upload and last-use
+times, predictions made, and the hash of the token that uploaded them, if any), both 0600.
 A revoked key id (its keys crashed an FHE worker) keeps only its `.json`, marked `revoked`, so that its
 user is told why it stopped working. The store never holds secret keys: a client only ever sends
 evaluation keys.
@@ -44,12 +45,14 @@ class KeyStore:
 
     # -- disk ---------------------------------------------------------------
 
-    def put(self, model: str, data: bytes) -> str:
-        """Store `data` under a new key id; `KeyStorageError` (nothing left on disk) if it cannot be written."""
+    def put(self, model: str, data: bytes, owner: str | None = None) -> str:
+        """Store `data` under a new key id (uploaded with the token whose hash is `owner`, if any);
+        `KeyStorageError` (nothing left on disk) if it cannot be written."""
         key_id = secrets.token_hex(16)
         try:
             write_private(self.root / f"{key_id}.keys", data, private_dir=False)
-            meta = {"model": model, "bytes": len(data), "created": time.time()}
+            now = time.time()
+            meta = {"model": model, "bytes": len(data), "created": now, "last_used": now, "owner": owner}
             write_private(self.root / f"{key_id}.json", json.dumps(meta).encode(), private_dir=False)
         except OSError as exc:
             for ext in ("json", "keys"):
@@ -96,6 +99,38 @@ class KeyStore:
         write_private(self._path(key_id, "json"), json.dumps(meta).encode(), private_dir=False)
         self._path(key_id, "keys").unlink(missing_ok=True)
 
+    def write_meta(self, key_id: str, meta: dict) -> None:
+        """Replace the metadata of `key_id` (atomically: a worker reading it sees the old or the new)."""
+        write_private(self._path(key_id, "json"), json.dumps(meta).encode(), private_dir=False)
+
+    def entries(self) -> list[tuple[str, dict]]:
+        """(key id, metadata) of every key set on disk, revoked ones included; unreadable ones skipped."""
+        found = []
+        for path in self.root.glob("*.json"):
+            if not KEY_ID.match(path.stem):
+                continue
+            try:
+                meta = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict):
+                found.append((path.stem, meta))
+        return found
+
+    def stored_bytes(self) -> int:
+        """Bytes of evaluation keys on disk."""
+        total = 0
+        for path in self.root.glob("*.keys"):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass  # deleted meanwhile
+        return total
+
+    def read_meta(self, key_id: str) -> dict:
+        """The metadata of `key_id`, revoked or not; `KeysError` if it is unknown."""
+        return self._read_meta(key_id)
+
     def _read_meta(self, key_id: str) -> dict:
         path = self._path(key_id, "json")
         try:
@@ -124,8 +159,9 @@ class KeyStore:
             )
         return meta
 
-    def delete(self, key_id: str) -> None:
-        self._read_meta(key_id)
+    def delete(self, key_id: str, missing_ok: bool = False) -> None:
+        if not missing_ok:
+            self._read_meta(key_id)
         with self._lock:
             self._cache.pop(key_id, None)
         for ext in ("json", "keys"):
