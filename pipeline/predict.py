@@ -60,6 +60,7 @@ class PredictReport:
     evaluation_key_bytes: int = 0
     input_ciphertext_bytes: int = 0
     output_ciphertext_bytes: int = 0
+    key_ids: list[str] = field(default_factory=list)  # the client's key sets used, in order (rotations)
 
     def to_dict(self) -> dict:
         return {
@@ -186,7 +187,11 @@ class PredictionBackend(abc.ABC):
       half the evaluation keys (never the secret key); idempotent;
     - `run(ciphertexts) -> (encrypted outputs, server seconds)`: one batch on the server half;
     - `identity()`: what an audit's resume check compares (source, model name, client fingerprint);
-    - `run_rows(X)`: features -> `EncryptedRun`s (the one encrypt -> run -> decrypt step);
+    - `run_rows(X)`: features -> `EncryptedRun`s (the one encrypt -> run -> decrypt step); it rotates
+      the client's keys when they are due (`PrivateClient.rotation_due`): a new key set, whose
+      evaluation keys the server half gets like any others, so no key set decrypts more results than
+      its rotation policy allows;
+    - `set_rotation(after_predictions, after_days)`: the client's rotation settings (stored with the keys);
     - `predict(inputs, batch_size, skip_invalid, on_item) -> PredictReport`: validate, featurize,
       encrypt, run, decrypt, fill the predictions.
     """
@@ -215,10 +220,30 @@ class PredictionBackend(abc.ABC):
         changes exactly when the model is redeployed; local and remote runs of one bundle share it."""
         return {"source": self.source, "name": self.name, "client_fingerprint": self.client.fingerprint}
 
+    def set_rotation(self, after_predictions: int | None = None, after_days: float | None = None) -> None:
+        """Rotate the client's keys after this many decrypted predictions or days (None: unchanged)."""
+        self.client.set_rotation(after_predictions, after_days)
+
+    def rotate_if_due(self) -> str:
+        """Replace the client's keys (and give the server half the new evaluation keys) when they are
+        due; returns why ("" when they were not)."""
+        reason = self.client.rotation_due()
+        if reason:
+            self.keygen(force=True)
+        return reason
+
     def run_rows(self, X: np.ndarray) -> list[EncryptedRun]:
-        """Encrypt, run and decrypt the feature rows `X` as one batch (keys are set up first if needed)."""
+        """Encrypt, run and decrypt the feature rows `X` (keys are set up first if needed): one batch, or
+        more when the keys reach their rotation limit within it (new keys are made in between)."""
+        out: list[EncryptedRun] = []
         self.keygen()
-        return run_encrypted_batch(self.client, self.run, X, round_trip=self.mode == "server")
+        while len(out) < len(X):
+            self.keygen()
+            self.rotate_if_due()
+            rows = X[len(out) : len(out) + self.client.predictions_left()]
+            with self.client.counting_batch():
+                out += run_encrypted_batch(self.client, self.run, rows, round_trip=self.mode == "server")
+        return out
 
     def predict(
         self,
@@ -236,6 +261,7 @@ class PredictionBackend(abc.ABC):
             raise ConfigError(f"batch size {batch_size} must be at least 1")
         preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
         todo = [p for p in preds if not p.error]
+        first = len(self.client.key_ids)
         keyinfo = self.keygen()
         report = PredictReport(
             preds, self.mode, keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes
@@ -251,6 +277,7 @@ class PredictionBackend(abc.ABC):
                 )
                 if on_item:
                     on_item(pred)
+        report.key_ids = self.client.key_ids[min(first, len(self.client.key_ids) - 1) :]
         return report
 
     def close(self) -> None:
@@ -270,9 +297,9 @@ class LocalBackend(PredictionBackend):
 
     mode, source = "execute", "bundle"
 
-    def __init__(self, bundle: str | Path, key_dir: str | Path | None = None):
+    def __init__(self, bundle: str | Path, key_dir: str | Path | None = None, rotation: dict | None = None):
         self.client, self.server, self.where = (
-            PrivateClient(bundle, key_dir),
+            PrivateClient(bundle, key_dir, rotation),
             PrivateServer(bundle),
             str(bundle),
         )

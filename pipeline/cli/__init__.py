@@ -1,7 +1,8 @@
 """`molcloak` command line: parsing and printing only; the work is in the layers below.
 
 One module per command group registers its commands on the shared Typer `app`:
-owner (train, compile, deploy), predict (predict, info, models), serve (serve, app),
+owner (train, compile, deploy), predict (predict, info, models), keys (keys list/rotate/delete),
+serve (serve, app),
 audit, bench (bench, tune), demo. Nothing outside this package imports it.
 """
 
@@ -12,7 +13,7 @@ import sys
 
 # isort: off
 from . import quiet  # noqa: F401  (first: silences dependency noise before torch or concrete load)
-from . import demo, fit, owner, predict, serve, audit, bench  # noqa: F401  (registration order = --help order)
+from . import demo, fit, owner, predict, keys, serve, audit, bench  # noqa: F401  (registration order = --help order)
 
 # isort: on
 from .common import app

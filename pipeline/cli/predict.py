@@ -62,6 +62,18 @@ def predict(
         help="execute: real encryption with the key split; simulate: owner-side FHE simulation (with --bundle; needs owner/).",
     ),
     key_dir: Path | None = KeyDirOpt,
+    rotate_after_predictions: int | None = typer.Option(
+        None,
+        "--rotate-after-predictions",
+        help="Replace this model's keys (new secret key, new evaluation keys) after this many decrypted "
+        "predictions; stored with the keys (default: what is stored, else 10000). See `molcloak keys`.",
+    ),
+    rotate_after_days: float | None = typer.Option(
+        None,
+        "--rotate-after-days",
+        help="Replace this model's keys once they are this many days old; stored with the keys "
+        "(default: what is stored, else 30).",
+    ),
     skip_invalid: bool = DataOpts.skip_invalid,
     as_json: bool = JsonOpt,
 ):
@@ -73,8 +85,11 @@ def predict(
     molcloak predict --server http://127.0.0.1:8000 --model sol-low "CCO"
     """
     from ..bundle import load_manifest
+    from ..fhe_client import rotation_override
     from ..inputs import read_inputs, write_csv
     from ..predict import LocalBackend, predict_local
+
+    rotation = rotation_override(rotate_after_predictions, rotate_after_days)
 
     if (bundle is None) == (server is None):
         raise ConfigError("pass either --bundle DIR (local) or --server URL --model NAME (remote)")
@@ -97,13 +112,19 @@ def predict(
         raise ConfigError(
             f"--batch-size {batch_size} is out of range; use 1..{MAX_BATCH} ciphertexts per request"
         )
+    if rotation and fhe != "execute":
+        raise ConfigError(
+            "--rotate-after-predictions/--rotate-after-days rotate keys, and --fhe simulate uses none; "
+            "leave them out with --fhe simulate"
+        )
     if server is not None:
         from ..serving.http_client import RemoteModel
 
         backend = RemoteModel(server, model, key_dir, read_token(token_file))
+        backend.set_rotation(**rotation)
     else:
         backend = (
-            LocalBackend(bundle, key_dir) if fhe == "execute" else None
+            LocalBackend(bundle, key_dir, rotation) if fhe == "execute" else None
         )  # simulate: the owner's weights, no keys
     manifest = backend.client.manifest if backend else load_manifest(bundle, check=False)
     inputs = read_inputs(
