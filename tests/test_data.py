@@ -136,3 +136,18 @@ def test_scaffold_split_keeps_scaffolds_on_one_side():
     test = {murcko_scaffold(ds.smiles[i]) for i in sp.test}
     assert not train & test
     assert abs(len(sp.test) / len(ds) - 0.2) < 0.05
+
+
+def test_scaffold_validation_part_keeps_scaffolds_apart_from_train_and_the_test_is_unchanged():
+    """`fit` chooses on whole scaffold groups of the training molecules; the test part stays the same."""
+    ds = load_bundled("freesolv")
+    plain = split_dataset(ds, "scaffold", valid_fraction=0.2, seed=1)
+    sp = split_dataset(ds, "scaffold", valid_fraction=0.2, seed=1, valid_method="scaffold")
+    assert list(sp.test) == list(plain.test)
+    assert sorted(np.concatenate([sp.train, sp.valid])) == sorted(np.concatenate([plain.train, plain.valid]))
+    train = {murcko_scaffold(ds.smiles[i]) for i in sp.train}
+    valid = {murcko_scaffold(ds.smiles[i]) for i in sp.valid}
+    # whole groups: a big group that does not fit in train goes to the validation part entirely
+    assert not train & valid and 0.15 < len(sp.valid) / (len(sp.train) + len(sp.valid)) < 0.35
+    with pytest.raises(DataError, match="unknown validation split 'kfold'"):
+        split_dataset(ds, "scaffold", valid_method="kfold")
