@@ -76,14 +76,18 @@ def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5
 class Calibration:
     """Per (bit width, lookup bits, p_error) PBS costs, measured on demand and cached in a JSON file."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, measure: bool = True):
+        """`measure=False`: use only costs already in the file; a missing one predicts no latency (inf)."""
         self.path = Path(path) if path else DEFAULT_PATH
+        self.measure = measure
         self.entries: dict[str, dict] = {}
         if self.path.is_file():
             self.entries = json.loads(self.path.read_text()).get("entries", {})
 
-    def cost(self, bits: int, lookup_bits: int, p_error: float | None) -> dict:
+    def cost(self, bits: int, lookup_bits: int, p_error: float | None) -> dict | None:
         k = key(bits, lookup_bits, p_error)
+        if k not in self.entries and not self.measure:
+            return None
         if k not in self.entries:
             self.entries[k] = measure(bits, lookup_bits, p_error)
             self.save()
@@ -94,7 +98,7 @@ class Calibration:
         accumulators rounded to `rounding_bits` (None: lookups see the full width)."""
         bits = max(int(bits), 1)
         c = self.cost(bits, min(rounding_bits or bits, bits), p_error)
-        return c["fixed_s"] + pbs * c["per_pbs_s"]
+        return float("inf") if c is None else c["fixed_s"] + pbs * c["per_pbs_s"]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,8 @@ def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
     assert kept.chosen.run_s is None
     with pytest.raises(ConfigError, match="budget .* is not positive"):
         FitBudget(latency_ms=0)
+    # a calibration that may not measure (bench --panel --quick) predicts nothing it has not measured
+    assert Calibration(tmp_path / "absent.json", measure=False).predict(16, 8, 5, 1e-6) == float("inf")
 
 
 def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
