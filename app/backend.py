@@ -5,8 +5,9 @@ The app process is the client. Each browser session gets a key directory of its 
 reached over HTTP exactly as a remote deployment would be (`RemoteModel`, the remote
 `PredictionBackend`), so it only ever receives evaluation keys and ciphertexts. Old sessions are
 cleaned up (count and age bounds), together with their evaluation keys on the server, so the app
-can run for days. The page shows single-task SMILES models; other served models are named in the
-model card as not shown (see `unsupported`), and a server with none to show is refused at start.
+can run for days. The page shows every kind of model `molcloak predict` serves: molecules (SMILES) or
+tabular rows, one task or several, classes or values with units. The owner's plaintext comparison
+runs in a child process (`compare.Comparison`), never in the page's threads.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from molcloak.pipeline.errors import ConfigError, InvalidSmilesError, MolcloakError, RemoteError, StepError
+from molcloak.pipeline.errors import (
+    ConfigError,
+    DataError,
+    InvalidSmilesError,
+    MolcloakError,
+    RemoteError,
+    StepError,
+)
 from molcloak.pipeline.featurize import canonical_smiles
 from molcloak.pipeline.metrics import describe
 from molcloak.pipeline.serving.http_client import RemoteModel
+from molcloak.pipeline.tasks import TaskSpec
+
+from .compare import Comparison
+from .views import _floats, excerpt, quantized, task_description, true_label, unsupported
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FALLBACK_EXAMPLES = [  # used when the model's task is not one of the bundled datasets
@@ -45,8 +57,8 @@ class Session:
     last_used: float = field(default_factory=time.time)
     remotes: dict[str, RemoteModel] = field(default_factory=dict)
     keys: dict[str, dict] = field(default_factory=dict)  # model -> keygen facts
-    ciphertext: dict | None = None  # {"model", "smiles", "bytes"}
-    output: dict | None = None  # {"model", "smiles", "bytes", "server_seconds"}
+    ciphertext: dict | None = None  # {"model", "item", "bytes"}
+    output: dict | None = None  # {"model", "item", "bytes", "server_seconds"}
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -72,8 +84,8 @@ class AppBackend:
         self.max_sessions, self.session_ttl_s = max_sessions, session_ttl_s
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._simulators: dict[str, object] = {}
-        self._examples: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        self._examples: dict[tuple[str, int], list[tuple[str, object, str]]] = {}
+        self._featurizers: dict[str, object] = {}
         served = self._fetch_models()
         why = {name: unsupported(m, self.server_url, self.bundles.get(name)) for name, m in served.items()}
         self.skipped = {
@@ -84,6 +96,10 @@ class AppBackend:
             raise ConfigError(
                 f"the app cannot show any model served at {self.server_url}: {'; '.join(self.skipped.values())}"
             )
+        # the owner's plaintext comparison: compiled once per model in a child process, never in a page thread
+        self._comparison = Comparison(
+            {n: p for n, p in self.bundles.items() if n in self.models and self.can_compare(n)}
+        )
 
     # -- models ---------------------------------------------------------------
 
@@ -111,13 +127,21 @@ class AppBackend:
     def model_card(self, name: str) -> str:
         """Markdown: what the model predicts and how it scored on its test split (from the manifest)."""
         m = self.model(name)
-        task, circuit = m["task"], m.get("circuit", {})
-        what = (
-            f"classifies molecules as {' / '.join(task['labels'])}"
-            if task["kind"] != "regression"
-            else f"predicts {task['target']} {('in ' + task['units']) if task.get('units') else ''}".rstrip()
-        )
-        lines = [f"**{name}** {what} from `{m['featurizer'].get('spec', '?')}` features."]
+        task, circuit = TaskSpec.from_dict(m["task"]), m.get("circuit", {})
+        featurizer = self.featurizer(name)
+        inputs = "molecules" if featurizer.input_kind == "smiles" else f"rows of {featurizer.width} numbers"
+        if task.kind == "multilabel":
+            what = f"gives, for {inputs}, the probability of each label: {', '.join(task.tasks)}"
+        elif task.is_multitask:
+            outs = [f"{t} ({task.unit_of(j)})" if task.unit_of(j) else t for j, t in enumerate(task.tasks)]
+            what = f"predicts {', '.join(outs)} of {inputs}"
+        elif task.is_classification:
+            what = f"classifies {inputs} as {' / '.join(task.labels)}"
+        else:
+            what = f"predicts {task.target} {('in ' + task.units) if task.units else ''} of {inputs}"
+        lines = [
+            f"**{name}**: {task_description(task)}. It {what} from `{m['featurizer'].get('spec', '?')}` features."
+        ]
         for split, values in m.get("metrics", {}).items():
             vals = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, (int, float)))
             lines.append(f"- {split.replace('_', ' ')} on the owner's test split: {vals}")
@@ -130,36 +154,73 @@ class AppBackend:
             lines.append("\nAlso served, not shown here: " + "; ".join(self.skipped.values()))
         return "\n".join(lines)
 
-    def examples(self, name: str, n: int = 6) -> list[tuple[str, str]]:
-        """(SMILES, caption) pairs from the bundled test split of the model's task, both classes shown."""
+    # -- inputs -------------------------------------------------------------
+
+    def featurizer(self, name: str):
+        """The model's fitted featurizer (from its GET /models entry): what the client computes."""
+        from molcloak.pipeline.featurize import featurizer_from_dict
+
+        if name not in self._featurizers:
+            self._featurizers[name] = featurizer_from_dict(self.model(name)["featurizer"])
+        return self._featurizers[name]
+
+    def input_kind(self, name: str) -> str:
+        """ "smiles" (molecules) or "rows" (a tabular model's numeric columns)."""
+        return self.featurizer(name).input_kind
+
+    def check_input(self, name: str, item):
+        """A SMILES string or a row {column: value}, checked the way `molcloak predict` checks it."""
+        featurizer = self.featurizer(name)
+        if featurizer.input_kind == "smiles":
+            return self.check_smiles(item)
+        value, reason = featurizer.check_input(item if item is not None else {})
+        if value is None:
+            raise DataError(f"row: {reason}")
+        return dict(zip(featurizer.names, value))
+
+    def examples(self, name: str, n: int = 6) -> list[tuple[str, object, str]]:
+        """(caption, input, true label) triples from the bundled test split of the model's task.
+
+        The input is a SMILES string, or a row {column: value} for a tabular model; classes alternate."""
         if (name, n) not in self._examples:  # loading a bundled dataset parses ~1,300 molecules with RDKit
             self._examples[(name, n)] = self._pick_examples(name, n)
         return self._examples[(name, n)]
 
-    def _pick_examples(self, name: str, n: int) -> list[tuple[str, str]]:
-        task = self.model(name)["task"]
+    def truth(self, name: str, item) -> str:
+        """The true label of `item` when it is one of the test-set examples shown, else ""."""
+        for _, example, truth in self.examples(name):
+            if example == item:
+                return truth
+        return ""
+
+    def _pick_examples(self, name: str, n: int) -> list[tuple[str, object, str]]:
+        task = TaskSpec.from_dict(self.model(name)["task"])
+        tabular = self.input_kind(name) == "rows"
+        fallback = [] if tabular else [(f"{smi}  ({what})", smi, "") for smi, what in FALLBACK_EXAMPLES[:n]]
         try:
             from molcloak.pipeline.data import load_bundled
             from molcloak.pipeline.splits import balanced_sample, split_dataset
 
-            ds = load_bundled(task["name"])
-            test = ds.subset(split_dataset(ds, "official").test)
+            ds = load_bundled(task.name)
+            test = ds.subset(split_dataset(ds).test)
         except (MolcloakError, KeyError, ValueError):
-            return FALLBACK_EXAMPLES[:n]
-        y = np.asarray(test.y)
-        if not test.smiles or len(y) == 0 or y.ndim != 1:  # not a single-task molecular test split
-            return FALLBACK_EXAMPLES[:n]
-        idx = (
-            balanced_sample(y, n, seed=0)
-            if task["kind"] != "regression"
-            else np.linspace(0, len(y) - 1, n).astype(int)
-        )
-        caption = (
-            (lambda v: task["labels"][int(v)])
-            if task["kind"] != "regression"
-            else (lambda v: f"{v:.2f} {task.get('units', '')}")
-        )
-        return [(test.smiles[i], f"test set, true: {caption(y[i])}") for i in idx]
+            return fallback
+        y = np.asarray(test.y, dtype=float)
+        if len(y) == 0 or test.is_tabular != tabular or (y.ndim != 1) != task.is_multitask:
+            return fallback
+        if task.is_classification and not task.is_multitask:
+            idx = balanced_sample(y, n, seed=0)
+        else:
+            idx = np.linspace(0, len(y) - 1, min(n, len(y))).astype(int)
+        out = []
+        for i in idx:
+            truth = true_label(task, y[i])
+            if tabular:
+                item = {c: float(v) for c, v in zip(test.columns, test.table[i])}
+                out.append((f"test row {int(test.rows[i])} (true: {truth})", item, truth))
+            else:
+                out.append((f"{test.smiles[i]}  (test set, true: {truth})", test.smiles[i], truth))
+        return out
 
     # -- molecule -------------------------------------------------------------
 
@@ -248,10 +309,10 @@ class AppBackend:
             )
         return s.remotes[name]
 
-    # -- the five steps -------------------------------------------------------
+    # -- the four steps -------------------------------------------------------
 
     def keygen(self, session_id: str, name: str) -> dict:
-        """Step 2: fresh keys for this session and model; the evaluation keys are uploaded."""
+        """Fresh keys for this session and model; the evaluation keys are uploaded."""
         s = self.session(session_id)
         with s.lock:
             remote = self._remote(s, name)
@@ -263,95 +324,139 @@ class AppBackend:
             if old and old != key_id:
                 remote.request("DELETE", f"/keys/{old}")
             s.ciphertext = s.output = None  # made with the old keys
+            secret = sum(p.stat().st_size for p in info.path.parent.glob("keys.bin"))
             s.keys[name] = {
                 "key_id": key_id,
                 "keygen_seconds": info.seconds,
                 "upload_seconds": upload,
                 "evaluation_key_bytes": info.evaluation_key_bytes,
+                "key_file_bytes": secret,
+                "reused": False,
             }
             return dict(s.keys[name])
 
-    def encrypt(self, session_id: str, name: str, smiles: str) -> dict:
-        """Step 3: featurize and encrypt on this machine; the ciphertext is all the server will get."""
-        smiles = self.check_smiles(smiles)
+    def encrypt(self, session_id: str, name: str, item) -> dict:
+        """Featurize and encrypt on this machine; the ciphertext is all the server will get."""
+        item = self.check_input(name, item)
         s = self.session(session_id)
         with s.lock:
             if name not in s.keys:
-                raise StepError("generate keys first (step 2): encryption needs this session's secret key")
+                raise StepError("generate keys first (step 1): encryption needs this session's secret key")
             client = self._remote(s, name).client
             t0 = time.perf_counter()
-            x = client.featurize([smiles])[0]
+            x = client.featurize([item])[0]
             ct = client.encrypt(x)
             seconds = time.perf_counter() - t0
-            s.ciphertext, s.output = {"model": name, "smiles": smiles, "bytes": ct}, None
+            s.ciphertext, s.output = {"model": name, "item": item, "bytes": ct}, None
             return {
-                "smiles": smiles,
-                "bytes": len(ct),
+                "item": item,
                 "seconds": seconds,
+                "features": [float(v) for v in np.ravel(x)],
+                "feature_bytes": int(np.asarray(x, dtype=np.float32).nbytes),
+                "quantized": quantized(client, x),
+                "bytes": len(ct),
                 "hex": excerpt(ct),
                 "sha256": hashlib.sha256(ct).hexdigest()[:16],
             }
 
     def run(self, session_id: str, name: str) -> dict:
-        """Step 4: send the ciphertext and the key id; the server runs the whole network in FHE."""
+        """Send the ciphertext and the key id; the server runs the whole network in FHE."""
         s = self.session(session_id)
         with s.lock:
             ct = s.ciphertext
             if ct is None or ct["model"] != name:
-                raise StepError(f"encrypt a molecule for model {name!r} first (step 3)")
+                raise StepError(f"encrypt an input for model {name!r} first (step 2)")
             t0 = time.perf_counter()
             outs, server_s = self._remote(s, name).run([ct["bytes"]])
-            s.output = {
-                "model": name,
-                "smiles": ct["smiles"],
-                "bytes": outs[0],
-                "server_seconds": server_s[0],
-            }
+            s.output = {"model": name, "item": ct["item"], "bytes": outs[0], "server_seconds": server_s[0]}
             return {
-                "smiles": ct["smiles"],
+                "item": ct["item"],
                 "server_seconds": server_s[0],
                 "round_trip_seconds": time.perf_counter() - t0,
                 "bytes": len(outs[0]),
+                "input_bytes": len(ct["bytes"]),
                 "hex": excerpt(outs[0]),
             }
 
     def decrypt(self, session_id: str, name: str) -> dict:
-        """Step 5: only this session's secret key turns the server's answer into a prediction."""
+        """Only this session's secret key turns the server's answer into a prediction."""
         s = self.session(session_id)
         with s.lock:
             out = s.output
             if out is None or out["model"] != name:
-                raise StepError(f"run the encrypted molecule on the server first (step 4) for model {name!r}")
+                raise StepError(f"run the encrypted input on the server first (step 3) for model {name!r}")
             client = self._remote(s, name).client
+            t0 = time.perf_counter()
             raw = client.decrypt(out["bytes"])
             values = client.predictions(raw)[0]
+            compile_cfg = client.manifest.data.get("compile", {})
             return {
-                "smiles": out["smiles"],
+                "item": out["item"],
+                "seconds": time.perf_counter() - t0,
                 "text": describe(client.task, values),
                 "values": _floats(values),
                 "raw": _floats(raw[0]),
+                "truth": self.truth(name, out["item"]),
+                "approximate": compile_cfg.get("rounding_method") == "approximate"
+                and compile_cfg.get("rounding_bits") is not None,
             }
 
-    def predict(self, session_id: str, name: str, smiles: str, on_step=None) -> dict:
-        """All steps at once ("Predict privately"); keys are generated only when the session has none.
+    def state(self, session_id: str, name: str) -> dict[str, bool]:
+        """Which steps can run now for this session and model (the page enables their buttons)."""
+        s = self.session(session_id)
+        ct, out = s.ciphertext, s.output
+        return {
+            "keys": True,
+            "encrypt": name in s.keys,
+            "run": ct is not None and ct["model"] == name,
+            "decrypt": out is not None and out["model"] == name,
+        }
 
-        `on_step(fraction, description)` is called before each step (the app's progress bar).
-        """
-        step = on_step or (lambda fraction, desc: None)
-        smiles = self.check_smiles(smiles)
-        step(0.05, "keys")
-        keys = self.predict_keys(session_id, name)
-        step(0.3, "encrypting")
-        enc = self.encrypt(session_id, name, smiles)
-        step(0.4, "running in FHE on the server")
-        run = self.run(session_id, name)
-        step(0.9, "decrypting")
-        return {"keys": keys, "encrypt": enc, "run": run, "decrypt": self.decrypt(session_id, name)}
+    def forget(self, session_id: str) -> None:
+        """Drop the session's ciphertext and encrypted answer (the input changed: they belong to the old one)."""
+        s = self.session(session_id)
+        with s.lock:
+            s.ciphertext = s.output = None
+
+    def keys_of(self, session_id: str, name: str) -> dict | None:
+        """The keys this session holds for `name` (marked reused), or None."""
+        k = self.session(session_id).keys.get(name)
+        return {**k, "reused": True} if k else None
+
+    def predict(self, session_id: str, name: str, item) -> dict:
+        """All steps at once ("Predict privately"): {step: its result}."""
+        return dict(self.steps(session_id, name, item))
+
+    def steps(self, session_id: str, name: str, item):
+        """The four steps one by one, yielding (step, result); keys only when the session has none."""
+        item = self.check_input(name, item)
+        yield "keys", self.predict_keys(session_id, name)
+        yield "encrypt", self.encrypt(session_id, name, item)
+        yield "run", self.run(session_id, name)
+        yield "decrypt", self.decrypt(session_id, name)
 
     def predict_keys(self, session_id: str, name: str) -> dict:
-        """This session's keys for `name`, generated (and uploaded) only if it has none yet."""
+        """This session's keys for `name`, generated (and uploaded) only if it has none yet; "reused"
+        says which happened (the page must not present old figures as a new key generation)."""
+        return self.keys_of(session_id, name) or self.keygen(session_id, name)
+
+    def batch(self, session_id: str, name: str, inputs: list, on_item=None, batch_size: int = 8):
+        """Private predictions of many inputs with this session's keys: `PredictionBackend.predict`,
+        exactly what `molcloak predict --server` runs (invalid inputs are reported by row, not fatal)."""
         s = self.session(session_id)
-        return dict(s.keys[name]) if name in s.keys else self.keygen(session_id, name)
+        with s.lock:
+            remote = self._remote(s, name)
+            report = remote.predict(inputs, batch_size=batch_size, skip_invalid=True, on_item=on_item)
+            if name not in s.keys:  # the keys `predict` made (or loaded) are this session's keys now
+                s.keys[name] = {
+                    "key_id": remote.key_id(),
+                    "keygen_seconds": report.keygen_seconds,
+                    "upload_seconds": 0.0,
+                    "evaluation_key_bytes": report.evaluation_key_bytes,
+                    "key_file_bytes": 0,
+                    "reused": False,
+                }
+            return report
 
     # -- optional comparison (owner side only) --------------------------------
 
@@ -359,71 +464,35 @@ class AppBackend:
         bundle = self.bundles.get(name)
         return bool(bundle and (bundle / "owner" / "checkpoint.json").is_file())
 
-    def plaintext(self, name: str, smiles: str) -> dict:
-        """The same quantized model in the clear (needs the owner's weights; NOT private)."""
-        from molcloak.pipeline.predict import Simulator
-
-        smiles = self.check_smiles(smiles)
+    def plaintext(self, name: str, item) -> dict:
+        """The same quantized model in the clear (owner's weights; NOT private), simulated `RUNS` times
+        in the comparison process: the prediction of the first run and the spread of all runs."""
+        item = self.check_input(name, item)
         if not self.can_compare(name):
             raise MolcloakError(
                 f"no local weights for model {name!r}: the plaintext comparison is only available "
                 "when the app runs next to the owner's bundle (molcloak app --bundle DIR)"
             )
-        if name not in self._simulators:
-            self._simulators[name] = Simulator(self.bundles[name])
-        sim = self._simulators[name]
-        raw, values = sim([smiles])
+        sim = self._comparison.simulate(name, [item])
+        task = TaskSpec.from_dict(self.model(name)["task"])
+        values = np.asarray([v[0] for v in sim["values"]], dtype=float)  # (runs, outputs)
         return {
-            "smiles": smiles,
-            "text": describe(sim.task, values[0]),
+            "item": item,
+            "text": describe(task, values[0]),
             "values": _floats(values[0]),
-            "raw": _floats(raw[0]),
+            "raw": _floats(np.asarray(sim["raw"][0][0])),
+            "runs": len(values),
+            "spread": _ptp(values),
+            "raw_spread": _ptp(np.asarray(sim["raw"], dtype=float)),
+            "approximate": sim["approximate"],
         }
 
     def close(self) -> None:
         for sid in list(self._sessions):
             self.end_session(sid)
+        self._comparison.close()
 
 
-def unsupported(info: dict, server_url: str, bundle: Path | None = None) -> str:
-    """Why the page cannot show a served model (from its GET /models entry), or "" when it can.
-
-    The page draws, encrypts and explains one molecule with one prediction: models that read tabular
-    rows, or predict several tasks at once, are used with `molcloak predict` instead.
-    """
-    from molcloak.pipeline.featurize import featurizer_from_dict
-    from molcloak.pipeline.tasks import TaskSpec
-
-    name = info.get("name", "?")
-
-    def use(extra: str = "") -> str:
-        local = f" (or `molcloak predict --bundle {bundle}{extra}`)" if bundle else ""
-        return f"use `molcloak predict --server {server_url} --model {name}{extra}`{local} instead"
-
-    try:
-        featurizer, task = featurizer_from_dict(info["featurizer"]), TaskSpec.from_dict(info["task"])
-    except (MolcloakError, KeyError, TypeError, ValueError) as exc:
-        return f"model {name!r} has a featurizer or task this app cannot read ({exc}); {use()}"
-    if featurizer.input_kind != "smiles":
-        return (
-            f"model {name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES, and the app only shows "
-            f"molecules; {use(' --input rows.csv')}"
-        )
-    if task.is_multitask:
-        return (
-            f"model {name!r} is a multi-task {task.kind} model ({len(task.tasks)} tasks: {', '.join(task.tasks)}) "
-            f"and the app shows one prediction per molecule; {use()}"
-        )
-    return ""
-
-
-def excerpt(data: bytes, width: int = 32) -> str:
-    """A short hex view from the middle of a ciphertext (the start is a header of sizes and zeros)."""
-    if len(data) <= width:
-        return data.hex(" ")
-    start = (len(data) - width) // 2
-    return f"bytes {start}-{start + width - 1} of {len(data)}: {data[start : start + width].hex(' ')}"
-
-
-def _floats(a) -> list[float] | float:
-    return [float(v) for v in np.ravel(a)] if np.ndim(a) else float(a)
+def _ptp(runs: np.ndarray) -> float:
+    """The largest difference between runs, over the outputs (axis 0: runs)."""
+    return float(np.max(np.ptp(runs.reshape(len(runs), -1), axis=0)))

