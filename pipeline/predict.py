@@ -14,15 +14,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .bundle import Checkpoint, load_checkpoint, load_manifest
 from .compile import CompileConfig
-from .errors import ConfigError, DataError, FeaturizerError, InvalidSmilesError, RemoteError
+from .errors import ConfigError, DataError, FeaturizerError, InvalidSmilesError, MolcloakError, RemoteError
 from .fhe_client import KeygenInfo, PrivateClient
 from .fhe_server import PrivateServer
 from .metrics import to_predictions
@@ -134,34 +136,47 @@ class EncryptedRun:
 def run_encrypted_batch(
     client, run: BatchRunner, X: np.ndarray, round_trip: bool = False
 ) -> list[EncryptedRun]:
-    """THE encrypt -> run -> decrypt step: the client half encrypts each row of `X`, `run` evaluates the
-    batch on the server half (evaluation keys and ciphertexts only), the client half decrypts.
-
-    `client` has `encrypt(x) -> bytes` and `decrypt(bytes) -> (1, n_outputs)`. Per-row seconds: encrypt
-    and decrypt are the batch's time divided by its size; run is the server-side time `run` reports (or
-    the measured call divided by the batch size); `round_trip` adds the measured call per row.
-    """
-    n = len(X)
-    if n == 0:
+    """THE encrypt -> run -> decrypt step: the client half encrypts each row of `X` (`encrypt_rows`), `run`
+    evaluates the batch on the server half (evaluation keys and ciphertexts only), the client half
+    decrypts (`decrypt_rows`). `client` has `encrypt(x) -> bytes` and `decrypt(bytes) -> (1, n_outputs)`.
+    Per-row seconds: encrypt and decrypt are the batch's time divided by its size; run is the server-side
+    time `run` reports (or the call divided by the batch size); `round_trip` adds the call per row."""
+    if len(X) == 0:
         return []
+    cts, encrypt_s = encrypt_rows(client, X)
+    return decrypt_rows(client, cts, *timed(run, cts), encrypt_s, round_trip)
+
+
+def encrypt_rows(client, X: np.ndarray) -> tuple[list[bytes], float]:
+    """The first half of the step: (ciphertexts, seconds spent encrypting)."""
     t0 = time.perf_counter()
-    cts = [client.encrypt(x) for x in X]
-    t1 = time.perf_counter()
+    return [client.encrypt(x) for x in X], time.perf_counter() - t0
+
+
+def timed(run: BatchRunner, cts: list[bytes]) -> tuple[list[bytes], list[float] | None, float]:
+    """`run(cts)` and the seconds it took: (outputs, server seconds, call seconds)."""
+    t0 = time.perf_counter()
     outs, server_s = run(cts)
-    t2 = time.perf_counter()
+    return outs, server_s, time.perf_counter() - t0
+
+
+def decrypt_rows(client, cts, outs, server_s, call_s: float, encrypt_s: float, round_trip: bool):
+    """The second half of the step: decrypt the server half's answers into `EncryptedRun`s."""
+    n = len(cts)
     if len(outs) != n or (server_s is not None and len(server_s) != n):
         raise RemoteError(
             f"the server half answered {len(outs)} outputs for {n} ciphertexts; expected one per "
             "ciphertext; check that client and server run the same molcloak version"
         )
+    t2 = time.perf_counter()
     raws = [client.decrypt(o) for o in outs]
-    t3 = time.perf_counter()
-    runs = list(server_s) if server_s is not None else [(t2 - t1) / n] * n
+    decrypt_s = time.perf_counter() - t2
+    runs = list(server_s) if server_s is not None else [call_s / n] * n
     out = []
     for ct, o, raw, r in zip(cts, outs, raws, runs):
-        seconds = {"encrypt": (t1 - t0) / n, "run": float(r), "decrypt": (t3 - t2) / n}
+        seconds = {"encrypt": encrypt_s / n, "run": float(r), "decrypt": decrypt_s / n}
         if round_trip:
-            seconds["round_trip"] = (t2 - t1) / n
+            seconds["round_trip"] = call_s / n
         out.append(EncryptedRun(raw, ct, o, seconds))
     return out
 
@@ -192,11 +207,13 @@ class PredictionBackend(abc.ABC):
       evaluation keys the server half gets like any others, so no key set decrypts more results than
       its rotation policy allows;
     - `set_rotation(after_predictions, after_days)`: the client's rotation settings (stored with the keys);
-    - `predict(inputs, batch_size, skip_invalid, on_item) -> PredictReport`: validate, featurize,
-      encrypt, run, decrypt, fill the predictions.
+    - `run_batches(batches, concurrency)`: `run_rows` over a stream of batches, several in flight;
+    - `predict(inputs, batch_size, skip_invalid, on_item, concurrency) -> PredictReport`: validate,
+      featurize, encrypt, run, decrypt, fill the predictions.
     """
 
     mode: ClassVar[str]  # PredictReport.mode: "execute" (both halves here) or "server"
+    concurrent: ClassVar[bool] = False  # may `run` be called from several threads at once?
     source: ClassVar[str]  # identity()["source"]: "bundle" or "server"
     client: PrivateClient
     where: str  # the bundle directory or the server URL, for reports
@@ -232,18 +249,65 @@ class PredictionBackend(abc.ABC):
             self.keygen(force=True)
         return reason
 
+    def default_concurrency(self, batch_size: int) -> int:
+        return 1  # batches kept on the server half at once when the caller does not say
+
     def run_rows(self, X: np.ndarray) -> list[EncryptedRun]:
         """Encrypt, run and decrypt the feature rows `X` (keys are set up first if needed): one batch, or
         more when the keys reach their rotation limit within it (new keys are made in between)."""
-        out: list[EncryptedRun] = []
+        return [r for _, runs in self.run_batches([(None, X)]) for r in runs]
+
+    def run_batches(
+        self, batches: Iterable[tuple[Any, np.ndarray]], concurrency: int = 1, label=None
+    ) -> Iterator[tuple[Any, list[EncryptedRun]]]:
+        """`run_rows` over a stream of `(tag, feature rows)` batches, with up to `concurrency` requests on
+        the server half at once (threads calling `run`; this thread featurizes, encrypts and decrypts):
+        yields `(tag, runs)` in input order, each batch as soon as it and all before it are decrypted.
+
+        Key rotation stays exact: no more rows are encrypted under a key set than it may still decrypt,
+        and before new keys are made every batch in flight is decrypted with the old ones. A batch that
+        fails for good (after the client's retries) raises its error, prefixed with `label(tag)`."""
+        jobs: deque[list] = deque()  # [tag, rows, runs decrypted so far], in input order
+        flights: deque[_Flight] = deque()
+        concurrency = concurrency if self.concurrent else 1
+        pool = ThreadPoolExecutor(concurrency, "molcloak-batch") if concurrency > 1 else None
         self.keygen()
-        while len(out) < len(X):
-            self.keygen()
-            self.rotate_if_due()
-            rows = X[len(out) : len(out) + self.client.predictions_left()]
+        try:
+            for tag, X in batches:
+                jobs.append(job := [tag, len(X), []])
+                pos = 0
+                while pos < len(X):
+                    left = self.client.predictions_left() - sum(len(f.cts) for f in flights)
+                    if left <= 0 or (self.client.rotation_due() and flights):
+                        yield from self._land(flights, jobs, label, 0)  # then rotate with nothing in flight
+                        self.rotate_if_due()
+                        continue
+                    self.rotate_if_due()
+                    cts, encrypt_s = encrypt_rows(self.client, X[pos : pos + left])  # while others fly
+                    yield from self._land(flights, jobs, label, concurrency - 1)
+                    flights.append(_Flight(job, cts, encrypt_s, _submit(pool, self.run, cts)))
+                    pos += len(cts)
+                yield from _ready(jobs)
+            yield from self._land(flights, jobs, label, 0)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _land(self, flights: deque, jobs: deque, label, keep: int):
+        """Decrypt the oldest batches in flight until at most `keep` are left; yield the finished jobs."""
+        while len(flights) > keep:
+            f = flights.popleft()
+            try:
+                outs, server_s, call_s = f.answer.result()
+            except MolcloakError as exc:
+                if label is None:
+                    raise
+                raise type(exc)(f"{label(f.job[0])}: {exc}") from exc
             with self.client.counting_batch():
-                out += run_encrypted_batch(self.client, self.run, rows, round_trip=self.mode == "server")
-        return out
+                f.job[2] += decrypt_rows(
+                    self.client, f.cts, outs, server_s, call_s, f.encrypt_s, self.mode == "server"
+                )
+            yield from _ready(jobs)
 
     def predict(
         self,
@@ -251,14 +315,18 @@ class PredictionBackend(abc.ABC):
         batch_size: int = 8,
         skip_invalid: bool = False,
         on_item: ItemCallback | None = None,
+        concurrency: int | None = None,
     ) -> PredictReport:
         """Encrypted predictions of SMILES, or of rows for a tabular model (see `validate_inputs`).
 
-        `batch_size` rows are encrypted, run (one request for a remote server) and decrypted together;
-        `on_item(prediction)` is called as each one is filled in.
+        `batch_size` rows are encrypted, run (one request for a remote server) and decrypted together,
+        `concurrency` batches at once (default `default_concurrency`); `on_item(prediction)` is called as
+        each one is filled in, in input order. A batch that fails for good raises, naming its rows.
         """
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size} must be at least 1")
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"concurrency {concurrency} must be at least 1 batch in flight")
         preds = validate_inputs(self.client.featurizer, inputs, skip_invalid)
         todo = [p for p in preds if not p.error]
         first = len(self.client.key_ids)
@@ -266,9 +334,14 @@ class PredictionBackend(abc.ABC):
         report = PredictReport(
             preds, self.mode, keyinfo.seconds, keyinfo.reused, keyinfo.evaluation_key_bytes
         )
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            for pred, r in zip(batch, self.run_rows(self.client.featurize([p.input for p in batch]))):
+        batches = (
+            (batch, self.client.featurize([p.input for p in batch]))
+            for batch in (todo[s : s + batch_size] for s in range(0, len(todo), batch_size))
+        )
+        concurrency = concurrency or self.default_concurrency(batch_size)
+        labelled = lambda batch: rows_label([p.index for p in batch])  # noqa: E731
+        for batch, runs in self.run_batches(batches, concurrency, labelled):
+            for pred, r in zip(batch, runs):
                 fill_prediction(pred, self.client.task, self.client.predictions(r.raw)[0], r.raw)
                 pred.seconds = r.seconds
                 report.input_ciphertext_bytes, report.output_ciphertext_bytes = (
@@ -289,6 +362,41 @@ class PredictionBackend(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class _Flight:  # rows of one batch on their way through the server half; `answer`: `timed(run, cts)`
+    job: list
+    cts: list[bytes]
+    encrypt_s: float
+    answer: Future
+
+
+def _submit(pool: ThreadPoolExecutor | None, run: BatchRunner, cts: list[bytes]) -> Future:
+    """`timed(run, cts)` on the pool, or at once in this thread without one."""
+    if pool is not None:
+        return pool.submit(timed, run, cts)
+    answer: Future = Future()
+    try:
+        answer.set_result(timed(run, cts))
+    except Exception as exc:  # raised where the answer is read, like a pool's
+        answer.set_exception(exc)
+    return answer
+
+
+def _ready(jobs: deque):
+    """Pop and yield `(tag, runs)` of the leading jobs whose rows are all decrypted."""
+    while jobs and len(jobs[0][2]) == jobs[0][1]:
+        yield jobs.popleft()[::2]
+
+
+def rows_label(rows: Sequence[int]) -> str:
+    """'row 7', 'rows 9-16' or 'rows 3, 5, 8': the input rows of a batch, for error messages."""
+    if len(rows) == 1:
+        return f"row {rows[0]}"
+    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        return f"rows {rows[0]}-{rows[-1]}"
+    return "rows " + ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
 
 
 class LocalBackend(PredictionBackend):

@@ -47,3 +47,27 @@ def write_csv(path: Path, header: list[str], rows) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def upload_poisoned_keys(server, client, model: str) -> None:
+    """Upload valid evaluation keys with bytes 100-200 zeroed (they pass the size check and deserialize,
+    but crash the circuit) and check the server refuses them with a 400 and stores nothing."""
+    import os
+
+    import httpx
+
+    poisoned = bytearray(client.client.evaluation_keys())
+    poisoned[100:200] = bytes(100)
+    keys_dir = server.state_dir / "keys"
+    before = set(os.listdir(keys_dir))
+    r = httpx.post(
+        f"{server.url}/keys",
+        params={"model": model},
+        content=bytes(poisoned),
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=300,
+    )
+    assert r.status_code == 400, r.text[:500]
+    error = r.json()["error"]
+    assert error["type"] == "CiphertextError" and "crashed the FHE worker" in error["message"]
+    assert set(os.listdir(keys_dir)) == before  # nothing stored

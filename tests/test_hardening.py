@@ -17,7 +17,7 @@ import time
 import httpx
 import psutil
 import pytest
-from helpers import ServerProcess
+from helpers import ServerProcess, upload_poisoned_keys
 from typer.testing import CliRunner
 
 from molcloak.pipeline.cli import app as cli
@@ -76,17 +76,7 @@ def _restarts(server) -> int:
 def test_poisoned_keys_are_refused_at_upload(server, client, tiny_binary):
     """Valid keys with bytes 100-200 zeroed pass the size check and deserialize, but crash the circuit:
     the server tries them once in a worker before issuing a key id, and answers 400."""
-    poisoned = bytearray(client.client.evaluation_keys())
-    poisoned[100:200] = bytes(100)
-    keys_dir = server.state_dir / "keys"
-    before = set(os.listdir(keys_dir))
-    r = httpx.post(
-        f"{server.url}/keys", params={"model": MODEL}, content=bytes(poisoned), headers=OCTET, timeout=300
-    )
-    assert r.status_code == 400, r.text[:500]
-    error = r.json()["error"]
-    assert error["type"] == "CiphertextError" and "crashed the FHE worker" in error["message"]
-    assert set(os.listdir(keys_dir)) == before  # nothing stored
+    upload_poisoned_keys(server, client, MODEL)
     r = _predict(server, client.key_id(), [_ct(client, tiny_binary[0].X_test[0])])
     assert r.status_code == 200 and server.alive()  # honest clients are unaffected
 

@@ -1,4 +1,4 @@
-"""The user's commands: predict, and the read-only info and models."""
+"""The user's commands: predict, screen, and the read-only info and models."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .common import (
     app,
     cli_errors,
     emit_json,
+    err,
     fmt_metrics,
     given,
     kb,
@@ -25,6 +26,13 @@ from .common import (
     out,
     progress,
     read_token,
+)
+
+ConcurrencyOpt = typer.Option(
+    None,
+    "--concurrency",
+    help="Batches in flight at once (with --server; default: enough to keep the server's FHE workers "
+    "busy, from its GET /health, else 2). Results keep the input order.",
 )
 
 
@@ -48,6 +56,7 @@ def predict(
         "--batch-size",
         help="Ciphertexts per HTTP request, 1-64 and at most the server's limit (with --server).",
     ),
+    concurrency: int | None = ConcurrencyOpt,
     input_csv: Path | None = typer.Option(
         None,
         "--input",
@@ -102,10 +111,14 @@ def predict(
             "--fhe simulate needs the owner's weights: use it with --bundle DIR (a bundle with its owner/ part), "
             "not with --server"
         )
-    if bundle is not None and given(ctx, "batch_size"):
-        raise ConfigError(
-            "--batch-size sets ciphertexts per HTTP request and applies to --server only; leave it out with --bundle"
-        )
+    for flag in ("batch_size", "concurrency"):
+        if bundle is not None and given(ctx, flag):
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} sets how ciphertexts go to the server (per HTTP request, "
+                "requests in flight) and applies to --server only; leave it out with --bundle"
+            )
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"--concurrency {concurrency} must be at least 1 batch in flight")
     from ..serving.http_api import MAX_BATCH
 
     if not 1 <= batch_size <= MAX_BATCH:
@@ -136,7 +149,7 @@ def predict(
         if backend is None:
             report = predict_local(bundle, inputs, "simulate", skip_invalid=skip_invalid, on_item=on_item)
         else:
-            report = backend.predict(inputs, batch_size, skip_invalid, on_item=on_item)
+            report = backend.predict(inputs, batch_size, skip_invalid, on_item, concurrency)
     if output:
         write_csv(output, report)
     if as_json:
@@ -181,6 +194,73 @@ def _print_predictions(report, task) -> None:
             f"keys: {kg}; evaluation keys {mb(report.evaluation_key_bytes)}; ciphertexts: input "
             f"{kb(report.input_ciphertext_bytes)}, output {kb(report.output_ciphertext_bytes)}"
         )
+
+
+@app.command()
+@cli_errors
+def screen(
+    server: str | None = typer.Option(
+        None, "--server", "-s", help="URL of a `molcloak serve` server (e.g. http://127.0.0.1:8000)."
+    ),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model name on the server (GET /models)."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", "-b", help="Screen with a local bundle instead (both halves in this process)."
+    ),
+    input_csv: Path = typer.Option(..., "--input", "-i", help="Library CSV file, one molecule per row."),
+    out_dir: Path = typer.Option(
+        Path("screen"), "--out", "-o", help="Directory for predictions and reports; rerun to resume."
+    ),
+    smiles_col: str = DataOpts.smiles_col,
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Molecules per HTTP request, 1-64 and at most the server's limit."
+    ),
+    concurrency: int | None = ConcurrencyOpt,
+    top: int = typer.Option(10, "--top", help="Show the K molecules with the highest predictions."),
+    key_dir: Path | None = KeyDirOpt,
+    token_file: Path | None = TokenFileOpt,
+    skip_invalid: bool = typer.Option(
+        False,
+        "--skip-invalid",
+        help="Screen the valid rows and list the invalid ones in invalid.csv instead of failing.",
+    ),
+    restart: bool = typer.Option(False, "--restart", help="Discard the progress saved in --out, start over."),
+    as_json: bool = JsonOpt,
+):
+    """Screen a compound library privately, streamed in constant memory, resumable.
+
+    Molecules are featurized and encrypted here, batch by batch, with several batches in flight; the
+    server computes on ciphertexts and only this machine decrypts. Each batch is appended to
+    --out/predictions.csv (one line per library row, in order) before the next counts as done: after
+    Ctrl-C, a kill or a lost connection, rerun the same command to continue. Ends with the top --top
+    molecules, invalid.csv and report.html (histogram of predictions). Example: molcloak screen
+    --server http://127.0.0.1:8000 --model sol-low --input library.csv --out screens/lib1
+    """
+    from molcloak.evaluation.audit.engine import open_backend
+    from molcloak.evaluation.screen.engine import ScreenConfig, run_screen
+    from molcloak.evaluation.screen.report import print_summary
+
+    if (bundle is None) == (server is None) or (server is not None and not model):
+        raise ConfigError("pass either --server URL --model NAME (see GET /models) or --bundle DIR")
+    if bundle is not None and concurrency is not None:
+        raise ConfigError(
+            "--concurrency sets the requests in flight to a server and applies to --server only; leave it "
+            "out with --bundle"
+        )
+    config = ScreenConfig(input_csv, out_dir, smiles_col, batch_size, concurrency, top, skip_invalid, restart)
+    with open_backend(bundle, server, model, key_dir, read_token(token_file)) as backend:
+        with progress() as bar:
+            task = bar.add_task("encrypted screen", total=None, status="")
+            on_progress = lambda done, total, status: bar.update(  # noqa: E731
+                task, completed=done, total=total, status=status
+            )
+            try:
+                summary = run_screen(config, backend, on_progress)
+            except KeyboardInterrupt as exc:
+                err.print(f"[yellow]{exc or 'interrupted'}[/yellow]", highlight=False)
+                raise typer.Exit(130) from None
+    if as_json:
+        return emit_json(summary)
+    print_summary(summary, out)
 
 
 @app.command()

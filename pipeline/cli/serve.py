@@ -18,7 +18,28 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    workers: int = typer.Option(0, "--workers", help="FHE worker processes (0 = one per core)."),
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        help="FHE worker processes, or Ray actors (0 = one per core, or per CPU of the Ray cluster).",
+    ),
+    executor: str = typer.Option(
+        "processes",
+        "--executor",
+        help="Where FHE jobs run: 'processes' (a pool on this machine) or 'ray' (Ray actors; a local Ray "
+        'unless --ray-address; needs pip install "molcloak\\[ray]").',
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="With --executor ray: the Ray cluster to use, 'auto' (started here with `ray start --head`) or "
+        "HOST:PORT of its head; default: start a local Ray.",
+    ),
+    ray_cpus: int = typer.Option(
+        0,
+        "--ray-cpus",
+        help="With --executor ray and no --ray-address: CPUs of the local Ray (0 = every core).",
+    ),
     token_file: Path | None = typer.Option(
         None,
         "--token-file",
@@ -32,7 +53,9 @@ def serve(
     ),
     max_body_mb: int = typer.Option(128, "--max-body-mb", help="Largest accepted request body."),
     key_cache_mb: int = typer.Option(
-        2048, "--key-cache-mb", help="Memory for loaded evaluation keys, shared by the workers (LRU)."
+        2048,
+        "--key-cache-mb",
+        help="Memory for loaded evaluation keys (LRU): shared by the worker processes, or per Ray actor.",
     ),
     queue_size: int = typer.Option(
         64, "--queue-size", help="FHE jobs waiting or running before the server answers 503."
@@ -83,6 +106,7 @@ def serve(
 
     if not 1 <= max_batch <= MAX_BATCH:
         raise ConfigError(f"--max-batch {max_batch} is out of range; use 1..{MAX_BATCH}")
+    _check_executor(executor, ray_address, ray_cpus, workers)
     if not job_timeout > 0:
         raise ConfigError(f"--job-timeout {job_timeout} must be a positive number of seconds")
     for flag, value, low in [
@@ -111,7 +135,7 @@ def serve(
     config = ServeConfig(
         bundles=bundles,
         state_dir=state_dir,
-        workers=workers or max(1, os.cpu_count() or 1),
+        workers=workers or (0 if executor == "ray" else max(1, os.cpu_count() or 1)),
         queue_size=queue_size,
         max_body_bytes=max_body_mb * 2**20,
         key_cache_bytes=key_cache_mb * 2**20,
@@ -119,12 +143,37 @@ def serve(
         max_batch=max_batch,
         job_timeout=job_timeout,
         limits=limits,
+        executor=executor,
+        ray_address=ray_address,
+        ray_cpus=ray_cpus,
     )
+    if executor == "ray":
+        cluster = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray"
+        runs = f"{f'{workers} FHE actors' if workers else 'one FHE actor per CPU'} on {cluster}"
+    else:
+        runs = f"{config.workers} FHE workers"
     err.print(
-        f"molcloak serve: bundles from {bundles}, {config.workers} FHE workers, keys in {config.keys_dir}; "
+        f"molcloak serve: bundles from {bundles}, {runs}, keys in {config.keys_dir}; "
         f"starting on http://{host}:{port}"
     )
     run_server(config, host, port)
+
+
+def _check_executor(executor: str, ray_address: str | None, ray_cpus: int, workers: int) -> None:
+    """Refuse bad executor options before anything starts (and a missing Ray, with how to install it)."""
+    if executor not in ("processes", "ray"):
+        raise ConfigError(f"--executor {executor!r} is unknown; use 'processes' or 'ray'")
+    if executor != "ray" and (ray_address or ray_cpus):
+        raise ConfigError("--ray-address and --ray-cpus apply to --executor ray only; add --executor ray")
+    if ray_address and ray_cpus:
+        raise ConfigError("--ray-cpus sizes a local Ray; a cluster given with --ray-address has its own CPUs")
+    for flag, value in (("--ray-cpus", ray_cpus), ("--workers", workers)):
+        if value < 0:
+            raise ConfigError(f"{flag} {value} is out of range; use a number >= 0 (0 = one per core)")
+    if executor == "ray":
+        from ..serving.executor_ray import import_ray
+
+        import_ray()  # without Ray: one line naming `pip install "molcloak[ray]"`
 
 
 @app.command("app")

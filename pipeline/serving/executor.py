@@ -1,5 +1,8 @@
-"""FHE jobs in worker processes: a crash in Concrete (for instance on crafted key bytes) kills a
-worker, never the HTTP server. Each worker loads the served circuits once and keeps its own LRU
+"""The FHE executor behind the server (`FheExecutor`; `http_api.make_executor` picks one) and its default kind,
+`processes`: FHE jobs in worker processes on this machine. The other kind, `ray` (actors over a Ray
+cluster), is in `executor_ray.py`; the HTTP app uses either through `FheExecutor` alone.
+
+A crash in Concrete (for instance on crafted key bytes) kills a worker, never the HTTP server. Each worker loads the served circuits once and keeps its own LRU
 cache of deserialized evaluation keys, read from the key store on disk by key id.
 
 Each worker runs one job at a time, with a time limit: a job that crashes its worker is known (the
@@ -21,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import JobTimeoutError, ServerBusyError, WorkerCrashError
@@ -61,15 +65,18 @@ def _init_worker(bundles: dict[str, str], key_root: str, cache_bytes: int, paren
     from .keystore import KeyStore
 
     servers = {name: PrivateServer(path) for name, path in bundles.items()}
-    _STATE["bundles"] = bundles
     _STATE["servers"] = servers
     _STATE["store"] = KeyStore(
         key_root,
         cache_bytes,
         load=lambda model, data: servers[model].load_keys(data),
-        # measured: a loaded key set takes ~1.2x the circuit's in-memory key-size estimate
-        cost=lambda model: int(1.2 * servers[model].manifest.circuit.get("evaluation_key_bytes", 0)),
+        cost=lambda model: key_cost(servers[model].manifest),
     )
+
+
+def key_cost(manifest) -> int:
+    """Memory one loaded key set of a model takes: measured ~1.2x the circuit's in-memory key-size estimate."""
+    return int(1.2 * manifest.circuit.get("evaluation_key_bytes", 0))
 
 
 def _check_keys(model: str, key_id: str, sample: bytes) -> bool:
@@ -87,9 +94,10 @@ def _run(model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
     return out, time.perf_counter() - start
 
 
-def _reference_ciphertexts(model: str, count: int = 8) -> list[bytes]:
-    """`count` ciphertexts of `model` under a throwaway key (zeros, then random rows): what the server
-    compares incoming ciphertexts with, and runs uploaded keys on. The secret key is deleted at once."""
+def reference_ciphertexts(bundle: str, count: int = 8) -> list[bytes]:
+    """`count` ciphertexts of the model in `bundle` under a throwaway key (zeros, then random rows): what
+    the server compares incoming ciphertexts with, and runs uploaded keys on. The secret key is deleted
+    at once. Run it in a child process (it generates keys)."""
     import tempfile
 
     import numpy as np
@@ -97,19 +105,83 @@ def _reference_ciphertexts(model: str, count: int = 8) -> list[bytes]:
     from ..fhe_client import PrivateClient
 
     with tempfile.TemporaryDirectory(prefix="molcloak-reference-") as tmp:
-        client = PrivateClient(_STATE["bundles"][model], tmp)
+        client = PrivateClient(bundle, tmp)
         client.keygen()
         width = client.featurizer.width
         rows = [np.zeros(width), *np.random.default_rng(0).normal(size=(count - 1, width))]
         return [client.encrypt(x) for x in rows]
 
 
-class WorkerPool:
+class FheExecutor:
+    """What the HTTP app needs from an FHE executor, whatever runs the jobs.
+
+    `run` and `check_keys` raise `ServerBusyError` (503, retry) when the queue is full or a worker could
+    not start, `WorkerCrashError` when the job itself crashed its worker (the caller revokes or refuses
+    the key id), `JobTimeoutError` when it ran over the time limit. `pending` and `restarts` are figures
+    for GET /health.
+    """
+
+    kind = "?"
+
+    def __init__(self, queue_size: int):
+        self.queue_size = queue_size
+        self.pending = 0
+        self.restarts = 0
+
+    @contextmanager
+    def admitted(self):
+        """Count a job as pending for its duration; `ServerBusyError` if the queue is full."""
+        if self.pending >= self.queue_size:
+            raise ServerBusyError(
+                f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds"
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    async def check_keys(self, model: str, key_id: str, sample: bytes) -> None:
+        """Try uploaded keys: deserialize them and run the circuit once on `sample`."""
+        raise NotImplementedError
+
+    async def run(self, model: str, key_id: str, ciphertext: bytes, index: int = 0) -> tuple[bytes, float]:
+        """(encrypted output, seconds in the circuit) of one ciphertext; `index`: its place in a batch."""
+        raise NotImplementedError
+
+    def reference_ciphertexts(self, model: str) -> list[bytes]:
+        """Ciphertexts of `model` under a throwaway key (blocking; used at startup)."""
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Start the workers now (they load the circuits) instead of on the first request."""
+
+    def shutdown(self) -> None:
+        """Stop the workers (they must not outlive the server)."""
+
+    def figures(self) -> dict:
+        """What GET /health shows of the executor."""
+        return {
+            "executor": self.kind,
+            "pending_jobs": self.pending,
+            "queue_size": self.queue_size,
+            "worker_restarts": self.restarts,
+        }
+
+
+class WorkerPool(FheExecutor):
     """A bounded queue in front of N worker processes; a crashed worker is replaced transparently.
+
+    The default executor (`--executor processes`).
 
     Jobs of one key id always go to the same worker (key affinity), so each key set is
     deserialized and cached in one worker only, not once per worker.
     """
+
+    kind = "processes"
+
+    def figures(self) -> dict:
+        return {**super().figures(), "workers": self.workers}
 
     def __init__(
         self,
@@ -120,15 +192,10 @@ class WorkerPool:
         cache_bytes: int,
         job_timeout: float = 300.0,
     ):
-        self._args = (
-            {k: str(v) for k, v in bundles.items()},
-            str(key_root),
-            max(1, cache_bytes // max(1, workers)),
-            os.getpid(),
-        )
-        self.workers, self.queue_size, self.job_timeout = workers, queue_size, job_timeout
-        self.pending = 0
-        self.restarts = 0
+        super().__init__(queue_size)
+        self.bundles = {k: str(v) for k, v in bundles.items()}
+        self._args = (self.bundles, str(key_root), max(1, cache_bytes // max(1, workers)), os.getpid())
+        self.workers, self.job_timeout = workers, job_timeout
         self._lock = threading.Lock()
         self._pools = [self._new_pool() for _ in range(workers)]
         self._slots = [asyncio.Lock() for _ in range(workers)]  # one job at a time per worker
@@ -143,15 +210,10 @@ class WorkerPool:
 
         `WorkerCrashError` if the worker died during this job, `JobTimeoutError` if the job took longer
         than `timeout` (default `job_timeout`) seconds; either way the worker is replaced."""
-        if self.pending >= self.queue_size:
-            raise ServerBusyError(
-                f"the FHE job queue is full ({self.queue_size} jobs); retry in a few seconds"
-            )
-        self.pending += 1
         home = int(key_id[:8], 16) % self.workers if KEY_HEX.match(key_id) else 0
         slot = (home + spread) % self.workers
         limit = timeout or self.job_timeout
-        try:
+        with self.admitted():
             async with self._slots[slot]:
                 pool = await self._ready(slot)
                 try:
@@ -174,8 +236,6 @@ class WorkerPool:
                     raise WorkerCrashError(
                         "an FHE worker crashed while evaluating this job and was restarted"
                     ) from exc
-        finally:
-            self.pending -= 1
 
     async def _ready(self, slot: int) -> ProcessPoolExecutor:
         """The slot's pool, replaced first if its worker died while idle, and started (circuits loaded)."""
@@ -216,7 +276,7 @@ class WorkerPool:
 
     def reference_ciphertexts(self, model: str) -> list[bytes]:
         """Ciphertexts of `model` under a throwaway key, made in a worker (blocking; used at startup)."""
-        return self._pools[0].submit(_reference_ciphertexts, model).result(timeout=START_TIMEOUT)
+        return self._pools[0].submit(reference_ciphertexts, self.bundles[model]).result(timeout=START_TIMEOUT)
 
     def warm_up(self) -> None:
         """Start every worker now (they load the circuits) instead of on the first request."""

@@ -31,13 +31,14 @@ from ..errors import (
     BodyTooLargeError,
     BundleError,
     CiphertextError,
+    ConfigError,
     JobTimeoutError,
     KeysRevokedError,
     MolcloakError,
     UnknownModelError,
     WorkerCrashError,
 )
-from .executor import WorkerPool
+from .executor import FheExecutor, WorkerPool
 from .guards import BodyLimit, CiphertextShape, validation_message
 from .keystore import KeyStore
 from .quotas import Limits, Quotas, token_owner
@@ -67,6 +68,15 @@ class ServeConfig:
     job_timeout: float = 300.0  # seconds one FHE job may run before its worker is replaced
     tokens: tuple[str, ...] = ()  # more bearer tokens (one per client: quotas and budgets count per token)
     limits: Limits = Limits()
+    executor: str = "processes"  # or "ray": FHE jobs on Ray actors (executor_ray.py)
+    ray_address: str | None = None  # None: a local Ray; "auto" or host:port: an existing cluster
+    ray_cpus: int = 0  # CPUs of a local Ray (0: every core)
+
+    @property
+    def batch_limit(self) -> int:
+        """Ciphertexts one POST /predict may carry: --max-batch, and never more than the job queue holds
+        (a larger batch could only ever be answered 503)."""
+        return min(self.max_batch, self.queue_size)
 
     @property
     def all_tokens(self) -> tuple[str, ...]:
@@ -83,6 +93,35 @@ class ServeConfig:
     @property
     def usage_path(self) -> Path:
         return (self.state_dir or self.bundles / ".molcloak-server") / "token-usage.json"
+
+
+def make_executor(
+    kind: str,
+    bundles: dict[str, Path],
+    key_root: Path,
+    *,
+    workers: int,
+    queue_size: int,
+    cache_bytes: int,
+    job_timeout: float,
+    ray_address: str | None = None,
+    ray_cpus: int = 0,
+) -> FheExecutor:
+    """The executor `kind` ("processes" or "ray") over the served `bundles` and the key store at `key_root`.
+
+    processes: `workers` processes (0: one per core) sharing `cache_bytes` of loaded keys; ray: `workers`
+    actors (0: one per CPU of the Ray cluster at `ray_address`, or of a local Ray with `ray_cpus` CPUs),
+    each with `cache_bytes` of loaded keys."""
+    if kind == "ray":
+        from .executor_ray import RayPool  # only with --executor ray: Ray is an optional extra
+
+        return RayPool(
+            bundles, key_root, workers, queue_size, cache_bytes, job_timeout, ray_address, ray_cpus
+        )
+    if kind != "processes":
+        raise ConfigError(f"executor {kind!r} is unknown; use 'processes' or 'ray'")
+    workers = workers or max(1, os.cpu_count() or 1)
+    return WorkerPool(bundles, key_root, workers, queue_size, cache_bytes, job_timeout)
 
 
 def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
@@ -126,13 +165,16 @@ def create_app(config: ServeConfig) -> FastAPI:
     if expired:
         print(f"molcloak serve: removed {len(expired)} expired key sets", file=sys.stderr)
     owners = {token: token_owner(token) for token in config.all_tokens}
-    pool = WorkerPool(
+    pool = make_executor(
+        config.executor,
         {n: d for n, (d, _) in models.items()},
         config.keys_dir,
-        config.workers,
-        config.queue_size,
-        config.key_cache_bytes,
-        config.job_timeout,
+        workers=config.workers,
+        queue_size=config.queue_size,
+        cache_bytes=config.key_cache_bytes,
+        job_timeout=config.job_timeout,
+        ray_address=config.ray_address,
+        ray_cpus=config.ray_cpus,
     )
     shapes: dict[str, CiphertextShape] = {}  # filled by `measure_ciphertexts` before serving
 
@@ -214,15 +256,16 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {
             "status": "ok",
             "models": list(models),
-            "pending_jobs": pool.pending,
-            "worker_restarts": pool.restarts,
-            "max_batch": config.max_batch,
+            **pool.figures(),
+            "max_batch": config.batch_limit,
             "keys": quotas.figures(),
         }
 
     @app.get("/models", response_model=list[ModelInfo])
     async def list_models():
-        return [_model_info(name, m, fingerprints[name], config.max_batch) for name, (_, m) in models.items()]
+        return [
+            _model_info(name, m, fingerprints[name], config.batch_limit) for name, (_, m) in models.items()
+        ]
 
     @app.get(
         "/models/{name}/client",
@@ -298,12 +341,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     )
     async def predict(req: PredictRequest, request: Request, response: Response):
         model_or_404(req.model)
-        if len(req.ciphertexts) > config.max_batch:
+        if len(req.ciphertexts) > config.batch_limit:
             return error(
                 422,
                 "BatchTooLarge",
                 f"{len(req.ciphertexts)} ciphertexts in one request, this server takes at most "
-                f"{config.max_batch}; send smaller batches (molcloak predict --batch-size)",
+                f"{config.batch_limit}; send smaller batches (molcloak predict --batch-size)",
             )
         meta = store.check_owner(req.key_id, req.model)
         quotas.check_access(req.key_id, meta, request.state.owner)  # another token's key id: unknown
@@ -365,7 +408,7 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _measure_ciphertexts(config: ServeConfig, pool: WorkerPool, fingerprints: dict) -> dict:
+def _measure_ciphertexts(config: ServeConfig, pool: FheExecutor, fingerprints: dict) -> dict:
     """Each model's `CiphertextShape`, from ciphertexts a worker encrypts under a throwaway key; cached
     in the state directory per client part, so a restart does not generate keys again."""
     shapes = {}

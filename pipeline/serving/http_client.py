@@ -4,16 +4,21 @@ app, audits).
 It downloads and caches the client part of a model, generates keys once per model (kept in the
 local key directory, secret key mode 0600), uploads the evaluation keys once (and again if the
 server forgot them), encrypts locally, sends batches of ciphertexts, decrypts locally. The
-prediction loop itself is `PredictionBackend.predict`, shared with the local backend.
+prediction loop itself is `PredictionBackend.predict`, shared with the local backend; it keeps
+several batches in flight (`concurrency`, default `RemoteModel.default_concurrency`: from the FHE
+workers the server advertises in GET /health, else `DEFAULT_CONCURRENCY`), from threads sharing this
+client; results come back in input order.
 
 Server errors are JSON (`{"error": {"type": ..., "message": ...}}`); they are raised as the
 matching `MolcloakError` (`KeysError`, `KeyMismatchError`, `CiphertextError`, `UnknownModelError`,
 `ServerBusyError`, `QuotaError`, `BudgetExhaustedError`, `RateLimitedError`, `KeyStorageError`) or else
 as `RemoteError`, with the HTTP status, the type and the message.
 
-Server quotas: a 429 over the rate limit is waited out (its Retry-After, up to `MAX_WAIT` seconds, a few
-times); a spent prediction budget raises `BudgetExhaustedError` at once. The budget left after the last
-request (X-Molcloak-Predictions-Remaining) is `RemoteModel.predictions_remaining`.
+Backpressure: a busy server (503) is retried up to `BUSY_RETRIES` attempts, after its Retry-After; a
+429 over the rate limit is waited out (its Retry-After, each up to `MAX_WAIT` s, `MAX_RATE_WAIT` s in
+all); while one request waits, this client starts no other. A spent prediction budget raises
+`BudgetExhaustedError` at once. The budget left after the last request
+(X-Molcloak-Predictions-Remaining) is `RemoteModel.predictions_remaining`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import base64
 import hashlib
 import io
 import json
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -48,8 +54,11 @@ from ..errors import (
 from ..fhe_client import DEFAULT_KEY_DIR, KeygenInfo, PrivateClient
 from ..predict import PredictionBackend
 
-RETRIES = 5
+RETRIES = 5  # attempts of a request that cannot reach the server
+BUSY_RETRIES = 20  # attempts of a request that the server answers 503 (busy: its FHE job queue is full)
 MAX_WAIT = 120.0  # longest Retry-After of a rate-limited answer that the client waits out
+MAX_RATE_WAIT = 1800.0  # most seconds one request waits out rate limits in all before it gives up
+DEFAULT_CONCURRENCY = 2  # batches in flight when the server does not advertise its FHE workers
 REMAINING = "X-Molcloak-Predictions-Remaining"
 # answers to POST /predict after which the client uploads its evaluation keys again (once): the server
 # lost them, or revoked them after a worker crash (it tries uploaded keys before accepting them)
@@ -86,7 +95,7 @@ def server_error(r: httpx.Response) -> tuple[str, str]:
 class RemoteModel(PredictionBackend):
     """One model on a `molcloak serve` server: ciphertexts go over HTTP, keys and decryption stay here."""
 
-    mode, source = "server", "server"
+    mode, source, concurrent = "server", "server", True
 
     def __init__(
         self,
@@ -102,35 +111,50 @@ class RemoteModel(PredictionBackend):
         self.key_dir = Path(key_dir or DEFAULT_KEY_DIR)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._pause = Pause()
         self.info = self._model_info()
         self.client = PrivateClient(self._client_part(), self.key_dir)
         self._key_file = self.client.key_path.parent / f"server-{_slug(self.url)}.json"
         self._key_id: str | None = None
         self._keyinfo: KeygenInfo | None = None  # the keys whose evaluation keys the server has
         self.predictions_remaining: int | None = None  # the server's budget for our key id, if it has one
+        self._key_lock = threading.Lock()  # `run` is called from several threads: one upload per key set
 
     # -- HTTP with retries ----------------------------------------------------
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        delay = 0.5
-        for attempt in range(RETRIES):
+        """One HTTP request, retried: a connection error up to `RETRIES` attempts in all, a 503 (server
+        busy) up to `BUSY_RETRIES`, a 429 over the rate limit as long as its waits add up to at most
+        `MAX_RATE_WAIT` s. The wait is the answer's Retry-After when it has one, else 0.5 s doubling
+        (at most `MAX_WAIT`); it holds back every request of this client (its other threads too), so a
+        busy server is not hammered. The last answer is returned when the retries are spent."""
+        delay, failures, busy, rate_waited = 0.5, 0, 0, 0.0
+        while True:
+            self._pause.wait()
             try:
                 r = self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if attempt == RETRIES - 1:
+                failures += 1
+                if failures >= RETRIES:
                     raise RemoteError(
                         f"cannot reach the FHE server at {self.url} ({exc}); is `molcloak serve` running?"
                     ) from exc
-            else:  # a 503 is retried, except a job over the server's time limit: it would time out again
+                wait = delay
+            else:
                 wait = _rate_wait(r)
-                if attempt < RETRIES - 1 and wait is not None:
-                    time.sleep(wait)  # over the server's rate limit: wait as it says, then again
-                    continue
-                if r.status_code != 503 or attempt == RETRIES - 1 or server_error(r)[0] == "JobTimeoutError":
+                if wait is not None:  # over the server's rate limit: wait as it says, then again
+                    rate_waited += wait
+                    if rate_waited > MAX_RATE_WAIT:
+                        return r
+                elif r.status_code == 503 and server_error(r)[0] != "JobTimeoutError":
+                    busy += 1  # busy; not a job over the time limit, which would time out again
+                    if busy >= BUSY_RETRIES:
+                        return r
+                    wait = min(MAX_WAIT, delay if _retry_after(r) is None else _retry_after(r))
+                else:
                     return r
-            time.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+            self._pause.hold(wait)
+            delay = min(delay * 2, MAX_WAIT)
 
     def _ok(self, r: httpx.Response) -> httpx.Response:
         if r.is_success:
@@ -183,13 +207,22 @@ class RemoteModel(PredictionBackend):
 
         The id is remembered next to the keys (`server-<url hash>.json`) with a hash of the evaluation
         keys it stands for, so keys regenerated since (another process, `keygen(force=True)`) are
-        uploaded again instead of running with the old ones.
+        uploaded again instead of running with the old ones. Thread-safe: one upload per key set.
         """
-        if refresh or self._key_id is None:
-            self._key_id = None if refresh else self._stored_key_id()
-            if self._key_id is None:
+        with self._key_lock:
+            if refresh or self._key_id is None:
+                self._key_id = None if refresh else self._stored_key_id()
+                if self._key_id is None:
+                    self._key_id = self._upload_keys()
+            return self._key_id
+
+    def _replace_key_id(self, stale: str) -> str:
+        """The server lost or revoked the key id `stale`: upload the keys again, once for all the threads
+        that were told so, and return the new id."""
+        with self._key_lock:
+            if self._key_id == stale:
                 self._key_id = self._upload_keys()
-        return self._key_id
+            return self._key_id
 
     def _stored_key_id(self) -> str | None:
         try:
@@ -223,28 +256,54 @@ class RemoteModel(PredictionBackend):
 
     # -- the server half --------------------------------------------------------
 
-    def predict(self, inputs, batch_size: int = 8, skip_invalid: bool = False, on_item=None):
+    def predict(
+        self, inputs, batch_size: int = 8, skip_invalid: bool = False, on_item=None, concurrency=None
+    ):
         """`PredictionBackend.predict`, with `batch_size` checked against the server's advertised limit
         first (nothing is encrypted or sent when it is out of range)."""
+        self.check_batch_size(batch_size)
+        return super().predict(inputs, batch_size, skip_invalid, on_item, concurrency)
+
+    def check_batch_size(self, batch_size: int) -> None:
         limit = self.info.get("max_batch")
         if batch_size < 1 or (limit and batch_size > limit):
             raise ConfigError(
                 f"batch size {batch_size} is out of range for the server at {self.url}, which takes 1.."
                 f"{limit or '?'} ciphertexts per request; pass --batch-size between 1 and {limit or 1}"
             )
-        return super().predict(inputs, batch_size, skip_invalid, on_item)
+
+    def default_concurrency(self, batch_size: int) -> int:
+        """Batches in flight that keep the server's FHE workers busy: one per `batch_size` workers it
+        advertises in GET /health (`workers`, or a Ray executor's `actors`), plus one on its way back;
+        at most what its job queue takes (`queue_size`), so that no request is refused as busy;
+        `DEFAULT_CONCURRENCY` when the server does not say."""
+        health = self._health()
+        workers = _count(health.get("workers")) or _count(health.get("actors"))  # processes, Ray actors
+        queue = _count(health.get("queue_size"))
+        n = -(-workers // batch_size) + 1 if workers else DEFAULT_CONCURRENCY
+        return max(1, min(n, queue // batch_size)) if queue else n
+
+    def _health(self) -> dict:
+        """GET /health (its figures need the token on a server with tokens); {} when unavailable."""
+        try:
+            body = self.request("GET", "/health").json()
+        except (RemoteError, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
 
     def run(self, ciphertexts: list[bytes]) -> tuple[list[bytes], list[float]]:
-        """Send one batch; re-upload the keys once if the server no longer knows our key id."""
+        """Send one batch; re-upload the keys once if the server no longer knows our key id. Thread-safe."""
         body = {
             "model": self.model,
             "ciphertexts": [base64.b64encode(c).decode() for c in ciphertexts],
             "client_fingerprint": self.info["client_fingerprint"],
         }
-        for refresh in (False, True):
-            r = self.request("POST", "/predict", json={**body, "key_id": self.key_id(refresh)})
-            if not refresh and (r.status_code, server_error(r)[0]) in RELOAD:
-                continue  # the server lost, deleted or revoked our evaluation keys: upload them again, once
+        key_id = self.key_id()
+        for attempt in range(2):
+            r = self.request("POST", "/predict", json={**body, "key_id": key_id})
+            if not attempt and (r.status_code, server_error(r)[0]) in RELOAD:
+                key_id = self._replace_key_id(key_id)  # lost, deleted or revoked: upload again, once
+                continue
             if REMAINING in r.headers:
                 self.predictions_remaining = int(r.headers[REMAINING])
             data = self._ok(r).json()
@@ -260,11 +319,38 @@ def _rate_wait(r: httpx.Response) -> float | None:
     `MAX_WAIT`; None for any other answer."""
     if r.status_code != 429 or server_error(r)[0] != "RateLimitedError":
         return None
+    wait = _retry_after(r)
+    return wait if wait is not None and wait <= MAX_WAIT else None
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds, None without a usable one."""
     try:
         wait = float(r.headers.get("retry-after", ""))
     except ValueError:
         return None
-    return wait if 0 <= wait <= MAX_WAIT else None
+    return wait if wait >= 0 else None
+
+
+class Pause:
+    """A moment before which no request of one client starts (shared by its threads): `hold(s)` moves it
+    to at least `s` seconds from now, `wait()` sleeps until it has passed."""
+
+    def __init__(self):
+        self._lock, self._until = threading.Lock(), 0.0
+
+    def hold(self, seconds: float) -> None:
+        with self._lock:
+            self._until = max(self._until, time.monotonic() + seconds)
+
+    def wait(self) -> None:
+        while (left := self._until - time.monotonic()) > 0:
+            time.sleep(left)
+
+
+def _count(value) -> int:
+    """A positive count advertised by the server, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _slug(url: str) -> str:

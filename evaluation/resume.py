@@ -1,0 +1,137 @@
+"""Resumable runs of the evaluation commands: a run directory checkpointed after every batch.
+
+A run directory holds `<meta>.json` (format, the run's identity, one record per session) and
+append-only data files. Every batch is appended and fsynced before the next one counts as done, so
+a rerun after Ctrl-C, a kill or a lost connection continues where the last run stopped and scores
+every row exactly once: a line cut short by a crash mid-write is dropped (its rows are scored again).
+A rerun whose identity (input file hash, columns, model) differs is refused, unless `restart`.
+
+`molcloak screen` uses it (evaluation/screen); `molcloak audit` keeps the same layout (audit.json,
+progress.jsonl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from molcloak.pipeline.errors import ConfigError, MolcloakError
+
+
+class RunState:
+    """The run directory `out`: `meta_name` (JSON: format, identity, sessions) and `data_files`.
+
+    `names` maps identity keys to what the user calls them (for the refusal message), `what` names
+    the run ("a screen"), `error` is the exception class of a refusal."""
+
+    def __init__(
+        self,
+        out: Path,
+        meta_name: str,
+        identity: dict,
+        data_files: Sequence[str] = (),
+        restart: bool = False,
+        names: dict[str, str] | None = None,
+        what: str = "a run",
+        error: type[MolcloakError] = ConfigError,
+        fmt: int = 1,
+    ):
+        self.out, self.meta_path = Path(out), Path(out) / meta_name
+        self.out.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.out, 0o700)  # decrypted predictions: for this user only
+        data = [self.out / name for name in data_files]
+        if restart:
+            for p in (self.meta_path, *data):
+                p.unlink(missing_ok=True)
+        if self.meta_path.is_file():
+            self.meta = json.loads(self.meta_path.read_text())
+            check_same_run(self.meta["identity"], identity, self.out, names or {}, what, error)
+            self.resumed = True
+        else:
+            self.meta = {"format": fmt, "identity": identity, "sessions": []}
+            for p in data:
+                p.unlink(missing_ok=True)
+            self.save()
+            self.resumed = False
+
+    def save(self) -> None:
+        tmp = self.meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.meta, indent=2))
+        os.replace(tmp, self.meta_path)
+
+    @contextlib.contextmanager
+    def session(self, saved: Callable[[], str]) -> Iterator[dict]:
+        """One run over the remaining rows: yields its record (the caller counts `rows_scored` and adds
+        what it measures), stored in the metadata at the end if it scored anything. An interruption or a
+        molcloak error is re-raised saying what is saved (`saved()`, e.g. "8 of 14 rows are scored") and
+        how to resume."""
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_scored": 0}
+        t0 = time.perf_counter()
+        tail = f" and saved in {self.out}; rerun the same command to resume"
+        try:
+            yield record
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted; {saved()}{tail}") from None
+        except MolcloakError as exc:
+            raise type(exc)(f"{exc}; {saved()}{tail}") from exc
+        finally:
+            record["seconds"] = time.perf_counter() - t0
+            if record["rows_scored"] or record.get("keygen_seconds") is not None:
+                self.meta["sessions"].append(record)
+                self.save()
+
+
+def check_same_run(
+    old: dict, new: dict, out: Path, names: dict[str, str], what: str, error: type[MolcloakError]
+) -> None:
+    """Refuse to mix the rows of two runs with different inputs in one directory."""
+    changed = [
+        f"{names.get(k, k)} (was {old.get(k)!r}, now {new.get(k)!r})" for k in new if old.get(k) != new[k]
+    ]
+    if changed:
+        raise error(
+            f"{out} holds {what} with other inputs: {'; '.join(changed)}; predictions of different runs "
+            "cannot be mixed. Rerun with the original arguments to resume, choose another --out, or pass "
+            "--restart to start over"
+        )
+
+
+def append_durably(path: Path, text: str) -> None:
+    """Append `text` (whole lines) and make it durable before returning: the checkpoint of one batch."""
+    with path.open("a", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def drop_torn_line(path: Path, block: int = 1 << 16) -> bytes:
+    """Cut a last line left unfinished by a crash mid-write (no final newline) off `path`; return the
+    last complete line (b"" when there is none). Reads only the end of the file."""
+    if not path.is_file():
+        return b""
+    with path.open("r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        tail, start = b"", size
+        while start > 0 and tail.count(b"\n") < 2:
+            start = max(0, start - block)
+            fh.seek(start)
+            tail = fh.read(size - start)
+        cut = tail.rfind(b"\n") + 1  # 0: no complete line at all
+        if start + cut < size:
+            fh.truncate(start + cut)
+        lines = tail[:cut].split(b"\n")
+        return lines[-2] if len(lines) >= 2 else b""
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Private screening of compound libraries of any size: `molcloak screen` (engine.py, report.py)."""
