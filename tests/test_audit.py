@@ -92,6 +92,84 @@ def test_regression_metrics_equal_sklearn_and_scipy():
         )
 
 
+def _masked(rng, y):
+    """y with about a third of the labels missing (NaN), each task keeping at least 4 of them."""
+    y = y.astype(np.float64)
+    missing = rng.uniform(size=y.shape) < 0.35
+    missing[:4] = False
+    return np.where(missing, np.nan, y)
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "multitarget"])
+def test_multitask_metrics_equal_sklearn_per_task_and_their_mean(kind):
+    rng = np.random.default_rng(7)
+    warnings.simplefilter("ignore")
+    tasks = ["t1", "t2", "t3"]
+    for _ in range(15):
+        n = int(rng.integers(12, 50))
+        if kind == "multilabel":
+            y = rng.integers(0, 2, (n, 3))
+            y[:2] = [[0, 0, 0], [1, 1, 1]]  # both classes in every task
+            p = np.round(rng.uniform(size=(n, 3)), 1)
+        else:
+            y = rng.normal(size=(n, 3))
+            p = np.round(y + rng.normal(size=(n, 3)), 1)
+        y = _masked(rng, y)
+        got = am.make_sample(TaskSpec("m", kind, "t1,t2,t3", tasks=tuple(tasks)), y, p).point()
+        per_task = {}
+        for j, t in enumerate(tasks):
+            have = ~np.isnan(y[:, j])
+            yt, pt = y[have, j], p[have, j]
+            if kind == "multilabel":
+                yt = yt.astype(int)
+                per_task[t] = {
+                    "roc_auc": skm.roc_auc_score(yt, pt),
+                    "pr_auc": skm.average_precision_score(yt, pt),
+                    "accuracy": skm.accuracy_score(yt, pt > 0.5),
+                    "f1": skm.f1_score(yt, pt > 0.5),
+                    "mcc": skm.matthews_corrcoef(yt, pt > 0.5),
+                    "brier": skm.brier_score_loss(yt, pt),
+                }
+            else:
+                per_task[t] = {
+                    "rmse": np.sqrt(skm.mean_squared_error(yt, pt)),
+                    "mae": skm.mean_absolute_error(yt, pt),
+                    "r2": skm.r2_score(yt, pt),
+                    "spearman": spearmanr(yt, pt).statistic,
+                }
+        for metric in per_task["t1"]:
+            for t in tasks:
+                assert got[f"{metric}[{t}]"] == pytest.approx(per_task[t][metric], abs=1e-12)
+            assert got[metric] == pytest.approx(np.mean([per_task[t][metric] for t in tasks]), abs=1e-12)
+
+
+def test_multitask_bootstrap_masks_missing_labels_per_replicate():
+    rng = np.random.default_rng(1)
+    y = _masked(rng, rng.normal(size=(30, 2)))
+    p = y + rng.normal(size=y.shape)
+    p = np.where(np.isnan(p), 0.0, p)
+    sample = am.make_sample(TaskSpec("m", "multitarget", "a,b", tasks=("a", "b")), y, p)
+    table = am.with_ci(sample, 200, 3)
+    idx = np.random.default_rng(3).integers(0, 30, (200, 30))  # the same replicates, one by one with sklearn
+    rmse_b = []
+    for i in idx:
+        have = ~np.isnan(y[i, 1])
+        rmse_b.append(np.sqrt(skm.mean_squared_error(y[i, 1][have], p[i, 1][have])))
+    assert (table["rmse[b]"]["low"], table["rmse[b]"]["high"]) == pytest.approx(
+        tuple(np.percentile(rmse_b, [2.5, 97.5]))
+    )
+    assert table["rmse"]["low"] <= table["rmse"]["value"] <= table["rmse"]["high"]
+
+
+def test_group_column_of_many_numbers_is_cut_into_quartiles():
+    from molcloak.evaluation.audit.testset import group_labels
+
+    labels, order = group_labels([str(v) for v in range(1, 21)])
+    assert len(order) == 4 and [list(labels).count(o) for o in order] == [5, 5, 5, 5]
+    labels, order = group_labels(["a", "b", "a"])
+    assert order is None and list(labels) == ["a", "b", "a"]
+
+
 def test_undefined_metrics_are_none():
     got = am.Sample("binary", np.array([1, 1, 1]), np.array([[0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])).point()
     assert got["roc_auc"] is None and got["pr_auc"] == 1.0 and got["accuracy"] == pytest.approx(2 / 3)
@@ -140,7 +218,15 @@ def test_claims_check_flags_claims_outside_the_interval():
         {"fhe_simulate": {"roc_auc": 0.95, "accuracy": 0.9}, "float": {"roc_auc": 0.82, "rmse": 0.5}}, audited
     )
     by = {(c["source"], c["metric"]): c for c in claims}
-    assert set(by) == {("fhe_simulate", "roc_auc"), ("float", "roc_auc"), ("float", "rmse")}
+    assert set(by) == {
+        ("fhe_simulate", "roc_auc"),
+        ("fhe_simulate", "accuracy"),
+        ("float", "roc_auc"),
+        ("float", "rmse"),
+    }
+    # every stated metric is listed: one the audit did not compute is marked unchecked, never dropped
+    assert not by["fhe_simulate", "accuracy"]["checked"] and not by["fhe_simulate", "accuracy"]["flagged"]
+    assert by["fhe_simulate", "accuracy"]["verdict"].startswith("not checked")
     assert (
         by["fhe_simulate", "roc_auc"]["flagged"]
         and by["fhe_simulate", "roc_auc"]["verdict"] == "claim better than audited"
@@ -177,7 +263,7 @@ def test_invalid_rows_are_reported_with_their_row(csv_file, tmp_path):
         AuditConfig(path, tmp_path / "out", "y", group_col="site", skip_invalid=True), BINARY
     )
     assert (
-        test.rows == [1, 4] and test.y.tolist() == [1, 1] and test.groups == ["a", "b"]
+        test.rows == [1, 4] and test.y.tolist() == [1, 1] and test.groups == {"site": ["a", "b"]}
     )  # '1' is the class id of 'low'
     assert [(p.row, p.reason.split(";")[0]) for p in test.invalid] == [
         (2, "SMILES 'C1CC' could not be parsed by RDKit"),
@@ -215,23 +301,6 @@ def test_checkpoint_refuses_other_inputs_and_survives_a_torn_line(tmp_path):
     (tmp_path / "progress.jsonl").write_text('{"row": 1, "raw": [1]}\nnot json\n{"row": 2, "raw": [1]}\n')
     with pytest.raises(AuditError, match="line 2 is damaged"):
         AuditState(tmp_path, other)
-
-
-def test_audit_refuses_a_model_that_does_not_read_smiles(csv_file, tmp_path):
-    """Checked before anything is read, keyed or encrypted (no FHE needed): the backend's featurizer kind."""
-    from types import SimpleNamespace
-
-    from molcloak.pipeline.tabular import TabularSpec
-
-    client = SimpleNamespace(
-        task=BINARY, featurizer=TabularSpec(("a", "b")), manifest=SimpleNamespace(name="rows-model")
-    )
-    path = csv_file("smiles,y\nCCO,low\n")
-    with pytest.raises(
-        DataError, match=r"model 'rows-model' reads rows .*not SMILES; audits score SMILES models only"
-    ):
-        run_audit(AuditConfig(path, tmp_path / "out", "y"), SimpleNamespace(client=client))
-    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- local audits with real FHE
@@ -354,7 +423,8 @@ def test_cli_audit_regression_json_and_errors(tiny_regression, tmp_path):
     result = runner.invoke(
         app, [str(a) for a in args]
     )  # rerun: nothing left to score, same numbers, human output
-    assert result.exit_code == 0 and "rmse" in result.output and "claims check" in result.output
+    assert result.exit_code == 0 and "rmse (logS)" in result.output and "claims check" in result.output
+    assert report["units"] == {"rmse": "logS", "mae": "logS"}  # regression metrics in the target's units
     result = runner.invoke(app, [str(a) for a in args[:-4] + ["--task", "classification"]])
     assert (
         result.exit_code == 2 and "does not match model 'tiny-sol-logs', a regression model" in result.output
@@ -490,3 +560,125 @@ def test_audit_sends_no_smiles_features_labels_or_plaintext(served, tiny_regress
     server_side = b"".join(p.read_bytes() for p in (served["root"] / "state").rglob("*") if p.is_file())
     server_side += served["server"].log.read_bytes()
     assert [s for s in secrets if s in server_side] == []
+
+
+# ---------------------------------------------------------------- every model kind (real FHE)
+
+
+_SYNTHETIC: list = []
+
+
+def synthetic_tabular(tmp_path_factory):
+    """A tabular binary model (3 -> 4 -> 2, 3 bits, exact rounding) on 3 synthetic columns; the label is
+    'b > 0', so the model depends on column b only. Built once per session: test_explain shares it."""
+    if not _SYNTHETIC:
+        _SYNTHETIC.append(_build_synthetic(tmp_path_factory))
+    return _SYNTHETIC[0]
+
+
+def _build_synthetic(tmp_path_factory):
+    from conftest import EXACT_P_ERROR
+
+    from molcloak.pipeline import data, workflow
+    from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.train import TrainConfig
+
+    X, y = synthetic_rows(400, 0)
+    task = TaskSpec("syn", "binary", "y", labels=("neg", "pos"))
+    ds = data.Dataset([], y, task, np.arange(1, 401), table=X, columns=("a", "b", "c"))
+    options = dict(hidden=[4], weight_bits=3, act_bits=3, input_bits=3)  # 2 bits: b's signal drowns
+    ckpt = workflow.train_checkpoint(
+        ds, model_options=options, train_config=TrainConfig(epochs=20, patience=20, seed=0)
+    )
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None, p_error=EXACT_P_ERROR))
+    bundle = tmp_path_factory.mktemp("synthetic") / "bundle"
+    workflow.deploy(ckpt, compiled, bundle, "tiny-syn")
+    return ckpt, compiled, bundle
+
+
+def synthetic_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the synthetic tabular task: 3 standard normal columns (2 decimals), label b > 0."""
+    X = np.round(np.random.default_rng(seed).normal(size=(n, 3)), 2)
+    return X, (X[:, 1] > 0).astype(np.int64)
+
+
+def tabular_csv(path, X, y, extra=""):
+    """Synthetic rows as CSV: id, a, b, c, label (neg/pos), site."""
+    lines = ["id,a,b,c,y,site"]
+    for i, (x, label) in enumerate(zip(X, y)):
+        lines.append(f"r{i},{x[0]!r},{x[1]!r},{x[2]!r},{('neg', 'pos')[int(label)]},{'n' if i % 2 else 's'}")
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_multitask(tmp_path_factory):
+    """sol-freesolv, two regression tasks (logS and hydration free energy), labels missing per task."""
+    from conftest import _tiny
+
+    return _tiny("sol-freesolv", tmp_path_factory.mktemp("multitask"))
+
+
+def test_multitask_audit_masks_missing_labels_and_matches_sklearn(tiny_multitask, tmp_path):
+    ckpt, compiled, bundle = tiny_multitask
+    tasks = ckpt.task.tasks
+    have = ~np.isnan(ckpt.y_test)
+    pick = list(np.flatnonzero(have[:, 0] & ~have[:, 1])[:4]) + list(np.flatnonzero(have[:, 1])[:4])
+    lines = ["smiles,logs,dg"] + [
+        ",".join([ckpt.smiles_test[i]] + ["" if np.isnan(v) else repr(float(v)) for v in ckpt.y_test[i]])
+        for i in pick
+    ]
+    (tmp_path / "mt.csv").write_text("\n".join(lines) + "\n")
+    config = AuditConfig(tmp_path / "mt.csv", tmp_path / "audit", "logs,dg", bootstrap=100, batch_size=4)
+    report = run_audit(config, LocalBackend(bundle, tmp_path / "keys"))
+    smiles = [ckpt.smiles_test[i] for i in pick]
+    _, values = _simulated(compiled, ckpt, smiles)
+    y = ckpt.y_test[pick]
+    for j, t in enumerate(tasks):
+        m = ~np.isnan(y[:, j])  # missing labels are masked, as in training
+        assert report["metrics"][f"rmse[{t}]"]["value"] == pytest.approx(
+            np.sqrt(skm.mean_squared_error(y[m, j], values[m, j])), abs=1e-12
+        )
+        assert report["metrics"][f"r2[{t}]"]["value"] == pytest.approx(skm.r2_score(y[m, j], values[m, j]))
+    assert report["metrics"]["rmse"]["value"] == pytest.approx(
+        np.mean([report["metrics"][f"rmse[{t}]"]["value"] for t in tasks])
+    )
+    assert report["metrics"]["rmse"]["low"] is not None
+    assert report["rows"][0]["y"][tasks[1]] is None and set(report["rows"][0]["prediction"]) == set(tasks)
+    claimed = {(c["source"], c["metric"]) for c in report["claims"]}
+    stated = {(s, k) for s in am.CLAIM_SOURCES for k in (ckpt_manifest_metrics(bundle).get(s) or {})}
+    assert claimed == stated and any(c["metric"] == f"rmse[{tasks[0]}]" for c in report["claims"])
+    files = write_reports(report, tmp_path / "audit")
+    assert "rmse[" in Path(files["markdown"]).read_text()
+    with pytest.raises(DataError, match=r"names 1 column\(s\); model .* predicts 2 tasks"):
+        run_audit(
+            AuditConfig(tmp_path / "mt.csv", tmp_path / "a2", "logs"), LocalBackend(bundle, tmp_path / "keys")
+        )
+
+
+def ckpt_manifest_metrics(bundle) -> dict:
+    return json.loads((Path(bundle) / "manifest.json").read_text())["metrics"]
+
+
+def test_tabular_audit_reads_rows_and_groups_by_any_column(tmp_path_factory, tmp_path):
+    ckpt, compiled, bundle = synthetic_tabular(tmp_path_factory)
+    X, y = synthetic_rows(12, 1)
+    path = tabular_csv(tmp_path / "rows.csv", X, y, extra="bad,x,1,2,pos,s\n")
+    config = AuditConfig(path, tmp_path / "audit", "y", group_col="site,c", bootstrap=100, skip_invalid=True)
+    report = run_audit(config, LocalBackend(bundle, tmp_path / "keys"))
+    raw = compiled.q_module.forward(ckpt.featurizer.transform(X), fhe="simulate")
+    p = to_predictions(ckpt.task, raw)
+    assert [r["raw"] for r in report["rows"]] == raw.tolist()  # FHE execution equals the simulation
+    m = report["metrics"]
+    assert m["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]))
+    assert m["accuracy"]["value"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)))
+    assert m["brier"]["value"] == pytest.approx(skm.brier_score_loss(y, p[:, 1]))
+    assert set(report["subgroups"]) == {"column site", "column c"}  # no SMILES: no MW/logP/scaffold bins
+    assert len(report["subgroups"]["column c"]) == 4  # 12 distinct numbers: quartiles
+    assert (
+        report["invalid_rows"][0]["row"] == 13
+        and "column 'a' value 'x'" in report["invalid_rows"][0]["reason"]
+    )
+    assert report["rows"][0]["features"] == pytest.approx(dict(zip("abc", X[0])))
+    files = write_reports(report, tmp_path / "audit")
+    assert Path(files["roc_pr"]).is_file() and "| column c |" not in Path(files["markdown"]).read_text()

@@ -17,8 +17,6 @@ the report is recomputed from all stored predictions.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -28,15 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-from molcloak.pipeline.data import (
-    RowProblem,
-    TaskSpec,
-    parse_target,
-    read_csv_text,
-    summarize_problems,
-)
 from molcloak.pipeline.errors import AuditError, DataError, MolcloakError
-from molcloak.pipeline.predict import LocalBackend, PredictionBackend
+from molcloak.pipeline.predict import PredictionBackend
+
+from .backend import open_backend, with_model
+from .testset import TestSet, featurize_test_set, read_test_set, target_columns
+
+__all__ = [
+    "AuditConfig",
+    "AuditState",
+    "TestSet",
+    "open_backend",
+    "read_test_set",
+    "run_audit",
+    "audit_command",
+]
 
 STATE_FORMAT = 1
 ProgressCallback = Callable[[int, int, str], None]  # (rows done, rows to score, status)
@@ -46,126 +50,20 @@ ProgressCallback = Callable[[int, int, str], None]  # (rows done, rows to score,
 class AuditConfig:
     test_set: Path
     out: Path
-    target_col: str
-    smiles_col: str = "smiles"
+    target_col: str | None  # one column, or one per task ("a,b"); None / "": the model's target name(s)
+    smiles_col: str = "smiles"  # SMILES models; a tabular model reads its feature columns by name
     task: str | None = None  # "classification" / "regression": checked against the model's task
-    group_col: str | None = None
+    group_col: str | None = None  # one column or several ("site,assay"): subgroups by each
     bootstrap: int = 1000
     seed: int = 0
     batch_size: int = 8
     skip_invalid: bool = False
     restart: bool = False
+    explain: int = 0  # --explain N: attributions of the first N molecules (and permutation importance)
+    importance: bool = True  # with --explain: also the permutation importance (groups x rows encrypted runs)
 
 
-# ---------------------------------------------------------------- the test set
-
-
-@dataclass
-class TestSet:
-    rows: list[int]  # 1-based CSV data rows of the valid molecules
-    smiles: list[str]  # canonical
-    y: np.ndarray
-    targets: list[str]  # as written in the file
-    groups: list[str] | None
-    invalid: list[RowProblem]
-    n_rows: int
-    sha256: str
-
-
-def read_test_set(config: AuditConfig, task: TaskSpec) -> TestSet:
-    """Validate every row before anything is encrypted; invalid rows raise unless skip_invalid."""
-    from molcloak.pipeline.featurize import canonical_smiles
-
-    path = Path(config.test_set)
-    df = read_csv_text(path, "check --test-set")
-    for flag, col in (
-        ("--smiles-col", config.smiles_col),
-        ("--target-col", config.target_col),
-        ("--group-col", config.group_col),
-    ):
-        if col is not None and col not in df.columns:
-            raise DataError(
-                f"{path}: {flag} column {col!r} not found; available columns: {', '.join(map(repr, df.columns))}"
-            )
-    task = dataclasses.replace(task, target=config.target_col)
-    test = TestSet([], [], np.zeros(0), [], [] if config.group_col else None, [], len(df), _sha256(path))
-    ys = []
-    for i, rec in enumerate(df.to_dict("records"), start=1):
-        smi, raw = (
-            str(rec[config.smiles_col]).strip(),
-            _label_alias(str(rec[config.target_col]).strip(), task),
-        )
-        canon = canonical_smiles(smi)
-        y, reason = (
-            (None, f"SMILES {smi!r} could not be parsed by RDKit; fix it or pass --skip-invalid")
-            if canon is None
-            else parse_target(raw, task, None)
-        )
-        if y is None:
-            test.invalid.append(RowProblem(i, smi if canon is None else raw, reason))
-            continue
-        test.rows.append(i)
-        test.smiles.append(canon)
-        test.targets.append(str(rec[config.target_col]).strip())
-        ys.append(y)
-        if config.group_col:
-            test.groups.append(str(rec[config.group_col]).strip() or "(empty)")
-    test.y = np.asarray(ys, dtype=np.float64 if task.kind == "regression" else np.int64)
-    _check_problems(test, config, path)
-    if not test.rows:
-        raise DataError(
-            f"{path}: no valid row to score ({len(test.invalid)} invalid); check --smiles-col and --target-col"
-        )
-    return test
-
-
-def _label_alias(raw: str, task: TaskSpec) -> str:
-    """Class ids 0..k-1 are accepted for class names when no class name is itself a number."""
-    if (
-        task.is_classification
-        and raw.isdigit()
-        and int(raw) < len(task.labels)
-        and not any(lab.isdigit() for lab in task.labels)
-    ):
-        return task.labels[int(raw)]
-    return raw
-
-
-def _check_problems(test: TestSet, config: AuditConfig, path: Path) -> None:
-    if test.invalid and not config.skip_invalid:
-        raise DataError(summarize_problems(test.invalid, str(path)))
-
-
-def _features(client, test: TestSet, config: AuditConfig) -> np.ndarray:
-    """Featurize with the model's spec; rows whose features are not finite become invalid."""
-    X = client.featurize(test.smiles)
-    bad = ~np.isfinite(X.reshape(len(X), -1)).all(1)
-    if bad.any():
-        for j in np.flatnonzero(bad):
-            test.invalid.append(
-                RowProblem(
-                    test.rows[j],
-                    test.smiles[j],
-                    "RDKit computed non-finite features; remove the row or pass --skip-invalid",
-                )
-            )
-        test.invalid.sort(key=lambda p: p.row)
-        keep = np.flatnonzero(~bad)
-        test.rows, test.smiles, test.targets = (
-            [v[j] for j in keep] for v in (test.rows, test.smiles, test.targets)
-        )
-        test.groups = None if test.groups is None else [test.groups[j] for j in keep]
-        test.y, X = test.y[keep], X[keep]
-        _check_problems(test, config, Path(config.test_set))
-    return X
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# ---------------------------------------------------------------- the test set (testset.py)
 
 
 def export_test_split(dataset: str, path: str | Path, seed: int = 0) -> int:
@@ -182,20 +80,7 @@ def export_test_split(dataset: str, path: str | Path, seed: int = 0) -> int:
     return len(test)
 
 
-# ---------------------------------------------------------------- where the model runs
-
-
-def open_backend(bundle=None, server=None, model=None, key_dir=None, token=None) -> PredictionBackend:
-    """The model to audit: a bundle in this process (`LocalBackend`) or a served model (`RemoteModel`)."""
-    if (bundle is None) == (server is None):
-        raise DataError("pass either --bundle DIR (local audit) or --server URL --model NAME (remote audit)")
-    if bundle is not None:
-        return LocalBackend(bundle, key_dir)
-    if not model:
-        raise DataError("--server needs --model NAME; list the served models with GET /models")
-    from molcloak.pipeline.serving.http_client import RemoteModel
-
-    return RemoteModel(server, model, key_dir, token)
+# ---------------------------------------------------------------- where the model runs: backend.py
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -287,31 +172,16 @@ def run_audit(
 ) -> dict:
     """Score every valid row once (resuming from DIR), compute metrics, return the report dict."""
     on_progress = on_progress or (lambda done, total, status: None)
-    task, featurizer = backend.client.task, backend.client.featurizer
-    if featurizer.input_kind != "smiles":
-        raise DataError(
-            f"model {backend.client.manifest.name!r} reads {featurizer.input_kind} ({featurizer}), not SMILES; "
-            "audits score SMILES models only for now: score this model with `molcloak predict --input FILE.csv` "
-            "and compare the predictions with your labels"
-        )
-    if task.kind not in ("binary", "multiclass", "regression"):
-        raise DataError(
-            f"model {backend.client.manifest.name!r} is a {task.kind} model; audits cover binary, multiclass "
-            "and regression models"
-        )
-    if config.task and config.task != ("regression" if task.kind == "regression" else "classification"):
-        raise DataError(
-            f"--task {config.task} does not match model {backend.client.manifest.name!r}, a {task.kind} model; "
-            "drop --task or audit a matching model"
-        )
+    task = backend.client.task
+    _check_task(config, task, backend.client.manifest.name)
     if config.batch_size < 1:
         raise DataError(f"--batch-size {config.batch_size} must be at least 1")
-    test = read_test_set(config, task)
-    X = _features(backend.client, test, config)
+    test = read_test_set(config, task, backend.client.featurizer)
+    X = featurize_test_set(backend.client, test, config)
     identity = {
         "test_set_sha256": test.sha256,
-        "smiles_col": config.smiles_col,
-        "target_col": config.target_col,
+        "smiles_col": config.smiles_col if test.smiles else None,
+        "target_col": ",".join(target_columns(config, task)),
         "task": task.kind,
         "skip_invalid": config.skip_invalid,
         "model": backend.identity(),
@@ -328,7 +198,21 @@ def run_audit(
     _score(state, backend, X, position, todo, config, on_progress)
     from .report import build_report
 
-    return build_report(config, state, backend, test)
+    report = build_report(config, state, backend, test)
+    if config.explain:
+        from .explain import explain_audit
+
+        report["explain"] = explain_audit(config, backend, test, X, state, on_progress)
+    return report
+
+
+def _check_task(config: AuditConfig, task, name: str) -> None:
+    regression = task.kind in ("regression", "multitarget")
+    if config.task and config.task != ("regression" if regression else "classification"):
+        raise DataError(
+            f"--task {config.task} does not match model {name!r}, a {task.kind} model; "
+            "drop --task or audit a matching model"
+        )
 
 
 def _score(state: AuditState, backend: PredictionBackend, X, position, todo, config, on_progress) -> None:
@@ -364,19 +248,11 @@ def _score(state: AuditState, backend: PredictionBackend, X, position, todo, con
             state.save()
 
 
-def audit_command(
-    config: AuditConfig,
-    bundle=None,
-    server=None,
-    model=None,
-    key_dir=None,
-    token=None,
-    on_progress: ProgressCallback | None = None,
-) -> dict:
-    """The `molcloak audit` command: open the model, score, write report.json/md/html in config.out."""
+def audit_command(config: AuditConfig, on_progress: ProgressCallback | None = None, **where) -> dict:
+    """The `molcloak audit` command: open the model (`where`: bundle, or server and model; key_dir, token),
+    score, write report.json/md/html in config.out."""
     from .report import write_reports
 
-    with open_backend(bundle, server, model, key_dir, token) as backend:
-        report = run_audit(config, backend, on_progress)
-    report["files"] = write_reports(report, Path(config.out))
-    return report
+    return with_model(
+        lambda backend: run_audit(config, backend, on_progress), write_reports, config.out, **where
+    )

@@ -9,6 +9,7 @@ and SciPy. Undefined values (ROC-AUC of a single-class sample, say) are NaN, rep
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 from scipy.stats import rankdata
@@ -20,8 +21,11 @@ CLAIM_SOURCES = ("fhe_simulate", "quantized", "float")  # manifest metrics, the 
 MIN_GROUP = 10  # smaller subgroups get numbers but are never flagged
 
 
+REGRESSION_KINDS = ("regression", "multitarget")
+
+
 def primary_metric(kind: str) -> str:
-    return "rmse" if kind == "regression" else "roc_auc"
+    return "rmse" if kind in REGRESSION_KINDS else "roc_auc"
 
 
 # ---------------------------------------------------------------- vectorized metrics
@@ -116,6 +120,13 @@ def regression_metrics(y: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def make_sample(task, y: np.ndarray, pred: np.ndarray):
+    """The metrics' view of an audit: a `Sample`, or a `MultiTaskSample` for multi-task models."""
+    if task.is_multitask:
+        return MultiTaskSample(task.kind, list(task.tasks), y, pred)
+    return Sample(task.kind, y, pred)
+
+
 class Sample:
     """Targets and predictions of the scored rows; `metrics(idx)` evaluates replicates of row indices."""
 
@@ -134,6 +145,58 @@ class Sample:
         if self.kind == "regression":
             return regression_metrics(self.y[idx], self.pred[idx])
         return classification_metrics(self.y[idx], self.pred[idx], self.yhat[idx])
+
+    def point(self, rows: np.ndarray | None = None) -> dict[str, float]:
+        rows = np.arange(len(self)) if rows is None else rows
+        return {k: _num(v[0]) for k, v in self.metrics(rows[None, :]).items()}
+
+
+class MultiTaskSample:
+    """Several tasks on the same rows, a label missing (NaN) where not measured: each task's metrics on its
+    labelled rows (as training scores them) as "metric[task]", and their mean over the tasks where the
+    metric is defined as "metric". A bootstrap replicate resamples rows (all tasks together); each task
+    then uses the replicate's rows that carry its label."""
+
+    def __init__(self, kind: str, tasks: list[str], y: np.ndarray, pred: np.ndarray):
+        self.kind, self.tasks = kind, tasks
+        self.y, self.pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+        self.have = ~np.isnan(self.y)
+        self.names = REGRESSION_METRICS if kind == "multitarget" else CLASSIFICATION_METRICS
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def _task(self, j: int, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Task j's metrics on each replicate's labelled rows; replicates of equal length go together."""
+        keep = self.have[idx, j]
+        counts = keep.sum(1)
+        out = {name: np.full(len(idx), np.nan) for name in self.names}
+        for m in np.unique(counts):
+            which = np.flatnonzero(counts == m)
+            if m < 2:  # no metric is defined on fewer than two labels (training skips such tasks too)
+                continue
+            rows = idx[which][keep[which]].reshape(len(which), m)
+            y, v = self.y[rows, j], self.pred[rows, j]
+            if self.kind == "multitarget":
+                got = regression_metrics(y, v)
+            else:
+                got = classification_metrics(
+                    y.astype(np.int64), np.stack([1 - v, v], -1), (v > 0.5).astype(int)
+                )
+            for name in self.names:
+                out[name][which] = got[name]
+        return out
+
+    def metrics(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        per_task = [self._task(j, idx) for j in range(len(self.tasks))]
+        out = {}
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a replicate where no task defines a metric
+            for name in self.names:
+                out[name] = np.nanmean(np.stack([t[name] for t in per_task]), 0)
+        for task, t in zip(self.tasks, per_task):
+            out.update({f"{name}[{task}]": t[name] for name in self.names})
+        return out
 
     def point(self, rows: np.ndarray | None = None) -> dict[str, float]:
         rows = np.arange(len(self)) if rows is None else rows
@@ -201,7 +264,7 @@ def subgroup_table(
         inside, outside = np.flatnonzero(labels == value), np.flatnonzero(labels != value)
         point = sample.point(inside)
         primary = primary_metric(sample.kind)
-        if point.get(primary) is None and sample.kind != "regression":
+        if point.get(primary) is None and sample.kind not in REGRESSION_KINDS:
             primary = "accuracy"
         row = {
             "group": str(value),
@@ -307,16 +370,34 @@ def calibration_bins(sample: Sample, n_bins: int = 10) -> dict:
 
 
 def claims_check(claimed: dict, audited: dict[str, dict]) -> list[dict]:
-    """Compare the owner's manifest metrics with the audit; flag a claim outside the audit's 95% CI."""
+    """Compare every metric the owner's manifest states with the audit; flag a claim outside the audit's 95% CI.
+
+    A stated metric the audit cannot check (not computed, undefined on this test set, not a number) is
+    listed with `checked` False and the reason, never silently left out."""
     out = []
     for source in CLAIM_SOURCES:
         for metric, value in (claimed.get(source) or {}).items():
             got = audited.get(metric)
-            if got is None or got["value"] is None or not isinstance(value, (int, float)):
+            reason = _unchecked(metric, value, got)
+            if reason:
+                out.append(
+                    {
+                        "source": source,
+                        "metric": metric,
+                        "claimed": value if _is_number(value) else None,
+                        "audited": None,
+                        "low": None,
+                        "high": None,
+                        "gap": None,
+                        "flagged": False,
+                        "checked": False,
+                        "verdict": reason,
+                    }
+                )
                 continue
             low, high = got["low"], got["high"]
             outside = low is not None and not (low <= value <= high)
-            better_claim = value < got["value"] if metric in LOWER_IS_BETTER else value > got["value"]
+            better_claim = value < got["value"] if _base(metric) in LOWER_IS_BETTER else value > got["value"]
             out.append(
                 {
                     "source": source,
@@ -327,9 +408,29 @@ def claims_check(claimed: dict, audited: dict[str, dict]) -> list[dict]:
                     "high": high,
                     "gap": got["value"] - float(value),
                     "flagged": bool(outside),
+                    "checked": True,
                     "verdict": ("claim better than audited" if better_claim else "audit better than claim")
                     if outside
                     else "consistent",
                 }
             )
     return out
+
+
+def _base(metric: str) -> str:
+    """'rmse[logS]' -> 'rmse'."""
+    return metric.split("[", 1)[0]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _unchecked(metric: str, value, got: dict | None) -> str:
+    if not _is_number(value):
+        return f"not checked: the manifest states {value!r}, not a number"
+    if got is None:
+        return "not checked: the audit does not compute this metric"
+    if got["value"] is None:
+        return "not checked: undefined on this test set (e.g. one class only)"
+    return ""

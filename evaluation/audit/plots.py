@@ -15,15 +15,18 @@ def make_plots(report: dict, plot_dir: Path) -> dict[str, Path]:
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     rows, task = report["rows"], report["model"]["task"]
-    y = np.array([r["y"] for r in rows])
-    pred = np.array([r["prediction"] for r in rows], dtype=np.float64)
     figures = {}
-    if task["kind"] == "regression":
-        figures["scatter"] = _scatter(plt, y, pred, task, report)
-    else:
-        figures["roc_pr"] = _roc_pr(plt, y, pred, task["labels"], report)
-        figures["calibration"] = _calibration(plt, report["calibration"])
-    figures["subgroups"] = _subgroups(plt, report)
+    if task["kind"] in ("regression", "binary", "multiclass"):
+        y = np.array([r["y"] for r in rows])
+        pred = np.array([r["prediction"] for r in rows], dtype=np.float64)
+        if task["kind"] == "regression":
+            figures["scatter"] = _scatter(plt, y, pred, task, report)
+        else:
+            figures["roc_pr"] = _roc_pr(plt, y, pred, task["labels"], report)
+            figures["calibration"] = _calibration(plt, report["calibration"])
+    if report["subgroups"]:
+        figures["subgroups"] = _subgroups(plt, report)
+
     paths = {}
     for key, fig in figures.items():
         paths[key] = plot_dir / f"{key}.png"

@@ -7,8 +7,6 @@ rendered from one list of blocks; the HTML embeds the PNGs, the Markdown links t
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import time
 from pathlib import Path
@@ -17,6 +15,16 @@ import numpy as np
 
 from . import metrics as am
 from .plots import ci, fmt, make_plots
+from .render import _html, _markdown, _plain
+
+__all__ = [
+    "build_report",
+    "write_reports",
+    "print_summary",
+    "_html",
+    "_markdown",
+]  # screen renders with these
+from .testset import group_labels, target_columns
 
 REPORT_FORMAT = 1
 
@@ -26,13 +34,10 @@ def build_report(config, state, backend, test) -> dict:
     task, manifest = client.task, client.manifest
     raws = np.array([state.done[r] for r in test.rows], dtype=np.float64)
     preds = client.predictions(raws)
-    sample = am.Sample(task.kind, test.y, preds)
-    groupings = (
-        {f"column {config.group_col}": (np.array(test.groups, dtype=object), None)}
-        if test.groups is not None
-        else {}
-    )
-    groupings.update(am.property_bins(test.smiles))
+    sample = am.make_sample(task, test.y, preds)
+    groupings = {f"column {g}": group_labels(v) for g, v in (test.groups or {}).items()}
+    if test.smiles:
+        groupings.update(am.property_bins(test.smiles))
     metrics = am.with_ci(sample, config.bootstrap, config.seed)
     subgroups = {
         name: am.subgroup_table(sample, labels, config.bootstrap, config.seed + i + 1, order)
@@ -53,8 +58,9 @@ def build_report(config, state, backend, test) -> dict:
         "test_set": {
             "path": str(config.test_set),
             "sha256": test.sha256,
-            "smiles_col": config.smiles_col,
-            "target_col": config.target_col,
+            "smiles_col": config.smiles_col if test.smiles else None,
+            "feature_columns": None if test.smiles else list(client.featurizer.columns),
+            "target_col": ",".join(target_columns(config, task)),
             "group_col": config.group_col,
             "rows": test.n_rows,
             "scored": len(test.rows),
@@ -64,6 +70,7 @@ def build_report(config, state, backend, test) -> dict:
         "invalid_rows": [{"row": p.row, "value": p.value, "reason": p.reason} for p in test.invalid],
         "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "confidence": 0.95},
         "primary_metric": am.primary_metric(task.kind),
+        "units": metric_units(task),
         "metrics": metrics,
         "subgroups": subgroups,
         "flagged_subgroups": [
@@ -85,7 +92,7 @@ def build_report(config, state, backend, test) -> dict:
             "seconds_per_molecule": scoring_seconds / scored_rows if scored_rows else None,
         },
     }
-    if task.is_classification:
+    if task.kind in ("binary", "multiclass"):
         cm = am.confusion(sample.y[None], sample.yhat[None], len(task.labels))[0]
         report["confusion_matrix"] = {
             "labels": list(task.labels),
@@ -94,28 +101,38 @@ def build_report(config, state, backend, test) -> dict:
             "columns": "predicted class",
         }
         report["calibration"] = am.calibration_bins(sample)
+    columns = None if test.smiles else list(client.featurizer.columns)
     report["rows"] = [
-        _row(task, r, s, t, yy, p, raw, {g: str(v[0][j]) for g, v in groupings.items()})
-        for j, (r, s, t, yy, p, raw) in enumerate(
-            zip(test.rows, test.smiles, test.targets, test.y, preds, raws)
-        )
+        _row(task, r, t, yy, p, raw, {g: str(v[0][j]) for g, v in groupings.items()})
+        | ({"smiles": test.smiles[j]} if test.smiles else {"features": dict(zip(columns, test.records[j]))})
+        for j, (r, t, yy, p, raw) in enumerate(zip(test.rows, test.targets, test.y, preds, raws))
     ]
     return report
 
 
-def _row(task, row, smiles, target, y, pred, raw, groups) -> dict:
-    out = {
-        "row": row,
-        "smiles": smiles,
-        "target": target,
-        "y": y.item(),
-        "raw": raw.tolist(),
-        "groups": groups,
-    }
-    if task.is_classification:
-        out.update(prediction=pred.tolist(), label=task.labels[int(np.argmax(pred))])
+def metric_units(task) -> dict[str, str]:
+    """Units of the metrics that have them (RMSE and MAE of regression tasks, in the target's units)."""
+    if task.kind == "regression" and task.units:
+        return {m: task.units for m in ("rmse", "mae")}
+    if task.kind == "multitarget":
+        return {
+            f"{m}[{t}]": task.unit_of(j)
+            for j, t in enumerate(task.tasks)
+            for m in ("rmse", "mae")
+            if task.unit_of(j)
+        }
+    return {}
+
+
+def _row(task, row, target, y, pred, raw, groups) -> dict:
+    out = {"row": row, "target": target, "raw": raw.tolist(), "groups": groups}
+    if task.is_multitask:
+        out["y"] = {t: (None if np.isnan(v) else float(v)) for t, v in zip(task.tasks, y)}
+        out["prediction"] = {t: float(v) for t, v in zip(task.tasks, pred)}
+    elif task.is_classification:
+        out.update(y=y.item(), prediction=pred.tolist(), label=task.labels[int(np.argmax(pred))])
     else:
-        out["prediction"] = float(pred)
+        out.update(y=y.item(), prediction=float(pred))
     return out
 
 
@@ -125,6 +142,10 @@ def _row(task, row, smiles, target, y, pred, raw, groups) -> dict:
 def write_reports(report: dict, out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(report, out / "plots")
+    if "explain" in report:
+        from .explain_report import explain_files
+
+        plots.update(explain_files(report["explain"], out))
     blocks = _blocks(report, {k: p.relative_to(out).as_posix() for k, p in plots.items()})
     files = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
     files["json"].write_text(json.dumps(report, indent=1, default=_plain))
@@ -133,14 +154,12 @@ def write_reports(report: dict, out: Path) -> dict[str, str]:
     return {k: str(v) for k, v in {**files, **plots}.items()}
 
 
-def _plain(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serializable: {type(o)}")
-
-
 def metrics_rows(report: dict) -> list[list[str]]:
-    return [[name, fmt(m["value"]), ci(m)] for name, m in report["metrics"].items()]
+    units = report.get("units", {})
+    return [
+        [name + (f" ({units[name]})" if name in units else ""), fmt(m["value"]), ci(m)]
+        for name, m in report["metrics"].items()
+    ]
 
 
 def _blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
@@ -199,7 +218,7 @@ def _blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
                     fmt(c["claimed"]),
                     fmt(c["audited"]),
                     ci(c),
-                    f"{c['gap']:+.3f}",
+                    "n/a" if c["gap"] is None else f"{c['gap']:+.3f}",
                     ("**FLAG** " if c["flagged"] else "") + c["verdict"],
                 ]
                 for c in report["claims"]
@@ -249,6 +268,10 @@ def _blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
             ),
         ),
     ]
+    if "explain" in report:
+        from .explain_report import explain_blocks
+
+        b += explain_blocks(report["explain"], plots)
     b.append(
         ("p", "report.json holds every number and the decrypted prediction of every row: keep it private.")
     )
@@ -261,54 +284,6 @@ def _subgroup_row(r: dict) -> list[str]:
     flag = "FLAG" if r["significant"] else ("too small" if r["too_small"] else "")
     diff = "n/a" if d.get("value") is None else f"{d['value']:+.3f}"
     return [r["group"], str(r["n"]), k, fmt(v["value"]), ci(v), diff, ci(d), flag]
-
-
-def _markdown(blocks: list[tuple]) -> str:
-    lines = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "h3"):
-            lines += ["#" * int(kind[1]) + " " + rest[0], ""]
-        elif kind == "p":
-            lines += [rest[0], ""]
-        elif kind == "img":
-            lines += [f"![{rest[1]}]({rest[0]})", ""]
-        else:
-            header, rows = rest
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
-    return "\n".join(lines)
-
-
-def _html(blocks: list[tuple], out: Path) -> str:
-    e = html.escape
-    parts = [
-        (
-            "<!doctype html><html><head><meta charset='utf-8'><title>molcloak audit</title><style>"
-            "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse;margin:.5em 0}"
-            "td,th{border:1px solid #bbb;padding:.2em .5em;text-align:right}img{max-width:100%}</style></head><body>"
-        )
-    ]
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "h3"):
-            parts.append(f"<{kind}>{e(rest[0])}</{kind}>")
-        elif kind == "p":
-            parts.append(f"<p>{e(rest[0])}</p>")
-        elif kind == "img":
-            data = base64.b64encode((out / rest[0]).read_bytes()).decode()
-            parts.append(f"<p><img alt='{e(rest[1])}' src='data:image/png;base64,{data}'></p>")
-        else:
-            header, rows = rest
-            parts.append(
-                "<table><tr>"
-                + "".join(f"<th>{e(h)}</th>" for h in header)
-                + "</tr>"
-                + "".join(
-                    "<tr>" + "".join(f"<td>{e(c.replace('**', ''))}</td>" for c in row) + "</tr>"
-                    for row in rows
-                )
-                + "</table>"
-            )
-    return "\n".join(parts + ["</body></html>"])
 
 
 def print_summary(report: dict, console) -> None:
@@ -330,9 +305,10 @@ def print_summary(report: dict, console) -> None:
             highlight=False,
         )
     flagged = [c for c in report["claims"] if c["flagged"]]
+    checked = [c for c in report["claims"] if c.get("checked", True)]
     console.print(
-        f"claims check: {len(report['claims']) - len(flagged)} of {len(report['claims'])} manifest claims "
-        "within the audit's 95% CI",
+        f"claims check: {len(checked) - len(flagged)} of {len(checked)} checked manifest claims within the "
+        f"audit's 95% CI ({len(report['claims']) - len(checked)} stated metrics not checkable, see the report)",
         highlight=False,
     )
     for c in flagged:

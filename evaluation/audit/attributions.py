@@ -1,0 +1,218 @@
+"""Input groups of a model and their neutral perturbations, computed on the client from the client bundle.
+
+An input group is what an explanation attributes to: one descriptor column (physchem, rdkit2d), one
+column of a tabular model, one atom of the molecule (for fingerprint parts: every fingerprint
+environment the atom belongs to), or a whole fingerprint part. Perturbations are made in raw feature
+space (before imputation, quantile scaling, standardization and selection) and featurized with the
+model's fitted spec, so they reach the encrypted model exactly as a real molecule's features would:
+
+- a descriptor or tabular column -> its neutral value: the training median where the client bundle
+  carries it (the imputation medians of rdkit2d, the middle quantile knot of a ``scale=quantile``
+  column), else the training mean (the standardization mean: the column's standardized 0);
+- an atom -> off in every fingerprint part that maps bits to atoms (RDKit's fingerprint generators'
+  AdditionalOutput: the bit info map of Morgan/feature-Morgan, the atom pairs, the torsion paths): a bit
+  whose environments include the atom is cleared (as RDKit's SimilarityMaps do), a count loses the
+  environments that include the atom (then is capped as in featurization);
+- a whole fingerprint part (MACCS keys, which map to no atom) -> all off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from molcloak.pipeline.feature_kinds import COUNT_CAP, GRID_CAP, _generator
+from molcloak.pipeline.featurize import (
+    N_QUANTILES,
+    FeaturizerSpec,
+    _apply_knots,
+    _impute,
+    _imputed_mask,
+    raw_features,
+)
+
+DESCRIPTORS = ("physchem", "rdkit2d")
+# fingerprint parts whose bits map to atoms: kind -> (generator family, cap of the counts or None for bits, divisor)
+ATOM_MAPPED = {
+    "morgan": ("morgan", None, 1),
+    "fmorgan": ("fmorgan", None, 1),
+    "morgan_count": ("morgan", COUNT_CAP, 1),
+    "fmorgan_count": ("fmorgan", COUNT_CAP, 1),
+    "atompair_count": ("atompair", COUNT_CAP, 1),
+    "torsion_count": ("torsion", COUNT_CAP, 1),
+    "grid": ("morgan", GRID_CAP, GRID_CAP),
+}
+ALL_ATOMS = "all atoms (every fingerprint environment off)"
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    kind: str  # "descriptor", "column", "atom", "fingerprint"
+    atom: int | None = None  # the atom index of an "atom" group
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            **({"atom": self.atom} if self.atom is not None else {}),
+        }
+
+
+class Featurization:
+    """The model's fitted featurizer seen from raw features: raw rows, neutral values, groups and columns."""
+
+    def __init__(self, featurizer):
+        self.spec = featurizer
+        self.molecular = isinstance(featurizer, FeaturizerSpec)
+        if self.molecular:
+            self.slices, start = [], 0
+            for part in featurizer.parts:
+                self.slices.append((part, slice(start, start + part.width)))
+                start += part.width
+            kept = featurizer.select.kept if featurizer.select is not None else range(featurizer.raw_width)
+            self.kept = np.asarray(kept, dtype=int)  # raw column of each model input
+        else:
+            self.slices, self.kept = [], np.arange(featurizer.width)
+
+    @property
+    def atom_mapped(self) -> bool:
+        return any(p.kind in ATOM_MAPPED for p, _ in self.slices)
+
+    def raw(self, inputs) -> np.ndarray:
+        """Raw features (n, raw width): unscaled, NaN where an imputed descriptor is missing."""
+        if self.molecular:
+            return raw_features(self.spec, inputs)
+        return self.spec.matrix(np.asarray(inputs, dtype=np.float64))
+
+    def features(self, raw: np.ndarray) -> np.ndarray:
+        """What the model reads, from raw rows: the same steps as the featurizer's transform."""
+        spec = self.spec
+        if not self.molecular:
+            return ((raw - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32)
+        X = _apply_knots(spec, _impute(spec, np.asarray(raw, dtype=np.float64)))
+        X = (X - np.asarray(spec.mean)) / np.asarray(spec.std)
+        if spec.select is not None:
+            X = spec.select.apply(X)
+        return X.astype(np.float32).reshape((-1,) + spec.shape)
+
+    def neutral(self) -> np.ndarray:
+        """Neutral raw value of every column (see the module docstring); 0 for fingerprint columns."""
+        spec = self.spec
+        if not self.molecular:
+            return np.asarray(spec.mean, dtype=np.float64)
+        out = np.asarray(spec.mean, dtype=np.float64).copy()
+        for part, cols in self.slices:
+            if part.kind not in DESCRIPTORS:
+                out[cols] = 0.0
+        if spec.medians is not None:
+            out[np.flatnonzero(_imputed_mask(spec))] = spec.medians
+        for j, knots in enumerate(spec.knots or ()):
+            if knots:
+                out[j] = knots[N_QUANTILES // 2]
+        return out
+
+    def column_groups(self) -> list[tuple[Group, np.ndarray]]:
+        """Groups of raw columns with at least one model input: each descriptor or tabular column, each
+        fingerprint part as a block (for permutation importance and the descriptor attributions)."""
+        kept = set(self.kept.tolist())
+        if not self.molecular:
+            return [(Group(name, "column"), np.array([j])) for j, name in enumerate(self.spec.columns)]
+        names = self.spec.raw_names
+        out = []
+        for part, cols in self.slices:
+            idx = np.arange(cols.start, cols.stop)
+            if part.kind in DESCRIPTORS:
+                out += [(Group(names[j], "descriptor"), np.array([j])) for j in idx if j in kept]
+            elif kept & set(idx.tolist()):
+                out.append((Group(str(part), "fingerprint"), idx))
+        return out
+
+    def inputs_of(self, raw_cols: np.ndarray) -> np.ndarray:
+        """Model input positions fed by these raw columns (after selection)."""
+        return np.flatnonzero(np.isin(self.kept, raw_cols))
+
+    def molecule_groups(self, smiles: str | None) -> list[tuple[Group, Callable[[np.ndarray], np.ndarray]]]:
+        """One molecule's (or row's) groups, each with the perturbation of its raw row: descriptors and
+        columns, then (fingerprint models) one group per atom and the all-atoms group, then blocks that
+        map to no atom."""
+        neutral = self.neutral()
+        groups = []
+        for group, cols in self.column_groups():
+            if group.kind in ("descriptor", "column"):
+                groups.append((group, _set(cols, neutral[cols])))
+        if not self.molecular or not self.atom_mapped:
+            groups += [(g, _set(cols, 0.0)) for g, cols in self.column_groups() if g.kind == "fingerprint"]
+            return groups
+        from rdkit import Chem
+
+        mol = Chem.MolFromSmiles(smiles)
+        occurrences = {
+            i: atom_occurrences(part, mol)
+            for i, (part, _) in enumerate(self.slices)
+            if part.kind in ATOM_MAPPED
+        }
+        for a in range(mol.GetNumAtoms()):
+            label = f"atom {a} {mol.GetAtomWithIdx(a).GetSymbol()}"
+            groups.append((Group(label, "atom", a), self._without(occurrences, {a})))
+        groups.append(
+            (Group(ALL_ATOMS, "fingerprint"), self._without(occurrences, set(range(mol.GetNumAtoms()))))
+        )
+        unmapped = [(g, cols) for g, cols in self.column_groups() if g.kind == "fingerprint"]
+        kinds = {str(p): p.kind for p, _ in self.slices}
+        groups += [(g, _set(cols, 0.0)) for g, cols in unmapped if kinds[g.name] not in ATOM_MAPPED]
+        return groups
+
+    def _without(self, occurrences: dict, atoms: set[int]) -> Callable[[np.ndarray], np.ndarray]:
+        def perturb(raw: np.ndarray) -> np.ndarray:
+            out = raw.copy()
+            for i, occ in occurrences.items():
+                part, cols = self.slices[i]
+                _, cap, divisor = ATOM_MAPPED[part.kind]
+                block = out[cols]
+                for bit, envs in occ.items():
+                    hit = sum(1 for env in envs if env & atoms)
+                    if hit:
+                        block[bit] = 0.0 if cap is None else min(len(envs) - hit, cap) / divisor
+                out[cols] = block
+            return out
+
+        return perturb
+
+
+def _set(cols: np.ndarray, values) -> Callable[[np.ndarray], np.ndarray]:
+    def perturb(raw: np.ndarray) -> np.ndarray:
+        out = raw.copy()
+        out[cols] = values
+        return out
+
+    return perturb
+
+
+def atom_occurrences(part, mol) -> dict[int, list[frozenset[int]]]:
+    """bit -> the atoms of each environment (occurrence) that sets or counts it, from RDKit's AdditionalOutput."""
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    family = ATOM_MAPPED[part.kind][0]
+    gen = _generator(family, part.radius, part.n_bits)
+    ao = rdFingerprintGenerator.AdditionalOutput()
+    ao.AllocateBitInfoMap()
+    ao.AllocateBitPaths()
+    gen.GetCountFingerprintAsNumPy(mol, additionalOutput=ao)
+    if family == "torsion":
+        return {bit: [frozenset(p) for p in paths] for bit, paths in ao.GetBitPaths().items()}
+    info = ao.GetBitInfoMap()
+    if family == "atompair":
+        return {bit: [frozenset(pair) for pair in pairs] for bit, pairs in info.items()}
+
+    def environment(center: int, radius: int) -> frozenset[int]:
+        atoms = {center}
+        for b in Chem.FindAtomEnvironmentOfRadiusN(mol, radius, center) if radius else ():
+            bond = mol.GetBondWithIdx(b)
+            atoms |= {bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()}
+        return frozenset(atoms)
+
+    return {bit: [environment(c, r) for c, r in envs] for bit, envs in info.items()}

@@ -1,0 +1,345 @@
+"""Private explanations: what drives an encrypted model's predictions, from encrypted runs only.
+
+Everything runs through one `PredictionBackend` (a bundle in this process, or a `molcloak serve`
+server): the auditor featurizes, perturbs and encrypts here; the server sees ciphertexts and
+evaluation keys only; only this machine decrypts. Two analyses:
+
+- **Per-molecule attributions by perturbation** (`explain_molecules`): the molecule's encrypted run,
+  then one run per input group with that group replaced by its neutral value (`attributions`): the
+  contribution of a group to an output is f(x) - f(x with the group neutral), f the decrypted
+  prediction (class probability, value in task units, or per task). Cost: (groups + 1) encrypted runs
+  per molecule; a perturbation that leaves the model's input unchanged (a descriptor already at its
+  neutral value, an atom whose bits the feature selection dropped) has contribution 0 and is not run.
+  For fingerprint models, the atom map: occlusion contributions c_i of the atoms plus an equal share of
+  what they leave unexplained, so the map sums exactly to the contribution of all atoms together,
+  Δ = f(x) - f(x with every fingerprint environment off): w_i = c_i + (Δ - Σ c_j) / n_atoms.
+- **Dataset-level permutation importance** (`permutation_importance`): on a labelled set, each column
+  group's rows are permuted (seeded), the permuted set is scored encrypted, and the importance is the
+  loss of the primary metric (ROC-AUC, RMSE, or their mean over tasks), with a paired bootstrap 95% CI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from molcloak.pipeline.errors import DataError
+
+from . import metrics as am
+from .attributions import ALL_ATOMS, Featurization
+from .testset import TestSet, featurize_test_set, read_test_set
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    molecules: int = 10  # per-molecule attributions of the first N inputs (0: none)
+    importance: bool = True  # permutation importance (needs labels)
+    repeats: int = 1  # permutations per group
+    bootstrap: int = 1000
+    seed: int = 0
+    batch_size: int = 8
+    output: str | None = None  # the output explained (class, task); default: see `explained_output`
+
+
+def output_names(task) -> list[str]:
+    if task.is_multitask:
+        return list(task.tasks)
+    return list(task.labels) if task.is_classification else [task.target]
+
+
+def explained_output(task, prediction: np.ndarray, wanted: str | None) -> int:
+    """The output an attribution ranks and draws: `wanted`, else the positive class (binary), the predicted
+    class (multiclass), the value (regression) or the first task."""
+    names = output_names(task)
+    if wanted is not None:
+        if wanted not in names:
+            raise DataError(f"--output {wanted!r} is not an output of this model; choose one of {names}")
+        return names.index(wanted)
+    if task.kind == "binary":
+        return 1
+    if task.kind == "multiclass":
+        return int(np.argmax(prediction))
+    return 0
+
+
+def values(client, raws: np.ndarray) -> np.ndarray:
+    """Decrypted raw outputs -> predictions (n, outputs): probabilities, values in units, per task."""
+    pred = client.predictions(np.asarray(raws, dtype=np.float64).reshape(len(raws), -1))
+    return pred.reshape(len(raws), -1)
+
+
+class Runner:
+    """Scores feature rows through the backend in batches, reporting progress with a rate."""
+
+    def __init__(self, backend, total: int, batch_size: int, on_progress: ProgressCallback, label: str):
+        self.backend, self.total, self.batch_size, self.done = backend, total, batch_size, 0
+        self.on_progress, self.label, self.t0 = on_progress, label, time.perf_counter()
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(X), self.batch_size):
+            batch = X[start : start + self.batch_size]
+            out += [r.raw for r in self.backend.run_rows(batch)]
+            self.done += len(batch)
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.on_progress(self.done, self.total, f"{self.label} {rate:.2f} runs/s")
+        return values(self.backend.client, np.array(out)) if out else np.zeros((0, 0))
+
+
+# ---------------------------------------------------------------- per-molecule attributions
+
+
+def plan_molecules(feat: Featurization, inputs: list, smiles: list[str] | None):
+    """Per molecule: its raw row, groups and the perturbed feature rows that change the model's input."""
+    plans = []
+    for j, item in enumerate(inputs):
+        raw = feat.raw([item])[0]
+        x = feat.features(raw[None])[0]
+        groups = feat.molecule_groups(smiles[j] if smiles else None)
+        rows = [feat.features(perturb(raw)[None])[0] for _, perturb in groups]
+        changed = [i for i, r in enumerate(rows) if not np.array_equal(r, x)]
+        plans.append({"x": x, "groups": [g for g, _ in groups], "rows": rows, "changed": changed})
+    return plans
+
+
+def explain_molecules(
+    backend,
+    inputs: list,
+    smiles: list[str] | None,
+    options: ExplainOptions,
+    on_progress: ProgressCallback,
+    originals: np.ndarray | None = None,
+    ids: list | None = None,
+) -> dict:
+    """Attributions of each input (SMILES, or tabular rows in column order); `originals`: predictions of
+    the unperturbed inputs when already known (an audit's), else they are run too."""
+    feat = Featurization(backend.client.featurizer)
+    plans = plan_molecules(feat, inputs, smiles)
+    n_groups = sum(len(p["groups"]) for p in plans)
+    runs = sum(len(p["changed"]) for p in plans) + (0 if originals is not None else len(plans))
+    runner = Runner(backend, runs, options.batch_size, on_progress, "attributions")
+    on_progress(0, runs, "attributions")
+    task, names = backend.client.task, output_names(backend.client.task)
+    if originals is None:
+        originals = runner(np.stack([p["x"] for p in plans])) if plans else np.zeros((0, len(names)))
+    X = [p["rows"][i] for p in plans for i in p["changed"]]
+    perturbed = runner(np.stack(X)) if X else np.zeros((0, len(names)))
+    out, k = [], 0
+    for j, p in enumerate(plans):
+        pv = np.repeat(originals[j][None], len(p["groups"]), 0)
+        pv[p["changed"]] = perturbed[k : k + len(p["changed"])]
+        k += len(p["changed"])
+        out.append(_molecule(task, names, originals[j], pv, p, options.output))
+        out[-1]["id"] = ids[j] if ids else j + 1
+        if smiles:
+            out[-1]["smiles"] = smiles[j]
+        else:
+            out[-1]["features"] = dict(zip(backend.client.featurizer.columns, map(float, inputs[j])))
+    return {
+        "outputs": names,
+        "neutral": "training median where the client bundle carries it (rdkit2d, scale=quantile), "
+        "else the training mean; fingerprint environments of an atom: off",
+        "cost": {
+            "groups": n_groups,
+            "molecules": len(plans),
+            "encrypted_runs": runs,
+            "skipped_unchanged": n_groups - sum(len(p["changed"]) for p in plans),
+        },
+        "molecules": out,
+    }
+
+
+def _molecule(task, names, original: np.ndarray, perturbed: np.ndarray, plan: dict, wanted) -> dict:
+    o = explained_output(task, original, wanted)
+    contrib = original[None, :] - perturbed  # (groups, outputs)
+    groups = [
+        {
+            **g.to_dict(),
+            "contribution": float(c[o]),
+            "contributions": dict(zip(names, map(float, c))),
+            "encrypted_run": i in plan["changed"],
+        }
+        for i, (g, c) in enumerate(zip(plan["groups"], contrib))
+    ]
+    mol = {"prediction": dict(zip(names, map(float, original))), "output": names[o], "groups": groups}
+    atoms = [g for g in groups if g["kind"] == "atom"]
+    if atoms:
+        occlusion = np.array([g["contribution"] for g in atoms])
+        total = next(g["contribution"] for g in groups if g["name"] == ALL_ATOMS)
+        rest = total - occlusion.sum()
+        mol["atom_map"] = {
+            "output": names[o],
+            "occlusion": occlusion.tolist(),
+            "total": total,
+            "unexplained_by_single_atoms": float(rest),
+            "weights": (occlusion + rest / len(atoms)).tolist(),
+        }
+    return mol
+
+
+# ---------------------------------------------------------------- permutation importance
+
+
+def permutation_importance(
+    backend,
+    X: np.ndarray,
+    y: np.ndarray,
+    original: np.ndarray,
+    options: ExplainOptions,
+    on_progress: ProgressCallback,
+) -> dict:
+    """Importance of each column group on a labelled set: metric(original) - metric(permuted), oriented so
+    that a positive value means the model needs the group; paired bootstrap 95% CI over rows."""
+    task, feat = backend.client.task, Featurization(backend.client.featurizer)
+    groups = [(g, feat.inputs_of(cols)) for g, cols in feat.column_groups()]
+    n, rng = len(X), np.random.default_rng(options.seed)
+    runs = len(groups) * options.repeats * n
+    runner = Runner(backend, runs, options.batch_size, on_progress, "importance")
+    on_progress(0, runs, "importance")
+    base = am.make_sample(task, y, original)
+    primary = am.primary_metric(task.kind)
+    if base.point()[primary] is None and primary == "roc_auc":  # one class only: as subgroups do
+        primary = "accuracy"
+    sign = -1.0 if primary in am.LOWER_IS_BETTER else 1.0
+    idx = np.random.default_rng(options.seed + 1).integers(0, n, (options.bootstrap, n))
+    base_boot = base.metrics(idx)[primary] if options.bootstrap > 0 else None
+    out = []
+    for g, cols in groups:
+        diffs, boots = [], []
+        for _ in range(options.repeats):
+            Xp = X.reshape(n, -1).copy()
+            Xp[:, cols] = Xp[rng.permutation(n)][:, cols]
+            sample = am.make_sample(task, y, _squeeze(task, runner(Xp.reshape(X.shape))))
+            before, after = base.point()[primary], sample.point()[primary]
+            diffs.append(np.nan if before is None or after is None else sign * (before - after))
+            if base_boot is not None:
+                boots.append(sign * (base_boot - sample.metrics(idx)[primary]))
+        value = am._num(np.mean(diffs))
+        interval = am._interval(np.mean(boots, 0)) if boots else {"low": None, "high": None, "n_boot": 0}
+        out.append({**g.to_dict(), "inputs": len(cols), "value": value, **interval})
+    out.sort(key=lambda r: -np.inf if r["value"] is None else -r["value"])  # undefined last
+    return {
+        "metric": primary,
+        "baseline": base.point()[primary],
+        "rows": n,
+        "repeats": options.repeats,
+        "bootstrap": options.bootstrap,
+        "seed": options.seed,
+        "encrypted_runs": runs,
+        "groups": out,
+    }
+
+
+def _squeeze(task, pred: np.ndarray) -> np.ndarray:
+    """`values` rows -> the shape `make_sample` takes: (n,) for single-task regression."""
+    return pred[:, 0] if task.kind == "regression" else pred
+
+
+# ---------------------------------------------------------------- inside an audit
+
+
+def explain_audit(config, backend, test, X: np.ndarray, state, on_progress: ProgressCallback) -> dict:
+    """`molcloak audit --explain N`: attributions of the first N scored rows and permutation importance on
+    the audit set, reusing the audit's decrypted predictions of the unperturbed rows."""
+    options = ExplainOptions(
+        config.explain, config.importance, 1, config.bootstrap, config.seed, config.batch_size
+    )
+    raws = np.array([state.done[r] for r in test.rows], dtype=np.float64)
+    original = values(backend.client, raws)
+    m = min(config.explain, len(test.rows))
+    result = explain_molecules(
+        backend,
+        test.inputs[:m],
+        test.smiles[:m] or None,
+        options,
+        on_progress,
+        original[:m],
+        ids=test.rows[:m],
+    )
+    if not options.importance:
+        return result
+    result["importance"] = permutation_importance(
+        backend, X, test.y, _squeeze(backend.client.task, original), options, on_progress
+    )
+    return result
+
+
+# ---------------------------------------------------------------- `molcloak explain`
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    out: Path
+    input: Path | None = None  # CSV of molecules (or rows of a tabular model)
+    smiles: tuple[str, ...] = ()  # or molecules given on the command line
+    smiles_col: str = "smiles"
+    target_col: str | None = None  # labels: permutation importance on every valid row
+    skip_invalid: bool = False
+    group_col: str | None = None  # (read_test_set's interface; explanations have no subgroups)
+
+    @property
+    def test_set(self) -> Path | None:  # read_test_set's name of the input file
+        return self.input
+
+
+def _read(config: ExplainConfig, client):
+    """The inputs to explain, validated like an audit's test set (labels only with --target-col)."""
+    if (config.input is None) == (not config.smiles):
+        raise DataError("pass either --input FILE.csv or --smiles SMILES (repeatable)")
+    if config.input is not None:
+        test = read_test_set(config, client.task, client.featurizer, labelled=bool(config.target_col))
+        return test, featurize_test_set(client, test, config)
+    if client.featurizer.input_kind != "smiles":
+        raise DataError(
+            f"model {client.manifest.name!r} reads rows of columns; pass them with --input FILE.csv"
+        )
+    smiles = []
+    for i, smi in enumerate(config.smiles, start=1):
+        canon, reason = client.featurizer.check_input(smi)
+        if canon is None:
+            raise DataError(f"--smiles number {i}: {reason}")
+        smiles.append(canon)
+    test = TestSet(list(range(1, len(smiles) + 1)), smiles, np.zeros(0), [], None, [], len(smiles), "")
+    return test, client.featurize(smiles)
+
+
+def run_explain(
+    config: ExplainConfig, options: ExplainOptions, backend, on_progress: ProgressCallback | None = None
+) -> dict:
+    """Attributions of the first `options.molecules` inputs and, with labels, the permutation importance
+    on every valid row: the explanation dict (nothing written)."""
+    on_progress = on_progress or (lambda done, total, status: None)
+    if options.batch_size < 1 or options.repeats < 1 or options.molecules < 0:
+        raise DataError("--batch-size and --repeats must be at least 1, --molecules at least 0")
+    test, X = _read(config, backend.client)
+    m = min(options.molecules, len(test.rows))
+    t0 = time.perf_counter()
+    smiles = test.smiles[:m] or None
+    result = explain_molecules(backend, test.inputs[:m], smiles, options, on_progress, ids=test.rows[:m])
+    if config.target_col and options.importance:
+        original = Runner(backend, len(X), options.batch_size, on_progress, "predictions")(X)
+        original = _squeeze(backend.client.task, original)
+        result["importance"] = permutation_importance(backend, X, test.y, original, options, on_progress)
+    result["seconds"] = time.perf_counter() - t0
+    result["model"] = {**backend.identity(), "where": backend.where, "task": backend.client.task.to_dict()}
+    result["invalid_rows"] = [{"row": p.row, "value": p.value, "reason": p.reason} for p in test.invalid]
+    return result
+
+
+def explain_command(
+    config: ExplainConfig, options: ExplainOptions, on_progress: ProgressCallback | None = None, **where
+) -> dict:
+    """The `molcloak explain` command: `run_explain` on the model (`where`: bundle, or server and model;
+    key_dir, token), then explain.json/md/html in config.out."""
+    from .backend import with_model
+    from .explain_report import write_explain
+
+    return with_model(
+        lambda b: run_explain(config, options, b, on_progress), write_explain, config.out, **where
+    )

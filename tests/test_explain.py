@@ -1,0 +1,250 @@
+"""Private explanations: perturbations against RDKit and the featurizer, attributions from real encrypted
+runs against Concrete's simulation, atom maps, permutation importance, and the privacy of the wire."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import ServerProcess
+from test_audit import Recorder, synthetic_rows, synthetic_tabular, tabular_csv
+from typer.testing import CliRunner
+
+from molcloak.evaluation.audit.attributions import ALL_ATOMS, Featurization
+from molcloak.evaluation.audit.engine import AuditConfig, run_audit
+from molcloak.evaluation.audit.explain import ExplainConfig, ExplainOptions, run_explain
+from molcloak.evaluation.audit.report import write_reports
+from molcloak.pipeline.cli import app
+from molcloak.pipeline.featurize import FeaturizerSpec
+from molcloak.pipeline.metrics import to_predictions
+from molcloak.pipeline.predict import LocalBackend
+from molcloak.pipeline.serving.http_client import RemoteModel
+
+MOLECULES = ["CCOc1ccccc1C(=O)O", "CC(C)CN", "O=C1CCCN1", "c1ccncc1", "CCCCCCO", "OCC(O)CO", "CC#N", "ClCCl"]
+TOKEN = "explain-token"
+
+
+def _simulate(compiled, task, X, scaler=None) -> np.ndarray:
+    """Predictions of feature rows by Concrete's simulation (equal to FHE with the tests' exact rounding)."""
+    return to_predictions(task, compiled.q_module.forward(np.asarray(X), fhe="simulate"), scaler)
+
+
+# ---------------------------------------------------------------- perturbations (no FHE)
+
+
+def test_featurization_reproduces_transform_and_neutral_values():
+    spec = FeaturizerSpec.parse("physchem+rdkit2d:scale=quantile+morgan_count:r=1,n=64+select:k=60")
+    spec = spec.fit(MOLECULES * 3)
+    feat = Featurization(spec)
+    raw = feat.raw(MOLECULES)
+    assert np.array_equal(feat.features(raw), spec.transform(MOLECULES))  # the featurizer's own steps
+    neutral = feat.neutral()
+    assert np.array_equal(neutral[:10], spec.mean[:10])  # physchem: the training mean (no median stored)
+    q = np.flatnonzero([bool(k) for k in spec.knots])
+    assert np.array_equal(neutral[q], [spec.knots[j][32] for j in q])  # quantile columns: the training median
+    assert np.all(neutral[10 + 217 :] == 0)  # fingerprint columns: off
+    groups = feat.column_groups()
+    kept = set(spec.select.names)
+    assert {g.name for g, _ in groups if g.kind == "descriptor"} <= kept
+    assert [g.name for g, _ in groups if g.kind == "fingerprint"] == ["morgan_count:r=1,n=64"]
+    # a descriptor group set to its neutral value changes that model input only
+    g, cols = next((g, c) for g, c in groups if g.kind == "descriptor" and raw[0, c[0]] != neutral[c[0]])
+    row = raw[0].copy()
+    row[cols] = neutral[cols]
+    changed = np.flatnonzero(feat.features(row[None])[0] != feat.features(raw[:1])[0])
+    assert list(changed) == list(feat.inputs_of(cols)) and feat.features(row[None])[0][changed] == 0
+
+
+@pytest.mark.parametrize("smiles", ["CCOc1ccccc1C(=O)O", "CC(C)CN"])
+def test_atom_groups_clear_the_bits_rdkit_similarity_maps_clears(smiles):
+    from rdkit import Chem
+    from rdkit.Chem.Draw import SimilarityMaps
+
+    spec = FeaturizerSpec.parse("physchem+morgan:r=2,n=64").fit(MOLECULES)
+    feat = Featurization(spec)
+    raw = feat.raw([smiles])[0]
+    groups = feat.molecule_groups(smiles)
+    mol = Chem.MolFromSmiles(smiles)
+    atoms = [(g, f) for g, f in groups if g.kind == "atom"]
+    assert [g.atom for g, _ in atoms] == list(range(mol.GetNumAtoms()))
+    for g, perturb in atoms:
+        oracle = SimilarityMaps.GetMorganFingerprint(mol, atomId=g.atom, radius=2, fpType="bv", nBits=64)
+        assert np.array_equal(perturb(raw)[10:], np.array(list(oracle), dtype=float)), g.name
+        assert np.array_equal(perturb(raw)[:10], raw[:10])  # descriptors untouched
+    everything = next(f for g, f in groups if g.name == ALL_ATOMS)
+    assert np.all(everything(raw)[10:] == 0)
+
+
+def test_count_fingerprint_atoms_lose_their_environments():
+    spec = FeaturizerSpec.parse("morgan_count:r=1,n=32+atompair_count:n=32+torsion_count:n=32").fit(MOLECULES)
+    feat = Featurization(spec)
+    raw = feat.raw(["CCOc1ccccc1C(=O)O"])[0]
+    groups = feat.molecule_groups("CCOc1ccccc1C(=O)O")
+    for g, perturb in groups:
+        out = perturb(raw)
+        assert np.all(out <= raw) and (g.kind != "atom" or out.sum() < raw.sum())
+    assert np.all(next(f for g, f in groups if g.name == ALL_ATOMS)(raw) == 0)
+
+
+# ---------------------------------------------------------------- attributions with real FHE
+
+
+def test_explain_cli_attributes_to_the_one_column_the_model_uses(tmp_path_factory, tmp_path):
+    ckpt, compiled, bundle = synthetic_tabular(tmp_path_factory)
+    X, y = synthetic_rows(16, 5)
+    X[:3, 1] = [1.8, -1.6, 2.2]  # far from b's neutral value (its training mean), so b decides these rows
+    y = (X[:, 1] > 0).astype(int)
+    path = tabular_csv(tmp_path / "rows.csv", X, y)
+    args = ["explain", "--bundle", bundle, "--input", path, "--target-col", "y", "--molecules", "3"]
+    args += ["--bootstrap", "200", "--out", tmp_path / "ex", "--key-dir", tmp_path / "keys", "--json"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["cost"] == {
+        "groups": 9,
+        "molecules": 3,
+        "encrypted_runs": res["cost"]["encrypted_runs"],
+        "skipped_unchanged": 9 + 3 - res["cost"]["encrypted_runs"],
+    }
+    neutral = np.asarray(ckpt.featurizer.mean)
+    for mol, x in zip(res["molecules"], X[:3]):
+        by = {g["name"]: g["contribution"] for g in mol["groups"]}
+        assert max(by, key=lambda k: abs(by[k])) == "b" and abs(by["b"]) > 0.2
+        p = _simulate(compiled, ckpt.task, ckpt.featurizer.transform(x[None]))[0, 1]
+        xb = x.copy()
+        xb[1] = neutral[1]
+        pb = _simulate(compiled, ckpt.task, ckpt.featurizer.transform(xb[None]))[0, 1]
+        assert by["b"] == pytest.approx(p - pb, abs=1e-12)  # decrypted FHE runs equal the simulation
+        assert mol["output"] == "pos"
+    imp = {g["name"]: g for g in res["importance"]["groups"]}
+    assert res["importance"]["metric"] == "roc_auc" and res["importance"]["encrypted_runs"] == 3 * 16
+    assert imp["b"]["value"] > 0 and imp["b"]["low"] > 0 and res["importance"]["groups"][0]["name"] == "b"
+    assert abs(imp["a"]["value"]) < imp["b"]["value"] and abs(imp["c"]["value"]) < imp["b"]["value"]
+    html = (tmp_path / "ex" / "explain.html").read_text()
+    assert "Permutation importance" in html and "data:image/png;base64," in html
+
+
+@pytest.fixture(scope="module")
+def tiny_morgan(tmp_path_factory):
+    """sol-low on Morgan bits (r=1, 32 bits) -> 4 -> 2, 2 bits, exact rounding: a fingerprint model."""
+    from conftest import EXACT_P_ERROR, TINY, TINY_TRAIN
+
+    from molcloak.pipeline import data, workflow
+    from molcloak.pipeline.compile import CompileConfig
+
+    ckpt = workflow.train_checkpoint(
+        data.load_bundled("sol-low"), "morgan:r=1,n=32", model_options=TINY, train_config=TINY_TRAIN
+    )
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(rounding_bits=None, p_error=EXACT_P_ERROR))
+    bundle = tmp_path_factory.mktemp("morgan") / "bundle"
+    workflow.deploy(ckpt, compiled, bundle, "tiny-morgan")
+    return ckpt, compiled, bundle
+
+
+def test_audit_explain_draws_atom_maps_that_sum_to_the_fingerprint_contribution(tiny_morgan, tmp_path):
+    from rdkit import Chem
+    from rdkit.Chem.Draw import SimilarityMaps
+
+    ckpt, compiled, bundle = tiny_morgan
+    by_size = sorted(range(len(ckpt.smiles_test)), key=lambda i: (len(ckpt.smiles_test[i]), i))
+    small = [i for i in by_size if ckpt.y_test[i] == 0][:2] + [i for i in by_size if ckpt.y_test[i] == 1][:2]
+    small = sorted(small, key=lambda i: -len(ckpt.smiles_test[i]))  # the explained molecule has most atoms
+    lines = ["smiles,truth"] + [
+        f"{ckpt.smiles_test[i]},{ckpt.task.labels[int(ckpt.y_test[i])]}" for i in small
+    ]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    config = AuditConfig(tmp_path / "t.csv", tmp_path / "audit", "truth", bootstrap=50, explain=1)
+    report = run_audit(config, LocalBackend(bundle, tmp_path / "keys"))
+    mol = report["explain"]["molecules"][0]
+    smiles = mol["smiles"]
+    rdmol = Chem.MolFromSmiles(smiles)
+    x = ckpt.featurizer.transform([smiles])
+    p = _simulate(compiled, ckpt.task, x)[0, 1]
+    rows = [
+        np.array(list(SimilarityMaps.GetMorganFingerprint(rdmol, atomId=a, radius=1, fpType="bv", nBits=32)))
+        for a in range(rdmol.GetNumAtoms())
+    ]
+    expected = p - _simulate(compiled, ckpt.task, np.array(rows, dtype=np.float32))[:, 1]
+    amap = mol["atom_map"]
+    assert amap["occlusion"] == pytest.approx(
+        expected.tolist(), abs=1e-12
+    )  # RDKit's occlusion, run encrypted
+    total = p - _simulate(compiled, ckpt.task, np.zeros_like(x))[0, 1]
+    assert amap["total"] == pytest.approx(total, abs=1e-12)
+    assert sum(amap["weights"]) == pytest.approx(total, abs=1e-9)  # the map sums to the prediction difference
+    imp = report["explain"]["importance"]
+    assert [g["name"] for g in imp["groups"]] == ["morgan:r=1,n=32"] and imp["encrypted_runs"] == 4
+    files = write_reports(report, tmp_path / "audit")
+    svg = (tmp_path / "audit" / "maps" / f"row-{mol['id']}.svg").read_text()
+    assert "<svg" in svg and (tmp_path / "audit" / "maps" / f"row-{mol['id']}.png").stat().st_size > 1000
+    html = (tmp_path / "audit" / "report.html").read_text()
+    assert "<svg" in html and "Atom map of low" in html and "Permutation importance" in html
+    assert "maps/row-" in (tmp_path / "audit" / "report.md").read_text() and "json" in files
+
+
+def test_cli_audit_explain_without_importance(tiny_morgan, tmp_path):
+    ckpt, _, bundle = tiny_morgan
+    lines = ["smiles,truth", "CCO,low", "CCCCCCCCCCCC,not low"]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    args = ["audit", "--bundle", bundle, "--test-set", tmp_path / "t.csv", "--target-col", "truth"]
+    args += ["--out", tmp_path / "a", "--key-dir", tmp_path / "keys", "--bootstrap", "20", "--explain", "1"]
+    result = CliRunner().invoke(app, [str(a) for a in args + ["--no-importance"]])
+    assert result.exit_code == 0, result.output
+    assert "per-molecule attributions: 4 encrypted runs" in result.output  # the cost, printed first
+    assert "row 1 CCO low=" in result.output and "atom 0 C" in result.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert "importance" not in report["explain"] and report["explain"]["cost"]["groups"] == 4
+    assert "<svg" in (tmp_path / "a" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- privacy of the wire
+
+
+@pytest.mark.slow
+def test_explain_sends_only_ciphertexts_and_evaluation_keys(tmp_path_factory, tmp_path):
+    import shutil
+
+    ckpt, _, bundle = synthetic_tabular(tmp_path_factory)
+    root = tmp_path_factory.mktemp("explain-served")
+    shutil.copytree(bundle, root / "bundles" / "syn")
+    (root / "token").write_text(TOKEN)
+    server = ServerProcess(root / "bundles", root / "state", root / "token")
+    try:
+        X, y = synthetic_rows(5, 9)
+        path = tabular_csv(tmp_path / "secret.csv", X, y)
+        recorder = Recorder()
+        backend = RemoteModel(server.url, "tiny-syn", root / "keys", TOKEN, transport=recorder)
+        config = ExplainConfig(tmp_path / "ex", input=path, target_col="y")
+        res = run_explain(config, ExplainOptions(molecules=1, bootstrap=50), backend)
+        wire = b"\n".join(f"{m} {p}".encode() + json.dumps(h).encode() + b for m, p, h, b in recorder.sent)
+        log = server.log.read_bytes()
+    finally:
+        server.stop()
+    assert {(m, p) for m, p, _, _ in recorder.sent} <= {
+        ("GET", "/models"),
+        ("GET", "/models/tiny-syn/client"),
+        ("POST", "/keys"),
+        ("POST", "/predict"),
+    }
+    for _m, p, _, body in recorder.sent:
+        if p == "/predict":
+            assert set(json.loads(body)) == {"model", "key_id", "ciphertexts", "client_fingerprint"}
+        elif p == "/keys":
+            assert body == backend.client.evaluation_keys()
+    feat = Featurization(backend.client.featurizer)
+    secrets = [b"secret.csv", backend.client.key_path.read_bytes()]
+    for x in X:
+        secrets.append(f"{x[0]!r},{x[1]!r},{x[2]!r}".encode())  # the cells as the CSV holds them
+        rows = [feat.features(x[None])[0]] + [
+            feat.features(f(x)[None])[0] for _, f in feat.molecule_groups(None)
+        ]
+        secrets += [r.tobytes() for r in rows] + [r.astype(np.float64).tobytes() for r in rows]
+    numbers = [g["contribution"] for mol in res["molecules"] for g in mol["groups"]]
+    numbers += [v for mol in res["molecules"] for v in mol["prediction"].values()]
+    numbers += [g["value"] for g in res["importance"]["groups"]]
+    secrets += [repr(v).encode() for v in numbers if len(repr(v)) >= 8]  # decrypted results
+    assert res["importance"]["encrypted_runs"] == 3 * 5 and len(res["molecules"]) == 1
+    assert [s for s in secrets if s in wire] == []
+    server_side = b"".join(p.read_bytes() for p in (root / "state").rglob("*") if p.is_file()) + log
+    assert [s for s in secrets if s in server_side] == []
