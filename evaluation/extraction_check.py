@@ -9,9 +9,10 @@ This script measures how well that works against a real `molcloak serve` process
   (429 BudgetExhaustedError) and fits on what it got;
 - `raw_curve`: surrogate quality against the number of answers (subsets of the raw answers), i.e. what a
   budget of that size leaves an attacker with one key id;
-- `class_only_from_raw`: the surrogate fitted on the predicted class only (the argmax of the raw answers),
-  i.e. what a circuit that outputs only the class would leave; derived from the raw answers, no such
-  circuit is built (see the README), together with its accuracy cost on the owner's test split.
+- `class_only`: the same model deployed again with `--output class` (its circuit returns the predicted
+  class only) and served beside it; the attacker's surrogate is a classifier fitted on the decrypted
+  classes, scored by agreement with the logits model's class; with the accuracy cost of that bundle on
+  the owner's test split (FHE-simulated ROC-AUC and accuracy, logits vs class).
 
 Truth for the held-out half is the raw answers of the server. JSON out; it never asserts on time.
 
@@ -105,30 +106,63 @@ def fit_class_only(X_train, labels_train, X_test, Y_test, seed: int) -> dict:
     return {"train": len(X_train), "class_agreement": agree}
 
 
-def class_only_cost(bundle: Path) -> dict | None:
-    """ROC-AUC on the owner's test split from the raw outputs (FHE simulation) and from the class only."""
-    from sklearn.metrics import accuracy_score, roc_auc_score
-
+def class_only_bundle(bundle: Path, out: Path) -> Path | None:
+    """The owner's checkpoint deployed again with a class-only circuit (the bundle's compile settings
+    otherwise); None when the bundle has no owner part or the task has no class."""
+    from molcloak.pipeline import workflow
     from molcloak.pipeline.bundle import load_checkpoint
-    from molcloak.pipeline.predict import predict_local
+    from molcloak.pipeline.compile import CompileConfig
 
+    manifest = load_manifest(bundle)
+    if manifest.task.kind not in ("binary", "multilabel") or manifest.output == "class":
+        return None
     try:
         ckpt = load_checkpoint(bundle)
     except MolcloakError:
         return None
-    if not ckpt.smiles_test:
-        return None
-    raw = np.array([p.raw for p in predict_local(bundle, ckpt.smiles_test, fhe="simulate").predictions])
-    raw = raw.reshape(len(raw), -1)
-    y = np.asarray(ckpt.y_test).reshape(-1)
-    if raw.shape[1] != 2:
-        return None
-    score, label = raw[:, 1] - raw[:, 0], raw.argmax(1)
+    recorded = {
+        k: v
+        for k, v in (manifest.data.get("compile") or {}).items()
+        if k in CompileConfig.__dataclass_fields__
+    }
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(**{**recorded, "output": "class"}))
+    workflow.deploy(ckpt, compiled, out, f"{manifest.name}-class")
+    return out
+
+
+def accuracy_cost(logits_bundle: Path, class_bundle: Path) -> dict:
+    """FHE-simulated test metrics of the two bundles (the owner's test split)."""
+    pick = ("roc_auc", "accuracy", "f1")
+
+    def metrics(path: Path) -> dict:
+        m = load_manifest(path).metrics.get("fhe_simulate", {})
+        return {k: m[k] for k in pick if k in m}
+
+    return {"logits": metrics(logits_bundle), "class": metrics(class_bundle)}
+
+
+def _copy_bundle(bundle: Path, target: Path) -> None:
+    for part in ("client", "server"):
+        shutil.copytree(bundle / part, target / part)
+    shutil.copy(bundle / "manifest.json", target / "manifest.json")
+
+
+def attack_class_only(url: str, name: str, X: np.ndarray, Y: np.ndarray, tmp: Path, seed: int) -> dict:
+    """Query the class-only model with the same inputs; fit classifiers on its decrypted classes."""
+    model = RemoteModel(url, name, key_dir=tmp / "attacker-keys-class")
+    classes, info = query(model, X)
+    half = len(X) // 2
+    labels = classes[:half, 0].round().astype(int)
+    truth = Y.argmax(1) if Y.shape[1] > 1 else None
     return {
-        "test_molecules": len(y),
-        "roc_auc_from_logits": float(roc_auc_score(y, score)),
-        "roc_auc_from_class_only": float(roc_auc_score(y, label)),
-        "accuracy": float(accuracy_score(y, label)),
+        **info,
+        "answers_are": sorted({float(v) for v in np.unique(classes)}),
+        "same_class_as_logits_model": None if truth is None else float(np.mean(classes[:, 0] == truth)),
+        "curve": [
+            fit_class_only(X[:q], labels[:q], X[half:], Y[half:], seed)
+            for q in sorted({16, 32, 64, 128, 256, half})
+            if q <= half
+        ],
     }
 
 
@@ -140,9 +174,10 @@ def run(bundle: Path, n: int, budget: int, seed: int, inputs: str, workers: int,
     manifest = load_manifest(bundle, "server")
     tmp = Path(tempfile.mkdtemp(prefix="molcloak-extraction-"))
     bundles = tmp / "bundles"
-    shutil.copytree(bundle / "client", bundles / "model" / "client")
-    shutil.copytree(bundle / "server", bundles / "model" / "server")
-    shutil.copy(bundle / "manifest.json", bundles / "model" / "manifest.json")
+    _copy_bundle(bundle, bundles / "model")
+    class_bundle = class_only_bundle(bundle, tmp / "class-bundle")
+    if class_bundle is not None:
+        _copy_bundle(class_bundle, bundles / "model-class")
     common = ["--workers", workers, "--max-batch", BATCH]
     result: dict = {
         "model": manifest.name,
@@ -160,6 +195,11 @@ def run(bundle: Path, n: int, budget: int, seed: int, inputs: str, workers: int,
             t0 = time.perf_counter()
             Y, info = query(model, X)
             seconds = time.perf_counter() - t0
+            if class_bundle is not None:
+                result["class_only"] = attack_class_only(
+                    server.url, f"{manifest.name}-class", X, Y, tmp, seed
+                )
+                result["class_only"]["accuracy_cost"] = accuracy_cost(bundle, class_bundle)
         finally:
             server.stop()
         half = n // 2
@@ -175,17 +215,6 @@ def run(bundle: Path, n: int, budget: int, seed: int, inputs: str, workers: int,
             for q in sorted({16, 32, 64, 128, 256, half})
             if q <= half
         ]
-        labels = Y_train.argmax(1) if Y.shape[1] > 1 else None
-        if labels is not None:
-            result["class_only_from_raw"] = {
-                "note": "derived from the raw answers (argmax); no class-only circuit is built",
-                "curve": [
-                    fit_class_only(X_train[:q], labels[:q], X_test, Y_test, seed)
-                    for q in sorted({16, 32, 64, 128, 256, half})
-                    if q <= half
-                ],
-                "accuracy_cost": class_only_cost(bundle),
-            }
         server = _server(bundles, tmp, "budget", [*common, "--max-predictions-per-key", budget], timeout)
         try:
             model = RemoteModel(server.url, manifest.name, key_dir=tmp / "attacker-keys")

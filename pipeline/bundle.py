@@ -192,6 +192,11 @@ class Manifest:
     def circuit(self) -> dict:
         return self.data.get("circuit", {})
 
+    @property
+    def output(self) -> str:
+        """`logits`, or `class` for a class-only circuit (`output_head`); older bundles: logits."""
+        return (self.data.get("compile") or {}).get("output", "logits")
+
 
 def write_bundle(
     out_dir: str | Path,

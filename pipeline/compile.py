@@ -13,6 +13,8 @@ import numpy as np
 from torch import nn
 
 from .errors import CompilationError, ConfigError
+from .output_head import class_circuit
+from .tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class CompileConfig:
     allowed per programmable bootstrap (default 1e-6; None = Concrete's default, 2^-40).
     `n_bits`: post-training quantization bits of a float model (imported with --torch-model);
     unused for Brevitas QAT models, whose quantizers fix their bits.
+    `output`: "logits" (the client decrypts the model's outputs) or "class" (the circuit ends in a
+    comparison and the client decrypts the predicted class only; see `output_head`).
     """
 
     rounding_bits: int | None = 5
@@ -31,12 +35,15 @@ class CompileConfig:
     # as much as 2^-40), while FHE still equals the simulation except about once in 65,000 molecules (PERFORMANCE.md)
     p_error: float | None = 1e-6
     n_bits: int | None = None
+    output: Literal["logits", "class"] = "logits"
 
     def __post_init__(self):
         if self.rounding_bits is not None and not 2 <= self.rounding_bits <= 16:
             raise ConfigError(f"rounding bits {self.rounding_bits} out of range; use 2..16 or none")
         if self.rounding_method not in ("exact", "approximate"):
             raise ConfigError(f"rounding method {self.rounding_method!r}; expected 'exact' or 'approximate'")
+        if self.output not in ("logits", "class"):
+            raise ConfigError(f"output {self.output!r}; expected 'logits' or 'class'")
         if self.p_error is not None and not 0 < self.p_error < 1:
             raise ConfigError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
         if self.n_bits is not None and not 2 <= self.n_bits <= 8:
@@ -96,13 +103,18 @@ class CircuitStats:
 
 
 def compile_model(
-    model: nn.Module, X_calib: np.ndarray, config: CompileConfig = CompileConfig(), measure_keys: bool = True
+    model: nn.Module,
+    X_calib: np.ndarray,
+    config: CompileConfig = CompileConfig(),
+    measure_keys: bool = True,
+    task: TaskSpec | None = None,
 ):
     """Compile a trained Brevitas QAT model; returns (QuantizedModule, CircuitStats).
 
     `X_calib` (the training features) bounds every intermediate value of the circuit.
     `measure_keys` generates throwaway keys to record the exact serialized evaluation-key size
     (the server checks uploads against it); skip it when only simulating.
+    `config.output` "class" replaces the logits circuit by a class-only one (`output_head`; needs `task`).
     """
     from concrete.ml.torch.compile import (
         compile_brevitas_qat_model,
@@ -128,9 +140,24 @@ def compile_model(
             )
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise CompilationError(
-            f"Concrete ML could not compile the model ({str(exc).splitlines()[0][:300]}); "
+            f"Concrete ML could not compile the model ({_first_line(exc)}); "
             "lower the weight/activation bits or set --rounding-bits 4-6"
         ) from exc
+    if config.output == "class":
+        if task is None:
+            raise ConfigError("a class-only circuit needs the model's task (binary or multi-label)")
+        # the comparison's lookup at the precision of the circuit's other lookups: a wider one picks
+        # larger crypto parameters (demo model: 302 MB of keys unrounded, 28 MB rounded to 5 bits)
+        target_bits = config.rounding_bits or q_module.fhe_circuit.graph.maximum_integer_bit_width()
+        try:
+            q_module.fhe_circuit = class_circuit(
+                q_module, task, X_calib, target_bits, config.rounding_method, config.p_error
+            )
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            raise CompilationError(
+                f"Concrete could not compile the class-only circuit ({_first_line(exc)}); "
+                "deploy with --output logits, or train with more activation bits (3 or more)"
+            ) from exc
     stats = CircuitStats.of(q_module.fhe_circuit)
     if not measure_keys:
         return q_module, stats
@@ -139,3 +166,8 @@ def compile_model(
     return q_module, dataclasses.replace(
         stats, serialized_evaluation_key_bytes=len(circuit.keys.evaluation.serialize())
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

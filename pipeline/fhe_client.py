@@ -357,7 +357,7 @@ class PrivateClient:
 
     def predictions(self, raw: np.ndarray) -> np.ndarray:
         """Raw outputs -> class probabilities or values in task units."""
-        return to_predictions(self.task, raw, self.manifest.scaler)
+        return to_predictions(self.task, raw, self.manifest.scaler, self.manifest.output)
 
 
 def _key_id(evaluation_keys: bytes) -> str:

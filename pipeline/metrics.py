@@ -64,11 +64,19 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
-def to_predictions(task: TaskSpec, raw: np.ndarray, scaler: TargetScaler | None = None) -> np.ndarray:
+def to_predictions(
+    task: TaskSpec, raw: np.ndarray, scaler: TargetScaler | None = None, output: str = "logits"
+) -> np.ndarray:
     """Class probabilities (n, n_classes) for classification, values in task units (n,) for regression.
 
     Multi-task: (n, n_tasks) probabilities of label 1 (multilabel) or values in each task's units.
+    `output` "class": `raw` holds the 0/1 outputs of a class-only circuit (`output_head`); the
+    "probabilities" are then 0 or 1.
     """
+    if output == "class":
+        from .output_head import class_predictions
+
+        return class_predictions(task, raw)
     raw = np.atleast_2d(np.asarray(raw, dtype=np.float64))
     if task.kind == "multilabel":
         return sigmoid(raw)

@@ -166,13 +166,14 @@ def compile_checkpoint(
 ) -> Compiled:
     """Compile to a TFHE circuit and score the FHE-simulated model on the test split."""
     start = time.perf_counter()
-    q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config, measure_keys)
+    q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config, measure_keys, ckpt.task)
     seconds = time.perf_counter() - start
     metrics = dict(ckpt.metrics)
     if len(ckpt.X_test):
         for mode, key in (("disable", "quantized"), ("simulate", "fhe_simulate")):
             raw = q_module.forward(ckpt.X_test, fhe=mode)
-            metrics[key] = score(ckpt.task, ckpt.y_test, to_predictions(ckpt.task, raw, ckpt.scaler))
+            preds = to_predictions(ckpt.task, raw, ckpt.scaler, config.output)
+            metrics[key] = score(ckpt.task, ckpt.y_test, preds)
     return Compiled(q_module, stats, config, metrics, seconds)
 
 

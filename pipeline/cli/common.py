@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -46,7 +47,7 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MolcloakError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
@@ -220,10 +221,20 @@ class CompileOpts:
         "--p-error",
         help="Error probability per bootstrap (default: the checkpoint's, else 1e-6: FHE equals the simulation except ~1 molecule in 65,000; 1e-12 ~ Concrete's 2^-40, 2x slower; 0.01 is ~15% faster, FHE then differs now and then).",
     )
+    output = typer.Option(
+        None,
+        "--output",
+        help="What the circuit returns: logits (default) or class, the predicted class only (binary and multi-label "
+        "models): users then cannot fit a copy of the model on its scores; ranking metrics get worse (README).",
+    )
 
 
 def given_compile(
-    rounding_bits: int | None, rounding_method: str | None, p_error: float | None, n_bits: int | None = None
+    rounding_bits: int | None,
+    rounding_method: str | None,
+    p_error: float | None,
+    n_bits: int | None = None,
+    output: str | None = None,
 ) -> dict:
     """The compile settings given on the command line (0 rounding bits = off)."""
     given: dict = {}
@@ -235,4 +246,6 @@ def given_compile(
         given["p_error"] = p_error
     if n_bits is not None:
         given["n_bits"] = n_bits
+    if output is not None:
+        given["output"] = output
     return given

@@ -159,6 +159,10 @@ def _print_compiled(compiled) -> None:
         f"(in memory), input {kb(s.input_ciphertext_bytes)}, output {kb(s.output_ciphertext_bytes)}, "
         f"p_error {s.p_error:.2g} per PBS, compiled in {compiled.seconds:.1f} s"
     )
+    if compiled.config.output == "class":
+        out.print(
+            "output: the predicted class only (0/1 per task); test metrics below are computed from classes"
+        )
     for key, m in compiled.metrics.items():
         out.print(f"  {key:>13} test: {fmt_metrics(m)}")
 
@@ -172,6 +176,7 @@ def compile_cmd(
     rounding_bits: int | None = CompileOpts.rounding_bits,
     rounding_method: str | None = CompileOpts.rounding_method,
     p_error: float | None = CompileOpts.p_error,
+    output: str | None = CompileOpts.output,
     bundle: Path | None = typer.Option(
         None, "--bundle", help="Also write the deployment bundle here (same as `deploy`)."
     ),
@@ -239,7 +244,9 @@ def compile_cmd(
         )
     else:
         ckpt = load_checkpoint(checkpoint)
-    cfg = recorded_compile_config(ckpt, **given_compile(rounding_bits, rounding_method, p_error, n_bits))
+    cfg = recorded_compile_config(
+        ckpt, **given_compile(rounding_bits, rounding_method, p_error, n_bits, output)
+    )
     with err.status("compiling to a TFHE circuit and simulating the test split..."):
         compiled = compile_checkpoint(ckpt, cfg)
     result = {**compiled.info(), "metrics": compiled.metrics}
@@ -264,6 +271,7 @@ def deploy(
     rounding_bits: int | None = CompileOpts.rounding_bits,
     rounding_method: str | None = CompileOpts.rounding_method,
     p_error: float | None = CompileOpts.p_error,
+    output: str | None = CompileOpts.output,
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
@@ -271,12 +279,14 @@ def deploy(
 
     Ship client/ to users and server/ to the FHE server; keep owner/ (the weights) to yourself.
     Example: molcloak deploy runs/sol-low --out bundles/sol-low
+    Class-only answers (users learn the decision, not the score): molcloak deploy runs/sol-low --out bundles/sol-low-class --output class
     """
     compile_cmd(
         checkpoint,
         rounding_bits,
         rounding_method,
         p_error,
+        output,
         out_dir,
         name,
         force,

@@ -1,0 +1,109 @@
+"""Class-only circuits: the encrypted answer is the predicted class, not the logits.
+
+A model owner who worries about model extraction (a client fitting a copy of the model on the
+decrypted logits of chosen inputs) deploys with ``--output class``: the circuit ends in a comparison,
+so a client decrypts the decision only, never how confident the model is. The price is the ranking:
+ROC-AUC is then computed from hard labels (README, "Model extraction"), and the circuit has one more
+table lookup per task.
+
+The circuit is Concrete ML's own integer forward pass (``QuantizedModule._clear_forward``, which
+Concrete ML compiles for the logits circuit) followed by, per task, the sign of the score in the output
+quantizer's integers: binary ``q[1] - q[0]``, multi-label ``q[t] - zero_point``. The score is rounded
+(``fhe.round_bit_pattern``) to the circuit's rounding bits first, so the comparison is a lookup as narrow
+as the network's own (a wider one would pick larger crypto parameters: 10x the keys on the demo model). The answer is written back in the output quantizer's integers as ``zero_point ± 1``, so
+the unchanged client part dequantizes it to logits ``±scale`` whose sign (or argmax) is the class;
+`class_predictions` turns them into 0/1 "probabilities".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+from .tasks import TaskSpec
+
+OUTPUTS = ("logits", "class")
+
+
+def check_output(output: str, task: TaskSpec) -> None:
+    if output not in OUTPUTS:
+        raise ConfigError(f"output {output!r}; expected one of {', '.join(OUTPUTS)}")
+    if output == "class" and task.kind not in ("binary", "multilabel"):
+        raise ConfigError(
+            f"--output class needs a binary or multi-label classifier; this model is a {task.kind} model "
+            "(deploy it with --output logits and limit extraction with --max-predictions-per-key)"
+        )
+
+
+def _thresholds(output_quantizer, pairwise: bool) -> np.ndarray:
+    """Integer offsets that make `score > 0` the class: the output quantizer holds each output's float
+    zero point (the final layer's bias) and one scale, so logit[1] > logit[0] iff q1 - q0 > zp1 - zp0,
+    and logit[t] > 0 iff q[t] > zp[t]; for integers, s > z iff s - floor(z) > 0."""
+    zp = np.asarray(output_quantizer.zero_point, dtype=np.float64).reshape(1, -1)
+    if np.ndim(output_quantizer.scale) or float(output_quantizer.scale) <= 0:
+        raise ConfigError(
+            "--output class needs one positive output scale (a per-channel output quantizer was found)"
+        )
+    z = zp[:, 1:2] - zp[:, 0:1] if pairwise else zp
+    return np.floor(z).astype(np.int64)
+
+
+def _scores(q, pairwise: bool, offsets: np.ndarray):
+    """Integer scores whose sign is the class: (n, 1) for a binary model, (n, tasks) for multi-label."""
+    return (q[:, 1:2] - q[:, 0:1] if pairwise else q) - offsets
+
+
+def _rounding(scores: np.ndarray, target_bits: int) -> int:
+    """Least-significant bits to drop so the signed scores fit in `target_bits` bits."""
+    largest = int(np.abs(scores).max(initial=0))
+    width = largest.bit_length() + 1  # sign bit
+    return max(0, width - target_bits)
+
+
+def _sign(v):
+    return np.where(v > 0, 1, -1)
+
+
+def class_circuit(
+    q_module, task: TaskSpec, X_calib: np.ndarray, target_bits: int, rounding_method: str, p_error
+):
+    """Compile the class-only circuit of a compiled QuantizedModule and make its output quantizer the
+    identity (scale 1, zero point 0), so the client part no longer carries the final layer's biases."""
+    from concrete import fhe
+
+    check_output("class", task)
+    pairwise = task.kind == "binary"
+    out_q = q_module.output_quantizers[0]
+    offsets = _thresholds(out_q, pairwise)
+    q_calib = q_module.quantize_input(np.asarray(X_calib, dtype=np.float32))
+    lsbs = _rounding(_scores(q_module._clear_forward(q_calib), pairwise, offsets), target_bits)
+    exactness = fhe.Exactness.EXACT if rounding_method == "exact" else fhe.Exactness.APPROXIMATE
+
+    def forward(q_x):
+        s = _scores(q_module._clear_forward(q_x), pairwise, offsets)
+        if lsbs:
+            s = fhe.round_bit_pattern(s, lsbs_to_remove=lsbs, exactness=exactness)
+        sign = fhe.univariate(_sign)(s)  # one table lookup per task: +1 for class 1, -1 for class 0
+        return sign * np.array([[-1, 1]]) if pairwise else sign
+
+    circuit = fhe.Compiler(forward, {"q_x": "encrypted"}).compile(
+        [q_calib[i : i + 1] for i in range(len(q_calib))],
+        p_error=p_error,
+        single_precision=False,
+        compress_input_ciphertexts=True,
+        compress_evaluation_keys=True,
+    )
+    n_out = 2 if pairwise else task.n_outputs
+    out_q.scale, out_q.zero_point = 1.0, np.zeros((1, n_out))
+    out_q.rmin, out_q.rmax = -1.0, 1.0
+    return circuit
+
+
+def class_predictions(task: TaskSpec, raw: np.ndarray) -> np.ndarray:
+    """Outputs of a class-only circuit (or logits) -> the shape `metrics.to_predictions` gives, with 0/1
+    values: one-hot (n, 2) for a binary model, (n, n_tasks) for a multi-label one."""
+    raw = np.atleast_2d(np.asarray(raw, dtype=np.float64))
+    if task.kind == "binary":
+        c = (raw[:, 1] > raw[:, 0]).astype(np.float64)
+        return np.stack([1.0 - c, c], axis=1)
+    return (raw > 0).astype(np.float64)
