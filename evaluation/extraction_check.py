@@ -152,12 +152,14 @@ def attack_class_only(url: str, name: str, X: np.ndarray, Y: np.ndarray, tmp: Pa
     model = RemoteModel(url, name, key_dir=tmp / "attacker-keys-class")
     classes, info = query(model, X)
     half = len(X) // 2
-    labels = classes[:half, 0].round().astype(int)
+    # a binary class-only circuit answers (-1, 1) for class 1 and (1, -1) for class 0
+    predicted = classes.argmax(1) if classes.shape[1] > 1 else (classes[:, 0] > 0).astype(int)
+    labels = predicted[:half]
     truth = Y.argmax(1) if Y.shape[1] > 1 else None
     return {
         **info,
         "answers_are": sorted({float(v) for v in np.unique(classes)}),
-        "same_class_as_logits_model": None if truth is None else float(np.mean(classes[:, 0] == truth)),
+        "same_class_as_logits_model": None if truth is None else float(np.mean(predicted == truth)),
         "curve": [
             fit_class_only(X[:q], labels[:q], X[half:], Y[half:], seed)
             for q in sorted({16, 32, 64, 128, 256, half})
@@ -175,7 +177,14 @@ def run(bundle: Path, n: int, budget: int, seed: int, inputs: str, workers: int,
     tmp = Path(tempfile.mkdtemp(prefix="molcloak-extraction-"))
     bundles = tmp / "bundles"
     _copy_bundle(bundle, bundles / "model")
-    class_bundle = class_only_bundle(bundle, tmp / "class-bundle")
+    try:
+        class_bundle = class_only_bundle(bundle, tmp / "class-bundle")
+    except MolcloakError as exc:  # e.g. a 2-bit model whose comparison Concrete cannot compile
+        class_bundle, result_note = None, {"skipped": str(exc)}
+    else:
+        result_note = (
+            None if class_bundle else {"skipped": "no owner part, or not a binary/multi-label model"}
+        )
     if class_bundle is not None:
         _copy_bundle(class_bundle, bundles / "model-class")
     common = ["--workers", workers, "--max-batch", BATCH]
@@ -187,6 +196,8 @@ def run(bundle: Path, n: int, budget: int, seed: int, inputs: str, workers: int,
         "surrogate": f"MLP, {HIDDEN} hidden units, fitted on the first half, scored on the second",
         "seed": seed,
     }
+    if result_note:
+        result["class_only"] = result_note
     try:
         server = _server(bundles, tmp, "raw", common, timeout)
         try:

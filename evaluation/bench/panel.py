@@ -36,7 +36,7 @@ import numpy as np
 
 from molcloak.pipeline import workflow
 from molcloak.pipeline.data import Dataset, DataSource
-from molcloak.pipeline.errors import ConfigError
+from molcloak.pipeline.errors import ConfigError, TuneError
 from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
@@ -479,12 +479,21 @@ def _one_run(ds: Dataset, entry: PanelEntry, seed: int, config: PanelConfig, cac
         run["references"] = refs
     if {"molcloak", "cml_xgb"} & set(wanted) - set(run["resumed_parts"]):
         ours = "molcloak" in wanted
-        row, ckpt = run_molcloak(ds, sp, seed, config, tick, execute=ours)
+        try:
+            row, ckpt = run_molcloak(ds, sp, seed, config, tick, execute=ours)
+        except TuneError as exc:  # nothing met the budget (a loaded machine times slow): go on, rerun later
+            run["molcloak_error"] = str(exc)
+            del run["key"]  # not a finished run: a rerun redoes this part and reuses the references
+            return _finish(run, start)
         if ours:
             run["molcloak"] = row
         if "cml_xgb" in wanted:
             run["cml_xgb"] = run_cml_xgb(ds, sp, ckpt, seed, config.quick)
             tick("Concrete ML XGB", "xgb")
+    return _finish(run, start)
+
+
+def _finish(run: dict, start: float) -> dict:
     run["seconds"] = time.perf_counter() - start
     run["load_avg_at_end"] = list(os.getloadavg())
     run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

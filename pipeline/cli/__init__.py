@@ -1,9 +1,9 @@
 """`molcloak` command line: parsing and printing only; the work is in the layers below.
 
 One module per command group registers its commands on the shared Typer `app`:
-owner (train, compile, deploy), predict (predict, info, models), keys (keys list/rotate/delete),
-serve (serve, app),
-audit, bench (bench, tune), demo. Nothing outside this package imports it.
+owner (train, compile, deploy), predict (predict, screen, info, models), keys (keys list/rotate/delete),
+serve (serve, app), audit (audit, explain), bench (bench, tune), demo, fit. Nothing outside this package
+imports it.
 """
 
 from __future__ import annotations
