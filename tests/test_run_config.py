@@ -154,7 +154,8 @@ def small_bundle(tiny_binary):
         (["--fhe", "fast", "CCO"], "--fhe 'fast' is not a mode"),
         (
             ["--batch-size", "4", "CCO"],
-            "--batch-size sets ciphertexts per HTTP request and applies to --server only",
+            "--batch-size sets how ciphertexts go to the server (per HTTP request, requests in flight) and applies "
+            "to --server only",
         ),
         (
             ["--server", "http://127.0.0.1:9", "--model", "m", "--batch-size", "0", "CCO"],
