@@ -294,6 +294,10 @@ def test_key_rotation_with_batches_in_flight_never_overuses_a_key_set(served, ti
             key_id = json.loads(e.body)["key_id"]
             per_key[key_id] = per_key.get(key_id, 0) + len(json.loads(e.body)["ciphertexts"])
     assert sorted(per_key.values()) == [1, 5, 5]  # no key set decrypted more than its 5 predictions
+    # each rotation deletes the old key set's evaluation keys on the server
+    deleted = [(e.path, e.status) for e in wire.log if e.method == "DELETE"]
+    server_ids = list(dict.fromkeys(json.loads(e.body)["key_id"] for e in wire.log if e.path == "/predict"))
+    assert len(server_ids) == 3 and deleted == [(f"/keys/{k}", 204) for k in server_ids[:2]]
 
 
 def _assert_waited(wire: Wire, status: int) -> None:

@@ -45,6 +45,7 @@ from ..errors import (
     KeysRevokedError,
     KeyStorageError,
     KeyStorageFullError,
+    MolcloakError,
     QuotaError,
     RateLimitedError,
     RemoteError,
@@ -195,12 +196,25 @@ class RemoteModel(PredictionBackend):
         )
 
     def keygen(self, force: bool = False) -> KeygenInfo:
-        """Load or generate this model's keys; make sure the server holds their evaluation keys."""
+        """Load or generate this model's keys; make sure the server holds their evaluation keys.
+
+        `force` (rotation) also asks the server to delete the old key set's evaluation keys, so a rotated
+        key set cannot be used again and does not count against the server's key quota."""
+        old = (self._key_id or self._stored_key_id()) if force else None
         info = self.client.keygen(force)
         if info is not self._keyinfo:
             self.key_id(refresh=force)
             self._keyinfo = info
+        if old and old != self._key_id:
+            self._forget(old)
         return info
+
+    def _forget(self, key_id: str) -> None:
+        """DELETE an old key id on the server; best effort (it may be gone already: expiry, a restart)."""
+        try:
+            self.request("DELETE", f"/keys/{key_id}")
+        except MolcloakError:
+            pass
 
     def key_id(self, refresh: bool = False) -> str:
         """The server's id for our evaluation keys; generates and uploads them when needed.
