@@ -120,12 +120,8 @@ def class_only_bundle(bundle: Path, out: Path) -> Path | None:
         ckpt = load_checkpoint(bundle)
     except MolcloakError:
         return None
-    recorded = {
-        k: v
-        for k, v in (manifest.data.get("compile") or {}).items()
-        if k in CompileConfig.__dataclass_fields__
-    }
-    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(**{**recorded, "output": "class"}))
+    config = CompileConfig.from_dict(manifest.data.get("compile"), output="class")
+    compiled = workflow.compile_checkpoint(ckpt, config)
     workflow.deploy(ckpt, compiled, out, f"{manifest.name}-class")
     return out
 

@@ -227,6 +227,21 @@ def write_bundle(
     return manifest
 
 
+def write_aggregate_part(
+    bundle: str | Path, circuit, spec_json: str, owner_json: str, force: bool = False
+) -> Path:
+    """Write `<bundle>/aggregate/` (see `aggregate.py`): server.zip for the owner's server, client.zip (crypto
+    parameters only) and aggregate.json for auditors; and the thresholds, which are never served, to
+    `<bundle>/owner/aggregate.json`."""
+    target = Path(bundle) / "aggregate"
+    with _atomic_dir(target, force) as tmp:
+        circuit.server.save(tmp / "server.zip", via_mlir=True)
+        circuit.client.save(tmp / "client.zip")
+        (tmp / "aggregate.json").write_text(spec_json)
+        (Path(bundle) / "owner" / "aggregate.json").write_text(owner_json)
+    return target
+
+
 def load_manifest(path: str | Path, part: str | None = None, check: bool = True) -> Manifest:
     """Read a bundle's manifest and check versions.
 

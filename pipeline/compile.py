@@ -59,6 +59,13 @@ class CompileConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict | None, **given) -> CompileConfig:
+        """The config recorded in a checkpoint or manifest (keys of other versions ignored), with `given`
+        values replacing recorded ones."""
+        recorded = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**{**recorded, **given})
+
 
 @dataclass(frozen=True)
 class CircuitStats:

@@ -119,5 +119,9 @@ class RateLimitedError(QuotaError):
     """More predictions per minute than the server's `--rate` allows for one key id; retry after a while."""
 
 
+class ForbiddenError(MolcloakError, PermissionError):
+    """The request's token may not do this (an audit-only token asking for per-molecule predictions); HTTP 403."""
+
+
 class KeyStorageFullError(KeyStorageError):
     """Storing uploaded evaluation keys would exceed the server's `--max-key-storage-mb` (HTTP 507)."""

@@ -329,6 +329,12 @@ class PrivateClient:
         """Features from SMILES, or from rows (mappings column -> value) for a tabular model."""
         return self.featurizer.transform(inputs)
 
+    def quantize(self, X: np.ndarray) -> np.ndarray:
+        """The model's integer inputs of feature rows (n, *featurizer.shape), as the circuit reads them; no
+        keys needed (the aggregate-only audit encrypts them with its own program's keys)."""
+        X = np.asarray(X, dtype=np.float32).reshape((-1,) + tuple(self.featurizer.shape))
+        return np.asarray(self._fhe.model.quantize_input(X), dtype=np.int64)
+
     def encrypt(self, x: np.ndarray) -> bytes:
         """Quantize and encrypt one molecule's features (shape `featurizer.shape`, with or without a batch axis of 1)."""
         self._require_keys()

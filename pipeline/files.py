@@ -33,3 +33,18 @@ def write_private(path: str | Path, data: bytes, private_dir: bool = True) -> Pa
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def fixed_zip(directory: str | Path, names: tuple[str, ...]) -> bytes:
+    """A zip of `directory`'s files `names` with fixed timestamps and modes: the same files always give
+    the same bytes (a client part's download is compared by hash)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            z.writestr(info, (Path(directory) / name).read_bytes(), zipfile.ZIP_DEFLATED)
+    return buf.getvalue()

@@ -35,7 +35,7 @@ def check_output(output: str, task: TaskSpec) -> None:
         )
 
 
-def _thresholds(output_quantizer, pairwise: bool) -> np.ndarray:
+def score_offsets(output_quantizer, pairwise: bool) -> np.ndarray:
     """Integer offsets that make `score > 0` the class: the output quantizer holds each output's float
     zero point (the final layer's bias) and one scale, so logit[1] > logit[0] iff q1 - q0 > zp1 - zp0,
     and logit[t] > 0 iff q[t] > zp[t]; for integers, s > z iff s - floor(z) > 0."""
@@ -48,12 +48,12 @@ def _thresholds(output_quantizer, pairwise: bool) -> np.ndarray:
     return np.floor(z).astype(np.int64)
 
 
-def _scores(q, pairwise: bool, offsets: np.ndarray):
+def class_scores(q, pairwise: bool, offsets: np.ndarray):
     """Integer scores whose sign is the class: (n, 1) for a binary model, (n, tasks) for multi-label."""
     return (q[:, 1:2] - q[:, 0:1] if pairwise else q) - offsets
 
 
-def _rounding(scores: np.ndarray, target_bits: int) -> int:
+def lsbs_to_fit(scores: np.ndarray, target_bits: int) -> int:
     """Least-significant bits to drop so the signed scores fit in `target_bits` bits."""
     largest = int(np.abs(scores).max(initial=0))
     width = largest.bit_length() + 1  # sign bit
@@ -74,13 +74,13 @@ def class_circuit(
     check_output("class", task)
     pairwise = task.kind == "binary"
     out_q = q_module.output_quantizers[0]
-    offsets = _thresholds(out_q, pairwise)
+    offsets = score_offsets(out_q, pairwise)
     q_calib = q_module.quantize_input(np.asarray(X_calib, dtype=np.float32))
-    lsbs = _rounding(_scores(q_module._clear_forward(q_calib), pairwise, offsets), target_bits)
+    lsbs = lsbs_to_fit(class_scores(q_module._clear_forward(q_calib), pairwise, offsets), target_bits)
     exactness = fhe.Exactness.EXACT if rounding_method == "exact" else fhe.Exactness.APPROXIMATE
 
     def forward(q_x):
-        s = _scores(q_module._clear_forward(q_x), pairwise, offsets)
+        s = class_scores(q_module._clear_forward(q_x), pairwise, offsets)
         if lsbs:
             s = fhe.round_bit_pattern(s, lsbs_to_remove=lsbs, exactness=exactness)
         sign = fhe.univariate(_sign)(s)  # one table lookup per task: +1 for class 1, -1 for class 0

@@ -200,12 +200,7 @@ def train_run(
 def recorded_compile_config(ckpt: Checkpoint, **given) -> CompileConfig:
     """The compile settings recorded at training time (defaults when none), with the `given` values
     (e.g. from the command line) replacing them."""
-    recorded = {
-        k: v
-        for k, v in (ckpt.train_info.get("compile") or {}).items()
-        if k in CompileConfig.__dataclass_fields__
-    }
-    return CompileConfig(**{**recorded, **given})
+    return CompileConfig.from_dict(ckpt.train_info.get("compile"), **given)
 
 
 def import_checkpoint(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import ConfigError
 from .common import (
     DataOpts,
     JsonOpt,
@@ -100,6 +101,12 @@ def audit(
         "every input group on the test set (costs (groups + 1) encrypted runs per molecule plus groups x rows).",
     ),
     importance: bool = ImportanceOpt,
+    aggregate_only: bool = typer.Option(
+        False,
+        "--aggregate-only",
+        help="Decrypt only score histograms, never a per-molecule prediction (binary models whose owner ran "
+        "`molcloak aggregate`): ROC-AUC, confusion matrix and metrics with CIs; writes aggregate.json/md.",
+    ),
     as_json: bool = JsonOpt,
 ):
     """Audit a model privately on a secret test set: metrics with 95% CIs, subgroups, claims check, reports.
@@ -113,6 +120,20 @@ def audit(
     Example: molcloak audit --server http://127.0.0.1:8000 --model sol-low --test-set test.csv
     --target-col sol_low --out audits/sol-low
     """
+    if aggregate_only:
+        if explain or group_col or restart:
+            raise ConfigError("--aggregate-only cannot be combined with --explain, --group-col or --restart")
+        return _aggregate(
+            test_set,
+            out_dir,
+            target_col,
+            smiles_col,
+            bootstrap,
+            seed,
+            skip_invalid,
+            as_json,
+            _where(bundle, server, model, key_dir, token_file),
+        )
     from molcloak.evaluation.audit.engine import AuditConfig, audit_command
     from molcloak.evaluation.audit.report import print_summary
 
@@ -146,6 +167,28 @@ def audit(
 
         for line in summary_lines(report["explain"]):
             out.print(line, highlight=False, soft_wrap=True)
+
+
+def _aggregate(test_set, out_dir, target_col, smiles_col, bootstrap, seed, skip_invalid, as_json, where):
+    from molcloak.evaluation.audit.aggregate import (
+        AggregateAuditConfig,
+        aggregate_audit_command,
+        summary_lines,
+    )
+
+    config = AggregateAuditConfig(test_set, out_dir, target_col, smiles_col, bootstrap, seed, skip_invalid)
+    with progress() as bar:
+        task = bar.add_task("aggregate-only audit", total=None, status="")
+
+        def on_progress(done: int, total: int, status: str) -> None:
+            bar.update(task, completed=done, total=total, status=status)
+
+        report = aggregate_audit_command(config, on_progress, **where)
+    if as_json:
+        return emit_json(report)
+    for line in summary_lines(report):
+        out.print(line, highlight=False, soft_wrap=True)
+    out.print(f"reports: {report['files']['markdown']}, {report['files']['json']}", highlight=False)
 
 
 PHASES = {

@@ -294,3 +294,54 @@ def deploy(
         torch_model=None,
         n_bits=None,
     )
+
+
+@app.command()
+@cli_errors
+def aggregate(
+    bundle: Path = typer.Argument(
+        ..., help="Bundle directory written by `molcloak deploy` (with its owner/ part)."
+    ),
+    rows: int = typer.Option(
+        128,
+        "--rows",
+        help="Molecules per chunk: an audit's molecules are sent in chunks padded to this size.",
+    ),
+    thresholds: int = typer.Option(
+        8, "--thresholds", help="Score thresholds of the histogram (more: AUC closer to exact, more PBS)."
+    ),
+    force: bool = ForceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Add the aggregate-only audit program to a binary classifier's bundle (writes BUNDLE/aggregate/).
+
+    With it, `molcloak audit --aggregate-only` scores the model on an auditor's secret test set while the
+    auditor decrypts only a histogram of scores per label, never a per-molecule prediction. Serve the
+    bundle again afterwards; give auditors tokens from --audit-token-file so they can do nothing else.
+    Example: molcloak aggregate demo/bundle
+    """
+    import time
+
+    from ..aggregate import add_aggregate
+
+    start = time.perf_counter()
+    with out.status("compiling the aggregate program and measuring its keys"):
+        spec = add_aggregate(bundle, rows, thresholds, force)
+    info = {
+        "bundle": str(bundle),
+        "program": spec.program,
+        "rows_per_chunk": spec.rows,
+        "buckets": spec.buckets,
+        "pbs_per_chunk": spec.circuit.get("pbs_count"),
+        "max_bit_width": spec.circuit.get("max_bit_width"),
+        "evaluation_key_bytes": spec.circuit.get("serialized_evaluation_key_bytes"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if as_json:
+        return emit_json(info)
+    out.print(
+        f"wrote {bundle / 'aggregate'}: {spec.program}, {spec.rows} molecules per chunk, {spec.buckets} score "
+        f"buckets, {info['pbs_per_chunk']} PBS per chunk, {info['max_bit_width']}-bit circuit, "
+        f"{info['evaluation_key_bytes'] / 1e6:.1f} MB of evaluation keys ({info['seconds']} s)",
+        highlight=False,
+    )

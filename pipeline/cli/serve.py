@@ -92,6 +92,18 @@ def serve(
     rate: float = typer.Option(
         0.0, "--rate", help="Predictions per minute per key id (token bucket; 0 = no rate limit)."
     ),
+    audit_token_file: Path | None = typer.Option(
+        None,
+        "--audit-token-file",
+        help="Tokens (one per line) that may run aggregate-only audits and nothing else: 403 on per-molecule "
+        "predictions, so an auditor cannot collect the model's outputs.",
+    ),
+    aggregate_epsilon: float = typer.Option(
+        0.0,
+        "--aggregate-epsilon",
+        help="Noise the server adds to the counts of aggregate-only audits (differential privacy per chunk; "
+        "0 = none, else 0.5-100: smaller is more private, noisier).",
+    ),
 ):
     """Serve every bundle in --bundles over HTTP: the server holds evaluation keys and ciphertexts only.
 
@@ -100,6 +112,7 @@ def serve(
     """
     import os
 
+    from ..aggregate import check_epsilon
     from ..serving.http_api import MAX_BATCH, ServeConfig
     from ..serving.http_api import serve as run_server
     from ..serving.quotas import Limits
@@ -122,7 +135,10 @@ def serve(
                 f"{flag} {value} is out of range; use a number >= {low}"
                 + (" (0 = no limit)" if low == 0 else "")
             )
-    tokens = tuple(line.strip() for line in (read_token(token_file) or "").splitlines() if line.strip())
+    tokens, audit_tokens = (
+        tuple(line.strip() for line in (read_token(f) or "").splitlines() if line.strip())
+        for f in (token_file, audit_token_file)
+    )
     limits = Limits(
         max_key_bytes=int(max_key_storage_mb * 2**20),
         max_keys_per_model=max_keys_per_model,
@@ -146,7 +162,10 @@ def serve(
         executor=executor,
         ray_address=ray_address,
         ray_cpus=ray_cpus,
+        audit_tokens=audit_tokens,
+        aggregate_epsilon=aggregate_epsilon,
     )
+    check_epsilon(aggregate_epsilon)
     if executor == "ray":
         cluster = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray"
         runs = f"{f'{workers} FHE actors' if workers else 'one FHE actor per CPU'} on {cluster}"

@@ -61,10 +61,10 @@ def _exit_with_parent(parent_pid: int) -> None:
 def _init_worker(bundles: dict[str, str], key_root: str, cache_bytes: int, parent_pid: int) -> None:
     _exit_with_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from ..fhe_server import PrivateServer
+    from ..fhe_server import open_server
     from .keystore import KeyStore
 
-    servers = {name: PrivateServer(path) for name, path in bundles.items()}
+    servers = {name: open_server(path) for name, path in bundles.items()}
     _STATE["servers"] = servers
     _STATE["store"] = KeyStore(
         key_root,

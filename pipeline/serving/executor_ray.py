@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import ConfigError, JobTimeoutError, ServerBusyError, WorkerCrashError
+from ..fhe_server import circuit_info
 from .executor import START_TIMEOUT, FheExecutor, key_cost, reference_ciphertexts
 from .keystore import KeyStore
 
@@ -39,7 +40,7 @@ INSTALL = 'pip install "molcloak[ray]"'
 NAMESPACE = "molcloak"
 ACTOR_PREFIX = "molcloak-fhe"
 ATTEMPTS = 2  # an actor dies during a job: retry once elsewhere; a second death is the job's doing
-SERVER_FILES = ("server.zip", "manifest.json")
+SERVER_FILES = ("server.zip", "manifest.json", "aggregate.json")  # those present: a bundle or aggregate part
 
 
 def import_ray():
@@ -98,7 +99,7 @@ def server_part(bundle: str | Path) -> dict[str, bytes]:
     from ..bundle import part_dir
 
     directory = part_dir(bundle, "server")
-    return {name: (directory / name).read_bytes() for name in SERVER_FILES}
+    return {name: (directory / name).read_bytes() for name in SERVER_FILES if (directory / name).is_file()}
 
 
 class LoadedKeys:
@@ -133,7 +134,7 @@ class FheActor:
 
     def __init__(self, parts: dict[str, dict[str, bytes]], cache_bytes: int):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from ..fhe_server import PrivateServer
+        from ..fhe_server import open_server
 
         self.servers = {}
         with tempfile.TemporaryDirectory(prefix="molcloak-actor-") as tmp:
@@ -142,7 +143,7 @@ class FheActor:
                 directory.mkdir()
                 for filename, data in files.items():
                     (directory / filename).write_bytes(data)
-                self.servers[name] = PrivateServer(directory)  # loaded now: the files may go
+                self.servers[name] = open_server(directory)  # loaded now: the files may go
         self.keys = LoadedKeys(cache_bytes)
 
     def ready(self) -> int:
@@ -205,7 +206,7 @@ class RayPool(FheExecutor):
         self._store = KeyStore(
             key_root, cache_bytes, load=lambda _model, data: self.ray.put(data), cost=self._size
         )
-        self._manifests = {name: self._manifest(path) for name, path in self.bundles.items()}
+        self._circuits = {name: circuit_info(path) for name, path in self.bundles.items()}
         self._actor_class = self.ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(FheActor)
         self._created = 0
         self._actors = [self._new_actor() for _ in range(self.size)]
@@ -214,14 +215,8 @@ class RayPool(FheExecutor):
         self._holders: dict[str, set[int]] = {}  # key id -> actors given its keys
         self._started: set[int] = set()  # slots whose actor has loaded the circuits
 
-    @staticmethod
-    def _manifest(bundle: str):
-        from ..bundle import load_manifest, part_dir
-
-        return load_manifest(part_dir(bundle, "server"), "server")
-
     def _size(self, model: str) -> int:
-        return int(self._manifests[model].circuit.get("serialized_evaluation_key_bytes") or 0)
+        return int(self._circuits[model].get("serialized_evaluation_key_bytes") or 0)
 
     def _new_actor(self):
         self._created += 1

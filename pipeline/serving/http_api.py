@@ -12,20 +12,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import os
 import secrets
 import sys
 import time
-import zipfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from ..aggregate import check_epsilon
 from ..bundle import Manifest, client_fingerprint, load_manifest
 from ..errors import (
     BodyTooLargeError,
@@ -38,6 +38,8 @@ from ..errors import (
     UnknownModelError,
     WorkerCrashError,
 )
+from ..files import fixed_zip
+from .aggregate_api import add_aggregate_routes, check_audit_only, find_programs
 from .executor import FheExecutor, WorkerPool
 from .guards import BodyLimit, CiphertextShape, validation_message
 from .keystore import KeyStore
@@ -71,6 +73,8 @@ class ServeConfig:
     executor: str = "processes"  # or "ray": FHE jobs on Ray actors (executor_ray.py)
     ray_address: str | None = None  # None: a local Ray; "auto" or host:port: an existing cluster
     ray_cpus: int = 0  # CPUs of a local Ray (0: every core)
+    aggregate_epsilon: float = 0.0  # noise of aggregate-only audits (aggregate.draw_noise); 0: none
+    audit_tokens: tuple[str, ...] = ()  # tokens that may run aggregate-only audits and nothing else
 
     @property
     def batch_limit(self) -> int:
@@ -80,7 +84,8 @@ class ServeConfig:
 
     @property
     def all_tokens(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((*((self.token,) if self.token else ()), *self.tokens)))
+        given = (*((self.token,) if self.token else ()), *self.tokens, *self.audit_tokens)
+        return tuple(dict.fromkeys(given))
 
     @property
     def keys_dir(self) -> Path:
@@ -151,6 +156,8 @@ def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
 
 def create_app(config: ServeConfig) -> FastAPI:
     models = find_bundles(config.bundles)
+    programs = find_programs(models)  # aggregate-only audit programs, as "<model>:aggregate"
+    check_epsilon(config.aggregate_epsilon)
     client_zips = {name: _client_zip(d) for name, (d, _) in models.items()}
     fingerprints = {
         name: client_fingerprint(d) for name, (d, _) in models.items()
@@ -165,9 +172,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     if expired:
         print(f"molcloak serve: removed {len(expired)} expired key sets", file=sys.stderr)
     owners = {token: token_owner(token) for token in config.all_tokens}
+    audit_owners = {token_owner(token) for token in config.audit_tokens}
     pool = make_executor(
         config.executor,
-        {n: d for n, (d, _) in models.items()},
+        {**{n: d for n, (d, _) in models.items()}, **{n: d for n, (d, _) in programs.items()}},
         config.keys_dir,
         workers=config.workers,
         queue_size=config.queue_size,
@@ -239,6 +247,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         expected = {
             ("POST", "/predict"): "application/json",
             ("POST", "/keys"): "application/octet-stream",
+            ("POST", "/aggregate"): "application/json",
         }.get((method, path))
         if expected and ctype != expected:
             return error(
@@ -256,6 +265,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {
             "status": "ok",
             "models": list(models),
+            "aggregate_programs": list(programs),
             **pool.figures(),
             "max_batch": config.batch_limit,
             "keys": quotas.figures(),
@@ -294,11 +304,16 @@ def create_app(config: ServeConfig) -> FastAPI:
         },
     )
     async def upload_keys(
-        request: Request, model: str = Query(..., description="model the keys were generated for")
+        request: Request,
+        model: str = Query(..., description="model (or NAME:aggregate program) the keys were generated for"),
     ):
-        manifest = model_or_404(model)
         owner = request.state.owner
-        expected = manifest.circuit.get("serialized_evaluation_key_bytes")
+        if model in programs:
+            circuit, sample = programs[model][1].circuit, b""  # an empty job: deserialize only
+        else:
+            check_audit_only(owner, audit_owners, f"keys for model {model!r} itself")
+            circuit, sample = model_or_404(model).circuit, None
+        expected = circuit.get("serialized_evaluation_key_bytes")
         if expected:  # quotas first: a refused upload is not read
             quotas.reserve(model, expected, owner)()
         data = await _read_capped(request, config.max_body_bytes)
@@ -315,7 +330,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             release()
         try:  # run the circuit once with the keys, in a worker: a crash there only rejects these keys
-            await pool.check_keys(model, key_id, shapes[model].sample)
+            await pool.check_keys(model, key_id, shapes[model].sample if sample is None else sample)
         except (WorkerCrashError, JobTimeoutError) as exc:
             store.delete(key_id)
             what = "crashed the FHE worker" if isinstance(exc, WorkerCrashError) else "stalled the circuit"
@@ -337,9 +352,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        responses={k: ERRORS[k] for k in (400, 404, 409, 413, 415, 422, 429, 503)},
+        responses={k: ERRORS[k] for k in (400, 403, 404, 409, 413, 415, 422, 429, 503)},
     )
     async def predict(req: PredictRequest, request: Request, response: Response):
+        check_audit_only(request.state.owner, audit_owners, "per-molecule predictions")
         model_or_404(req.model)
         if len(req.ciphertexts) > config.batch_limit:
             return error(
@@ -383,6 +399,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             total_seconds=time.perf_counter() - start,
         )
 
+    context = SimpleNamespace(
+        config=config, store=store, quotas=quotas, pool=pool, epsilon=config.aggregate_epsilon
+    )
+    add_aggregate_routes(app, programs, context)
     return app
 
 
@@ -433,15 +453,8 @@ def _b64(text: str, index: int) -> bytes:
 
 
 def _client_zip(bundle_dir: Path) -> bytes:
-    """The download of GET /models/{name}/client: client.zip and manifest.json, with fixed timestamps so
-    the same files always give the same bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name in ("client.zip", "manifest.json"):
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            z.writestr(info, (bundle_dir / "client" / name).read_bytes(), zipfile.ZIP_DEFLATED)
-    return buf.getvalue()
+    """The download of GET /models/{name}/client: client.zip and manifest.json (fixed bytes)."""
+    return fixed_zip(bundle_dir / "client", ("client.zip", "manifest.json"))
 
 
 def _model_info(name: str, m: Manifest, fingerprint: str, max_batch: int = MAX_BATCH) -> ModelInfo:

@@ -39,6 +39,7 @@ from ..errors import (
     BudgetExhaustedError,
     CiphertextError,
     ConfigError,
+    ForbiddenError,
     JobTimeoutError,
     KeyMismatchError,
     KeysError,
@@ -80,6 +81,7 @@ ERROR_TYPES = {
         RateLimitedError,
         KeyStorageError,
         KeyStorageFullError,
+        ForbiddenError,
     )
 }
 

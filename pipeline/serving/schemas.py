@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from ..errors import (
     BodyTooLargeError,
     CiphertextError,
+    ForbiddenError,
     KeyMismatchError,
     KeysError,
     KeysRevokedError,
@@ -75,7 +76,32 @@ class PredictResponse(BaseModel):
     total_seconds: float
 
 
+class AggregateChunk(BaseModel):
+    rows: str = Field(
+        description="base64 serialized ciphertext of the chunk's molecules (aggregate client part)"
+    )
+    labels: str = Field(description="base64 serialized ciphertext of the chunk's labels")
+
+
+class AggregateRequest(BaseModel):
+    model: str = Field(
+        description="the model whose aggregate program runs (its keys: POST /keys?model=NAME:aggregate)"
+    )
+    key_id: str
+    chunks: list[AggregateChunk] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class AggregateResponse(BaseModel):
+    model: str
+    outputs: list[str] = Field(description="base64 encrypted counts of each chunk, in request order")
+    epsilon: float = Field(description="the server's noise level per chunk (0: no noise)")
+    noise_offset: int = Field(description="added to every count so that noisy counts stay non-negative")
+    server_seconds: list[float]
+    total_seconds: float
+
+
 STATUS = {  # the first class that matches wins
+    ForbiddenError: 403,
     UnknownModelError: 404,
     KeyMismatchError: 409,
     KeysRevokedError: 400,
@@ -89,6 +115,7 @@ STATUS = {  # the first class that matches wins
 ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed ciphertext or keys, or revoked key id"},
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    403: {"model": ErrorResponse, "description": "an audit-only token asked for per-molecule predictions"},
     404: {"model": ErrorResponse, "description": "unknown model or key id"},
     409: {"model": ErrorResponse, "description": "key id belongs to another model"},
     413: {"model": ErrorResponse, "description": "body over the size limit"},
