@@ -4,10 +4,11 @@ A run directory holds `<meta>.json` (format, the run's identity, one record per 
 append-only data files. Every batch is appended and fsynced before the next one counts as done, so
 a rerun after Ctrl-C, a kill or a lost connection continues where the last run stopped and scores
 every row exactly once: a line cut short by a crash mid-write is dropped (its rows are scored again).
-A rerun whose identity (input file hash, columns, model) differs is refused, unless `restart`.
+A rerun whose identity (input file hash, columns, model) differs is refused, unless `restart`; so is a
+directory whose metadata is damaged or written in another checkpoint format.
 
-`molcloak screen` uses it (evaluation/screen); `molcloak audit` keeps the same layout (audit.json,
-progress.jsonl).
+`molcloak screen` (evaluation/screen: screen.json, predictions.csv) and `molcloak audit`
+(evaluation/audit: audit.json, progress.jsonl read with `read_jsonl`) use it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from molcloak.pipeline.errors import ConfigError, MolcloakError
+
+T = TypeVar("T")
 
 
 class RunState:
@@ -48,7 +52,7 @@ class RunState:
             for p in (self.meta_path, *data):
                 p.unlink(missing_ok=True)
         if self.meta_path.is_file():
-            self.meta = json.loads(self.meta_path.read_text())
+            self.meta = self._read_meta(fmt, error)
             check_same_run(self.meta["identity"], identity, self.out, names or {}, what, error)
             self.resumed = True
         else:
@@ -57,6 +61,23 @@ class RunState:
                 p.unlink(missing_ok=True)
             self.save()
             self.resumed = False
+
+    def _read_meta(self, fmt: int, error: type[MolcloakError]) -> dict:
+        """The stored metadata; damaged or in another format: `error` naming --restart."""
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            stored, _ = meta.get("format"), meta["identity"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise error(
+                f"{self.meta_path} is damaged ({exc}); pass --restart to start over (the saved rows are "
+                "scored again), or choose another --out"
+            ) from exc
+        if stored != fmt:
+            raise error(
+                f"{self.meta_path} is a checkpoint of format {stored!r}, this molcloak reads format {fmt}; "
+                "pass --restart to start over (the saved rows are scored again), or choose another --out"
+            )
+        return meta
 
     def save(self) -> None:
         tmp = self.meta_path.with_suffix(".tmp")
@@ -125,6 +146,24 @@ def drop_torn_line(path: Path, block: int = 1 << 16) -> bytes:
             fh.truncate(start + cut)
         lines = tail[:cut].split(b"\n")
         return lines[-2] if len(lines) >= 2 else b""
+
+
+def read_jsonl(path: Path, parse: Callable[[dict], T], error: type[MolcloakError] = ConfigError) -> list[T]:
+    """`parse(record)` of every line of an append-only JSON-lines checkpoint, after cutting a last line
+    torn by a crash (`drop_torn_line`: its rows are scored again). A line that is not JSON or that
+    `parse` rejects (ValueError, KeyError, TypeError) is `error` naming the file, the line and --restart."""
+    drop_torn_line(path)
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            out.append(parse(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise error(
+                f"{path} line {n} is damaged ({exc}); delete the directory or pass --restart"
+            ) from exc
+    return out
 
 
 def sha256_file(path: Path) -> str:

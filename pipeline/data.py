@@ -322,8 +322,10 @@ def parse_target(raw, task: TaskSpec, threshold: float | None) -> tuple[float | 
     return task.labels.index(raw), ""
 
 
-def _parse_targets(record: dict, task: TaskSpec, threshold: float | None) -> tuple[object, str]:
-    """One row's target(s): a class id or value, or for multi-task kinds a list with NaN for missing labels."""
+def parse_target_record(record: dict, task: TaskSpec, threshold: float | None) -> tuple[object, str]:
+    """One CSV record's target(s) for `task`: (a class id or value, or for multi-task kinds a list with NaN for
+    the missing labels, ""), or (None, why the row is unusable and the fix). `threshold` binarizes a numeric
+    target (classification from a measured value); never raises for bad data."""
     if not task.is_multitask:
         return parse_target(record[task.target], task, threshold)
     values = []
@@ -356,6 +358,9 @@ def _parse_targets(record: dict, task: TaskSpec, threshold: float | None) -> tup
             f"all targets ({', '.join(task.tasks)}) are empty; a row needs at least one label; fill one in or pass --skip-invalid",
         )
     return values, ""
+
+
+_parse_targets = parse_target_record  # old name, removed once attributions.py uses the new one
 
 
 def _check_input(
@@ -395,7 +400,7 @@ def _from_frame(
         x, value, reason = _check_input(record, smiles_col, tabular)
         y = None
         if not reason:
-            y, reason = _parse_targets(record, task, threshold)
+            y, reason = parse_target_record(record, task, threshold)
             value = "" if reason else value
         if not reason and isinstance(x, str) and seen.setdefault(x, i) != i and not allow_duplicates:
             reason = f"SMILES {value!r} is the same molecule as row {seen[x]}; remove the duplicate or pass --skip-invalid"

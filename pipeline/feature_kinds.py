@@ -69,6 +69,7 @@ class PartKind(NamedTuple):
     image: bool = False  # a (1, side, side) molecule image: the only part of its spec
     imputed: bool = False  # compute gives NaN for a missing value, the fitted spec imputes the median
     slow: bool = False  # milliseconds per molecule: big batches are featurized on several processes
+    descriptor: bool = False  # named descriptor values: the fitted spec stores their training medians
 
 
 @functools.cache
@@ -98,8 +99,9 @@ def descriptor_compute(
 
 
 @functools.cache
-def _generator(family: str, radius: int, n_bits: int):
-    """RDKit's fingerprint generator of a family (morgan, fmorgan, atompair, torsion), one per options."""
+def fingerprint_generator(family: str, radius: int, n_bits: int):
+    """RDKit's fingerprint generator (rdFingerprintGenerator) of a family: "morgan", "fmorgan" (feature
+    invariants), "atompair" or "torsion" (these two ignore `radius`); cached, one per (family, radius, n_bits)."""
     from rdkit.Chem import rdFingerprintGenerator as gen
 
     if family == "atompair":
@@ -110,9 +112,12 @@ def _generator(family: str, radius: int, n_bits: int):
     return gen.GetMorganGenerator(radius=radius, fpSize=n_bits, atomInvariantsGenerator=invariants)
 
 
+_generator = fingerprint_generator  # old name, removed once attributions.py uses the new one
+
+
 def _bits(family: str) -> Callable[[Part, Any], np.ndarray]:
     def compute(part: Part, mol) -> np.ndarray:
-        return _generator(family, part.radius, part.n_bits).GetFingerprintAsNumPy(mol)
+        return fingerprint_generator(family, part.radius, part.n_bits).GetFingerprintAsNumPy(mol)
 
     return compute
 
@@ -121,7 +126,7 @@ def _counts(family: str) -> Callable[[Part, Any], np.ndarray]:
     """Hashed counts of a fingerprint family, capped at `COUNT_CAP`."""
 
     def compute(part: Part, mol) -> np.ndarray:
-        counts = _generator(family, part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol)
+        counts = fingerprint_generator(family, part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol)
         return np.minimum(counts, COUNT_CAP)
 
     return compute
@@ -136,7 +141,11 @@ def _maccs_bits(part: Part, mol) -> np.ndarray:
 
 
 def _grid_pixels(part: Part, mol) -> np.ndarray:
-    counts = _generator("morgan", part.radius, part.n_bits).GetCountFingerprintAsNumPy(mol).astype(np.float64)
+    counts = (
+        fingerprint_generator("morgan", part.radius, part.n_bits)
+        .GetCountFingerprintAsNumPy(mol)
+        .astype(np.float64)
+    )
     return np.minimum(counts, GRID_CAP) / GRID_CAP
 
 
@@ -181,6 +190,7 @@ PART_KINDS: dict[str, PartKind] = {
         lambda p: len(PHYSCHEM_DESCRIPTORS),
         lambda p: list(PHYSCHEM_DESCRIPTORS),
         "10 RDKit physico-chemical descriptors (logP, TPSA, ...)",
+        descriptor=True,
     ),
     "morgan": PartKind(
         _bits("morgan"),
@@ -207,6 +217,7 @@ PART_KINDS: dict[str, PartKind] = {
         check=check_rdkit2d,
         imputed=True,
         slow=True,
+        descriptor=True,
     ),
     "maccs": PartKind(
         _maccs_bits,

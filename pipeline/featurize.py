@@ -14,8 +14,9 @@ order ``transform`` applies it: the training medians that replace a missing valu
 (rdkit2d), the quantile knots (``scale=quantile``: each column mapped to [-1, 1]), the standardization
 of the other scaled columns, and the feature selection of a final ``select:k=K`` (`feature_selection`:
 K columns chosen on the training molecules, by a seeded teacher's importance when ``fit`` is given the
-training labels, by variance otherwise). A molecule that a non-imputed part cannot featurize is a
-`FeaturizerError` naming it.
+training labels, by variance otherwise). It also stores the training median of every descriptor column
+(physchem, rdkit2d), which ``transform`` does not use: the explanations' neutral values (`neutral_raw`).
+A molecule that a non-imputed part cannot featurize is a `FeaturizerError` naming it.
 
 ``grid:r=2,size=32`` is the molecule image of the CNN models (ChemXor's input): the RDKit
 Morgan count fingerprint of radius r with size*size hashed bins, bin i at row i // size,
@@ -112,6 +113,9 @@ class FeaturizerSpec:
         None  # training medians of the imputed parts' columns, in column order
     )
     select: Selection | None = None  # a final select:k=K; fitted: the kept columns
+    # training medians of the descriptor parts' columns (after imputation), in column order; None when the
+    # spec has no descriptor part or was saved before they were stored (`neutral_raw` then uses the mean)
+    descriptor_medians: tuple[float, ...] | None = None
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
 
@@ -203,21 +207,25 @@ class FeaturizerSpec:
                 f"featurizer {self} cannot be fitted on 0 molecules; pass the training SMILES"
             )
         spec = dataclasses.replace(self, select=None if self.select is None else Selection(self.select.k))
-        imputed = _imputed_mask(spec)
+        imputed = imputed_mask(spec)
         if imputed.any():
             with warnings.catch_warnings():  # a column missing for every training molecule: imputed 0
                 warnings.simplefilter("ignore", RuntimeWarning)
                 medians = np.nan_to_num(np.nanmedian(X[:, imputed], axis=0), nan=0.0)
             spec = dataclasses.replace(spec, medians=tuple(map(float, medians)))
-            X = _impute(spec, X)
+            X = impute(spec, X)
+        described = descriptor_mask(spec)
+        if described.any():
+            medians = np.median(X[:, described], axis=0)
+            spec = dataclasses.replace(spec, descriptor_medians=tuple(map(float, medians)))
         if any(p.scale == "quantile" for p in self.parts):
-            quantile = np.concatenate([np.full(p.width, p.scale == "quantile") for p in self.parts])
+            quantile = _part_mask(spec, lambda p: p.scale == "quantile")
             levels = np.linspace(0, 1, N_QUANTILES)
             knots = tuple(
                 tuple(map(float, np.quantile(X[:, j], levels))) if q else () for j, q in enumerate(quantile)
             )
             spec = dataclasses.replace(spec, knots=knots)
-            X = _apply_knots(spec, X)
+            X = apply_knots(spec, X)
         mask = _scaled_mask(spec)
         mean = np.where(mask, X.mean(axis=0), 0.0)
         std = np.where(mask, X.std(axis=0), 1.0)
@@ -232,7 +240,7 @@ class FeaturizerSpec:
         """Features (float32) as the model sees them, shape (n, *self.shape); the spec must be fitted."""
         if not self.is_fitted:
             raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
-        X = _apply_knots(self, _impute(self, raw_features(self, inputs)))
+        X = apply_knots(self, impute(self, raw_features(self, inputs)))
         X = (X - np.asarray(self.mean)) / np.asarray(self.std)
         if self.select is not None:
             X = self.select.apply(X)
@@ -247,6 +255,11 @@ class FeaturizerSpec:
             "std": None if self.std is None else list(self.std),
             **({"knots": [list(k) for k in self.knots]} if self.knots else {}),
             **({"medians": list(self.medians)} if self.medians is not None else {}),
+            **(
+                {"descriptor_medians": list(self.descriptor_medians)}
+                if self.descriptor_medians is not None
+                else {}
+            ),
             **({"select": self.select.to_dict()} if self.select is not None else {}),
         }
 
@@ -258,9 +271,11 @@ class FeaturizerSpec:
             std = None if d.get("std") is None else tuple(float(v) for v in d["std"])
             knots = tuple(tuple(float(v) for v in k) for k in d["knots"]) if d.get("knots") else None
             medians = None if d.get("medians") is None else tuple(float(v) for v in d["medians"])
+            described = d.get("descriptor_medians")
+            described = None if described is None else tuple(float(v) for v in described)
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
-        spec = cls(parts, mean, std, knots, medians)
+        spec = cls(parts, mean, std, knots, medians, descriptor_medians=described)
         if d.get("select") is not None:
             spec = dataclasses.replace(spec, select=Selection.from_dict(d["select"], spec.raw_names))
         width = spec.raw_width
@@ -268,13 +283,40 @@ class FeaturizerSpec:
             raise FeaturizerError(
                 f"featurizer spec {spec} has {len(mean)} scaler values for {width} features"
             )
-        n_imputed = int(_imputed_mask(spec).sum())
+        n_imputed = int(imputed_mask(spec).sum())
         if mean is not None and n_imputed and (medians is None or len(medians) != n_imputed):
             raise FeaturizerError(
                 f"featurizer spec {spec} has {0 if medians is None else len(medians)} imputation medians "
                 f"for {n_imputed} imputed columns; rebuild the bundle"
             )
+        n_described = int(descriptor_mask(spec).sum())
+        if described is not None and len(described) != n_described:
+            raise FeaturizerError(
+                f"featurizer spec {spec} has {len(described)} descriptor medians for {n_described} descriptor "
+                "columns; rebuild the bundle"
+            )
         return spec
+
+    def neutral_raw(self) -> np.ndarray:
+        """The neutral raw value of every raw column (float64, (raw_width,), before selection), which the
+        private explanations put in place of a column group: the training median of a descriptor column
+        (physchem, rdkit2d), 0 (off) for a fingerprint or image column, the median knot of a quantile-scaled
+        column. A spec saved before the descriptor medians were stored uses the training mean of its
+        non-imputed descriptor columns (the imputed ones have their medians)."""
+        if not self.is_fitted:
+            raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
+        out = np.zeros(self.raw_width)
+        described = descriptor_mask(self)
+        if self.descriptor_medians is not None:
+            out[described] = self.descriptor_medians
+        else:
+            out[described] = np.asarray(self.mean)[described]
+            if self.medians is not None:
+                out[imputed_mask(self)] = self.medians
+        for j, knots in enumerate(self.knots or ()):
+            if knots:
+                out[j] = knots[N_QUANTILES // 2]
+        return out
 
 
 def _molecules(smiles: Sequence[str]) -> list:
@@ -359,10 +401,10 @@ def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
         X = np.vstack(chunks)
     else:
         X = _rows(spec, smiles, 0, mols)
-    bad = np.argwhere(~np.isfinite(X[:, ~_imputed_mask(spec)]))
+    bad = np.argwhere(~np.isfinite(X[:, ~imputed_mask(spec)]))
     if len(bad):
         i, j = bad[0]
-        j = np.flatnonzero(~_imputed_mask(spec))[j]
+        j = np.flatnonzero(~imputed_mask(spec))[j]
         raise FeaturizerError(
             f"molecule {i + 1}: SMILES {smiles[i]!r}: feature {spec.raw_names[j]!r} is {X[i, j]}, "
             "expected a finite number; remove or fix this molecule, or use other features"
@@ -370,16 +412,28 @@ def raw_features(spec: FeaturizerSpec, smiles: Sequence[str]) -> np.ndarray:
     return X
 
 
-def _imputed_mask(spec: FeaturizerSpec) -> np.ndarray:
-    """Columns of the imputed parts (a missing value is NaN in `raw_features`, the training median after)."""
-    return np.concatenate([np.full(p.width, part_kind(p.kind).imputed) for p in spec.parts])
+def imputed_mask(spec: FeaturizerSpec) -> np.ndarray:
+    """Boolean mask (raw_width,) of the imputed parts' columns (rdkit2d): a missing value there is NaN in
+    `raw_features` and the training median after `impute`."""
+    return _part_mask(spec, lambda p: part_kind(p.kind).imputed)
 
 
-def _impute(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
-    """Missing values (NaN) of the imputed columns replaced by their training medians."""
+def _part_mask(spec: FeaturizerSpec, chosen: Callable[[Part], bool]) -> np.ndarray:
+    """Boolean mask (raw_width,): the columns of the parts for which `chosen(part)` is true."""
+    return np.concatenate([np.full(p.width, bool(chosen(p))) for p in spec.parts])
+
+
+def descriptor_mask(spec: FeaturizerSpec) -> np.ndarray:
+    """Boolean mask (raw_width,) of the descriptor parts' columns (physchem, rdkit2d)."""
+    return _part_mask(spec, lambda p: part_kind(p.kind).descriptor)
+
+
+def impute(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
+    """Raw features `X` (n, raw_width) with the missing values (NaN) of the imputed columns replaced by the
+    fitted spec's training medians; `X` itself when nothing is missing or the spec has no medians."""
     if spec.medians is None:
         return X
-    cols = np.flatnonzero(_imputed_mask(spec))
+    cols = np.flatnonzero(imputed_mask(spec))
     block = X[:, cols]
     missing = np.isnan(block)
     if missing.any():
@@ -389,13 +443,11 @@ def _impute(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
 
 
 def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
-    return np.concatenate(
-        [np.full(p.width, part_kind(p.kind).scaled and p.scale == "standard") for p in spec.parts]
-    )
+    return _part_mask(spec, lambda p: part_kind(p.kind).scaled and p.scale == "standard")
 
 
-def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
-    """Quantile-scaled columns -> [-1, 1] by piecewise-linear interpolation of their training quantiles
+def apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
+    """Raw (imputed) features `X` (n, raw_width) with the quantile-scaled columns mapped to [-1, 1] by piecewise-linear interpolation of their training quantiles
     (ties averaged in both directions, the extremes mapped to -1 and 1, as scikit-learn's QuantileTransformer does)."""
     if not spec.knots:
         return X
@@ -410,6 +462,11 @@ def _apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
                 np.where(x >= k[-1], 1.0, 0.5 * (np.interp(x, k, r) - np.interp(-x, -k[::-1], -r[::-1]))),
             )
     return X
+
+
+_imputed_mask = imputed_mask  # old name, removed once attributions.py uses the new one
+_impute = impute  # old name, removed once attributions.py uses the new one
+_apply_knots = apply_knots  # old name, removed once attributions.py uses the new one
 
 
 # ---------------------------------------------------------------- the featurizer registry

@@ -1,7 +1,8 @@
 """Tabular inputs: numeric feature columns instead of SMILES.
 
 A `TabularSpec` names the feature columns in the order the model reads them and
-holds the standardization (mean, std per column) fitted on the training split.
+holds the standardization (mean, std per column) and the per-column medians fitted
+on the training split (the medians are the explanations' neutral values, `neutral_raw`).
 It travels in the bundle manifest like the molecular featurizer spec, so a
 client standardizes its rows exactly as in training. Inputs are either a
 numeric matrix in column order or records (mappings column -> value, e.g. rows
@@ -31,6 +32,7 @@ class TabularSpec:
     columns: tuple[str, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    medians: tuple[float, ...] | None = None  # training median per column; None in specs saved before them
 
     input_kind = "rows"  # what `check_input`, `fit` and `transform` take: rows (mappings column -> value, or sequences)
 
@@ -67,6 +69,7 @@ class TabularSpec:
             "columns": list(self.columns),
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
+            **({"medians": list(self.medians)} if self.medians is not None else {}),
         }
 
     @classmethod
@@ -76,6 +79,7 @@ class TabularSpec:
                 tuple(str(c) for c in d["columns"]),
                 None if d.get("mean") is None else tuple(float(v) for v in d["mean"]),
                 None if d.get("std") is None else tuple(float(v) for v in d["std"]),
+                None if d.get("medians") is None else tuple(float(v) for v in d["medians"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(
@@ -87,7 +91,19 @@ class TabularSpec:
             raise FeaturizerError(
                 f"tabular featurizer has scaler values for {len(spec.mean)} of {spec.width} columns; rebuild the bundle"
             )
+        if spec.medians is not None and len(spec.medians) != spec.width:
+            raise FeaturizerError(
+                f"tabular featurizer has medians for {len(spec.medians)} of {spec.width} columns; rebuild the bundle"
+            )
         return spec
+
+    def neutral_raw(self) -> np.ndarray:
+        """The neutral raw value of every column (float64, column order): its training median, or its
+        training mean for a spec saved before the medians were stored. The private explanations put it
+        in place of a column to measure that column's contribution."""
+        if not self.is_fitted:
+            raise FeaturizerError(f"featurizer {self} is not fitted; fit it on the training rows first")
+        return np.asarray(self.mean if self.medians is None else self.medians, dtype=np.float64)
 
     # -- data -------------------------------------------------------------
 
@@ -149,13 +165,19 @@ class TabularSpec:
         return values, ""
 
     def fit(self, train_inputs: Any, targets: Any = None) -> TabularSpec:
-        """Return this spec with mean and std fitted on the training rows (`targets` unused: no selection)."""
+        """Return this spec with mean, std and medians fitted on the training rows (`targets` unused: no
+        selection)."""
         X = self.matrix(train_inputs)
         if not len(X):
             raise FeaturizerError(f"featurizer {self} cannot be fitted on 0 rows; pass the training rows")
         std = X.std(axis=0)
         std = np.where(std < 1e-12, 1.0, std)
-        return dataclasses.replace(self, mean=tuple(map(float, X.mean(axis=0))), std=tuple(map(float, std)))
+        return dataclasses.replace(
+            self,
+            mean=tuple(map(float, X.mean(axis=0))),
+            std=tuple(map(float, std)),
+            medians=tuple(map(float, np.median(X, axis=0))),
+        )
 
     def transform(self, inputs: Any) -> np.ndarray:
         """Standardized float32 features as the model sees them; the spec must be fitted."""

@@ -303,6 +303,26 @@ def test_checkpoint_refuses_other_inputs_and_survives_a_torn_line(tmp_path):
         AuditState(tmp_path, other)
 
 
+def test_checkpoint_of_another_format_or_damaged_is_refused_naming_restart(tmp_path):
+    """The audit directory is the screen's `RunState`: its audit.json is checked before any row is reused."""
+    identity = {"test_set_sha256": "aa", "model": {"name": "m"}}
+    state = AuditState(tmp_path, identity)
+    state.append([4], [np.array([0.25])])
+    meta = json.loads((tmp_path / "audit.json").read_text())
+    assert meta == {"format": 1, "identity": identity, "sessions": []}
+    (tmp_path / "audit.json").write_text(json.dumps({**meta, "format": 2}))
+    with pytest.raises(
+        AuditError,
+        match=r"audit.json is a checkpoint of format 2, this molcloak reads format 1; pass --restart",
+    ):
+        AuditState(tmp_path, identity)
+    (tmp_path / "audit.json").write_text('{"format": 1, "ident')
+    with pytest.raises(AuditError, match=r"audit.json is damaged \(.*\); pass --restart to start over"):
+        AuditState(tmp_path, identity)
+    fresh = AuditState(tmp_path, identity, restart=True)
+    assert fresh.done == {} and not fresh.progress_path.exists() and not fresh.resumed
+
+
 # ---------------------------------------------------------------- local audits with real FHE
 
 

@@ -361,12 +361,17 @@ def test_rdkit2d_imputes_a_failing_descriptor_with_the_training_median():
     assert np.all(np.isfinite(with_proton.transform(TRAIN + ["[H+]"])))
 
 
-def test_rdkit2d_missing_medians_in_a_stored_spec_are_refused():
+@pytest.mark.parametrize(
+    "key,match",
+    [
+        ("medians", "216 imputation medians for 217 imputed columns; rebuild the bundle"),
+        ("descriptor_medians", "226 descriptor medians for 227 descriptor columns; rebuild the bundle"),
+    ],
+)
+def test_missing_medians_in_a_stored_spec_are_refused(key, match):
     d = FeaturizerSpec.parse("physchem+rdkit2d").fit(TRAIN).to_dict()
-    d["medians"] = d["medians"][:-1]
-    with pytest.raises(
-        FeaturizerError, match="216 imputation medians for 217 imputed columns; rebuild the bundle"
-    ):
+    d[key] = d[key][:-1]
+    with pytest.raises(FeaturizerError, match=match):
         featurizer_from_dict(d)
 
 
@@ -402,3 +407,70 @@ def test_rdkit2d_refuses_an_rdkit_without_one_of_its_descriptors(monkeypatch):
             FeaturizerSpec.parse("physchem+rdkit2d")
     finally:
         rdkit2d._missing_descriptors.cache_clear()
+
+
+# ---------------------------------------------------------------- training medians and neutral values
+
+
+def test_descriptor_medians_are_the_training_medians_and_make_the_neutral_values():
+    spec = FeaturizerSpec.parse("physchem+morgan_count:r=2,n=32+physchem:scale=quantile").fit(TRAIN)
+    raw = raw_features(spec, TRAIN)
+    desc = np.r_[0:10, 42:52]
+    assert np.array_equal(spec.descriptor_medians, np.median(raw[:, desc], axis=0))
+    neutral = spec.neutral_raw()
+    assert neutral.shape == (spec.raw_width,)
+    assert np.array_equal(neutral[:10], np.median(raw[:, :10], axis=0))  # descriptors: training median
+    assert np.array_equal(neutral[10:42], np.zeros(32))  # fingerprint counts: off
+    assert np.array_equal(neutral[42:], [k[len(k) // 2] for k in spec.knots[42:]])  # quantile: median knot
+    again = featurizer_from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and np.array_equal(again.neutral_raw(), neutral)
+    # the medians are learned on the training molecules only
+    assert spec.fit(TRAIN + TEST).descriptor_medians != spec.descriptor_medians
+
+
+def test_rdkit2d_descriptor_medians_skip_the_missing_values():
+    spec = FeaturizerSpec.parse("rdkit2d").fit(TRAIN + ["[H+]"])
+    j = spec.names.index("SPS")
+    assert spec.descriptor_medians == spec.medians  # imputed columns: the imputation medians
+    assert spec.neutral_raw()[j] == np.median(raw_features(spec, TRAIN)[:, j])
+
+
+def test_fingerprint_only_specs_store_no_medians_and_are_neutral_at_zero():
+    spec = FeaturizerSpec.parse("morgan:r=2,n=64").fit(TRAIN)
+    assert spec.descriptor_medians is None and "descriptor_medians" not in spec.to_dict()
+    assert np.array_equal(spec.neutral_raw(), np.zeros(64))
+
+
+def test_a_spec_saved_before_the_descriptor_medians_falls_back_to_the_mean():
+    """An older bundle's spec has no "descriptor_medians": it loads, featurizes as before, and its neutral
+    values are the training means of the non-imputed descriptors (the imputed ones keep their medians)."""
+    fitted = FeaturizerSpec.parse("physchem+rdkit2d+morgan:r=2,n=16").fit(TRAIN)
+    old = fitted.to_dict()
+    del old["descriptor_medians"]
+    spec = featurizer_from_dict(json.loads(json.dumps(old)))
+    assert spec.descriptor_medians is None and spec.to_dict() == old
+    assert np.array_equal(spec.transform(TEST), fitted.transform(TEST))
+    neutral = spec.neutral_raw()
+    assert np.array_equal(neutral[:10], spec.mean[:10])
+    assert np.array_equal(neutral[10:227], spec.medians) and np.array_equal(neutral[227:], np.zeros(16))
+
+
+def test_an_unfitted_spec_has_no_neutral_values():
+    with pytest.raises(FeaturizerError, match=r"not fitted; call \.fit\(training SMILES\) first"):
+        FeaturizerSpec.parse("physchem").neutral_raw()
+
+
+def test_the_bundle_stores_the_training_medians(tiny_binary):
+    """A deployed physchem model's (quantile-scaled) client manifest holds the medians of its training molecules."""
+    from molcloak.pipeline.bundle import load_manifest
+    from molcloak.pipeline.data import load_bundled
+    from molcloak.pipeline.splits import split_dataset
+
+    ckpt, _, bundle = tiny_binary
+    spec = load_manifest(bundle / "client").featurizer
+    assert spec == ckpt.featurizer and spec.parts[0].kind == "physchem"
+    ds = load_bundled("sol-low")
+    train = [ds.smiles[i] for i in split_dataset(ds, seed=0).train]
+    medians = np.median(raw_features(spec, train), axis=0)
+    assert np.array_equal(spec.descriptor_medians, medians)
+    assert np.allclose(spec.neutral_raw(), medians, rtol=0, atol=1e-9)

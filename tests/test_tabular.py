@@ -77,6 +77,8 @@ def test_scaler_fitted_on_train_travels_in_the_bundle(tiny_tabular, breast_cance
     sp = split_dataset(breast_cancer, seed=0)
     assert np.allclose(spec.mean, breast_cancer.table[sp.train].mean(axis=0))
     assert np.allclose(spec.std, breast_cancer.table[sp.train].std(axis=0))
+    assert np.array_equal(spec.medians, np.median(breast_cancer.table[sp.train], axis=0))
+    assert np.array_equal(spec.neutral_raw(), spec.medians)
     stored = json.loads((bundle / "client" / "manifest.json").read_text())["featurizer"]
     assert stored["kind"] == "tabular" and stored["columns"] == list(spec.columns)
     again = featurizer_from_dict(json.loads(json.dumps(stored)))
@@ -166,6 +168,22 @@ def test_skip_invalid_drops_and_lists_bad_rows(csv_file):
     assert ds.rows.tolist() == [1, 3, 4] and [str(p) for p in ds.problems] == [
         "row 2: column 'b' value 'x' is not a number; fix it or pass --skip-invalid"
     ]
+
+
+def test_a_tabular_spec_saved_before_the_medians_loads_and_falls_back_to_the_mean():
+    rows = np.array([[1.0, 10.0], [2.0, 20.0], [9.0, 30.0], [4.0, 400.0]])
+    fitted = TabularSpec(("a", "b")).fit(rows)
+    assert fitted.medians == (3.0, 25.0) and np.array_equal(fitted.neutral_raw(), [3.0, 25.0])
+    old = fitted.to_dict()
+    del old["medians"]
+    spec = featurizer_from_dict(json.loads(json.dumps(old)))
+    assert spec.medians is None and spec.to_dict() == old
+    assert np.array_equal(spec.transform(rows), fitted.transform(rows))
+    assert np.array_equal(spec.neutral_raw(), [4.0, 115.0])  # the training means
+    with pytest.raises(FeaturizerError, match="medians for 1 of 2 columns; rebuild the bundle"):
+        featurizer_from_dict({**fitted.to_dict(), "medians": [3.0]})
+    with pytest.raises(FeaturizerError, match="is not fitted; fit it on the training rows first"):
+        TabularSpec(("a", "b")).neutral_raw()
 
 
 def test_tabular_spec_rejects_bad_specs():

@@ -10,7 +10,8 @@ checkpointed in the output directory::
 
 A rerun with the same test file, columns, task and model (`backend.identity()`: source, name and
 client fingerprint, the sha256 of client.zip) continues where the last run stopped (Ctrl-C, lost
-connection, server restart); every valid row is scored exactly once. Options that only change the
+connection, server restart); every valid row is scored exactly once. The directory is an
+`evaluation.resume.RunState`, as for `molcloak screen`. Options that only change the
 analysis (--group-col, --bootstrap, --seed, --batch-size) may differ between runs:
 the report is recomputed from all stored predictions.
 """
@@ -18,7 +19,6 @@ the report is recomputed from all stored predictions.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from molcloak.pipeline.errors import AuditError, DataError, MolcloakError
+from molcloak.evaluation.resume import RunState, append_durably, read_jsonl
+from molcloak.pipeline.errors import AuditError, DataError
 from molcloak.pipeline.predict import PredictionBackend
 
 from .backend import open_backend, with_model
@@ -86,61 +87,6 @@ def export_test_split(dataset: str, path: str | Path, seed: int = 0) -> int:
 # ---------------------------------------------------------------- checkpoint
 
 
-class AuditState:
-    """audit.json + progress.jsonl in the output directory (see module docstring)."""
-
-    def __init__(self, out: Path, identity: dict, restart: bool = False):
-        self.out, self.meta_path, self.progress_path = out, out / "audit.json", out / "progress.jsonl"
-        out.mkdir(parents=True, exist_ok=True)
-        os.chmod(out, 0o700)  # decrypted predictions: for the auditor only
-        if restart:
-            for p in (self.meta_path, self.progress_path):
-                p.unlink(missing_ok=True)
-        if self.meta_path.is_file():
-            self.meta = json.loads(self.meta_path.read_text())
-            _check_same_audit(self.meta["identity"], identity, out)
-        else:
-            self.meta = {"format": STATE_FORMAT, "identity": identity, "sessions": []}
-            self.progress_path.unlink(missing_ok=True)
-            self.save()
-        self.done = self._read_progress()
-
-    def _read_progress(self) -> dict[int, list[float]]:
-        if not self.progress_path.is_file():
-            return {}
-        data = self.progress_path.read_bytes()
-        lines = data.split(b"\n")
-        if lines and lines[-1]:  # a line cut short by a crash mid-write: drop it, its row is scored again
-            with self.progress_path.open("r+b") as fh:
-                fh.truncate(len(data) - len(lines[-1]))
-        done: dict[int, list[float]] = {}
-        for n, line in enumerate(lines[:-1], start=1):
-            try:
-                rec = json.loads(line)
-                done.setdefault(int(rec["row"]), [float(v) for v in rec["raw"]])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AuditError(
-                    f"{self.progress_path} line {n} is damaged ({exc}); delete the directory or pass --restart"
-                ) from exc
-        return done
-
-    def append(self, rows: list[int], raws: list[np.ndarray]) -> None:
-        text = "".join(
-            json.dumps({"row": r, "raw": np.ravel(raw).tolist()}) + "\n" for r, raw in zip(rows, raws)
-        )
-        with self.progress_path.open("a") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for r, raw in zip(rows, raws):
-            self.done[r] = np.ravel(raw).tolist()
-
-    def save(self) -> None:
-        tmp = self.meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.meta, indent=2))
-        os.replace(tmp, self.meta_path)
-
-
 IDENTITY_NAMES = {
     "test_set_sha256": "test file content",
     "smiles_col": "--smiles-col",
@@ -151,17 +97,39 @@ IDENTITY_NAMES = {
 }
 
 
-def _check_same_audit(old: dict, new: dict, out: Path) -> None:
-    changed = [
-        f"{IDENTITY_NAMES.get(k, k)} (was {old.get(k)!r}, now {new.get(k)!r})"
-        for k in new
-        if old.get(k) != new[k]
-    ]
-    if changed:
-        raise AuditError(
-            f"{out} holds an audit with other inputs: {'; '.join(changed)}; predictions of different runs cannot be "
-            f"mixed. Rerun with the original arguments to resume, choose another --out, or pass --restart to start over"
+class AuditState(RunState):
+    """The audit's run directory (`RunState`: audit.json, refusal of other inputs, sessions) and its
+    progress.jsonl; `done` maps each scored row to its decrypted raw outputs."""
+
+    def __init__(self, out: Path, identity: dict, restart: bool = False):
+        super().__init__(
+            Path(out),
+            "audit.json",
+            identity,
+            data_files=("progress.jsonl",),
+            restart=restart,
+            names=IDENTITY_NAMES,
+            what="an audit",
+            error=AuditError,
+            fmt=STATE_FORMAT,
         )
+        self.progress_path = self.out / "progress.jsonl"
+        self.done: dict[int, list[float]] = {}
+        for row, raw in read_jsonl(self.progress_path, _progress_record, AuditError):
+            self.done.setdefault(row, raw)
+
+    def append(self, rows: list[int], raws: list[np.ndarray]) -> None:
+        """Store the decrypted outputs of scored rows durably (the checkpoint of one batch)."""
+        raws = [np.ravel(raw).tolist() for raw in raws]
+        append_durably(
+            self.progress_path,
+            "".join(json.dumps({"row": r, "raw": raw}) + "\n" for r, raw in zip(rows, raws)),
+        )
+        self.done.update(zip(rows, raws))
+
+
+def _progress_record(rec: dict) -> tuple[int, list[float]]:
+    return int(rec["row"]), [float(v) for v in rec["raw"]]
 
 
 # ---------------------------------------------------------------- the audit
@@ -216,14 +184,14 @@ def _check_task(config: AuditConfig, task, name: str) -> None:
 
 
 def _score(state: AuditState, backend: PredictionBackend, X, position, todo, config, on_progress) -> None:
-    total, session = len(position), {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_scored": 0}
+    total = len(position)
     on_progress(total - len(todo), total, "")
-    t0 = time.perf_counter()
-    try:
-        if todo:
-            on_progress(total - len(todo), total, "keys")
-            keyinfo = backend.keygen()
-            session["keygen_seconds"], session["keys_reused"] = keyinfo.seconds, keyinfo.reused
+    if not todo:
+        return
+    with state.session(lambda: f"{len(state.done)} of {total} rows are scored") as session:
+        on_progress(total - len(todo), total, "keys")
+        keyinfo = backend.keygen()
+        session["keygen_seconds"], session["keys_reused"] = keyinfo.seconds, keyinfo.reused
         t_score = time.perf_counter()
         for start in range(0, len(todo), config.batch_size):
             rows = todo[start : start + config.batch_size]
@@ -231,21 +199,6 @@ def _score(state: AuditState, backend: PredictionBackend, X, position, todo, con
             session["rows_scored"] += len(rows)
             rate = session["rows_scored"] / (time.perf_counter() - t_score)
             on_progress(len(state.done), total, f"{rate:.2f} mol/s")
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            f"interrupted; {len(state.done)} of {total} rows are scored and saved in {state.out}; "
-            "rerun the same command to resume"
-        ) from None
-    except MolcloakError as exc:
-        raise type(exc)(
-            f"{exc}; {len(state.done)} of {total} rows are scored and saved in {state.out}; "
-            "rerun the same command to resume"
-        ) from exc
-    finally:
-        session["seconds"] = time.perf_counter() - t0
-        if todo:
-            state.meta["sessions"].append(session)
-            state.save()
 
 
 def audit_command(config: AuditConfig, on_progress: ProgressCallback | None = None, **where) -> dict:

@@ -1,5 +1,9 @@
 """Report rendering shared by the audit, explain and screen reports: one list of blocks -> Markdown and
-self-contained HTML (PNG figures embedded, RDKit SVG drawings inlined)."""
+self-contained HTML (PNG figures embedded, RDKit SVG drawings inlined).
+
+A block is a tuple: ("h1" | "h2" | "h3", text), ("p", text), ("img", PNG path relative to the report
+directory, alt text), ("svg", SVG path relative to the report directory, alt text) or
+("table", header cells, rows of cells)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,15 @@ from pathlib import Path
 import numpy as np
 
 
-def _plain(o):
+def json_default(o):
+    """`json.dumps(..., default=json_default)`: numpy scalars as Python numbers."""
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
-def _markdown(blocks: list[tuple]) -> str:
+def render_markdown(blocks: list[tuple]) -> str:
+    """The blocks as Markdown; figures are linked by their relative paths."""
     lines = []
     for kind, *rest in blocks:
         if kind in ("h1", "h2", "h3"):
@@ -32,7 +38,9 @@ def _markdown(blocks: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def _html(blocks: list[tuple], out: Path, title: str = "molcloak audit") -> str:
+def render_html(blocks: list[tuple], out: Path, title: str = "molcloak audit") -> str:
+    """The blocks as one self-contained HTML page: PNG figures (read from `out`, the report directory)
+    embedded as data URLs, SVG drawings inlined."""
     e = html.escape
     parts = [
         (
@@ -65,3 +73,8 @@ def _html(blocks: list[tuple], out: Path, title: str = "molcloak audit") -> str:
                 + "</table>"
             )
     return "\n".join(parts + ["</body></html>"])
+
+
+_plain = json_default  # old name, removed once explain_report.py uses the new one
+_markdown = render_markdown  # old name, removed once explain_report.py uses the new one
+_html = render_html  # old name, removed once explain_report.py uses the new one

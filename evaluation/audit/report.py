@@ -15,15 +15,7 @@ import numpy as np
 
 from . import metrics as am
 from .plots import ci, fmt, make_plots
-from .render import _html, _markdown, _plain
-
-__all__ = [
-    "build_report",
-    "write_reports",
-    "print_summary",
-    "_html",
-    "_markdown",
-]  # screen renders with these
+from .render import json_default, render_html, render_markdown
 from .testset import group_labels, target_columns
 
 REPORT_FORMAT = 1
@@ -148,9 +140,9 @@ def write_reports(report: dict, out: Path) -> dict[str, str]:
         plots.update(explain_files(report["explain"], out))
     blocks = _blocks(report, {k: p.relative_to(out).as_posix() for k, p in plots.items()})
     files = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
-    files["json"].write_text(json.dumps(report, indent=1, default=_plain))
-    files["markdown"].write_text(_markdown(blocks))
-    files["html"].write_text(_html(blocks, out))
+    files["json"].write_text(json.dumps(report, indent=1, default=json_default))
+    files["markdown"].write_text(render_markdown(blocks))
+    files["html"].write_text(render_html(blocks, out))
     return {k: str(v) for k, v in {**files, **plots}.items()}
 
 

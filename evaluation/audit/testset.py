@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from molcloak.pipeline.data import RowProblem, _parse_targets, parse_target, read_csv_text, summarize_problems
+from molcloak.pipeline.data import (
+    RowProblem,
+    parse_target,
+    parse_target_record,
+    read_csv_text,
+    summarize_problems,
+)
 from molcloak.pipeline.errors import DataError
 from molcloak.pipeline.tabular import parse_number
 from molcloak.pipeline.tasks import TaskSpec
@@ -136,7 +142,7 @@ def _read_input(rec: dict, config, featurizer, tabular: bool):
 
 def _read_target(rec: dict, task: TaskSpec, targets: list[str]):
     if task.is_multitask:
-        return _parse_targets({t: rec[c] for t, c in zip(task.tasks, targets)}, task, None)
+        return parse_target_record({t: rec[c] for t, c in zip(task.tasks, targets)}, task, None)
     single = dataclasses.replace(task, target=targets[0])
     return parse_target(_label_alias(str(rec[targets[0]]).strip(), single), single, None)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from molcloak.evaluation.audit.plots import fmt
-from molcloak.evaluation.audit.report import _html, _markdown
+from molcloak.evaluation.audit.render import render_html, render_markdown
 
 CHUNK_ROWS = 50_000
 BINS = 20
@@ -80,8 +80,8 @@ def finish(state, backend, config, total: int) -> dict:
     files["histogram"] = histogram_png(summary, out / "plots" / "histogram.png")
     blocks = _blocks(summary, files["histogram"].relative_to(out).as_posix())
     files.update(html=out / "report.html", markdown=out / "report.md", json=out / "summary.json")
-    files["html"].write_text(_html(blocks, out, title="molcloak screen"))
-    files["markdown"].write_text(_markdown(blocks))
+    files["html"].write_text(render_html(blocks, out, title="molcloak screen"))
+    files["markdown"].write_text(render_markdown(blocks))
     summary["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(summary, indent=1))
     return summary
