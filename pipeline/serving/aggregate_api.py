@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sys
 import time
 from pathlib import Path
 
@@ -26,13 +27,24 @@ from ..files import fixed_zip
 from .schemas import ERRORS, AggregateRequest, AggregateResponse
 
 
-def find_programs(models: dict) -> dict[str, tuple[Path, AggregateSpec]]:
-    """The aggregate programs of the served bundles (`<bundle>/aggregate/`), by program name."""
+def find_programs(models: dict, fingerprints: dict[str, str]) -> dict[str, tuple[Path, AggregateSpec]]:
+    """The aggregate programs of the served bundles (`<bundle>/aggregate/`), by program name. A program
+    built for another client part (the model was redeployed since) is not served: its auditors would
+    quantize differently from the program; the log says how to rebuild it."""
     found = {}
     for name, (directory, _) in models.items():
         part = Path(directory) / "aggregate"
-        if (part / "aggregate.json").is_file() and (part / "server.zip").is_file():
-            found[program_name(name)] = (part, AggregateSpec.load(part))
+        if not ((part / "aggregate.json").is_file() and (part / "server.zip").is_file()):
+            continue
+        spec = AggregateSpec.load(part)
+        if spec.client_fingerprint != fingerprints[name]:
+            print(
+                f"molcloak serve: not serving the aggregate program of {name!r}: it was built for another "
+                f"client part; rebuild it with `molcloak aggregate {directory} --force`",
+                file=sys.stderr,
+            )
+            continue
+        found[program_name(name)] = (part, spec)
     return found
 
 

@@ -156,12 +156,12 @@ def find_bundles(root: Path) -> dict[str, tuple[Path, Manifest]]:
 
 def create_app(config: ServeConfig) -> FastAPI:
     models = find_bundles(config.bundles)
-    programs = find_programs(models)  # aggregate-only audit programs, as "<model>:aggregate"
     check_epsilon(config.aggregate_epsilon)
     client_zips = {name: _client_zip(d) for name, (d, _) in models.items()}
     fingerprints = {
         name: client_fingerprint(d) for name, (d, _) in models.items()
     }  # the value clients compute
+    programs = find_programs(models, fingerprints)  # aggregate-only audit programs, as "<model>:aggregate"
     config.keys_dir.mkdir(parents=True, exist_ok=True)
     store = KeyStore(config.keys_dir, 0, load=lambda m, d: None, cost=lambda m: 0)  # metadata only
     swept = store.sweep()  # what a failed or interrupted key write left behind
