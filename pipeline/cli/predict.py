@@ -295,6 +295,15 @@ def info(
         )
     for key, met in m.metrics.items():
         out.print(f"  {key:>13} test: {fmt_metrics(met)}")
+    if (Path(bundle) / "aggregate" / "aggregate.json").is_file():
+        from ..aggregate import AggregateSpec
+
+        a = AggregateSpec.load(Path(bundle) / "aggregate")
+        out.print(
+            f"aggregate-only audit program: {a.rows} molecules per chunk, {a.buckets} score buckets, "
+            f"{a.circuit.get('pbs_count')} PBS per chunk, evaluation keys "
+            f"{mb(a.circuit.get('serialized_evaluation_key_bytes') or 0)}"
+        )
     out.print(f"versions: {json.dumps(d.get('versions'))}; created {d.get('created')}")
 
 
