@@ -148,6 +148,8 @@ def test_bad_input_is_one_line(program, tiny_binary, tiny_regression, tmp_path):
         (["audit", "--aggregate-only", "--bundle", program[2], "-t", "x.csv", "--explain", "2"], "--explain"),
         (["serve", "--bundles", program[2].parent, "--aggregate-epsilon", "0.1"], "--aggregate-epsilon 0.1"),
     ]
+    info = runner.invoke(app, ["info", str(program[2])])
+    assert info.exit_code == 0 and "aggregate-only audit program: 8 molecules per chunk" in info.output
     write_csv(tmp_path / "none.csv", ["smiles", "sol_low"], [("CCO", 1)])
     for args, expected in cases:
         result = runner.invoke(app, [str(a) for a in args])
