@@ -8,10 +8,8 @@ import base64
 import json
 import os
 import resource
-import select
 import shutil
 import signal
-import socket
 import time
 
 import httpx
@@ -20,6 +18,7 @@ import pytest
 from helpers import ServerProcess, upload_poisoned_keys
 from typer.testing import CliRunner
 
+from molcloak.evaluation.attack.context import chunked_post
 from molcloak.pipeline.cli import app as cli
 from molcloak.pipeline.serving.http_client import RemoteModel
 
@@ -108,35 +107,10 @@ def test_a_key_id_whose_job_crashes_a_worker_is_revoked(server, client, tiny_bin
 
 
 def _chunked_post(server, path: str, total: int) -> tuple[int, bytes]:
-    """POST `total` bytes with chunked transfer encoding on a raw socket, stopping as soon as the server
-    answers; returns (bytes sent when it answered, the answer)."""
-    host, port = server.url.removeprefix("http://").split(":")
-    chunk = b"x" * 2**16
-    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    """POST `total` bytes with chunked transfer encoding on a raw socket (the attack suite's sender),
+    stopping as soon as the server answers; returns (bytes sent when it answered, the answer)."""
     ctype = "application/json" if path == "/predict" else "application/octet-stream"
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        s.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n".encode()
-        )
-        sent = 0
-        while sent < total and not select.select([s], [], [], 0)[0]:
-            try:
-                s.sendall(frame)
-            except OSError:
-                break
-            sent += len(chunk)
-        answer = b""
-        while select.select([s], [], [], 10)[0]:
-            try:
-                data = s.recv(65536)
-            except OSError:
-                break
-            if not data:
-                break
-            answer += data
-            if b"}}" in answer:
-                break
+    sent, answer, _ = chunked_post(server.url, path, total, ctype)
     return sent, answer
 
 
