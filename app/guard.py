@@ -1,4 +1,4 @@
-"""Callback plumbing shared by the page's tabs: the session id and the error guard."""
+"""Plumbing shared by the page's parts: the session id, the error guard and the picture component."""
 
 from __future__ import annotations
 
@@ -45,3 +45,18 @@ def _guard(fn):
             return {}
 
     return wrapper
+
+
+def picture(label: str, elem_id: str, height: int, visible: bool) -> gr.Image:
+    """A read-only drawing (a PIL image: the molecule, an atom map), without the share/download buttons."""
+    return gr.Image(
+        label=label,
+        type="pil",
+        height=height,
+        interactive=False,
+        buttons=[],
+        elem_id=elem_id,
+        visible=visible,
+        scale=2,
+        min_width=240,
+    )

@@ -1,5 +1,6 @@
 """The Gradio page: four step cards (keys, encrypt, run, decrypt) or one "Predict privately" button,
-the result in the task's terms, what stays here and what the server sees, and a batch tab.
+the result in the task's terms, its private explanation (`explain.ExplainPanel`), what stays here and what
+the server sees, and a batch tab.
 
 Callbacks are thin: they call `AppBackend` (the client side) and format what it returns with `views`.
 Each returns {component: value}; a step's button first marks its card "running" and disables every
@@ -17,7 +18,8 @@ from molcloak.pipeline.tasks import TaskSpec
 from . import views
 from .backend import AppBackend
 from .batch import batch_tab
-from .guard import _guard, _session
+from .explain import ExplainPanel
+from .guard import _guard, _session, picture
 from .views import STEPS, card_state
 
 INTRO = """
@@ -96,17 +98,7 @@ class Page:
                         elem_id="compare",
                         min_width=200,
                     )
-            self.image = gr.Image(
-                label="Molecule (RDKit)",
-                type="pil",
-                height=240,
-                interactive=False,
-                buttons=[],
-                elem_id="mol-image",
-                visible=smiles_model,
-                scale=2,
-                min_width=240,
-            )
+            self.image = picture("Molecule (RDKit)", "mol-image", 240, smiles_model)
         self.state, self.btn, self.out = {}, {}, {}
         with gr.Row(elem_id="steps", equal_height=True):
             for step in STEPS:
@@ -122,6 +114,7 @@ class Page:
             with gr.Accordion("Decrypted outputs (logits)", open=False, elem_id="logits"):
                 self.logits = gr.Markdown(elem_id="logits-out")
             self.plain = gr.Markdown(elem_id="plain-out")
+        self.explain = ExplainPanel(backend)
         with gr.Row(equal_height=False):  # two columns; stacked on a narrow screen
             with gr.Column(min_width=300):
                 self.here = gr.Markdown(views.fmt_here(None, None, None), elem_id="here-out")
@@ -145,7 +138,7 @@ class Page:
 
     @property
     def buttons(self) -> list:
-        return [self.predict_btn, *self.btn.values()]
+        return [self.predict_btn, *self.btn.values(), self.explain.button]
 
     def view(self, name: str, memo: dict, session: str) -> dict:
         """Cards, buttons and the two columns, from the session's memo (what the steps returned)."""
@@ -154,6 +147,7 @@ class Page:
         up = {self.state[s]: card_state(s, *cards.get(s, ("pending", None))) for s in STEPS}
         up.update({self.btn[s]: gr.update(interactive=can[s]) for s in STEPS})
         up[self.predict_btn] = gr.update(interactive=True)
+        up.update(self.explain.view(memo))
         up[self.here] = views.fmt_here(memo.get("keys"), memo.get("encrypt"), memo.get("decrypt"))
         up[self.server] = views.fmt_server(memo.get("keys"), memo.get("encrypt"), memo.get("run"))
         up[self.memo] = memo
@@ -166,6 +160,7 @@ class Page:
         up = self.view(name, memo, session)
         up.update({self.out[s]: "" for s in STEPS[keep:]})
         up.update({self.result: "", self.logits: "", self.plain: "", self.label: gr.update(visible=False)})
+        up.update(self.explain.cleared())
         return up
 
     def running(self, memo: dict, step: str) -> dict:
@@ -187,6 +182,8 @@ class Page:
                 "run": result.get("round_trip_seconds"),
             }.get(step, result.get("seconds"))
             memo["cards"][step] = ("done", seconds)
+        if step == "decrypt":  # what explaining this input costs, said before anything runs
+            memo["explain_cost"] = self.explain.cost_of(name, memo)
         up = self.view(name, memo, session)
         up[self.out[step]] = getattr(views, f"fmt_{step}")(result)
         return up
@@ -250,6 +247,7 @@ def _wire(backend: AppBackend, page: Page, model, card) -> None:  # noqa: C901 -
         p.here,
         p.server,
         p.memo,
+        *p.explain.components,
     ]
 
     def on_model(name, request: gr.Request):
@@ -347,6 +345,10 @@ def _wire(backend: AppBackend, page: Page, model, card) -> None:  # noqa: C901 -
         yield {**up, **p.outcome(name, d, None, False)}
         yield {**p.view(name, memo, sid), **p.comparison(name, d, compare)}
 
+    @_guard
+    def on_explain(name, memo, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        return p.explain.run(_session(request), name, memo or {}, progress)
+
     def chain(trigger, step, fn, inputs):
         start = trigger(lambda memo: p.running(memo or {}, step), p.memo, every, queue=False)
         work = start.then(fn, inputs, every, show_progress="full")
@@ -364,3 +366,6 @@ def _wire(backend: AppBackend, page: Page, model, card) -> None:  # noqa: C901 -
     chain(p.btn["decrypt"].click, "decrypt", on_decrypt, [model, p.compare, p.memo])
     for trigger in (p.predict_btn.click, p.smiles.submit):
         chain(trigger, "keys", on_predict, [model, p.smiles, p.rows, p.compare, p.memo])
+    start = p.explain.button.click(lambda memo: p.running(memo or {}, "explain"), p.memo, every, queue=False)
+    work = start.then(on_explain, [model, p.memo], [p.explain.out, p.explain.map], show_progress="full")
+    work.then(on_refresh, [model, p.memo], every, queue=False)

@@ -277,3 +277,61 @@ def test_batch_tab_predicts_a_csv_like_the_cli(backend, simulators, tmp_path):
     assert out.parent == backend.sessions_dir / "batch1"  # deleted with the session
     with pytest.raises(MolcloakError, match="column 'smi' not found"):
         run_batch(backend, "batch1", "tiny-sol-low", str(csv), "smi")
+
+
+# ---------------------------------------------------------------- the explain view
+
+
+def test_explain_view_attributes_from_encrypted_runs(backend, simulators):
+    """The explain panel: its cost before it starts, progress, then contributions in the chemist's terms,
+    each equal to the owner's simulation of f(x) - f(x with the descriptor at its neutral value)."""
+    import re
+
+    from molcloak.app import explain
+    from molcloak.pipeline.attributions import Featurization
+    from molcloak.pipeline.metrics import to_predictions
+
+    name, request = "tiny-sol-low", gr.Request(session_hash="ex1")
+    blocks = ui.build_ui(backend)
+    with pytest.warns(UserWarning, match="predict an input first"):
+        assert _callback(blocks, "on_explain")(name, {}, request, lambda *a, **k: None) == {}
+    shown = _predict(blocks, name, SMILES, False, {}, request)
+    runs = int(re.search(r"costs \*\*(\d+) encrypted runs\*\*", shown["explain-cost"]).group(1))
+    assert shown["explain-btn"]["interactive"] is True
+    assert shown["explain-btn"]["value"].startswith(f"Explain privately ({runs} encrypted runs, about ")
+    seen = []
+    out = _ids(
+        _callback(blocks, "on_explain")(
+            name, shown["State"], request, lambda f, desc="": seen.append((f, desc))
+        )
+    )
+    assert (
+        seen[0] == (0, "explaining")
+        and seen[-1][0] == 1
+        and f"{runs} of {runs} encrypted runs" in seen[-1][1]
+    )
+    text = out["explain-out"]
+    assert "#### Why the probability of 'low' is " in text and "towards 'low'" in text
+    assert "logP (Crippen) (`MolLogP`) = " in text and out["explain-map"]["visible"] is False
+    assert f"{runs} encrypted runs in " in text and "only ciphertexts" in text
+
+    sim = simulators[name]
+    result = explain.explain(backend, "ex1", name, SMILES)
+    feat = Featurization(sim.checkpoint.featurizer)
+    raw, neutral = feat.raw([SMILES])[0], feat.neutral()
+
+    def low(rows):
+        raws = sim.compiled.q_module.forward(feat.features(np.asarray(rows)), fhe="simulate")
+        return to_predictions(sim.task, raws, sim.checkpoint.scaler)[:, 1]
+
+    mol, names = result["molecules"][0], sim.checkpoint.featurizer.raw_names
+    p = low(raw[None])[0]
+    assert mol["prediction"]["low"] == pytest.approx(p, abs=1e-9) and mol["output"] == "low"
+    assert result["cost"]["encrypted_runs"] == runs and len(mol["groups"]) == 10
+    for g in mol["groups"]:
+        row = raw.copy()
+        row[names.index(g["name"])] = neutral[names.index(g["name"])]
+        assert g["contribution"] == pytest.approx(p - low(row[None])[0], abs=1e-9), g["name"]
+    top = max(mol["groups"], key=lambda g: abs(g["contribution"]))
+    assert text.split("\n- ")[1].startswith(explain.PHYSCHEM[top["name"]])  # listed first
+    assert f"**{top['contribution']:+.3f}** towards 'low'" in text

@@ -15,6 +15,7 @@ from molcloak.app.views import unsupported
 from molcloak.pipeline import data, workflow
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.predict import Simulator
+from molcloak.pipeline.tasks import TaskSpec
 from molcloak.pipeline.train import TrainConfig
 
 TINY = dict(hidden=[4], weight_bits=2, act_bits=2, input_bits=2)
@@ -30,7 +31,11 @@ def _deploy(ds, out, name, **train):
 
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory):
-    """A tabular bundle (breast-cancer rows) and a two-task regression one (logS + kcal/mol), served."""
+    """A tabular bundle (breast-cancer rows), a two-task regression one (logS + kcal/mol) and a fingerprint
+    one (descriptors and Morgan bits: its explanations have atom maps), served.
+
+    (Morgan bits alone cannot be served today: `molcloak serve` encrypts random normal reference rows at
+    start-up, which a circuit compiled on non-negative inputs refuses.)"""
     from helpers import ServerProcess
 
     root = tmp_path_factory.mktemp("kinds")
@@ -40,6 +45,12 @@ def kinds(tmp_path_factory):
         ),
         "tiny-sol-freesolv": _deploy(
             data.load_bundled("sol-freesolv"), root / "b" / "mt", "tiny-sol-freesolv"
+        ),
+        "tiny-morgan": _deploy(
+            data.load_bundled("sol-low"),
+            root / "b" / "fp",
+            "tiny-morgan",
+            features="physchem+morgan:r=1,n=32",
         ),
     }
     server = ServerProcess(root / "b", root / "state")
@@ -59,7 +70,8 @@ def _callback(blocks, name):
 
 def test_tabular_rows_are_a_form_and_predict_privately(kinds):
     backend, bundles = kinds
-    assert set(backend.models) == {"tiny-breast-cancer", "tiny-sol-freesolv"} and not backend.skipped
+    assert set(backend.models) == {"tiny-breast-cancer", "tiny-sol-freesolv", "tiny-morgan"}
+    assert not backend.skipped
     assert "rows of 30 numbers" in backend.model_card("tiny-breast-cancer")
     blocks = ui.build_ui(backend)
     request = gr.Request(session_hash="tab")
@@ -114,3 +126,47 @@ def test_a_model_the_page_cannot_enter_is_named_with_the_cli_to_use():
     why = unsupported(info, "http://h:1")
     assert why.startswith("model 'odd' has a featurizer or task this app cannot read (")
     assert why.endswith("use `molcloak predict --server http://h:1 --model odd` instead")
+
+
+def _predicted(blocks, name, smiles, rows, request) -> dict:
+    shown = {}
+    for update in _callback(blocks, "on_predict")(name, smiles, rows, False, {}, request):
+        shown.update(_ids(update))
+    return shown
+
+
+def test_explain_a_tabular_row_by_its_columns(kinds):
+    backend, _ = kinds
+    name, request = "tiny-breast-cancer", gr.Request(session_hash="ex-tab")
+    blocks = ui.build_ui(backend)
+    form = pd.DataFrame(_ids(_callback(blocks, "on_example")(name, "0"))["row-form"])
+    shown = _predicted(blocks, name, "", form, request)
+    assert "30 input groups + 1" in shown["explain-cost"] and shown["explain-btn"]["interactive"] is True
+    out = _ids(_callback(blocks, "on_explain")(name, shown["State"], request, lambda *a, **k: None))
+    text, columns = out["explain-out"], backend.featurizer(name).names
+    positive = TaskSpec.from_dict(backend.model(name)["task"]).labels[1]
+    assert f"#### Why the probability of '{positive}' is " in text and f"towards '{positive}'" in text
+    first = text.split("\n- ")[1]
+    assert first.split("`")[1] in columns and " (neutral " in first  # a column, its value and its median
+    assert out["explain-map"]["visible"] is False
+
+
+def test_explain_a_fingerprint_model_draws_its_atom_map(kinds):
+    from rdkit import Chem
+
+    from molcloak.app import explain
+
+    backend, _ = kinds
+    name, smiles, request = "tiny-morgan", "CCOc1ccccc1C(=O)O", gr.Request(session_hash="ex-fp")
+    blocks = ui.build_ui(backend)
+    shown = _predicted(blocks, name, smiles, None, request)
+    n_atoms = Chem.MolFromSmiles(smiles).GetNumAtoms()
+    assert f"({10 + n_atoms + 1} input groups + 1" in shown["explain-cost"]  # descriptors, atoms, all atoms
+    out = _ids(_callback(blocks, "on_explain")(name, shown["State"], request, lambda *a, **k: None))
+    assert out["explain-map"]["visible"] is True and out["explain-map"]["value"].size == (360, 360)
+    assert "Atoms (their fingerprint environments off, one at a time): atom " in out["explain-out"]
+    result = explain.explain(backend, "ex-fp", name, smiles)
+    amap = result["molecules"][0]["atom_map"]
+    assert len(amap["weights"]) == n_atoms
+    assert sum(amap["weights"]) == pytest.approx(amap["total"], abs=1e-9)  # the map sums to Δ
+    assert "the shares sum to " in out["explain-out"]

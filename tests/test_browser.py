@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from molcloak.app.explain import PHYSCHEM
 from molcloak.app.launcher import free_port
 from molcloak.pipeline.metrics import describe
 from molcloak.pipeline.predict import Simulator
@@ -175,6 +176,18 @@ def test_private_prediction_in_chromium(app_url, page, tmp_path):
     sim = Simulator(bundle)
     _, values = sim([SMILES])
     assert describe(sim.task, values[0]).split(" (")[0] in _text(page, "decrypt-out")
+
+    # the explain view: its cost said before it starts, then the contributions in the chemist's terms
+    page.wait_for_function("() => !document.querySelector('#explain-btn').disabled")
+    cost = _text(page, "explain-cost")
+    assert "encrypted runs" in cost and "only ciphertexts" in cost
+    assert "encrypted runs, about" in page.inner_text("#explain-btn")
+    page.click("#explain-btn")
+    explained = _wait_text(page, "explain-out", "decrypted here")
+    assert "towards '" in explained and any(
+        f"{words} ({name})" in explained for name, words in PHYSCHEM.items()
+    )
+    page.wait_for_function("() => !document.querySelector('#predict-btn').disabled")
     _shot(page, "app-desktop.png", tmp_path)
 
     # defect 3: a new molecule clears the old results; run cannot reuse the old ciphertext
@@ -219,6 +232,8 @@ def test_narrow_layout_and_batch_tab(app_url, browser, tmp_path):
             " return r.top < window.innerHeight && r.bottom > 0; }"
         )  # the result was scrolled into view
         page.wait_for_function("() => !document.querySelector('#predict-btn').disabled")  # comparison done
+        assert "encrypted runs" in page.inner_text("#explain-btn")  # the explain cost on the button
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400  # it wraps, no sideways scroll
         page.wait_for_timeout(1500)  # let the result's fade-in end before the screenshot
         _shot(page, "app-narrow.png", tmp_path, full_page=False)
 

@@ -11,10 +11,10 @@ from helpers import ServerProcess
 from test_audit import Recorder, synthetic_rows, synthetic_tabular, tabular_csv
 from typer.testing import CliRunner
 
-from molcloak.evaluation.audit.attributions import ALL_ATOMS, Featurization
 from molcloak.evaluation.audit.engine import AuditConfig, run_audit
 from molcloak.evaluation.audit.explain import ExplainConfig, ExplainOptions, run_explain
 from molcloak.evaluation.audit.report import write_reports
+from molcloak.pipeline.attributions import ALL_ATOMS, Featurization
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.metrics import to_predictions
@@ -40,7 +40,7 @@ def test_featurization_reproduces_transform_and_neutral_values():
     raw = feat.raw(MOLECULES)
     assert np.array_equal(feat.features(raw), spec.transform(MOLECULES))  # the featurizer's own steps
     neutral = feat.neutral()
-    assert np.array_equal(neutral[:10], spec.mean[:10])  # physchem: the training mean (no median stored)
+    assert np.array_equal(neutral[:10], spec.descriptor_medians[:10])  # physchem: the training median
     q = np.flatnonzero([bool(k) for k in spec.knots])
     assert np.array_equal(neutral[q], [spec.knots[j][32] for j in q])  # quantile columns: the training median
     assert np.all(neutral[10 + 217 :] == 0)  # fingerprint columns: off
@@ -53,7 +53,9 @@ def test_featurization_reproduces_transform_and_neutral_values():
     row = raw[0].copy()
     row[cols] = neutral[cols]
     changed = np.flatnonzero(feat.features(row[None])[0] != feat.features(raw[:1])[0])
-    assert list(changed) == list(feat.inputs_of(cols)) and feat.features(row[None])[0][changed] == 0
+    assert list(changed) == list(feat.inputs_of(cols)) and cols[0] < 10  # a physchem column: standardized
+    standardized = (neutral[cols] - np.asarray(spec.mean)[cols]) / np.asarray(spec.std)[cols]
+    assert feat.features(row[None])[0][changed] == pytest.approx(standardized, abs=1e-6)  # its median's
 
 
 @pytest.mark.parametrize("smiles", ["CCOc1ccccc1C(=O)O", "CC(C)CN"])
@@ -93,7 +95,7 @@ def test_count_fingerprint_atoms_lose_their_environments():
 def test_explain_cli_attributes_to_the_one_column_the_model_uses(tmp_path_factory, tmp_path):
     ckpt, compiled, bundle = synthetic_tabular(tmp_path_factory)
     X, y = synthetic_rows(16, 5)
-    X[:3, 1] = [1.8, -1.6, 2.2]  # far from b's neutral value (its training mean), so b decides these rows
+    X[:3, 1] = [1.8, -1.6, 2.2]  # far from b's neutral value (its training median), so b decides these rows
     y = (X[:, 1] > 0).astype(int)
     path = tabular_csv(tmp_path / "rows.csv", X, y)
     args = ["explain", "--bundle", bundle, "--input", path, "--target-col", "y", "--molecules", "3"]
@@ -107,7 +109,7 @@ def test_explain_cli_attributes_to_the_one_column_the_model_uses(tmp_path_factor
         "encrypted_runs": res["cost"]["encrypted_runs"],
         "skipped_unchanged": 9 + 3 - res["cost"]["encrypted_runs"],
     }
-    neutral = np.asarray(ckpt.featurizer.mean)
+    neutral = ckpt.featurizer.neutral_raw()
     for mol, x in zip(res["molecules"], X[:3]):
         by = {g["name"]: g["contribution"] for g in mol["groups"]}
         assert max(by, key=lambda k: abs(by[k])) == "b" and abs(by["b"]) > 0.2

@@ -1,18 +1,11 @@
-"""Private explanations: what drives an encrypted model's predictions, from encrypted runs only.
+"""Private explanations of a data set: what drives an encrypted model, from encrypted runs only.
 
 Everything runs through one `PredictionBackend` (a bundle in this process, or a `molcloak serve`
 server): the auditor featurizes, perturbs and encrypts here; the server sees ciphertexts and
 evaluation keys only; only this machine decrypts. Two analyses:
 
-- **Per-molecule attributions by perturbation** (`explain_molecules`): the molecule's encrypted run,
-  then one run per input group with that group replaced by its neutral value (`attributions`): the
-  contribution of a group to an output is f(x) - f(x with the group neutral), f the decrypted
-  prediction (class probability, value in task units, or per task). Cost: (groups + 1) encrypted runs
-  per molecule; a perturbation that leaves the model's input unchanged (a descriptor already at its
-  neutral value, an atom whose bits the feature selection dropped) has contribution 0 and is not run.
-  For fingerprint models, the atom map: occlusion contributions c_i of the atoms plus an equal share of
-  what they leave unexplained, so the map sums exactly to the contribution of all atoms together,
-  Δ = f(x) - f(x with every fingerprint environment off): w_i = c_i + (Δ - Σ c_j) / n_atoms.
+- **Per-molecule attributions by perturbation**: `molcloak.pipeline.explain.explain_molecules` (the core
+  the app's explain view uses too), here on the first N inputs of a file or of an audit set.
 - **Dataset-level permutation importance** (`permutation_importance`): on a labelled set, each column
   group's rows are permuted (seeded), the permuted set is scored encrypted, and the importance is the
   loss of the primary metric (ROC-AUC, RMSE, or their mean over tasks), with a paired bootstrap 95% CI.
@@ -21,19 +14,17 @@ evaluation keys only; only this machine decrypts. Two analyses:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from molcloak.pipeline.attributions import Featurization
 from molcloak.pipeline.errors import DataError
+from molcloak.pipeline.explain import ProgressCallback, Runner, explain_molecules, values
 
 from . import metrics as am
-from .attributions import ALL_ATOMS, Featurization
 from .testset import TestSet, featurize_test_set, read_test_set
-
-ProgressCallback = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -45,142 +36,6 @@ class ExplainOptions:
     seed: int = 0
     batch_size: int = 8
     output: str | None = None  # the output explained (class, task); default: see `explained_output`
-
-
-def output_names(task) -> list[str]:
-    if task.is_multitask:
-        return list(task.tasks)
-    return list(task.labels) if task.is_classification else [task.target]
-
-
-def explained_output(task, prediction: np.ndarray, wanted: str | None) -> int:
-    """The output an attribution ranks and draws: `wanted`, else the positive class (binary), the predicted
-    class (multiclass), the value (regression) or the first task."""
-    names = output_names(task)
-    if wanted is not None:
-        if wanted not in names:
-            raise DataError(f"--output {wanted!r} is not an output of this model; choose one of {names}")
-        return names.index(wanted)
-    if task.kind == "binary":
-        return 1
-    if task.kind == "multiclass":
-        return int(np.argmax(prediction))
-    return 0
-
-
-def values(client, raws: np.ndarray) -> np.ndarray:
-    """Decrypted raw outputs -> predictions (n, outputs): probabilities, values in units, per task."""
-    pred = client.predictions(np.asarray(raws, dtype=np.float64).reshape(len(raws), -1))
-    return pred.reshape(len(raws), -1)
-
-
-class Runner:
-    """Scores feature rows through the backend in batches, reporting progress with a rate."""
-
-    def __init__(self, backend, total: int, batch_size: int, on_progress: ProgressCallback, label: str):
-        self.backend, self.total, self.batch_size, self.done = backend, total, batch_size, 0
-        self.on_progress, self.label, self.t0 = on_progress, label, time.perf_counter()
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(X), self.batch_size):
-            batch = X[start : start + self.batch_size]
-            out += [r.raw for r in self.backend.run_rows(batch)]
-            self.done += len(batch)
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.on_progress(self.done, self.total, f"{self.label} {rate:.2f} runs/s")
-        return values(self.backend.client, np.array(out)) if out else np.zeros((0, 0))
-
-
-# ---------------------------------------------------------------- per-molecule attributions
-
-
-def plan_molecules(feat: Featurization, inputs: list, smiles: list[str] | None):
-    """Per molecule: its raw row, groups and the perturbed feature rows that change the model's input."""
-    plans = []
-    for j, item in enumerate(inputs):
-        raw = feat.raw([item])[0]
-        x = feat.features(raw[None])[0]
-        groups = feat.molecule_groups(smiles[j] if smiles else None)
-        rows = [feat.features(perturb(raw)[None])[0] for _, perturb in groups]
-        changed = [i for i, r in enumerate(rows) if not np.array_equal(r, x)]
-        plans.append({"x": x, "groups": [g for g, _ in groups], "rows": rows, "changed": changed})
-    return plans
-
-
-def explain_molecules(
-    backend,
-    inputs: list,
-    smiles: list[str] | None,
-    options: ExplainOptions,
-    on_progress: ProgressCallback,
-    originals: np.ndarray | None = None,
-    ids: list | None = None,
-) -> dict:
-    """Attributions of each input (SMILES, or tabular rows in column order); `originals`: predictions of
-    the unperturbed inputs when already known (an audit's), else they are run too."""
-    feat = Featurization(backend.client.featurizer)
-    plans = plan_molecules(feat, inputs, smiles)
-    n_groups = sum(len(p["groups"]) for p in plans)
-    runs = sum(len(p["changed"]) for p in plans) + (0 if originals is not None else len(plans))
-    runner = Runner(backend, runs, options.batch_size, on_progress, "attributions")
-    on_progress(0, runs, "attributions")
-    task, names = backend.client.task, output_names(backend.client.task)
-    if originals is None:
-        originals = runner(np.stack([p["x"] for p in plans])) if plans else np.zeros((0, len(names)))
-    X = [p["rows"][i] for p in plans for i in p["changed"]]
-    perturbed = runner(np.stack(X)) if X else np.zeros((0, len(names)))
-    out, k = [], 0
-    for j, p in enumerate(plans):
-        pv = np.repeat(originals[j][None], len(p["groups"]), 0)
-        pv[p["changed"]] = perturbed[k : k + len(p["changed"])]
-        k += len(p["changed"])
-        out.append(_molecule(task, names, originals[j], pv, p, options.output))
-        out[-1]["id"] = ids[j] if ids else j + 1
-        if smiles:
-            out[-1]["smiles"] = smiles[j]
-        else:
-            out[-1]["features"] = dict(zip(backend.client.featurizer.columns, map(float, inputs[j])))
-    return {
-        "outputs": names,
-        "neutral": "training median where the client bundle carries it (rdkit2d, scale=quantile), "
-        "else the training mean; fingerprint environments of an atom: off",
-        "cost": {
-            "groups": n_groups,
-            "molecules": len(plans),
-            "encrypted_runs": runs,
-            "skipped_unchanged": n_groups - sum(len(p["changed"]) for p in plans),
-        },
-        "molecules": out,
-    }
-
-
-def _molecule(task, names, original: np.ndarray, perturbed: np.ndarray, plan: dict, wanted) -> dict:
-    o = explained_output(task, original, wanted)
-    contrib = original[None, :] - perturbed  # (groups, outputs)
-    groups = [
-        {
-            **g.to_dict(),
-            "contribution": float(c[o]),
-            "contributions": dict(zip(names, map(float, c))),
-            "encrypted_run": i in plan["changed"],
-        }
-        for i, (g, c) in enumerate(zip(plan["groups"], contrib))
-    ]
-    mol = {"prediction": dict(zip(names, map(float, original))), "output": names[o], "groups": groups}
-    atoms = [g for g in groups if g["kind"] == "atom"]
-    if atoms:
-        occlusion = np.array([g["contribution"] for g in atoms])
-        total = next(g["contribution"] for g in groups if g["name"] == ALL_ATOMS)
-        rest = total - occlusion.sum()
-        mol["atom_map"] = {
-            "output": names[o],
-            "occlusion": occlusion.tolist(),
-            "total": total,
-            "unexplained_by_single_atoms": float(rest),
-            "weights": (occlusion + rest / len(atoms)).tolist(),
-        }
-    return mol
 
 
 # ---------------------------------------------------------------- permutation importance
@@ -257,10 +112,11 @@ def explain_audit(config, backend, test, X: np.ndarray, state, on_progress: Prog
         backend,
         test.inputs[:m],
         test.smiles[:m] or None,
-        options,
         on_progress,
         original[:m],
         ids=test.rows[:m],
+        batch_size=options.batch_size,
+        output=options.output,
     )
     if not options.importance:
         return result
@@ -321,7 +177,15 @@ def run_explain(
     m = min(options.molecules, len(test.rows))
     t0 = time.perf_counter()
     smiles = test.smiles[:m] or None
-    result = explain_molecules(backend, test.inputs[:m], smiles, options, on_progress, ids=test.rows[:m])
+    result = explain_molecules(
+        backend,
+        test.inputs[:m],
+        smiles,
+        on_progress,
+        ids=test.rows[:m],
+        batch_size=options.batch_size,
+        output=options.output,
+    )
     if config.target_col and options.importance:
         original = Runner(backend, len(X), options.batch_size, on_progress, "predictions")(X)
         original = _squeeze(backend.client.task, original)

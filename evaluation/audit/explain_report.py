@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from molcloak.pipeline.explain import draw_atom_map, top_atoms, top_groups
+
 from .plots import ci, fmt
 from .render import _html, _markdown, _plain
 
@@ -18,20 +20,6 @@ TOP = 12  # groups shown per molecule (largest |contribution|)
 
 def _name(mol: dict) -> str:
     return f"row-{mol['id']}"
-
-
-def draw_atom_map(smiles: str, weights: list[float], size: int = 360) -> tuple[bytes, str]:
-    """(PNG bytes, SVG text) of the molecule with its atom weights as a similarity map (green +, pink -)."""
-    from rdkit import Chem
-    from rdkit.Chem.Draw import SimilarityMaps, rdMolDraw2D
-
-    mol = Chem.MolFromSmiles(smiles)
-    out = []
-    for canvas in (rdMolDraw2D.MolDraw2DCairo(size, size), rdMolDraw2D.MolDraw2DSVG(size, size)):
-        SimilarityMaps.GetSimilarityMapFromWeights(mol, [float(w) for w in weights], draw2d=canvas)
-        canvas.FinishDrawing()
-        out.append(canvas.GetDrawingText())
-    return out[0], out[1]
 
 
 def explain_files(explain: dict, out: Path) -> dict[str, Path]:
@@ -51,7 +39,7 @@ def explain_files(explain: dict, out: Path) -> dict[str, Path]:
             files[f"map-{key}"] = out / "maps" / f"{key}.svg"
             files[f"map-{key}"].write_text(svg)
             (out / "maps" / f"{key}.png").write_bytes(png)
-        shown = _top(mol["groups"])
+        shown = top_groups(mol["groups"], TOP)
         if shown:
             fig = _bars(
                 plt,
@@ -73,11 +61,6 @@ def explain_files(explain: dict, out: Path) -> dict[str, Path]:
         )
         files["importance"] = _save(plt, fig, out / "plots" / "importance.png")
     return files
-
-
-def _top(groups: list[dict]) -> list[dict]:
-    shown = [g for g in groups if g["kind"] != "atom"]
-    return sorted(shown, key=lambda g: -abs(g["contribution"]))[:TOP]
 
 
 def _bars(plt, names, values, intervals, title):
@@ -149,7 +132,7 @@ def explain_blocks(explain: dict, files: dict[str, str]) -> list[tuple]:
             (
                 "table",
                 ["group", "kind", "contribution"],
-                [[g["name"], g["kind"], f"{g['contribution']:+.4f}"] for g in _top(mol["groups"])],
+                [[g["name"], g["kind"], f"{g['contribution']:+.4f}"] for g in top_groups(mol["groups"], TOP)],
             )
         )
     imp = explain.get("importance")
@@ -204,10 +187,8 @@ def summary_lines(explain: dict) -> list[str]:
     """The explanation as a person reads it in a terminal."""
     lines = []
     for mol in explain["molecules"]:
-        top = _top(mol["groups"])[:5]
-        atoms = sorted(
-            (g for g in mol["groups"] if g["kind"] == "atom"), key=lambda g: -abs(g["contribution"])
-        )[:3]
+        top = top_groups(mol["groups"], 5)
+        atoms = top_atoms(mol["groups"], 3)
         parts = ", ".join(f"{g['name']} {g['contribution']:+.3f}" for g in top + atoms)
         lines.append(
             f"row {mol['id']} {mol.get('smiles', '')} {mol['output']}={mol['prediction'][mol['output']]:.3f}: {parts}"

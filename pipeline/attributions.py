@@ -6,9 +6,9 @@ environment the atom belongs to), or a whole fingerprint part. Perturbations are
 space (before imputation, quantile scaling, standardization and selection) and featurized with the
 model's fitted spec, so they reach the encrypted model exactly as a real molecule's features would:
 
-- a descriptor or tabular column -> its neutral value: the training median where the client bundle
-  carries it (the imputation medians of rdkit2d, the middle quantile knot of a ``scale=quantile``
-  column), else the training mean (the standardization mean: the column's standardized 0);
+- a descriptor or tabular column -> its neutral value, the fitted featurizer's `neutral_raw()`: the
+  training median of the column (the middle quantile knot of a ``scale=quantile`` column), or its
+  training mean (the standardization mean) in a bundle saved before the medians were stored;
 - an atom -> off in every fingerprint part that maps bits to atoms (RDKit's fingerprint generators'
   AdditionalOutput: the bit info map of Morgan/feature-Morgan, the atom pairs, the torsion paths): a bit
   whose environments include the atom is cleared (as RDKit's SimilarityMaps do), a count loses the
@@ -23,15 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from molcloak.pipeline.feature_kinds import COUNT_CAP, GRID_CAP, _generator
-from molcloak.pipeline.featurize import (
-    N_QUANTILES,
-    FeaturizerSpec,
-    _apply_knots,
-    _impute,
-    _imputed_mask,
-    raw_features,
-)
+from .feature_kinds import COUNT_CAP, GRID_CAP, fingerprint_generator
+from .featurize import FeaturizerSpec, apply_knots, impute, raw_features
 
 DESCRIPTORS = ("physchem", "rdkit2d")
 # fingerprint parts whose bits map to atoms: kind -> (generator family, cap of the counts or None for bits, divisor)
@@ -92,27 +85,15 @@ class Featurization:
         spec = self.spec
         if not self.molecular:
             return ((raw - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32)
-        X = _apply_knots(spec, _impute(spec, np.asarray(raw, dtype=np.float64)))
+        X = apply_knots(spec, impute(spec, np.asarray(raw, dtype=np.float64)))
         X = (X - np.asarray(spec.mean)) / np.asarray(spec.std)
         if spec.select is not None:
             X = spec.select.apply(X)
         return X.astype(np.float32).reshape((-1,) + spec.shape)
 
     def neutral(self) -> np.ndarray:
-        """Neutral raw value of every column (see the module docstring); 0 for fingerprint columns."""
-        spec = self.spec
-        if not self.molecular:
-            return np.asarray(spec.mean, dtype=np.float64)
-        out = np.asarray(spec.mean, dtype=np.float64).copy()
-        for part, cols in self.slices:
-            if part.kind not in DESCRIPTORS:
-                out[cols] = 0.0
-        if spec.medians is not None:
-            out[np.flatnonzero(_imputed_mask(spec))] = spec.medians
-        for j, knots in enumerate(spec.knots or ()):
-            if knots:
-                out[j] = knots[N_QUANTILES // 2]
-        return out
+        """Neutral raw value of every column: the featurizer's `neutral_raw` (see the module docstring)."""
+        return self.spec.neutral_raw()
 
     def column_groups(self) -> list[tuple[Group, np.ndarray]]:
         """Groups of raw columns with at least one model input: each descriptor or tabular column, each
@@ -197,7 +178,7 @@ def atom_occurrences(part, mol) -> dict[int, list[frozenset[int]]]:
     from rdkit.Chem import rdFingerprintGenerator
 
     family = ATOM_MAPPED[part.kind][0]
-    gen = _generator(family, part.radius, part.n_bits)
+    gen = fingerprint_generator(family, part.radius, part.n_bits)
     ao = rdFingerprintGenerator.AdditionalOutput()
     ao.AllocateBitInfoMap()
     ao.AllocateBitPaths()
