@@ -360,9 +360,6 @@ def parse_target_record(record: dict, task: TaskSpec, threshold: float | None) -
     return values, ""
 
 
-_parse_targets = parse_target_record  # old name, removed once attributions.py uses the new one
-
-
 def _check_input(
     record: dict, smiles_col: str | None, tabular: TabularSpec | None
 ) -> tuple[object, str, str]:

@@ -112,9 +112,6 @@ def fingerprint_generator(family: str, radius: int, n_bits: int):
     return gen.GetMorganGenerator(radius=radius, fpSize=n_bits, atomInvariantsGenerator=invariants)
 
 
-_generator = fingerprint_generator  # old name, removed once attributions.py uses the new one
-
-
 def _bits(family: str) -> Callable[[Part, Any], np.ndarray]:
     def compute(part: Part, mol) -> np.ndarray:
         return fingerprint_generator(family, part.radius, part.n_bits).GetFingerprintAsNumPy(mol)

@@ -464,11 +464,6 @@ def apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
     return X
 
 
-_imputed_mask = imputed_mask  # old name, removed once attributions.py uses the new one
-_impute = impute  # old name, removed once attributions.py uses the new one
-_apply_knots = apply_knots  # old name, removed once attributions.py uses the new one
-
-
 # ---------------------------------------------------------------- the featurizer registry
 
 FEATURIZERS: dict[str, Callable[[dict], Featurizer]] = {

@@ -250,3 +250,12 @@ def test_explain_sends_only_ciphertexts_and_evaluation_keys(tmp_path_factory, tm
     assert [s for s in secrets if s in wire] == []
     server_side = b"".join(p.read_bytes() for p in (root / "state").rglob("*") if p.is_file()) + log
     assert [s for s in secrets if s in server_side] == []
+
+
+def test_server_reference_ciphertexts_fit_a_fingerprint_models_inputs(tiny_morgan):
+    """`molcloak serve` encrypts reference rows at start-up; a Morgan-bits circuit takes non-negative inputs
+    only (random normal rows made it refuse to start)."""
+    from molcloak.pipeline.serving.executor import reference_ciphertexts
+
+    cts = reference_ciphertexts(tiny_morgan[2])
+    assert len(cts) == 8 and len({len(c) for c in cts}) == 1

@@ -2,7 +2,7 @@
 SVG), bar charts of group contributions and of permutation importance, explain.json/md/html.
 
 `explain_files` draws the figures of an explanation dict, `explain_blocks` turns it into the blocks
-`report._markdown` / `report._html` render; both serve `molcloak explain` and `molcloak audit --explain`.
+`render.render_markdown` / `render.render_html` render; both serve `molcloak explain` and `molcloak audit --explain`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from molcloak.pipeline.explain import draw_atom_map, top_atoms, top_groups
 
 from .plots import ci, fmt
-from .render import _html, _markdown, _plain
+from .render import json_default, render_html, render_markdown
 
 TOP = 12  # groups shown per molecule (largest |contribution|)
 
@@ -88,7 +88,7 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def explain_blocks(explain: dict, files: dict[str, str]) -> list[tuple]:
-    """Report blocks (see report._markdown) of an explanation; `files`: figure paths relative to the report."""
+    """Report blocks (see render.render_markdown) of an explanation; `files`: figure paths relative to the report."""
     cost = explain["cost"]
     b: list[tuple] = [
         ("h2", "Explanations (private, from encrypted runs only)"),
@@ -177,9 +177,9 @@ def write_explain(result: dict, out: Path) -> dict[str, str]:
     ]
     blocks += explain_blocks(result, rel)
     files = {"json": out / "explain.json", "markdown": out / "explain.md", "html": out / "explain.html"}
-    files["json"].write_text(json.dumps(result, indent=1, default=_plain))
-    files["markdown"].write_text(_markdown(blocks))
-    files["html"].write_text(_html(blocks, out, "molcloak explain"))
+    files["json"].write_text(json.dumps(result, indent=1, default=json_default))
+    files["markdown"].write_text(render_markdown(blocks))
+    files["html"].write_text(render_html(blocks, out, "molcloak explain"))
     return {k: str(v) for k, v in {**files, **figures}.items()}
 
 

@@ -73,8 +73,3 @@ def render_html(blocks: list[tuple], out: Path, title: str = "molcloak audit") -
                 + "</table>"
             )
     return "\n".join(parts + ["</body></html>"])
-
-
-_plain = json_default  # old name, removed once explain_report.py uses the new one
-_markdown = render_markdown  # old name, removed once explain_report.py uses the new one
-_html = render_html  # old name, removed once explain_report.py uses the new one

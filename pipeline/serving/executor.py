@@ -95,7 +95,7 @@ def _run(model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
 
 
 def reference_ciphertexts(bundle: str, count: int = 8) -> list[bytes]:
-    """`count` ciphertexts of the model in `bundle` under a throwaway key (zeros, then random rows): what
+    """`count` ciphertexts of the model in `bundle` under a throwaway key (zeros, then random rows in [0, 1]): what
     the server compares incoming ciphertexts with, and runs uploaded keys on. The secret key is deleted
     at once. Run it in a child process (it generates keys)."""
     import tempfile
@@ -108,7 +108,9 @@ def reference_ciphertexts(bundle: str, count: int = 8) -> list[bytes]:
         client = PrivateClient(bundle, tmp)
         client.keygen()
         width = client.featurizer.width
-        rows = [np.zeros(width), *np.random.default_rng(0).normal(size=(count - 1, width))]
+        # values in [0, 1]: inside every featurizer's range (standardized descriptors, quantiles, bits,
+        # counts); a fingerprint model's circuit takes non-negative inputs only
+        rows = [np.zeros(width), *np.random.default_rng(0).uniform(0.0, 1.0, size=(count - 1, width))]
         return [client.encrypt(x) for x in rows]
 
 
