@@ -7,8 +7,9 @@ the test; a seeded random share otherwise); the test part is scored once, for th
 Latency is predicted from the circuit's PBS count and maximum bit width with the PBS cost measured
 on this machine (`pbs_cost.Calibration`, the model `molcloak tune` uses) and, since compiling already
 made throwaway keys (to measure the evaluation-key size), also timed: a few encrypted runs of the
-candidate's own circuit; the timing decides when there is one. Three stages, each bounded, with a
-wall-clock cap that returns the best so far:
+candidate's own circuit, divided by the machine's load factor in the same minute (`latency.LoadGauge`;
+not with `latency_check="raw"`); the timing decides when there is one. Three stages, each bounded,
+with a wall-clock cap that returns the best so far:
 
 1. features: every candidate feature spec with the reference network;
 2. network: for the best feature specs, one setting at a time (hidden widths, weight bits, input
@@ -35,7 +36,7 @@ from .bundle import Checkpoint
 from .compile import CompileConfig
 from .data import Dataset
 from .errors import CompilationError, ConfigError, TuneError
-from .latency import TIMED_RUNS, measure_latency, time_circuit
+from .latency import TIMED_RUNS, FitBudget, LoadGauge, describe, measure_latency, normalized, time_circuit
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
@@ -55,23 +56,6 @@ DEFAULT_FEATURE_CANDIDATES = (
 MAX_MEASURED_BITS = 9  # the cost model is calibrated up to this width; wider circuits are only timed
 INNER_VALID_FRACTION = 0.2
 StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps planned)
-
-
-@dataclass(frozen=True)
-class FitBudget:
-    latency_ms: float = 250.0  # median server-side run of one encrypted molecule, this machine
-    key_mb: float = 60.0  # serialized evaluation keys a client uploads
-    max_minutes: float | None = None  # wall-clock cap of the search; the best found so far is returned
-
-    def __post_init__(self):
-        if (
-            self.latency_ms <= 0
-            or self.key_mb <= 0
-            or (self.max_minutes is not None and self.max_minutes <= 0)
-        ):
-            raise ConfigError(
-                f"budget {dataclasses.asdict(self)} is not positive; use e.g. --budget-ms 250 --max-key-mb 60"
-            )
 
 
 @dataclass(frozen=True)
@@ -132,8 +116,10 @@ class Candidate:
     key_bytes: int = 0
     predicted_s: float = float("inf")
     run_s: float | None = None  # median of a few encrypted runs of its circuit during the search
+    load_factor: float | None = None  # of the machine while run_s was measured (None: not gauged)
     seconds: float = 0.0
     measured_s: float | None = None  # median of real encrypted runs, for the candidates timed at the end
+    measured_load_factor: float | None = None
     trained: str = ""  # key of its checkpoint in the search's cache
 
     @property
@@ -152,17 +138,28 @@ class Candidate:
         return f"{self.features or 'columns'} {self.network} {self.compile_label}"
 
     @property
-    def latency_s(self) -> float:
-        """The timing when there is one, else the cost model's prediction."""
-        return self.predicted_s if self.run_s is None else self.run_s
+    def latency_text(self) -> str:
+        if self.run_s is None:
+            return f"{self.predicted_s * 1e3:.0f} ms predicted"
+        return describe(self.run_s, self.load_factor)
 
     def rank(self) -> tuple:
         """Higher is better: the validation metric, ties broken by the cost model's prediction (seeded,
-        so a rerun chooses the same) and then by the timing."""
-        return (self.valid, -self.predicted_s, -(self.run_s or 0.0))
+        so a rerun chooses the same) and then by the (normalized) timing."""
+        return (self.valid, -self.predicted_s, -(normalized(self.run_s, self.load_factor) or 0.0))
+
+    def checked_s(self, check: str) -> float:
+        """The latency the budget is checked on: the timing (normalized to a quiet machine unless the
+        check is raw) when there is one, else the cost model's prediction."""
+        if self.run_s is None:
+            return self.predicted_s
+        return normalized(self.run_s, self.load_factor) if check == "normalized" else self.run_s
 
     def fits(self, budget: FitBudget) -> bool:
-        return self.latency_s * 1e3 <= budget.latency_ms and self.key_bytes <= budget.key_mb * 1e6
+        return (
+            self.checked_s(budget.latency_check) * 1e3 <= budget.latency_ms
+            and self.key_bytes <= budget.key_mb * 1e6
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -178,7 +175,11 @@ class Candidate:
             "evaluation_key_bytes": self.key_bytes,
             "predicted_s": self.predicted_s,
             "run_s": self.run_s,
+            "load_factor": self.load_factor,
+            "run_normalized_s": normalized(self.run_s, self.load_factor),
             "measured_s": self.measured_s,
+            "measured_load_factor": self.measured_load_factor,
+            "measured_normalized_s": normalized(self.measured_s, self.measured_load_factor),
             "seconds": self.seconds,
         }
 
@@ -195,6 +196,7 @@ class FitResult:
     over_budget: bool = False  # no timed candidate ran within the budget: the fastest one was kept
     inner_valid: str = "random"  # the inner validation part: whole scaffold groups or random molecules
     tolerance: float = 0.0  # validation metrics this close to the best counted as equal (cheapest chosen)
+    latency_check: str = "normalized"  # what the budget was checked on (FitBudget.latency_check)
 
     def to_dict(self) -> dict:
         return {
@@ -208,6 +210,7 @@ class FitResult:
             "over_budget": self.over_budget,
             "inner_valid": self.inner_valid,
             "tolerance": self.tolerance,
+            "latency_check": self.latency_check,
         }
 
 
@@ -224,6 +227,7 @@ class _Search:
         self.timed_runs, self.refit = how.get("timed_runs", TIMED_RUNS), how.get("refit", True)
         self.split, self.test_fraction, self.seed = split, test_fraction, seed
         self.calibration, self.on_step = calibration, on_step or (lambda msg, done, total: None)
+        self.gauge = LoadGauge(calibration) if budget.latency_check == "normalized" else None
         self.metric = selection_metric(ds.task)
         self.deadline = time.monotonic() + budget.max_minutes * 60 if budget.max_minutes else float("inf")
         self.features: dict[str | None, tuple] = {}
@@ -273,9 +277,7 @@ class _Search:
     def evaluate(self, features: str | None, options: dict, cfg: CompileConfig, stage: str) -> Candidate:
         start = time.perf_counter()
         spec, X, sp = self.featurize(features)
-        options = networks.make_config(
-            self.space.model, options
-        ).to_dict()  # one key per network, defaults filled
+        options = networks.make_config(self.space.model, options).to_dict()  # defaults filled: one key
         key = f"{features}|{sorted((k, str(v)) for k, v in options.items())}"
         if key not in self.trained:
             soft = self.teacher(sp) if self.train.teacher else None
@@ -300,22 +302,20 @@ class _Search:
         cand.valid = compiled.metrics["fhe_simulate"].get(self.metric, float("nan"))
         cand.float_valid = float_metrics.get(self.metric, float("nan"))
         s = compiled.stats
-        cand.pbs, cand.max_bits, cand.key_bytes = (
-            s.pbs_count,
-            s.max_bit_width,
-            s.serialized_evaluation_key_bytes,
-        )
+        cand.pbs, cand.max_bits = s.pbs_count, s.max_bit_width
+        cand.key_bytes = s.serialized_evaluation_key_bytes
         if s.max_bit_width <= MAX_MEASURED_BITS:
             cand.predicted_s = self.calibration.predict(
                 s.pbs_count, s.max_bit_width, cfg.rounding_bits, cfg.p_error
             )
-        if self.timed_runs and cand.key_bytes <= self.budget.key_mb * 1e6:
-            cand.run_s = time_circuit(compiled.q_module, X[sp.valid], self.timed_runs)
+        if self.timed_runs and cand.key_bytes <= self.budget.key_mb * 1e6:  # valid has >= 10 rows
+            timing = time_circuit(compiled.q_module, X[sp.valid], self.timed_runs, self.gauge)
+            cand.run_s, cand.load_factor = timing.seconds, timing.load_factor if self.gauge else None
         cand.seconds = time.perf_counter() - start
         self.candidates.append(cand)
         fits = "within budget" if cand.fits(self.budget) else "over budget"
         self.on_step(
-            f"{cand.label}: {self.metric} {cand.valid:.3f}, {cand.latency_s * 1e3:.0f} ms, {fits}",
+            f"{cand.label}: {self.metric} {cand.valid:.3f}, {cand.latency_text}, {fits}",
             len(self.candidates),
             self.planned,
         )
@@ -387,17 +387,7 @@ def fit(
         [c for c in search.candidates if c.fits(budget) and np.isfinite(c.valid)], space.tolerance
     )
     if not ranked:
-        cheapest = min(search.candidates, key=lambda c: c.latency_s, default=None)
-        found = (
-            f"the cheapest found is {cheapest.label} at {cheapest.latency_s * 1e3:.0f} ms and "
-            f"{cheapest.key_bytes / 1e6:.1f} MB of keys"
-            if cheapest
-            else "no variant compiled"
-        )
-        raise TuneError(
-            f"no configuration meets {budget.latency_ms:g} ms and {budget.key_mb:g} MB ({found}); raise "
-            "--budget-ms / --max-key-mb or try smaller networks"
-        )
+        raise TuneError(_nothing_fits(search.candidates, budget))
     chosen, ckpt, compiled, measured, over = _verify(search, ranked[: max(1, verify)], measure_runs)
     ckpt.train_info["compile"] = chosen.compile.to_dict()
     ckpt.train_info["fit"] = {
@@ -406,6 +396,8 @@ def fit(
         "budget": dataclasses.asdict(budget),
         "features": chosen.features,
         "measured_s": chosen.measured_s,
+        "load_factor": chosen.measured_load_factor,
+        "latency_check": budget.latency_check,
         "inner_valid": search.inner_valid,
         "refit": refit,
     }
@@ -420,6 +412,21 @@ def fit(
         over,
         search.inner_valid,
         space.tolerance,
+        budget.latency_check,
+    )
+
+
+def _nothing_fits(candidates: list[Candidate], budget: FitBudget) -> str:
+    cheapest = min(candidates, key=lambda c: c.checked_s(budget.latency_check), default=None)
+    found = (
+        f"the cheapest found is {cheapest.label} at {cheapest.latency_text} and "
+        f"{cheapest.key_bytes / 1e6:.1f} MB of keys"
+        if cheapest
+        else "no variant compiled"
+    )
+    return (
+        f"no configuration meets {budget.latency_ms:g} ms and {budget.key_mb:g} MB ({found}); raise "
+        "--budget-ms / --max-key-mb or try smaller networks"
     )
 
 
@@ -444,17 +451,16 @@ def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
     for cand in ranked:
         ckpt = search.final(cand)
         compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=True)
-        measured = measure_latency(ckpt, compiled, measure_runs) if measure_runs else {}
+        measured = measure_latency(ckpt, compiled, measure_runs, search.gauge) if measure_runs else {}
         cand.measured_s = measured.get("median_run_s")
-        tried.append((cand, ckpt, compiled, measured))
-        search.on_step(f"timed {cand.label}: {_ms(cand.measured_s)}", len(search.candidates), search.planned)
-        if cand.measured_s is None or cand.measured_s * 1e3 <= search.budget.latency_ms:
+        cand.measured_load_factor = measured.get("load_factor") if search.gauge else None
+        checked = normalized(cand.measured_s, cand.measured_load_factor)
+        tried.append((checked, cand, ckpt, compiled, measured))
+        msg = f"timed {cand.label}: {describe(cand.measured_s, cand.measured_load_factor)}"
+        search.on_step(msg, len(search.candidates), search.planned)
+        if checked is None or checked * 1e3 <= search.budget.latency_ms:
             return cand, ckpt, compiled, measured, False
-    return (*min(tried, key=lambda t: t[0].measured_s), True)
-
-
-def _ms(seconds: float | None) -> str:
-    return "not timed" if seconds is None else f"{seconds * 1e3:.0f} ms measured"
+    return (*min(tried, key=lambda t: t[0])[1:], True)
 
 
 def _search(search: _Search) -> None:

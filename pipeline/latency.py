@@ -1,51 +1,179 @@
 """Timing compiled circuits on this machine: a few encrypted runs of a circuit that has keys, or keygen and
-runs through both halves of a temporary bundle (what `molcloak fit` measures its candidates with)."""
+runs through both halves of a temporary bundle (what `molcloak fit` measures its candidates with).
+
+Other processes slow every run down on a shared machine, so each timing can be paired with runs of a
+fixed reference circuit (`LoadGauge`: a vector of PBS shaped like one layer of the default model),
+interleaved with the candidate's runs: the reference's median now over its time on this machine when
+quiet is the load factor, and the candidate's median over that factor its normalized time, the time
+a quiet machine would give. `--latency-check normalized` (the default) checks the budget on it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from .bundle import Checkpoint
+from .errors import ConfigError
+from .pbs_cost import Calibration, key, layer_circuit
 from .workflow import Compiled, deploy
 
 TIMED_RUNS = 3  # encrypted runs of a candidate's circuit (after one warm-up), median kept
+LATENCY_CHECKS = ("normalized", "raw")
+REFERENCE = (8, 5, 1e-6, 8)  # bits, lookup bits, p_error, PBS of the reference circuit
 
 
-def time_circuit(q_module, X: np.ndarray, runs: int = TIMED_RUNS) -> float | None:
-    """Median seconds of `runs` encrypted runs of one row through a compiled circuit that has keys
-    (after one warm-up run); None without rows."""
+@dataclass(frozen=True)
+class Timing:
+    """The median of a circuit's runs, and the reference circuit's median in the same minute."""
+
+    seconds: float
+    reference_s: float | None = None  # None: no reference was run (load factor 1)
+    reference_quiet_s: float | None = None
+
+    @property
+    def load_factor(self) -> float:
+        """How much slower the machine runs the reference now than when quiet; never below 1 (a run
+        faster than the quiet time only means that time was set on a busier minute)."""
+        if not self.reference_s or not self.reference_quiet_s:
+            return 1.0
+        return max(self.reference_s / self.reference_quiet_s, 1.0)
+
+    @property
+    def normalized_s(self) -> float:
+        return self.seconds / self.load_factor
+
+    def to_dict(self) -> dict:
+        return {
+            "median_run_s": self.seconds,
+            "load_factor": self.load_factor,
+            "normalized_run_s": self.normalized_s,
+            "reference_s": self.reference_s,
+            "reference_quiet_s": self.reference_quiet_s,
+        }
+
+
+def normalized(seconds: float | None, load_factor: float | None) -> float | None:
+    """`seconds` divided by the load factor, or as measured without one."""
+    return None if seconds is None else seconds / (load_factor or 1.0)
+
+
+@dataclass(frozen=True)
+class FitBudget:
+    latency_ms: float = 250.0  # median server-side run of one encrypted molecule, this machine (quiet)
+    key_mb: float = 60.0  # serialized evaluation keys a client uploads
+    max_minutes: float | None = None  # wall-clock cap of the search; the best found so far is returned
+    # normalized: timings divided by the load factor the reference circuit shows in the same minute
+    # (the budget means a quiet machine); raw: the timings as measured
+    latency_check: str = "normalized"
+
+    def __post_init__(self):
+        if self.latency_check not in LATENCY_CHECKS:
+            raise ConfigError(
+                f"--latency-check {self.latency_check!r} is not one of {', '.join(LATENCY_CHECKS)}; "
+                "use normalized (budget on a quiet machine) or raw (as measured now)"
+            )
+        if (
+            self.latency_ms <= 0
+            or self.key_mb <= 0
+            or (self.max_minutes is not None and self.max_minutes <= 0)
+        ):
+            raise ConfigError(
+                f"budget {dataclasses.asdict(self)} is not positive; use e.g. --budget-ms 250 --max-key-mb 60"
+            )
+
+
+def describe(seconds: float | None, load_factor: float | None) -> str:
+    """'312 ms measured, load factor 1.6x -> 195 ms normalized' (just the measurement without a factor)."""
+    if seconds is None:
+        return "not timed"
+    text = f"{seconds * 1e3:.0f} ms measured"
+    if load_factor is None:
+        return text
+    return f"{text}, load factor {load_factor:.1f}x -> {seconds / load_factor * 1e3:.0f} ms normalized"
+
+
+class LoadGauge:
+    """The reference circuit, compiled with keys on first use, and its quiet time kept in the calibration
+    file (`Calibration.quiet_reference`: the fastest median seen on this machine)."""
+
+    def __init__(self, calibration: Calibration):
+        self.calibration = calibration
+        self.label = f"{key(*REFERENCE[:3])} x{REFERENCE[3]}"
+        self._circuit = None
+
+    def run(self) -> float:
+        """Seconds of one encrypted run of the reference circuit."""
+        if self._circuit is None:
+            circuit, enc = layer_circuit(*REFERENCE[:3], REFERENCE[3], np.random.default_rng(0))
+            circuit.run(enc)  # warm-up
+            self._circuit = (circuit, enc)
+        circuit, enc = self._circuit
+        start = time.perf_counter()
+        circuit.run(enc)
+        return time.perf_counter() - start
+
+    def timing(self, seconds: list[float], reference: list[float]) -> Timing:
+        now = statistics.median(reference)
+        return Timing(statistics.median(seconds), now, self.calibration.quiet_reference(self.label, now))
+
+
+def interleaved(run: Callable[[], float], n: int, gauge: LoadGauge | None) -> Timing | None:
+    """`n` timed calls of `run` (after one untimed warm-up call), each followed by a reference run."""
+    if n < 1:
+        return None
+    run()  # the first run pays one-time setup
+    seconds, reference = [], []
+    for _ in range(n):
+        seconds.append(run())
+        if gauge is not None:
+            reference.append(gauge.run())
+    return gauge.timing(seconds, reference) if gauge else Timing(statistics.median(seconds))
+
+
+def time_circuit(q_module, X: np.ndarray, runs: int = TIMED_RUNS, gauge: LoadGauge | None = None):
+    """Timing of `runs` encrypted runs of one row through a compiled circuit that has keys; None without
+    rows."""
     if not len(X):
         return None
     circuit = q_module.fhe_circuit
     encrypted = circuit.encrypt(q_module.quantize_input(np.asarray(X[:1], dtype=np.float32)))
-    circuit.run(encrypted)  # the first run pays one-time setup
-    seconds = []
-    for _ in range(runs):
+
+    def once() -> float:
         start = time.perf_counter()
         circuit.run(encrypted)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        return time.perf_counter() - start
+
+    return interleaved(once, runs, gauge)
 
 
-def measure_latency(ckpt: Checkpoint, compiled: Compiled, n_runs: int) -> dict:
-    """Keygen and `n_runs` encrypted runs of test rows through both halves (a temporary bundle)."""
+def measure_latency(
+    ckpt: Checkpoint, compiled: Compiled, n_runs: int, gauge: LoadGauge | None = None
+) -> dict:
+    """Keygen and `n_runs` encrypted runs of a test row through both halves (a temporary bundle), with
+    the reference circuit's runs interleaved when there is a `gauge`."""
     from .predict import LocalBackend
 
     with tempfile.TemporaryDirectory(prefix="molcloak-fit-") as tmp:
         deploy(ckpt, compiled, f"{tmp}/bundle", "fit")
         backend = LocalBackend(f"{tmp}/bundle", key_dir=f"{tmp}/keys")
         info = backend.keygen()
-        X = ckpt.X_test[: n_runs + 1]
-        runs = backend.run_rows(X) if len(X) else []
-        seconds = [r.seconds["run"] for r in runs[1:]]  # the first run pays one-time setup
+        rows = ckpt.X_test[:1]
+        timing = (
+            interleaved(lambda: backend.run_rows(rows)[0].seconds["run"], n_runs, gauge)
+            if len(rows)
+            else None
+        )
         backend.close()
     return {
         "keygen_s": info.seconds,
         "evaluation_key_bytes": info.evaluation_key_bytes,
-        "median_run_s": statistics.median(seconds) if seconds else None,
-        "runs": len(seconds),
+        **(timing.to_dict() if timing else {"median_run_s": None}),
+        "runs": n_runs if timing else 0,
     }

@@ -30,11 +30,11 @@ def key(bits: int, lookup_bits: int, p_error: float | None) -> str:
     return f"{bits}/{lookup_bits}@{'default' if p_error is None else f'{p_error:g}'}"
 
 
-def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5, seed: int = 0) -> dict:
-    """Time `lookup_bits`-bit lookups of rounded `bits`-bit values, on 1 and on 16 encrypted values."""
+def layer_circuit(bits: int, lookup_bits: int, p_error: float | None, n: int, rng):
+    """A compiled circuit with keys shaped like one model layer: `n` encrypted `bits`-bit values, each
+    rounded to `lookup_bits` bits and sent through a table lookup (`n` PBS); and an encrypted input."""
     from concrete import fhe
 
-    rng = np.random.default_rng(seed)
     table = fhe.LookupTable([int(v) for v in rng.integers(0, 2**lookup_bits, size=2**bits)])
     drop = max(bits - lookup_bits, 0)
 
@@ -43,14 +43,20 @@ def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5
             x = fhe.round_bit_pattern(x, lsbs_to_remove=drop, exactness=fhe.Exactness.APPROXIMATE)
         return table[x]
 
+    compiler = fhe.Compiler(layer, {"x": "encrypted"})
+    # stay clear of the top value: rounding it up would need one more bit
+    inputset = [rng.integers(0, 2**bits - 2**drop, size=n) for _ in range(32)] + [np.zeros(n, dtype=int)]
+    circuit = compiler.compile(inputset, fhe.Configuration(p_error=p_error, show_progress=False))
+    circuit.keygen()
+    return circuit, circuit.encrypt(rng.integers(0, 2**bits - 2**drop, size=n))
+
+
+def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5, seed: int = 0) -> dict:
+    """Time `lookup_bits`-bit lookups of rounded `bits`-bit values, on 1 and on 16 encrypted values."""
+    rng = np.random.default_rng(seed)
     times = {}
     for n in SIZES:
-        compiler = fhe.Compiler(layer, {"x": "encrypted"})
-        # stay clear of the top value: rounding it up would need one more bit
-        inputset = [rng.integers(0, 2**bits - 2**drop, size=n) for _ in range(32)] + [np.zeros(n, dtype=int)]
-        circuit = compiler.compile(inputset, fhe.Configuration(p_error=p_error, show_progress=False))
-        circuit.keygen()
-        enc = circuit.encrypt(rng.integers(0, 2**bits - 2**drop, size=n))
+        circuit, enc = layer_circuit(bits, lookup_bits, p_error, n, rng)
         circuit.run(enc)  # warm-up: the first run pays one-time setup
         runs = []
         for _ in range(repeats):
@@ -66,6 +72,12 @@ def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5
         "fixed_s": max(times[SIZES[0]] - per_pbs, 0.0),
         "per_pbs_s": per_pbs,
         "seconds": {str(n): t for n, t in times.items()},
+        **_where(),
+    }
+
+
+def _where() -> dict:
+    return {
         "load_avg": os.getloadavg()[0],
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": platform.node(),
@@ -80,9 +92,12 @@ class Calibration:
         """`measure=False`: use only costs already in the file; a missing one predicts no latency (inf)."""
         self.path = Path(path) if path else DEFAULT_PATH
         self.measure = measure
-        self.entries: dict[str, dict] = {}
-        if self.path.is_file():
-            self.entries = json.loads(self.path.read_text()).get("entries", {})
+        stored = self._read()
+        self.entries: dict[str, dict] = stored.get("entries", {})
+        self.reference: dict | None = stored.get("reference")  # see `quiet_reference`
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def cost(self, bits: int, lookup_bits: int, p_error: float | None) -> dict | None:
         k = key(bits, lookup_bits, p_error)
@@ -100,10 +115,41 @@ class Calibration:
         c = self.cost(bits, min(rounding_bits or bits, bits), p_error)
         return float("inf") if c is None else c["fixed_s"] + pbs * c["per_pbs_s"]
 
+    def quiet_reference(self, circuit: str, seconds: float) -> float:
+        """The fixed reference circuit's run time on this machine when it is quiet: the fastest median ever
+        seen for it here (other load only adds time), updated with `seconds`, a median just measured, and
+        saved (unless `measure=False`). A first measurement on a loaded machine overstates it, which makes
+        the load correction smaller (the safe side) until a quieter minute lowers it."""
+        disk = self._read().get("reference")
+        if disk and self.reference and _same(disk, self.reference) and _faster(disk, self.reference):
+            self.reference = disk  # another process saw a quieter minute meanwhile
+        now = {"circuit": circuit, "quiet_s": seconds, **_where()}
+        if _faster(now, self.reference):
+            self.reference = now
+            if self.measure:
+                self.save()
+        return self.reference["quiet_s"]
+
     def save(self) -> None:
+        """Write the file, keeping what another process measured meanwhile."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        on_disk = self._read()
+        self.entries = {**on_disk.get("entries", {}), **self.entries}
+        disk = on_disk.get("reference")
+        if disk and (self.reference is None or _same(disk, self.reference) and _faster(disk, self.reference)):
+            self.reference = disk
+        data = {"model": "seconds = fixed_s + pbs * per_pbs_s", "entries": self.entries}
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(
-            json.dumps({"model": "seconds = fixed_s + pbs * per_pbs_s", "entries": self.entries}, indent=2)
+            json.dumps({**data, "reference": self.reference} if self.reference else data, indent=2)
         )
         os.replace(tmp, self.path)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("circuit", "machine"))
+
+
+def _faster(new: dict, old: dict | None) -> bool:
+    """Whether reference timing `new` replaces `old`: old is absent, of another circuit or machine, or slower."""
+    return old is None or not _same(new, old) or new["quiet_s"] < old["quiet_s"]

@@ -7,6 +7,7 @@ calibration. No assertion is on time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ from molcloak.pipeline import data
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.errors import ConfigError, TuneError
-from molcloak.pipeline.fit import FitBudget, SearchSpace, fit
+from molcloak.pipeline.fit import Candidate, FitBudget, SearchSpace, fit
+from molcloak.pipeline.latency import Timing, describe
 from molcloak.pipeline.pbs_cost import Calibration, key
 from molcloak.pipeline.train import TrainConfig
 
@@ -97,6 +99,14 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     m = result.measured
     assert m["runs"] == 5 and m["median_run_s"] > 0 and m["evaluation_key_bytes"] > 0  # real keys, real runs
     assert result.chosen.measured_s == m["median_run_s"] and not result.over_budget
+    # the budget was checked on timings normalized by the reference circuit run in the same minute
+    assert result.latency_check == "normalized" and info["fit"]["latency_check"] == "normalized"
+    assert m["load_factor"] >= 1 and np.isclose(m["normalized_run_s"], m["median_run_s"] / m["load_factor"])
+    assert m["reference_s"] > 0 and 0 < m["reference_quiet_s"] <= m["reference_s"] * (1 + 1e-9)
+    assert all(c.load_factor >= 1 and c.run_s > 0 for c in result.candidates)
+    assert any("load factor" in msg and "ms normalized" in msg for msg, _, _ in steps)
+    stored = json.loads((tmp_path / "calib.json").read_text())["reference"]  # its quiet time, kept on disk
+    assert stored["quiet_s"] == m["reference_quiet_s"] and stored["machine"] and stored["measured"]
     # the same search again gives the same choice (seeded)
     again = fit(
         ds,
@@ -110,6 +120,43 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
         measure_runs=0,
     )
     assert again.chosen.label == result.chosen.label and np.isclose(again.chosen.valid, result.chosen.valid)
+
+
+def test_normalization_arithmetic_and_the_quiet_reference(tmp_path):
+    """312 ms measured while the reference runs 80 ms instead of its quiet 50 ms: load 1.6x, 195 ms."""
+    t = Timing(0.312, reference_s=0.080, reference_quiet_s=0.050)
+    assert np.isclose(t.load_factor, 1.6) and np.isclose(t.normalized_s, 0.195)
+    assert describe(0.312, t.load_factor) == "312 ms measured, load factor 1.6x -> 195 ms normalized"
+    assert describe(0.312, None) == "312 ms measured" and describe(None, 2.0) == "not timed"
+    # a reference faster than its stored quiet time never makes a candidate slower; no reference: as measured
+    assert Timing(0.2, 0.04, 0.05).load_factor == 1.0 and Timing(0.2).normalized_s == 0.2
+    d = Timing(0.312, 0.08, 0.05).to_dict()
+    assert d["median_run_s"] == 0.312 and np.isclose(d["normalized_run_s"], 0.195)
+    # the budget decision: over 250 ms as measured, within it normalized; untimed: the prediction decides
+    c = Candidate(
+        "physchem", {}, TINY.first_compile, "features", predicted_s=0.1, run_s=0.312, load_factor=1.6
+    )
+    assert c.fits(FitBudget(latency_ms=250)) and not c.fits(FitBudget(latency_ms=250, latency_check="raw"))
+    assert c.to_dict()["run_normalized_s"] == pytest.approx(0.195) and "195 ms normalized" in c.latency_text
+    untimed = Candidate("physchem", {}, TINY.first_compile, "features", predicted_s=0.3)
+    assert untimed.checked_s("normalized") == 0.3 and untimed.latency_text == "300 ms predicted"
+    with pytest.raises(ConfigError, match="--latency-check 'fast' is not one of normalized, raw"):
+        FitBudget(latency_check="fast")
+    # the quiet time is the fastest median seen on this machine for this circuit, kept in the file
+    cal = calibration(tmp_path)
+    assert cal.quiet_reference("8/5@1e-06 x8", 0.08) == 0.08
+    assert cal.quiet_reference("8/5@1e-06 x8", 0.12) == 0.08  # a loaded minute does not raise it
+    assert cal.quiet_reference("8/5@1e-06 x8", 0.07) == 0.07
+    assert Calibration(tmp_path / "calib.json").reference["quiet_s"] == 0.07
+    other = Calibration(tmp_path / "calib.json")  # another process sees a quieter minute: both use it
+    assert (
+        other.quiet_reference("8/5@1e-06 x8", 0.06) == 0.06
+        and cal.quiet_reference("8/5@1e-06 x8", 0.09) == 0.06
+    )
+    assert cal.quiet_reference("9/5@1e-06 x8", 0.2) == 0.2  # another reference circuit starts over
+    read_only = Calibration(tmp_path / "calib.json", measure=False)
+    assert read_only.quiet_reference("9/5@1e-06 x8", 0.1) == 0.1
+    assert Calibration(tmp_path / "calib.json").reference["quiet_s"] == 0.2  # measure=False writes nothing
 
 
 def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
@@ -135,8 +182,8 @@ def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
     # overrule the prediction during the search ...
     optimistic = calibration(tmp_path, fixed_s=1e-5, per_pbs_s=1e-6)
     args = (ds, space, FitBudget(latency_ms=1), None, 0.2, 0, TrainConfig(epochs=2), optimistic)
-    with pytest.raises(TuneError, match=r"the cheapest found is physchem .* at [1-9]\d* ms"):
-        fit(*args, measure_runs=2)
+    with pytest.raises(TuneError, match=r"the cheapest found is physchem .* at [1-9]\d* ms measured and"):
+        fit(*args[:2], dataclasses.replace(args[2], latency_check="raw"), *args[3:], measure_runs=2)
     # ... and without them the final measurement decides: the fastest timed candidate is kept and flagged
     kept = fit(*args, measure_runs=2, time_candidates=False)
     assert kept.over_budget and kept.chosen.measured_s > 0.001 and kept.chosen.predicted_s < 0.001
@@ -185,6 +232,11 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert summary["chosen"]["features"] == "physchem" and summary["candidates"]
     assert load_checkpoint(tmp_path / "ckpt").train_info["fit"]["metric"] == "roc_auc"
     assert load_manifest(tmp_path / "bundle").data["compile"]["rounding_bits"] is None
+    assert summary["latency_check"] == "normalized" and summary["measured"]["load_factor"] >= 1
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--latency-check", "x"]
+    )
+    assert bad.exit_code == 2 and "--latency-check 'x' is not one of normalized, raw" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():

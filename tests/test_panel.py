@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from molcloak.evaluation.bench import panel, references
+from molcloak.evaluation.bench import panel, panel_report, references
 from molcloak.pipeline import data
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.errors import ConfigError
@@ -81,6 +81,18 @@ def test_panel_config_refuses_bad_values(tmp_path):
     assert len(panel.sample_positions(10, None, 0)) == 10
 
 
+def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
+    """A run whose budget was checked on raw timings is not reused for a normalized one; the references are."""
+    (tmp_path / "bace.csv").write_text("smiles,Class\nC,1\n")
+    entry = panel.describe_panel(tmp_path)[0]["bace"]
+    norm, raw = panel.PanelConfig(str(tmp_path)), panel.PanelConfig(str(tmp_path), latency_check="raw")
+    key = lambda config, part: panel_report.run_key(config, entry, 0, part)  # noqa: E731
+    assert key(norm, "molcloak") != key(raw, "molcloak") and key(norm, "references") == key(raw, "references")
+    assert "--latency-check raw" in panel.command_line(raw) and "--latency-check" not in panel.command_line(
+        norm
+    )
+
+
 def test_references_impute_failed_descriptors_with_training_median():
     feats = references.molecule_features(["CCO", "c1ccccc1O", "CCN", "[H+]"])
     assert feats.ecfp4.shape == (4, 2048) and feats.rdkit2d.shape[1] == len(feats.descriptor_names)
@@ -133,6 +145,11 @@ def test_bench_panel_quick_through_the_cli(tmp_path):
     assert "**sol_low, seed 0**" in explored and "(chosen)" in explored
     ours = result["datasets"]["sol_low"]["runs"][0]["molcloak"]
     assert ours["fit"]["chosen"]["run_s"] > 0 and ours["config"]["features"] == "physchem:scale=quantile"
+    # the final timing: raw, the load factor of that minute and the normalized figure the budget was checked on
+    final = ours["fit"]["measured"]
+    assert ours["fit"]["latency_check"] == "normalized" and final["load_factor"] >= 1
+    assert final["normalized_run_s"] == pytest.approx(final["median_run_s"] / final["load_factor"])
+    assert "load factor" in explored and "| load | normalized ms |" in explored
 
     # a rerun with the same settings resumes every run from the JSON
     res = CliRunner().invoke(app, ["bench", "--panel", str(folder), "--quick", "--json", str(out_json)])

@@ -188,6 +188,7 @@ class PanelConfig:
     trees: int | None = None  # RandomForest trees (default 500; quick 100)
     budget_ms: float = 250.0  # latency budget handed to `molcloak fit`
     fit_minutes: float | None = 10.0  # wall-clock cap of each fit's search (None: the whole search space)
+    latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -247,6 +248,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--trees", str(config.trees)] if config.trees else []
     args += ["--budget-ms", f"{config.budget_ms:g}"] if config.budget_ms != 250.0 else []
     args += ["--fit-minutes", f"{config.fit_minutes:g}"] if config.fit_minutes != 10.0 else []
+    args += ["--latency-check", config.latency_check] if config.latency_check != "normalized" else []
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -274,11 +276,11 @@ QUICK_BUDGET_MS = 60_000.0  # --quick is a smoke run: a loaded CI machine must n
 def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> FitResult:
     """`molcloak fit` on the `split` method's training part with `seed`, under the panel's budget: it
     chooses on an inner validation part and compiles its choice on the test part. `--quick` uses a
-    generous budget and only the PBS costs already calibrated (timings decide; nothing is measured)."""
+    generous budget and only the PBS costs already calibrated (timings decide; nothing is written)."""
     return fit(
         ds,
         QUICK_SPACE if config.quick else SearchSpace(),
-        FitBudget(latency_ms=budget_ms(config), max_minutes=config.fit_minutes),
+        FitBudget(budget_ms(config), max_minutes=config.fit_minutes, latency_check=config.latency_check),
         split,
         TEST_FRACTION,
         seed,
@@ -363,13 +365,9 @@ def run_molcloak(
             "compile": compiled.config.to_dict(),
             "train": {k: ckpt.train_info.get(k) for k in ("config", "best_epoch", "epochs_run")},
         },
-        "fit": {
-            "chosen": fitted.chosen.to_dict(),
+        "fit": {  # the search: every variant, the final timing (raw, load factor, normalized), the flags
+            **{k: v for k, v in fitted.to_dict().items() if k not in ("test_metrics", "circuit")},
             "n_candidates": len(fitted.candidates),
-            "candidates": [c.to_dict() for c in fitted.candidates],
-            "measured": fitted.measured,
-            "stopped_early": fitted.stopped_early,
-            "over_budget": fitted.over_budget,
             "fit_minutes": config.fit_minutes,
         },
         "seconds": {"fit_and_compile": fit_s, "compile": compiled.seconds},

@@ -115,6 +115,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
         parts["trees"] = config.n_trees
     else:
         parts.update(sample=config.n_sample, budget_ms=config.budget_ms, quick=config.quick)
+        if getattr(config, "latency_check", "raw") != "raw":  # earlier runs checked raw timings
+            parts["latency_check"] = config.latency_check
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)
@@ -354,8 +356,9 @@ def front(candidates: list[dict]) -> list[dict]:
     """The variants no other variant beats on both validation metric and latency (timed when timed),
     fastest first."""
 
-    def latency(c):
-        return c["run_s"] if c.get("run_s") is not None else c["predicted_s"]
+    def latency(c):  # normalized to a quiet machine when the search measured the load factor
+        timed = c.get("run_normalized_s") if c.get("load_factor") else c.get("run_s")
+        return timed if timed is not None else c["predicted_s"]
 
     pool = sorted(
         (c for c in candidates if c.get("valid") is not None and np.isfinite(c["valid"])),
@@ -383,10 +386,11 @@ def frontier_markdown(result: dict) -> str:
                 "",
                 f"**{name}, seed {run['seed']}**: {fit['n_candidates']} variants"
                 + (", stopped by the time cap" if fit.get("stopped_early") else "")
-                + f"; chosen `{chosen}`",
+                + f"; chosen `{chosen}`{_final_timing(fit)}",
                 "",
-                "| features | network, compile | valid | valid float | PBS | max bits | keys MB | timed ms | predicted ms |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "| features | network, compile | valid | valid float | PBS | max bits | keys MB | timed ms "
+                "| load | normalized ms | predicted ms |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             rows = front(fit["candidates"])
             if chosen not in {c["label"] for c in rows}:
@@ -397,11 +401,27 @@ def frontier_markdown(result: dict) -> str:
                 lines.append(
                     f"| `{features}` | {rest}{mark} | {c['valid']:.3f} | {c['float_valid']:.3f} | {c['pbs']} | "
                     f"{c['max_bits']} | {c['evaluation_key_bytes'] / 1e6:.0f} | {_num(_ms(c.get('run_s')), 0)} | "
+                    f"{_load(c.get('load_factor'))} | {_num(_ms(c.get('run_normalized_s')), 0)} | "
                     f"{_num(_ms(c['predicted_s']), 0)} |"
                 )
     if not lines:
         return ""
     return "\n".join(["", "### The front `molcloak fit` explored (inner validation part)", *lines]) + "\n"
+
+
+def _load(factor: float | None) -> str:
+    return "-" if factor is None else f"{factor:.1f}x"
+
+
+def _final_timing(fit: dict) -> str:
+    """'; final timing 312 ms, load factor 1.6x -> 195 ms normalized (budget checked normalized)'."""
+    m = fit.get("measured") or {}
+    if m.get("median_run_s") is None:
+        return ""
+    text = f"; final timing {m['median_run_s'] * 1e3:.0f} ms"
+    if m.get("load_factor") is not None and fit.get("latency_check") == "normalized":
+        text += f", load factor {m['load_factor']:.1f}x -> {m['normalized_run_s'] * 1e3:.0f} ms normalized"
+    return text + f" (budget checked {fit.get('latency_check', 'raw')})"
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -40,6 +40,13 @@ def fit(
     max_key_mb: float = typer.Option(
         60.0, "--max-key-mb", help="Evaluation-key budget (MB a client uploads)."
     ),
+    latency_check: str = typer.Option(
+        "normalized",
+        "--latency-check",
+        help="normalized: check --budget-ms on timings divided by the machine's load factor (a fixed reference "
+        "circuit timed in the same minute against its quiet time here), so other jobs do not change the "
+        "choice; raw: on the timings as measured now.",
+    ),
     max_minutes: float | None = typer.Option(
         None, "--max-minutes", help="Wall-clock cap of the search; the best model found so far is kept."
     ),
@@ -84,8 +91,9 @@ def fit(
 
     Models are trained on the training split and chosen by their FHE-simulated metric on an inner
     validation part (never the test split); latency is predicted from each circuit's PBS count and bit
-    width with the PBS cost measured on this machine. The chosen model is compiled, timed for real and
-    written as a checkpoint (with its compile settings, for `deploy`).
+    width with the PBS cost measured on this machine, and timed; with --latency-check normalized (default)
+    the budget applies to timings divided by the machine's current load factor. The chosen model is
+    compiled, timed for real and written as a checkpoint (with its compile settings, for `deploy`).
     Example: molcloak fit --dataset bace.csv --target-col Class --split scaffold --out runs/bace
     """
     from ..bundle import save_checkpoint
@@ -102,7 +110,7 @@ def fit(
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
     )
-    budget = FitBudget(budget_ms, max_key_mb, max_minutes)
+    budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:
         t = bar.add_task("fit", total=None, status="")
         on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
@@ -139,7 +147,13 @@ def fit(
     )
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
 def _print_fit(result, budget) -> None:
+    from ..latency import describe, normalized
+
     table = Table(
         title=f"molcloak fit: {len(result.candidates)} variants, validation {result.metric} (FHE-simulated)"
     )
@@ -153,6 +167,8 @@ def _print_fit(result, budget) -> None:
         "bits",
         "MB",
         "ms",
+        "load",
+        "norm. ms",
         "pred. ms",
         "fits",
     )
@@ -170,7 +186,9 @@ def _print_fit(result, budget) -> None:
             str(c.pbs),
             str(c.max_bits),
             f"{c.key_bytes / 1e6:.0f}",
-            "-" if c.run_s is None else f"{c.run_s * 1e3:.0f}",
+            _ms(c.run_s),
+            "-" if c.load_factor is None else f"{c.load_factor:.1f}x",
+            _ms(normalized(c.run_s, c.load_factor) if c.load_factor else None),
             f"{c.predicted_s * 1e3:.0f}",
             "yes" if c.fits(budget) else "no",
         )
@@ -178,20 +196,22 @@ def _print_fit(result, budget) -> None:
     out.print(
         f"* chosen: within {budget.latency_ms:g} ms and {budget.key_mb:g} MB, the cheapest of the most "
         f"accurate (within {result.tolerance:g} of the best validation {result.metric}) "
-        "(ms: median of timed encrypted runs during the search; pred. ms: from PBS count and bit width; "
-        f"inner validation part: {result.inner_valid})"
+        "(ms: median of timed encrypted runs during the search; load: how much slower the reference circuit "
+        "ran then than on this machine when quiet; norm. ms: ms / load; pred. ms: from PBS count and bit "
+        f"width; budget checked on {result.latency_check} timings; inner validation part: {result.inner_valid})"
     )
     m = result.measured
     if m.get("median_run_s") is not None:
+        load = m.get("load_factor") if result.latency_check == "normalized" else None
         out.print(
-            f"  measured: {m['median_run_s'] * 1e3:.0f} ms median over {m['runs']} encrypted runs, keygen "
-            f"{m['keygen_s']:.2f} s, evaluation keys {m['evaluation_key_bytes'] / 1e6:.1f} MB"
+            f"  measured: {describe(m['median_run_s'], load)} (median over {m['runs']} encrypted runs), "
+            f"keygen {m['keygen_s']:.2f} s, evaluation keys {m['evaluation_key_bytes'] / 1e6:.1f} MB"
         )
     if result.over_budget:
         out.print(
-            f"[yellow]none of the timed candidates ran within {budget.latency_ms:g} ms on this machine now "
-            "(other load inflates timings): the fastest was kept; rerun on a quiet machine or raise "
-            "--budget-ms[/yellow]"
+            f"[yellow]none of the timed candidates ran within {budget.latency_ms:g} ms "
+            f"({result.latency_check}) on this machine now: the fastest was kept; rerun on a quieter machine "
+            "or raise --budget-ms[/yellow]"
         )
     if result.stopped_early:
         out.print("[yellow]--max-minutes reached: the best model found so far was kept[/yellow]")
