@@ -12,7 +12,7 @@ import typer
 from ..errors import ConfigError
 from .common import DataOpts, app, cli_errors, err, given, int_list, load_data, out, progress, write_json
 
-PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes")
+PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes", "latency_check")
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
 
@@ -48,6 +48,12 @@ def bench(
     ),
     fit_minutes: float = typer.Option(
         10.0, "--fit-minutes", help="Panel: wall-clock cap of each fit's search, per dataset and seed."
+    ),
+    latency_check: str = typer.Option(
+        "normalized",
+        "--latency-check",
+        help="Panel: fit's budget check on timings divided by the machine's load factor (normalized) or "
+        "as measured (raw); see `molcloak fit --help`.",
     ),
     task: List[str] | None = typer.Option(
         None,
@@ -102,7 +108,7 @@ def bench(
     resumes from it. Example: molcloak bench --panel --seeds 0 --json panel.json --markdown panel.md
     """
     if panel:
-        limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes}
+        limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )
