@@ -108,6 +108,9 @@ def bench(
     resumes from it. Example: molcloak bench --panel --seeds 0 --json panel.json --markdown panel.md
     """
     if panel:
+        from ..fit import FitBudget
+
+        FitBudget(budget_ms, latency_check=latency_check)  # bad values: one line before anything runs
         limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
