@@ -180,3 +180,46 @@ def test_bench_panel_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "only apply with --panel" in res.output
     res = runner.invoke(app, ["bench", "--panel", str(folder), "--task", "sol-low"])
     assert res.exit_code == 2 and "do not apply with --panel" in res.output
+
+
+def _panel_result(seed_runs: list[dict], started: str) -> dict:
+    return {
+        "command": "molcloak bench --panel",
+        "config": {},
+        "panel": {},
+        "split": "scaffold",
+        "started": started,
+        "finished": started,
+        "machine": {"node": "n", "cpus": 2, "load_avg_at_start": [0.1], "versions": {}},
+        "datasets": {"herg": {"task": "binary", "metric": "roc_auc", "runs": seed_runs, "mean": {}}},
+    }
+
+
+def _seed_run(seed: int, auc: float | None, ref: float) -> dict:
+    ours = None
+    if auc is not None:
+        ours = {
+            "metrics": {"float": {"roc_auc": auc}, "fhe_simulate": {"roc_auc": auc}},
+            "fhe_execute": {"metrics": {"roc_auc": auc}, "n_molecules": 10, "latency": {"median_s": 0.1}},
+            "circuit": {},
+            "pbs": 16,
+            "max_bits": 8,
+        }
+    refs = {"rf_both": {"metrics": {"roc_auc": ref}}}
+    return {"seed": seed, "n_test": 10, "molcloak": ours, "references": refs}
+
+
+def test_panel_merge_keeps_the_last_run_with_a_model_per_seed():
+    from molcloak.evaluation.bench.panel_merge import merge
+
+    first = _panel_result([_seed_run(0, 0.80, 0.90), _seed_run(1, 0.70, 0.86)], "2026-11-30 10:00")
+    rerun = _panel_result([_seed_run(1, 0.84, 0.86), _seed_run(2, None, 0.88)], "2026-11-30 12:00")
+    merged = merge([first, rerun], ["a.json", "b.json"])
+    runs = merged["datasets"]["herg"]["runs"]
+    assert [(r["seed"], r["source"]) for r in runs] == [(0, "a.json"), (1, "b.json"), (2, "b.json")]
+    mean = merged["datasets"]["herg"]["mean"]
+    assert mean["molcloak"]["fhe_simulate"]["roc_auc"] == pytest.approx((0.80 + 0.84) / 2)
+    assert mean["best_reference"]["roc_auc"] == pytest.approx((0.90 + 0.86 + 0.88) / 3)
+    failed_later = _panel_result([_seed_run(0, None, 0.90)], "2026-11-30 13:00")
+    again = merge([first, failed_later], ["a.json", "c.json"])  # a failed fit never replaces a model
+    assert again["datasets"]["herg"]["runs"][0]["source"] == "a.json"
