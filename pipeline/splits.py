@@ -95,9 +95,10 @@ def split_dataset(
 
 
 def murcko_scaffold(smiles: str) -> str:
-    from rdkit import Chem
+    from rdkit import Chem, RDLogger
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
+    RDLogger.DisableLog("rdApp.*")  # "not removing hydrogen atom without neighbors" on [H+] (tox21)
     mol = Chem.MolFromSmiles(smiles)
     return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False) if mol else ""
 

@@ -146,6 +146,10 @@ def test_bad_input_is_one_line(program, tiny_binary, tiny_regression, tmp_path):
             "molcloak aggregate BUNDLE",
         ),
         (["audit", "--aggregate-only", "--bundle", program[2], "-t", "x.csv", "--explain", "2"], "--explain"),
+        (
+            ["audit", "--aggregate-only", "--bundle", program[2], "-t", "x.csv", "--batch-size", "4"],
+            "cannot be combined with --batch-size",
+        ),
         (["serve", "--bundles", program[2].parent, "--aggregate-epsilon", "0.1"], "--aggregate-epsilon 0.1"),
     ]
     info = runner.invoke(app, ["info", str(program[2])])

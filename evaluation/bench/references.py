@@ -87,15 +87,14 @@ def molecule_features(smiles: list[str]) -> MolFeatures:
     from rdkit import Chem, RDLogger
 
     start = time.perf_counter()
-    RDLogger.DisableLog("rdApp.*")  # the descriptors warn about odd molecules ([H+]); NaN is the answer
-    try:
-        mols = [Chem.MolFromSmiles(s) for s in smiles]
-        bad = [s for s, m in zip(smiles, mols) if m is None]
-        if bad:  # the data loader canonicalized every SMILES with RDKit: this does not happen
-            raise ValueError(f"RDKit could not parse {len(bad)} loaded SMILES, e.g. {bad[0]!r}")
-        return MolFeatures(ecfp4(mols), rdkit2d(mols), descriptor_names(), time.perf_counter() - start)
-    finally:
-        RDLogger.EnableLog("rdApp.*")
+    # the descriptors warn about odd molecules ([H+]; NaN is the answer), RemoveHs about lone hydrogens: off
+    # for the whole process, as in molcloak's featurizers (re-enabling here let later parsing flood the screen)
+    RDLogger.DisableLog("rdApp.*")
+    mols = [Chem.MolFromSmiles(s) for s in smiles]
+    bad = [s for s, m in zip(smiles, mols) if m is None]
+    if bad:  # the data loader canonicalized every SMILES with RDKit: this does not happen
+        raise ValueError(f"RDKit could not parse {len(bad)} loaded SMILES, e.g. {bad[0]!r}")
+    return MolFeatures(ecfp4(mols), rdkit2d(mols), descriptor_names(), time.perf_counter() - start)
 
 
 class FeatureCache:

@@ -16,6 +16,7 @@ from .common import (
     cli_errors,
     emit_json,
     err,
+    given,
     out,
     progress,
     read_token,
@@ -45,9 +46,14 @@ def _where(bundle, server, model, key_dir, token_file) -> dict:
     }
 
 
+# options of the per-molecule audit that an aggregate-only audit has no use for
+AGGREGATE_IGNORES = ("explain", "group_col", "restart", "batch_size", "importance", "task")
+
+
 @app.command()
 @cli_errors
 def audit(
+    ctx: typer.Context,
     test_set: Path = typer.Option(
         ..., "--test-set", "-t", help="CSV file of the secret test set, one molecule per row."
     ),
@@ -121,8 +127,9 @@ def audit(
     --target-col sol_low --out audits/sol-low
     """
     if aggregate_only:
-        if explain or group_col or restart:
-            raise ConfigError("--aggregate-only cannot be combined with --explain, --group-col or --restart")
+        wrong = ["--" + n.replace("_", "-") for n in AGGREGATE_IGNORES if given(ctx, n)]
+        if wrong:  # each would be silently ignored: chunks of the program's rows, no per-molecule state
+            raise ConfigError(f"--aggregate-only cannot be combined with {', '.join(wrong)}; drop them")
         return _aggregate(
             test_set,
             out_dir,

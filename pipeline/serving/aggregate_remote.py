@@ -25,7 +25,9 @@ class RemoteAggregate:
         self.concurrency = remote.default_concurrency(1)  # chunks in flight: the server's workers, plus one
 
     def _part(self):
-        data = self.remote._ok(self.remote.request("GET", f"/models/{self.remote.model}/aggregate")).content
+        data = self.remote.checked(
+            self.remote.request("GET", f"/models/{self.remote.model}/aggregate")
+        ).content
         target = self.remote.key_dir.parent / "clients" / f"{self.program.replace(':', '-')}"
         target.mkdir(parents=True, exist_ok=True)
         try:
@@ -47,7 +49,7 @@ class RemoteAggregate:
             content=keys,
             headers={"Content-Type": "application/octet-stream"},
         )
-        self.key_id = self.remote._ok(r).json()["key_id"]
+        self.key_id = self.remote.checked(r).json()["key_id"]
 
     def run(self, rows: bytes, labels: bytes) -> bytes:
         body = {
@@ -57,7 +59,7 @@ class RemoteAggregate:
                 {"rows": base64.b64encode(rows).decode(), "labels": base64.b64encode(labels).decode()}
             ],
         }
-        data = self.remote._ok(self.remote.request("POST", "/aggregate", json=body)).json()
+        data = self.remote.checked(self.remote.request("POST", "/aggregate", json=body)).json()
         self.epsilon = float(data["epsilon"])
         return base64.b64decode(data["outputs"][0])
 

@@ -159,7 +159,8 @@ class RemoteModel(PredictionBackend):
             self._pause.hold(wait)
             delay = min(delay * 2, MAX_WAIT)
 
-    def _ok(self, r: httpx.Response) -> httpx.Response:
+    def checked(self, r: httpx.Response) -> httpx.Response:
+        """`r` when it succeeded; otherwise the server's error as the matching molcloak error."""
         if r.is_success:
             return r
         kind, message = server_error(r)
@@ -169,7 +170,7 @@ class RemoteModel(PredictionBackend):
     # -- client part and keys -----------------------------------------------
 
     def _model_info(self) -> dict:
-        models = self._ok(self.request("GET", "/models")).json()
+        models = self.checked(self.request("GET", "/models")).json()
         for m in models:
             if m["name"] == self.model:
                 return m
@@ -184,7 +185,7 @@ class RemoteModel(PredictionBackend):
         target = self.key_dir.parent / "clients" / f"{self.model}-{expected}"
         for attempt in range(2):
             if attempt or not (target / "client.zip").is_file():
-                data = self._ok(self.request("GET", f"/models/{self.model}/client")).content
+                data = self.checked(self.request("GET", f"/models/{self.model}/client")).content
                 target.mkdir(parents=True, exist_ok=True)
                 with zipfile.ZipFile(io.BytesIO(data)) as z:
                     for name in ("client.zip", "manifest.json"):
@@ -250,7 +251,7 @@ class RemoteModel(PredictionBackend):
         return stored.get("key_id")
 
     def _upload_keys(self) -> str:
-        r = self._ok(
+        r = self.checked(
             self.request(
                 "POST",
                 "/keys",
@@ -322,7 +323,7 @@ class RemoteModel(PredictionBackend):
                 continue
             if REMAINING in r.headers:
                 self.predictions_remaining = int(r.headers[REMAINING])
-            data = self._ok(r).json()
+            data = self.checked(r).json()
             return [base64.b64decode(o) for o in data["outputs"]], data["server_seconds"]
         raise AssertionError("unreachable")
 
