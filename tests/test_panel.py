@@ -223,3 +223,25 @@ def test_panel_merge_keeps_the_last_run_with_a_model_per_seed():
     failed_later = _panel_result([_seed_run(0, None, 0.90)], "2026-11-30 13:00")
     again = merge([first, failed_later], ["a.json", "c.json"])  # a failed fit never replaces a model
     assert again["datasets"]["herg"]["runs"][0]["source"] == "a.json"
+
+
+def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
+    """The fixed-configuration sweep: one row per (dataset, seed, features, network, teacher), real
+    compilation and timing; a rerun with the same JSON skips what it holds."""
+    from molcloak.evaluation.bench import frontier
+
+    folder = _tiny_panel(tmp_path / "panel", n=120)
+    out = tmp_path / "frontier.json"
+    args = ["--panel", str(folder), "--datasets", "sol_low", "--seeds", "0", "--hidden", "4"]
+    args += ["--teacher", "none,rf", "--json", str(out), "--markdown", str(tmp_path / "f.md")]
+    frontier.main(args)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["teacher"] for r in rows] == ["none", "rf"]
+    for r in rows:
+        assert r["dataset"] == "sol_low" and r["inputs"] == 10 and r["pbs"] == 4
+        assert 0.5 <= r["fhe_simulate"] <= 1 and r["run_ms"] > 0 and r["load_factor"] >= 1
+    table = (tmp_path / "f.md").read_text()
+    assert "| sol_low | `physchem:scale=quantile` | 4 | rf | 0 |" in table
+    capsys.readouterr()
+    frontier.main(args)  # resumes: nothing left to run
+    assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2

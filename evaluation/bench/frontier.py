@@ -1,0 +1,164 @@
+"""Fixed-configuration sweep on the panel: what each feature spec, network and teacher gives on the test.
+
+`molcloak fit` chooses on an inner validation part, so its panel rows mix two effects: how good a
+configuration is and how well the search picked it. This sweep removes the second: every
+configuration in a grid (feature spec x hidden widths x teacher) is trained, compiled and scored on
+the same scaffold test split for each seed, and its circuit is timed. It measures the frontier
+(`evaluation/PERFORMANCE.md`), and whether distillation (`--teacher rf`) lifts a student at equal
+cost: the two arms share features, network, seed and split.
+
+    python -m molcloak.evaluation.bench.frontier --datasets bace,herg --seeds 0,1,2 \
+        --features physchem:scale=quantile --features rdkit2d:scale=quantile+select:k=32 \
+        --hidden 16 --teacher none,rf --json frontier.json --markdown frontier.md
+
+The test split is reported here and never used to choose anything. Timings: median of 3 encrypted
+runs of one molecule on the compiled circuit, each followed by the load gauge's reference circuit
+(`latency.LoadGauge`); the JSON keeps raw, load factor and normalized figures. --json is rewritten
+after every configuration, and a rerun with the same file skips the rows it already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from molcloak.pipeline.compile import CompileConfig
+from molcloak.pipeline.latency import LoadGauge, time_circuit
+from molcloak.pipeline.pbs_cost import Calibration
+from molcloak.pipeline.teacher import teacher_outputs
+from molcloak.pipeline.train import TrainConfig
+from molcloak.pipeline.workflow import compile_checkpoint, featurized, train_on_features
+
+from .panel import SPLIT, TEST_FRACTION, default_panel_dir, describe_panel, load_entry
+
+COMPILE = CompileConfig(5, "approximate", 1e-6)  # fit's first-stage compile settings
+
+
+def primary(task, metrics: dict) -> float:
+    """ROC-AUC for classification (mean over tasks for multi-label), RMSE for regression."""
+    return float(metrics.get("roc_auc" if task.is_classification else "rmse", float("nan")))
+
+
+def run_one(ds, X, spec, sp, hidden, teacher, soft, seed, gauge) -> dict:
+    start = time.perf_counter()
+    train = TrainConfig(patience=30, seed=seed, teacher=teacher)
+    options = {"hidden": list(hidden)}
+    ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)
+    compiled = compile_checkpoint(ckpt, COMPILE, measure_keys=True)
+    timing = time_circuit(compiled.q_module, X[sp.test], 3, gauge)
+    stats = compiled.stats
+    return {
+        "float": primary(ds.task, compiled.metrics["float"]),
+        "fhe_simulate": primary(ds.task, compiled.metrics["fhe_simulate"]),
+        "inputs": int(spec.width),
+        "pbs": stats.pbs_count,
+        "max_bits": stats.max_bit_width,
+        "key_mb": stats.serialized_evaluation_key_bytes / 1e6,
+        "run_ms": timing.seconds * 1e3,
+        "load_factor": timing.load_factor,
+        "normalized_ms": timing.normalized_s * 1e3,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def sweep(args, out: dict, save) -> None:
+    entries, _ = describe_panel(args.panel)
+    gauge = LoadGauge(Calibration())
+    fields = ("dataset", "seed", "features", "hidden", "teacher")
+    done = {json.dumps([r[f] for f in fields]) for r in out["rows"]}
+    for name in args.datasets:
+        ds = load_entry(args.panel, entries[name])
+        for seed in args.seeds:
+            soft = None
+            for features in args.features:
+                spec, X, sp = featurized(ds, features, SPLIT, TEST_FRACTION, seed)
+                for hidden in args.hidden:
+                    for teacher in args.teacher:
+                        key = [name, seed, features, list(hidden), teacher]
+                        if json.dumps(key) in done:
+                            continue
+                        if teacher != "none" and soft is None:
+                            soft = teacher_outputs(ds, sp.train, teacher, seed)
+                        row = run_one(
+                            ds, X, spec, sp, hidden, None if teacher == "none" else teacher,
+                            soft, seed, gauge,
+                        )  # fmt: skip
+                        row.update(zip(fields, key))
+                        out["rows"].append(row)
+                        print(json.dumps(row), flush=True)
+                        save()
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Means over seeds per (dataset, features, hidden, teacher)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["features"], tuple(r["hidden"]), r["teacher"]), []).append(r)
+    table = []
+    for (dataset, features, hidden, teacher), rs in groups.items():
+        mean = {k: float(np.mean([r[k] for r in rs])) for k in ("float", "fhe_simulate", "normalized_ms")}
+        table.append(
+            {"dataset": dataset, "features": features, "hidden": list(hidden), "teacher": teacher,
+             "seeds": sorted(r["seed"] for r in rs), **mean, "inputs": rs[0]["inputs"],
+             "pbs": rs[0]["pbs"], "max_bits": max(r["max_bits"] for r in rs),
+             "key_mb": max(r["key_mb"] for r in rs)}
+        )  # fmt: skip
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = [
+        "| dataset | features | hidden | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        lines.append(
+            f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['teacher']} | "
+            f"{','.join(map(str, t['seeds']))} | {t['float']:.3f} | {t['fhe_simulate']:.3f} | {t['inputs']} | "
+            f"{t['pbs']} | {t['max_bits']} | {t['key_mb']:.1f} | {t['normalized_ms']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
+    ap.add_argument("--datasets", default="bace,clintox,herg", help="comma-separated panel datasets")
+    ap.add_argument("--seeds", default="0,1,2", help="scaffold-split seeds")
+    ap.add_argument("--features", action="append", help="feature spec (repeatable)")
+    ap.add_argument(
+        "--hidden", action="append", default=None, help="hidden widths, e.g. 16 or 16,16 (repeatable)"
+    )
+    ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
+    ap.add_argument(
+        "--json", type=Path, required=True, help="results file (rewritten; a rerun resumes from it)"
+    )
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the table of means here")
+    args = ap.parse_args(argv)
+    args.panel = args.panel or default_panel_dir()
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.features = args.features or ["physchem:scale=quantile"]
+    args.hidden = [[int(h) for h in w.split(",")] for w in (args.hidden or ["16"])]
+    args.teacher = [t.strip() for t in args.teacher.split(",")]
+    out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    out["command"] = "python -m molcloak.evaluation.bench.frontier " + " ".join(
+        argv or __import__("sys").argv[1:]
+    )
+
+    def save() -> None:
+        out["summary"] = summarize(out["rows"])
+        args.json.write_text(json.dumps(out, indent=1))
+        if args.markdown:
+            args.markdown.write_text(markdown(out["summary"]))
+
+    sweep(args, out, save)
+    save()
+
+
+if __name__ == "__main__":
+    main()
