@@ -204,6 +204,8 @@ def _seed_run(seed: int, auc: float | None, ref: float) -> dict:
             "circuit": {},
             "pbs": 16,
             "max_bits": 8,
+            "fit": {"measured": {"median_run_s": 0.2, "normalized_run_s": 0.1 if seed else None}},
+            "source": "molcloak fit",
         }
     refs = {"rf_both": {"metrics": {"roc_auc": ref}}}
     return {"seed": seed, "n_test": 10, "molcloak": ours, "references": refs}
@@ -220,6 +222,11 @@ def test_panel_merge_keeps_the_last_run_with_a_model_per_seed():
     mean = merged["datasets"]["herg"]["mean"]
     assert mean["molcloak"]["fhe_simulate"]["roc_auc"] == pytest.approx((0.80 + 0.84) / 2)
     assert mean["best_reference"]["roc_auc"] == pytest.approx((0.90 + 0.86 + 0.88) / 3)
+    # the normalized latency: fit's final timing / load factor, over the seeds that measured it
+    assert (
+        mean["molcloak"]["latency_normalized_s"] == 0.1 and mean["molcloak"]["latency_normalized_seeds"] == 1
+    )
+    assert "| 0.100 | 0.100 (1) |" in panel_report.markdown(merged)
     failed_later = _panel_result([_seed_run(0, None, 0.90)], "2026-11-30 13:00")
     again = merge([first, failed_later], ["a.json", "c.json"])  # a failed fit never replaces a model
     assert again["datasets"]["herg"]["runs"][0]["source"] == "a.json"
