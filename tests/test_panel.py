@@ -248,7 +248,7 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
         assert r["dataset"] == "sol_low" and r["inputs"] == 10 and r["pbs"] == 4
         assert 0.5 <= r["fhe_simulate"] <= 1 and r["run_ms"] > 0 and r["load_factor"] >= 1
     table = (tmp_path / "f.md").read_text()
-    assert "| sol_low | `physchem:scale=quantile` | 4 | rf | 0 |" in table
+    assert "| sol_low | `physchem:scale=quantile` | 4 | 3 | rf | 0 |" in table
     capsys.readouterr()
     frontier.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2

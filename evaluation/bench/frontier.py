@@ -43,10 +43,11 @@ def primary(task, metrics: dict) -> float:
     return float(metrics.get("roc_auc" if task.is_classification else "rmse", float("nan")))
 
 
-def run_one(ds, X, spec, sp, hidden, teacher, soft, seed, gauge) -> dict:
+def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
     start = time.perf_counter()
     train = TrainConfig(patience=30, seed=seed, teacher=teacher)
-    options = {"hidden": list(hidden)}
+    hidden, weight_bits = network
+    options = {"hidden": list(hidden), "weight_bits": weight_bits}
     ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)
     compiled = compile_checkpoint(ckpt, COMPILE, measure_keys=True)
     timing = time_circuit(compiled.q_module, X[sp.test], 3, gauge)
@@ -68,23 +69,23 @@ def run_one(ds, X, spec, sp, hidden, teacher, soft, seed, gauge) -> dict:
 def sweep(args, out: dict, save) -> None:
     entries, _ = describe_panel(args.panel)
     gauge = LoadGauge(Calibration())
-    fields = ("dataset", "seed", "features", "hidden", "teacher")
-    done = {json.dumps([r[f] for f in fields]) for r in out["rows"]}
+    fields = ("dataset", "seed", "features", "hidden", "weight_bits", "teacher")
+    done = {json.dumps([r.get(f, 3) for f in fields]) for r in out["rows"]}  # weight_bits: 3 before it varied
     for name in args.datasets:
         ds = load_entry(args.panel, entries[name])
         for seed in args.seeds:
             soft = None
             for features in args.features:
                 spec, X, sp = featurized(ds, features, SPLIT, TEST_FRACTION, seed)
-                for hidden in args.hidden:
+                for hidden, bits in [(h, b) for h in args.hidden for b in args.weight_bits]:
                     for teacher in args.teacher:
-                        key = [name, seed, features, list(hidden), teacher]
+                        key = [name, seed, features, list(hidden), bits, teacher]
                         if json.dumps(key) in done:
                             continue
                         if teacher != "none" and soft is None:
                             soft = teacher_outputs(ds, sp.train, teacher, seed)
                         row = run_one(
-                            ds, X, spec, sp, hidden, None if teacher == "none" else teacher,
+                            ds, X, spec, sp, (hidden, bits), None if teacher == "none" else teacher,
                             soft, seed, gauge,
                         )  # fmt: skip
                         row.update(zip(fields, key))
@@ -94,15 +95,16 @@ def sweep(args, out: dict, save) -> None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Means over seeds per (dataset, features, hidden, teacher)."""
+    """Means over seeds per (dataset, features, hidden, weight bits, teacher)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["features"], tuple(r["hidden"]), r["teacher"]), []).append(r)
+        key = (r["dataset"], r["features"], tuple(r["hidden"]), r.get("weight_bits", 3), r["teacher"])
+        groups.setdefault(key, []).append(r)
     table = []
-    for (dataset, features, hidden, teacher), rs in groups.items():
+    for (dataset, features, hidden, weight_bits, teacher), rs in groups.items():
         mean = {k: float(np.mean([r[k] for r in rs])) for k in ("float", "fhe_simulate", "normalized_ms")}
         table.append(
-            {"dataset": dataset, "features": features, "hidden": list(hidden), "teacher": teacher,
+            {"dataset": dataset, "features": features, "hidden": list(hidden), "weight_bits": weight_bits, "teacher": teacher,
              "seeds": sorted(r["seed"] for r in rs), **mean, "inputs": rs[0]["inputs"],
              "pbs": rs[0]["pbs"], "max_bits": max(r["max_bits"] for r in rs),
              "key_mb": max(r["key_mb"] for r in rs)}
@@ -112,12 +114,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | features | hidden | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | features | hidden | w bits | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         lines.append(
-            f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['teacher']} | "
+            f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['weight_bits']} | {t['teacher']} | "
             f"{','.join(map(str, t['seeds']))} | {t['float']:.3f} | {t['fhe_simulate']:.3f} | {t['inputs']} | "
             f"{t['pbs']} | {t['max_bits']} | {t['key_mb']:.1f} | {t['normalized_ms']:.0f} |"
         )
@@ -133,6 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--hidden", action="append", default=None, help="hidden widths, e.g. 16 or 16,16 (repeatable)"
     )
+    ap.add_argument("--weight-bits", default="3", help="weight bit widths, e.g. 3,4")
     ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
     ap.add_argument(
         "--json", type=Path, required=True, help="results file (rewritten; a rerun resumes from it)"
@@ -144,6 +147,7 @@ def main(argv=None) -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.features = args.features or ["physchem:scale=quantile"]
     args.hidden = [[int(h) for h in w.split(",")] for w in (args.hidden or ["16"])]
+    args.weight_bits = [int(b) for b in args.weight_bits.split(",")]
     args.teacher = [t.strip() for t in args.teacher.split(",")]
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     out["command"] = "python -m molcloak.evaluation.bench.frontier " + " ".join(
