@@ -18,8 +18,9 @@ import numpy as np
 from .data import Dataset
 from .errors import ConfigError
 
-TEACHERS = ("rf",)
-TEACHER_FEATURES = "physchem+morgan:r=2,n=2048"  # rich plaintext features; the teacher is never encrypted
+# kind -> the RandomForest's features: rich plaintext features, as the teacher is never encrypted.
+# "rf-both" is the panel's strongest reference on descriptor-driven assays (ECFP4 + RDKit 2D)
+TEACHERS = {"rf": "physchem+morgan:r=2,n=2048", "rf-both": "rdkit2d+morgan:r=2,n=2048"}
 
 
 def teacher_outputs(
@@ -28,7 +29,7 @@ def teacher_outputs(
     """Soft targets for the rows `train` of `ds`: out-of-bag outputs of a RandomForest fitted on them."""
     if kind not in TEACHERS:
         raise ConfigError(f"unknown teacher {kind!r}; expected one of {', '.join(TEACHERS)} (or none)")
-    X = _teacher_features(ds, train)
+    X = _teacher_features(ds, train, TEACHERS[kind])
     y = ds.y[train]
     if ds.task.is_multitask:
         columns = [_oob(X, y[:, j], ds.task.kind == "multilabel", seed, trees) for j in range(y.shape[1])]
@@ -37,12 +38,12 @@ def teacher_outputs(
     return out
 
 
-def _teacher_features(ds: Dataset, train: np.ndarray) -> np.ndarray:
+def _teacher_features(ds: Dataset, train: np.ndarray, features: str) -> np.ndarray:
     from .featurize import FeaturizerSpec
 
     if ds.is_tabular:
         return ds.inputs(train)
-    spec = FeaturizerSpec.parse(TEACHER_FEATURES).fit(ds.inputs(train))
+    spec = FeaturizerSpec.parse(features).fit(ds.inputs(train))
     return spec.transform(ds.inputs(train))
 
 

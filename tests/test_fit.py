@@ -251,6 +251,10 @@ def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():
     y = ds.y[sp.train]
     # out of bag: not the labels memorized (a forest on its own training rows would give ~1.0 to the label)
     assert 0.6 < np.mean(soft.argmax(axis=1) == y) < 0.99
+    both = teacher_outputs(ds, sp.train, "rf-both", seed=0, trees=50)  # RDKit 2D + Morgan features
+    assert (
+        both.shape == soft.shape and not np.allclose(both, soft) and 0.6 < np.mean(both.argmax(axis=1) == y)
+    )
     mt = data.load_bundled("sol-freesolv").subset(np.arange(400))
     sp = split_dataset(mt, "random", seed=0)
     values = teacher_outputs(mt, sp.train, "rf", seed=0, trees=50)

@@ -74,7 +74,7 @@ def sweep(args, out: dict, save) -> None:
     for name in args.datasets:
         ds = load_entry(args.panel, entries[name])
         for seed in args.seeds:
-            soft = None
+            soft: dict = {}  # teacher kind -> its out-of-bag outputs on this seed's training rows
             for features in args.features:
                 spec, X, sp = featurized(ds, features, SPLIT, TEST_FRACTION, seed)
                 for hidden, bits in [(h, b) for h in args.hidden for b in args.weight_bits]:
@@ -82,11 +82,11 @@ def sweep(args, out: dict, save) -> None:
                         key = [name, seed, features, list(hidden), bits, teacher]
                         if json.dumps(key) in done:
                             continue
-                        if teacher != "none" and soft is None:
-                            soft = teacher_outputs(ds, sp.train, teacher, seed)
+                        if teacher != "none" and teacher not in soft:
+                            soft[teacher] = teacher_outputs(ds, sp.train, teacher, seed)
                         row = run_one(
                             ds, X, spec, sp, (hidden, bits), None if teacher == "none" else teacher,
-                            soft, seed, gauge,
+                            soft.get(teacher), seed, gauge,
                         )  # fmt: skip
                         row.update(zip(fields, key))
                         out["rows"].append(row)

@@ -55,7 +55,7 @@ def fit(
         "--features",
         "-f",
         help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
-        "with selection, physchem + Morgan bits).",
+        "with selection, physchem + 256 selected Morgan bits).",
     ),
     widths: str = typer.Option(
         "8;16;24;32;16,16", "--widths", help="Hidden layer settings to try, ';'-separated, e.g. '8;16;16,8'."
@@ -70,7 +70,7 @@ def fit(
         "none",
         "--teacher",
         help="rf: also train each network on the out-of-bag outputs of a plaintext RandomForest the owner keeps "
-        "(distillation); none: labels only.",
+        "(distillation), on physchem + Morgan-2048 features; rf-both: on RDKit 2D + Morgan-2048; none: labels only.",
     ),
     distill: float = typer.Option(
         0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."
