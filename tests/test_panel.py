@@ -91,6 +91,13 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert "--latency-check raw" in panel.command_line(raw) and "--latency-check" not in panel.command_line(
         norm
     )
+    taught = panel.PanelConfig(str(tmp_path), teacher="rf")  # distillation: another molcloak run
+    assert key(taught, "molcloak") != key(norm, "molcloak") and key(taught, "references") == key(
+        norm, "references"
+    )
+    assert "--teacher rf" in panel.command_line(taught)
+    with pytest.raises(ConfigError, match="--teacher svm: choose one of rf, rf-both or none"):
+        panel.PanelConfig(str(tmp_path), teacher="svm")
 
 
 def test_references_impute_failed_descriptors_with_training_median():
@@ -177,7 +184,7 @@ def test_bench_panel_errors_are_one_line(tmp_path):
     res = runner.invoke(app, ["bench", "--panel", str(folder), "--datasets", "nope", "--quick"])
     assert res.exit_code == 2 and "nope" in res.output and "sol_low" in res.output
     res = runner.invoke(app, ["bench", "--seeds", "0,1"])
-    assert res.exit_code == 2 and "only apply with --panel" in res.output
+    assert res.exit_code == 2 and "--seeds only apply to --panel" in res.output
     res = runner.invoke(app, ["bench", "--panel", str(folder), "--task", "sol-low"])
     assert res.exit_code == 2 and "do not apply with --panel" in res.output
 

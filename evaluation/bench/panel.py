@@ -42,6 +42,7 @@ from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictio
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.splits import Split, split_dataset
+from molcloak.pipeline.teacher import TEACHERS
 from molcloak.pipeline.train import TrainConfig
 
 from . import panel_report, references
@@ -189,6 +190,7 @@ class PanelConfig:
     budget_ms: float = 250.0  # latency budget handed to `molcloak fit`
     fit_minutes: float | None = 10.0  # wall-clock cap of each fit's search (None: the whole search space)
     latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
+    teacher: str | None = None  # fit --teacher: distillation from a plaintext RandomForest (teacher.TEACHERS)
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -205,6 +207,8 @@ class PanelConfig:
             )
         if self.fit_minutes is not None and self.fit_minutes <= 0:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
+        if self.teacher is not None and self.teacher not in TEACHERS:
+            raise ConfigError(f"--teacher {self.teacher}: choose one of {', '.join(TEACHERS)} or none")
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 
@@ -249,6 +253,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--budget-ms", f"{config.budget_ms:g}"] if config.budget_ms != 250.0 else []
     args += ["--fit-minutes", f"{config.fit_minutes:g}"] if config.fit_minutes != 10.0 else []
     args += ["--latency-check", config.latency_check] if config.latency_check != "normalized" else []
+    args += ["--teacher", config.teacher] if config.teacher else []
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -259,15 +264,9 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
 
 # The search `--quick` runs (CI): one feature spec, one tiny network, no moves.
 QUICK_SPACE = SearchSpace(
-    features=("physchem:scale=quantile",),
-    start=(("hidden", (8,)), ("weight_bits", 3), ("act_bits", 3), ("input_bits", 4)),
-    hidden=((8,),),
-    weight_bits=(3,),
-    input_bits=(4,),
-    rounding_bits=(5,),
-    top_features=1,
-    top_networks=1,
-)
+    ("physchem:scale=quantile",), (("hidden", (8,)), ("weight_bits", 3), ("act_bits", 3), ("input_bits", 4)),
+    hidden=((8,),), weight_bits=(3,), input_bits=(4,), rounding_bits=(5,), top_features=1, top_networks=1,
+)  # fmt: skip
 
 
 QUICK_BUDGET_MS = 60_000.0  # --quick is a smoke run: a loaded CI machine must not fail it on time
@@ -284,7 +283,9 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
         split,
         TEST_FRACTION,
         seed,
-        TrainConfig(epochs=80, patience=20) if config.quick else TrainConfig(patience=30),
+        TrainConfig(
+            epochs=80 if config.quick else 150, patience=20 if config.quick else 30, teacher=config.teacher
+        ),
         calibration=Calibration(measure=not config.quick),
         measure_runs=2 if config.quick else 5,
         verify=1 if config.quick else 3,
@@ -352,7 +353,7 @@ def run_molcloak(
         raise ConfigError(f"{ds.task.name} seed {seed}: molcloak_model's test split differs from the panel's")
     tick("molcloak trained and compiled", "fit")
     row = {
-        "source": MODEL_SOURCE,
+        "source": MODEL_SOURCE + (f"; distilled from teacher {config.teacher}" if config.teacher else ""),
         "budget_ms": budget_ms(config),
         "metrics": compiled.metrics,
         "pbs": compiled.stats.pbs_count,

@@ -117,6 +117,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
         parts.update(sample=config.n_sample, budget_ms=config.budget_ms, quick=config.quick)
         if getattr(config, "latency_check", "raw") != "raw":  # earlier runs checked raw timings
             parts["latency_check"] = config.latency_check
+        if getattr(config, "teacher", None):  # runs without a teacher keep their earlier keys
+            parts["teacher"] = config.teacher
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

@@ -12,7 +12,7 @@ import typer
 from ..errors import ConfigError
 from .common import DataOpts, app, cli_errors, err, given, int_list, load_data, out, progress, write_json
 
-PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes", "latency_check")
+PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes", "latency_check", "teacher")
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
 
@@ -54,6 +54,11 @@ def bench(
         "--latency-check",
         help="Panel: fit's budget check on timings divided by the machine's load factor (normalized) or "
         "as measured (raw); see `molcloak fit --help`.",
+    ),
+    teacher: str = typer.Option(
+        "none",
+        "--teacher",
+        help="Panel: fit's --teacher (rf, rf-both: distillation from a plaintext RandomForest; none).",
     ),
     task: List[str] | None = typer.Option(
         None,
@@ -112,12 +117,13 @@ def bench(
 
         FitBudget(budget_ms, latency_check=latency_check)  # bad values: one line before anything runs
         limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
+        limits["teacher"] = None if teacher == "none" else teacher
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )
-    wrong = [n for n in PANEL_ONLY if given(ctx, n)] + (["DIR"] if panel_dir else [])
+    wrong = ["--" + n.replace("_", "-") for n in PANEL_ONLY if given(ctx, n)] + (["DIR"] if panel_dir else [])
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)} only apply with --panel; add --panel or drop them")
+        raise ConfigError(f"{', '.join(wrong)} only apply to --panel; add --panel or drop them")
     from molcloak.evaluation.bench.peers import MODELS, BenchConfig, markdown, run_bench
 
     models = tuple(m.strip() for m in only.split(",")) if only else MODELS
