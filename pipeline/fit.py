@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,190 +33,26 @@ from . import networks
 from .bundle import Checkpoint
 from .compile import CompileConfig
 from .data import Dataset
-from .errors import CompilationError, ConfigError, TuneError
+from .errors import CompilationError, TuneError
+from .fit_space import (  # noqa: F401  (re-exported: `from molcloak.pipeline.fit import SearchSpace`)
+    AUTO_TEACHERS,
+    DEFAULT_FEATURE_CANDIDATES,
+    INNER_VALID_FRACTION,
+    MAX_MEASURED_BITS,
+    Candidate,
+    FitResult,
+    SearchSpace,
+    StepCallback,
+    selection_metric,
+    teachers_for,
+)
 from .latency import TIMED_RUNS, FitBudget, LoadGauge, describe, measure_latency, normalized, time_circuit
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
-from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
 from .splits import Split, can_score
 from .teacher import teacher_outputs
 from .train import TrainConfig, predict_raw
-from .workflow import Compiled, compile_checkpoint, featurized, train_on_features, unfitted_featurizer
-
-# Feature specs tried by default, cheapest first: the 10 physchem descriptors, then richer sets
-# reduced to a bounded number of encrypted inputs by selection fitted on the training molecules.
-DEFAULT_FEATURE_CANDIDATES = (
-    DEFAULT_FEATURES,
-    "rdkit2d:scale=quantile+select:k=32",
-    "rdkit2d:scale=quantile+morgan_count:r=2,n=2048,scale=quantile+select:k=48",
-    # Morgan bits carry what the RandomForest on ECFP4 uses; every encrypted input costs server time (about
-    # 0.12 ms each on this machine, whatever the width: 2,058 inputs ran 370 ms, too slow), so 256 are kept
-    "physchem:scale=quantile+morgan:r=2,n=2048+select:k=256",
-)
-MAX_MEASURED_BITS = 9  # the cost model is calibrated up to this width; wider circuits are only timed
-INNER_VALID_FRACTION = 0.2
-StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps planned)
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
-    start: tuple[tuple[str, object], ...] = (
-        ("hidden", (16,)),
-        ("weight_bits", 3),
-        ("act_bits", 3),
-        ("input_bits", 4),
-    )
-    hidden: tuple[tuple[int, ...], ...] = ((8,), (16,), (24,), (32,), (16, 16))
-    weight_bits: tuple[int, ...] = (2, 3, 4)
-    input_bits: tuple[int, ...] = (3, 4)
-    rounding_bits: tuple[int | None, ...] = (5, 4, 6)  # the first is used in stages 1-2
-    p_error: tuple[float | None, ...] = (1e-6,)
-    top_features: int = 2  # feature specs carried into stage 2
-    top_networks: int = 3  # networks recompiled in stage 3
-    model: str = DEFAULT_MODEL
-    # variants within this much of the best validation metric count as equally accurate: the fastest of
-    # them is preferred (a difference this small is noise on a few hundred validation molecules)
-    tolerance: float = 0.005
-
-    def __post_init__(self):
-        if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:
-            raise ConfigError(
-                "the search space is empty; give at least one feature spec, width, rounding and p_error"
-            )
-
-    @property
-    def start_options(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.start}
-
-    @property
-    def first_compile(self) -> CompileConfig:
-        return CompileConfig(self.rounding_bits[0], "approximate", self.p_error[0])
-
-    def network_moves(self) -> list[tuple[str, list]]:
-        return [
-            ("hidden", [list(h) for h in self.hidden]),
-            ("weight_bits", list(self.weight_bits)),
-            ("input_bits", list(self.input_bits)),
-        ]
-
-
-@dataclass
-class Candidate:
-    """One trained and compiled variant, scored on the inner validation part."""
-
-    features: str | None
-    options: dict
-    compile: CompileConfig
-    stage: str
-    valid: float = float("nan")  # FHE-simulated validation metric (higher is better)
-    float_valid: float = float("nan")
-    pbs: int = 0
-    max_bits: int = 0
-    key_bytes: int = 0
-    predicted_s: float = float("inf")
-    run_s: float | None = None  # median of a few encrypted runs of its circuit during the search
-    load_factor: float | None = None  # of the machine while run_s was measured (None: not gauged)
-    seconds: float = 0.0
-    measured_s: float | None = None  # median of real encrypted runs, for the candidates timed at the end
-    measured_load_factor: float | None = None
-    trained: str = ""  # key of its checkpoint in the search's cache
-
-    @property
-    def network(self) -> str:
-        o = self.options
-        hidden = ",".join(map(str, o.get("hidden", [])))
-        return f"h={hidden} w{o.get('weight_bits')}a{o.get('act_bits')}i{o.get('input_bits')}"
-
-    @property
-    def compile_label(self) -> str:
-        p = "default" if self.compile.p_error is None else f"{self.compile.p_error:g}"
-        return f"r{self.compile.rounding_bits} p={p}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.features or 'columns'} {self.network} {self.compile_label}"
-
-    @property
-    def latency_text(self) -> str:
-        if self.run_s is None:
-            return f"{self.predicted_s * 1e3:.0f} ms predicted"
-        return describe(self.run_s, self.load_factor)
-
-    def rank(self) -> tuple:
-        """Higher is better: the validation metric, ties broken by the cost model's prediction (seeded,
-        so a rerun chooses the same) and then by the (normalized) timing."""
-        return (self.valid, -self.predicted_s, -(normalized(self.run_s, self.load_factor) or 0.0))
-
-    def checked_s(self, check: str) -> float:
-        """The latency the budget is checked on: the timing (normalized to a quiet machine unless the
-        check is raw) when there is one, else the cost model's prediction."""
-        if self.run_s is None:
-            return self.predicted_s
-        return normalized(self.run_s, self.load_factor) if check == "normalized" else self.run_s
-
-    def fits(self, budget: FitBudget) -> bool:
-        return (
-            self.checked_s(budget.latency_check) * 1e3 <= budget.latency_ms
-            and self.key_bytes <= budget.key_mb * 1e6
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "features": self.features,
-            "model_options": self.options,
-            "compile": self.compile.to_dict(),
-            "stage": self.stage,
-            "valid": self.valid,
-            "float_valid": self.float_valid,
-            "pbs": self.pbs,
-            "max_bits": self.max_bits,
-            "evaluation_key_bytes": self.key_bytes,
-            "predicted_s": self.predicted_s,
-            "run_s": self.run_s,
-            "load_factor": self.load_factor,
-            "run_normalized_s": normalized(self.run_s, self.load_factor),
-            "measured_s": self.measured_s,
-            "measured_load_factor": self.measured_load_factor,
-            "measured_normalized_s": normalized(self.measured_s, self.measured_load_factor),
-            "seconds": self.seconds,
-        }
-
-
-@dataclass
-class FitResult:
-    checkpoint: Checkpoint
-    compiled: Compiled
-    chosen: Candidate
-    candidates: list[Candidate]
-    metric: str
-    measured: dict = field(default_factory=dict)
-    stopped_early: bool = False
-    over_budget: bool = False  # no timed candidate ran within the budget: the fastest one was kept
-    inner_valid: str = "random"  # the inner validation part: whole scaffold groups or random molecules
-    tolerance: float = 0.0  # validation metrics this close to the best counted as equal (cheapest chosen)
-    latency_check: str = "normalized"  # what the budget was checked on (FitBudget.latency_check)
-
-    def to_dict(self) -> dict:
-        return {
-            "metric": self.metric,
-            "chosen": self.chosen.to_dict(),
-            "candidates": [c.to_dict() for c in self.candidates],
-            "test_metrics": self.compiled.metrics,
-            "circuit": self.compiled.stats.to_dict(),
-            "measured": self.measured,
-            "stopped_early": self.stopped_early,
-            "over_budget": self.over_budget,
-            "inner_valid": self.inner_valid,
-            "tolerance": self.tolerance,
-            "latency_check": self.latency_check,
-        }
-
-
-def selection_metric(task) -> str:
-    """ROC-AUC for classification (mean over tasks for multi-label), R² for regression."""
-    return "roc_auc" if task.is_classification else "r2"
+from .workflow import compile_checkpoint, featurized, train_on_features, unfitted_featurizer
 
 
 class _Search:
@@ -236,11 +70,12 @@ class _Search:
         self.inner_valid = "random"  # how the inner validation part was drawn (scaffold or random)
         self.trained: dict[str, Checkpoint] = {}
         self.candidates: list[Candidate] = []
-        self._teacher: np.ndarray | None = None
+        self._teachers: dict[str, np.ndarray] = {}  # kind -> out-of-bag outputs on the training rows
         self.planned = len(space.features) + space.top_features * sum(
             len(v) for _, v in space.network_moves()
         )
         self.planned += space.top_networks * (len(space.rounding_bits) * len(space.p_error) - 1)
+        self.planned += space.top_networks * (len(space.teachers) - 1)
 
     @property
     def out_of_time(self) -> bool:
@@ -276,22 +111,25 @@ class _Search:
             self.features[features] = (spec, X, sp)
         return self.features[features]
 
-    def evaluate(self, features: str | None, options: dict, cfg: CompileConfig, stage: str) -> Candidate:
+    def evaluate(
+        self, features: str | None, options: dict, cfg: CompileConfig, stage: str, teacher: str | None = None
+    ) -> Candidate:
         start = time.perf_counter()
         spec, X, sp = self.featurize(features)
         options = networks.make_config(self.space.model, options).to_dict()  # defaults filled: one key
-        key = f"{features}|{sorted((k, str(v)) for k, v in options.items())}"
+        key = f"{features}|{sorted((k, str(v)) for k, v in options.items())}|{teacher}"
         if key not in self.trained:
-            soft = self.teacher(sp) if self.train.teacher else None
+            soft = self.teacher(teacher, sp) if teacher else None
+            train = dataclasses.replace(self.train, teacher=teacher)
             self.trained[key] = train_on_features(
-                self.ds, spec, X, sp, self.space.model, options, self.train, soft_train=soft
+                self.ds, spec, X, sp, self.space.model, options, train, soft_train=soft
             )
         ckpt = self.trained[key]
         done = next((c for c in self.candidates if c.trained == key and c.compile == cfg), None)
         if done is not None:
             return done
         valid_view = dataclasses.replace(ckpt, X_test=X[sp.valid], y_test=self.ds.y[sp.valid], smiles_test=[])
-        cand = Candidate(features, dict(ckpt.model_config), cfg, stage, trained=key)
+        cand = Candidate(features, dict(ckpt.model_config), cfg, stage, teacher=teacher, trained=key)
         try:
             compiled = compile_checkpoint(valid_view, cfg, measure_keys=True)
         except CompilationError as exc:  # a variant Concrete cannot compile is skipped, the search goes on
@@ -323,12 +161,12 @@ class _Search:
         )
         return cand
 
-    def teacher(self, sp) -> np.ndarray:
-        """The teacher's out-of-bag outputs on the training rows, computed once per search."""
-        if self._teacher is None:
-            self.on_step(f"training the {self.train.teacher} teacher", len(self.candidates), self.planned)
-            self._teacher = teacher_outputs(self.ds, sp.train, self.train.teacher, self.seed)
-        return self._teacher
+    def teacher(self, kind: str, sp) -> np.ndarray:
+        """A teacher's out-of-bag outputs on the training rows, computed once per search and kind."""
+        if kind not in self._teachers:
+            self.on_step(f"training the {kind} teacher", len(self.candidates), self.planned)
+            self._teachers[kind] = teacher_outputs(self.ds, sp.train, kind, self.seed)
+        return self._teachers[kind]
 
     def final(self, cand: Candidate) -> Checkpoint:
         """The chosen features and network refitted on training and inner validation molecules together, for as many
@@ -344,7 +182,7 @@ class _Search:
         )
         X = spec.transform(self.ds.inputs())  # scaling and selection refitted on the same molecules
         epochs = int(ckpt.train_info["best_epoch"])
-        cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs)
+        cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs, teacher=cand.teacher)
         soft = teacher_outputs(self.ds, both.train, cfg.teacher, self.seed) if cfg.teacher else None
         final = train_on_features(
             self.ds, spec, X, both, self.space.model, cand.options, cfg, soft_train=soft
@@ -380,7 +218,9 @@ def fit(
     training and inner validation molecules together before compiling it (else the search's model)."""
     if ds.is_tabular:
         space = dataclasses.replace(space, features=(None,))
-    train = dataclasses.replace(train, seed=seed)
+    if train.teacher and space.teachers == (None,):  # TrainConfig(teacher=...): every variant distilled
+        space = dataclasses.replace(space, teachers=(train.teacher,))
+    train = dataclasses.replace(train, seed=seed, teacher=None)
     timed_runs = TIMED_RUNS if time_candidates and measure_runs else 0
     args = (ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step)
     search = _Search(*args, timed_runs=timed_runs, refit=refit)
@@ -397,6 +237,7 @@ def fit(
         "valid": chosen.valid,
         "budget": dataclasses.asdict(budget),
         "features": chosen.features,
+        "teacher": chosen.teacher,
         "measured_s": chosen.measured_s,
         "load_factor": chosen.measured_load_factor,
         "latency_check": budget.latency_check,
@@ -467,11 +308,11 @@ def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
 
 def _search(search: _Search) -> None:
     space = search.space
-    start, cfg0 = space.start_options, space.first_compile
+    start, cfg0, t0 = space.start_options, space.first_compile, space.teachers[0]
     for features in space.features:  # stage 1
         if search.out_of_time:
             return
-        search.evaluate(features, start, cfg0, "features")
+        search.evaluate(features, start, cfg0, "features", t0)
     ranked = sorted(
         (c for c in search.candidates if np.isfinite(c.valid)),
         key=lambda c: (c.fits(search.budget), c.valid),
@@ -484,18 +325,23 @@ def _search(search: _Search) -> None:
                 if search.out_of_time:
                     return
                 options = {**current, name: value}
-                search.evaluate(features, options, cfg0, "network")
+                search.evaluate(features, options, cfg0, "network", t0)
             mine = [c for c in search.candidates if c.features == features and c.compile == cfg0]
             best = search.best(mine) or search.best(mine, within=False)
             current = {**best.options} if best else current
-    best_networks = sorted(
-        (c for c in search.candidates if c.compile == cfg0 and np.isfinite(c.valid)),
-        key=lambda c: c.valid,
-        reverse=True,
-    )
-    for base in best_networks[: space.top_networks]:  # stage 3
+    best_networks = _best_networks(search, cfg0)
+    for base in best_networks[: space.top_networks]:  # stage "teacher": the best networks distilled
+        for teacher in space.teachers[1:]:
+            if not search.out_of_time:
+                search.evaluate(base.features, base.options, cfg0, "teacher", teacher)
+    for base in _best_networks(search, cfg0)[: space.top_networks]:  # stage 3
         for rounding in space.rounding_bits:
             for p_error in space.p_error:
                 cfg = CompileConfig(rounding, "approximate", p_error)
                 if cfg != cfg0 and not search.out_of_time:
-                    search.evaluate(base.features, base.options, cfg, "compile")
+                    search.evaluate(base.features, base.options, cfg, "compile", base.teacher)
+
+
+def _best_networks(search: _Search, cfg0: CompileConfig) -> list[Candidate]:
+    pool = (c for c in search.candidates if c.compile == cfg0 and np.isfinite(c.valid))
+    return sorted(pool, key=lambda c: c.valid, reverse=True)

@@ -237,6 +237,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--latency-check", "x"]
     )
     assert bad.exit_code == 2 and "--latency-check 'x' is not one of normalized, raw" in bad.output
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--teacher", "svm"]
+    )
+    assert bad.exit_code == 2 and "--teacher svm: choose one of rf, rf-both, auto or none" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():
@@ -280,3 +284,30 @@ def test_distillation_changes_the_student_and_is_recorded():
     )
     with pytest.raises(ConfigError, match="distill weight 1.0 out of range"):
         TrainConfig(teacher="rf", distill=1.0)
+
+
+def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_csv, tmp_path):
+    """teachers=(None, "rf"): stages 1-2 on labels only, then the best network distilled from the RandomForest;
+    the chosen variant's teacher is the one its final (refitted) model learns from, and it is recorded."""
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    space = dataclasses.replace(
+        TINY,
+        features=("physchem:scale=quantile",),
+        hidden=((3,),),
+        rounding_bits=(None,),
+        teachers=(None, "rf"),
+    )
+    result = fit(
+        ds, space, FitBudget(latency_ms=500), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),
+        calibration(tmp_path), measure_runs=0, time_candidates=False,
+    )  # fmt: skip
+    by_stage = {c.stage: c for c in result.candidates}
+    assert set(by_stage) == {"features", "teacher"}  # one network: the moves find it already trained
+    assert by_stage["teacher"].teacher == "rf" and by_stage["features"].teacher is None
+    assert "teacher=rf" in by_stage["teacher"].label and by_stage["teacher"].to_dict()["teacher"] == "rf"
+    # a student trained apart (test_distillation_changes_the_student_and_is_recorded: the outputs differ)
+    assert by_stage["teacher"].trained.endswith("|rf") and by_stage["features"].trained.endswith("|None")
+    info = result.checkpoint.train_info
+    assert info["fit"]["teacher"] == result.chosen.teacher == info["config"]["teacher"]
+    with pytest.raises(ConfigError, match="teachers \\['svm'\\]"):
+        SearchSpace(teachers=("svm",))

@@ -96,7 +96,7 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
         norm, "references"
     )
     assert "--teacher rf" in panel.command_line(taught)
-    with pytest.raises(ConfigError, match="--teacher svm: choose one of rf, rf-both or none"):
+    with pytest.raises(ConfigError, match="--teacher svm: choose one of rf, rf-both, auto or none"):
         panel.PanelConfig(str(tmp_path), teacher="svm")
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from molcloak.pipeline import workflow
 from molcloak.pipeline.data import Dataset, DataSource
 from molcloak.pipeline.errors import ConfigError, TuneError
-from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit
+from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teachers_for
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
@@ -207,8 +207,8 @@ class PanelConfig:
             )
         if self.fit_minutes is not None and self.fit_minutes <= 0:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
-        if self.teacher is not None and self.teacher not in TEACHERS:
-            raise ConfigError(f"--teacher {self.teacher}: choose one of {', '.join(TEACHERS)} or none")
+        if self.teacher is not None and self.teacher not in (*TEACHERS, "auto"):
+            raise ConfigError(f"--teacher {self.teacher}: choose one of {', '.join(TEACHERS)}, auto or none")
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 
@@ -278,14 +278,14 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
     generous budget and only the PBS costs already calibrated (timings decide; nothing is written)."""
     return fit(
         ds,
-        QUICK_SPACE if config.quick else SearchSpace(),
+        dataclasses.replace(
+            QUICK_SPACE if config.quick else SearchSpace(), teachers=teachers_for(config.teacher)
+        ),
         FitBudget(budget_ms(config), max_minutes=config.fit_minutes, latency_check=config.latency_check),
         split,
         TEST_FRACTION,
         seed,
-        TrainConfig(
-            epochs=80 if config.quick else 150, patience=20 if config.quick else 30, teacher=config.teacher
-        ),
+        TrainConfig(epochs=80 if config.quick else 150, patience=20 if config.quick else 30),
         calibration=Calibration(measure=not config.quick),
         measure_runs=2 if config.quick else 5,
         verify=1 if config.quick else 3,

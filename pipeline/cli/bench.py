@@ -58,7 +58,8 @@ def bench(
     teacher: str = typer.Option(
         "none",
         "--teacher",
-        help="Panel: fit's --teacher (rf, rf-both: distillation from a plaintext RandomForest; none).",
+        help="Panel: fit's --teacher (rf, rf-both: distillation from a plaintext RandomForest; auto: fit tries "
+        "rf on its best networks; none).",
     ),
     task: List[str] | None = typer.Option(
         None,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..errors import ConfigError
 from .common import (
     DataOpts,
     ForceOpt,
@@ -69,8 +70,9 @@ def fit(
     teacher: str = typer.Option(
         "none",
         "--teacher",
-        help="rf: also train each network on the out-of-bag outputs of a plaintext RandomForest the owner keeps "
-        "(distillation), on physchem + Morgan-2048 features; rf-both: on RDKit 2D + Morgan-2048; none: labels only.",
+        help="Distillation: rf trains every network also on the out-of-bag outputs of a plaintext RandomForest "
+        "the owner keeps (physchem + Morgan-2048 features); rf-both: the same on RDKit 2D + Morgan-2048; auto: "
+        "the best networks are also tried with rf, and validation decides; none: labels only.",
     ),
     distill: float = typer.Option(
         0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."
@@ -98,10 +100,14 @@ def fit(
     """
     from ..bundle import save_checkpoint
     from ..fit import FitBudget, SearchSpace, fit
+    from ..fit_space import teachers_for
     from ..pbs_cost import Calibration
+    from ..teacher import TEACHERS
     from ..train import TrainConfig
     from ..workflow import deploy
 
+    if teacher not in ("none", "auto", *TEACHERS):  # before the data is loaded
+        raise ConfigError(f"--teacher {teacher}: choose one of {', '.join(TEACHERS)}, auto or none")
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
     space = SearchSpace(
         **({"features": tuple(features)} if features else {}),
@@ -109,14 +115,13 @@ def fit(
         weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
+        teachers=teachers_for(teacher),
     )
     budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:
         t = bar.add_task("fit", total=None, status="")
         on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
-        train = TrainConfig(
-            epochs=epochs, patience=30, teacher=None if teacher == "none" else teacher, distill=distill
-        )
+        train = TrainConfig(epochs=epochs, patience=30, distill=distill)
         result = fit(
             ds,
             space,

@@ -1,0 +1,214 @@
+"""The search space and the records of `molcloak fit`: what it may try, each variant it scored, what it chose.
+
+`fit.py` runs the search; these are its plain data: the `SearchSpace` (feature specs, networks, compile
+settings, teachers), one `Candidate` per trained and compiled variant (its validation metric, circuit
+statistics and timings), and the `FitResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .bundle import Checkpoint
+from .compile import CompileConfig
+from .errors import ConfigError
+from .latency import FitBudget, describe, normalized
+from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
+from .teacher import TEACHERS
+
+if TYPE_CHECKING:
+    from .workflow import Compiled
+
+# Feature specs tried by default, cheapest first: the 10 physchem descriptors, then richer sets
+# reduced to a bounded number of encrypted inputs by selection fitted on the training molecules.
+DEFAULT_FEATURE_CANDIDATES = (
+    DEFAULT_FEATURES,
+    "rdkit2d:scale=quantile+select:k=32",
+    "rdkit2d:scale=quantile+morgan_count:r=2,n=2048,scale=quantile+select:k=48",
+    # Morgan bits carry what the RandomForest on ECFP4 uses; every encrypted input costs server time (about
+    # 0.12 ms each on this machine, whatever the width: 2,058 inputs ran 370 ms, too slow), so 256 are kept
+    "physchem:scale=quantile+morgan:r=2,n=2048+select:k=256",
+)
+AUTO_TEACHERS = (None, "rf")  # fit --teacher auto: labels only, then the best networks distilled from rf
+
+
+def teachers_for(option: str | None) -> tuple[str | None, ...]:
+    """`SearchSpace.teachers` for a --teacher option: none, auto, or one teacher for every variant."""
+    return AUTO_TEACHERS if option == "auto" else (None if option in (None, "none") else option,)
+
+
+MAX_MEASURED_BITS = 9  # the cost model is calibrated up to this width; wider circuits are only timed
+INNER_VALID_FRACTION = 0.2
+StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps planned)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
+    start: tuple[tuple[str, object], ...] = (
+        ("hidden", (16,)),
+        ("weight_bits", 3),
+        ("act_bits", 3),
+        ("input_bits", 4),
+    )
+    hidden: tuple[tuple[int, ...], ...] = ((8,), (16,), (24,), (32,), (16, 16))
+    weight_bits: tuple[int, ...] = (2, 3, 4)
+    input_bits: tuple[int, ...] = (3, 4)
+    rounding_bits: tuple[int | None, ...] = (5, 4, 6)  # the first is used in stages 1-2
+    p_error: tuple[float | None, ...] = (1e-6,)
+    top_features: int = 2  # feature specs carried into stage 2
+    top_networks: int = 3  # networks retrained with the other teachers and recompiled in stage 3
+    # plaintext teachers (teacher.TEACHERS; None = labels only): the first is used in stages 1-2, the others
+    # are tried on the best networks (distillation helps some assays and features and hurts others)
+    teachers: tuple[str | None, ...] = (None,)
+    model: str = DEFAULT_MODEL
+    # variants within this much of the best validation metric count as equally accurate: the fastest of
+    # them is preferred (a difference this small is noise on a few hundred validation molecules)
+    tolerance: float = 0.005
+
+    def __post_init__(self):
+        unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]
+        if unknown or not self.teachers:
+            raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")
+        if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:
+            raise ConfigError(
+                "the search space is empty; give at least one feature spec, width, rounding and p_error"
+            )
+
+    @property
+    def start_options(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.start}
+
+    @property
+    def first_compile(self) -> CompileConfig:
+        return CompileConfig(self.rounding_bits[0], "approximate", self.p_error[0])
+
+    def network_moves(self) -> list[tuple[str, list]]:
+        return [
+            ("hidden", [list(h) for h in self.hidden]),
+            ("weight_bits", list(self.weight_bits)),
+            ("input_bits", list(self.input_bits)),
+        ]
+
+
+@dataclass
+class Candidate:
+    """One trained and compiled variant, scored on the inner validation part."""
+
+    features: str | None
+    options: dict
+    compile: CompileConfig
+    stage: str
+    valid: float = float("nan")  # FHE-simulated validation metric (higher is better)
+    float_valid: float = float("nan")
+    pbs: int = 0
+    max_bits: int = 0
+    key_bytes: int = 0
+    predicted_s: float = float("inf")
+    run_s: float | None = None  # median of a few encrypted runs of its circuit during the search
+    load_factor: float | None = None  # of the machine while run_s was measured (None: not gauged)
+    seconds: float = 0.0
+    measured_s: float | None = None  # median of real encrypted runs, for the candidates timed at the end
+    measured_load_factor: float | None = None
+    teacher: str | None = None  # the plaintext teacher it was distilled from (None: labels only)
+    trained: str = ""  # key of its checkpoint in the search's cache
+
+    @property
+    def network(self) -> str:
+        o = self.options
+        hidden = ",".join(map(str, o.get("hidden", [])))
+        return f"h={hidden} w{o.get('weight_bits')}a{o.get('act_bits')}i{o.get('input_bits')}"
+
+    @property
+    def compile_label(self) -> str:
+        p = "default" if self.compile.p_error is None else f"{self.compile.p_error:g}"
+        return f"r{self.compile.rounding_bits} p={p}"
+
+    @property
+    def label(self) -> str:
+        taught = f" teacher={self.teacher}" if self.teacher else ""
+        return f"{self.features or 'columns'} {self.network}{taught} {self.compile_label}"
+
+    @property
+    def latency_text(self) -> str:
+        if self.run_s is None:
+            return f"{self.predicted_s * 1e3:.0f} ms predicted"
+        return describe(self.run_s, self.load_factor)
+
+    def rank(self) -> tuple:
+        """Higher is better: the validation metric, ties broken by the cost model's prediction (seeded,
+        so a rerun chooses the same) and then by the (normalized) timing."""
+        return (self.valid, -self.predicted_s, -(normalized(self.run_s, self.load_factor) or 0.0))
+
+    def checked_s(self, check: str) -> float:
+        """The latency the budget is checked on: the timing (normalized to a quiet machine unless the
+        check is raw) when there is one, else the cost model's prediction."""
+        if self.run_s is None:
+            return self.predicted_s
+        return normalized(self.run_s, self.load_factor) if check == "normalized" else self.run_s
+
+    def fits(self, budget: FitBudget) -> bool:
+        return (
+            self.checked_s(budget.latency_check) * 1e3 <= budget.latency_ms
+            and self.key_bytes <= budget.key_mb * 1e6
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "features": self.features,
+            "model_options": self.options,
+            "compile": self.compile.to_dict(),
+            "stage": self.stage,
+            "teacher": self.teacher,
+            "valid": self.valid,
+            "float_valid": self.float_valid,
+            "pbs": self.pbs,
+            "max_bits": self.max_bits,
+            "evaluation_key_bytes": self.key_bytes,
+            "predicted_s": self.predicted_s,
+            "run_s": self.run_s,
+            "load_factor": self.load_factor,
+            "run_normalized_s": normalized(self.run_s, self.load_factor),
+            "measured_s": self.measured_s,
+            "measured_load_factor": self.measured_load_factor,
+            "measured_normalized_s": normalized(self.measured_s, self.measured_load_factor),
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class FitResult:
+    checkpoint: Checkpoint
+    compiled: Compiled
+    chosen: Candidate
+    candidates: list[Candidate]
+    metric: str
+    measured: dict = field(default_factory=dict)
+    stopped_early: bool = False
+    over_budget: bool = False  # no timed candidate ran within the budget: the fastest one was kept
+    inner_valid: str = "random"  # the inner validation part: whole scaffold groups or random molecules
+    tolerance: float = 0.0  # validation metrics this close to the best counted as equal (cheapest chosen)
+    latency_check: str = "normalized"  # what the budget was checked on (FitBudget.latency_check)
+
+    def to_dict(self) -> dict:
+        return {
+            "metric": self.metric,
+            "chosen": self.chosen.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "test_metrics": self.compiled.metrics,
+            "circuit": self.compiled.stats.to_dict(),
+            "measured": self.measured,
+            "stopped_early": self.stopped_early,
+            "over_budget": self.over_budget,
+            "inner_valid": self.inner_valid,
+            "tolerance": self.tolerance,
+            "latency_check": self.latency_check,
+        }
+
+
+def selection_metric(task) -> str:
+    """ROC-AUC for classification (mean over tasks for multi-label), R² for regression."""
+    return "roc_auc" if task.is_classification else "r2"
