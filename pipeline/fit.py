@@ -14,6 +14,8 @@ with a wall-clock cap that returns the best so far:
 1. features: every candidate feature spec with the reference network;
 2. network: for the best feature specs, one setting at a time (hidden widths, weight bits, input
    bits) moved from the best network found so far, kept when it is more accurate within budget;
+2b. teacher: with more than one teacher in the space (`--teacher auto`), the best networks retrained on a
+   plaintext RandomForest's out-of-bag outputs as well as the labels (distillation), kept on validation;
 3. compile settings: the best networks recompiled with other rounding bits and p_error (no training).
 
 The most accurate candidates within the predicted budget are then compiled on the test split and
