@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -100,8 +101,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         key = (r["dataset"], r["features"], tuple(r["hidden"]), r.get("weight_bits", 3), r["teacher"])
         groups.setdefault(key, []).append(r)
+    first: dict = {}  # datasets and feature specs in the order they were run; teachers grouped per network
+    for r in rows:
+        first.setdefault(("d", r["dataset"]), len(first)), first.setdefault(("f", r["features"]), len(first))
+    order = lambda k: (first["d", k[0]], first["f", k[1]], k[2], k[3], k[4] != "none", k[4])  # noqa: E731
     table = []
-    for (dataset, features, hidden, weight_bits, teacher), rs in groups.items():
+    for (dataset, features, hidden, weight_bits, teacher), rs in sorted(
+        groups.items(), key=lambda g: order(g[0])
+    ):
         mean = {k: float(np.mean([r[k] for r in rs])) for k in ("float", "fhe_simulate", "normalized_ms")}
         table.append(
             {"dataset": dataset, "features": features, "hidden": list(hidden), "weight_bits": weight_bits, "teacher": teacher,
@@ -150,9 +157,8 @@ def main(argv=None) -> None:
     args.weight_bits = [int(b) for b in args.weight_bits.split(",")]
     args.teacher = [t.strip() for t in args.teacher.split(",")]
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
-    out["command"] = "python -m molcloak.evaluation.bench.frontier " + " ".join(
-        argv or __import__("sys").argv[1:]
-    )
+    command = "python -m molcloak.evaluation.bench.frontier " + " ".join(argv or sys.argv[1:])
+    out["commands"] = [*out.get("commands", []), command]  # every run that added rows to this file
 
     def save() -> None:
         out["summary"] = summarize(out["rows"])
