@@ -234,6 +234,10 @@ def test_panel_merge_keeps_the_last_run_with_a_model_per_seed():
         mean["molcloak"]["latency_normalized_s"] == 0.1 and mean["molcloak"]["latency_normalized_seeds"] == 1
     )
     assert "| 0.100 | 0.100 (1) |" in panel_report.markdown(merged)
+    merged["datasets"]["herg"]["runs"][1]["molcloak"]["source"] += "; distilled from teacher rf"
+    assert "molcloak: molcloak fit; herg: no teacher / distilled from teacher rf;" in panel_report.markdown(
+        merged
+    )
     failed_later = _panel_result([_seed_run(0, None, 0.90)], "2026-11-30 13:00")
     again = merge([first, failed_later], ["a.json", "c.json"])  # a failed fit never replaces a model
     assert again["datasets"]["herg"]["runs"][0]["source"] == "a.json"

@@ -361,11 +361,23 @@ def markdown(result: dict) -> str:
 
 
 def _source(result: dict) -> str | None:
-    for d in result["datasets"].values():
-        for r in d["runs"]:
-            if r.get("molcloak"):
-                return r["molcloak"]["source"]
-    return None
+    """How molcloak's models were made; per dataset when merged runs differ (e.g. one distilled)."""
+    sources = {
+        name: sorted({r["molcloak"]["source"] for r in d["runs"] if r.get("molcloak")})
+        for name, d in result["datasets"].items()
+    }
+    distinct = sorted({s for v in sources.values() for s in v})
+    if len(distinct) <= 1:
+        return distinct[0] if distinct else None
+    base = os.path.commonprefix(distinct).rstrip("; ")  # e.g. "molcloak fit (...)"; the rest per dataset
+    extra = {name: [x[len(base) :].strip("; ") for x in v] for name, v in sources.items()}
+    return (
+        base
+        + "; "
+        + ", ".join(
+            f"{name}: {' / '.join(e or 'no teacher' for e in v)}" for name, v in extra.items() if any(v)
+        )
+    )
 
 
 def front(candidates: list[dict]) -> list[dict]:
