@@ -20,6 +20,8 @@ after every configuration, and a rerun with the same file skips the rows it alre
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -27,16 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from molcloak.pipeline.compile import CompileConfig
-from molcloak.pipeline.latency import LoadGauge, time_circuit
-from molcloak.pipeline.pbs_cost import Calibration
-from molcloak.pipeline.teacher import teacher_outputs
-from molcloak.pipeline.train import TrainConfig
-from molcloak.pipeline.workflow import compile_checkpoint, featurized, train_on_features
-
-from .panel import SPLIT, TEST_FRACTION, default_panel_dir, describe_panel, load_entry
-
-COMPILE = CompileConfig(5, "approximate", 1e-6)  # fit's first-stage compile settings
+COMPILE = (5, "approximate", 1e-6)  # fit's first-stage compile settings (rounding bits, exactness, p_error)
 
 
 def primary(task, metrics: dict) -> float:
@@ -45,12 +38,17 @@ def primary(task, metrics: dict) -> float:
 
 
 def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
+    from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.latency import time_circuit
+    from molcloak.pipeline.train import TrainConfig
+    from molcloak.pipeline.workflow import compile_checkpoint, train_on_features
+
     start = time.perf_counter()
     train = TrainConfig(patience=30, seed=seed, teacher=teacher)
     hidden, weight_bits = network
     options = {"hidden": list(hidden), "weight_bits": weight_bits}
     ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)
-    compiled = compile_checkpoint(ckpt, COMPILE, measure_keys=True)
+    compiled = compile_checkpoint(ckpt, CompileConfig(*COMPILE), measure_keys=True)
     timing = time_circuit(compiled.q_module, X[sp.test], 3, gauge)
     stats = compiled.stats
     return {
@@ -68,6 +66,13 @@ def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
 
 
 def sweep(args, out: dict, save) -> None:
+    from molcloak.pipeline.latency import LoadGauge
+    from molcloak.pipeline.pbs_cost import Calibration
+    from molcloak.pipeline.teacher import teacher_outputs
+    from molcloak.pipeline.workflow import featurized
+
+    from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
+
     entries, _ = describe_panel(args.panel)
     gauge = LoadGauge(Calibration())
     fields = ("dataset", "seed", "features", "hidden", "weight_bits", "teacher")
@@ -149,8 +154,18 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table of means here")
     args = ap.parse_args(argv)
-    args.panel = args.panel or default_panel_dir()
+    with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
+        from molcloak.pipeline.errors import MolcloakError
+
+        from .panel import default_panel_dir, describe_panel
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    try:
+        args.panel = args.panel or default_panel_dir()
+        unknown = sorted(set(args.datasets) - set(describe_panel(args.panel)[0]))
+        if unknown:
+            raise MolcloakError(f"--datasets {','.join(unknown)}: not in the panel {args.panel}")
+    except MolcloakError as exc:  # one line and exit 2, as the CLI does
+        ap.exit(2, f"error: {exc}\n")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.features = args.features or ["physchem:scale=quantile"]
     args.hidden = [[int(h) for h in w.split(",")] for w in (args.hidden or ["16"])]
