@@ -9,7 +9,7 @@ on this machine (`pbs_cost.Calibration`, the model `molcloak tune` uses) and, si
 made throwaway keys (to measure the evaluation-key size), also timed: a few encrypted runs of the
 candidate's own circuit, divided by the machine's load factor in the same minute (`latency.LoadGauge`;
 not with `latency_check="raw"`); the timing decides when there is one. Three stages, each bounded,
-with a wall-clock cap that returns the best so far:
+with a time cap (quiet-machine minutes, `latency.SearchClock`) that returns the best so far:
 
 1. features: every candidate feature spec with the reference network;
 2. network: for the best feature specs, one setting at a time (hidden widths, weight bits, input
@@ -48,7 +48,16 @@ from .fit_space import (  # noqa: F401  (re-exported: `from molcloak.pipeline.fi
     selection_metric,
     teachers_for,
 )
-from .latency import TIMED_RUNS, FitBudget, LoadGauge, describe, measure_latency, normalized, time_circuit
+from .latency import (
+    TIMED_RUNS,
+    FitBudget,
+    LoadGauge,
+    SearchClock,
+    describe,
+    measure_latency,
+    normalized,
+    time_circuit,
+)
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
 from .splits import Split, can_score
@@ -67,7 +76,7 @@ class _Search:
         self.calibration, self.on_step = calibration, on_step or (lambda msg, done, total: None)
         self.gauge = LoadGauge(calibration) if budget.latency_check == "normalized" else None
         self.metric = selection_metric(ds.task)
-        self.deadline = time.monotonic() + budget.max_minutes * 60 if budget.max_minutes else float("inf")
+        self.clock = SearchClock(budget.max_minutes, self.gauge is not None)
         self.features: dict[str | None, tuple] = {}
         self.inner_valid = "random"  # how the inner validation part was drawn (scaffold or random)
         self.trained: dict[str, Checkpoint] = {}
@@ -81,7 +90,7 @@ class _Search:
 
     @property
     def out_of_time(self) -> bool:
-        return time.monotonic() > self.deadline
+        return self.clock.out_of_time()
 
     def featurize(self, features: str | None):
         if features not in self.features:
@@ -154,6 +163,7 @@ class _Search:
             timing = time_circuit(compiled.q_module, X[sp.valid], self.timed_runs, self.gauge)
             cand.run_s, cand.load_factor = timing.seconds, timing.load_factor if self.gauge else None
         cand.seconds = time.perf_counter() - start
+        self.clock.charge(cand.seconds, cand.load_factor)
         self.candidates.append(cand)
         fits = "within budget" if cand.fits(self.budget) else "over budget"
         self.on_step(

@@ -68,7 +68,9 @@ def normalized(seconds: float | None, load_factor: float | None) -> float | None
 class FitBudget:
     latency_ms: float = 250.0  # median server-side run of one encrypted molecule, this machine (quiet)
     key_mb: float = 60.0  # serialized evaluation keys a client uploads
-    max_minutes: float | None = None  # wall-clock cap of the search; the best found so far is returned
+    # cap of the search, the best found so far is returned: quiet-machine minutes with the normalized check
+    # (`SearchClock`), wall-clock minutes with the raw one
+    max_minutes: float | None = None
     # normalized: timings divided by the load factor the reference circuit shows in the same minute
     # (the budget means a quiet machine); raw: the timings as measured
     latency_check: str = "normalized"
@@ -87,6 +89,41 @@ class FitBudget:
             raise ConfigError(
                 f"budget {dataclasses.asdict(self)} is not positive; use e.g. --budget-ms 250 --max-key-mb 60"
             )
+
+
+class SearchClock:
+    """`--max-minutes` counted in quiet-machine time, so a loaded machine does not cut the search short.
+
+    Each variant's wall time is charged at 1 / the load factor measured while it was timed (the rest is
+    other jobs' doing); time not measured that way (featurizing) counts in full. Without load factors (the
+    raw check) it is plain wall-clock time. A hard stop at `WALL_FACTOR` x the cap in wall-clock time keeps
+    a heavily loaded run bounded."""
+
+    WALL_FACTOR = 3.0
+
+    def __init__(
+        self, max_minutes: float | None, normalized: bool, now: Callable[[], float] = time.monotonic
+    ):
+        self.cap = max_minutes * 60 if max_minutes else None
+        self.normalized, self.now = normalized, now
+        self.start, self.discount = now(), 0.0
+
+    def charge(self, seconds: float, load_factor: float | None) -> None:
+        if self.normalized and load_factor and load_factor > 1:
+            self.discount += seconds * (1 - 1 / load_factor)
+
+    @property
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+    @property
+    def quiet_elapsed(self) -> float:
+        return self.elapsed - self.discount
+
+    def out_of_time(self) -> bool:
+        if self.cap is None:
+            return False
+        return self.quiet_elapsed > self.cap or self.elapsed > self.WALL_FACTOR * self.cap
 
 
 def describe(seconds: float | None, load_factor: float | None) -> str:

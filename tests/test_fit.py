@@ -309,5 +309,36 @@ def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_
     assert by_stage["teacher"].trained.endswith("|rf") and by_stage["features"].trained.endswith("|None")
     info = result.checkpoint.train_info
     assert info["fit"]["teacher"] == result.chosen.teacher == info["config"]["teacher"]
+    # --max-minutes: a cap the first variant already exceeds stops the search there, and says so
+    capped = fit(
+        ds, space, FitBudget(latency_ms=500, max_minutes=1e-4), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),
+        calibration(tmp_path), measure_runs=0, time_candidates=False,
+    )  # fmt: skip
+    assert len(capped.candidates) == 1 and capped.stopped_early and capped.to_dict()["stopped_early"]
     with pytest.raises(ConfigError, match="teachers \\['svm'\\]"):
         SearchSpace(teachers=("svm",))
+
+
+def test_search_clock_counts_quiet_minutes_with_a_wall_clock_stop():
+    """--max-minutes 1 at load factor 2: a variant of 40 s wall costs 20 quiet seconds; the raw check and
+    unmeasured time count in full; 3x the cap in wall-clock time always stops."""
+    from molcloak.pipeline.latency import SearchClock
+
+    t = [0.0]
+    clock = SearchClock(1, normalized=True, now=lambda: t[0])
+    t[0] = 40.0
+    clock.charge(40.0, 2.0)
+    assert clock.quiet_elapsed == 20.0 and not clock.out_of_time()
+    t[0] = 100.0  # 60 s more, nothing charged: counted in full
+    assert clock.quiet_elapsed == 80.0 and clock.out_of_time()
+    loaded = SearchClock(1, normalized=True, now=lambda: t[0])
+    t[0] = 100.0 + 170.0
+    loaded.charge(170.0, 10.0)  # 17 quiet seconds, but 170 s of wall time
+    assert not loaded.out_of_time()
+    t[0] = 100.0 + 181.0
+    loaded.charge(11.0, 10.0)
+    assert loaded.quiet_elapsed < 60 and loaded.out_of_time()  # 3x the cap in wall-clock time
+    raw = SearchClock(1, normalized=False, now=lambda: t[0])
+    raw.charge(1000.0, 5.0)  # the raw check counts wall-clock time
+    t[0] += 61.0
+    assert raw.out_of_time() and not SearchClock(None, True, now=lambda: t[0]).out_of_time()

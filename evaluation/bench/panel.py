@@ -188,7 +188,7 @@ class PanelConfig:
     models: tuple[str, ...] = DEFAULT_MODELS
     trees: int | None = None  # RandomForest trees (default 500; quick 100)
     budget_ms: float = 250.0  # latency budget handed to `molcloak fit`
-    fit_minutes: float | None = 10.0  # wall-clock cap of each fit's search (None: the whole search space)
+    fit_minutes: float | None = 10.0  # fit's --max-minutes per dataset and seed (None: no cap)
     latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
     teacher: str | None = None  # fit --teacher: distillation from a plaintext RandomForest (teacher.TEACHERS)
 

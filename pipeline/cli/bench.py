@@ -47,7 +47,9 @@ def bench(
         250.0, "--budget-ms", help="Panel: latency budget of `molcloak fit` (median server-side run, ms)."
     ),
     fit_minutes: float = typer.Option(
-        10.0, "--fit-minutes", help="Panel: wall-clock cap of each fit's search, per dataset and seed."
+        10.0,
+        "--fit-minutes",
+        help="Panel: cap of each fit's search per dataset and seed (fit's --max-minutes: quiet-machine minutes).",
     ),
     latency_check: str = typer.Option(
         "normalized",

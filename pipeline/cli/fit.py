@@ -49,7 +49,10 @@ def fit(
         "choice; raw: on the timings as measured now.",
     ),
     max_minutes: float | None = typer.Option(
-        None, "--max-minutes", help="Wall-clock cap of the search; the best model found so far is kept."
+        None,
+        "--max-minutes",
+        help="Cap of the search; the best model found so far is kept. With --latency-check normalized it counts "
+        "quiet-machine minutes (each variant's time divided by the load factor, at most 3x in wall-clock time).",
     ),
     features: list[str] | None = typer.Option(
         None,
