@@ -81,7 +81,8 @@ class _Search:
         self.inner_valid = "random"  # how the inner validation part was drawn (scaffold or random)
         self.trained: dict[str, Checkpoint] = {}
         self.candidates: list[Candidate] = []
-        self._teachers: dict[str, np.ndarray] = {}  # kind -> out-of-bag outputs on the training rows
+        self._teachers: dict[tuple, np.ndarray] = {}  # (kind, rows) -> out-of-bag outputs on those rows
+        self._refitted: dict[str | None, tuple] = {}  # features -> (split, spec, X) on train + inner valid
         self.planned = len(space.features) + space.top_features * sum(
             len(v) for _, v in space.network_moves()
         )
@@ -130,7 +131,7 @@ class _Search:
         options = networks.make_config(self.space.model, options).to_dict()  # defaults filled: one key
         key = f"{features}|{sorted((k, str(v)) for k, v in options.items())}|{teacher}"
         if key not in self.trained:
-            soft = self.teacher(teacher, sp) if teacher else None
+            soft = self.teacher(teacher, sp.train) if teacher else None
             train = dataclasses.replace(self.train, teacher=teacher)
             self.trained[key] = train_on_features(
                 self.ds, spec, X, sp, self.space.model, options, train, soft_train=soft
@@ -173,12 +174,26 @@ class _Search:
         )
         return cand
 
-    def teacher(self, kind: str, sp) -> np.ndarray:
-        """A teacher's out-of-bag outputs on the training rows, computed once per search and kind."""
-        if kind not in self._teachers:
+    def teacher(self, kind: str, rows: np.ndarray) -> np.ndarray:
+        """A teacher's out-of-bag outputs on `rows`, computed once per search, kind and rows (the search's
+        training rows; the final refit's training + inner validation rows)."""
+        key = (kind, rows.tobytes())
+        if key not in self._teachers:
             self.on_step(f"training the {kind} teacher", len(self.candidates), self.planned)
-            self._teachers[kind] = teacher_outputs(self.ds, sp.train, kind, self.seed)
-        return self._teachers[kind]
+            self._teachers[key] = teacher_outputs(self.ds, rows, kind, self.seed)
+        return self._teachers[key]
+
+    def refitted(self, features: str | None) -> tuple:
+        """(split, featurizer, features of every row) with scaling and selection refitted on the training and
+        inner validation molecules together, computed once per feature spec."""
+        if features not in self._refitted:
+            _, _, sp = self.featurize(features)
+            both = Split(np.union1d(sp.train, sp.valid), np.array([], dtype=int), sp.test, sp.method)
+            spec = unfitted_featurizer(self.ds, features).fit(
+                self.ds.inputs(both.train), self.ds.y[both.train]
+            )
+            self._refitted[features] = (both, spec, spec.transform(self.ds.inputs()))
+        return self._refitted[features]
 
     def final(self, cand: Candidate) -> Checkpoint:
         """The chosen features and network refitted on training and inner validation molecules together, for as many
@@ -187,19 +202,14 @@ class _Search:
         ckpt = self.trained[cand.trained]
         if not self.refit:
             return ckpt
-        _, _, sp = self.featurize(cand.features)
-        both = Split(np.union1d(sp.train, sp.valid), np.array([], dtype=int), sp.test, sp.method)
-        spec = unfitted_featurizer(self.ds, cand.features).fit(
-            self.ds.inputs(both.train), self.ds.y[both.train]
-        )
-        X = spec.transform(self.ds.inputs())  # scaling and selection refitted on the same molecules
+        both, spec, X = self.refitted(cand.features)  # scaling and selection refitted on the same molecules
         epochs = int(ckpt.train_info["best_epoch"])
         cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs, teacher=cand.teacher)
-        soft = teacher_outputs(self.ds, both.train, cfg.teacher, self.seed) if cfg.teacher else None
+        soft = self.teacher(cfg.teacher, both.train) if cfg.teacher else None
         final = train_on_features(
             self.ds, spec, X, both, self.space.model, cand.options, cfg, soft_train=soft
         )
-        final.train_info["n_inner_valid"] = int(len(sp.valid))
+        final.train_info["n_inner_valid"] = int(len(self.featurize(cand.features)[2].valid))
         return final
 
     def best(self, pool: list[Candidate] | None = None, within: bool = True) -> Candidate | None:

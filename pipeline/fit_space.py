@@ -35,7 +35,10 @@ AUTO_TEACHERS = (None, "rf")  # fit --teacher auto: labels only, then the best n
 
 
 def teachers_for(option: str | None) -> tuple[str | None, ...]:
-    """`SearchSpace.teachers` for a --teacher option: none, auto, or one teacher for every variant."""
+    """`SearchSpace.teachers` for a --teacher option: none, auto, or one teacher for every variant; anything
+    else is a one-line `ConfigError` naming the choices."""
+    if option not in (None, "none", "auto", *TEACHERS):
+        raise ConfigError(f"--teacher {option}: choose one of {', '.join(TEACHERS)}, auto or none")
     return AUTO_TEACHERS if option == "auto" else (None if option in (None, "none") else option,)
 
 

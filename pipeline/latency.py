@@ -133,7 +133,7 @@ def describe(seconds: float | None, load_factor: float | None) -> str:
     text = f"{seconds * 1e3:.0f} ms measured"
     if load_factor is None:
         return text
-    return f"{text}, load factor {load_factor:.1f}x -> {seconds / load_factor * 1e3:.0f} ms normalized"
+    return f"{text}, load factor {load_factor:.1f}x -> {normalized(seconds, load_factor) * 1e3:.0f} ms normalized"
 
 
 class LoadGauge:

@@ -33,8 +33,10 @@ COMPILE = (5, "approximate", 1e-6)  # fit's first-stage compile settings (roundi
 
 
 def primary(task, metrics: dict) -> float:
-    """ROC-AUC for classification (mean over tasks for multi-label), RMSE for regression."""
-    return float(metrics.get("roc_auc" if task.is_classification else "rmse", float("nan")))
+    """The panel's metric: ROC-AUC (mean over tasks for multi-label), RMSE for regression."""
+    from .panel_report import primary_metric
+
+    return float(metrics.get(primary_metric(task), float("nan")))
 
 
 def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:

@@ -42,7 +42,6 @@ from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictio
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.splits import Split, split_dataset
-from molcloak.pipeline.teacher import TEACHERS
 from molcloak.pipeline.train import TrainConfig
 
 from . import panel_report, references
@@ -207,8 +206,7 @@ class PanelConfig:
             )
         if self.fit_minutes is not None and self.fit_minutes <= 0:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
-        if self.teacher is not None and self.teacher not in (*TEACHERS, "auto"):
-            raise ConfigError(f"--teacher {self.teacher}: choose one of {', '.join(TEACHERS)}, auto or none")
+        teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 

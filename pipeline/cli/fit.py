@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..errors import ConfigError
 from .common import (
     DataOpts,
     ForceOpt,
@@ -105,12 +104,10 @@ def fit(
     from ..fit import FitBudget, SearchSpace, fit
     from ..fit_space import teachers_for
     from ..pbs_cost import Calibration
-    from ..teacher import TEACHERS
     from ..train import TrainConfig
     from ..workflow import deploy
 
-    if teacher not in ("none", "auto", *TEACHERS):  # before the data is loaded
-        raise ConfigError(f"--teacher {teacher}: choose one of {', '.join(TEACHERS)}, auto or none")
+    teachers = teachers_for(teacher)  # a bad value: one line before the data is loaded
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
     space = SearchSpace(
         **({"features": tuple(features)} if features else {}),
@@ -118,7 +115,7 @@ def fit(
         weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
-        teachers=teachers_for(teacher),
+        teachers=teachers,
     )
     budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:
