@@ -201,7 +201,11 @@ class FeaturizerSpec:
         are) and a final select:k=K, ranked by a teacher on `targets` (the training labels, (n,) or
         (n, tasks) with NaN for a missing label) when given, else by variance. Without select, `targets`
         is not used."""
-        X = raw_features(self, train_inputs)
+        return self.fit_raw(raw_features(self, train_inputs), targets)
+
+    def fit_raw(self, X: np.ndarray, targets: Any = None) -> FeaturizerSpec:
+        """`fit` on the training molecules' `raw_features` (a search fitting one spec on several subsets of
+        the same molecules computes them once)."""
         if not len(X):
             raise FeaturizerError(
                 f"featurizer {self} cannot be fitted on 0 molecules; pass the training SMILES"
@@ -240,7 +244,13 @@ class FeaturizerSpec:
         """Features (float32) as the model sees them, shape (n, *self.shape); the spec must be fitted."""
         if not self.is_fitted:
             raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
-        X = apply_knots(self, impute(self, raw_features(self, inputs)))
+        return self.transform_raw(raw_features(self, inputs))
+
+    def transform_raw(self, X: np.ndarray) -> np.ndarray:
+        """`transform` of molecules' `raw_features`."""
+        if not self.is_fitted:
+            raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
+        X = apply_knots(self, impute(self, X))
         X = (X - np.asarray(self.mean)) / np.asarray(self.std)
         if self.select is not None:
             X = self.select.apply(X)

@@ -36,6 +36,7 @@ from .bundle import Checkpoint
 from .compile import CompileConfig
 from .data import Dataset
 from .errors import CompilationError, TuneError
+from .featurize import FeaturizerSpec, raw_features
 from .fit_space import (  # noqa: F401  (re-exported: `from molcloak.pipeline.fit import SearchSpace`)
     AUTO_TEACHERS,
     DEFAULT_FEATURE_CANDIDATES,
@@ -60,10 +61,10 @@ from .latency import (
 )
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
-from .splits import Split, can_score
+from .splits import Split, can_score, inner_folds, split_dataset
 from .teacher import teacher_outputs
 from .train import TrainConfig, predict_raw
-from .workflow import compile_checkpoint, featurized, train_on_features, unfitted_featurizer
+from .workflow import compile_checkpoint, train_on_features, unfitted_featurizer
 
 
 class _Search:
@@ -83,35 +84,56 @@ class _Search:
         self.candidates: list[Candidate] = []
         self._teachers: dict[tuple, np.ndarray] = {}  # (kind, rows) -> out-of-bag outputs on those rows
         self._refitted: dict[str | None, tuple] = {}  # features -> (split, spec, X) on train + inner valid
+        self._raw: dict[str | None, np.ndarray] = {}  # molecular features -> raw features of every row
+        self._folds: list[Split] | None = None
+        self._fold_models: dict[tuple, Checkpoint] = {}  # (candidate's trained key, fold) -> checkpoint
+        self._fold_features: dict[tuple, tuple] = {}  # (features, fold) -> (spec, X)
         self.planned = len(space.features) + space.top_features * sum(
             len(v) for _, v in space.network_moves()
         )
         self.planned += space.top_networks * (len(space.rounding_bits) * len(space.p_error) - 1)
         self.planned += space.top_networks * (len(space.teachers) - 1)
+        self.planned += (len(space.features) + space.confirm) * (space.inner_folds > 1)
+
+    @property
+    def done(self) -> int:  # steps for the progress bar: variants scored, and variants cross-validated
+        return len(self.candidates) + sum(c.cv is not None for c in self.candidates)
 
     @property
     def out_of_time(self) -> bool:
         return self.clock.out_of_time()
+
+    def fitted(self, features: str | None, rows: np.ndarray) -> tuple:
+        """(the featurizer fitted on `rows`, features of every row). A molecular spec's raw features (RDKit,
+        milliseconds per molecule) are computed once per search and refitted on each subset of them."""
+        spec = unfitted_featurizer(self.ds, features)
+        if not isinstance(spec, FeaturizerSpec):  # a tabular dataset's columns: cheap to recompute
+            spec = spec.fit(self.ds.inputs(rows), self.ds.y[rows])
+            return spec, spec.transform(self.ds.inputs())
+        if features not in self._raw:
+            self._raw[features] = raw_features(spec, self.ds.inputs())
+        raw = self._raw[features]
+        spec = spec.fit_raw(raw[rows], self.ds.y[rows])
+        return spec, spec.transform_raw(raw)
 
     def featurize(self, features: str | None):
         if features not in self.features:
             for valid_method in dict.fromkeys(
                 ("scaffold" if self.split == "scaffold" else "random", "random")
             ):
-                spec, X, sp = featurized(
+                sp = split_dataset(
                     self.ds,
-                    unfitted_featurizer(self.ds, features),
                     self.split,
                     self.test_fraction,
+                    INNER_VALID_FRACTION,
                     self.seed,
-                    valid_fraction=INNER_VALID_FRACTION,
-                    valid_method=valid_method,
+                    valid_method,
                 )
                 if can_score(self.ds, sp.valid):
                     break
                 self.on_step(  # e.g. every small scaffold group holds one class: choose on random molecules
                     f"the {valid_method} inner validation part has one class only; using a random one",
-                    len(self.candidates),
+                    self.done,
                     self.planned,
                 )
             self.inner_valid = valid_method
@@ -120,7 +142,7 @@ class _Search:
                     f"the inner validation part has {len(sp.valid)} molecules; fit needs at least 10 to choose "
                     "a model: use a larger dataset or a smaller --test-fraction"
                 )
-            self.features[features] = (spec, X, sp)
+            self.features[features] = (*self.fitted(features, sp.train), sp)
         return self.features[features]
 
     def evaluate(
@@ -145,7 +167,7 @@ class _Search:
         try:
             compiled = compile_checkpoint(valid_view, cfg, measure_keys=True)
         except CompilationError as exc:  # a variant Concrete cannot compile is skipped, the search goes on
-            self.on_step(f"skipped {cand.label}: {str(exc)[:120]}", len(self.candidates), self.planned)
+            self.on_step(f"skipped {cand.label}: {str(exc)[:120]}", self.done, self.planned)
             return cand
         raw = predict_raw(ckpt.build_model(), X[sp.valid])
         float_metrics = score(
@@ -169,17 +191,61 @@ class _Search:
         fits = "within budget" if cand.fits(self.budget) else "over budget"
         self.on_step(
             f"{cand.label}: {self.metric} {cand.valid:.3f}, {cand.latency_text}, {fits}",
-            len(self.candidates),
+            self.done,
             self.planned,
         )
         return cand
+
+    def folds(self) -> list[Split]:
+        """The K inner folds of the training and inner validation molecules (the same kind of groups as the
+        inner validation part; random ones when a scaffold fold would hold one class only)."""
+        if self._folds is None:
+            _, _, sp = self.featurize(self.space.features[0])
+            rows, k = np.union1d(sp.train, sp.valid), self.space.inner_folds
+            for method in dict.fromkeys((self.inner_valid, "random")):
+                self._folds = inner_folds(self.ds, rows, k, method, self.seed)
+                if all(can_score(self.ds, f.valid) for f in self._folds):
+                    break
+        return self._folds
+
+    def cross_validate(self, cand: Candidate) -> None:
+        """Score `cand` on every inner fold (its network and teacher trained on the others, compiled with its
+        settings, FHE-simulated on the fold): `cand.cv` is the mean. One inner part of a few hundred
+        molecules ranks feature sets by noise (bace: 0.01-0.03); all the training molecules rank them better."""
+        if self.space.inner_folds < 2 or cand.cv is not None or not np.isfinite(cand.valid):
+            return
+        start, scores = time.perf_counter(), []
+        for f, fold in enumerate(self.folds()):
+            if (cand.features, f) not in self._fold_features:
+                self._fold_features[cand.features, f] = self.fitted(cand.features, fold.train)
+            spec, X = self._fold_features[cand.features, f]
+            if (cand.trained, f) not in self._fold_models:
+                soft = self.teacher(cand.teacher, fold.train) if cand.teacher else None
+                train = dataclasses.replace(self.train, teacher=cand.teacher)
+                self._fold_models[cand.trained, f] = train_on_features(
+                    self.ds, spec, X, fold, self.space.model, cand.options, train, soft_train=soft
+                )
+            view = dataclasses.replace(
+                self._fold_models[cand.trained, f], X_test=X[fold.valid], y_test=self.ds.y[fold.valid]
+            )
+            try:
+                compiled = compile_checkpoint(dataclasses.replace(view, smiles_test=[]), cand.compile, False)
+            except CompilationError:
+                return  # as in the search: a variant Concrete cannot compile keeps no score
+            scores.append(compiled.metrics["fhe_simulate"].get(self.metric, float("nan")))
+        cand.cv, cand.cv_folds = float(np.mean(scores)), [float(x) for x in scores]
+        seconds = time.perf_counter() - start
+        cand.seconds += seconds
+        self.clock.charge(seconds, None)
+        msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds"
+        self.on_step(msg, self.done, self.planned)
 
     def teacher(self, kind: str, rows: np.ndarray) -> np.ndarray:
         """A teacher's out-of-bag outputs on `rows`, computed once per search, kind and rows (the search's
         training rows; the final refit's training + inner validation rows)."""
         key = (kind, rows.tobytes())
         if key not in self._teachers:
-            self.on_step(f"training the {kind} teacher", len(self.candidates), self.planned)
+            self.on_step(f"training the {kind} teacher", self.done, self.planned)
             self._teachers[key] = teacher_outputs(self.ds, rows, kind, self.seed)
         return self._teachers[key]
 
@@ -189,10 +255,7 @@ class _Search:
         if features not in self._refitted:
             _, _, sp = self.featurize(features)
             both = Split(np.union1d(sp.train, sp.valid), np.array([], dtype=int), sp.test, sp.method)
-            spec = unfitted_featurizer(self.ds, features).fit(
-                self.ds.inputs(both.train), self.ds.y[both.train]
-            )
-            self._refitted[features] = (both, spec, spec.transform(self.ds.inputs()))
+            self._refitted[features] = (both, *self.fitted(features, both.train))
         return self._refitted[features]
 
     def final(self, cand: Candidate) -> Checkpoint:
@@ -247,9 +310,10 @@ def fit(
     args = (ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step)
     search = _Search(*args, timed_runs=timed_runs, refit=refit)
     _search(search)
-    ranked = _preference(
-        [c for c in search.candidates if c.fits(budget) and np.isfinite(c.valid)], space.tolerance
-    )
+    pool = [c for c in search.candidates if c.fits(budget) and np.isfinite(c.score)]
+    if any(c.cv is not None for c in pool):  # compared on the same molecules: the cross-validated ones
+        pool = [c for c in pool if c.cv is not None]
+    ranked = _preference(pool, space.tolerance)
     if not ranked:
         raise TuneError(_nothing_fits(search.candidates, budget))
     chosen, ckpt, compiled, measured, over = _verify(search, ranked[: max(1, verify)], measure_runs)
@@ -257,6 +321,8 @@ def fit(
     ckpt.train_info["fit"] = {
         "metric": search.metric,
         "valid": chosen.valid,
+        "cv": chosen.cv,
+        "inner_folds": space.inner_folds,
         "budget": dataclasses.asdict(budget),
         "features": chosen.features,
         "teacher": chosen.teacher,
@@ -297,15 +363,16 @@ def _nothing_fits(candidates: list[Candidate], budget: FitBudget) -> str:
 
 def _preference(pool: list[Candidate], tolerance: float) -> list[Candidate]:
     """Candidates in the order they are timed for the final choice: those within `tolerance` of the best
-    validation metric, fastest first (by PBS count and bit width, deterministic), then the rest by metric."""
+    score (inner folds' mean, else validation metric), fastest first (by PBS count and bit width,
+    deterministic), then the rest by score."""
     if not pool:
         return []
-    best = max(c.valid for c in pool)
+    best = max(c.score for c in pool)
     near = sorted(
-        (c for c in pool if c.valid >= best - tolerance), key=lambda c: (c.pbs, c.max_bits, -c.valid)
+        (c for c in pool if c.score >= best - tolerance), key=lambda c: (c.pbs, c.max_bits, -c.score)
     )
-    rest = sorted((c for c in pool if c.valid < best - tolerance), key=Candidate.rank, reverse=True)
-    return near + rest
+    rest = sorted((c for c in pool if c.score < best - tolerance), key=lambda c: (c.score, *c.rank()))
+    return near + rest[::-1]
 
 
 def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
@@ -322,7 +389,7 @@ def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
         checked = normalized(cand.measured_s, cand.measured_load_factor)
         tried.append((checked, cand, ckpt, compiled, measured))
         msg = f"timed {cand.label}: {describe(cand.measured_s, cand.measured_load_factor)}"
-        search.on_step(msg, len(search.candidates), search.planned)
+        search.on_step(msg, search.done, search.planned)
         if checked is None or checked * 1e3 <= search.budget.latency_ms:
             return cand, ckpt, compiled, measured, False
     return (*min(tried, key=lambda t: t[0])[1:], True)
@@ -335,9 +402,12 @@ def _search(search: _Search) -> None:
         if search.out_of_time:
             return
         search.evaluate(features, start, cfg0, "features", t0)
+    for cand in list(search.candidates):  # the feature specs that fit the budget, on every inner fold
+        if cand.fits(search.budget) and not search.out_of_time:
+            search.cross_validate(cand)
     ranked = sorted(
         (c for c in search.candidates if np.isfinite(c.valid)),
-        key=lambda c: (c.fits(search.budget), c.valid),
+        key=lambda c: (c.fits(search.budget), c.score),
         reverse=True,
     )
     for features in [c.features for c in ranked][: space.top_features]:  # stage 2
@@ -362,6 +432,18 @@ def _search(search: _Search) -> None:
                 cfg = CompileConfig(rounding, "approximate", p_error)
                 if cfg != cfg0 and not search.out_of_time:
                     search.evaluate(base.features, base.options, cfg, "compile", base.teacher)
+    _confirm(search)
+
+
+def _confirm(search: _Search) -> None:
+    """The `confirm` most accurate variants within budget (on the inner part) not scored on the inner folds yet
+    (the network, teacher and compile stages' best) scored on every fold too, so that the final choice compares
+    them with the feature sets on all the training molecules; the first one even when the time cap is reached."""
+    pool = [c for c in search.candidates if c.fits(search.budget) and np.isfinite(c.valid) and c.cv is None]
+    seeded = lambda c: (c.valid, -c.predicted_s, -c.pbs, -c.max_bits)  # noqa: E731  (no timing: reproducible)
+    for i, cand in enumerate(sorted(pool, key=seeded, reverse=True)[: search.space.confirm]):
+        if i == 0 or not search.out_of_time:
+            search.cross_validate(cand)
 
 
 def _best_networks(search: _Search, cfg0: CompileConfig) -> list[Candidate]:

@@ -67,6 +67,10 @@ class SearchSpace:
     # are tried on the best networks (distillation helps some assays and features and hurts others)
     teachers: tuple[str | None, ...] = (None,)
     model: str = DEFAULT_MODEL
+    # the choice is made on the mean metric over this many inner folds of all the training molecules (1: on
+    # the one inner validation part): every feature spec's reference network, then the `confirm` best variants
+    inner_folds: int = 5
+    confirm: int = 3
     # variants within this much of the best validation metric count as equally accurate: the fastest of
     # them is preferred (a difference this small is noise on a few hundred validation molecules)
     tolerance: float = 0.005
@@ -75,6 +79,11 @@ class SearchSpace:
         unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]
         if unknown or not self.teachers:
             raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")
+        if self.inner_folds < 1 or self.confirm < 1:
+            raise ConfigError(
+                f"--inner-folds {self.inner_folds} (confirm {self.confirm}): use 1 (one inner validation part) "
+                "or more inner folds, e.g. 5, and confirm at least 1 variant"
+            )
         if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:
             raise ConfigError(
                 "the search space is empty; give at least one feature spec, width, rounding and p_error"
@@ -117,6 +126,14 @@ class Candidate:
     measured_load_factor: float | None = None
     teacher: str | None = None  # the plaintext teacher it was distilled from (None: labels only)
     trained: str = ""  # key of its checkpoint in the search's cache
+    cv: float | None = None  # mean FHE-simulated metric over the inner folds (None: not cross-validated)
+    cv_folds: list[float] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        """What the final choice compares: the inner folds' mean when there is one, else the validation
+        metric."""
+        return self.valid if self.cv is None else self.cv
 
     @property
     def network(self) -> str:
@@ -168,6 +185,8 @@ class Candidate:
             "teacher": self.teacher,
             "valid": self.valid,
             "float_valid": self.float_valid,
+            "cv": self.cv,
+            "cv_folds": self.cv_folds,
             "pbs": self.pbs,
             "max_bits": self.max_bits,
             "evaluation_key_bytes": self.key_bytes,

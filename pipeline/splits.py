@@ -94,6 +94,30 @@ def split_dataset(
     return Split(train, valid, test, method)
 
 
+def inner_folds(ds: Dataset, rows: np.ndarray, k: int, method: str, seed: int) -> list[Split]:
+    """`k` (train, valid) pairs of `rows` whose validation parts partition them: whole scaffold groups
+    (largest first, each to the fold with the fewest molecules so far, ties broken by the seed) with
+    `method="scaffold"`, seeded random shares otherwise. Every row is validated on exactly once, so a
+    metric averaged over the folds judges a variant on all the rows instead of one part of them."""
+    rows = np.sort(np.asarray(rows, dtype=int))
+    if not 2 <= k <= len(rows):
+        raise DataError(f"{k} inner folds for {len(rows)} molecules: use between 2 and {len(rows)}")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(rows), dtype=int)
+    if method == "scaffold" and not ds.is_tabular:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(rows):
+            groups[murcko_scaffold(ds.smiles[r])].append(i)
+        sets = [list(groups.values())[i] for i in rng.permutation(len(groups))]
+        sizes = np.zeros(k, dtype=int)
+        for g in sorted(sets, key=len, reverse=True):
+            f = int(np.argmin(sizes))
+            fold_of[g], sizes[f] = f, sizes[f] + len(g)
+    else:
+        fold_of[rng.permutation(len(rows))] = np.arange(len(rows)) % k
+    return [Split(rows[fold_of != f], rows[fold_of == f], np.array([], dtype=int), method) for f in range(k)]
+
+
 def murcko_scaffold(smiles: str) -> str:
     from rdkit import Chem, RDLogger
     from rdkit.Chem.Scaffolds import MurckoScaffold

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,7 @@ def train_on_features(
             "n_test": int(len(sp.test)),
             "final": result.history[result.best_epoch - 1],
         },
-        metrics={"float": score(ds.task, ds.y[sp.test], float_preds)},
+        metrics={"float": score(ds.task, ds.y[sp.test], float_preds) if len(sp.test) else {}},
         state_dict=result.model.state_dict(),
         X_calib=X[sp.train],
         X_test=X[sp.test],
@@ -171,10 +172,22 @@ def compile_checkpoint(
     metrics = dict(ckpt.metrics)
     if len(ckpt.X_test):
         for mode, key in (("disable", "quantized"), ("simulate", "fhe_simulate")):
-            raw = q_module.forward(ckpt.X_test, fhe=mode)
+            with seeded_numpy(0):  # the simulated PBS errors come from NumPy's global generator: reproducible
+                raw = q_module.forward(ckpt.X_test, fhe=mode)
             preds = to_predictions(ckpt.task, raw, ckpt.scaler, config.output)
             metrics[key] = score(ckpt.task, ckpt.y_test, preds)
     return Compiled(q_module, stats, config, metrics, seconds)
+
+
+@contextlib.contextmanager
+def seeded_numpy(seed: int):
+    """NumPy's global generator seeded for the block, and restored after it."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def deploy(ckpt: Checkpoint, compiled: Compiled, out: str | Path, name: str, force: bool = False) -> Manifest:

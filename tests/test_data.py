@@ -1,9 +1,11 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from molcloak.pipeline.data import load_bundled, load_csv
 from molcloak.pipeline.errors import DataError, MolcloakError
-from molcloak.pipeline.splits import murcko_scaffold, split_dataset
+from molcloak.pipeline.splits import inner_folds, murcko_scaffold, split_dataset
 
 
 def test_sol_low_is_the_documented_benchmark():
@@ -151,3 +153,27 @@ def test_scaffold_validation_part_keeps_scaffolds_apart_from_train_and_the_test_
     assert not train & valid and 0.15 < len(sp.valid) / (len(sp.train) + len(sp.valid)) < 0.35
     with pytest.raises(DataError, match="unknown validation split 'kfold'"):
         split_dataset(ds, "scaffold", valid_method="kfold")
+
+
+@pytest.mark.parametrize("method", ["scaffold", "random"])
+def test_inner_folds_partition_the_rows_and_keep_scaffolds_together(method):
+    """fit's cross-validation: every training row is validated on exactly once; scaffold folds hold whole
+    scaffold groups, of balanced sizes; the same seed gives the same folds."""
+    ds = load_bundled("freesolv")
+    rows = split_dataset(ds, "scaffold", seed=0).train
+    folds = inner_folds(ds, rows, 4, method, seed=3)
+    assert len(folds) == 4
+    valid = np.concatenate([f.valid for f in folds])
+    assert sorted(valid) == sorted(rows) and len(set(valid)) == len(rows)
+    sizes = [len(f.valid) for f in folds]
+    groups = Counter(murcko_scaffold(ds.smiles[i]) for i in rows) if method == "scaffold" else {0: 1}
+    assert max(sizes) - min(sizes) <= max(groups.values())  # as balanced as whole groups allow
+    for f in folds:
+        assert sorted(np.concatenate([f.train, f.valid])) == sorted(rows) and len(f.test) == 0
+        if method == "scaffold":
+            inside = {murcko_scaffold(ds.smiles[i]) for i in f.valid}
+            assert not inside & {murcko_scaffold(ds.smiles[i]) for i in f.train}
+    again = inner_folds(ds, rows, 4, method, seed=3)
+    assert all(list(a.valid) == list(b.valid) for a, b in zip(folds, again))
+    with pytest.raises(DataError, match="1 inner folds for"):
+        inner_folds(ds, rows, 1, method, seed=3)

@@ -79,6 +79,13 @@ def fit(
     distill: float = typer.Option(
         0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."
     ),
+    inner_folds: int = typer.Option(
+        5,
+        "--inner-folds",
+        help="Choose on the mean metric over this many inner folds of the training molecules (whole scaffold "
+        "groups with --split scaffold): each feature set's first network and the 3 best variants are also "
+        "trained and FHE-simulated on each fold. 1: choose on one inner validation part (faster, noisier).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json)."
@@ -116,6 +123,7 @@ def fit(
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
         teachers=teachers,
+        inner_folds=inner_folds,
     )
     budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:
