@@ -347,6 +347,23 @@ def fit(
     )
 
 
+def feature_scores(
+    ds: Dataset, space: SearchSpace, split: str | None, test_fraction: float, seed: int, train: TrainConfig
+) -> list[tuple[Candidate, Checkpoint]]:
+    """fit's first stage alone, untimed: each feature spec's reference network scored on the inner part and
+    (with `space.inner_folds` > 1) on the inner folds, with its checkpoint trained on the training part (whose
+    test split a benchmark of the choice may score: `evaluation/bench/choice.py`)."""
+    train = dataclasses.replace(train, seed=seed, teacher=None)
+    args = (ds, space, FitBudget(), split, test_fraction, seed, train, Calibration(measure=False), None)
+    search = _Search(*args, timed_runs=0)
+    out = []
+    for features in space.features:
+        cand = search.evaluate(features, space.start_options, space.first_compile, "features")
+        search.cross_validate(cand)
+        out.append((cand, search.trained[cand.trained]))
+    return out
+
+
 def _nothing_fits(candidates: list[Candidate], budget: FitBudget) -> str:
     cheapest = min(candidates, key=lambda c: c.checked_s(budget.latency_check), default=None)
     found = (

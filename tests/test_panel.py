@@ -263,3 +263,31 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     frontier.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
+
+
+def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_test(tmp_path, capsys):
+    """fit's first stage on the panel split: every spec gets its inner-part metric, the mean over the inner
+    folds (really trained and simulated on each), and its test metric; each rule's pick is reported against
+    the best on the test; a rerun skips what the file holds; bad options are one line and exit 2."""
+    from molcloak.evaluation.bench import choice
+
+    folder = _tiny_panel(tmp_path / "panel", n=120)
+    out = tmp_path / "choice.json"
+    args = ["--panel", str(folder), "--datasets", "sol_logs", "--seeds", "0", "--folds", "2"]
+    args += ["--features", "physchem:scale=quantile", "--features", "physchem", "--json", str(out)]
+    choice.main([*args, "--markdown", str(tmp_path / "c.md")])
+    result = json.loads(out.read_text())
+    rows, (summary,) = result["rows"], result["summary"]
+    assert [r["features"] for r in rows] == ["physchem:scale=quantile", "physchem"]
+    for r in rows:
+        assert len(r["cv_folds"]) == 2 and np.isclose(r["cv"], np.mean(r["cv_folds"]))
+        assert r["test_metric"] == "rmse" and r["test"] > 0 and np.isfinite(r["inner_part"])
+    assert summary["best_test"] == min(r["test"] for r in rows)  # RMSE: lower is better
+    assert summary["cv_pick"] == max(rows, key=lambda r: r["cv"])["features"]
+    assert "| sol_logs | mean of 1 |" in (tmp_path / "c.md").read_text()
+    capsys.readouterr()
+    choice.main(args)  # resumes: nothing left to run
+    assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        choice.main([*args, "--folds", "1"])
+    assert exc.value.code == 2 and "--folds 1: compare with at least 2" in capsys.readouterr().err

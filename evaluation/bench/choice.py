@@ -1,0 +1,131 @@
+"""How well does `molcloak fit` choose a feature set? One inner validation part against K inner folds.
+
+fit's first stage trains one reference network per feature spec and ranks them. This benchmark runs that
+stage (`fit.feature_scores`, fit's own code) on the panel's scaffold split for each seed and records, per
+feature spec, the FHE-simulated metric on fit's inner validation part (whole scaffold groups, 20 % of the
+training molecules), the mean over K inner folds of all the training molecules, and the test metric of
+the same network (trained on the training part). For each seed it reports which spec each rule picks
+and what that pick scores on the test, next to the best spec on the test (which no rule can know).
+
+    python -m molcloak.evaluation.bench.choice --datasets bace,herg --seeds 0,1,2 --folds 5 \
+        --json choice.json --markdown choice.md
+
+The test split is reported here and never used to choose. --json is rewritten after every seed, and a
+rerun with the same file skips the seeds it already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def score_rows(panel, name: str, seed: int, features: list[str], folds: int) -> list[dict]:
+    from molcloak.pipeline.fit import SearchSpace, feature_scores
+    from molcloak.pipeline.train import TrainConfig
+    from molcloak.pipeline.workflow import compile_checkpoint
+
+    from .frontier import primary
+    from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
+
+    ds = load_entry(panel, describe_panel(panel)[0][name])
+    space = SearchSpace(features=tuple(features), inner_folds=folds)
+    rows = []
+    for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, TrainConfig(patience=30)):
+        test = compile_checkpoint(ckpt, cand.compile, measure_keys=False).metrics["fhe_simulate"]
+        rows.append(
+            {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "inner_part": cand.valid,
+             "cv": cand.cv, "cv_folds": cand.cv_folds, "test": primary(ds.task, test),
+             "test_metric": "rmse" if not ds.task.is_classification else "roc_auc", "seconds": cand.seconds}
+        )  # fmt: skip
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (dataset, seed): each rule's pick (highest inner score) and its test metric, and the best test."""
+    out = []
+    for key in dict.fromkeys((r["dataset"], r["seed"]) for r in rows):
+        rs = [r for r in rows if (r["dataset"], r["seed"]) == key]
+        sign = -1 if rs[0]["test_metric"] == "rmse" else 1  # higher is better after the sign
+        best = max(rs, key=lambda r: sign * r["test"])
+        picks = {rule: max(rs, key=lambda r: r[rule]) for rule in ("inner_part", "cv")}
+        out.append(
+            {"dataset": key[0], "seed": key[1], "specs": len(rs), "best_test": best["test"],
+             "best_features": best["features"],
+             **{f"{rule}_pick": p["features"] for rule, p in picks.items()},
+             **{f"{rule}_test": p["test"] for rule, p in picks.items()}}
+        )  # fmt: skip
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = [
+        "| dataset | seed | one inner part picks | its test | inner folds pick | its test | best on test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['dataset']} | {s['seed']} | `{s['inner_part_pick']}` | {s['inner_part_test']:.3f} | "
+            f"`{s['cv_pick']}` | {s['cv_test']:.3f} | {s['best_test']:.3f} |"
+        )
+    for name in dict.fromkeys(s["dataset"] for s in summary):
+        mine = [s for s in summary if s["dataset"] == name]
+        means = [np.mean([s[k] for s in mine]) for k in ("inner_part_test", "cv_test", "best_test")]
+        lines.append(
+            f"| {name} | mean of {len(mine)} | | {means[0]:.3f} | | {means[1]:.3f} | {means[2]:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
+    ap.add_argument("--datasets", default="bace,herg", help="comma-separated panel datasets")
+    ap.add_argument("--seeds", default="0,1,2", help="scaffold-split seeds")
+    ap.add_argument(
+        "--features", action="append", help="feature spec (repeatable; default: fit's candidates)"
+    )
+    ap.add_argument("--folds", type=int, default=5, help="inner folds (fit --inner-folds; at least 2)")
+    ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    args = ap.parse_args(argv)
+    with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
+        from molcloak.pipeline.errors import MolcloakError
+        from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
+
+        from .panel import default_panel_dir, describe_panel
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    try:
+        panel = args.panel or default_panel_dir()
+        unknown = sorted(set(datasets) - set(describe_panel(panel)[0]))
+        if unknown:
+            raise MolcloakError(f"--datasets {','.join(unknown)}: not in the panel {panel}")
+        if args.folds < 2:
+            raise MolcloakError(f"--folds {args.folds}: compare with at least 2 inner folds, e.g. 5")
+    except MolcloakError as exc:  # one line and exit 2, as the CLI does
+        ap.exit(2, f"error: {exc}\n")
+    features = args.features or list(DEFAULT_FEATURE_CANDIDATES)
+    out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    command = "python -m molcloak.evaluation.bench.choice " + " ".join(argv or sys.argv[1:])
+    out["commands"] = [*out.get("commands", []), command]
+    done = {(r["dataset"], r["seed"], r["folds"]) for r in out["rows"]}
+    for name in datasets:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if (name, seed, args.folds) in done:
+                continue
+            out["rows"] += score_rows(panel, name, seed, features, args.folds)
+            out["summary"] = summarize(out["rows"])
+            args.json.write_text(json.dumps(out, indent=1))
+            if args.markdown:
+                args.markdown.write_text(markdown(out["summary"]))
+            print(json.dumps(out["summary"][-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
