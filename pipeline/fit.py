@@ -62,7 +62,7 @@ from .latency import (
 from .metrics import score, to_predictions
 from .pbs_cost import Calibration
 from .splits import Split, can_score, inner_folds, split_dataset
-from .teacher import teacher_outputs
+from .teacher import TEACHERS, teacher_outputs
 from .train import TrainConfig, predict_raw
 from .workflow import compile_checkpoint, train_on_features, unfitted_featurizer
 
@@ -110,11 +110,15 @@ class _Search:
         if not isinstance(spec, FeaturizerSpec):  # a tabular dataset's columns: cheap to recompute
             spec = spec.fit(self.ds.inputs(rows), self.ds.y[rows])
             return spec, spec.transform(self.ds.inputs())
-        if features not in self._raw:
-            self._raw[features] = raw_features(spec, self.ds.inputs())
-        raw = self._raw[features]
+        raw = self.raw(features)
         spec = spec.fit_raw(raw[rows], self.ds.y[rows])
         return spec, spec.transform_raw(raw)
+
+    def raw(self, features: str) -> np.ndarray:
+        """The raw features (`raw_features`) of every row for a molecular feature spec, computed once."""
+        if features not in self._raw:
+            self._raw[features] = raw_features(FeaturizerSpec.parse(features), self.ds.inputs())
+        return self._raw[features]
 
     def featurize(self, features: str | None):
         if features not in self.features:
@@ -246,7 +250,8 @@ class _Search:
         key = (kind, rows.tobytes())
         if key not in self._teachers:
             self.on_step(f"training the {kind} teacher", self.done, self.planned)
-            self._teachers[key] = teacher_outputs(self.ds, rows, kind, self.seed)
+            raw = None if self.ds.is_tabular else self.raw(TEACHERS[kind])
+            self._teachers[key] = teacher_outputs(self.ds, rows, kind, self.seed, raw=raw)
         return self._teachers[key]
 
     def refitted(self, features: str | None) -> tuple:

@@ -24,12 +24,14 @@ TEACHERS = {"rf": "physchem+morgan:r=2,n=2048", "rf-both": "rdkit2d+morgan:r=2,n
 
 
 def teacher_outputs(
-    ds: Dataset, train: np.ndarray, kind: str = "rf", seed: int = 0, trees: int = 300
+    ds: Dataset, train: np.ndarray, kind: str = "rf", seed: int = 0, trees: int = 300, raw=None
 ) -> np.ndarray:
-    """Soft targets for the rows `train` of `ds`: out-of-bag outputs of a RandomForest fitted on them."""
+    """Soft targets for the rows `train` of `ds`: out-of-bag outputs of a RandomForest fitted on them.
+    `raw`: the `raw_features` of every row for `TEACHERS[kind]`, when the caller has them (a search
+    teaching on several subsets of the same molecules computes them once)."""
     if kind not in TEACHERS:
         raise ConfigError(f"unknown teacher {kind!r}; expected one of {', '.join(TEACHERS)} (or none)")
-    X = _teacher_features(ds, train, TEACHERS[kind])
+    X = _teacher_features(ds, train, TEACHERS[kind], raw)
     y = ds.y[train]
     if ds.task.is_multitask:
         columns = [_oob(X, y[:, j], ds.task.kind == "multilabel", seed, trees) for j in range(y.shape[1])]
@@ -38,13 +40,14 @@ def teacher_outputs(
     return out
 
 
-def _teacher_features(ds: Dataset, train: np.ndarray, features: str) -> np.ndarray:
-    from .featurize import FeaturizerSpec
+def _teacher_features(ds: Dataset, train: np.ndarray, features: str, raw=None) -> np.ndarray:
+    from .featurize import FeaturizerSpec, raw_features
 
     if ds.is_tabular:
         return ds.inputs(train)
-    spec = FeaturizerSpec.parse(features).fit(ds.inputs(train))
-    return spec.transform(ds.inputs(train))
+    spec = FeaturizerSpec.parse(features)
+    raw = raw[train] if raw is not None else raw_features(spec, ds.inputs(train))
+    return spec.fit_raw(raw).transform_raw(raw)
 
 
 def _oob(X, y, classify: bool, seed: int, trees: int, n_classes: int = 2) -> np.ndarray:
