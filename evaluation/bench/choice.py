@@ -99,13 +99,10 @@ def main(argv=None) -> None:
         from molcloak.pipeline.errors import MolcloakError
         from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
 
-        from .panel import default_panel_dir, describe_panel
+        from .frontier import panel_folder
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
-        panel = args.panel or default_panel_dir()
-        unknown = sorted(set(datasets) - set(describe_panel(panel)[0]))
-        if unknown:
-            raise MolcloakError(f"--datasets {','.join(unknown)}: not in the panel {panel}")
+        panel = panel_folder(args.panel, datasets)
         if args.folds < 2:
             raise MolcloakError(f"--folds {args.folds}: compare with at least 2 inner folds, e.g. 5")
     except MolcloakError as exc:  # one line and exit 2, as the CLI does

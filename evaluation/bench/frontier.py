@@ -39,6 +39,19 @@ def primary(task, metrics: dict) -> float:
     return float(metrics.get(primary_metric(task), float("nan")))
 
 
+def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
+    """The panel folder (default ../shared/data/panel), checked to hold `datasets` (MolcloakError otherwise)."""
+    from molcloak.pipeline.errors import MolcloakError
+
+    from .panel import default_panel_dir, describe_panel
+
+    panel = panel or default_panel_dir()
+    unknown = sorted(set(datasets) - set(describe_panel(panel)[0]))
+    if unknown:
+        raise MolcloakError(f"--datasets {','.join(unknown)}: not in the panel {panel}")
+    return panel
+
+
 def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
     from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.latency import time_circuit
@@ -158,14 +171,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
         from molcloak.pipeline.errors import MolcloakError
-
-        from .panel import default_panel_dir, describe_panel
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
-        args.panel = args.panel or default_panel_dir()
-        unknown = sorted(set(args.datasets) - set(describe_panel(args.panel)[0]))
-        if unknown:
-            raise MolcloakError(f"--datasets {','.join(unknown)}: not in the panel {args.panel}")
+        args.panel = panel_folder(args.panel, args.datasets)
     except MolcloakError as exc:  # one line and exit 2, as the CLI does
         ap.exit(2, f"error: {exc}\n")
     args.seeds = [int(s) for s in args.seeds.split(",")]
