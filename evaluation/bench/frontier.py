@@ -43,8 +43,8 @@ def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
     """The panel folder (default ../shared/data/panel), checked to hold `datasets` (MolcloakError otherwise)."""
     from molcloak.pipeline.errors import MolcloakError
 
-    from .panel import default_panel_dir, describe_panel
-
+    with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
+        from .panel import default_panel_dir, describe_panel
     panel = panel or default_panel_dir()
     unknown = sorted(set(datasets) - set(describe_panel(panel)[0]))
     if unknown:
