@@ -35,7 +35,7 @@ from . import networks
 from .bundle import Checkpoint
 from .compile import CompileConfig
 from .data import Dataset
-from .errors import CompilationError, TuneError
+from .errors import CompilationError, FeaturizerError, TuneError
 from .featurize import FeaturizerSpec, raw_features
 from .fit_space import (  # noqa: F401  (re-exported: `from molcloak.pipeline.fit import SearchSpace`)
     AUTO_TEACHERS,
@@ -221,7 +221,11 @@ class _Search:
         start, scores = time.perf_counter(), []
         for f, fold in enumerate(self.folds()):
             if (cand.features, f) not in self._fold_features:
-                self._fold_features[cand.features, f] = self.fitted(cand.features, fold.train)
+                try:  # a fold trains on fewer molecules: a selection may find too few varied columns
+                    self._fold_features[cand.features, f] = self.fitted(cand.features, fold.train)
+                except FeaturizerError as exc:
+                    self.on_step(f"{cand.label}: not cross-validated: {exc}", self.done, self.planned)
+                    return
             spec, X = self._fold_features[cand.features, f]
             if (cand.trained, f) not in self._fold_models:
                 soft = self.teacher(cand.teacher, fold.train) if cand.teacher else None
@@ -240,7 +244,7 @@ class _Search:
         cand.cv, cand.cv_folds = float(np.mean(scores)), [float(x) for x in scores]
         seconds = time.perf_counter() - start
         cand.seconds += seconds
-        self.clock.charge(seconds, None)
+        self.clock.charge(seconds, self.gauge.load_factor() if self.gauge else None)  # quiet-machine time
         msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds"
         self.on_step(msg, self.done, self.planned)
 
@@ -420,11 +424,22 @@ def _verify(search: _Search, ranked: list[Candidate], measure_runs: int):
 def _search(search: _Search) -> None:
     space = search.space
     start, cfg0, t0 = space.start_options, space.first_compile, space.teachers[0]
+    unusable = []  # feature specs these molecules cannot fill (e.g. select:k=384 on a small dataset)
     for features in space.features:  # stage 1
         if search.out_of_time:
             return
-        search.evaluate(features, start, cfg0, "features", t0)
-    for cand in list(search.candidates):  # the feature specs that fit the budget, on every inner fold
+        try:
+            search.evaluate(features, start, cfg0, "features", t0)
+        except FeaturizerError as exc:
+            unusable.append(exc)
+            search.on_step(f"skipped {features}: {exc}", search.done, search.planned)
+    if len(unusable) == len(space.features):
+        raise unusable[0]
+    # the feature specs that fit the budget on every inner fold, the best on the inner part first (the time
+    # cap may stop this: the choice is then made among those scored)
+    for cand in sorted(
+        search.candidates, key=lambda c: c.valid if np.isfinite(c.valid) else -1, reverse=True
+    ):
         if cand.fits(search.budget) and not search.out_of_time:
             search.cross_validate(cand)
     ranked = sorted(

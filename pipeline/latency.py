@@ -156,6 +156,10 @@ class LoadGauge:
         circuit.run(enc)
         return time.perf_counter() - start
 
+    def load_factor(self, runs: int = 3) -> float:
+        """The machine's load factor now: the reference circuit's median of `runs` over its quiet time."""
+        return self.timing([0.0], [self.run() for _ in range(runs)]).load_factor
+
     def timing(self, seconds: list[float], reference: list[float]) -> Timing:
         now = statistics.median(reference)
         return Timing(statistics.median(seconds), now, self.calibration.quiet_reference(self.label, now))

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from molcloak.pipeline import data
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
-from molcloak.pipeline.errors import ConfigError, TuneError
+from molcloak.pipeline.errors import ConfigError, FeaturizerError, TuneError
 from molcloak.pipeline.fit import Candidate, FitBudget, SearchSpace, fit
 from molcloak.pipeline.latency import Timing, describe
 from molcloak.pipeline.pbs_cost import Calibration, key
@@ -361,3 +361,22 @@ def test_search_clock_counts_quiet_minutes_with_a_wall_clock_stop():
     raw.charge(1000.0, 5.0)  # the raw check counts wall-clock time
     t[0] += 61.0
     assert raw.out_of_time() and not SearchClock(None, True, now=lambda: t[0]).out_of_time()
+
+
+def test_a_feature_spec_the_molecules_cannot_fill_is_skipped(tiny_csv, tmp_path):
+    """A default candidate such as select:k=384 on a small dataset (too few varied Morgan columns) is skipped
+    with its reason and the search goes on; when no spec is usable, that reason is the error."""
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    wide = "physchem+morgan:r=2,n=2048+select:k=2000"
+    space = dataclasses.replace(
+        TINY, features=("physchem", wide), hidden=((3,),), rounding_bits=(None,), inner_folds=2
+    )
+    steps = []
+    args = (FitBudget(latency_ms=500), "random", 0.2, 0, TrainConfig(epochs=2), calibration(tmp_path))
+    result = fit(
+        ds, space, *args, on_step=lambda m, d, t: steps.append(m), measure_runs=0, time_candidates=False
+    )
+    assert result.chosen.features == "physchem" and {c.features for c in result.candidates} == {"physchem"}
+    assert any(m.startswith(f"skipped {wide}: select:k=2000: only") and "use k <=" in m for m in steps)
+    with pytest.raises(FeaturizerError, match="select:k=2000: only .* use k <="):
+        fit(ds, dataclasses.replace(space, features=(wide,)), *args, measure_runs=0, time_candidates=False)
