@@ -85,6 +85,7 @@ class _Search:
         self._teachers: dict[tuple, np.ndarray] = {}  # (kind, rows) -> out-of-bag outputs on those rows
         self._refitted: dict[str | None, tuple] = {}  # features -> (split, spec, X) on train + inner valid
         self._raw: dict[str | None, np.ndarray] = {}  # molecular features -> raw features of every row
+        self._split: Split | None = None
         self._folds: list[Split] | None = None
         self._fold_models: dict[tuple, Checkpoint] = {}  # (candidate's trained key, fold) -> checkpoint
         self._fold_features: dict[tuple, tuple] = {}  # (features, fold) -> (spec, X)
@@ -120,18 +121,14 @@ class _Search:
             self._raw[features] = raw_features(FeaturizerSpec.parse(features), self.ds.inputs())
         return self._raw[features]
 
-    def featurize(self, features: str | None):
-        if features not in self.features:
+    def inner_split(self) -> Split:
+        """Train / inner validation / test rows, the same for every feature spec."""
+        if self._split is None:
             for valid_method in dict.fromkeys(
                 ("scaffold" if self.split == "scaffold" else "random", "random")
             ):
                 sp = split_dataset(
-                    self.ds,
-                    self.split,
-                    self.test_fraction,
-                    INNER_VALID_FRACTION,
-                    self.seed,
-                    valid_method,
+                    self.ds, self.split, self.test_fraction, INNER_VALID_FRACTION, self.seed, valid_method
                 )
                 if can_score(self.ds, sp.valid):
                     break
@@ -146,6 +143,12 @@ class _Search:
                     f"the inner validation part has {len(sp.valid)} molecules; fit needs at least 10 to choose "
                     "a model: use a larger dataset or a smaller --test-fraction"
                 )
+            self._split = sp
+        return self._split
+
+    def featurize(self, features: str | None):
+        if features not in self.features:
+            sp = self.inner_split()
             self.features[features] = (*self.fitted(features, sp.train), sp)
         return self.features[features]
 
@@ -204,7 +207,7 @@ class _Search:
         """The K inner folds of the training and inner validation molecules (the same kind of groups as the
         inner validation part; random ones when a scaffold fold would hold one class only)."""
         if self._folds is None:
-            _, _, sp = self.featurize(self.space.features[0])
+            sp = self.inner_split()
             rows, k = np.union1d(sp.train, sp.valid), self.space.inner_folds
             for method in dict.fromkeys((self.inner_valid, "random")):
                 self._folds = inner_folds(self.ds, rows, k, method, self.seed)
@@ -218,35 +221,37 @@ class _Search:
         molecules ranks feature sets by noise (bace: 0.01-0.03); all the training molecules rank them better."""
         if self.space.inner_folds < 2 or cand.cv is not None or not np.isfinite(cand.valid):
             return
-        start, scores = time.perf_counter(), []
-        for f, fold in enumerate(self.folds()):
-            if (cand.features, f) not in self._fold_features:
-                try:  # a fold trains on fewer molecules: a selection may find too few varied columns
-                    self._fold_features[cand.features, f] = self.fitted(cand.features, fold.train)
-                except FeaturizerError as exc:
-                    self.on_step(f"{cand.label}: not cross-validated: {exc}", self.done, self.planned)
-                    return
-            spec, X = self._fold_features[cand.features, f]
-            if (cand.trained, f) not in self._fold_models:
-                soft = self.teacher(cand.teacher, fold.train) if cand.teacher else None
-                train = dataclasses.replace(self.train, teacher=cand.teacher)
-                self._fold_models[cand.trained, f] = train_on_features(
-                    self.ds, spec, X, fold, self.space.model, cand.options, train, soft_train=soft
-                )
-            view = dataclasses.replace(
-                self._fold_models[cand.trained, f], X_test=X[fold.valid], y_test=self.ds.y[fold.valid]
-            )
-            try:
-                compiled = compile_checkpoint(dataclasses.replace(view, smiles_test=[]), cand.compile, False)
-            except CompilationError:
-                return  # as in the search: a variant Concrete cannot compile keeps no score
-            scores.append(compiled.metrics["fhe_simulate"].get(self.metric, float("nan")))
-        cand.cv, cand.cv_folds = float(np.mean(scores)), [float(x) for x in scores]
+        start = time.perf_counter()
+        try:
+            scores = [self._fold_score(cand, f, fold) for f, fold in enumerate(self.folds())]
+        except (FeaturizerError, CompilationError) as exc:  # as in the search: the variant keeps no score
+            # (a fold trains on fewer molecules: a selection may find too few varied columns)
+            self.on_step(f"{cand.label}: not cross-validated: {str(exc)[:120]}", self.done, self.planned)
+            scores = []
         seconds = time.perf_counter() - start
         cand.seconds += seconds
         self.clock.charge(seconds, self.gauge.load_factor() if self.gauge else None)  # quiet-machine time
-        msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds"
-        self.on_step(msg, self.done, self.planned)
+        if scores:
+            cand.cv, cand.cv_folds = float(np.mean(scores)), [float(x) for x in scores]
+            msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds"
+            self.on_step(msg, self.done, self.planned)
+
+    def _fold_score(self, cand: Candidate, f: int, fold: Split) -> float:
+        """`cand`'s network trained on the fold's training part and FHE-simulated on its validation part."""
+        if (cand.features, f) not in self._fold_features:
+            self._fold_features[cand.features, f] = self.fitted(cand.features, fold.train)
+        spec, X = self._fold_features[cand.features, f]
+        if (cand.trained, f) not in self._fold_models:
+            soft = self.teacher(cand.teacher, fold.train) if cand.teacher else None
+            train = dataclasses.replace(self.train, teacher=cand.teacher)
+            self._fold_models[cand.trained, f] = train_on_features(
+                self.ds, spec, X, fold, self.space.model, cand.options, train, soft_train=soft
+            )
+        view = dataclasses.replace(
+            self._fold_models[cand.trained, f], X_test=X[fold.valid], y_test=self.ds.y[fold.valid]
+        )
+        compiled = compile_checkpoint(dataclasses.replace(view, smiles_test=[]), cand.compile, False)
+        return compiled.metrics["fhe_simulate"].get(self.metric, float("nan"))
 
     def teacher(self, kind: str, rows: np.ndarray) -> np.ndarray:
         """A teacher's out-of-bag outputs on `rows`, computed once per search, kind and rows (the search's

@@ -187,7 +187,7 @@ class PanelConfig:
     models: tuple[str, ...] = DEFAULT_MODELS
     trees: int | None = None  # RandomForest trees (default 500; quick 100)
     budget_ms: float = 250.0  # latency budget handed to `molcloak fit`
-    fit_minutes: float | None = 10.0  # fit's --max-minutes per dataset and seed (None: no cap)
+    fit_minutes: float | None = 15.0  # fit's --max-minutes per dataset and seed (None: no cap)
     latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
     teacher: str | None = None  # fit --teacher: distillation from a plaintext RandomForest (teacher.TEACHERS)
 
@@ -249,7 +249,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--models", ",".join(config.models)] if config.models != DEFAULT_MODELS else []
     args += ["--trees", str(config.trees)] if config.trees else []
     args += ["--budget-ms", f"{config.budget_ms:g}"] if config.budget_ms != 250.0 else []
-    args += ["--fit-minutes", f"{config.fit_minutes:g}"] if config.fit_minutes != 10.0 else []
+    args += ["--fit-minutes", f"{config.fit_minutes:g}"] if config.fit_minutes != 15.0 else []
     args += ["--latency-check", config.latency_check] if config.latency_check != "normalized" else []
     args += ["--teacher", config.teacher] if config.teacher else []
     args += ["--json", str(json_path)] if json_path else []

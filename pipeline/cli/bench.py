@@ -47,7 +47,7 @@ def bench(
         250.0, "--budget-ms", help="Panel: latency budget of `molcloak fit` (median server-side run, ms)."
     ),
     fit_minutes: float = typer.Option(
-        10.0,
+        15.0,
         "--fit-minutes",
         help="Panel: cap of each fit's search per dataset and seed (fit's --max-minutes: quiet-machine minutes).",
     ),
