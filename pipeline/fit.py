@@ -18,6 +18,10 @@ with a time cap (quiet-machine minutes, `latency.SearchClock`) that returns the 
    plaintext RandomForest's out-of-bag outputs as well as the labels (distillation), kept on validation;
 3. compile settings: the best networks recompiled with other rounding bits and p_error (no training).
 
+With `inner_folds` > 1 the choice is made on K inner folds of all the training molecules (`cross_validate`):
+each feature spec's reference network after stage 1, and the `confirm` best other variants at the end, are
+trained on each fold's training part and FHE-simulated on its validation part, and compared by the mean.
+
 The most accurate candidates within the predicted budget are then compiled on the test split and
 timed for real (keygen and encrypted runs through both halves), in order, until one runs within the
 budget: the prediction ranks, the measurement decides. The chosen checkpoint records its compile
