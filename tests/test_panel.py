@@ -265,6 +265,18 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
 
 
+def test_choice_rule_prefers_the_richer_spec_only_when_the_folds_cannot_tell_them_apart():
+    from molcloak.evaluation.bench.choice import richest_tied
+
+    lean = {"features": "lean", "cv": 0.85, "cv_folds": [0.80, 0.90], "n_inputs": 10}
+    # richer but worse on every fold; richer and within one standard error of the paired fold differences
+    steady = {"features": "rich", "cv": 0.835, "cv_folds": [0.79, 0.88], "n_inputs": 100}
+    noisy = {"features": "rich", "cv": 0.84, "cv_folds": [0.82, 0.86], "n_inputs": 100}
+    assert richest_tied([lean, steady])["features"] == "lean"
+    assert richest_tied([lean, noisy])["features"] == "rich"
+    assert richest_tied([lean])["features"] == "lean"
+
+
 def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_test(tmp_path, capsys):
     """fit's first stage on the panel split: every spec gets its inner-part metric, the mean over the inner
     folds (really trained and simulated on each), and its test metric; each rule's pick is reported against
@@ -284,6 +296,7 @@ def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_t
         assert r["test_metric"] == "rmse" and r["test"] > 0 and np.isfinite(r["inner_part"])
     assert summary["best_test"] == min(r["test"] for r in rows)  # RMSE: lower is better
     assert summary["cv_pick"] == max(rows, key=lambda r: r["cv"])["features"]
+    assert summary["cv_rich_pick"] in {r["features"] for r in rows} and all(r["n_inputs"] > 0 for r in rows)
     assert "| sol_logs | mean of 1 |" in (tmp_path / "c.md").read_text()
     capsys.readouterr()
     choice.main(args)  # resumes: nothing left to run

@@ -17,8 +17,6 @@ rerun with the same file skips the seeds it already holds.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -42,19 +40,42 @@ def score_rows(panel, name: str, seed: int, features: list[str], folds: int) -> 
         rows.append(
             {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "inner_part": cand.valid,
              "cv": cand.cv, "cv_folds": cand.cv_folds, "test": primary(ds.task, test),
-             "test_metric": "rmse" if not ds.task.is_classification else "roc_auc", "seconds": cand.seconds}
+             "test_metric": "rmse" if not ds.task.is_classification else "roc_auc", "seconds": cand.seconds,
+             "n_inputs": int(np.shape(ckpt.X_test)[1])}
         )  # fmt: skip
     return rows
 
 
+def richest_tied(rows: list[dict]) -> dict:
+    """The rule "prefer richer features unless the folds say otherwise": among the specs whose mean over the
+    inner folds is below the best one's by less than one standard error of their paired fold differences
+    (the folds cannot tell them apart), the one with the most inputs (then the higher mean)."""
+    best = max(rows, key=lambda r: r["cv"])
+    tied = []
+    for r in rows:
+        diff = np.subtract(best["cv_folds"], r["cv_folds"])
+        se = np.std(diff, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if np.mean(diff) <= se:
+            tied.append(r)
+    return max(tied, key=lambda r: (r.get("n_inputs", 0), r["cv"]))
+
+
+RULES = {  # rule -> its pick among one seed's rows (each rule sees the inner scores only, never the test)
+    "inner_part": lambda rs: max(rs, key=lambda r: r["inner_part"]),
+    "cv": lambda rs: max(rs, key=lambda r: r["cv"]),
+    "cv_rich": richest_tied,
+}
+RULE_NAMES = {"inner_part": "one inner part", "cv": "inner folds", "cv_rich": "richest within a fold SE"}
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (dataset, seed): each rule's pick (highest inner score) and its test metric, and the best test."""
+    """Per (dataset, seed): each rule's pick and its test metric, and the best spec on the test."""
     out = []
     for key in dict.fromkeys((r["dataset"], r["seed"]) for r in rows):
         rs = [r for r in rows if (r["dataset"], r["seed"]) == key]
         sign = -1 if rs[0]["test_metric"] == "rmse" else 1  # higher is better after the sign
         best = max(rs, key=lambda r: sign * r["test"])
-        picks = {rule: max(rs, key=lambda r: r[rule]) for rule in ("inner_part", "cv")}
+        picks = {rule: pick(rs) for rule, pick in RULES.items()}
         out.append(
             {"dataset": key[0], "seed": key[1], "specs": len(rs), "best_test": best["test"],
              "best_features": best["features"],
@@ -65,20 +86,16 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = [
-        "| dataset | seed | one inner part picks | its test | inner folds pick | its test | best on test |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    head = " | ".join(f"{RULE_NAMES[r]} picks | its test" for r in RULES)
+    lines = [f"| dataset | seed | {head} | best on test |", "|---|---|" + "---|---|" * len(RULES) + "---|"]
     for s in summary:
-        lines.append(
-            f"| {s['dataset']} | {s['seed']} | `{s['inner_part_pick']}` | {s['inner_part_test']:.3f} | "
-            f"`{s['cv_pick']}` | {s['cv_test']:.3f} | {s['best_test']:.3f} |"
-        )
+        picks = " | ".join(f"`{s[f'{r}_pick']}` | {s[f'{r}_test']:.3f}" for r in RULES)
+        lines.append(f"| {s['dataset']} | {s['seed']} | {picks} | {s['best_test']:.3f} |")
     for name in dict.fromkeys(s["dataset"] for s in summary):
         mine = [s for s in summary if s["dataset"] == name]
-        means = [np.mean([s[k] for s in mine]) for k in ("inner_part_test", "cv_test", "best_test")]
+        means = " | ".join(f" | {np.mean([s[f'{r}_test'] for s in mine]):.3f}" for r in RULES)
         lines.append(
-            f"| {name} | mean of {len(mine)} | | {means[0]:.3f} | | {means[1]:.3f} | {means[2]:.3f} |"
+            f"| {name} | mean of {len(mine)} | {means} | {np.mean([s['best_test'] for s in mine]):.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -95,11 +112,12 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)
-    with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
-        from molcloak.pipeline.errors import MolcloakError
-        from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
+    from molcloak.pipeline import quiet  # noqa: F401  (first: dependency noise is not the user's concern)
+    from molcloak.pipeline.errors import MolcloakError
+    from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
 
-        from .frontier import panel_folder
+    from .frontier import panel_folder
+
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
         panel = panel_folder(args.panel, datasets)

@@ -20,8 +20,6 @@ after every configuration, and a rerun with the same file skips the rows it alre
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import time
@@ -43,8 +41,8 @@ def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
     """The panel folder (default ../shared/data/panel), checked to hold `datasets` (MolcloakError otherwise)."""
     from molcloak.pipeline.errors import MolcloakError
 
-    with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
-        from .panel import default_panel_dir, describe_panel
+    from .panel import default_panel_dir, describe_panel
+
     panel = panel or default_panel_dir()
     unknown = sorted(set(datasets) - set(describe_panel(panel)[0]))
     if unknown:
@@ -169,8 +167,9 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table of means here")
     args = ap.parse_args(argv)
-    with contextlib.redirect_stderr(io.StringIO()):  # torch's "No CUDA runtime" notice: noise
-        from molcloak.pipeline.errors import MolcloakError
+    from molcloak.pipeline import quiet  # noqa: F401  (first: dependency noise is not the user's concern)
+    from molcloak.pipeline.errors import MolcloakError
+
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
         args.panel = panel_folder(args.panel, args.datasets)

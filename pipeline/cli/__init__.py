@@ -12,7 +12,7 @@ import os
 import sys
 
 # isort: off
-from . import quiet  # noqa: F401  (first: silences dependency noise before torch or concrete load)
+from .. import quiet  # noqa: F401  (first: silences dependency noise before torch or concrete load)
 from . import demo, fit, owner, predict, keys, serve, audit, bench  # noqa: F401  (registration order = --help order)
 
 # isort: on

@@ -2,7 +2,8 @@
 
 Imported first by the CLI. torch's C++-extension helper prints "No CUDA runtime is found, using
 CUDA_HOME=..." on machines with a CUDA toolkit but no GPU (brevitas imports it), and torch warns
-that "Named tensors ... are an experimental feature" when Brevitas builds its quantizers.
+that "Named tensors ... are an experimental feature" when Brevitas builds its quantizers; pkg_resources,
+which Brevitas imports, warns that "Module molcloak was already imported" when run from the project's root.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", message=r".*Named tensors.*")
+# pkg_resources (imported by brevitas) when run from the project's root, where `molcloak` maps to "."
+warnings.filterwarnings("ignore", message=r"Module \w+ was already imported from")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
