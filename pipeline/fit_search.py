@@ -127,6 +127,7 @@ class Search:
             return done
         valid_view = dataclasses.replace(ckpt, X_test=X[sp.valid], y_test=self.ds.y[sp.valid], smiles_test=[])
         cand = Candidate(features, dict(ckpt.model_config), cfg, stage, teacher=teacher, trained=key)
+        cand.n_inputs = int(X.shape[1])
         try:
             compiled = compile_checkpoint(valid_view, cfg, measure_keys=True)
         except CompilationError as exc:  # a variant Concrete cannot compile is skipped, the search goes on

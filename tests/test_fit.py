@@ -29,6 +29,7 @@ TINY = SearchSpace(
     start=(("hidden", (3,)), ("weight_bits", 2), ("act_bits", 2), ("input_bits", 2)),
     hidden=((3,), (4,)),
     weight_bits=(2,),
+    act_bits=(2,),
     input_bits=(2,),
     rounding_bits=(None, 4),
     p_error=(2**-40,),
@@ -85,7 +86,8 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     assert all(c.fits(FitBudget(latency_ms=500)) for c in result.candidates)  # 50 ms + a few PBS x 5 ms
     # each feature spec's reference network and the best other variant were scored on 3 inner folds of the
     # training molecules (really trained and FHE-simulated: the folds' scores differ), and the choice is made
-    # among them, not on the test: among the most accurate (within the tolerance), the fewest PBS
+    # among them, not on the test: among the most accurate (within the tolerance), the richest features, then
+    # the fewest PBS
     crossed = [c for c in result.candidates if c.cv is not None]
     assert {c.features for c in crossed if c.stage == "features"} == set(TINY.features)
     assert len(crossed) == len(TINY.features) + 1 and any(c.stage != "features" for c in crossed)
@@ -93,7 +95,9 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
         assert len(c.cv_folds) == 3 and np.isclose(c.cv, np.mean(c.cv_folds)) and len(set(c.cv_folds)) > 1
     best = max(c.cv for c in crossed)
     near = [c for c in crossed if c.cv >= best - TINY.tolerance]
-    assert result.chosen in near and result.chosen.pbs == min(c.pbs for c in near)
+    richest = [c for c in near if c.n_inputs == max(c.n_inputs for c in near)]
+    assert result.chosen in richest and result.chosen.pbs == min(c.pbs for c in richest)
+    assert all(c.n_inputs == 10 for c in result.candidates)  # both specs: the 10 physchem descriptors
     assert result.checkpoint.train_info["fit"]["cv"] == result.chosen.cv
     assert any("over 3 inner folds" in msg for msg, _, _ in steps) and steps[-1][1] <= steps[-1][2]
     assert result.metric == "roc_auc" and 0 <= result.compiled.metrics["fhe_simulate"]["roc_auc"] <= 1
@@ -131,6 +135,30 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
         measure_runs=0,
     )
     assert again.chosen.label == result.chosen.label and np.isclose(again.chosen.valid, result.chosen.valid)
+
+
+def test_the_choice_prefers_richer_features_among_equally_accurate_variants():
+    """herg, seeds 0-2: where the inner folds could not separate feature sets, the fewest PBS picked physchem
+    (10 inputs) or 32 descriptors, and RDKit 2D + 384 Morgan bits scored 0.03-0.04 higher on the test."""
+    from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.fit import _preference
+
+    cfg = CompileConfig(5, "approximate", 1e-6)
+
+    def cand(name, score, n_inputs, pbs=16, folds=True):
+        c = Candidate(name, {}, cfg, "features", valid=score, pbs=pbs, n_inputs=n_inputs)
+        c.cv, c.cv_folds = (score, [score] * 5) if folds else (None, [])
+        return c
+
+    lean, rich = cand("lean", 0.860, 10), cand("rich", 0.856, 394)  # within the 0.005 tolerance
+    assert [c.features for c in _preference([lean, rich], 0.005)] == ["rich", "lean"]
+    worse = cand("rich", 0.850, 394)  # 0.01 below: the folds' mean decides
+    assert [c.features for c in _preference([lean, worse], 0.005)] == ["lean", "rich"]
+    # the same inputs within the tolerance: the fewest PBS; on the one inner part (no folds), the same rule
+    wide = cand("lean", 0.861, 10, pbs=32)
+    assert _preference([wide, lean], 0.005)[0] is lean
+    plain, solo = cand("rich", 0.857, 394, folds=False), cand("lean", 0.86, 10, folds=False)
+    assert _preference([solo, plain], 0.005)[0] is plain
 
 
 def test_normalization_arithmetic_and_the_quiet_reference(tmp_path):
@@ -177,6 +205,7 @@ def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
         start=TINY.start,
         hidden=((3,),),
         weight_bits=(2,),
+        act_bits=(2,),
         input_bits=(2,),
         rounding_bits=(None,),
         p_error=(2**-40,),
@@ -224,6 +253,8 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
             "3",
             "--weight-bits",
             "2",
+            "--act-bits",
+            "2",
             "--input-bits",
             "2",
             "--rounding-bits",
@@ -244,6 +275,8 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["chosen"]["features"] == "physchem" and summary["candidates"]
+    assert {c["model_options"]["act_bits"] for c in summary["candidates"]} == {2}  # --act-bits 2 only
+    assert summary["chosen"]["n_inputs"] == 10
     assert len(summary["chosen"]["cv_folds"]) == 2 and summary["chosen"]["cv"] is not None
     assert load_checkpoint(tmp_path / "ckpt").train_info["fit"]["metric"] == "roc_auc"
     assert load_manifest(tmp_path / "bundle").data["compile"]["rounding_bits"] is None

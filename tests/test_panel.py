@@ -250,30 +250,44 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
 
     folder = _tiny_panel(tmp_path / "panel", n=120)
     out = tmp_path / "frontier.json"
-    args = ["--panel", str(folder), "--datasets", "sol_low", "--seeds", "0", "--hidden", "4"]
+    args = [
+        "--panel",
+        str(folder),
+        "--datasets",
+        "sol_low",
+        "--seeds",
+        "0",
+        "--hidden",
+        "4",
+        "--act-bits",
+        "4",
+    ]
     args += ["--teacher", "none,rf", "--json", str(out), "--markdown", str(tmp_path / "f.md")]
     frontier.main(args)
     rows = json.loads(out.read_text())["rows"]
     assert [r["teacher"] for r in rows] == ["none", "rf"]
     for r in rows:
-        assert r["dataset"] == "sol_low" and r["inputs"] == 10 and r["pbs"] == 4
+        assert r["dataset"] == "sol_low" and r["inputs"] == 10 and r["pbs"] == 4 and r["act_bits"] == 4
         assert 0.5 <= r["fhe_simulate"] <= 1 and r["run_ms"] > 0 and r["load_factor"] >= 1
     table = (tmp_path / "f.md").read_text()
-    assert "| sol_low | `physchem:scale=quantile` | 4 | 3 | rf | 0 |" in table
+    assert "| sol_low | `physchem:scale=quantile` | 4 | 3 | 4 | rf | 0 |" in table
     capsys.readouterr()
     frontier.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
 
 
-def test_choice_rule_prefers_the_richer_spec_only_when_the_folds_cannot_tell_them_apart():
-    from molcloak.evaluation.bench.choice import richest_tied
+def test_choice_rules_prefer_the_richer_spec_only_when_the_folds_cannot_tell_them_apart():
+    from molcloak.evaluation.bench.choice import RULES, richest_tied
 
     lean = {"features": "lean", "cv": 0.85, "cv_folds": [0.80, 0.90], "n_inputs": 10}
     # richer but worse on every fold; richer and within one standard error of the paired fold differences
     steady = {"features": "rich", "cv": 0.835, "cv_folds": [0.79, 0.88], "n_inputs": 100}
     noisy = {"features": "rich", "cv": 0.84, "cv_folds": [0.82, 0.86], "n_inputs": 100}
-    assert richest_tied([lean, steady])["features"] == "lean"
-    assert richest_tied([lean, noisy])["features"] == "rich"
+    close = {"features": "rich", "cv": 0.847, "cv_folds": [0.81, 0.884], "n_inputs": 100}  # within 0.005
+    assert richest_tied([lean, steady], se_factor=1.0)["features"] == "lean"
+    assert richest_tied([lean, noisy], se_factor=1.0)["features"] == "rich"
+    assert RULES["cv_rich"]([lean, noisy])["features"] == "lean"  # fit's rule: the tolerance alone
+    assert RULES["cv_rich"]([lean, close])["features"] == "rich" and RULES["cv"]([lean, close]) is lean
     assert richest_tied([lean])["features"] == "lean"
 
 

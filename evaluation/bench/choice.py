@@ -46,16 +46,16 @@ def score_rows(panel, name: str, seed: int, features: list[str], folds: int) -> 
     return rows
 
 
-def richest_tied(rows: list[dict]) -> dict:
-    """The rule "prefer richer features unless the folds say otherwise": among the specs whose mean over the
-    inner folds is below the best one's by less than one standard error of their paired fold differences
-    (the folds cannot tell them apart), the one with the most inputs (then the higher mean)."""
+def richest_tied(rows: list[dict], se_factor: float = 0.0, tolerance: float = 0.005) -> dict:
+    """Prefer richer features among those the folds cannot tell apart: of the specs whose mean over the inner
+    folds is below the best one's by at most `tolerance` (fit's rule), or by at most `se_factor` standard
+    errors of their paired fold differences, the one with the most inputs (then the higher mean)."""
     best = max(rows, key=lambda r: r["cv"])
     tied = []
     for r in rows:
         diff = np.subtract(best["cv_folds"], r["cv_folds"])
         se = np.std(diff, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        if np.mean(diff) <= se:
+        if np.mean(diff) <= max(tolerance, se_factor * se):
             tied.append(r)
     return max(tied, key=lambda r: (r.get("n_inputs", 0), r["cv"]))
 
@@ -63,9 +63,15 @@ def richest_tied(rows: list[dict]) -> dict:
 RULES = {  # rule -> its pick among one seed's rows (each rule sees the inner scores only, never the test)
     "inner_part": lambda rs: max(rs, key=lambda r: r["inner_part"]),
     "cv": lambda rs: max(rs, key=lambda r: r["cv"]),
-    "cv_rich": richest_tied,
+    "cv_rich": richest_tied,  # what fit does (SearchSpace.tolerance)
+    "cv_rich_se": lambda rs: richest_tied(rs, se_factor=1.0),
 }
-RULE_NAMES = {"inner_part": "one inner part", "cv": "inner folds", "cv_rich": "richest within a fold SE"}
+RULE_NAMES = {
+    "inner_part": "one inner part",
+    "cv": "highest fold mean",
+    "cv_rich": "richest within 0.005 (fit)",
+    "cv_rich_se": "richest within one fold SE",
+}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -58,8 +58,8 @@ def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
 
     start = time.perf_counter()
     train = TrainConfig(patience=30, seed=seed, teacher=teacher)
-    hidden, weight_bits = network
-    options = {"hidden": list(hidden), "weight_bits": weight_bits}
+    hidden, weight_bits, act_bits = network
+    options = {"hidden": list(hidden), "weight_bits": weight_bits, "act_bits": act_bits}
     ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)
     compiled = compile_checkpoint(ckpt, CompileConfig(*COMPILE), measure_keys=True)
     timing = time_circuit(compiled.q_module, X[sp.test], 3, gauge)
@@ -88,23 +88,24 @@ def sweep(args, out: dict, save) -> None:
 
     entries, _ = describe_panel(args.panel)
     gauge = LoadGauge(Calibration())
-    fields = ("dataset", "seed", "features", "hidden", "weight_bits", "teacher")
-    done = {json.dumps([r.get(f, 3) for f in fields]) for r in out["rows"]}  # weight_bits: 3 before it varied
+    fields = ("dataset", "seed", "features", "hidden", "weight_bits", "act_bits", "teacher")
+    done = {json.dumps([r.get(f, 3) for f in fields]) for r in out["rows"]}  # bits: 3 before they varied
     for name in args.datasets:
         ds = load_entry(args.panel, entries[name])
         for seed in args.seeds:
             soft: dict = {}  # teacher kind -> its out-of-bag outputs on this seed's training rows
             for features in args.features:
                 spec, X, sp = featurized(ds, features, SPLIT, TEST_FRACTION, seed)
-                for hidden, bits in [(h, b) for h in args.hidden for b in args.weight_bits]:
+                networks = [(h, w, a) for h in args.hidden for w in args.weight_bits for a in args.act_bits]
+                for hidden, bits, act in networks:
                     for teacher in args.teacher:
-                        key = [name, seed, features, list(hidden), bits, teacher]
+                        key = [name, seed, features, list(hidden), bits, act, teacher]
                         if json.dumps(key) in done:
                             continue
                         if teacher != "none" and teacher not in soft:
                             soft[teacher] = teacher_outputs(ds, sp.train, teacher, seed)
                         row = run_one(
-                            ds, X, spec, sp, (hidden, bits), None if teacher == "none" else teacher,
+                            ds, X, spec, sp, (hidden, bits, act), None if teacher == "none" else teacher,
                             soft.get(teacher), seed, gauge,
                         )  # fmt: skip
                         row.update(zip(fields, key))
@@ -114,22 +115,30 @@ def sweep(args, out: dict, save) -> None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Means over seeds per (dataset, features, hidden, weight bits, teacher)."""
+    """Means over seeds per (dataset, features, hidden, weight bits, activation bits, teacher)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["dataset"], r["features"], tuple(r["hidden"]), r.get("weight_bits", 3), r["teacher"])
+        key = (
+            r["dataset"],
+            r["features"],
+            tuple(r["hidden"]),
+            r.get("weight_bits", 3),
+            r.get("act_bits", 3),
+            r["teacher"],
+        )
         groups.setdefault(key, []).append(r)
     first: dict = {}  # datasets and feature specs in the order they were run; teachers grouped per network
     for r in rows:
         first.setdefault(("d", r["dataset"]), len(first)), first.setdefault(("f", r["features"]), len(first))
-    order = lambda k: (first["d", k[0]], first["f", k[1]], k[2], k[3], k[4] != "none", k[4])  # noqa: E731
+    order = lambda k: (first["d", k[0]], first["f", k[1]], *k[2:5], k[5] != "none", k[5])  # noqa: E731
     table = []
-    for (dataset, features, hidden, weight_bits, teacher), rs in sorted(
+    for (dataset, features, hidden, weight_bits, act_bits, teacher), rs in sorted(
         groups.items(), key=lambda g: order(g[0])
     ):
         mean = {k: float(np.mean([r[k] for r in rs])) for k in ("float", "fhe_simulate", "normalized_ms")}
         table.append(
-            {"dataset": dataset, "features": features, "hidden": list(hidden), "weight_bits": weight_bits, "teacher": teacher,
+            {"dataset": dataset, "features": features, "hidden": list(hidden), "weight_bits": weight_bits,
+             "act_bits": act_bits, "teacher": teacher,
              "seeds": sorted(r["seed"] for r in rs), **mean, "inputs": rs[0]["inputs"],
              "pbs": rs[0]["pbs"], "max_bits": max(r["max_bits"] for r in rs),
              "key_mb": max(r["key_mb"] for r in rs)}
@@ -139,12 +148,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | features | hidden | w bits | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | features | hidden | w bits | act bits | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         lines.append(
-            f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['weight_bits']} | {t['teacher']} | "
+            f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['weight_bits']} | {t['act_bits']} | {t['teacher']} | "
             f"{','.join(map(str, t['seeds']))} | {t['float']:.3f} | {t['fhe_simulate']:.3f} | {t['inputs']} | "
             f"{t['pbs']} | {t['max_bits']} | {t['key_mb']:.1f} | {t['normalized_ms']:.0f} |"
         )
@@ -161,6 +170,7 @@ def main(argv=None) -> None:
         "--hidden", action="append", default=None, help="hidden widths, e.g. 16 or 16,16 (repeatable)"
     )
     ap.add_argument("--weight-bits", default="3", help="weight bit widths, e.g. 3,4")
+    ap.add_argument("--act-bits", default="3", help="activation bit widths, e.g. 3,4")
     ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
     ap.add_argument(
         "--json", type=Path, required=True, help="results file (rewritten; a rerun resumes from it)"
@@ -179,6 +189,7 @@ def main(argv=None) -> None:
     args.features = args.features or ["physchem:scale=quantile"]
     args.hidden = [[int(h) for h in w.split(",")] for w in (args.hidden or ["16"])]
     args.weight_bits = [int(b) for b in args.weight_bits.split(",")]
+    args.act_bits = [int(b) for b in args.act_bits.split(",")]
     args.teacher = [t.strip() for t in args.teacher.split(",")]
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.frontier " + " ".join(argv or sys.argv[1:])

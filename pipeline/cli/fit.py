@@ -65,6 +65,9 @@ def fit(
         "8;16;24;32;16,16", "--widths", help="Hidden layer settings to try, ';'-separated, e.g. '8;16;16,8'."
     ),
     weight_bits: str = typer.Option("2,3,4", "--weight-bits", help="Weight bit widths to try."),
+    act_bits: str = typer.Option(
+        "3,4", "--act-bits", help="Activation bit widths to try (4: finer, often doubles the keys)."
+    ),
     input_bits: str = typer.Option("3,4", "--input-bits", help="Input bit widths to try."),
     rounding_bits: str = typer.Option(
         "5,4,6", "--rounding-bits", help="Accumulator rounding bits to try (0 = off)."
@@ -121,6 +124,7 @@ def fit(
         **({"features": tuple(features)} if features else {}),
         hidden=tuple(tuple(int_list(w, "--widths")) for w in widths.split(";") if w.strip()),
         weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
+        act_bits=tuple(int_list(act_bits, "--act-bits")),
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
         teachers=teachers,
@@ -208,8 +212,8 @@ def _print_fit(result, budget) -> None:
         )
     out.print(table)
     out.print(
-        f"* chosen: within {budget.latency_ms:g} ms and {budget.key_mb:g} MB, the cheapest of the most "
-        f"accurate (within {result.tolerance:g} of the best validation {result.metric}) "
+        f"* chosen: within {budget.latency_ms:g} ms and {budget.key_mb:g} MB, among the most accurate (within "
+        f"{result.tolerance:g} of the best {result.metric}), the richest features, then the fewest PBS "
         "(ms: median of timed encrypted runs during the search; load: how much slower the reference circuit "
         "ran then than on this machine when quiet; norm. ms: ms / load; pred. ms: from PBS count and bit "
         f"width; budget checked on {result.latency_check} timings; inner validation part: {result.inner_valid})"
