@@ -263,6 +263,8 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
             "2",
             "--inner-folds",
             "2",
+            "--budget-ms",
+            "5000",  # a loaded machine must not fail it on time (a 3-PBS circuit ran 316 ms at load 6)
             "--calibration",
             str(tmp_path / "calib.json"),
             "--out",
