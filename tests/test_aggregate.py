@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 
@@ -246,7 +247,16 @@ def test_audit_token_gets_no_predictions_and_aggregate_keys_serve_no_predictions
         assert r.status_code == 403  # no normal keys for an auditor: it cannot switch to per-molecule answers
         r = owner.post("/predict", json={"model": "agg", "key_id": runner.key_id, "ciphertexts": ["AAAA"]})
         assert r.status_code in (404, 409)  # the key id is bound to agg:aggregate (and to the auditor)
-        for chunk in ({"rows": "not base64!", "labels": "AAAA"}, {"rows": "AAAA", "labels": "AAAA"}):
+        # real ciphertexts of this program in the wrong places: the labels as rows, the rows twice
+        spec = runner.client.spec
+        rows, labels = runner.client.encrypt(np.zeros((2, *spec.input_shape)), np.array([0, 1]))
+        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+        swapped = [{"rows": b64(labels), "labels": b64(rows)}, {"rows": b64(rows), "labels": b64(rows)}]
+        for chunk in (
+            {"rows": "not base64!", "labels": "AAAA"},
+            {"rows": "AAAA", "labels": "AAAA"},
+            *swapped,
+        ):
             r = auditor.post("/aggregate", json={"model": "agg", "key_id": runner.key_id, "chunks": [chunk]})
             assert r.status_code == 400 and r.json()["error"]["type"] == "CiphertextError", r.text
         r = auditor.post("/aggregate", json={"model": "nope", "key_id": runner.key_id, "chunks": [chunk]})
