@@ -42,7 +42,6 @@ class AggregateAuditConfig:
     bootstrap: int = 1000
     seed: int = 0
     skip_invalid: bool = False
-    group_col: None = None  # read_test_set's interface: aggregate audits have no subgroups
 
 
 def rows_of(counts: np.ndarray, decision: int) -> tuple[np.ndarray, np.ndarray]:

@@ -137,7 +137,6 @@ class ExplainConfig:
     smiles_col: str = "smiles"
     target_col: str | None = None  # labels: permutation importance on every valid row
     skip_invalid: bool = False
-    group_col: str | None = None  # (read_test_set's interface; explanations have no subgroups)
 
     @property
     def test_set(self) -> Path | None:  # read_test_set's name of the input file

@@ -53,7 +53,7 @@ def build_report(config, state, backend, test) -> dict:
             "smiles_col": config.smiles_col if test.smiles else None,
             "feature_columns": None if test.smiles else list(client.featurizer.columns),
             "target_col": ",".join(target_columns(config, task)),
-            "group_col": config.group_col,
+            "group_col": getattr(config, "group_col", None),
             "rows": test.n_rows,
             "scored": len(test.rows),
             "invalid": len(test.invalid),

@@ -74,7 +74,8 @@ def target_columns(config, task: TaskSpec) -> list[str]:
 
 
 def group_columns(config) -> list[str]:
-    return [c.strip() for c in (config.group_col or "").split(",") if c.strip()]
+    """The subgroup columns of an audit's config (aggregate audits and explanations have none)."""
+    return [c.strip() for c in (getattr(config, "group_col", None) or "").split(",") if c.strip()]
 
 
 def read_test_set(config, task: TaskSpec, featurizer=None, labelled: bool = True) -> TestSet:
