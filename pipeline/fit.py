@@ -93,6 +93,8 @@ def fit(
         "valid": chosen.valid,
         "cv": chosen.cv,
         "inner_folds": space.inner_folds,
+        "cv_folds_used": len(chosen.cv_folds or []),
+        "cv_molecules": space.cv_molecules,
         "budget": dataclasses.asdict(budget),
         "features": chosen.features,
         "teacher": chosen.teacher,
@@ -215,7 +217,8 @@ def _search(search: Search) -> None:
             search.cross_validate(cand)
     # the feature specs in the order of the final choice (within budget, compared on the inner folds), then the rest
     ranked = _preference(_choosable(search.candidates, search.budget), space.tolerance)
-    ranked += sorted((c for c in search.candidates if c not in ranked), key=lambda c: -c.score)
+    chosen = {id(c) for c in ranked}
+    ranked += sorted((c for c in search.candidates if id(c) not in chosen), key=lambda c: -c.score)
     for features in [c.features for c in ranked if np.isfinite(c.valid)][: space.top_features]:  # stage 2
         current = start
         for name, values in space.network_moves():

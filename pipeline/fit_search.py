@@ -172,15 +172,23 @@ class Search:
                     break
         return self._folds
 
+    def cv_folds(self) -> list[Split]:
+        """The folds validated on: in order, until they hold `space.cv_molecules` molecules (all with 0)."""
+        folds, want = self.folds(), self.space.cv_molecules
+        sizes = np.cumsum([len(f.valid) for f in folds])
+        n = len(folds) if not want or sizes[-1] < want else int(np.searchsorted(sizes, want) + 1)
+        return folds[:n]
+
     def cross_validate(self, cand: Candidate) -> None:
         """Score `cand` on every inner fold (its network and teacher trained on the others, compiled with its
         settings, FHE-simulated on the fold): `cand.cv` is the mean. One inner part of a few hundred
-        molecules ranks feature sets by noise (bace: 0.01-0.03); all the training molecules rank them better."""
+        molecules ranks feature sets by noise (bace: 0.01-0.03); all the training molecules rank them better.
+        On large data only the first folds are used (`cv_folds`): they already hold thousands of molecules."""
         if self.space.inner_folds < 2 or cand.cv is not None or not np.isfinite(cand.valid):
             return
         start = time.perf_counter()
         try:
-            scores = [self._fold_score(cand, f, fold) for f, fold in enumerate(self.folds())]
+            scores = [self._fold_score(cand, f, fold) for f, fold in enumerate(self.cv_folds())]
         except (FeaturizerError, CompilationError) as exc:  # as in the search: the variant keeps no score
             # (a fold trains on fewer molecules: a selection may find too few varied columns)
             self.on_step(f"{cand.label}: not cross-validated: {str(exc)[:120]}", self.done, self.planned)
@@ -190,7 +198,9 @@ class Search:
         self.clock.charge(seconds, self.gauge.load_factor() if self.gauge else None)  # quiet-machine time
         if scores:
             cand.cv, cand.cv_folds = float(np.mean(scores)), [float(x) for x in scores]
-            msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds"
+            cand.cv_sizes = [int(len(f.valid)) for f in self.cv_folds()]
+            n = sum(cand.cv_sizes)
+            msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds ({n} molecules)"
             self.on_step(msg, self.done, self.planned)
 
     def _fold_score(self, cand: Candidate, f: int, fold: Split) -> float:

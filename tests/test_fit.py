@@ -161,6 +161,26 @@ def test_the_choice_prefers_richer_features_among_equally_accurate_variants():
     assert _preference([solo, plain], 0.005)[0] is plain
 
 
+def test_large_data_validates_on_the_first_folds_that_hold_cv_molecules(tiny_csv):
+    """ames has 5,800 training molecules: 2 of 5 folds hold 2,000; here 192 molecules in 3 folds of 64."""
+    from molcloak.pipeline.fit_search import Search
+
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+
+    def folds(cv_molecules):
+        space = dataclasses.replace(TINY, cv_molecules=cv_molecules)
+        args = (ds, space, FitBudget(), "random", 0.2, 0, TrainConfig(), Calibration(measure=False), None)
+        search = Search(*args)
+        return [f.valid.tolist() for f in search.folds()], [f.valid.tolist() for f in search.cv_folds()]
+
+    every, used = folds(0)
+    assert len(every) == 3 and used == every and sum(map(len, every)) == 192
+    assert folds(100) == (every, every[:2])  # the first fold holds 64 molecules: two are needed
+    assert folds(64)[1] == every[:1] and folds(5000)[1] == every  # fewer molecules than asked: all
+    with pytest.raises(ConfigError, match="--cv-molecules -1"):
+        dataclasses.replace(TINY, cv_molecules=-1)
+
+
 def test_normalization_arithmetic_and_the_quiet_reference(tmp_path):
     """312 ms measured while the reference runs 80 ms instead of its quiet 50 ms: load 1.6x, 195 ms."""
     t = Timing(0.312, reference_s=0.080, reference_quiet_s=0.050)
@@ -263,6 +283,8 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
             "2",
             "--inner-folds",
             "2",
+            "--cv-molecules",
+            "50",  # 192 molecules in 2 folds of 96: the first fold alone holds 50
             "--budget-ms",
             "5000",  # a loaded machine must not fail it on time (a 3-PBS circuit ran 316 ms at load 6)
             "--calibration",
@@ -279,8 +301,13 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert summary["chosen"]["features"] == "physchem" and summary["candidates"]
     assert {c["model_options"]["act_bits"] for c in summary["candidates"]} == {2}  # --act-bits 2 only
     assert summary["chosen"]["n_inputs"] == 10
-    assert len(summary["chosen"]["cv_folds"]) == 2 and summary["chosen"]["cv"] is not None
-    assert load_checkpoint(tmp_path / "ckpt").train_info["fit"]["metric"] == "roc_auc"
+    assert (
+        summary["chosen"]["cv_sizes"] == [96] and summary["chosen"]["cv"] == summary["chosen"]["cv_folds"][0]
+    )
+    fit_info = load_checkpoint(tmp_path / "ckpt").train_info["fit"]
+    assert (
+        fit_info["metric"] == "roc_auc" and fit_info["cv_folds_used"] == 1 and fit_info["cv_molecules"] == 50
+    )
     assert load_manifest(tmp_path / "bundle").data["compile"]["rounding_bits"] is None
     assert summary["latency_check"] == "normalized" and summary["measured"]["load_factor"] >= 1
     bad = CliRunner().invoke(
@@ -295,6 +322,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--inner-folds", "0"]
     )
     assert bad.exit_code == 2 and "--inner-folds 0 (confirm 3): use 1" in bad.output
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--cv-molecules", "-5"]
+    )
+    assert bad.exit_code == 2 and "--cv-molecules -5: use 0 (every inner fold)" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():

@@ -289,6 +289,13 @@ def test_choice_rules_prefer_the_richer_spec_only_when_the_folds_cannot_tell_the
     assert RULES["cv_rich"]([lean, noisy])["features"] == "lean"  # fit's rule: the tolerance alone
     assert RULES["cv_rich"]([lean, close])["features"] == "rich" and RULES["cv"]([lean, close]) is lean
     assert richest_tied([lean])["features"] == "lean"
+    # fit's rule on large data: the first folds that hold SearchSpace.cv_molecules (2,000) molecules; here the
+    # first fold (2,100 molecules) alone, where the rich spec ties; on all folds the lean one leads by 0.01
+    first = {"features": "rich", "cv": 0.84, "cv_folds": [0.798, 0.882], "n_inputs": 100}
+    big = [{**r, "cv_sizes": [2100, 2100]} for r in (lean, first)]
+    assert RULES["cv_rich"](big)["features"] == "lean"
+    assert RULES["cv_rich_first"](big)["features"] == "rich"
+    assert RULES["cv_rich_first"]([lean, first])["features"] == "lean"  # no sizes recorded: every fold
 
 
 def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_test(tmp_path, capsys):

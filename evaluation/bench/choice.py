@@ -33,23 +33,30 @@ def score_rows(panel, name: str, seed: int, features: list[str], folds: int) -> 
     from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
 
     ds = load_entry(panel, describe_panel(panel)[0][name])
-    space = SearchSpace(features=tuple(features), inner_folds=folds)
+    space = SearchSpace(
+        features=tuple(features), inner_folds=folds, cv_molecules=0
+    )  # every fold, for the rules
     rows = []
     for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, TrainConfig(patience=30)):
         test = compile_checkpoint(ckpt, cand.compile, measure_keys=False).metrics["fhe_simulate"]
         rows.append(
             {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "inner_part": cand.valid,
-             "cv": cand.cv, "cv_folds": cand.cv_folds, "test": primary(ds.task, test),
+             "cv": cand.cv, "cv_folds": cand.cv_folds, "cv_sizes": cand.cv_sizes, "test": primary(ds.task, test),
              "test_metric": "rmse" if not ds.task.is_classification else "roc_auc", "seconds": cand.seconds,
              "n_inputs": int(np.shape(ckpt.X_test)[1])}
         )  # fmt: skip
     return rows
 
 
-def richest_tied(rows: list[dict], se_factor: float = 0.0, tolerance: float = 0.005) -> dict:
+def richest_tied(rows: list[dict], se_factor: float = 0.0, tolerance: float | None = None) -> dict:
     """Prefer richer features among those the folds cannot tell apart: of the specs whose mean over the inner
     folds is below the best one's by at most `tolerance` (fit's rule), or by at most `se_factor` standard
-    errors of their paired fold differences, the one with the most inputs (then the higher mean)."""
+    errors of their paired fold differences, the one with the most inputs (then the higher mean). The default
+    `tolerance` is fit's (`SearchSpace.tolerance`)."""
+    if tolerance is None:
+        from molcloak.pipeline.fit_space import SearchSpace
+
+        tolerance = SearchSpace().tolerance
     best = max(rows, key=lambda r: r["cv"])
     tied = []
     for r in rows:
@@ -60,17 +67,32 @@ def richest_tied(rows: list[dict], se_factor: float = 0.0, tolerance: float = 0.
     return max(tied, key=lambda r: (r.get("n_inputs", 0), r["cv"]))
 
 
+def first_folds(rows: list[dict]) -> list[dict]:
+    """`rows` scored as fit scores them (`SearchSpace.cv_molecules`): on the first folds that hold that many
+    molecules (all of them on small data, and on rows recorded without fold sizes)."""
+    from molcloak.pipeline.fit_space import SearchSpace
+
+    want, out = SearchSpace().cv_molecules, []
+    for r in rows:
+        sizes = np.cumsum(r.get("cv_sizes") or [0])
+        n = len(r["cv_folds"]) if not want or sizes[-1] < want else int(np.searchsorted(sizes, want) + 1)
+        out.append({**r, "cv_folds": r["cv_folds"][:n], "cv": float(np.mean(r["cv_folds"][:n]))})
+    return out
+
+
 RULES = {  # rule -> its pick among one seed's rows (each rule sees the inner scores only, never the test)
     "inner_part": lambda rs: max(rs, key=lambda r: r["inner_part"]),
     "cv": lambda rs: max(rs, key=lambda r: r["cv"]),
-    "cv_rich": richest_tied,  # what fit does (SearchSpace.tolerance)
+    "cv_rich": richest_tied,  # fit's rule (SearchSpace.tolerance) on every fold
     "cv_rich_se": lambda rs: richest_tied(rs, se_factor=1.0),
+    "cv_rich_first": lambda rs: richest_tied(first_folds(rs)),  # what fit does
 }
 RULE_NAMES = {
     "inner_part": "one inner part",
     "cv": "highest fold mean",
-    "cv_rich": "richest within 0.005 (fit)",
+    "cv_rich": "richest among ties, every fold",
     "cv_rich_se": "richest within one fold SE",
+    "cv_rich_first": "richest among ties, first folds to 2,000 molecules (fit)",
 }
 
 
@@ -122,7 +144,7 @@ def main(argv=None) -> None:
     from molcloak.pipeline.errors import MolcloakError
     from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
 
-    from .frontier import panel_folder
+    from .frontier import int_list, panel_folder
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
@@ -132,12 +154,13 @@ def main(argv=None) -> None:
     except MolcloakError as exc:  # one line and exit 2, as the CLI does
         ap.exit(2, f"error: {exc}\n")
     features = args.features or list(DEFAULT_FEATURE_CANDIDATES)
+    seeds = int_list(ap, args.seeds, "--seeds")
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.choice " + " ".join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]
     done = {(r["dataset"], r["seed"], r["folds"]) for r in out["rows"]}
     for name in datasets:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in seeds:
             if (name, seed, args.folds) in done:
                 continue
             out["rows"] += score_rows(panel, name, seed, features, args.folds)

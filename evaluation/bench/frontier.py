@@ -160,6 +160,17 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def int_list(ap: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
+    """`text` ("3,4") as integers, or one line and exit 2 naming the flag and the value (as the CLI does)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        ap.exit(2, f"error: {flag} {text!r} is not a comma-separated list of integers; write e.g. 3,4\n")
+    return values
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
@@ -185,11 +196,11 @@ def main(argv=None) -> None:
         args.panel = panel_folder(args.panel, args.datasets)
     except MolcloakError as exc:  # one line and exit 2, as the CLI does
         ap.exit(2, f"error: {exc}\n")
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.seeds = int_list(ap, args.seeds, "--seeds")
     args.features = args.features or ["physchem:scale=quantile"]
-    args.hidden = [[int(h) for h in w.split(",")] for w in (args.hidden or ["16"])]
-    args.weight_bits = [int(b) for b in args.weight_bits.split(",")]
-    args.act_bits = [int(b) for b in args.act_bits.split(",")]
+    args.hidden = [int_list(ap, w, "--hidden") for w in (args.hidden or ["16"])]
+    args.weight_bits = int_list(ap, args.weight_bits, "--weight-bits")
+    args.act_bits = int_list(ap, args.act_bits, "--act-bits")
     args.teacher = [t.strip() for t in args.teacher.split(",")]
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.frontier " + " ".join(argv or sys.argv[1:])
