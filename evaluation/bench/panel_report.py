@@ -416,9 +416,9 @@ def frontier_markdown(result: dict) -> str:
                 + (", stopped by the time cap" if fit.get("stopped_early") else "")
                 + f"; chosen `{chosen}`{_final_timing(fit)}",
                 "",
-                "| features | network, compile | valid | valid float | PBS | max bits | keys MB | timed ms "
-                "| load | normalized ms | predicted ms |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "| features | network, compile | valid | valid float | inner folds (molecules) | PBS | max bits "
+                "| keys MB | timed ms | load | normalized ms | predicted ms |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             rows = front(fit["candidates"])
             if chosen not in {c["label"] for c in rows}:
@@ -427,7 +427,7 @@ def frontier_markdown(result: dict) -> str:
                 features, _, rest = c["label"].partition(" ")
                 mark = " (chosen)" if c["label"] == chosen else ""
                 lines.append(
-                    f"| `{features}` | {rest}{mark} | {c['valid']:.3f} | {c['float_valid']:.3f} | {c['pbs']} | "
+                    f"| `{features}` | {rest}{mark} | {c['valid']:.3f} | {c['float_valid']:.3f} | {_folds(c)} | {c['pbs']} | "
                     f"{c['max_bits']} | {c['evaluation_key_bytes'] / 1e6:.0f} | {_num(_ms(c.get('run_s')), 0)} | "
                     f"{_load(c.get('load_factor'))} | {_num(_ms(c.get('run_normalized_s')), 0)} | "
                     f"{_num(_ms(c['predicted_s']), 0)} |"
@@ -435,6 +435,14 @@ def frontier_markdown(result: dict) -> str:
     if not lines:
         return ""
     return "\n".join(["", "### The front `molcloak fit` explored (inner validation part)", *lines]) + "\n"
+
+
+def _folds(c: dict) -> str:
+    """'0.853 (2,316)': the mean over the inner folds the choice compared, and the molecules they hold."""
+    if c.get("cv") is None:
+        return "-"
+    sizes = c.get("cv_sizes")
+    return f"{c['cv']:.3f}" + (f" ({sum(sizes):,})" if sizes else f" ({len(c.get('cv_folds', []))} folds)")
 
 
 def _load(factor: float | None) -> str:
