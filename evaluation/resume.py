@@ -7,8 +7,9 @@ every row exactly once: a line cut short by a crash mid-write is dropped (its ro
 A rerun whose identity (input file hash, columns, model) differs is refused, unless `restart`; so is a
 directory whose metadata is damaged or written in another checkpoint format.
 
-`molcloak screen` (evaluation/screen: screen.json, predictions.csv) and `molcloak audit`
-(evaluation/audit: audit.json, progress.jsonl read with `read_jsonl`) use it.
+`molcloak screen` (evaluation/screen: screen.json, predictions.csv), `molcloak audit` (evaluation/audit:
+audit.json, progress.jsonl read with `read_jsonl`) and `molcloak explain` (explain-run.json; its encrypted
+runs in explain-runs.jsonl, a `BatchCache`, as `audit --explain` keeps them in the audit's directory) use it.
 """
 
 from __future__ import annotations
@@ -164,6 +165,36 @@ def read_jsonl(path: Path, parse: Callable[[dict], T], error: type[MolcloakError
                 f"{path} line {n} is damaged ({exc}); delete the directory or pass --restart"
             ) from exc
     return out
+
+
+class BatchCache:
+    """The decrypted raw outputs of batches of encrypted runs, by key, in the append-only JSON-lines file
+    `path` (one line per batch: {"key": ..., "raw": [[...], ...]}): the `cache` the explanation `Runner`
+    (molcloak.pipeline.explain) takes. `get(key)` -> the raws or None; `cache[key] = raws` appends and
+    fsyncs the batch before the next one runs, and counts its runs in `record` (a session's, if set)."""
+
+    def __init__(self, path: Path, error: type[MolcloakError] = ConfigError):
+        self.path, self.record = Path(path), None
+        self.saved: dict[str, list[list[float]]] = dict(read_jsonl(self.path, _batch_record, error))
+
+    def get(self, key: str) -> list[list[float]] | None:
+        return self.saved.get(key)
+
+    def __setitem__(self, key: str, raws: Sequence) -> None:
+        raws = [[float(v) for v in raw] for raw in raws]
+        append_durably(self.path, json.dumps({"key": key, "raw": raws}) + "\n")
+        self.saved[key] = raws
+        if self.record is not None:
+            self.record["rows_scored"] += len(raws)
+
+    @property
+    def runs(self) -> int:
+        """Encrypted runs saved."""
+        return sum(len(raws) for raws in self.saved.values())
+
+
+def _batch_record(rec: dict) -> tuple[str, list[list[float]]]:
+    return str(rec["key"]), [[float(v) for v in raw] for raw in rec["raw"]]
 
 
 def sha256_file(path: Path) -> str:

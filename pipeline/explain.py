@@ -13,12 +13,15 @@ For fingerprint models, the atom map: occlusion contributions c_i of the atoms p
 they leave unexplained, so the map sums exactly to the contribution of all atoms together,
 Δ = f(x) - f(x with every fingerprint environment off): w_i = c_i + (Δ - Σ c_j) / n_atoms; `draw_atom_map`
 draws it RDKit similarity-map style. Used by `molcloak explain`, `molcloak audit --explain` and the app.
+The runs go in batches (`Runner`); given a cache of the batches already run (the checkpoint those commands
+keep in their run directory), an interrupted explanation resumes. This module itself writes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 import numpy as np
 
@@ -59,22 +62,58 @@ def values(client, raws: np.ndarray) -> np.ndarray:
     return pred.reshape(len(raws), -1)
 
 
-class Runner:
-    """Scores feature rows through the backend in batches, reporting progress with a rate."""
+def batch_key(label: str, index: int, batch: np.ndarray) -> str:
+    """The key of batch number `index` of the stage `label` ("attributions", "importance", ...): sha256 of
+    the stage, the number, the rows' shape and dtype, and their bytes. A stage numbers its batches in
+    order, so two batches of one explanation never share a key; a rerun of it makes the same keys."""
+    batch = np.ascontiguousarray(batch)
+    h = hashlib.sha256(f"{label}|{index}|{batch.shape}|{batch.dtype.str}|".encode())
+    h.update(batch.tobytes())
+    return h.hexdigest()
 
-    def __init__(self, backend, total: int, batch_size: int, on_progress: ProgressCallback, label: str):
+
+class Runner:
+    """Scores feature rows through the backend in batches, reporting progress with a rate.
+
+    `cache`: the decrypted raw outputs of batches already run, a mapping of `batch_key`s (`get(key)` and
+    `cache[key] = raws`: a dict, or a checkpoint that saves each batch it is given, as `molcloak explain`
+    passes); a batch it holds is counted as done and not run again. None: every batch runs."""
+
+    def __init__(
+        self,
+        backend,
+        total: int,
+        batch_size: int,
+        on_progress: ProgressCallback,
+        label: str,
+        cache: MutableMapping | None = None,
+    ):
         self.backend, self.total, self.batch_size, self.done = backend, total, batch_size, 0
         self.on_progress, self.label, self.t0 = on_progress, label, time.perf_counter()
+        self.cache, self.batches, self.ran = cache, 0, 0
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(X), self.batch_size):
             batch = X[start : start + self.batch_size]
-            out += [r.raw for r in self.backend.run_rows(batch)]
+            out += self._batch(batch)
             self.done += len(batch)
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            rate = self.ran / max(time.perf_counter() - self.t0, 1e-9)
             self.on_progress(self.done, self.total, f"{self.label} {rate:.2f} runs/s")
         return values(self.backend.client, np.array(out)) if out else np.zeros((0, 0))
+
+    def _batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The raw outputs of one batch: from the cache, else run encrypted (and given to the cache)."""
+        key = None if self.cache is None else batch_key(self.label, self.batches, batch)
+        self.batches += 1
+        saved = None if key is None else self.cache.get(key)
+        if saved is not None:
+            return [np.asarray(raw, dtype=np.float64) for raw in saved]
+        raws = [np.ravel(r.raw) for r in self.backend.run_rows(batch)]
+        self.ran += len(batch)
+        if key is not None:
+            self.cache[key] = raws
+        return raws
 
 
 def plan_molecules(feat: Featurization, inputs: list, smiles: list[str] | None):
@@ -111,13 +150,14 @@ def explain_molecules(
     ids: list | None = None,
     batch_size: int = 8,
     output: str | None = None,
+    cache: MutableMapping | None = None,
 ) -> dict:
     """Attributions of each input (SMILES, or tabular rows in column order); `originals`: predictions of
     the unperturbed inputs when already known (an audit's), else they are run too; `output`: the output
-    explained (default: see `explained_output`)."""
+    explained (default: see `explained_output`); `cache`: batches already run (see `Runner`)."""
     plans = plan_molecules(Featurization(backend.client.featurizer), inputs, smiles)
     cost = plan_cost(plans, originals is not None)
-    runner = Runner(backend, cost["encrypted_runs"], batch_size, on_progress, "attributions")
+    runner = Runner(backend, cost["encrypted_runs"], batch_size, on_progress, "attributions", cache)
     on_progress(0, cost["encrypted_runs"], "attributions")
     task, names = backend.client.task, output_names(backend.client.task)
     if originals is None:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from helpers import ServerProcess
-from test_audit import Recorder, synthetic_rows, synthetic_tabular, tabular_csv
+from test_audit import Counting, Recorder, synthetic_rows, synthetic_tabular, tabular_csv
 from typer.testing import CliRunner
 
 from molcloak.evaluation.audit.engine import AuditConfig, run_audit
@@ -16,6 +16,7 @@ from molcloak.evaluation.audit.explain import ExplainConfig, ExplainOptions, run
 from molcloak.evaluation.audit.report import write_reports
 from molcloak.pipeline.attributions import ALL_ATOMS, Featurization
 from molcloak.pipeline.cli import app
+from molcloak.pipeline.errors import RemoteError
 from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.metrics import to_predictions
 from molcloak.pipeline.predict import LocalBackend
@@ -198,6 +199,104 @@ def test_cli_audit_explain_without_importance(tiny_morgan, tmp_path):
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert "importance" not in report["explain"] and report["explain"]["cost"]["groups"] == 4
     assert "<svg" in (tmp_path / "a" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- resuming an interrupted explanation
+
+
+def _same(result: dict) -> dict:
+    """An explanation without its timing (seconds, sessions)."""
+    return {k: v for k, v in result.items() if k not in ("seconds", "sessions")}
+
+
+def test_explain_resumes_after_interruptions_running_each_batch_once(tmp_path_factory, tmp_path):
+    _, _, bundle = synthetic_tabular(tmp_path_factory)
+    X, y = synthetic_rows(6, 3)
+    path = tabular_csv(tmp_path / "rows.csv", X, y)
+    options, keys = ExplainOptions(molecules=2, bootstrap=50, batch_size=2), tmp_path / "keys"
+    whole = Counting(LocalBackend(bundle, keys))
+    expected = run_explain(ExplainConfig(tmp_path / "whole", input=path, target_col="y"), options, whole)
+    assert whole.rows == 2 + 2 * 3 + 6 + 3 * 6  # attributions, predictions, importance: 16 batches of 2
+    config = ExplainConfig(tmp_path / "ex", input=path, target_col="y")
+    first = Counting(LocalBackend(bundle, keys), fail_at=3)  # Ctrl-C during the 3rd batch
+    with pytest.raises(
+        KeyboardInterrupt, match=r"^interrupted; 4 encrypted runs are done and saved in .*ex; rerun"
+    ):
+        run_explain(config, options, first)
+    lost = lambda: RemoteError("the server went away")  # noqa: E731
+    second = Counting(LocalBackend(bundle, keys), fail_at=4, fail=lost)
+    with pytest.raises(RemoteError, match=r"went away; 10 encrypted runs are done and saved .* to resume$"):
+        run_explain(config, options, second)
+    progress = []
+    third = Counting(LocalBackend(bundle, keys))
+    result = run_explain(config, options, third, lambda *p: progress.append(p))
+    assert (first.rows, second.rows, third.rows) == (4, 6, whole.rows - 10)  # nothing run twice
+    assert _same(result) == _same(expected)  # the same attributions and importance as without interruption
+    assert [s["rows_scored"] for s in result["sessions"]] == [4, 6, whole.rows - 10]
+    assert progress[0] == (0, 8, "attributions") and progress[1][:2] == (2, 8)  # saved batches count as done
+    # a batch cut short by a crash mid-write is dropped and run again
+    runs = tmp_path / "ex" / "explain-runs.jsonl"
+    text = runs.read_text()
+    last = text.splitlines()[-1]
+    runs.write_text(text[: -len(last) // 2])
+    fourth = Counting(LocalBackend(bundle, keys))
+    assert _same(run_explain(config, options, fourth)) == _same(expected)
+    assert fourth.rows == len(json.loads(last)["raw"]) == 2 and runs.read_text() == text
+
+
+def test_cli_explain_refuses_other_inputs_or_model_in_its_directory_until_restart(tmp_path_factory, tmp_path):
+    from molcloak.pipeline import workflow
+
+    ckpt, compiled, bundle = synthetic_tabular(tmp_path_factory)
+    other_model = tmp_path / "other-bundle"
+    workflow.deploy(ckpt, compiled, other_model, "tiny-syn-2")
+    X, y = synthetic_rows(4, 4)
+    path = tabular_csv(tmp_path / "rows.csv", X, y)
+    out, runs = tmp_path / "ex", tmp_path / "ex" / "explain-runs.jsonl"
+
+    def run(model=bundle, *extra):
+        args = ["explain", "--bundle", model, "--input", path, "--molecules", "1", "--out", out]
+        return CliRunner().invoke(
+            app, [str(a) for a in [*args, "--key-dir", tmp_path / "keys", "--json", *extra]]
+        )
+
+    first = run()
+    assert first.exit_code == 0, first.output
+    saved = runs.read_text()
+    again = run()  # everything saved: nothing runs, the same explanation
+    assert again.exit_code == 0 and runs.read_text() == saved
+    assert _same(json.loads(again.stdout)) == _same(json.loads(first.stdout))
+    path.write_text(path.read_text().replace("r0,", "r0x,"))
+    for refused, what in [(run(), "--input file content"), (run(other_model), "model")]:
+        assert refused.exit_code == 2, refused.output
+        [line] = [x for x in refused.output.splitlines() if x.strip()]
+        assert f"{what} (was " in line and line.endswith("pass --restart to start over"), line
+    assert runs.read_text() == saved
+    restarted = run(other_model, "--restart")
+    assert restarted.exit_code == 0, restarted.output
+    res = json.loads(restarted.stdout)
+    assert [s["rows_scored"] for s in res["sessions"]] == [4] and res["model"]["name"] == "tiny-syn-2"
+    assert len(runs.read_text().splitlines()) == len(saved.splitlines())  # the start over ran all again
+
+
+def test_audit_explain_resumes_its_encrypted_runs_in_the_audit_directory(tmp_path_factory, tmp_path):
+    _, _, bundle = synthetic_tabular(tmp_path_factory)
+    X, y = synthetic_rows(6, 5)
+    path = tabular_csv(tmp_path / "rows.csv", X, y)
+    config = AuditConfig(path, tmp_path / "audit", "y", bootstrap=50, batch_size=2, explain=1)
+    first = Counting(
+        LocalBackend(bundle, tmp_path / "keys"), fail_at=6
+    )  # 3 audit batches, 2 attribution ones
+    with pytest.raises(
+        KeyboardInterrupt, match="6 of 6 rows are scored, 3 encrypted runs of the explanation"
+    ):
+        run_audit(config, first)
+    second = Counting(LocalBackend(bundle, tmp_path / "keys"))
+    report = run_audit(config, second)
+    assert (first.rows, second.rows) == (6 + 3, 3 * 6)  # the rerun runs the importance only
+    assert report["explain"]["importance"]["encrypted_runs"] == 18 and len(report["timing"]["sessions"]) == 1
+    third = Counting(LocalBackend(bundle, tmp_path / "keys"))
+    assert run_audit(config, third)["explain"] == report["explain"] and third.rows == 0
 
 
 # ---------------------------------------------------------------- privacy of the wire

@@ -158,7 +158,9 @@ def test_bench_panel_quick_through_the_cli(tmp_path):
     assert final["normalized_run_s"] == pytest.approx(final["median_run_s"] / final["load_factor"])
     assert "load factor" in explored and "| load | normalized ms |" in explored
     chosen = ours["fit"]["chosen"]  # what the choice compared: the inner folds' mean, on how many molecules
-    assert len(chosen["cv_sizes"]) == 2 and f"| {chosen['cv']:.3f} ({sum(chosen['cv_sizes']):,}) |" in explored
+    assert (
+        len(chosen["cv_sizes"]) == 2 and f"| {chosen['cv']:.3f} ({sum(chosen['cv_sizes']):,}) |" in explored
+    )
 
     # a rerun with the same settings resumes every run from the JSON
     res = CliRunner().invoke(app, ["bench", "--panel", str(folder), "--quick", "--json", str(out_json)])

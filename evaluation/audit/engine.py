@@ -7,6 +7,8 @@ checkpointed in the output directory::
 
     DIR/audit.json       what this audit is (test file hash, columns, task, model), sessions
     DIR/progress.jsonl   one line per scored row: {"row": 17, "raw": [...]} (decrypted outputs)
+    DIR/explain-runs.jsonl  with --explain: the explanation's encrypted runs, one line per batch
+                         (evaluation/audit/explain.py), so that part resumes too
 
 A rerun with the same test file, columns, task and model (`backend.identity()`: source, name and
 client fingerprint, the sha256 of client.zip) continues where the last run stopped (Ctrl-C, lost
@@ -98,15 +100,16 @@ IDENTITY_NAMES = {
 
 
 class AuditState(RunState):
-    """The audit's run directory (`RunState`: audit.json, refusal of other inputs, sessions) and its
-    progress.jsonl; `done` maps each scored row to its decrypted raw outputs."""
+    """The audit's run directory (`RunState`: audit.json, refusal of other inputs, sessions), its
+    progress.jsonl (`done` maps each scored row to its decrypted raw outputs) and, with --explain, the
+    explanation's saved runs (explain-runs.jsonl)."""
 
     def __init__(self, out: Path, identity: dict, restart: bool = False):
         super().__init__(
             Path(out),
             "audit.json",
             identity,
-            data_files=("progress.jsonl",),
+            data_files=("progress.jsonl", "explain-runs.jsonl"),
             restart=restart,
             names=IDENTITY_NAMES,
             what="an audit",
@@ -114,6 +117,7 @@ class AuditState(RunState):
             fmt=STATE_FORMAT,
         )
         self.progress_path = self.out / "progress.jsonl"
+        self.explain_runs_path = self.out / "explain-runs.jsonl"
         self.done: dict[int, list[float]] = {}
         for row, raw in read_jsonl(self.progress_path, _progress_record, AuditError):
             self.done.setdefault(row, raw)

@@ -33,6 +33,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Model name on the server (s
 BundleOpt = typer.Option(
     None, "--bundle", "-b", help="Use a local bundle instead of a server (both halves in this process)."
 )
+RestartOpt = typer.Option(False, "--restart", help="Discard the progress saved in --out and start over.")
 
 
 def _where(bundle, server, model, key_dir, token_file) -> dict:
@@ -97,9 +98,7 @@ def audit(
         "--skip-invalid",
         help="Score the valid rows and list the invalid ones in the report instead of failing.",
     ),
-    restart: bool = typer.Option(
-        False, "--restart", help="Discard the progress saved in --out and start over."
-    ),
+    restart: bool = RestartOpt,
     explain: int = typer.Option(
         0,
         "--explain",
@@ -161,11 +160,8 @@ def audit(
     )
     with progress() as bar:
         on_progress = _phases(bar, "encrypted audit")
-        try:
-            report = audit_command(config, on_progress, **_where(bundle, server, model, key_dir, token_file))
-        except KeyboardInterrupt as exc:
-            err.print(f"[yellow]{exc or 'interrupted'}[/yellow]", highlight=False)
-            raise typer.Exit(130) from None
+        where = _where(bundle, server, model, key_dir, token_file)
+        report = _resumable(lambda: audit_command(config, on_progress, **where))
     if as_json:
         return emit_json({k: v for k, v in report.items() if k != "rows"})
     print_summary(report, out)
@@ -196,6 +192,15 @@ def _aggregate(test_set, out_dir, target_col, smiles_col, bootstrap, seed, skip_
     for line in summary_lines(report):
         out.print(line, highlight=False, soft_wrap=True)
     out.print(f"reports: {report['files']['markdown']}, {report['files']['json']}", highlight=False)
+
+
+def _resumable(run):
+    """`run()`; an interruption ends with one yellow line saying what is saved and how to resume (exit 130)."""
+    try:
+        return run()
+    except KeyboardInterrupt as exc:
+        err.print(f"[yellow]{exc or 'interrupted'}[/yellow]", highlight=False)
+        raise typer.Exit(130) from None
 
 
 PHASES = {
@@ -254,9 +259,14 @@ def explain(
         1000, "--bootstrap", help="Bootstrap replicates of the importance CIs (0 = none)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the permutations and the bootstrap."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Encrypted runs per request."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Encrypted runs per request and per checkpoint write."
+    ),
     out_dir: Path = typer.Option(
-        Path("explain"), "--out", "-o", help="Directory for explain.json/md/html and figures."
+        Path("explain"),
+        "--out",
+        "-o",
+        help="Directory for progress, explain.json/md/html and figures; rerun the same command to resume.",
     ),
     key_dir: Path | None = KeyDirOpt,
     token_file: Path | None = TokenFileOpt,
@@ -264,6 +274,7 @@ def explain(
         False, "--skip-invalid", help="Explain the valid rows, list the invalid ones."
     ),
     importance: bool = ImportanceOpt,
+    restart: bool = RestartOpt,
     as_json: bool = JsonOpt,
 ):
     """Explain an encrypted model's predictions privately, for molecules you keep secret.
@@ -273,17 +284,19 @@ def explain(
     drop of the prediction is the group's contribution. Fingerprint models get atom-contribution maps
     drawn on the molecule. With --target-col, the permutation importance of every input group on all
     rows, with 95% CIs. Everything runs on ciphertexts through the same server (or local bundle) as
-    predict; only this machine decrypts. Writes explain.json, explain.md and explain.html in --out.
+    predict; only this machine decrypts. The encrypted runs are saved in --out after every batch: after
+    Ctrl-C, a lost connection or a server restart, rerun the same command to continue (--restart: start
+    over). Writes explain.json, explain.md and explain.html in --out.
     Example: molcloak explain --bundle bundles/sol-low --smiles 'CCOc1ccccc1' --out explain/
     """
     from molcloak.evaluation.audit.explain import ExplainConfig, ExplainOptions, explain_command
     from molcloak.evaluation.audit.explain_report import summary_lines
 
-    config = ExplainConfig(out_dir, input_file, tuple(smiles), smiles_col, target_col, skip_invalid)
+    config = ExplainConfig(out_dir, input_file, tuple(smiles), smiles_col, target_col, skip_invalid, restart)
     options = ExplainOptions(molecules, importance, repeats, bootstrap, seed, batch_size, output)
     with progress() as bar:
         where = _where(bundle, server, model, key_dir, token_file)
-        result = explain_command(config, options, _phases(bar, "explain"), **where)
+        result = _resumable(lambda: explain_command(config, options, _phases(bar, "explain"), **where))
     if as_json:
         return emit_json(result)
     for line in summary_lines(result):
