@@ -278,6 +278,17 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     frontier.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
+    # --float-only: the same networks trained and scored without a circuit, as rows of their own
+    frontier.main([*args, "--float-only"])
+    rows = json.loads(out.read_text())["rows"]
+    floats = [r for r in rows if r.get("float_only")]
+    assert len(rows) == 4 and len(floats) == 2 and all(r["pbs"] is None for r in floats)
+    assert [r["float"] for r in floats] == [r["float"] for r in rows[:2]]  # the same seeded training
+    assert "| sol_low | `physchem:scale=quantile` | 4 | 3 | 4 | rf | 0 | " in (tmp_path / "f.md").read_text()
+    assert "| - | 10 | - | - | - | - |" in (tmp_path / "f.md").read_text()
+    with pytest.raises(SystemExit) as bad:  # one line and exit 2, not a traceback
+        frontier.main([*args[:-2], "--act-bits", "x"])
+    assert bad.value.code == 2 and "--act-bits 'x' is not a comma-separated list" in capsys.readouterr().err
 
 
 def test_choice_rules_prefer_the_richer_spec_only_when_the_folds_cannot_tell_them_apart():

@@ -50,10 +50,11 @@ def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
     return panel
 
 
-def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
+def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bool = False) -> dict:
     from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.latency import time_circuit
-    from molcloak.pipeline.train import TrainConfig
+    from molcloak.pipeline.metrics import score, to_predictions
+    from molcloak.pipeline.train import TrainConfig, predict_raw
     from molcloak.pipeline.workflow import compile_checkpoint, train_on_features
 
     start = time.perf_counter()
@@ -61,6 +62,12 @@ def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge) -> dict:
     hidden, weight_bits, act_bits = network
     options = {"hidden": list(hidden), "weight_bits": weight_bits, "act_bits": act_bits}
     ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)
+    if float_only:  # what the network reaches at this width and these bits, before any circuit
+        preds = to_predictions(ds.task, predict_raw(ckpt.build_model(), X[sp.test]), ckpt.scaler)
+        return {"float": primary(ds.task, score(ds.task, ds.y[sp.test], preds)), "fhe_simulate": None,
+                "inputs": int(spec.width), "pbs": None, "max_bits": None, "key_mb": None, "run_ms": None,
+                "load_factor": None, "normalized_ms": None, "float_only": True,
+                "seconds": time.perf_counter() - start}  # fmt: skip
     compiled = compile_checkpoint(ckpt, CompileConfig(*COMPILE), measure_keys=True)
     timing = time_circuit(compiled.q_module, X[sp.test], 3, gauge)
     stats = compiled.stats
@@ -89,7 +96,10 @@ def sweep(args, out: dict, save) -> None:
     entries, _ = describe_panel(args.panel)
     gauge = LoadGauge(Calibration())
     fields = ("dataset", "seed", "features", "hidden", "weight_bits", "act_bits", "teacher")
-    done = {json.dumps([r.get(f, 3) for f in fields]) for r in out["rows"]}  # bits: 3 before they varied
+    mine = [
+        r for r in out["rows"] if bool(r.get("float_only")) == args.float_only
+    ]  # a float row is not a circuit's
+    done = {json.dumps([r.get(f, 3) for f in fields]) for r in mine}  # bits: 3 before they varied
     for name in args.datasets:
         ds = load_entry(args.panel, entries[name])
         for seed in args.seeds:
@@ -106,7 +116,7 @@ def sweep(args, out: dict, save) -> None:
                             soft[teacher] = teacher_outputs(ds, sp.train, teacher, seed)
                         row = run_one(
                             ds, X, spec, sp, (hidden, bits, act), None if teacher == "none" else teacher,
-                            soft.get(teacher), seed, gauge,
+                            soft.get(teacher), seed, gauge, args.float_only,
                         )  # fmt: skip
                         row.update(zip(fields, key))
                         out["rows"].append(row)
@@ -125,25 +135,38 @@ def summarize(rows: list[dict]) -> list[dict]:
             r.get("weight_bits", 3),
             r.get("act_bits", 3),
             r["teacher"],
+            bool(r.get("float_only")),
         )
         groups.setdefault(key, []).append(r)
     first: dict = {}  # datasets and feature specs in the order they were run; teachers grouped per network
     for r in rows:
         first.setdefault(("d", r["dataset"]), len(first)), first.setdefault(("f", r["features"]), len(first))
-    order = lambda k: (first["d", k[0]], first["f", k[1]], *k[2:5], k[5] != "none", k[5])  # noqa: E731
+    order = lambda k: (first["d", k[0]], first["f", k[1]], k[6], *k[2:5], k[5] != "none", k[5])  # noqa: E731
     table = []
-    for (dataset, features, hidden, weight_bits, act_bits, teacher), rs in sorted(
+    for (dataset, features, hidden, weight_bits, act_bits, teacher, float_only), rs in sorted(
         groups.items(), key=lambda g: order(g[0])
     ):
-        mean = {k: float(np.mean([r[k] for r in rs])) for k in ("float", "fhe_simulate", "normalized_ms")}
+        mean = {k: _mean([r[k] for r in rs]) for k in ("float", "fhe_simulate", "normalized_ms")}
         table.append(
             {"dataset": dataset, "features": features, "hidden": list(hidden), "weight_bits": weight_bits,
-             "act_bits": act_bits, "teacher": teacher,
+             "act_bits": act_bits, "teacher": teacher, "float_only": float_only,
              "seeds": sorted(r["seed"] for r in rs), **mean, "inputs": rs[0]["inputs"],
-             "pbs": rs[0]["pbs"], "max_bits": max(r["max_bits"] for r in rs),
-             "key_mb": max(r["key_mb"] for r in rs)}
+             "pbs": rs[0]["pbs"], "max_bits": _max([r["max_bits"] for r in rs]),
+             "key_mb": _max([r["key_mb"] for r in rs])}
         )  # fmt: skip
     return table
+
+
+def _mean(values: list) -> float | None:  # None: not measured (--float-only rows)
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _max(values: list):
+    return None if any(v is None for v in values) else max(values)
+
+
+def _cell(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def markdown(table: list[dict]) -> str:
@@ -154,8 +177,8 @@ def markdown(table: list[dict]) -> str:
     for t in table:
         lines.append(
             f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['weight_bits']} | {t['act_bits']} | {t['teacher']} | "
-            f"{','.join(map(str, t['seeds']))} | {t['float']:.3f} | {t['fhe_simulate']:.3f} | {t['inputs']} | "
-            f"{t['pbs']} | {t['max_bits']} | {t['key_mb']:.1f} | {t['normalized_ms']:.0f} |"
+            f"{','.join(map(str, t['seeds']))} | {t['float']:.3f} | {_cell(t['fhe_simulate'], '.3f')} | {t['inputs']} | "
+            f"{_cell(t['pbs'], 'd')} | {_cell(t['max_bits'], 'd')} | {_cell(t['key_mb'], '.1f')} | {_cell(t['normalized_ms'], '.0f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -183,6 +206,12 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-bits", default="3", help="weight bit widths, e.g. 3,4")
     ap.add_argument("--act-bits", default="3", help="activation bit widths, e.g. 3,4")
     ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
+    ap.add_argument(
+        "--float-only",
+        action="store_true",
+        help="train and score the float network only (no circuit, no timing): what a width or bit width "
+        "can reach, e.g. --hidden 64 --weight-bits 8, before paying for it in PBS",
+    )
     ap.add_argument(
         "--json", type=Path, required=True, help="results file (rewritten; a rerun resumes from it)"
     )
