@@ -171,26 +171,32 @@ class BatchCache:
     """The decrypted raw outputs of batches of encrypted runs, by key, in the append-only JSON-lines file
     `path` (one line per batch: {"key": ..., "raw": [[...], ...]}): the `cache` the explanation `Runner`
     (molcloak.pipeline.explain) takes. `get(key)` -> the raws or None; `cache[key] = raws` appends and
-    fsyncs the batch before the next one runs, and counts its runs in `record` (a session's, if set)."""
+    fsyncs the batch before the next one runs, and counts its runs in `record` (a session's, if set).
+    `runs` counts the batches this explanation asked for, not those an earlier, different one left in the file
+    (an audit directory keeps them across `--explain`, `--seed` or `--batch-size` changes)."""
 
     def __init__(self, path: Path, error: type[MolcloakError] = ConfigError):
         self.path, self.record = Path(path), None
         self.saved: dict[str, list[list[float]]] = dict(read_jsonl(self.path, _batch_record, error))
+        self.used: set[str] = set()
 
     def get(self, key: str) -> list[list[float]] | None:
+        if key in self.saved:
+            self.used.add(key)
         return self.saved.get(key)
 
     def __setitem__(self, key: str, raws: Sequence) -> None:
         raws = [[float(v) for v in raw] for raw in raws]
         append_durably(self.path, json.dumps({"key": key, "raw": raws}) + "\n")
         self.saved[key] = raws
+        self.used.add(key)
         if self.record is not None:
             self.record["rows_scored"] += len(raws)
 
     @property
     def runs(self) -> int:
-        """Encrypted runs saved."""
-        return sum(len(raws) for raws in self.saved.values())
+        """Encrypted runs of this explanation saved (read back or run so far)."""
+        return sum(len(self.saved[key]) for key in self.used)
 
 
 def _batch_record(rec: dict) -> tuple[str, list[list[float]]]:

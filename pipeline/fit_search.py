@@ -14,7 +14,7 @@ from .bundle import Checkpoint
 from .compile import CompileConfig
 from .errors import CompilationError, FeaturizerError, TuneError
 from .featurize import FeaturizerSpec, raw_features
-from .fit_space import INNER_VALID_FRACTION, MAX_MEASURED_BITS, Candidate, selection_metric
+from .fit_space import INNER_VALID_FRACTION, MAX_MEASURED_BITS, Candidate, folds_needed, selection_metric
 from .latency import TIMED_RUNS, LoadGauge, SearchClock, time_circuit
 from .metrics import score, to_predictions
 from .splits import Split, can_score, inner_folds, split_dataset
@@ -174,10 +174,8 @@ class Search:
 
     def cv_folds(self) -> list[Split]:
         """The folds validated on: in order, until they hold `space.cv_molecules` molecules (all with 0)."""
-        folds, want = self.folds(), self.space.cv_molecules
-        sizes = np.cumsum([len(f.valid) for f in folds])
-        n = len(folds) if not want or sizes[-1] < want else int(np.searchsorted(sizes, want) + 1)
-        return folds[:n]
+        folds = self.folds()
+        return folds[: folds_needed([len(f.valid) for f in folds], self.space.cv_molecules)]
 
     def cross_validate(self, cand: Candidate) -> None:
         """Score `cand` on every inner fold (its network and teacher trained on the others, compiled with its
@@ -188,7 +186,8 @@ class Search:
             return
         start = time.perf_counter()
         try:
-            scores = [self._fold_score(cand, f, fold) for f, fold in enumerate(self.cv_folds())]
+            folds = self.cv_folds()
+            scores = [self._fold_score(cand, f, fold) for f, fold in enumerate(folds)]
         except (FeaturizerError, CompilationError) as exc:  # as in the search: the variant keeps no score
             # (a fold trains on fewer molecules: a selection may find too few varied columns)
             self.on_step(f"{cand.label}: not cross-validated: {str(exc)[:120]}", self.done, self.planned)
@@ -198,7 +197,7 @@ class Search:
         self.clock.charge(seconds, self.gauge.load_factor() if self.gauge else None)  # quiet-machine time
         if scores:
             cand.cv, cand.cv_folds = float(np.mean(scores)), [float(x) for x in scores]
-            cand.cv_sizes = [int(len(f.valid)) for f in self.cv_folds()]
+            cand.cv_sizes = [int(len(f.valid)) for f in folds]
             n = sum(cand.cv_sizes)
             msg = f"{cand.label}: {self.metric} {cand.cv:.3f} over {len(scores)} inner folds ({n} molecules)"
             self.on_step(msg, self.done, self.planned)

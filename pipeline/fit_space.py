@@ -37,6 +37,17 @@ DEFAULT_FEATURE_CANDIDATES = (
 AUTO_TEACHERS = (None, "rf")  # fit --teacher auto: labels only, then the best networks distilled from rf
 
 
+def folds_needed(sizes: list[int], cv_molecules: int) -> int:
+    """How many of the folds (of `sizes` validation molecules, in order) fit validates on: the first ones that
+    together hold `cv_molecules` molecules; all of them when `cv_molecules` is 0 or never reached."""
+    total = 0
+    for n, size in enumerate(sizes, 1):
+        total += size
+        if cv_molecules and total >= cv_molecules:
+            return n
+    return len(sizes)
+
+
 def teachers_for(option: str | None) -> tuple[str | None, ...]:
     """`SearchSpace.teachers` for a --teacher option: none, auto, or one teacher for every variant; anything
     else is a one-line `ConfigError` naming the choices."""

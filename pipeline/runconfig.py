@@ -24,6 +24,17 @@ DEFAULT_FEATURES = (
 DEFAULT_MODEL = "mlp"
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """`text` ("32,16") as integers; a `ConfigError` naming `flag` and the value otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of integers; write e.g. 3,4")
+    return values
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """`features` None means the model's default (physchem for the MLPs, a 32x32 grid for the CNNs);

@@ -299,6 +299,20 @@ def test_audit_explain_resumes_its_encrypted_runs_in_the_audit_directory(tmp_pat
     assert run_audit(config, third)["explain"] == report["explain"] and third.rows == 0
 
 
+def test_saved_runs_count_only_the_batches_this_explanation_asks_for(tmp_path):
+    """An audit directory keeps the batches of an earlier `--explain`/`--seed`: an interruption message
+    must not count them as this explanation's."""
+    from molcloak.evaluation.resume import BatchCache
+
+    old = BatchCache(tmp_path / "runs.jsonl")
+    old["earlier"], old["shared"] = [[0.1], [0.2], [0.3]], [[0.4]]
+    cache = BatchCache(tmp_path / "runs.jsonl")
+    assert cache.runs == 0 and cache.get("other") is None
+    assert cache.get("shared") == [[0.4]] and cache.runs == 1  # read back: this explanation's
+    cache["new"] = np.array([[1.0], [2.0]])
+    assert cache.runs == 3 and len(BatchCache(tmp_path / "runs.jsonl").saved) == 3
+
+
 # ---------------------------------------------------------------- privacy of the wire
 
 

@@ -181,6 +181,20 @@ def test_large_data_validates_on_the_first_folds_that_hold_cv_molecules(tiny_csv
         dataclasses.replace(TINY, cv_molecules=-1)
 
 
+def test_folds_needed_is_the_one_rule_for_fit_and_the_choice_benchmark():
+    from molcloak.pipeline.fit_space import folds_needed
+
+    assert [folds_needed([1164, 1164, 1163], want) for want in (0, 1, 1164, 1165, 2328, 2329)] == [
+        3,
+        1,
+        1,
+        2,
+        2,
+        3,
+    ]
+    assert folds_needed([64], 5000) == 1 and folds_needed([], 10) == 0
+
+
 def test_normalization_arithmetic_and_the_quiet_reference(tmp_path):
     """312 ms measured while the reference runs 80 ms instead of its quiet 50 ms: load 1.6x, 195 ms."""
     t = Timing(0.312, reference_s=0.080, reference_quiet_s=0.050)

@@ -70,12 +70,11 @@ def richest_tied(rows: list[dict], se_factor: float = 0.0, tolerance: float | No
 def first_folds(rows: list[dict]) -> list[dict]:
     """`rows` scored as fit scores them (`SearchSpace.cv_molecules`): on the first folds that hold that many
     molecules (all of them on small data, and on rows recorded without fold sizes)."""
-    from molcloak.pipeline.fit_space import SearchSpace
+    from molcloak.pipeline.fit_space import SearchSpace, folds_needed
 
     want, out = SearchSpace().cv_molecules, []
     for r in rows:
-        sizes = np.cumsum(r.get("cv_sizes") or [0])
-        n = len(r["cv_folds"]) if not want or sizes[-1] < want else int(np.searchsorted(sizes, want) + 1)
+        n = folds_needed(r["cv_sizes"], want) if r.get("cv_sizes") else len(r["cv_folds"])
         out.append({**r, "cv_folds": r["cv_folds"][:n], "cv": float(np.mean(r["cv_folds"][:n]))})
     return out
 

@@ -185,13 +185,13 @@ def markdown(table: list[dict]) -> str:
 
 def int_list(ap: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
     """`text` ("3,4") as integers, or one line and exit 2 naming the flag and the value (as the CLI does)."""
+    from molcloak.pipeline.errors import ConfigError
+    from molcloak.pipeline.runconfig import int_list as parse
+
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        ap.exit(2, f"error: {flag} {text!r} is not a comma-separated list of integers; write e.g. 3,4\n")
-    return values
+        return parse(text, flag)
+    except ConfigError as exc:
+        ap.exit(2, f"error: {exc}\n")
 
 
 def main(argv=None) -> None:

@@ -10,7 +10,8 @@ from typing import List
 import typer
 
 from ..errors import ConfigError
-from .common import DataOpts, app, cli_errors, err, given, int_list, load_data, out, progress, write_json
+from ..runconfig import int_list
+from .common import DataOpts, app, cli_errors, err, given, load_data, out, progress, write_json
 
 PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes", "latency_check", "teacher")
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")

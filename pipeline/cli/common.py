@@ -111,16 +111,6 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of integers; write e.g. 32,16")
-    return values
-
-
 def fmt_metrics(m: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in m.items())
 

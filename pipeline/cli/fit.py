@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..runconfig import int_list
 from .common import (
     DataOpts,
     ForceOpt,
@@ -15,7 +16,6 @@ from .common import (
     cli_errors,
     emit_json,
     fmt_metrics,
-    int_list,
     load_data,
     out,
     progress,

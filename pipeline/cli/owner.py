@@ -8,6 +8,7 @@ from typing import List
 import typer
 
 from ..errors import ConfigError
+from ..runconfig import int_list
 from .common import (
     CompileOpts,
     DataOpts,
@@ -20,7 +21,6 @@ from .common import (
     fmt_metrics,
     given,
     given_compile,
-    int_list,
     kb,
     load_data,
     mb,
