@@ -258,7 +258,8 @@ def _lighter_weights(cand: Candidate, options: dict, search: Search) -> dict | N
     lightest = min(search.space.weight_bits, default=None)
     if not np.isfinite(cand.valid) or cand.fits(search.budget):
         return None
-    if lightest is None or options.get("weight_bits", lightest) <= lightest:
+    filled = cand.options  # the network's settings with its defaults filled in (what was trained)
+    if lightest is None or filled.get("weight_bits", lightest) <= lightest:
         return None
     return {**options, "weight_bits": lightest}
 

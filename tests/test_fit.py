@@ -171,15 +171,18 @@ def test_a_width_over_the_budget_is_tried_again_with_the_fewest_weight_bits():
     search = SimpleNamespace(space=SearchSpace(weight_bits=(2, 3, 4)), budget=FitBudget(latency_ms=250))
     wide = {"hidden": [32], "weight_bits": 3, "act_bits": 3, "input_bits": 4}
 
-    def cand(seconds, valid=0.78):
-        c = Candidate("f", wide, CompileConfig(), "network", valid=valid)
+    def cand(seconds, valid=0.78, options=wide):
+        c = Candidate("f", options, CompileConfig(), "network", valid=valid)
         c.run_s, c.load_factor = seconds, 1.0
         return c
 
     assert _lighter_weights(cand(0.339), wide, search) == {**wide, "weight_bits": 2}
     assert _lighter_weights(cand(0.215), wide, search) is None  # within the budget: nothing to buy
     assert _lighter_weights(cand(0.339, valid=float("nan")), wide, search) is None  # not compiled
-    assert _lighter_weights(cand(0.339), {**wide, "weight_bits": 2}, search) is None  # already the lightest
+    light = {**wide, "weight_bits": 2}
+    assert _lighter_weights(cand(0.339, options=light), light, search) is None  # already the lightest
+    # the move's options may leave the bits to the model's defaults (3): what was trained decides
+    assert _lighter_weights(cand(0.339), {"hidden": [32]}, search) == {"hidden": [32], "weight_bits": 2}
 
 
 def test_large_data_validates_on_the_first_folds_that_hold_cv_molecules(tiny_csv):
