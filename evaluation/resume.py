@@ -198,6 +198,13 @@ class BatchCache:
         """Encrypted runs of this explanation saved (read back or run so far)."""
         return sum(len(self.saved[key]) for key in self.used)
 
+    def done(self) -> str:
+        """What an interruption message says is saved: this explanation's runs, and the earlier ones still in
+        the file (an interruption can come before the runner reaches them; a rerun reuses those that match)."""
+        earlier = sum(len(raws) for key, raws in self.saved.items() if key not in self.used)
+        kept = f" ({earlier} earlier ones are kept too, for a rerun that asks for them)" if earlier else ""
+        return f"{self.runs} encrypted runs are done{kept}"
+
 
 def _batch_record(rec: dict) -> tuple[str, list[list[float]]]:
     return str(rec["key"]), [[float(v) for v in raw] for raw in rec["raw"]]

@@ -138,7 +138,7 @@ def describe(seconds: float | None, load_factor: float | None) -> str:
 
 class LoadGauge:
     """The reference circuit, compiled with keys on first use, and its quiet time kept in the calibration
-    file (`Calibration.quiet_reference`: the fastest median seen on this machine)."""
+    file (`Calibration.quiet_reference`: a low percentile of the medians seen on this machine)."""
 
     def __init__(self, calibration: Calibration):
         self.calibration = calibration

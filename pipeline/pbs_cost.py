@@ -116,18 +116,21 @@ class Calibration:
         return float("inf") if c is None else c["fixed_s"] + pbs * c["per_pbs_s"]
 
     def quiet_reference(self, circuit: str, seconds: float) -> float:
-        """The fixed reference circuit's run time on this machine when it is quiet: the fastest median ever
-        seen for it here (other load only adds time), updated with `seconds`, a median just measured, and
-        saved (unless `measure=False`). A first measurement on a loaded machine overstates it, which makes
-        the load correction smaller (the safe side) until a quieter minute lowers it."""
-        disk = self._read().get("reference")
-        if disk and self.reference and _same(disk, self.reference) and _faster(disk, self.reference):
-            self.reference = disk  # another process saw a quieter minute meanwhile
-        now = {"circuit": circuit, "quiet_s": seconds, **_where()}
-        if _faster(now, self.reference):
-            self.reference = now
-            if self.measure:
-                self.save()
+        """The fixed reference circuit's run time on this machine when it is quiet, updated with `seconds` (a
+        median just measured) and saved (unless `measure=False`): the 10th percentile of the last 256 medians
+        seen for it here, by any process (the fastest while fewer than 10 are seen).
+
+        Not the fastest median ever seen: over hundreds of medians the minimum is a rare outlier, not the
+        quiet machine. On this VM it drifted from 74 ms to 48 ms in a day while quiet runs kept timing the
+        reference at about 70 ms, so a quiet machine read as 1.45x loaded and a 323 ms model passed a 250 ms
+        budget as "223 ms normalized" (evaluation/PERFORMANCE.md, session 12)."""
+        here = {"circuit": circuit, "machine": platform.node()}
+        disk = self._read().get("reference") if self.measure else None  # another process's medians too
+        start = next((r for r in (disk, self.reference) if r and _same(r, here)), None)
+        recent = [*_recent(start), float(seconds)][-QUIET_WINDOW:]
+        self.reference = {"circuit": circuit, "quiet_s": quiet_time(recent), "recent": recent, **_where()}
+        if self.measure:
+            self.save()
         return self.reference["quiet_s"]
 
     def save(self) -> None:
@@ -136,7 +139,7 @@ class Calibration:
         on_disk = self._read()
         self.entries = {**on_disk.get("entries", {}), **self.entries}
         disk = on_disk.get("reference")
-        if disk and (self.reference is None or _same(disk, self.reference) and _faster(disk, self.reference)):
+        if disk and (self.reference is None or _same(disk, self.reference) and _newer(disk, self.reference)):
             self.reference = disk
         data = {"model": "seconds = fixed_s + pbs * per_pbs_s", "entries": self.entries}
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
@@ -146,10 +149,27 @@ class Calibration:
         os.replace(tmp, self.path)
 
 
+QUIET_WINDOW, QUIET_QUANTILE, QUIET_MIN_SEEN = 256, 0.1, 10
+
+
+def quiet_time(recent: list[float]) -> float:
+    """The quiet run time from the reference's recent medians: the fastest while few are seen, then their
+    10th percentile (a loaded minute only adds time; one lucky minute is not the machine's quiet speed)."""
+    if len(recent) < QUIET_MIN_SEEN:
+        return float(min(recent))
+    return float(np.quantile(recent, QUIET_QUANTILE))
+
+
+def _recent(reference: dict | None) -> list[float]:
+    """The medians behind a stored reference (a file written before they were kept: its one quiet time)."""
+    if not reference:
+        return []
+    return [float(v) for v in reference.get("recent") or [reference["quiet_s"]]]
+
+
 def _same(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in ("circuit", "machine"))
 
 
-def _faster(new: dict, old: dict | None) -> bool:
-    """Whether reference timing `new` replaces `old`: old is absent, of another circuit or machine, or slower."""
-    return old is None or not _same(new, old) or new["quiet_s"] < old["quiet_s"]
+def _newer(a: dict, b: dict) -> bool:
+    return str(a.get("measured", "")) > str(b.get("measured", ""))

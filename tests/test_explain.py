@@ -288,7 +288,7 @@ def test_audit_explain_resumes_its_encrypted_runs_in_the_audit_directory(tmp_pat
         LocalBackend(bundle, tmp_path / "keys"), fail_at=6
     )  # 3 audit batches, 2 attribution ones
     with pytest.raises(
-        KeyboardInterrupt, match="6 of 6 rows are scored, 3 encrypted runs of the explanation"
+        KeyboardInterrupt, match="6 of 6 rows are scored; for the explanation, 3 encrypted runs are done"
     ):
         run_audit(config, first)
     second = Counting(LocalBackend(bundle, tmp_path / "keys"))
@@ -311,6 +311,10 @@ def test_saved_runs_count_only_the_batches_this_explanation_asks_for(tmp_path):
     assert cache.get("shared") == [[0.4]] and cache.runs == 1  # read back: this explanation's
     cache["new"] = np.array([[1.0], [2.0]])
     assert cache.runs == 3 and len(BatchCache(tmp_path / "runs.jsonl").saved) == 3
+    assert (
+        cache.done()
+        == "3 encrypted runs are done (3 earlier ones are kept too, for a rerun that asks for them)"
+    )
 
 
 # ---------------------------------------------------------------- privacy of the wire

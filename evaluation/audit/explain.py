@@ -128,7 +128,7 @@ def explain_audit(config, backend, test, X: np.ndarray, state, on_progress: Prog
     cache, n = BatchCache(state.explain_runs_path, AuditError), len(test.rows)
 
     def saved() -> str:
-        return f"{n} of {n} rows are scored, {cache.runs} encrypted runs of the explanation are done"
+        return f"{n} of {n} rows are scored; for the explanation, {cache.done()}"
 
     with state.session(saved):  # scores no audit row: not stored in audit.json (its timing is the scoring's)
         result = explain_molecules(
@@ -241,7 +241,7 @@ def run_explain(
     cache = BatchCache(state.out / RUNS_FILE, ConfigError)
     m = min(options.molecules, len(test.rows))
     t0 = time.perf_counter()
-    with state.session(lambda: f"{cache.runs} encrypted runs are done") as session:
+    with state.session(cache.done) as session:
         cache.record = session
         result = explain_molecules(
             backend,

@@ -53,8 +53,7 @@ def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
 def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bool = False) -> dict:
     from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.latency import time_circuit
-    from molcloak.pipeline.metrics import score, to_predictions
-    from molcloak.pipeline.train import TrainConfig, predict_raw
+    from molcloak.pipeline.train import TrainConfig
     from molcloak.pipeline.workflow import compile_checkpoint, train_on_features
 
     start = time.perf_counter()
@@ -63,8 +62,7 @@ def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bo
     options = {"hidden": list(hidden), "weight_bits": weight_bits, "act_bits": act_bits}
     ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)
     if float_only:  # what the network reaches at this width and these bits, before any circuit
-        preds = to_predictions(ds.task, predict_raw(ckpt.build_model(), X[sp.test]), ckpt.scaler)
-        return {"float": primary(ds.task, score(ds.task, ds.y[sp.test], preds)), "fhe_simulate": None,
+        return {"float": primary(ds.task, ckpt.metrics["float"]), "fhe_simulate": None,
                 "inputs": int(spec.width), "pbs": None, "max_bits": None, "key_mb": None, "run_ms": None,
                 "load_factor": None, "normalized_ms": None, "float_only": True,
                 "seconds": time.perf_counter() - start}  # fmt: skip
