@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.errors import ConfigError, FeaturizerError, TuneError
 from molcloak.pipeline.fit import Candidate, FitBudget, SearchSpace, fit
-from molcloak.pipeline.latency import Timing, describe
+from molcloak.pipeline.latency import CpuWindow, Timing, describe
 from molcloak.pipeline.pbs_cost import Calibration, key, quiet_time
 from molcloak.pipeline.train import TrainConfig
 
@@ -266,6 +267,31 @@ def test_normalization_arithmetic_and_the_quiet_reference(tmp_path):
         and Calibration(tmp_path / "seen.json").reference == seen.reference
     )
     assert quiet_time([0.1] * 300) == 0.1 and quiet_time([0.3, 0.2]) == 0.2
+
+
+def test_a_quiet_machine_is_not_normalized_and_other_processes_are_seen():
+    """On a quiet VM the reference itself ran 70-124 ms, so dividing by it passed a 323 ms model under a
+    250 ms budget: when other processes use under 10 % of the CPU, the timing stands as measured."""
+    import subprocess
+    import sys
+    import time
+
+    assert Timing(0.312, 0.08, 0.05, others_cpu=0.02).load_factor == 1.0  # quiet: the reference's spread
+    assert np.isclose(Timing(0.312, 0.08, 0.05, others_cpu=0.6).load_factor, 1.6)  # others: normalized
+    assert Timing(0.312, 0.08, 0.05, others_cpu=0.02).to_dict()["others_cpu"] == 0.02
+    # two real processes spinning beside this one: the window sees them, and not this process's own work
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # past their start-up
+        window, end = CpuWindow(), time.monotonic() + 1.0
+        while time.monotonic() < end:
+            pass  # this process's own work is not "other load"
+        busy = window.others()
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+    assert busy is not None and busy >= min(0.5, 1.5 / os.cpu_count())
 
 
 def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
