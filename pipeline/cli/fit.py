@@ -44,8 +44,8 @@ def fit(
         "normalized",
         "--latency-check",
         help="normalized: check --budget-ms on timings divided by the machine's load factor (a fixed reference "
-        "circuit timed in the same minute against its quiet time here), so other jobs do not change the "
-        "choice; raw: on the timings as measured now.",
+        "circuit timed in the same minute against its quiet time here; 1 when other processes used under 10 % "
+        "of the CPU), so other jobs do not change the choice; raw: on the timings as measured now.",
     ),
     max_minutes: float | None = typer.Option(
         None,
