@@ -35,6 +35,25 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def p_error_list(text: str, flag: str = "--p-error") -> list[float | None]:
+    """`text` ("0.05,1e-6,default") as error probabilities per PBS, "default" meaning Concrete's 2^-40 (None);
+    a `ConfigError` naming `flag` and the word otherwise."""
+    values: list[float | None] = []
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        try:
+            value = None if word == "default" else float(word)
+        except ValueError:
+            value = -1.0
+        if value is not None and not 0 < value < 1:
+            raise ConfigError(
+                f"{flag} {word!r} is neither a probability in (0, 1) nor 'default'; write e.g. 0.05,1e-6"
+            )
+        values.append(value)
+    if not values:
+        raise ConfigError(f"{flag} needs at least one value, e.g. 0.05")
+    return values
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """`features` None means the model's default (physchem for the MLPs, a 32x32 grid for the CNNs);

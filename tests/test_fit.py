@@ -53,7 +53,7 @@ def calibration(tmp_path, fixed_s: float = 0.05, per_pbs_s: float = 0.005) -> Ca
         }
         for b in range(1, 10)
         for lb in range(1, b + 1)
-        for p in (2**-40, 1e-6)
+        for p in (2**-40, 1e-6, *SearchSpace().p_error)  # fit's default p_error too
     }
     path = tmp_path / "calib.json"
     path.write_text(json.dumps({"entries": entries}))
@@ -402,7 +402,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert (
         fit_info["metric"] == "roc_auc" and fit_info["cv_folds_used"] == 1 and fit_info["cv_molecules"] == 50
     )
-    assert load_manifest(tmp_path / "bundle").data["compile"]["rounding_bits"] is None
+    compiled = load_manifest(tmp_path / "bundle").data["compile"]
+    assert (
+        compiled["rounding_bits"] is None and compiled["p_error"] == 0.05
+    )  # fit's default travels to deploy
     assert summary["latency_check"] == "normalized" and summary["measured"]["load_factor"] >= 1
     bad = CliRunner().invoke(
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--latency-check", "x"]
@@ -420,6 +423,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--cv-molecules", "-5"]
     )
     assert bad.exit_code == 2 and "--cv-molecules -5: use 0 (every inner fold)" in bad.output
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--p-error", "0.05,1.5"]
+    )
+    assert bad.exit_code == 2 and "--p-error '1.5' is neither a probability in (0, 1)" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():

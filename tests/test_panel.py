@@ -273,6 +273,7 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
     for r in rows:
         assert r["dataset"] == "sol_low" and r["inputs"] == 10 and r["pbs"] == 4 and r["act_bits"] == 4
         assert 0.5 <= r["fhe_simulate"] <= 1 and r["run_ms"] > 0 and r["load_factor"] >= 1
+        assert r["p_error"] == 0.05  # fit's first-stage compile settings, recorded
     table = (tmp_path / "f.md").read_text()
     assert "| sol_low | `physchem:scale=quantile` | 4 | 3 | 4 | rf | 0 |" in table
     capsys.readouterr()
@@ -289,6 +290,9 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:  # one line and exit 2, not a traceback
         frontier.main([*args[:-2], "--act-bits", "x"])
     assert bad.value.code == 2 and "--act-bits 'x' is not a comma-separated list" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        frontier.main([*args, "--p-error", "0.05,1e-6"])
+    assert bad.value.code == 2 and "--p-error '0.05,1e-6': give one value" in capsys.readouterr().err
 
 
 def test_choice_rules_prefer_the_richer_spec_only_when_the_folds_cannot_tell_them_apart():

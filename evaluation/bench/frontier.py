@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-COMPILE = (5, "approximate", 1e-6)  # fit's first-stage compile settings (rounding bits, exactness, p_error)
+# fit's first-stage rounding (bits, exactness); p_error comes from --p-error (fit's default when not given)
+COMPILE = (5, "approximate")
+OLD_P_ERROR = 1e-6  # rows written before p_error was recorded were compiled at it
 
 
 def primary(task, metrics: dict) -> float:
@@ -50,7 +52,9 @@ def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
     return panel
 
 
-def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bool = False) -> dict:
+def run_one(
+    ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only=False, p_error=OLD_P_ERROR
+) -> dict:
     from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.latency import time_circuit
     from molcloak.pipeline.train import TrainConfig
@@ -66,10 +70,11 @@ def run_one(ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bo
                 "inputs": int(spec.width), "pbs": None, "max_bits": None, "key_mb": None, "run_ms": None,
                 "load_factor": None, "normalized_ms": None, "float_only": True,
                 "seconds": time.perf_counter() - start}  # fmt: skip
-    compiled = compile_checkpoint(ckpt, CompileConfig(*COMPILE), measure_keys=True)
+    compiled = compile_checkpoint(ckpt, CompileConfig(*COMPILE, p_error), measure_keys=True)
     timing = time_circuit(compiled.q_module, X[sp.test], 3, gauge)
     stats = compiled.stats
     return {
+        "p_error": p_error,
         "float": primary(ds.task, compiled.metrics["float"]),
         "fhe_simulate": primary(ds.task, compiled.metrics["fhe_simulate"]),
         "inputs": int(spec.width),
@@ -97,7 +102,9 @@ def sweep(args, out: dict, save) -> None:
     mine = [
         r for r in out["rows"] if bool(r.get("float_only")) == args.float_only
     ]  # a float row is not a circuit's
-    done = {json.dumps([r.get(f, 3) for f in fields]) for r in mine}  # bits: 3 before they varied
+    old = {"weight_bits": 3, "act_bits": 3}  # what rows written before a setting varied were run with
+    p = None if args.float_only else args.p_error  # a float row has no circuit
+    done = {json.dumps([r.get(f, old.get(f)) for f in fields] + [row_p_error(r)]) for r in mine}
     for name in args.datasets:
         ds = load_entry(args.panel, entries[name])
         for seed in args.seeds:
@@ -108,18 +115,23 @@ def sweep(args, out: dict, save) -> None:
                 for hidden, bits, act in networks:
                     for teacher in args.teacher:
                         key = [name, seed, features, list(hidden), bits, act, teacher]
-                        if json.dumps(key) in done:
+                        if json.dumps(key + [p]) in done:
                             continue
                         if teacher != "none" and teacher not in soft:
                             soft[teacher] = teacher_outputs(ds, sp.train, teacher, seed)
                         row = run_one(
                             ds, X, spec, sp, (hidden, bits, act), None if teacher == "none" else teacher,
-                            soft.get(teacher), seed, gauge, args.float_only,
+                            soft.get(teacher), seed, gauge, args.float_only, p,
                         )  # fmt: skip
                         row.update(zip(fields, key))
                         out["rows"].append(row)
                         print(json.dumps(row), flush=True)
                         save()
+
+
+def row_p_error(row: dict) -> float | None:
+    """The p_error a row's circuit was compiled with (None: a float row, no circuit)."""
+    return None if row.get("float_only") else row.get("p_error", OLD_P_ERROR)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -134,20 +146,21 @@ def summarize(rows: list[dict]) -> list[dict]:
             r.get("act_bits", 3),
             r["teacher"],
             bool(r.get("float_only")),
+            row_p_error(r),
         )
         groups.setdefault(key, []).append(r)
     first: dict = {}  # datasets and feature specs in the order they were run; teachers grouped per network
     for r in rows:
         first.setdefault(("d", r["dataset"]), len(first)), first.setdefault(("f", r["features"]), len(first))
-    order = lambda k: (first["d", k[0]], first["f", k[1]], k[6], *k[2:5], k[5] != "none", k[5])  # noqa: E731
+    order = lambda k: (first["d", k[0]], first["f", k[1]], k[6], *k[2:5], k[5] != "none", k[5], -(k[7] or 0))  # noqa: E731
     table = []
-    for (dataset, features, hidden, weight_bits, act_bits, teacher, float_only), rs in sorted(
+    for (dataset, features, hidden, weight_bits, act_bits, teacher, float_only, p_error), rs in sorted(
         groups.items(), key=lambda g: order(g[0])
     ):
         mean = {k: _mean([r[k] for r in rs]) for k in ("float", "fhe_simulate", "normalized_ms")}
         table.append(
             {"dataset": dataset, "features": features, "hidden": list(hidden), "weight_bits": weight_bits,
-             "act_bits": act_bits, "teacher": teacher, "float_only": float_only,
+             "act_bits": act_bits, "teacher": teacher, "float_only": float_only, "p_error": p_error,
              "seeds": sorted(r["seed"] for r in rs), **mean, "inputs": rs[0]["inputs"],
              "pbs": rs[0]["pbs"], "max_bits": _max([r["max_bits"] for r in rs]),
              "key_mb": _max([r["key_mb"] for r in rs])}
@@ -169,14 +182,14 @@ def _cell(v, fmt: str) -> str:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | features | hidden | w bits | act bits | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | features | hidden | w bits | act bits | teacher | seeds | float | FHE-sim | inputs | PBS | bits | keys MB | ms (normalized) | p_error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         lines.append(
             f"| {t['dataset']} | `{t['features']}` | {','.join(map(str, t['hidden']))} | {t['weight_bits']} | {t['act_bits']} | {t['teacher']} | "
             f"{','.join(map(str, t['seeds']))} | {t['float']:.3f} | {_cell(t['fhe_simulate'], '.3f')} | {t['inputs']} | "
-            f"{_cell(t['pbs'], 'd')} | {_cell(t['max_bits'], 'd')} | {_cell(t['key_mb'], '.1f')} | {_cell(t['normalized_ms'], '.0f')} |"
+            f"{_cell(t['pbs'], 'd')} | {_cell(t['max_bits'], 'd')} | {_cell(t['key_mb'], '.1f')} | {_cell(t['normalized_ms'], '.0f')} | {_cell(t['p_error'], 'g')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -192,6 +205,21 @@ def int_list(ap: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
         ap.exit(2, f"error: {exc}\n")
 
 
+def p_error(ap: argparse.ArgumentParser, text: str | None) -> float | None:
+    """--p-error as one probability (fit's first-stage default when not given), or one line and exit 2."""
+    from molcloak.pipeline.errors import ConfigError
+    from molcloak.pipeline.fit_space import SearchSpace
+    from molcloak.pipeline.runconfig import p_error_list
+
+    try:
+        values = p_error_list(text) if text is not None else [SearchSpace().p_error[0]]
+    except ConfigError as exc:
+        ap.exit(2, f"error: {exc}\n")
+    if len(values) != 1:
+        ap.exit(2, f"error: --p-error {text!r}: give one value, e.g. 0.05 (run again for another)\n")
+    return values[0]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
@@ -204,6 +232,9 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-bits", default="3", help="weight bit widths, e.g. 3,4")
     ap.add_argument("--act-bits", default="3", help="activation bit widths, e.g. 3,4")
     ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
+    ap.add_argument(
+        "--p-error", default=None, help="error probability per PBS of every circuit (default: fit's, 0.05)"
+    )
     ap.add_argument(
         "--float-only",
         action="store_true",
@@ -229,6 +260,7 @@ def main(argv=None) -> None:
     args.weight_bits = int_list(ap, args.weight_bits, "--weight-bits")
     args.act_bits = int_list(ap, args.act_bits, "--act-bits")
     args.teacher = [t.strip() for t in args.teacher.split(",")]
+    args.p_error = p_error(ap, args.p_error)
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.frontier " + " ".join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]  # every run that added rows to this file

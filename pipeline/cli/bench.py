@@ -10,7 +10,7 @@ from typing import List
 import typer
 
 from ..errors import ConfigError
-from ..runconfig import int_list
+from ..runconfig import int_list, p_error_list
 from .common import DataOpts, app, cli_errors, err, given, load_data, out, progress, write_json
 
 PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes", "latency_check", "teacher")
@@ -289,7 +289,7 @@ def tune(
         act_bits=tuple(int_list(act_bits, "--act-bits")),
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
-        p_error=tuple(_p_errors(p_errors)),
+        p_error=tuple(p_error_list(p_errors)),
         seeds=tuple(int_list(seeds, "--seeds")),
     )
     with progress(transient=False) as bar:
@@ -316,17 +316,3 @@ def tune(
         if str(json_path) == "-":
             return
     print_tune(result, out)
-
-
-def _p_errors(text: str) -> list:
-    values = []
-    for word in (w.strip() for w in text.split(",") if w.strip()):
-        try:
-            values.append(None if word == "default" else float(word))
-        except ValueError:
-            raise ConfigError(
-                f"--p-error {word!r} is neither a probability nor 'default'; write e.g. default,0.01"
-            ) from None
-    if not values:
-        raise ConfigError("--p-error needs at least one value, e.g. 0.01")
-    return values

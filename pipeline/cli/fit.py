@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..runconfig import int_list
+from ..runconfig import int_list, p_error_list
 from .common import (
     DataOpts,
     ForceOpt,
@@ -72,6 +72,13 @@ def fit(
     rounding_bits: str = typer.Option(
         "5,4,6", "--rounding-bits", help="Accumulator rounding bits to try (0 = off)."
     ),
+    p_error: str = typer.Option(
+        "0.05",
+        "--p-error",
+        help="Error probability per PBS, one or more to try (the first in every stage): a bootstrap may land one "
+        "step off; the FHE simulation draws these errors, so the metrics include them. 1e-6 (what `train` uses) "
+        "costs 10-35 % more time on panel-sized networks; 'default' is Concrete's 2^-40.",
+    ),
     epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
     teacher: str = typer.Option(
         "none",
@@ -133,6 +140,7 @@ def fit(
         act_bits=tuple(int_list(act_bits, "--act-bits")),
         input_bits=tuple(int_list(input_bits, "--input-bits")),
         rounding_bits=tuple(b or None for b in int_list(rounding_bits, "--rounding-bits")),
+        p_error=tuple(p_error_list(p_error)),
         teachers=teachers,
         inner_folds=inner_folds,
         cv_molecules=cv_molecules,
