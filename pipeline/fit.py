@@ -230,8 +230,7 @@ def _search(search: Search) -> None:
                 cand = search.evaluate(features, options, cfg0, "network", t0)
                 cheaper = _lighter_weights(cand, options, search) if name == "hidden" else None
                 if cheaper and not search.out_of_time:
-                    search.planned += 1  # a step the plan could not foresee: keep the bar's total honest
-                    search.evaluate(features, cheaper, cfg0, "network", t0)
+                    search.evaluate(features, cheaper, cfg0, "network", t0, unplanned=True)
             mine = [c for c in search.candidates if c.features == features and c.compile == cfg0]
             best = search.best(mine) or search.best(mine, within=False)
             current = {**best.options} if best else current

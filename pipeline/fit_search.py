@@ -109,8 +109,17 @@ class Search:
         return self.features[features]
 
     def evaluate(
-        self, features: str | None, options: dict, cfg: CompileConfig, stage: str, teacher: str | None = None
+        self,
+        features: str | None,
+        options: dict,
+        cfg: CompileConfig,
+        stage: str,
+        teacher: str | None = None,
+        unplanned: bool = False,
     ) -> Candidate:
+        """Train (once per network), compile, FHE-simulate on the inner validation part and time one variant.
+        `unplanned`: a variant the plan could not count beforehand (a weight-bits retry); it is added to the
+        progress bar's total when it runs, so the bar never passes 100 %."""
         start = time.perf_counter()
         spec, X, sp = self.featurize(features)
         options = networks.make_config(self.space.model, options).to_dict()  # defaults filled: one key
@@ -125,6 +134,7 @@ class Search:
         done = next((c for c in self.candidates if c.trained == key and c.compile == cfg), None)
         if done is not None:
             return done
+        self.planned += unplanned
         valid_view = dataclasses.replace(ckpt, X_test=X[sp.valid], y_test=self.ds.y[sp.valid], smiles_test=[])
         cand = Candidate(features, dict(ckpt.model_config), cfg, stage, teacher=teacher, trained=key)
         cand.n_inputs = int(X.shape[1])

@@ -12,6 +12,8 @@ are stored in a JSON file (default `~/.molcloak/pbs_calibration.json`) keyed by
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -125,17 +127,34 @@ class Calibration:
         reference at about 70 ms, so a quiet machine read as 1.45x loaded and a 323 ms model passed a 250 ms
         budget as "223 ms normalized" (evaluation/PERFORMANCE.md, session 12)."""
         here = {"circuit": circuit, "machine": platform.node()}
-        disk = self._read().get("reference") if self.measure else None  # another process's medians too
-        start = next((r for r in (disk, self.reference) if r and _same(r, here)), None)
-        recent = [*_recent(start), float(seconds)][-QUIET_WINDOW:]
-        self.reference = {"circuit": circuit, "quiet_s": quiet_time(recent), "recent": recent, **_where()}
-        if self.measure:
-            self.save()
+        guard = self._locked() if self.measure else contextlib.nullcontext()
+        with guard:  # a read-modify-write: no median is lost to a concurrent fit
+            disk = self._read().get("reference") if self.measure else None  # another process's medians too
+            start = next((r for r in (disk, self.reference) if r and _same(r, here)), None)
+            recent = [*_recent(start), float(seconds)][-QUIET_WINDOW:]
+            self.reference = {"circuit": circuit, "quiet_s": quiet_time(recent), "recent": recent, **_where()}
+            if self.measure:
+                self._write()
         return self.reference["quiet_s"]
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock on the file's companion `.lock` for a read-modify-write: without it, two processes
+        that read the same medians each wrote back their own one, and the last writer dropped the other's."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def save(self) -> None:
         """Write the file, keeping what another process measured meanwhile."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._write()
+
+    def _write(self) -> None:
         on_disk = self._read()
         self.entries = {**on_disk.get("entries", {}), **self.entries}
         disk = on_disk.get("reference")

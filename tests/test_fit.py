@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from molcloak.pipeline import data
 from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
+from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import ConfigError, FeaturizerError, TuneError
 from molcloak.pipeline.fit import Candidate, FitBudget, SearchSpace, fit
 from molcloak.pipeline.latency import CpuWindow, Timing, describe
@@ -141,7 +142,6 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
 def test_the_choice_prefers_richer_features_among_equally_accurate_variants():
     """herg, seeds 0-2: where the inner folds could not separate feature sets, the fewest PBS picked physchem
     (10 inputs) or 32 descriptors, and RDKit 2D + 384 Morgan bits scored 0.03-0.04 higher on the test."""
-    from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.fit import _preference
 
     cfg = CompileConfig(5, "approximate", 1e-6)
@@ -162,41 +162,41 @@ def test_the_choice_prefers_richer_features_among_equally_accurate_variants():
     assert _preference([solo, plain], 0.005)[0] is plain
 
 
+def timed(options: dict, ms: float, valid: float, compile: CompileConfig | None = None) -> Candidate:
+    """A network variant as the search records it: timed at `ms` on a quiet machine (load factor 1)."""
+    c = Candidate("f", options, compile or CompileConfig(), "network", valid=valid)
+    c.run_s, c.load_factor = ms / 1e3, 1.0
+    return c
+
+
 def test_a_width_over_the_budget_is_tried_again_with_the_fewest_weight_bits():
     """tox21: 32 hidden units at 3-bit weights ran 339 ms, at 2-bit 215 ms (lighter weights, cheaper keys)."""
     from types import SimpleNamespace
 
-    from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.fit import _lighter_weights
 
     search = SimpleNamespace(space=SearchSpace(weight_bits=(2, 3, 4)), budget=FitBudget(latency_ms=250))
     wide = {"hidden": [32], "weight_bits": 3, "act_bits": 3, "input_bits": 4}
-
-    def cand(seconds, valid=0.78, options=wide):
-        c = Candidate("f", options, CompileConfig(), "network", valid=valid)
-        c.run_s, c.load_factor = seconds, 1.0
-        return c
-
-    assert _lighter_weights(cand(0.339), wide, search) == {**wide, "weight_bits": 2}
-    assert _lighter_weights(cand(0.215), wide, search) is None  # within the budget: nothing to buy
-    assert _lighter_weights(cand(0.339, valid=float("nan")), wide, search) is None  # not compiled
+    assert _lighter_weights(timed(wide, 339, 0.78), wide, search) == {**wide, "weight_bits": 2}
+    assert _lighter_weights(timed(wide, 215, 0.78), wide, search) is None  # within the budget: nothing to buy
+    assert _lighter_weights(timed(wide, 339, float("nan")), wide, search) is None  # not compiled
     light = {**wide, "weight_bits": 2}
-    assert _lighter_weights(cand(0.339, options=light), light, search) is None  # already the lightest
+    assert _lighter_weights(timed(light, 339, 0.78), light, search) is None  # already the lightest
     # the move's options may leave the bits to the model's defaults (3): what was trained decides
-    assert _lighter_weights(cand(0.339), {"hidden": [32]}, search) == {"hidden": [32], "weight_bits": 2}
+    assert _lighter_weights(timed(wide, 339, 0.78), {"hidden": [32]}, search) == {
+        "hidden": [32],
+        "weight_bits": 2,
+    }
 
 
 def test_the_teacher_and_compile_stages_start_from_networks_near_the_budget():
     """clintox seed 0 (session 12): 6 of 35 variants distilled or recompiled 32-unit networks at 293-811 ms."""
     from types import SimpleNamespace
 
-    from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.fit import _best_networks
 
-    def cand(ms, valid, compile=CompileConfig()):
-        c = Candidate("f", {"hidden": [int(ms)]}, compile, "network", valid=valid)
-        c.run_s, c.load_factor = ms / 1e3, 1.0
-        return c
+    def cand(ms, valid, compile=None):
+        return timed({"hidden": [ms]}, ms, valid, compile)
 
     within, near, far = cand(240, 0.86), cand(280, 0.88), cand(350, 0.91)
     other = cand(200, 0.95, CompileConfig(rounding_bits=4))  # already another compile setting
@@ -285,6 +285,25 @@ def test_normalization_arithmetic_and_the_quiet_reference(tmp_path):
         and Calibration(tmp_path / "seen.json").reference == seen.reference
     )
     assert quiet_time([0.1] * 300) == 0.1 and quiet_time([0.3, 0.2]) == 0.2
+
+
+def test_concurrent_fits_lose_none_of_each_others_reference_medians(tmp_path):
+    """Every fit process adds its reference medians to one file; before the lock, two that read the same
+    history each wrote back their own median and the last writer dropped the other's."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "calib.json"
+    script = (
+        "import sys\nfrom molcloak.pipeline.pbs_cost import Calibration\n"
+        "for i in range(40):\n    Calibration(sys.argv[1]).quiet_reference('8/5@1e-06 x8', float(sys.argv[2]))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), v]) for v in ("0.07", "0.08", "0.09")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    recent = Calibration(path).reference["recent"]
+    assert sorted(set(recent)) == [0.07, 0.08, 0.09] and all(
+        recent.count(v) == 40 for v in (0.07, 0.08, 0.09)
+    )
 
 
 def test_a_quiet_machine_is_not_normalized_and_other_processes_are_seen():
