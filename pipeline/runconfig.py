@@ -51,7 +51,7 @@ def p_error_list(text: str, flag: str = "--p-error") -> list[float | None]:
         values.append(value)
     if not values:
         raise ConfigError(f"{flag} needs at least one value, e.g. 0.05")
-    return values
+    return list(dict.fromkeys(values))  # 0.05,5e-2: one value, tried once
 
 
 @dataclass(frozen=True)

@@ -423,7 +423,7 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     )
     compiled = load_manifest(tmp_path / "bundle").data["compile"]
     assert (
-        compiled["rounding_bits"] is None and compiled["p_error"] == 0.05
+        compiled["rounding_bits"] is None and compiled["p_error"] == 1e-6
     )  # fit's default travels to deploy
     assert summary["latency_check"] == "normalized" and summary["measured"]["load_factor"] >= 1
     bad = CliRunner().invoke(

@@ -98,6 +98,25 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert "--teacher rf" in panel.command_line(taught)
     with pytest.raises(ConfigError, match="--teacher svm: choose one of rf, rf-both, auto or none"):
         panel.PanelConfig(str(tmp_path), teacher="svm")
+    # fit's p_error: a run at another one is another molcloak run (the default keeps earlier runs' keys)
+    loose = panel.PanelConfig(str(tmp_path), p_error=0.05)
+    assert key(loose, "molcloak") != key(norm, "molcloak") and key(loose, "references") == key(
+        norm, "references"
+    )
+    assert "--p-error 0.05" in panel.command_line(loose) and "--p-error" not in panel.command_line(norm)
+    with pytest.raises(ConfigError, match="--p-error 1.5: use a probability per bootstrap in"):
+        panel.PanelConfig(str(tmp_path), p_error=1.5)
+
+
+def test_p_error_lists_keep_each_value_once_and_refuse_what_is_not_a_probability():
+    from molcloak.pipeline.runconfig import p_error_list
+
+    assert p_error_list("0.05, 5e-2,default,1e-6") == [0.05, None, 1e-6]  # 'default': Concrete's 2^-40
+    for bad in ("0", "1", "nan", "x"):
+        with pytest.raises(ConfigError, match=f"--p-error '{bad}' is neither a probability in \\(0, 1\\)"):
+            p_error_list(bad)
+    with pytest.raises(ConfigError, match="--p-error needs at least one value"):
+        p_error_list(" , ")
 
 
 def test_references_impute_failed_descriptors_with_training_median():
@@ -191,6 +210,10 @@ def test_bench_panel_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "--seeds only apply to --panel" in res.output
     res = runner.invoke(app, ["bench", "--panel", str(folder), "--task", "sol-low"])
     assert res.exit_code == 2 and "do not apply with --panel" in res.output
+    res = runner.invoke(app, ["bench", "--panel", str(folder), "--quick", "--p-error", "2"])
+    assert res.exit_code == 2 and "--p-error 2: use a probability per bootstrap" in res.output
+    res = runner.invoke(app, ["bench", "--p-error", "0.05"])
+    assert res.exit_code == 2 and "--p-error only apply to --panel" in res.output
 
 
 def _panel_result(seed_runs: list[dict], started: str) -> dict:
@@ -273,7 +296,7 @@ def test_frontier_sweep_scores_both_arms_and_resumes(tmp_path, capsys):
     for r in rows:
         assert r["dataset"] == "sol_low" and r["inputs"] == 10 and r["pbs"] == 4 and r["act_bits"] == 4
         assert 0.5 <= r["fhe_simulate"] <= 1 and r["run_ms"] > 0 and r["load_factor"] >= 1
-        assert r["p_error"] == 0.05  # fit's first-stage compile settings, recorded
+        assert r["p_error"] == 1e-6  # fit's first-stage compile settings, recorded
     table = (tmp_path / "f.md").read_text()
     assert "| sol_low | `physchem:scale=quantile` | 4 | 3 | 4 | rf | 0 |" in table
     capsys.readouterr()

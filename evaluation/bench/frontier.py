@@ -217,6 +217,8 @@ def p_error(ap: argparse.ArgumentParser, text: str | None) -> float | None:
         ap.exit(2, f"error: {exc}\n")
     if len(values) != 1:
         ap.exit(2, f"error: --p-error {text!r}: give one value, e.g. 0.05 (run again for another)\n")
+    if values[0] is None:
+        ap.exit(2, "error: --p-error default: give a probability, e.g. 1e-6 (Concrete's 2^-40 is 9.1e-13)\n")
     return values[0]
 
 
@@ -233,7 +235,9 @@ def main(argv=None) -> None:
     ap.add_argument("--act-bits", default="3", help="activation bit widths, e.g. 3,4")
     ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
     ap.add_argument(
-        "--p-error", default=None, help="error probability per PBS of every circuit (default: fit's, 0.05)"
+        "--p-error",
+        default=None,
+        help="error probability per PBS of every circuit (default: fit's, 1e-6; no circuit with --float-only)",
     )
     ap.add_argument(
         "--float-only",

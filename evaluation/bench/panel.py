@@ -16,8 +16,7 @@ SMILES are reported and skipped), and per seed of the scaffold split (test fract
   run through `predict.LocalBackend` from a temporary bundle (fresh keys; median server-side
   latency from `run_rows`, keygen time, evaluation-key size, PBS count, max bit width);
 - optionally Concrete ML's XGB on molcloak's features (`peers.bench_cml_xgb`, its latency too).
-The result is JSON-ready (`run_panel`), with means over seeds (`panel_report.summarize`) and a
-markdown table (`panel_report.markdown`).
+The result is JSON-ready (`run_panel`); `panel_report` averages the seeds and writes the markdown table.
 """
 
 from __future__ import annotations
@@ -48,15 +47,13 @@ from . import panel_report, references
 from .fhe_timing import latency_summary
 
 DEFAULT_PANEL = Path("../shared/data/panel")
-SPLIT, TEST_FRACTION = "scaffold", 0.2
+SPLIT, TEST_FRACTION, DEFAULT_P_ERROR = "scaffold", 0.2, SearchSpace.p_error[0]  # fit's p_error (1e-6)
 TASKS = ("binary", "multiclass", "multilabel", "regression")
-MODELS = ("molcloak", "references", "cml-xgb")
-DEFAULT_MODELS = ("molcloak", "references")
-QUICK_DATASETS, QUICK_SAMPLE, QUICK_TREES = ("herg", "bace"), 8, 100
-MIN_SAMPLE = 200
+MODELS, DEFAULT_MODELS = ("molcloak", "references", "cml-xgb"), ("molcloak", "references")
+QUICK_DATASETS, QUICK_SAMPLE, QUICK_TREES, MIN_SAMPLE = ("herg", "bace"), 8, 100, 200
 TOX21_TASKS = (
-    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma",
-    "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53",
+    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma", "SR-ARE", "SR-ATAD5",
+    "SR-HSE", "SR-MMP", "SR-p53",
 )  # fmt: skip
 
 
@@ -190,6 +187,7 @@ class PanelConfig:
     fit_minutes: float | None = 15.0  # fit's --max-minutes per dataset and seed (None: no cap)
     latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
     teacher: str | None = None  # fit --teacher: distillation from a plaintext RandomForest (teacher.TEACHERS)
+    p_error: float = DEFAULT_P_ERROR  # fit --p-error: every variant's error probability per bootstrap
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -207,6 +205,10 @@ class PanelConfig:
         if self.fit_minutes is not None and self.fit_minutes <= 0:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
         teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
+        if not 0 < self.p_error < 1:
+            raise ConfigError(
+                f"--p-error {self.p_error:g}: use a probability per bootstrap in (0, 1), e.g. 1e-6"
+            )
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 
@@ -252,6 +254,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--fit-minutes", f"{config.fit_minutes:g}"] if config.fit_minutes != 15.0 else []
     args += ["--latency-check", config.latency_check] if config.latency_check != "normalized" else []
     args += ["--teacher", config.teacher] if config.teacher else []
+    args += ["--p-error", f"{config.p_error:g}"] if config.p_error != DEFAULT_P_ERROR else []
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -264,8 +267,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
 QUICK_SPACE = SearchSpace(
     ("physchem:scale=quantile",), (("hidden", (8,)), ("weight_bits", 3), ("act_bits", 3), ("input_bits", 4)),
     hidden=((8,),), weight_bits=(3,), act_bits=(3,), input_bits=(4,), rounding_bits=(5,), top_features=1,
-    top_networks=1,
-    inner_folds=2, confirm=1,
+    top_networks=1, inner_folds=2, confirm=1,
 )  # fmt: skip
 
 
@@ -276,11 +278,10 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
     """`molcloak fit` on the `split` method's training part with `seed`, under the panel's budget: it
     chooses on an inner validation part and compiles its choice on the test part. `--quick` uses a
     generous budget and only the PBS costs already calibrated (timings decide; nothing is written)."""
+    space = QUICK_SPACE if config.quick else SearchSpace()
     return fit(
         ds,
-        dataclasses.replace(
-            QUICK_SPACE if config.quick else SearchSpace(), teachers=teachers_for(config.teacher)
-        ),
+        dataclasses.replace(space, teachers=teachers_for(config.teacher), p_error=(config.p_error,)),
         FitBudget(budget_ms(config), max_minutes=config.fit_minutes, latency_check=config.latency_check),
         split,
         TEST_FRACTION,

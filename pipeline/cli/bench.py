@@ -13,7 +13,17 @@ from ..errors import ConfigError
 from ..runconfig import int_list, p_error_list
 from .common import DataOpts, app, cli_errors, err, given, load_data, out, progress, write_json
 
-PANEL_ONLY = ("datasets", "seeds", "sample", "trees", "budget_ms", "fit_minutes", "latency_check", "teacher")
+PANEL_ONLY = (
+    "datasets",
+    "seeds",
+    "sample",
+    "trees",
+    "budget_ms",
+    "fit_minutes",
+    "latency_check",
+    "teacher",
+    "p_error",
+)
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
 
@@ -63,6 +73,12 @@ def bench(
         "--teacher",
         help="Panel: fit's --teacher (rf, rf-both: distillation from a plaintext RandomForest; auto: fit tries "
         "rf on its best networks; none).",
+    ),
+    p_error: float = typer.Option(
+        1e-6,
+        "--p-error",
+        help="Panel: fit's --p-error, one error probability per bootstrap for every variant (see `molcloak fit "
+        "--help` for what a larger one costs the keys' safety).",
     ),
     task: List[str] | None = typer.Option(
         None,
@@ -122,6 +138,7 @@ def bench(
         FitBudget(budget_ms, latency_check=latency_check)  # bad values: one line before anything runs
         limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
         limits["teacher"] = None if teacher == "none" else teacher
+        limits["p_error"] = p_error
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )
