@@ -16,6 +16,20 @@ from .errors import CompilationError, ConfigError
 from .output_head import class_circuit
 from .tasks import TaskSpec
 
+# 1e-6 per PBS: the cheapest crypto parameters this circuit gets (2^-40 costs ~2x the time and ~2x the keys, 1e-7 as
+# much as 2^-40), while FHE still equals the simulation except about once in 65,000 molecules (PERFORMANCE.md); the
+# key-rotation bound of the security model (README, "Keys") assumes it. Every default p_error derives from this one
+DEFAULT_P_ERROR = 1e-6
+
+
+def check_p_error(value: float | None, name: str = "p_error") -> None:
+    """A `ConfigError` naming `name` (a field or a flag) and the value unless it is a probability in (0, 1) or None
+    (Concrete's default, 2^-40)."""
+    if value is not None and not 0 < value < 1:
+        raise ConfigError(
+            f"{name} {value:g}: use a probability per bootstrap in (0, 1), e.g. {DEFAULT_P_ERROR:g}"
+        )
+
 
 @dataclass(frozen=True)
 class CompileConfig:
@@ -31,9 +45,7 @@ class CompileConfig:
 
     rounding_bits: int | None = 5
     rounding_method: Literal["exact", "approximate"] = "approximate"
-    # 1e-6 per PBS: the cheapest crypto parameters this circuit gets (2^-40 costs ~2x the time and ~2x the keys, 1e-7
-    # as much as 2^-40), while FHE still equals the simulation except about once in 65,000 molecules (PERFORMANCE.md)
-    p_error: float | None = 1e-6
+    p_error: float | None = DEFAULT_P_ERROR
     n_bits: int | None = None
     output: Literal["logits", "class"] = "logits"
 
@@ -44,8 +56,7 @@ class CompileConfig:
             raise ConfigError(f"rounding method {self.rounding_method!r}; expected 'exact' or 'approximate'")
         if self.output not in ("logits", "class"):
             raise ConfigError(f"output {self.output!r}; expected 'logits' or 'class'")
-        if self.p_error is not None and not 0 < self.p_error < 1:
-            raise ConfigError(f"p_error {self.p_error} out of range; use a probability in (0, 1), e.g. 0.01")
+        check_p_error(self.p_error)
         if self.n_bits is not None and not 2 <= self.n_bits <= 8:
             raise ConfigError(
                 f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)"

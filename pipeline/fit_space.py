@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .bundle import Checkpoint
-from .compile import CompileConfig
+from .compile import DEFAULT_P_ERROR, CompileConfig
 from .errors import ConfigError
 from .latency import FitBudget, describe, normalized
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
@@ -78,11 +78,11 @@ class SearchSpace:
     act_bits: tuple[int, ...] = (3, 4)
     input_bits: tuple[int, ...] = (3, 4)
     rounding_bits: tuple[int | None, ...] = (5, 4, 6)  # the first is used in stages 1-2
-    # 1e-6 per PBS, as `train`: the key-rotation bound of the security model (README, "Keys") assumes it. 0.05 gave
+    # DEFAULT_P_ERROR (1e-6) per PBS, as `train`: the key-rotation bound of the security model (README, "Keys") assumes it. 0.05 gave
     # the same FHE-simulated metric in 5-41 % less time and 19.6 MB of keys (herg 32 hidden 406 -> 301 ms, tox21 32
     # hidden 552 ms and 54 MB -> 326 ms; evaluation/results/p_error_{herg,tox21}_s13.json), but every prediction then
     # carries a bootstrap failure with probability about 1 - 0.95^PBS, which the owner must choose knowingly
-    p_error: tuple[float | None, ...] = (1e-6,)
+    p_error: tuple[float | None, ...] = (DEFAULT_P_ERROR,)
     top_features: int = 2  # feature specs carried into stage 2
     top_networks: int = 3  # networks retrained with the other teachers and recompiled in stage 3
     # plaintext teachers (teacher.TEACHERS; None = labels only): the first is used in stages 1-2, the others

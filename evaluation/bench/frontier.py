@@ -53,7 +53,7 @@ def panel_folder(panel: Path | None, datasets: list[str]) -> Path:
 
 
 def run_one(
-    ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only=False, p_error=OLD_P_ERROR
+    ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bool, p_error: float | None
 ) -> dict:
     from molcloak.pipeline.compile import CompileConfig
     from molcloak.pipeline.latency import time_circuit
@@ -207,12 +207,12 @@ def int_list(ap: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
 
 def p_error(ap: argparse.ArgumentParser, text: str | None) -> float | None:
     """--p-error as one probability (fit's first-stage default when not given), or one line and exit 2."""
+    from molcloak.pipeline.compile import DEFAULT_P_ERROR
     from molcloak.pipeline.errors import ConfigError
-    from molcloak.pipeline.fit_space import SearchSpace
     from molcloak.pipeline.runconfig import p_error_list
 
     try:
-        values = p_error_list(text) if text is not None else [SearchSpace().p_error[0]]
+        values = p_error_list(text) if text is not None else [DEFAULT_P_ERROR]
     except ConfigError as exc:
         ap.exit(2, f"error: {exc}\n")
     if len(values) != 1:
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--weight-bits", default="3", help="weight bit widths, e.g. 3,4")
     ap.add_argument("--act-bits", default="3", help="activation bit widths, e.g. 3,4")
-    ap.add_argument("--teacher", default="none,rf", help="none, rf or both (comma-separated)")
+    ap.add_argument("--teacher", default="none,rf", help="none, rf or rf-both (comma-separated)")
     ap.add_argument(
         "--p-error",
         default=None,

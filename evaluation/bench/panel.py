@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from molcloak.pipeline import workflow
+from molcloak.pipeline.compile import DEFAULT_P_ERROR, check_p_error
 from molcloak.pipeline.data import Dataset, DataSource
 from molcloak.pipeline.errors import ConfigError, TuneError
 from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teachers_for
@@ -47,7 +48,7 @@ from . import panel_report, references
 from .fhe_timing import latency_summary
 
 DEFAULT_PANEL = Path("../shared/data/panel")
-SPLIT, TEST_FRACTION, DEFAULT_P_ERROR = "scaffold", 0.2, SearchSpace.p_error[0]  # fit's p_error (1e-6)
+SPLIT, TEST_FRACTION = "scaffold", 0.2
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 MODELS, DEFAULT_MODELS = ("molcloak", "references", "cml-xgb"), ("molcloak", "references")
 QUICK_DATASETS, QUICK_SAMPLE, QUICK_TREES, MIN_SAMPLE = ("herg", "bace"), 8, 100, 200
@@ -205,10 +206,7 @@ class PanelConfig:
         if self.fit_minutes is not None and self.fit_minutes <= 0:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
         teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
-        if not 0 < self.p_error < 1:
-            raise ConfigError(
-                f"--p-error {self.p_error:g}: use a probability per bootstrap in (0, 1), e.g. 1e-6"
-            )
+        check_p_error(self.p_error, "--p-error")
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 

@@ -98,6 +98,9 @@ def _rows(path: Path) -> int:
 
 
 PARTS = ("references", "molcloak", "cml_xgb")  # a run's parts, each resumable on its own
+KEYLESS_P_ERROR = (
+    1e-6  # runs at this p_error have no p_error in their resume key (they predate it): keep it fixed
+)
 
 
 def run_key(config, entry, seed: int, part: str | None = None) -> str:
@@ -119,8 +122,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["latency_check"] = config.latency_check
         if getattr(config, "teacher", None):  # runs without a teacher keep their earlier keys
             parts["teacher"] = config.teacher
-        if getattr(config, "p_error", 1e-6) != 1e-6:  # so do runs at fit's default (session 13's 0.05 runs
-            parts["p_error"] = config.p_error  # were made without this key: they are not reused)
+        if getattr(config, "p_error", KEYLESS_P_ERROR) != KEYLESS_P_ERROR:  # so do runs at 1e-6 (session 13's
+            parts["p_error"] = config.p_error  # 0.05 runs were made without this key: they are not reused)
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

@@ -9,6 +9,7 @@ from typing import List
 
 import typer
 
+from ..compile import DEFAULT_P_ERROR
 from ..errors import ConfigError
 from ..runconfig import int_list, p_error_list
 from .common import DataOpts, app, cli_errors, err, given, load_data, out, progress, write_json
@@ -75,7 +76,7 @@ def bench(
         "rf on its best networks; none).",
     ),
     p_error: float = typer.Option(
-        1e-6,
+        DEFAULT_P_ERROR,
         "--p-error",
         help="Panel: fit's --p-error, one error probability per bootstrap for every variant (see `molcloak fit "
         "--help` for what a larger one costs the keys' safety).",
@@ -251,7 +252,7 @@ def tune(
         "5", "--rounding-bits", help="Accumulator rounding bits to sweep (0 = off), e.g. 4,5,6."
     ),
     p_errors: str = typer.Option(
-        "1e-6",
+        f"{DEFAULT_P_ERROR:g}",
         "--p-error",
         help="Error probabilities per PBS to sweep, e.g. default,1e-6,0.01 (default = Concrete's 2^-40).",
     ),

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..compile import DEFAULT_P_ERROR
 from ..runconfig import int_list, p_error_list
 from .common import (
     DataOpts,
@@ -73,13 +74,13 @@ def fit(
         "5,4,6", "--rounding-bits", help="Accumulator rounding bits to try (0 = off)."
     ),
     p_error: str = typer.Option(
-        "1e-6",
+        f"{DEFAULT_P_ERROR:g}",
         "--p-error",
         help="Error probability per bootstrap (PBS), one or more (the first in stages 1-2, all in the compile "
         "stage); 'default' is Concrete's 2^-40. 0.05 runs 5-41 % faster with smaller keys at the same simulated "
         "metric on panel-sized networks, but a prediction then fails a bootstrap with probability about "
         "1 - 0.95^PBS, and each failure a server learns of leaks information on the secret key: the key-rotation "
-        "default assumes 1e-6 (README, 'Keys').",
+        f"default assumes {DEFAULT_P_ERROR:g} (README, 'Keys').",
     ),
     epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
     teacher: str = typer.Option(
