@@ -94,6 +94,8 @@ def fit(
         "valid": chosen.valid,
         "cv": chosen.cv,
         "inner_folds": space.inner_folds,
+        "fold_groups": space.fold_groups,
+        "folds_used": search.folds_used,
         "cv_folds_used": len(chosen.cv_folds or []),
         "cv_molecules": space.cv_molecules,
         "budget": dataclasses.asdict(budget),

@@ -43,6 +43,7 @@ class Search:
         self._raw: dict[str | None, np.ndarray] = {}  # molecular features -> raw features of every row
         self._split: Split | None = None
         self._folds: list[Split] | None = None
+        self.folds_used = ""  # the inner folds' kind: "scaffold, rare", "scaffold, balanced" or "random"
         self._fold_models: dict[tuple, Checkpoint] = {}  # (candidate's trained key, fold) -> checkpoint
         self._fold_features: dict[tuple, tuple] = {}  # (features, fold) -> (spec, X)
         self.planned = len(space.features) + space.top_features * sum(
@@ -172,12 +173,19 @@ class Search:
 
     def folds(self) -> list[Split]:
         """The K inner folds of the training and inner validation molecules (the same kind of groups as the
-        inner validation part; random ones when a scaffold fold would hold one class only)."""
+        inner validation part, on `space.fold_groups`; when a fold would be empty or hold one class only, balanced
+        scaffold folds, then random ones: `self.folds_used` says which)."""
         if self._folds is None:
             sp = self.inner_split()
             rows, k = np.union1d(sp.train, sp.valid), self.space.inner_folds
-            for method in dict.fromkeys((self.inner_valid, "random")):
-                self._folds = inner_folds(self.ds, rows, k, method, self.seed)
+            tries = [
+                (self.inner_valid, self.space.fold_groups),
+                (self.inner_valid, "balanced"),
+                ("random", ""),
+            ]
+            for method, groups in dict.fromkeys((m, g if m == "scaffold" else "") for m, g in tries):
+                self._folds = inner_folds(self.ds, rows, k, method, self.seed, groups or "balanced")
+                self.folds_used = f"{method}, {groups}" if method == "scaffold" else method
                 if all(can_score(self.ds, f.valid) for f in self._folds):
                     break
         return self._folds

@@ -93,6 +93,9 @@ class SearchSpace:
     # the one inner validation part): every feature spec's reference network, then the `confirm` best variants
     inner_folds: int = 5
     confirm: int = 3
+    # which molecules the scaffold folds validate on (`splits.inner_folds`): every scaffold group ("balanced") or
+    # only the smallest groups, like a scaffold test split's ("rare")
+    fold_groups: str = "balanced"
     # folds validated on, in order, until they hold at least this many molecules (0: all): on small data all K
     # (bace, herg, clintox); on large data a few, which already validate on more molecules than the whole inner
     # part of bace (ames, 5,800 training molecules: 2 of 5 folds, about 2,300). Each fold trains a network on
@@ -116,6 +119,8 @@ class SearchSpace:
                 f"--inner-folds {self.inner_folds} (confirm {self.confirm}): use 1 (one inner validation part) "
                 "or more inner folds, e.g. 5, and confirm at least 1 variant"
             )
+        if self.fold_groups not in ("balanced", "rare"):
+            raise ConfigError(f"--fold-groups {self.fold_groups}: choose balanced or rare")
         for p in self.p_error:
             CompileConfig(p_error=p)  # a ConfigError naming the value when it is not a probability
         if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:

@@ -94,23 +94,46 @@ def split_dataset(
     return Split(train, valid, test, method)
 
 
-def inner_folds(ds: Dataset, rows: np.ndarray, k: int, method: str, seed: int) -> list[Split]:
-    """`k` (train, valid) pairs of `rows` whose validation parts partition them: whole scaffold groups
-    (largest first, each to the fold with the fewest molecules so far, ties broken by the seed) with
-    `method="scaffold"`, seeded random shares otherwise. Every row is validated on exactly once, so a
-    metric averaged over the folds judges a variant on all the rows instead of one part of them."""
+FoldGroups = Literal["balanced", "rare"]
+RARE_POOL = 0.5  # "rare" folds validate on the smallest scaffold groups holding this share of the rows
+
+
+def inner_folds(
+    ds: Dataset, rows: np.ndarray, k: int, method: str, seed: int, groups: FoldGroups = "balanced"
+) -> list[Split]:
+    """`k` (train, valid) pairs of `rows`. With `method="scaffold"`, validation parts are whole scaffold groups:
+    - `groups="balanced"`: every group, largest first, each to the fold with the fewest molecules so far (ties
+      broken by the seed); the validation parts partition the rows, so a metric averaged over the folds judges a
+      variant on all of them;
+    - `groups="rare"`: only the groups a scaffold split of `rows` with test fraction `RARE_POOL` would test on
+      (the smallest; a big group that does not fit beside the larger ones too), shared out the same way; the
+      others always train. A scaffold test split is made of the smallest groups of the data (on
+      bace, clintox and herg: single-molecule scaffolds only), so these folds validate on molecules like the
+      test's, where balanced folds also validate on whole large series, which the test never holds.
+    Otherwise seeded random shares of all the rows."""
     rows = np.sort(np.asarray(rows, dtype=int))
     if not 2 <= k <= len(rows):
         raise DataError(f"{k} inner folds for {len(rows)} molecules: use between 2 and {len(rows)}")
+    if groups not in ("balanced", "rare"):
+        raise DataError(f"inner fold groups {groups!r}: expected balanced or rare")
     rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(rows), dtype=int)
+    fold_of = np.full(len(rows), -1, dtype=int)  # -1: always trains
     if method == "scaffold" and not ds.is_tabular:
-        groups: dict[str, list[int]] = defaultdict(list)
+        by_scaffold: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
-            groups[murcko_scaffold(ds.smiles[r])].append(i)
-        sets = [list(groups.values())[i] for i in rng.permutation(len(groups))]
+            by_scaffold[murcko_scaffold(ds.smiles[r])].append(i)
+        found = list(by_scaffold.values())
+        sets = sorted((found[i] for i in rng.permutation(len(found))), key=len, reverse=True)
+        if groups == "rare":  # as `_scaffold_split` makes a test part: the largest groups that fit in
+            trains, pool = 0, []  # 1 - RARE_POOL of the rows always train, the rest is shared out
+            for g in sets:
+                if trains + len(g) <= (1 - RARE_POOL) * len(rows):
+                    trains += len(g)
+                else:
+                    pool.append(g)
+            sets = pool
         sizes = np.zeros(k, dtype=int)
-        for g in sorted(sets, key=len, reverse=True):
+        for g in sets:
             f = int(np.argmin(sizes))
             fold_of[g], sizes[f] = f, sizes[f] + len(g)
     else:
@@ -144,7 +167,9 @@ def _scaffold_split(smiles: list[str], test_fraction: float, rng) -> tuple[np.nd
 
 
 def can_score(ds: Dataset, rows: np.ndarray) -> bool:
-    """Whether a metric can be computed on `rows`: for classification, every task has two classes there."""
+    """Whether a metric can be computed on `rows`: some rows, and for classification two classes of every task."""
+    if len(rows) == 0:  # e.g. a "rare" inner fold when fewer small scaffold groups than folds were left
+        return False
     if not ds.task.is_classification:
         return True
     y = np.asarray(ds.y[rows], dtype=float).reshape(len(rows), -1)

@@ -5,7 +5,7 @@ import pytest
 
 from molcloak.pipeline.data import load_bundled, load_csv
 from molcloak.pipeline.errors import DataError, MolcloakError
-from molcloak.pipeline.splits import inner_folds, murcko_scaffold, split_dataset
+from molcloak.pipeline.splits import RARE_POOL, inner_folds, murcko_scaffold, split_dataset
 
 
 def test_sol_low_is_the_documented_benchmark():
@@ -177,3 +177,30 @@ def test_inner_folds_partition_the_rows_and_keep_scaffolds_together(method):
     assert all(list(a.valid) == list(b.valid) for a, b in zip(folds, again))
     with pytest.raises(DataError, match="1 inner folds for"):
         inner_folds(ds, rows, 1, method, seed=3)
+
+
+def test_rare_inner_folds_validate_on_the_smallest_scaffold_groups():
+    """`fold_groups="rare"`: the folds validate on the smallest scaffold groups only (about half of the rows,
+    whole groups, each row at most once), as a scaffold test split holds the data's smallest groups; the
+    larger series always train. Balanced folds are unchanged by the option, and a bad value is one clear error."""
+    ds = load_bundled("sol-low")
+    rows = split_dataset(ds, "scaffold", seed=0).train
+    size = Counter(murcko_scaffold(ds.smiles[i]) for i in rows)
+    folds = inner_folds(ds, rows, 4, "scaffold", seed=3, groups="rare")
+    valid = np.concatenate([f.valid for f in folds])
+    assert len(set(valid)) == len(valid) and RARE_POOL * len(rows) <= len(valid) < len(rows)
+    group_of = lambda rows: [size[murcko_scaffold(ds.smiles[i])] for i in rows]  # noqa: E731
+    trains = sorted(set(rows) - set(valid))
+    assert np.median(group_of(valid)) < np.median(group_of(trains)) and max(group_of(trains)) > 20
+    assert {i for i in rows if size[murcko_scaffold(ds.smiles[i])] == 1} <= set(valid)  # every singleton
+    for f in folds:
+        assert sorted(np.concatenate([f.train, f.valid])) == sorted(rows) and len(f.valid) > 0
+        inside = {murcko_scaffold(ds.smiles[i]) for i in f.valid}
+        assert not inside & {murcko_scaffold(ds.smiles[i]) for i in f.train}
+    default, balanced = (
+        inner_folds(ds, rows, 4, "scaffold", 3),
+        inner_folds(ds, rows, 4, "scaffold", 3, "balanced"),
+    )
+    assert all(list(a.valid) == list(b.valid) for a, b in zip(default, balanced))
+    with pytest.raises(DataError, match="inner fold groups 'tail': expected balanced or rare"):
+        inner_folds(ds, rows, 4, "scaffold", seed=3, groups="tail")

@@ -446,6 +446,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--p-error", "0.05,1.5"]
     )
     assert bad.exit_code == 2 and "--p-error '1.5' is neither a probability in (0, 1)" in bad.output
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--fold-groups", "tail"]
+    )
+    assert bad.exit_code == 2 and "--fold-groups tail: choose balanced or rare" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():
@@ -566,3 +570,34 @@ def test_a_feature_spec_the_molecules_cannot_fill_is_skipped(tiny_csv, tmp_path)
     assert any(m.startswith(f"skipped {wide}: select:k=2000: only") and "use k <=" in m for m in steps)
     with pytest.raises(FeaturizerError, match="select:k=2000: only .* use k <="):
         fit(ds, dataclasses.replace(space, features=(wide,)), *args, measure_runs=0, time_candidates=False)
+
+
+@pytest.mark.slow
+def test_rare_folds_score_feature_sets_on_the_smallest_scaffold_groups(tmp_path):
+    """`fold_groups="rare"`: fit's first stage scores each feature spec's reference network on inner folds that
+    validate on the smallest scaffold groups of the training molecules only (about half of them, each once),
+    really trained and FHE-simulated per fold; the default folds validate on every training molecule once.
+    Where rare folds cannot be scored (a fold empty or of one class), fit falls back to balanced ones."""
+    from molcloak.pipeline.fit import feature_scores
+    from molcloak.pipeline.fit_search import Search
+
+    sol = data.load_bundled("sol-low")
+    rows = [(s, sol.task.labels[int(y)]) for s, y in zip(sol.smiles[:600], sol.y[:600])]
+    csv = write_csv(tmp_path / "m.csv", ["smiles", "label"], rows)
+    ds = data.DataSource(str(csv), target_col="label", skip_invalid=True).load()  # sol-low repeats a molecule
+    train = TrainConfig(epochs=3, patience=3)
+    scored = {}
+    for groups in ("balanced", "rare"):
+        space = dataclasses.replace(TINY, features=TINY.features[:1], fold_groups=groups)
+        [(cand, ckpt)] = feature_scores(ds, space, "scaffold", 0.2, 0, train)
+        assert len(cand.cv_folds) == 3 and np.isclose(cand.cv, np.mean(cand.cv_folds))
+        scored[groups] = sum(cand.cv_sizes)
+    n_train = (
+        ckpt.train_info["n_train"] + ckpt.train_info["n_valid"]
+    )  # the training part, inner part included
+    assert scored["balanced"] == n_train and n_train / 2 <= scored["rare"] < n_train
+    # the first 300 molecules: the rare pool is one big scaffold group, so balanced folds are used, and said so
+    small = ds.subset(np.arange(300))
+    search = Search(small, dataclasses.replace(TINY, fold_groups="rare"), FitBudget(), "scaffold", 0.2, 0, train,
+                    Calibration(measure=False), None)  # fmt: skip
+    assert len(search.folds()) == 3 and search.folds_used == "scaffold, balanced"

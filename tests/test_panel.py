@@ -106,6 +106,20 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert "--p-error 0.05" in panel.command_line(loose) and "--p-error" not in panel.command_line(norm)
     with pytest.raises(ConfigError, match="--p-error 1.5: use a probability per bootstrap in"):
         panel.PanelConfig(str(tmp_path), p_error=1.5)
+    # fit's inner folds on the smallest scaffold groups: another molcloak run (balanced keeps earlier runs' keys)
+    rare = panel.PanelConfig(str(tmp_path), fold_groups="rare")
+    assert key(rare, "molcloak") != key(norm, "molcloak") and key(rare, "references") == key(
+        norm, "references"
+    )
+    assert "--fold-groups rare" in panel.command_line(rare) and "--fold-groups" not in panel.command_line(
+        norm
+    )
+    assert (
+        panel.molcloak_space(rare).fold_groups == "rare"
+        and panel.molcloak_space(norm).fold_groups == "balanced"
+    )
+    with pytest.raises(ConfigError, match="--fold-groups tail: choose balanced or rare"):
+        panel.PanelConfig(str(tmp_path), fold_groups="tail")
 
 
 def test_p_error_lists_keep_each_value_once_and_refuse_what_is_not_a_probability():
@@ -214,6 +228,8 @@ def test_bench_panel_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "--p-error 2: use a probability per bootstrap" in res.output
     res = runner.invoke(app, ["bench", "--p-error", "0.05"])
     assert res.exit_code == 2 and "--p-error only apply to --panel" in res.output
+    res = runner.invoke(app, ["bench", "--panel", str(folder), "--quick", "--fold-groups", "small"])
+    assert res.exit_code == 2 and "--fold-groups small: choose balanced or rare" in res.output
 
 
 def _panel_result(seed_runs: list[dict], started: str) -> dict:

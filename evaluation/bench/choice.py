@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 
-def score_rows(panel, name: str, seed: int, features: list[str], folds: int) -> list[dict]:
+def score_rows(
+    panel, name: str, seed: int, features: list[str], folds: int, groups: str = "balanced"
+) -> list[dict]:
     from molcloak.pipeline.fit import SearchSpace, feature_scores
     from molcloak.pipeline.train import TrainConfig
     from molcloak.pipeline.workflow import compile_checkpoint
@@ -34,13 +36,14 @@ def score_rows(panel, name: str, seed: int, features: list[str], folds: int) -> 
 
     ds = load_entry(panel, describe_panel(panel)[0][name])
     space = SearchSpace(
-        features=tuple(features), inner_folds=folds, cv_molecules=0
+        features=tuple(features), inner_folds=folds, cv_molecules=0, fold_groups=groups
     )  # every fold, for the rules
     rows = []
     for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, TrainConfig(patience=30)):
         test = compile_checkpoint(ckpt, cand.compile, measure_keys=False).metrics["fhe_simulate"]
         rows.append(
-            {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "inner_part": cand.valid,
+            {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "fold_groups": groups,
+             "inner_part": cand.valid,
              "cv": cand.cv, "cv_folds": cand.cv_folds, "cv_sizes": cand.cv_sizes, "test": primary(ds.task, test),
              "test_metric": "rmse" if not ds.task.is_classification else "roc_auc", "seconds": cand.seconds,
              "n_inputs": int(np.shape(ckpt.X_test)[1])}
@@ -95,11 +98,17 @@ RULE_NAMES = {
 }
 
 
+def _group(row: dict) -> tuple:
+    """(dataset, seed) of a row; the dataset is named with its folds' groups when they are not balanced."""
+    groups = row.get("fold_groups", "balanced")
+    return (row["dataset"] if groups == "balanced" else f"{row['dataset']} ({groups} folds)", row["seed"])
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (dataset, seed): each rule's pick and its test metric, and the best spec on the test."""
     out = []
-    for key in dict.fromkeys((r["dataset"], r["seed"]) for r in rows):
-        rs = [r for r in rows if (r["dataset"], r["seed"]) == key]
+    for key in dict.fromkeys(_group(r) for r in rows):
+        rs = [r for r in rows if _group(r) == key]
         sign = -1 if rs[0]["test_metric"] == "rmse" else 1  # higher is better after the sign
         best = max(rs, key=lambda r: sign * r["test"])
         picks = {rule: pick(rs) for rule, pick in RULES.items()}
@@ -136,6 +145,12 @@ def main(argv=None) -> None:
         "--features", action="append", help="feature spec (repeatable; default: fit's candidates)"
     )
     ap.add_argument("--folds", type=int, default=5, help="inner folds (fit --inner-folds; at least 2)")
+    ap.add_argument(
+        "--fold-groups",
+        default="balanced",
+        choices=("balanced", "rare"),
+        help="scaffold groups the folds validate on: all (balanced) or the smallest, like the test's (rare)",
+    )
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)
@@ -157,12 +172,12 @@ def main(argv=None) -> None:
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.choice " + " ".join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]
-    done = {(r["dataset"], r["seed"], r["folds"]) for r in out["rows"]}
+    done = {(r["dataset"], r["seed"], r["folds"], r.get("fold_groups", "balanced")) for r in out["rows"]}
     for name in datasets:
         for seed in seeds:
-            if (name, seed, args.folds) in done:
+            if (name, seed, args.folds, args.fold_groups) in done:
                 continue
-            out["rows"] += score_rows(panel, name, seed, features, args.folds)
+            out["rows"] += score_rows(panel, name, seed, features, args.folds, args.fold_groups)
             out["summary"] = summarize(out["rows"])
             args.json.write_text(json.dumps(out, indent=1))
             if args.markdown:

@@ -1,12 +1,7 @@
 """`molcloak bench --panel`: molcloak against plaintext references on a panel of real assay files.
 
-A panel is a folder of CSV files, each described by its SMILES column, target column(s) and task:
-the built-in table (`BUILTIN`) covers the files of `../shared/data/panel`; a `panel.json` in the
-folder overrides or adds entries (any folder of CSVs), e.g.
-    {"mine": {"file": "mine.csv", "smiles_col": "SMILES", "targets": ["active"], "task": "binary"},
-     "ames": null}
-(`null` drops an entry; `file` defaults to NAME.csv, `smiles_col` to "smiles"; task: binary,
-multiclass, multilabel or regression; several targets make a multi-label task, empty cells missing).
+A panel is a folder of CSV files, each described by its SMILES column, target column(s) and task
+(`panel_files`: the built-in table for `../shared/data/panel`, or a `panel.json` in the folder).
 
 Per dataset, loaded like any user file (`DataSource(..., skip_invalid=True)`: invalid and duplicate
 SMILES are reported and skipped), and per seed of the scaffold split (test fraction 0.2):
@@ -22,7 +17,6 @@ The result is JSON-ready (`run_panel`); `panel_report` averages the seeds and wr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import tempfile
@@ -35,7 +29,7 @@ import numpy as np
 
 from molcloak.pipeline import workflow
 from molcloak.pipeline.compile import DEFAULT_P_ERROR, check_p_error
-from molcloak.pipeline.data import Dataset, DataSource
+from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import ConfigError, TuneError
 from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teachers_for
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
@@ -46,130 +40,18 @@ from molcloak.pipeline.train import TrainConfig
 
 from . import panel_report, references
 from .fhe_timing import latency_summary
+from .panel_files import (  # noqa: F401  (re-exported: the panel's files are part of its interface)
+    BUILTIN,
+    EXCLUDED,
+    PanelEntry,
+    default_panel_dir,
+    describe_panel,
+    load_entry,
+)
 
-DEFAULT_PANEL = Path("../shared/data/panel")
 SPLIT, TEST_FRACTION = "scaffold", 0.2
-TASKS = ("binary", "multiclass", "multilabel", "regression")
 MODELS, DEFAULT_MODELS = ("molcloak", "references", "cml-xgb"), ("molcloak", "references")
 QUICK_DATASETS, QUICK_SAMPLE, QUICK_TREES, MIN_SAMPLE = ("herg", "bace"), 8, 100, 200
-TOX21_TASKS = (
-    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma", "SR-ARE", "SR-ATAD5",
-    "SR-HSE", "SR-MMP", "SR-p53",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PanelEntry:
-    name: str
-    file: str
-    smiles_col: str
-    targets: tuple[str, ...]
-    task: str  # binary, multiclass, multilabel or regression
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "targets": list(self.targets)}
-
-
-BUILTIN = {
-    "bace": PanelEntry("bace", "bace.csv", "smiles", ("Class",), "binary"),
-    "clintox": PanelEntry("clintox", "clintox.csv", "smiles", ("CT_TOX",), "binary"),
-    "ames": PanelEntry("ames", "ames.csv", "smiles", ("Y",), "binary"),
-    "herg": PanelEntry("herg", "herg.csv", "smiles", ("Y",), "binary"),
-    "tox21": PanelEntry("tox21", "tox21.csv", "smiles", TOX21_TASKS, "multilabel"),
-    "lipophilicity": PanelEntry("lipophilicity", "lipophilicity.csv", "smiles", ("exp",), "regression"),
-}
-EXCLUDED = {"hiv.csv": "throughput and screening at scale, not the accuracy table"}
-
-
-def default_panel_dir() -> Path:
-    """`../shared/data/panel` relative to the current directory, when it exists."""
-    if not DEFAULT_PANEL.is_dir():
-        raise ConfigError(
-            f"no panel folder at {DEFAULT_PANEL} (relative to {Path.cwd()}); "
-            "give one: molcloak bench --panel DIR"
-        )
-    return DEFAULT_PANEL.resolve()
-
-
-def describe_panel(folder: str | Path) -> tuple[dict[str, PanelEntry], dict[str, str]]:
-    """({name: entry} of the described files present, {file: why it is left out} for the other CSVs)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"panel folder {str(folder)!r} is not a directory; give a folder of CSV files")
-    entries = {n: e for n, e in BUILTIN.items() if (folder / e.file).is_file()}
-    overrides = _read_panel_json(folder / "panel.json")
-    for name, spec in overrides.items():
-        if spec is None:
-            entries.pop(name, None)
-        else:
-            entries[name] = _entry(name, spec, folder)
-    for e in entries.values():
-        if not (folder / e.file).is_file():
-            raise ConfigError(f"panel.json entry {e.name!r}: file {str(folder / e.file)!r} does not exist")
-    described = {e.file for e in entries.values()}
-    left_out = {
-        p.name: EXCLUDED.get(p.name, "not described; add it to panel.json (smiles_col, targets, task)")
-        for p in sorted(folder.glob("*.csv"))
-        if p.name not in described
-    }
-    if not entries:
-        raise ConfigError(
-            f"no dataset described in {folder}; write a panel.json there, e.g. "
-            '{"mine": {"file": "mine.csv", "smiles_col": "smiles", "targets": ["y"], "task": "binary"}}'
-        )
-    return entries, left_out
-
-
-def _read_panel_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); fix the file") from None
-    data = data.get("datasets", data) if isinstance(data, dict) else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected an object {{name: {{file, smiles_col, targets, task}}}}")
-    return data
-
-
-def _entry(name: str, spec: dict, folder: Path) -> PanelEntry:
-    where = f"{folder / 'panel.json'} entry {name!r}"
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected an object or null, got {spec!r}")
-    unknown = set(spec) - {"file", "smiles_col", "targets", "target", "task"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; use file, smiles_col, targets, task")
-    base = BUILTIN.get(name)
-    targets = spec.get("targets", spec.get("target", base.targets if base else None))
-    targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
-    task = spec.get("task", base.task if base else None)
-    if not targets or task not in TASKS:
-        raise ConfigError(f"{where}: needs targets (a column or a list) and task, one of {', '.join(TASKS)}")
-    return PanelEntry(
-        name,
-        spec.get("file", base.file if base else f"{name}.csv"),
-        spec.get("smiles_col", base.smiles_col if base else "smiles"),
-        targets,
-        task,
-    )
-
-
-def load_entry(folder: str | Path, entry: PanelEntry) -> Dataset:
-    """The dataset as any user's file is loaded: invalid and duplicate SMILES skipped and reported."""
-    ds = DataSource(
-        dataset=str(Path(folder) / entry.file),
-        smiles_col=entry.smiles_col,
-        target_col=",".join(entry.targets),
-        task="regression" if entry.task == "regression" else "classification",
-        skip_invalid=True,
-    ).load()
-    if ds.task.kind != entry.task:
-        raise ConfigError(
-            f"{entry.file}: described as {entry.task} but the data makes a {ds.task.kind} task "
-            f"(targets {', '.join(entry.targets)}); fix the task in panel.json"
-        )
-    return ds
 
 
 # ---------------------------------------------------------------- configuration
@@ -189,6 +71,9 @@ class PanelConfig:
     latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
     teacher: str | None = None  # fit --teacher: distillation from a plaintext RandomForest (teacher.TEACHERS)
     p_error: float = DEFAULT_P_ERROR  # fit --p-error: every variant's error probability per bootstrap
+    fold_groups: str = (
+        SearchSpace.fold_groups
+    )  # fit --fold-groups: the scaffold groups its inner folds validate on
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -207,6 +92,7 @@ class PanelConfig:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
         teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
         check_p_error(self.p_error, "--p-error")
+        SearchSpace(fold_groups=self.fold_groups)  # a bad --fold-groups: one line before anything runs
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 
@@ -253,6 +139,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--latency-check", config.latency_check] if config.latency_check != "normalized" else []
     args += ["--teacher", config.teacher] if config.teacher else []
     args += ["--p-error", f"{config.p_error:g}"] if config.p_error != DEFAULT_P_ERROR else []
+    args += ["--fold-groups", config.fold_groups] if config.fold_groups != SearchSpace.fold_groups else []
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -276,10 +163,9 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
     """`molcloak fit` on the `split` method's training part with `seed`, under the panel's budget: it
     chooses on an inner validation part and compiles its choice on the test part. `--quick` uses a
     generous budget and only the PBS costs already calibrated (timings decide; nothing is written)."""
-    space = QUICK_SPACE if config.quick else SearchSpace()
     return fit(
         ds,
-        dataclasses.replace(space, teachers=teachers_for(config.teacher), p_error=(config.p_error,)),
+        molcloak_space(config),
         FitBudget(budget_ms(config), max_minutes=config.fit_minutes, latency_check=config.latency_check),
         split,
         TEST_FRACTION,
@@ -289,6 +175,13 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
         measure_runs=2 if config.quick else 5,
         verify=1 if config.quick else 3,
     )
+
+
+def molcloak_space(config: PanelConfig) -> SearchSpace:
+    """fit's search space with the panel's fit options (teacher, p_error, inner folds' groups)."""
+    space = QUICK_SPACE if config.quick else SearchSpace()
+    fit_options = {"p_error": (config.p_error,), "fold_groups": config.fold_groups}
+    return dataclasses.replace(space, teachers=teachers_for(config.teacher), **fit_options)
 
 
 def budget_ms(config: PanelConfig) -> float:

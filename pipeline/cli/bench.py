@@ -24,6 +24,7 @@ PANEL_ONLY = (
     "latency_check",
     "teacher",
     "p_error",
+    "fold_groups",
 )
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
@@ -80,6 +81,11 @@ def bench(
         "--p-error",
         help="Panel: fit's --p-error, one error probability per bootstrap for every variant (see `molcloak fit "
         "--help` for what a larger one costs the keys' safety).",
+    ),
+    fold_groups: str = typer.Option(
+        "balanced",
+        "--fold-groups",
+        help="Panel: fit's --fold-groups (balanced or rare; see `molcloak fit --help`).",
     ),
     task: List[str] | None = typer.Option(
         None,
@@ -139,7 +145,7 @@ def bench(
         FitBudget(budget_ms, latency_check=latency_check)  # bad values: one line before anything runs
         limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
         limits["teacher"] = None if teacher == "none" else teacher
-        limits["p_error"] = p_error
+        limits["p_error"], limits["fold_groups"] = p_error, fold_groups
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )

@@ -106,6 +106,13 @@ def fit(
         help="Validate on the inner folds, in order, until they hold this many molecules: all of them on small "
         "data, the first 2 of 5 on ames (5,800 training molecules). 0: every fold (slower on large data).",
     ),
+    fold_groups: str = typer.Option(
+        "balanced",
+        "--fold-groups",
+        help="Scaffold groups the inner folds validate on: balanced (every group, so every training molecule once) "
+        "or rare (only the smallest groups, half of the molecules, like a scaffold test split's; the big series "
+        "always train).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json)."
@@ -147,6 +154,7 @@ def fit(
         teachers=teachers,
         inner_folds=inner_folds,
         cv_molecules=cv_molecules,
+        fold_groups=fold_groups,
     )
     budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:
