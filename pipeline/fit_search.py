@@ -181,10 +181,10 @@ class Search:
             tries = [
                 (self.inner_valid, self.space.fold_groups),
                 (self.inner_valid, "balanced"),
-                ("random", ""),
+                ("random", "balanced"),
             ]
-            for method, groups in dict.fromkeys((m, g if m == "scaffold" else "") for m, g in tries):
-                self._folds = inner_folds(self.ds, rows, k, method, self.seed, groups or "balanced")
+            for method, groups in dict.fromkeys(tries):
+                self._folds = inner_folds(self.ds, rows, k, method, self.seed, groups)
                 self.folds_used = f"{method}, {groups}" if method == "scaffold" else method
                 if all(can_score(self.ds, f.valid) for f in self._folds):
                     break

@@ -16,6 +16,7 @@ from .compile import DEFAULT_P_ERROR, CompileConfig
 from .errors import ConfigError
 from .latency import FitBudget, describe, normalized
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
+from .splits import FOLD_GROUPS, check_fold_groups
 from .teacher import TEACHERS
 
 if TYPE_CHECKING:
@@ -78,8 +79,8 @@ class SearchSpace:
     act_bits: tuple[int, ...] = (3, 4)
     input_bits: tuple[int, ...] = (3, 4)
     rounding_bits: tuple[int | None, ...] = (5, 4, 6)  # the first is used in stages 1-2
-    # DEFAULT_P_ERROR (1e-6) per PBS, as `train`: the key-rotation bound of the security model (README, "Keys") assumes it. 0.05 gave
-    # the same FHE-simulated metric in 5-41 % less time and 19.6 MB of keys (herg 32 hidden 406 -> 301 ms, tox21 32
+    # DEFAULT_P_ERROR (1e-6) per PBS, as `train`: the key-rotation bound of the security model (README, "Keys")
+    # assumes it. 0.05 gave the same FHE-simulated metric in 5-41 % less time and 19.6 MB of keys (herg 32 hidden 406 -> 301 ms, tox21 32
     # hidden 552 ms and 54 MB -> 326 ms; evaluation/results/p_error_{herg,tox21}_s13.json), but every prediction then
     # carries a bootstrap failure with probability about 1 - 0.95^PBS, which the owner must choose knowingly
     p_error: tuple[float | None, ...] = (DEFAULT_P_ERROR,)
@@ -95,7 +96,7 @@ class SearchSpace:
     confirm: int = 3
     # which molecules the scaffold folds validate on (`splits.inner_folds`): every scaffold group ("balanced") or
     # only the smallest groups, like a scaffold test split's ("rare")
-    fold_groups: str = "balanced"
+    fold_groups: str = FOLD_GROUPS[0]
     # folds validated on, in order, until they hold at least this many molecules (0: all): on small data all K
     # (bace, herg, clintox); on large data a few, which already validate on more molecules than the whole inner
     # part of bace (ames, 5,800 training molecules: 2 of 5 folds, about 2,300). Each fold trains a network on
@@ -119,8 +120,7 @@ class SearchSpace:
                 f"--inner-folds {self.inner_folds} (confirm {self.confirm}): use 1 (one inner validation part) "
                 "or more inner folds, e.g. 5, and confirm at least 1 variant"
             )
-        if self.fold_groups not in ("balanced", "rare"):
-            raise ConfigError(f"--fold-groups {self.fold_groups}: choose balanced or rare")
+        check_fold_groups(self.fold_groups, "--fold-groups")
         for p in self.p_error:
             CompileConfig(p_error=p)  # a ConfigError naming the value when it is not a probability
         if not self.features or not self.hidden or not self.rounding_bits or not self.p_error:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -95,6 +95,15 @@ def split_dataset(
 
 
 FoldGroups = Literal["balanced", "rare"]
+FOLD_GROUPS: tuple[FoldGroups, ...] = ("balanced", "rare")
+
+
+def check_fold_groups(groups: str, name: str = "inner fold groups") -> None:
+    """A `ConfigError` naming `name` (a field or a flag) and the value unless it is one of `FOLD_GROUPS`."""
+    if groups not in FOLD_GROUPS:
+        raise ConfigError(f"{name} {groups}: choose {' or '.join(FOLD_GROUPS)}")
+
+
 RARE_POOL = 0.5  # "rare" folds validate on the smallest scaffold groups holding this share of the rows
 
 
@@ -114,8 +123,7 @@ def inner_folds(
     rows = np.sort(np.asarray(rows, dtype=int))
     if not 2 <= k <= len(rows):
         raise DataError(f"{k} inner folds for {len(rows)} molecules: use between 2 and {len(rows)}")
-    if groups not in ("balanced", "rare"):
-        raise DataError(f"inner fold groups {groups!r}: expected balanced or rare")
+    check_fold_groups(groups)
     rng = np.random.default_rng(seed)
     fold_of = np.full(len(rows), -1, dtype=int)  # -1: always trains
     if method == "scaffold" and not ds.is_tabular:

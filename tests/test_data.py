@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from molcloak.pipeline.data import load_bundled, load_csv
-from molcloak.pipeline.errors import DataError, MolcloakError
+from molcloak.pipeline.errors import ConfigError, DataError, MolcloakError
 from molcloak.pipeline.splits import RARE_POOL, inner_folds, murcko_scaffold, split_dataset
 
 
@@ -202,5 +202,5 @@ def test_rare_inner_folds_validate_on_the_smallest_scaffold_groups():
         inner_folds(ds, rows, 4, "scaffold", 3, "balanced"),
     )
     assert all(list(a.valid) == list(b.valid) for a, b in zip(default, balanced))
-    with pytest.raises(DataError, match="inner fold groups 'tail': expected balanced or rare"):
+    with pytest.raises(ConfigError, match="inner fold groups tail: choose balanced or rare"):
         inner_folds(ds, rows, 4, "scaffold", seed=3, groups="tail")

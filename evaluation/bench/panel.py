@@ -35,7 +35,7 @@ from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teache
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
-from molcloak.pipeline.splits import Split, split_dataset
+from molcloak.pipeline.splits import Split, check_fold_groups, split_dataset
 from molcloak.pipeline.train import TrainConfig
 
 from . import panel_report, references
@@ -71,9 +71,8 @@ class PanelConfig:
     latency_check: str = "normalized"  # FitBudget.latency_check: timings divided by the load factor, or raw
     teacher: str | None = None  # fit --teacher: distillation from a plaintext RandomForest (teacher.TEACHERS)
     p_error: float = DEFAULT_P_ERROR  # fit --p-error: every variant's error probability per bootstrap
-    fold_groups: str = (
-        SearchSpace.fold_groups
-    )  # fit --fold-groups: the scaffold groups its inner folds validate on
+    # fit --fold-groups: the scaffold groups its inner folds validate on
+    fold_groups: str = SearchSpace.fold_groups
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -92,7 +91,7 @@ class PanelConfig:
             raise ConfigError(f"--fit-minutes {self.fit_minutes} must be positive")
         teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
         check_p_error(self.p_error, "--p-error")
-        SearchSpace(fold_groups=self.fold_groups)  # a bad --fold-groups: one line before anything runs
+        check_fold_groups(self.fold_groups, "--fold-groups")
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 

@@ -98,9 +98,8 @@ def _rows(path: Path) -> int:
 
 
 PARTS = ("references", "molcloak", "cml_xgb")  # a run's parts, each resumable on its own
-KEYLESS_P_ERROR = (
-    1e-6  # runs at this p_error have no p_error in their resume key (they predate it): keep it fixed
-)
+# runs at this p_error have no p_error in their resume key (they predate it): a fixed value, not fit's default
+KEYLESS_P_ERROR = 1e-6
 
 
 def run_key(config, entry, seed: int, part: str | None = None) -> str:

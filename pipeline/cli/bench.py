@@ -12,6 +12,7 @@ import typer
 from ..compile import DEFAULT_P_ERROR
 from ..errors import ConfigError
 from ..runconfig import int_list, p_error_list
+from ..splits import FOLD_GROUPS
 from .common import DataOpts, app, cli_errors, err, given, load_data, out, progress, write_json
 
 PANEL_ONLY = (
@@ -83,7 +84,7 @@ def bench(
         "--help` for what a larger one costs the keys' safety).",
     ),
     fold_groups: str = typer.Option(
-        "balanced",
+        FOLD_GROUPS[0],
         "--fold-groups",
         help="Panel: fit's --fold-groups (balanced or rare; see `molcloak fit --help`).",
     ),

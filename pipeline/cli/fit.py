@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..compile import DEFAULT_P_ERROR
 from ..runconfig import int_list, p_error_list
+from ..splits import FOLD_GROUPS
 from .common import (
     DataOpts,
     ForceOpt,
@@ -107,7 +108,7 @@ def fit(
         "data, the first 2 of 5 on ames (5,800 training molecules). 0: every fold (slower on large data).",
     ),
     fold_groups: str = typer.Option(
-        "balanced",
+        FOLD_GROUPS[0],
         "--fold-groups",
         help="Scaffold groups the inner folds validate on: balanced (every group, so every training molecule once) "
         "or rare (only the smallest groups, half of the molecules, like a scaffold test split's; the big series "
