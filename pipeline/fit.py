@@ -119,6 +119,7 @@ def fit(
         search.inner_valid,
         space.tolerance,
         budget.latency_check,
+        search.folds_used,
     )
 
 

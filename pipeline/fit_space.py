@@ -267,6 +267,8 @@ class FitResult:
     inner_valid: str = "random"  # the inner validation part: whole scaffold groups or random molecules
     tolerance: float = 0.0  # scores this close to the best counted as equal (see SearchSpace.tolerance)
     latency_check: str = "normalized"  # what the budget was checked on (FitBudget.latency_check)
+    # the inner folds' kind: "scaffold, rare", "scaffold, balanced", "random"; "" = one inner part
+    folds_used: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -281,6 +283,7 @@ class FitResult:
             "inner_valid": self.inner_valid,
             "tolerance": self.tolerance,
             "latency_check": self.latency_check,
+            "folds_used": self.folds_used,
         }
 
 

@@ -420,6 +420,7 @@ def frontier_markdown(result: dict) -> str:
                 "",
                 f"**{name}, seed {run['seed']}**: {fit['n_candidates']} variants"
                 + (", stopped by the time cap" if fit.get("stopped_early") else "")
+                + (f", inner folds: {fit['folds_used']}" if fit.get("folds_used") else "")
                 + f"; chosen `{chosen}`{_final_timing(fit)}",
                 "",
                 "| features | network, compile | valid | valid float | inner folds (molecules) | PBS | max bits "

@@ -112,7 +112,8 @@ def fit(
         "--fold-groups",
         help="Scaffold groups the inner folds validate on: balanced (every group, so every training molecule once) "
         "or rare (only the smallest groups, half of the molecules, like a scaffold test split's; the big series "
-        "always train).",
+        "always train). Measured: rare chose better on clintox (1,167 training molecules) and worse on herg "
+        "(518); see the README.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
     calibration: Path | None = typer.Option(
