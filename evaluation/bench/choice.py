@@ -24,28 +24,37 @@ from pathlib import Path
 import numpy as np
 
 
-def score_rows(
+def reference_networks(
     panel, name: str, seed: int, features: list[str], folds: int, groups: str = "balanced"
-) -> list[dict]:
+):
+    """fit's first stage on the panel's split (`fit.feature_scores`, every fold): per feature spec, the
+    task, the scored candidate, its checkpoint (trained on the training part) and its circuit compiled
+    without keys."""
     from molcloak.pipeline.fit import SearchSpace, feature_scores
     from molcloak.pipeline.train import TrainConfig
     from molcloak.pipeline.workflow import compile_checkpoint
 
-    from .frontier import primary
     from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
 
     ds = load_entry(panel, describe_panel(panel)[0][name])
-    space = SearchSpace(
-        features=tuple(features), inner_folds=folds, cv_molecules=0, fold_groups=groups
-    )  # every fold, for the rules
-    rows = []
+    space = SearchSpace(features=tuple(features), inner_folds=folds, cv_molecules=0, fold_groups=groups)
     for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, TrainConfig(patience=30)):
-        test = compile_checkpoint(ckpt, cand.compile, measure_keys=False).metrics["fhe_simulate"]
+        yield ds.task, cand, ckpt, compile_checkpoint(ckpt, cand.compile, measure_keys=False)
+
+
+def score_rows(
+    panel, name: str, seed: int, features: list[str], folds: int, groups: str = "balanced"
+) -> list[dict]:
+    from .frontier import primary
+
+    rows = []
+    for task, cand, ckpt, compiled in reference_networks(panel, name, seed, features, folds, groups):
+        test = compiled.metrics["fhe_simulate"]
         rows.append(
             {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "fold_groups": groups,
              "inner_part": cand.valid,
-             "cv": cand.cv, "cv_folds": cand.cv_folds, "cv_sizes": cand.cv_sizes, "test": primary(ds.task, test),
-             "test_metric": "rmse" if not ds.task.is_classification else "roc_auc", "seconds": cand.seconds,
+             "cv": cand.cv, "cv_folds": cand.cv_folds, "cv_sizes": cand.cv_sizes, "test": primary(task, test),
+             "test_metric": "rmse" if not task.is_classification else "roc_auc", "seconds": cand.seconds,
              "n_inputs": int(np.shape(ckpt.X_test)[1])}
         )  # fmt: skip
     return rows

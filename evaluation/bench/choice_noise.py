@@ -2,19 +2,21 @@
 
 The choice benchmark (`choice.py`) reports, per seed, the best feature set on the test next to each rule's
 pick. That "best on the test" is picked with hindsight on the very molecules it is scored on, so it is
-optimistic: a panel test split holds 20-70 positives, and five specs' test ROC-AUCs differ by chance about
-as much as by merit. Here each test split is cut in two halves, stratified by class, many times. On each cut:
+optimistic: the minority class of a panel test split holds 23-120 molecules, and five specs' test ROC-AUCs
+differ by chance about as much as by merit. Here each test split is cut in two class-stratified halves, many
+times. On each cut:
 
 - hindsight: the best spec on half B, scored on half B (what "best on the test" measures);
 - half-test chooser: the best spec on half A, scored on half B. It chooses on molecules of the test's own
-  distribution that it is not scored on, which no rule inside `fit` can see: the most a better rule can hope for;
+  distribution that it is not scored on, which no rule inside `fit` sees. A reference point, not a bound: a
+  rule that sees more molecules (fit's folds) can beat it;
 - each of `choice.py`'s rules (fit's among them), from the fold scores of a choice JSON (`--scores`), scored
   on half B; and the mean over the specs on half B (a pick at random).
 
-Both directions of every cut are averaged. "hindsight - chooser" is the part of "lost to the choice" that is
-test noise; "chooser - fit's rule" what choosing better could still win, at half the test size for the chooser.
-The networks are fit's first-stage reference networks, trained on the training part as in `choice.py` (same
-seeds, same code), FHE-simulated on the test; binary tasks only.
+Both directions of every cut are averaged. "hindsight - chooser" estimates how optimistic hindsight is (at
+half the test size); "chooser - rule" how far a rule is from choosing on test-like molecules. The networks
+are fit's first-stage reference networks, trained on the training part by `choice.reference_networks`
+(choice.py's code and seeds), FHE-simulated on the test; binary tasks only.
 
     python -m molcloak.evaluation.bench.choice_noise --scores evaluation/results/choice_s14.json \\
         --datasets herg,clintox,bace --seeds 0,1,2 --json choice_noise.json --markdown choice_noise.md
@@ -33,21 +35,16 @@ import numpy as np
 def test_predictions(panel, name: str, seed: int, features: list[str]) -> dict:
     """Each spec's reference network (fit's first stage on the training part) and its FHE-simulated
     probability of class 1 for every test molecule, with the test labels."""
-    from molcloak.pipeline.fit import SearchSpace, feature_scores
     from molcloak.pipeline.metrics import to_predictions
-    from molcloak.pipeline.train import TrainConfig
-    from molcloak.pipeline.workflow import compile_checkpoint, seeded_numpy
+    from molcloak.pipeline.workflow import seeded_numpy
 
-    from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
+    from .choice import reference_networks
 
-    ds = load_entry(panel, describe_panel(panel)[0][name])
-    space = SearchSpace(features=tuple(features), inner_folds=1)  # the folds' scores come from --scores
     preds, y = {}, None
-    for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, TrainConfig(patience=30)):
-        compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=False)
+    for task, cand, ckpt, compiled in reference_networks(panel, name, seed, features, folds=1):
         with seeded_numpy(0):  # as compile_checkpoint scores the test
             raw = compiled.q_module.forward(ckpt.X_test, fhe="simulate")
-        preds[cand.features] = to_predictions(ds.task, raw, ckpt.scaler, cand.compile.output)[:, 1]
+        preds[cand.features] = to_predictions(task, raw, ckpt.scaler, cand.compile.output)[:, 1]
         y = np.asarray(ckpt.y_test).ravel().astype(int)
     return {"y": y, "preds": preds}
 
@@ -86,22 +83,21 @@ def split_half(y: np.ndarray, preds: dict, picks: dict[str, str], n: int = 200) 
 
 
 def rule_picks(score_rows: list[dict], name: str, seed: int) -> dict[str, str]:
-    """Each rule of `choice.py` on each kind of folds in `score_rows` for (name, seed): "kind/rule" -> spec."""
+    """Each rule of `choice.py` on each kind of folds in `score_rows` for (name, seed): "kind/rule" -> spec
+    ("kind K folds/rule" when the rows hold runs with several fold counts)."""
     from .choice import RULES
 
+    mine = [r for r in score_rows if r["dataset"] == name and r["seed"] == seed]
+    runs = list(dict.fromkeys((r.get("fold_groups", "balanced"), r["folds"]) for r in mine))
     picks = {}
-    for kind in dict.fromkeys(r.get("fold_groups", "balanced") for r in score_rows):
-        rows = [
-            r
-            for r in score_rows
-            if r["dataset"] == name and r["seed"] == seed and r.get("fold_groups", "balanced") == kind
-        ]
-        if rows:
-            picks.update({f"{kind}/{rule}": pick(rows)["features"] for rule, pick in RULES.items()})
+    for kind, folds in runs:
+        rows = [r for r in mine if (r.get("fold_groups", "balanced"), r["folds"]) == (kind, folds)]
+        label = kind if sum(k == kind for k, _ in runs) == 1 else f"{kind} {folds} folds"
+        picks.update({f"{label}/{rule}": pick(rows)["features"] for rule, pick in RULES.items()})
     return picks
 
 
-def estimate(panel, name: str, seed: int, score_rows: list[dict], n: int) -> dict:
+def estimate(panel, name: str, seed: int, score_rows: list[dict], n: int, scores: str = "") -> dict:
     from molcloak.pipeline.errors import MolcloakError
 
     from .panel import describe_panel
@@ -114,15 +110,23 @@ def estimate(panel, name: str, seed: int, score_rows: list[dict], n: int) -> dic
     if not features:
         raise MolcloakError(f"--scores holds no rows for {name} seed {seed}: run choice.py on it first")
     tp = test_predictions(panel, name, seed, features)
+    counts = np.bincount(tp["y"], minlength=2)
+    if counts.min() < 2:  # each half needs both classes for a ROC-AUC
+        raise MolcloakError(
+            f"{name} seed {seed}: the test split holds {counts[0]} negatives and {counts[1]} positives; "
+            "halves need at least 2 of each: use a larger dataset"
+        )
     from sklearn.metrics import roc_auc_score
 
     full = {s: float(roc_auc_score(tp["y"], p)) for s, p in tp["preds"].items()}
-    recorded = {r["features"]: r["test"] for r in rows}  # the same networks' test metric in the choice JSON
+    recorded = {}  # the same networks' test metric in every run of the choice JSON
+    for r in rows:
+        recorded.setdefault(r["features"], []).append(r["test"])
     picks = rule_picks(score_rows, name, seed)
     return {
         "dataset": name, "seed": seed, "n_test": len(tp["y"]), "n_positive": int(tp["y"].sum()),
-        "halvings": n, "full_test": full,
-        "max_diff_to_scores": max(abs(full[s] - recorded[s]) for s in full),
+        "halvings": n, "scores": scores, "full_test": full,
+        "max_diff_to_scores": max(abs(full[s] - t) for s in full for t in recorded[s]),
         "picks": picks, "half_b": split_half(tp["y"], tp["preds"], picks, n),
     }  # fmt: skip
 
@@ -164,20 +168,25 @@ def main(argv=None) -> None:
     try:
         if args.halvings < 1:
             raise MolcloakError(f"--halvings {args.halvings}: give at least 1, e.g. 200")
+        if not datasets:
+            raise MolcloakError(
+                f"--datasets {args.datasets!r}: name at least one binary panel dataset, e.g. herg"
+            )
         panel = panel_folder(args.panel, datasets)
         score_rows = _score_rows(args.scores)
+        out = _previous(args.json)
     except MolcloakError as exc:  # one line and exit 2, as the CLI does
         ap.exit(2, f"error: {exc}\n")
-    out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.choice_noise " + " ".join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]
-    done = {(r["dataset"], r["seed"]) for r in out["rows"]}
+    scores = str(args.scores)
+    done = {(r["dataset"], r["seed"], r.get("halvings"), r.get("scores")) for r in out["rows"]}
     for name in datasets:
         for seed in seeds:
-            if (name, seed) in done:
+            if (name, seed, args.halvings, scores) in done:
                 continue
             try:
-                out["rows"].append(estimate(panel, name, seed, score_rows, args.halvings))
+                out["rows"].append(estimate(panel, name, seed, score_rows, args.halvings, scores))
             except MolcloakError as exc:
                 ap.exit(2, f"error: {exc}\n")
             args.json.write_text(json.dumps(out, indent=1))
@@ -186,17 +195,39 @@ def main(argv=None) -> None:
             print(json.dumps({k: out["rows"][-1][k] for k in ("dataset", "seed", "half_b")}), flush=True)
 
 
+SCORE_FIELDS = ("dataset", "seed", "features", "folds", "cv", "cv_folds", "inner_part", "test")
+
+
 def _score_rows(path: Path) -> list[dict]:
     from molcloak.pipeline.errors import MolcloakError
 
+    fix = "run python -m molcloak.evaluation.bench.choice --json FILE first"
     try:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MolcloakError(
-            f"--scores {path}: not a choice.py results file ({exc}); run python -m "
-            "molcloak.evaluation.bench.choice --json FILE first"
-        ) from exc
+        raise MolcloakError(f"--scores {path}: not a choice.py results file ({exc}); {fix}") from exc
+    for i, row in enumerate(rows if isinstance(rows, list) else [None]):
+        missing = [f for f in SCORE_FIELDS if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise MolcloakError(f"--scores {path}: row {i} lacks {', '.join(missing)}; {fix}")
     return rows
+
+
+def _previous(path: Path) -> dict:
+    """The results of an earlier run in `path` (to resume), or a new file."""
+    from molcloak.pipeline.errors import MolcloakError
+
+    if not path.is_file():
+        return {"rows": []}
+    try:
+        out = json.loads(path.read_text())
+        if not isinstance(out.get("rows"), list):
+            raise ValueError("no list of rows")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MolcloakError(
+            f"--json {path}: not a results file of this benchmark ({exc}); give a new path to start afresh"
+        ) from exc
+    return out
 
 
 if __name__ == "__main__":
