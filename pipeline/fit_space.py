@@ -80,9 +80,10 @@ class SearchSpace:
     input_bits: tuple[int, ...] = (3, 4)
     rounding_bits: tuple[int | None, ...] = (5, 4, 6)  # the first is used in stages 1-2
     # DEFAULT_P_ERROR (1e-6) per PBS, as `train`: the key-rotation bound of the security model (README, "Keys")
-    # assumes it. 0.05 gave the same FHE-simulated metric in 5-41 % less time and 19.6 MB of keys (herg 32 hidden 406 -> 301 ms, tox21 32
-    # hidden 552 ms and 54 MB -> 326 ms; evaluation/results/p_error_{herg,tox21}_s13.json), but every prediction then
-    # carries a bootstrap failure with probability about 1 - 0.95^PBS, which the owner must choose knowingly
+    # assumes it. 0.05 gave the same FHE-simulated metric in 5-41 % less time and 19.6 MB of keys (herg 32
+    # hidden 406 -> 301 ms, tox21 32 hidden 552 ms and 54 MB -> 326 ms; evaluation/results/p_error_{herg,tox21}
+    # _s13.json), but every prediction then carries a bootstrap failure with probability about 1 - 0.95^PBS,
+    # which the owner must choose knowingly
     p_error: tuple[float | None, ...] = (DEFAULT_P_ERROR,)
     top_features: int = 2  # feature specs carried into stage 2
     top_networks: int = 3  # networks retrained with the other teachers and recompiled in stage 3
