@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +153,8 @@ class Compiled:
     config: CompileConfig
     metrics: dict  # {"float": ..., "quantized": ..., "fhe_simulate": ...} on the test split
     seconds: float
+    # the predictions those metrics score ({"quantized": ..., "fhe_simulate": ...}, `to_predictions`' form)
+    test_predictions: dict = field(default_factory=dict)
 
     def info(self) -> dict:
         return {
@@ -169,14 +171,14 @@ def compile_checkpoint(
     start = time.perf_counter()
     q_module, stats = compile_model(ckpt.build_model(), ckpt.X_calib, config, measure_keys, ckpt.task)
     seconds = time.perf_counter() - start
-    metrics = dict(ckpt.metrics)
+    metrics, predictions = dict(ckpt.metrics), {}
     if len(ckpt.X_test):
         for mode, key in (("disable", "quantized"), ("simulate", "fhe_simulate")):
             with seeded_numpy(0):  # the simulated PBS errors come from NumPy's global generator: reproducible
                 raw = q_module.forward(ckpt.X_test, fhe=mode)
-            preds = to_predictions(ckpt.task, raw, ckpt.scaler, config.output)
-            metrics[key] = score(ckpt.task, ckpt.y_test, preds)
-    return Compiled(q_module, stats, config, metrics, seconds)
+            predictions[key] = to_predictions(ckpt.task, raw, ckpt.scaler, config.output)
+            metrics[key] = score(ckpt.task, ckpt.y_test, predictions[key])
+    return Compiled(q_module, stats, config, metrics, seconds, predictions)
 
 
 @contextlib.contextmanager

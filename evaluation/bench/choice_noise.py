@@ -35,16 +35,11 @@ import numpy as np
 def test_predictions(panel, name: str, seed: int, features: list[str]) -> dict:
     """Each spec's reference network (fit's first stage on the training part) and its FHE-simulated
     probability of class 1 for every test molecule, with the test labels."""
-    from molcloak.pipeline.metrics import to_predictions
-    from molcloak.pipeline.workflow import seeded_numpy
-
     from .choice import reference_networks
 
     preds, y = {}, None
-    for task, cand, ckpt, compiled in reference_networks(panel, name, seed, features, folds=1):
-        with seeded_numpy(0):  # as compile_checkpoint scores the test
-            raw = compiled.q_module.forward(ckpt.X_test, fhe="simulate")
-        preds[cand.features] = to_predictions(task, raw, ckpt.scaler, cand.compile.output)[:, 1]
+    for _task, cand, ckpt, compiled in reference_networks(panel, name, seed, features, folds=1):
+        preds[cand.features] = compiled.test_predictions["fhe_simulate"][:, 1]  # what the choice JSON scored
         y = np.asarray(ckpt.y_test).ravel().astype(int)
     return {"y": y, "preds": preds}
 
