@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from .errors import CompilationError, ConfigError
-from .output_head import class_circuit
+from .output_head import class_circuit, rounded_logits_circuit
 from .tasks import TaskSpec
 
 # 1e-6 per PBS: the cheapest crypto parameters this circuit gets (2^-40 costs ~2x the time and ~2x the keys, 1e-7 as
@@ -41,6 +41,9 @@ class CompileConfig:
     unused for Brevitas QAT models, whose quantizers fix their bits.
     `output`: "logits" (the client decrypts the model's outputs) or "class" (the circuit ends in a
     comparison and the client decrypts the predicted class only; see `output_head`).
+    `output_bits`: round each output of a logits circuit to this many bits before it is decrypted (None = exact,
+    Concrete ML's own circuit). Concrete must decrypt an unrounded output exactly, and on wide outputs that alone
+    can double the cost of every bootstrap (`output_head.rounded_logits_circuit`).
     """
 
     rounding_bits: int | None = 5
@@ -48,6 +51,7 @@ class CompileConfig:
     p_error: float | None = DEFAULT_P_ERROR
     n_bits: int | None = None
     output: Literal["logits", "class"] = "logits"
+    output_bits: int | None = None
 
     def __post_init__(self):
         if self.rounding_bits is not None and not 2 <= self.rounding_bits <= 16:
@@ -57,6 +61,15 @@ class CompileConfig:
         if self.output not in ("logits", "class"):
             raise ConfigError(f"output {self.output!r}; expected 'logits' or 'class'")
         check_p_error(self.p_error)
+        if self.output_bits is not None and not 2 <= self.output_bits <= 16:
+            raise ConfigError(
+                f"output bits {self.output_bits} out of range; use 2..16 or none (exact outputs)"
+            )
+        if self.output_bits is not None and self.output == "class":
+            raise ConfigError(
+                "--output-bits rounds the logits a circuit returns; a class-only circuit (--output class) "
+                "returns the class, so leave --output-bits unset"
+            )
         if self.n_bits is not None and not 2 <= self.n_bits <= 8:
             raise ConfigError(
                 f"n_bits {self.n_bits} out of range; post-training quantization needs 2..8 bits (4-6 is typical)"
@@ -132,7 +145,8 @@ def compile_model(
     `X_calib` (the training features) bounds every intermediate value of the circuit.
     `measure_keys` generates throwaway keys to record the exact serialized evaluation-key size
     (the server checks uploads against it); skip it when only simulating.
-    `config.output` "class" replaces the logits circuit by a class-only one (`output_head`; needs `task`).
+    `config.output` "class" replaces the logits circuit by a class-only one (`output_head`; needs `task`);
+    `config.output_bits` by one whose outputs are rounded before they are decrypted.
     """
     from concrete.ml.torch.compile import (
         compile_brevitas_qat_model,
@@ -175,6 +189,16 @@ def compile_model(
             raise CompilationError(
                 f"Concrete could not compile the class-only circuit ({_first_line(exc)}); "
                 "deploy with --output logits, or train with more activation bits (3 or more)"
+            ) from exc
+    elif config.output_bits is not None:
+        try:
+            q_module.fhe_circuit = rounded_logits_circuit(
+                q_module, X_calib, config.output_bits, config.rounding_method, config.p_error
+            )
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            raise CompilationError(
+                f"Concrete could not compile the circuit with rounded outputs ({_first_line(exc)}); "
+                "leave --output-bits unset (exact outputs)"
             ) from exc
     stats = CircuitStats.of(q_module.fhe_circuit)
     if not measure_keys:

@@ -245,7 +245,7 @@ def _search(search: Search) -> None:
     for base in _best_networks(search, cfg0)[: space.top_networks]:  # stage 3
         for rounding in space.rounding_bits:
             for p_error in space.p_error:
-                cfg = CompileConfig(rounding, "approximate", p_error)
+                cfg = space.compile_config(rounding, p_error)
                 if cfg != cfg0 and not search.out_of_time:
                     search.evaluate(base.features, base.options, cfg, "compile", base.teacher)
     _confirm(search)

@@ -85,6 +85,10 @@ class SearchSpace:
     # _s13.json), but every prediction then carries a bootstrap failure with probability about 1 - 0.95^PBS,
     # which the owner must choose knowingly
     p_error: tuple[float | None, ...] = (DEFAULT_P_ERROR,)
+    # round every variant's outputs to its lookups' bits before they are decrypted (`CompileConfig.output_bits`):
+    # an exact output can double the cost of every bootstrap (lipophilicity seed 0's refitted network: 298 ->
+    # 215 ms, RMSE 0.882 -> 0.891; PERFORMANCE.md, session 17). Off until the panel has measured it
+    round_outputs: bool = False
     top_features: int = 2  # feature specs carried into stage 2
     top_networks: int = 3  # networks retrained with the other teachers and recompiled in stage 3
     # plaintext teachers (teacher.TEACHERS; None = labels only): the first is used in stages 1-2, the others
@@ -144,7 +148,13 @@ class SearchSpace:
 
     @property
     def first_compile(self) -> CompileConfig:
-        return CompileConfig(self.rounding_bits[0], "approximate", self.p_error[0])
+        return self.compile_config(self.rounding_bits[0], self.p_error[0])
+
+    def compile_config(self, rounding_bits: int | None, p_error: float | None) -> CompileConfig:
+        """A variant's compile settings: approximate rounding, and its outputs rounded to the same bits when the
+        space rounds outputs."""
+        output_bits = rounding_bits if self.round_outputs else None
+        return CompileConfig(rounding_bits, "approximate", p_error, output_bits=output_bits)
 
     def network_moves(self) -> list[tuple[str, list]]:
         return [
@@ -196,7 +206,8 @@ class Candidate:
     @property
     def compile_label(self) -> str:
         p = "default" if self.compile.p_error is None else f"{self.compile.p_error:g}"
-        return f"r{self.compile.rounding_bits} p={p}"
+        out = f" out{self.compile.output_bits}" if self.compile.output_bits else ""
+        return f"r{self.compile.rounding_bits}{out} p={p}"
 
     @property
     def label(self) -> str:

@@ -13,6 +13,13 @@ quantizer's integers: binary ``q[1] - q[0]``, multi-label ``q[t] - zero_point``.
 as the network's own (a wider one would pick larger crypto parameters: 10x the keys on the demo model). The answer is written back in the output quantizer's integers as ``zero_point ± 1``, so
 the unchanged client part dequantizes it to logits ``±scale`` whose sign (or argmax) is the class;
 `class_predictions` turns them into 0/1 "probabilities".
+
+Rounded logits (``--output-bits N``): Concrete ML returns the last layer's integer accumulators unrounded, so
+Concrete must decrypt them exactly, and a bootstrap's output noise times the output layer's weights then has to
+stay below one unit of a 9-10-bit integer. On wide outputs that alone picks crypto parameters with twice the
+bootstrap work (a lipophilicity network: 54 MB of keys and 298 ms; rounded to 5 bits, 28 MB and 215 ms; PERFORMANCE.md,
+session 17). ``rounded_logits_circuit`` rounds each output to N bits first, in the same integers, so the client
+part dequantizes it unchanged; the outputs then carry the rounding's error of about one unit in N bits.
 """
 
 from __future__ import annotations
@@ -86,17 +93,42 @@ def class_circuit(
         sign = fhe.univariate(_sign)(s)  # one table lookup per task: +1 for class 1, -1 for class 0
         return sign * np.array([[-1, 1]]) if pairwise else sign
 
-    circuit = fhe.Compiler(forward, {"q_x": "encrypted"}).compile(
+    circuit = _compile(forward, q_calib, p_error)
+    n_out = 2 if pairwise else task.n_outputs
+    out_q.scale, out_q.zero_point = 1.0, np.zeros((1, n_out))
+    out_q.rmin, out_q.rmax = -1.0, 1.0
+    return circuit
+
+
+def rounded_logits_circuit(q_module, X_calib: np.ndarray, output_bits: int, rounding_method: str, p_error):
+    """The logits circuit of a compiled QuantizedModule with each output rounded to `output_bits` bits (the
+    calibration molecules' widest output sets how many bits are dropped); the module's own circuit when the
+    outputs already fit."""
+    from concrete import fhe
+
+    q_calib = q_module.quantize_input(np.asarray(X_calib, dtype=np.float32))
+    lsbs = lsbs_to_fit(q_module._clear_forward(q_calib), output_bits)
+    if not lsbs:
+        return q_module.fhe_circuit
+    exactness = fhe.Exactness.EXACT if rounding_method == "exact" else fhe.Exactness.APPROXIMATE
+
+    def forward(q_x):
+        return fhe.round_bit_pattern(q_module._clear_forward(q_x), lsbs_to_remove=lsbs, exactness=exactness)
+
+    return _compile(forward, q_calib, p_error)
+
+
+def _compile(forward, q_calib: np.ndarray, p_error):
+    """Compile `forward` on the quantized calibration rows with the settings of Concrete ML's own circuits."""
+    from concrete import fhe
+
+    return fhe.Compiler(forward, {"q_x": "encrypted"}).compile(
         [q_calib[i : i + 1] for i in range(len(q_calib))],
         p_error=p_error,
         single_precision=False,
         compress_input_ciphertexts=True,
         compress_evaluation_keys=True,
     )
-    n_out = 2 if pairwise else task.n_outputs
-    out_q.scale, out_q.zero_point = 1.0, np.zeros((1, n_out))
-    out_q.rmin, out_q.rmax = -1.0, 1.0
-    return circuit
 
 
 def class_predictions(task: TaskSpec, raw: np.ndarray) -> np.ndarray:

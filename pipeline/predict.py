@@ -489,4 +489,4 @@ def _without_test(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _bundle_compile_config(bundle) -> CompileConfig:
-    return CompileConfig(**load_manifest(bundle).data["compile"])
+    return CompileConfig.from_dict(load_manifest(bundle).data["compile"])

@@ -16,7 +16,7 @@ from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import ConfigError
 from molcloak.pipeline.fhe_client import PrivateClient
 from molcloak.pipeline.fhe_server import PrivateServer
-from molcloak.pipeline.output_head import check_output
+from molcloak.pipeline.output_head import check_output, lsbs_to_fit
 
 # exact rounding keeps FHE equal to the simulation bit for bit
 EXACT = CompileConfig(rounding_bits=4, rounding_method="exact", p_error=EXACT_P_ERROR)
@@ -103,3 +103,54 @@ def test_unknown_output_is_one_line(tiny_binary, tmp_path):
     assert result.exit_code == 2 and "output 'scores'" in result.output
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.output)
+
+
+def test_rounded_logits_decrypt_as_simulated_and_stay_within_half_a_step(tiny_regression, tmp_path):
+    """`--output-bits N` rounds each output before it is decrypted (exact rounding here, so FHE equals the
+    simulation bit for bit); the bundle records it, and the client part dequantizes the rounded integers
+    unchanged."""
+    ckpt, _, _ = tiny_regression
+    save_checkpoint(ckpt, tmp_path / "ckpt")
+    flags = ["--rounding-bits", "0", "--rounding-method", "exact", "--p-error", str(EXACT_P_ERROR)]
+    bundle = tmp_path / "b"
+    result = CliRunner().invoke(
+        app, ["deploy", str(tmp_path / "ckpt"), "--out", str(bundle), "--output-bits", "2", *flags]
+    )
+    assert result.exit_code == 0, result.output
+    assert "each logit rounded to 2 bits" in result.output
+    assert load_manifest(bundle).data["compile"]["output_bits"] == 2
+    exact_cfg = CompileConfig(rounding_bits=None, rounding_method="exact", p_error=EXACT_P_ERROR)
+    exact = workflow.compile_checkpoint(ckpt, exact_cfg, measure_keys=False)
+    rounded = workflow.compile_checkpoint(
+        ckpt, dataclasses.replace(exact_cfg, output_bits=2), measure_keys=False
+    )
+    qm = exact.q_module
+    lsbs = lsbs_to_fit(qm._clear_forward(qm.quantize_input(ckpt.X_calib.astype(np.float32))), 2)
+    assert lsbs >= 1  # the test model's outputs are wider than 2 bits: something is rounded
+    client, server = PrivateClient(bundle, tmp_path / "keys"), PrivateServer(bundle)
+    client.keygen()
+    keys = server.load_keys(client.evaluation_keys())
+    X = ckpt.X_test[:4]
+    executed = np.vstack([client.decrypt(server.run(client.encrypt(x), keys)) for x in X])
+    assert np.array_equal(executed, rounded.q_module.forward(X, fhe="simulate"))
+    # every output is a multiple of 2^lsbs in the output quantizer's integers, within half a step of the exact one
+    out_q = rounded.q_module.output_quantizers[0]
+    q_x = rounded.q_module.quantize_input(ckpt.X_test[:32])
+    ints = np.vstack([rounded.q_module.fhe_circuit.simulate(q_x[i : i + 1]) for i in range(len(q_x))])
+    assert not np.any(ints % (1 << lsbs)) and len(np.unique(ints)) > 1
+    step = float(out_q.scale) * (1 << lsbs)
+    diff = rounded.q_module.forward(ckpt.X_test[:32], fhe="simulate") - qm.forward(
+        ckpt.X_test[:32], fhe="simulate"
+    )
+    assert np.abs(diff).max() <= step / 2 + 1e-9
+    assert rounded.metrics["fhe_simulate"]["rmse"] < 2 * exact.metrics["fhe_simulate"]["rmse"]
+
+
+def test_output_bits_are_checked():
+    with pytest.raises(ConfigError, match="output bits 1 out of range"):
+        CompileConfig(output_bits=1)
+    with pytest.raises(ConfigError, match="class-only circuit.*leave --output-bits unset"):
+        CompileConfig(output="class", output_bits=6)
+    assert (
+        CompileConfig.from_dict({"rounding_bits": 5}).output_bits is None
+    )  # bundles written before the option

@@ -120,6 +120,13 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     )
     with pytest.raises(ConfigError, match="--fold-groups tail: choose balanced or rare"):
         panel.PanelConfig(str(tmp_path), fold_groups="tail")
+    # fit's rounded outputs: another molcloak run (exact outputs keep earlier runs' keys)
+    rounded = panel.PanelConfig(str(tmp_path), round_outputs=True)
+    assert key(rounded, "molcloak") != key(norm, "molcloak") and key(rounded, "references") == key(
+        norm, "references"
+    )
+    assert "--round-outputs" in panel.command_line(rounded) and "--round" not in panel.command_line(norm)
+    assert panel.molcloak_space(rounded).round_outputs and not panel.molcloak_space(norm).round_outputs
 
 
 def test_p_error_lists_keep_each_value_once_and_refuse_what_is_not_a_probability():

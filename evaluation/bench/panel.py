@@ -73,6 +73,7 @@ class PanelConfig:
     p_error: float = DEFAULT_P_ERROR  # fit --p-error: every variant's error probability per bootstrap
     # fit --fold-groups: the scaffold groups its inner folds validate on
     fold_groups: str = SearchSpace.fold_groups
+    round_outputs: bool = False  # fit --round-outputs: outputs rounded before they are decrypted
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -139,6 +140,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--teacher", config.teacher] if config.teacher else []
     args += ["--p-error", f"{config.p_error:g}"] if config.p_error != DEFAULT_P_ERROR else []
     args += ["--fold-groups", config.fold_groups] if config.fold_groups != SearchSpace.fold_groups else []
+    args += ["--round-outputs"] if config.round_outputs else []
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -180,6 +182,7 @@ def molcloak_space(config: PanelConfig) -> SearchSpace:
     """fit's search space with the panel's fit options (teacher, p_error, inner folds' groups)."""
     space = QUICK_SPACE if config.quick else SearchSpace()
     fit_options = {"p_error": (config.p_error,), "fold_groups": config.fold_groups}
+    fit_options["round_outputs"] = config.round_outputs
     return dataclasses.replace(space, teachers=teachers_for(config.teacher), **fit_options)
 
 

@@ -125,6 +125,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["p_error"] = config.p_error  # 0.05 runs were made without this key: they are not reused)
         if getattr(config, "fold_groups", "balanced") != "balanced":  # runs before the option: balanced folds
             parts["fold_groups"] = config.fold_groups
+        if getattr(config, "round_outputs", False):  # runs before the option: exact outputs
+            parts["round_outputs"] = True
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

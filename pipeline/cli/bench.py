@@ -26,6 +26,7 @@ PANEL_ONLY = (
     "teacher",
     "p_error",
     "fold_groups",
+    "round_outputs",
 )
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
@@ -88,6 +89,11 @@ def bench(
         "--fold-groups",
         help="Panel: fit's --fold-groups (balanced or rare; see `molcloak fit --help`).",
     ),
+    round_outputs: bool = typer.Option(
+        False,
+        "--round-outputs",
+        help="Panel: fit's --round-outputs (outputs rounded before they are decrypted; see `molcloak fit --help`).",
+    ),
     task: List[str] | None = typer.Option(
         None,
         "--task",
@@ -147,6 +153,7 @@ def bench(
         limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
         limits["teacher"] = None if teacher == "none" else teacher
         limits["p_error"], limits["fold_groups"] = p_error, fold_groups
+        limits["round_outputs"] = round_outputs
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )

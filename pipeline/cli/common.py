@@ -217,6 +217,13 @@ class CompileOpts:
         help="What the circuit returns: logits (default) or class, the predicted class only (binary and multi-label "
         "models): users then cannot fit a copy of the model on its scores; ranking metrics get worse (README).",
     )
+    output_bits = typer.Option(
+        None,
+        "--output-bits",
+        help="Round each logit to this many bits before it is decrypted (0 = exact, the default). Exact outputs "
+        "can double the cost of every bootstrap on wide circuits; use the --rounding-bits value (5): another "
+        "width adds a second set of crypto parameters (README, `compile`).",
+    )
 
 
 def given_compile(
@@ -225,8 +232,9 @@ def given_compile(
     p_error: float | None,
     n_bits: int | None = None,
     output: str | None = None,
+    output_bits: int | None = None,
 ) -> dict:
-    """The compile settings given on the command line (0 rounding bits = off)."""
+    """The compile settings given on the command line (0 rounding or output bits = off)."""
     given: dict = {}
     if rounding_bits is not None:
         given["rounding_bits"] = rounding_bits or None
@@ -238,4 +246,6 @@ def given_compile(
         given["n_bits"] = n_bits
     if output is not None:
         given["output"] = output
+    if output_bits is not None:
+        given["output_bits"] = output_bits or None
     return given

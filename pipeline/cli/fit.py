@@ -115,6 +115,13 @@ def fit(
         "always train). Measured: rare chose better on clintox (1,167 training molecules) and worse on herg "
         "(518); see the README.",
     ),
+    round_outputs: bool = typer.Option(
+        False,
+        "--round-outputs/--exact-outputs",
+        help="Round every variant's outputs to its rounding bits before they are decrypted (`compile "
+        "--output-bits`). Exact outputs (the default) can double the cost of every bootstrap on wide circuits; "
+        "measured on one lipophilicity network: 298 -> 215 ms, RMSE +0.009 (README).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the training and the search."),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="PBS cost calibration JSON (default $MOLCLOAK_HOME/pbs_calibration.json)."
@@ -157,6 +164,7 @@ def fit(
         inner_folds=inner_folds,
         cv_molecules=cv_molecules,
         fold_groups=fold_groups,
+        round_outputs=round_outputs,
     )
     budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:

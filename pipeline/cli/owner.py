@@ -163,6 +163,8 @@ def _print_compiled(compiled) -> None:
         out.print(
             "output: the predicted class only (0/1 per task); test metrics below are computed from classes"
         )
+    elif compiled.config.output_bits:
+        out.print(f"output: each logit rounded to {compiled.config.output_bits} bits before it is decrypted")
     for key, m in compiled.metrics.items():
         out.print(f"  {key:>13} test: {fmt_metrics(m)}")
 
@@ -219,6 +221,7 @@ def compile_cmd(
     seed: int = typer.Option(
         0, "--seed", help="With --torch-model: seed of the split and the calibration sample."
     ),
+    output_bits: int | None = CompileOpts.output_bits,
 ):
     """Compile a checkpoint to a TFHE circuit; report PBS count, bit width, key sizes and FHE-simulated metrics.
 
@@ -245,7 +248,7 @@ def compile_cmd(
     else:
         ckpt = load_checkpoint(checkpoint)
     cfg = recorded_compile_config(
-        ckpt, **given_compile(rounding_bits, rounding_method, p_error, n_bits, output)
+        ckpt, **given_compile(rounding_bits, rounding_method, p_error, n_bits, output, output_bits)
     )
     with err.status("compiling to a TFHE circuit and simulating the test split..."):
         compiled = compile_checkpoint(ckpt, cfg)
@@ -272,6 +275,7 @@ def deploy(
     rounding_method: str | None = CompileOpts.rounding_method,
     p_error: float | None = CompileOpts.p_error,
     output: str | None = CompileOpts.output,
+    output_bits: int | None = CompileOpts.output_bits,
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
@@ -293,6 +297,7 @@ def deploy(
         as_json,
         torch_model=None,
         n_bits=None,
+        output_bits=output_bits,
     )
 
 
