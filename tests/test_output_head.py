@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from molcloak.pipeline import data, workflow
 from molcloak.pipeline.bundle import load_manifest, save_checkpoint
 from molcloak.pipeline.cli import app
+from molcloak.pipeline.cli.common import given_compile
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import ConfigError
 from molcloak.pipeline.fhe_client import PrivateClient
@@ -151,6 +152,8 @@ def test_output_bits_are_checked():
         CompileConfig(output_bits=1)
     with pytest.raises(ConfigError, match="class-only circuit.*leave --output-bits unset"):
         CompileConfig(output="class", output_bits=6)
-    assert (
-        CompileConfig.from_dict({"rounding_bits": 5}).output_bits is None
-    )  # bundles written before the option
+    # bundles written before the option
+    assert CompileConfig.from_dict({"rounding_bits": 5}).output_bits is None
+    # `--output class` on a checkpoint that recorded rounded logits (fit --round-outputs) replaces them
+    assert given_compile(None, None, None, output="class") == {"output": "class", "output_bits": None}
+    assert given_compile(None, None, None, output_bits=0) == {"output_bits": None}  # 0: exact

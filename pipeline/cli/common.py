@@ -248,4 +248,6 @@ def given_compile(
         given["output"] = output
     if output_bits is not None:
         given["output_bits"] = output_bits or None
+    elif output == "class":  # a class-only circuit replaces rounded logits a checkpoint may have recorded
+        given["output_bits"] = None
     return given
