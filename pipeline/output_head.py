@@ -16,7 +16,7 @@ the unchanged client part dequantizes it to logits ``±scale`` whose sign (or ar
 
 Rounded logits (``--output-bits N``): Concrete ML returns the last layer's integer accumulators unrounded, so
 Concrete must decrypt them exactly, and a bootstrap's output noise times the output layer's weights then has to
-stay below one unit of a 9-10-bit integer. On wide outputs that alone picks crypto parameters with twice the
+stay below one unit of that integer (7 bits wide on the lipophilicity network below). On wide outputs that alone picks crypto parameters with twice the
 bootstrap work (a lipophilicity network: 54 MB of keys and 298 ms; rounded to 5 bits, 28 MB and 215 ms; PERFORMANCE.md,
 session 17). ``rounded_logits_circuit`` rounds each output to N bits first, in the same integers, so the client
 part dequantizes it unchanged; the outputs then carry the rounding's error of about one unit in N bits.
@@ -116,6 +116,16 @@ def rounded_logits_circuit(q_module, X_calib: np.ndarray, output_bits: int, roun
         return fhe.round_bit_pattern(q_module._clear_forward(q_x), lsbs_to_remove=lsbs, exactness=exactness)
 
     return _compile(forward, q_calib, p_error)
+
+
+def clear_outputs(q_module, X: np.ndarray) -> np.ndarray:
+    """The compiled circuit's outputs on `X` without FHE noise, dequantized: for a circuit this module built,
+    what Concrete ML's ``forward(X, fhe="disable")`` is for its own (which runs the network's integer forward
+    pass, not the circuit, and so misses the output rounding and the class comparison's offsets)."""
+    q_x = q_module.quantize_input(np.asarray(X, dtype=np.float32))
+    graph = q_module.fhe_circuit.graph
+    q_y = np.vstack([np.asarray(graph(q_x[i : i + 1])).reshape(1, -1) for i in range(len(q_x))])
+    return q_module.dequantize_output(q_y)
 
 
 def _compile(forward, q_calib: np.ndarray, p_error):

@@ -16,6 +16,7 @@ from .data import Dataset
 from .errors import DataError
 from .featurize import Featurizer, FeaturizerSpec
 from .metrics import score, to_predictions
+from .output_head import clear_outputs
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL, RunConfig
 from .splits import Split, split_dataset
 from .tabular import tabular_featurizer
@@ -173,9 +174,13 @@ def compile_checkpoint(
     seconds = time.perf_counter() - start
     metrics, predictions = dict(ckpt.metrics), {}
     if len(ckpt.X_test):
+        own_circuit = config.output == "logits" and config.output_bits is None
         for mode, key in (("disable", "quantized"), ("simulate", "fhe_simulate")):
             with seeded_numpy(0):  # the simulated PBS errors come from NumPy's global generator: reproducible
-                raw = q_module.forward(ckpt.X_test, fhe=mode)
+                if mode == "disable" and not own_circuit:  # Concrete ML's clear pass runs its own circuit
+                    raw = clear_outputs(q_module, ckpt.X_test)
+                else:
+                    raw = q_module.forward(ckpt.X_test, fhe=mode)
             predictions[key] = to_predictions(ckpt.task, raw, ckpt.scaler, config.output)
             metrics[key] = score(ckpt.task, ckpt.y_test, predictions[key])
     return Compiled(q_module, stats, config, metrics, seconds, predictions)

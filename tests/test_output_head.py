@@ -50,6 +50,8 @@ def test_class_circuit_returns_the_logit_models_class(class_bundle):
     assert logits.stats.pbs_count < compiled.stats.pbs_count <= logits.stats.pbs_count + 3
     assert compiled.stats.max_bit_width <= logits.stats.max_bit_width
     assert 0.5 < compiled.metrics["fhe_simulate"]["roc_auc"] <= 1
+    # "quantized" is the class circuit without FHE noise: with exact rounding at 2^-40, the simulation's decisions
+    assert np.array_equal(compiled.test_predictions["quantized"], compiled.test_predictions["fhe_simulate"])
 
 
 def test_client_decrypts_only_the_class(class_bundle, tmp_path):
@@ -145,6 +147,9 @@ def test_rounded_logits_decrypt_as_simulated_and_stay_within_half_a_step(tiny_re
     )
     assert np.abs(diff).max() <= step / 2 + 1e-9
     assert rounded.metrics["fhe_simulate"]["rmse"] < 2 * exact.metrics["fhe_simulate"]["rmse"]
+    # "quantized" includes the output rounding (the circuit in the clear): exact rounding at 2^-40 simulates the same
+    assert np.allclose(rounded.test_predictions["quantized"], rounded.test_predictions["fhe_simulate"])
+    assert not np.allclose(rounded.test_predictions["quantized"], exact.test_predictions["quantized"])
 
 
 def test_output_bits_are_checked():
