@@ -12,6 +12,7 @@ machine was quiet and the factor is 1. `--latency-check normalized` (the default
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 import tempfile
@@ -182,15 +183,10 @@ class LoadGauge:
     def __init__(self, calibration: Calibration):
         self.calibration = calibration
         self.label = f"{key(*REFERENCE[:3])} x{REFERENCE[3]}"
-        self._circuit = None
 
     def run(self) -> float:
         """Seconds of one encrypted run of the reference circuit."""
-        if self._circuit is None:
-            circuit, enc = layer_circuit(*REFERENCE[:3], REFERENCE[3], np.random.default_rng(0))
-            circuit.run(enc)  # warm-up
-            self._circuit = (circuit, enc)
-        circuit, enc = self._circuit
+        circuit, enc = _reference_circuit()
         start = time.perf_counter()
         circuit.run(enc)
         return time.perf_counter() - start
@@ -205,6 +201,15 @@ class LoadGauge:
         now = statistics.median(reference)
         quiet = self.calibration.quiet_reference(self.label, now)
         return Timing(statistics.median(seconds), now, quiet, others)
+
+
+@functools.cache
+def _reference_circuit():
+    """The reference circuit with keys and one encrypted input, built once per process (it is deterministic,
+    and a `bench --panel` or a test session makes many gauges)."""
+    circuit, enc = layer_circuit(*REFERENCE[:3], REFERENCE[3], np.random.default_rng(0))
+    circuit.run(enc)  # warm-up
+    return circuit, enc
 
 
 def interleaved(run: Callable[[], float], n: int, gauge: LoadGauge | None) -> Timing | None:

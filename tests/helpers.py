@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
+import shutil
+import tempfile
 from pathlib import Path
 
 from molcloak.pipeline.serving import process
@@ -12,8 +15,25 @@ from molcloak.pipeline.serving.process import free_port
 __all__ = ["ServerProcess", "free_port", "write_csv"]
 
 
+_shapes_cache: list[Path] = []
+
+
+def _shapes_cache_dir() -> Path:
+    """This test process's cache of the ciphertext shapes servers measured (`<state>/ciphertexts/<model>.json`)."""
+    if not _shapes_cache:
+        _shapes_cache.append(Path(tempfile.mkdtemp(prefix="molcloak-test-shapes-")))
+        atexit.register(shutil.rmtree, _shapes_cache[0], True)
+    return _shapes_cache[0]
+
+
 class ServerProcess(process.ServerProcess):
-    """Two FHE workers; the log is `<state>/../server-<port>.log`, appended to by a restart on the same port."""
+    """Two FHE workers; the log is `<state>/../server-<port>.log`, appended to by a restart on the same port.
+
+    A new state directory gets the ciphertext shapes earlier test servers measured: each measurement is a throwaway
+    keygen in a worker, and the server checks a cached shape's client fingerprint, so a shape of another bundle of
+    the same name is measured again. (Measuring them stays tested: the first server of each model, the app, the
+    load and attack checks, and `tests/test_serving_process.py`, which starts the library's class.)
+    """
 
     def __init__(
         self,
@@ -25,6 +45,11 @@ class ServerProcess(process.ServerProcess):
         **kwargs,
     ):
         port = port or free_port()
+        shapes, cache = Path(state) / "ciphertexts", _shapes_cache_dir()
+        for cached in cache.glob("*.json"):
+            if not (shapes / cached.name).exists():
+                shapes.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cached, shapes / cached.name)
         super().__init__(
             bundles,
             state,
@@ -34,6 +59,8 @@ class ServerProcess(process.ServerProcess):
             log=Path(state).parent / f"server-{port}.log",
             **kwargs,
         )
+        for measured in shapes.glob("*.json"):
+            shutil.copyfile(measured, cache / measured.name)
 
     @property
     def proc(self):

@@ -36,10 +36,13 @@ def served(tiny_binary, tiny_regression, tmp_path_factory):
     assert not alive, f"FHE workers outlived the server: {alive}"
 
 
-@pytest.fixture()
-def backend(served, tmp_path):
+@pytest.fixture(scope="module")
+def backend(served, tmp_path_factory):
+    """One backend (and one comparison child) for the module: every test uses its own session ids, and
+    the oldest sessions are evicted as later tests open theirs (max_sessions=2)."""
     server, bundles = served
-    b = AppBackend(server.url, tmp_path / "app", token=server.token, bundles=bundles, max_sessions=2)
+    root = tmp_path_factory.mktemp("app")
+    b = AppBackend(server.url, root / "app", token=server.token, bundles=bundles, max_sessions=2)
     yield b
     b.close()
 

@@ -32,7 +32,7 @@ TINY = SearchSpace(
     act_bits=(2,),
     input_bits=(2,),
     rounding_bits=(None, 4),
-    p_error=(2**-40,),
+    p_error=(1e-6,),  # fit's default: half the keys of 2^-40 (no test here compares FHE with simulation)
     top_features=1,
     top_networks=1,
     inner_folds=3,
@@ -224,7 +224,7 @@ def test_large_data_validates_on_the_first_folds_that_hold_cv_molecules(tiny_csv
 
 def test_round_outputs_rounds_every_variant_to_its_lookup_bits():
     space = dataclasses.replace(TINY, round_outputs=True, rounding_bits=(4, None))
-    assert space.first_compile == CompileConfig(4, "approximate", 2**-40, output_bits=4)
+    assert space.first_compile == CompileConfig(4, "approximate", 1e-6, output_bits=4)
     assert space.compile_config(None, 2**-40).output_bits is None  # no rounding: exact outputs
     assert TINY.compile_config(4, 2**-40).output_bits is None  # the default: exact outputs
     assert "r4 out4 p=" in Candidate("physchem", {}, space.first_compile, "features").label
@@ -271,10 +271,16 @@ def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
     args = (ds, space, FitBudget(latency_ms=1), None, 0.2, 0, TrainConfig(epochs=2), optimistic)
     with pytest.raises(TuneError, match=r"the cheapest found is physchem .* at [1-9]\d* ms measured and"):
         fit(*args[:2], dataclasses.replace(args[2], latency_check="raw"), *args[3:], measure_runs=2)
-    # ... and without them the final measurement decides: the fastest timed candidate is kept and flagged
-    kept = fit(*args, measure_runs=2, time_candidates=False)
+    # ... and without them the final measurement decides: the fastest timed candidate is kept and flagged; over the
+    # budget with exact outputs, each network is timed again with its outputs rounded to its rounding bits
+    rounded_space = dataclasses.replace(space, rounding_bits=(4,))
+    kept = fit(args[0], rounded_space, *args[2:], measure_runs=2, time_candidates=False)
     assert kept.over_budget and kept.chosen.measured_s > 0.001 and kept.chosen.predicted_s < 0.001
     assert kept.chosen.run_s is None
+    outputs = [c for c in kept.candidates if c.stage == "outputs"]
+    assert outputs and all(c.compile.output_bits == 4 and c.measured_s > 0.001 for c in outputs)
+    assert {c.compile.output_bits for c in kept.candidates if c.measured_s} == {None, 4}
+    assert "out4" in outputs[0].label and kept.chosen.compile.rounding_bits == 4
     with pytest.raises(ConfigError, match="budget .* is not positive"):
         FitBudget(latency_ms=0)
     # a calibration that may not measure (bench --panel --quick) predicts nothing it has not measured

@@ -21,6 +21,8 @@ MODEL = "tiny-sol-low"
 OCTET = {"Content-Type": "application/octet-stream"}
 TOKENS = ["tok-a", "tok-b", "tok-c"]
 TTL_SECONDS = 60
+# long enough for a loaded machine to upload keys and predict before they expire
+EXPIRY_TTL_SECONDS = 20
 
 
 def auth(token: str | None) -> dict:
@@ -69,7 +71,8 @@ def bundles(tiny_binary, tmp_path_factory):
 def keys_size(bundles, tiny_binary):
     from molcloak.pipeline.fhe_client import PrivateClient
 
-    client = PrivateClient(bundles / "binary", bundles.parent / "size-keys")
+    # in client_a's key directory: client_a (below) finds these keys and uploads them instead of making its own
+    client = PrivateClient(bundles / "binary", bundles.parent / "keys-a")
     client.keygen()
     return len(client.evaluation_keys())
 
@@ -201,17 +204,27 @@ def test_prediction_budgets_per_key_and_per_token_survive_a_restart(guarded, cli
 
 @pytest.fixture(scope="module")
 def open_server(bundles):
-    """No token; key sets expire TTL_SECONDS after their last use; 30 predictions a minute per key id.
-    An expired key set (last used in 1970) lies in the state directory before the start."""
-    state = bundles.parent / "open"
+    """No token; key sets expire TTL_SECONDS after their last use; 30 predictions a minute per key id."""
+    args = ["--key-ttl-hours", f"{TTL_SECONDS / 3600:.6f}", "--rate", 30, "--max-batch", 32]
+    server = ServerProcess(bundles, bundles.parent / "open", extra_args=args)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def expiring_server(bundles):
+    """No token; key sets expire EXPIRY_TTL_SECONDS after their last use (collected every half of it), so that the
+    expiry test waits seconds, not minutes. An expired key set (last used in 1970) lies in the state directory
+    before the start."""
+    state = bundles.parent / "expiring"
     keys = state / "keys"
     keys.mkdir(parents=True)
     old = "0a" * 16
     (keys / f"{old}.keys").write_bytes(b"old keys")
     (keys / f"{old}.json").write_text(json.dumps({"model": MODEL, "bytes": 8, "created": 0, "last_used": 0}))
     os.chmod(keys, 0o700)
-    args = ["--key-ttl-hours", f"{TTL_SECONDS / 3600:.6f}", "--rate", 30, "--max-batch", 32]
-    server = ServerProcess(bundles, state, extra_args=args)
+    args = ["--key-ttl-hours", f"{EXPIRY_TTL_SECONDS / 3600:.6f}"]
+    server = ServerProcess(bundles, state, workers=1, extra_args=args)
     yield server
     server.stop()
 
@@ -242,24 +255,26 @@ def test_rate_limit_per_key_id_answers_429_with_retry_after(open_server, bundles
     assert open_server.alive()
 
 
-def test_unused_key_sets_expire_at_start_and_periodically(open_server, bundles, tiny_binary):
-    assert "0a" * 16 not in _stored(open_server)  # collected at start
-    assert not (open_server.state_dir / "keys" / f"{'0a' * 16}.json").exists()
-    health = httpx.get(f"{open_server.url}/health").json()  # no token: the figures are public
+def test_unused_key_sets_expire_at_start_and_periodically(expiring_server, bundles, tiny_binary):
+    assert "0a" * 16 not in _stored(expiring_server)  # collected at start
+    assert not (expiring_server.state_dir / "keys" / f"{'0a' * 16}.json").exists()
+    health = httpx.get(f"{expiring_server.url}/health").json()  # no token: the figures are public
     start_expired = health["keys"]["expired_since_start"]
     assert start_expired >= 1 and health["keys"]["limits"]["key_ttl_seconds"] == pytest.approx(
-        TTL_SECONDS, 0.01
+        EXPIRY_TTL_SECONDS, 0.01
     )
-    model = RemoteModel(open_server.url, MODEL, key_dir=bundles.parent / "keys-expiry")
+    model = RemoteModel(expiring_server.url, MODEL, key_dir=bundles.parent / "keys-expiry")
     key_id = model.key_id()
-    assert _predict(open_server, key_id, _cts(model, tiny_binary[0].X_test, 1)).status_code == 200
-    deadline = time.monotonic() + TTL_SECONDS + 120  # expiry time, collection interval, a loaded machine
-    while key_id in _stored(open_server) and time.monotonic() < deadline:
+    assert _predict(expiring_server, key_id, _cts(model, tiny_binary[0].X_test, 1)).status_code == 200
+    deadline = (
+        time.monotonic() + EXPIRY_TTL_SECONDS + 120
+    )  # expiry time, collection interval, a loaded machine
+    while key_id in _stored(expiring_server) and time.monotonic() < deadline:
         time.sleep(2)
-    assert key_id not in _stored(open_server), "the unused key set was not collected"
-    r = _predict(open_server, key_id, _cts(model, tiny_binary[0].X_test, 1))
+    assert key_id not in _stored(expiring_server), "the unused key set was not collected"
+    r = _predict(expiring_server, key_id, _cts(model, tiny_binary[0].X_test, 1))
     assert r.status_code == 404 and _error(r)["type"] == "KeysError"
-    assert httpx.get(f"{open_server.url}/health").json()["keys"]["expired_since_start"] > start_expired
+    assert httpx.get(f"{expiring_server.url}/health").json()["keys"]["expired_since_start"] > start_expired
     # the HTTP client uploads its keys again by itself
     assert len(model.predict(tiny_binary[0].smiles_test[:1]).predictions) == 1
     assert model.key_id() != key_id

@@ -62,6 +62,8 @@ def list_keys(
         out.print(f"no key sets in {Path(key_dir or DEFAULT_KEY_DIR)}")
         return
     table = Table(title=f"key sets in {Path(key_dir or DEFAULT_KEY_DIR)}")
+    # the model and key id stay whole on a narrow terminal (other columns wrap): they are what a user copies
+    widest = {"model": max(len(k.model) for k in sets), "key id": max(len(k.key_id or "-") for k in sets)}
     for col in (
         "model",
         "client part",
@@ -72,7 +74,7 @@ def list_keys(
         "rotate after",
         "keys",
     ):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in widest, min_width=widest.get(col))
     for k in sets:
         d = k.to_dict()
         count = "unknown" if k.predictions is None else str(k.predictions)
