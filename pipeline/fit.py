@@ -190,6 +190,8 @@ def _verify(search: Search, ranked: list[Candidate], measure_runs: int):
         ckpt = search.final(base)
         for cand in _final_variants(search, base):  # the next one only when the previous is over the budget
             compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=True)
+            if cand.stage == "outputs":  # the search never compiled it: its own circuit's figures
+                search.record_circuit(cand, compiled.stats)
             measured = measure_latency(ckpt, compiled, measure_runs, search.gauge) if measure_runs else {}
             cand.measured_s = measured.get("median_run_s")
             cand.measured_load_factor = measured.get("load_factor") if search.gauge else None
@@ -205,12 +207,16 @@ def _verify(search: Search, ranked: list[Candidate], measure_runs: int):
 def _final_variants(search: Search, cand: Candidate):
     """The candidate, then (with exact outputs and rounded lookups) the same network with its outputs rounded to its
     rounding bits, added to the front as a variant of stage "outputs" (scored as the candidate: validation did not
-    simulate it)."""
+    simulate it; its circuit figures are the refitted network's, and it has no search timing)."""
     yield cand
     cfg = cand.compile
     if cfg.output == "logits" and cfg.output_bits is None and cfg.rounding_bits:
         rounded = dataclasses.replace(
-            cand, compile=dataclasses.replace(cfg, output_bits=cfg.rounding_bits), stage="outputs"
+            cand,
+            compile=dataclasses.replace(cfg, output_bits=cfg.rounding_bits),
+            stage="outputs",
+            run_s=None,
+            load_factor=None,
         )
         search.candidates.append(rounded)
         yield rounded

@@ -150,13 +150,7 @@ class Search:
         )
         cand.valid = compiled.metrics["fhe_simulate"].get(self.metric, float("nan"))
         cand.float_valid = float_metrics.get(self.metric, float("nan"))
-        s = compiled.stats
-        cand.pbs, cand.max_bits = s.pbs_count, s.max_bit_width
-        cand.key_bytes = s.serialized_evaluation_key_bytes
-        if s.max_bit_width <= MAX_MEASURED_BITS:
-            cand.predicted_s = self.calibration.predict(
-                s.pbs_count, s.max_bit_width, cfg.rounding_bits, cfg.p_error
-            )
+        self.record_circuit(cand, compiled.stats)
         if self.timed_runs and cand.key_bytes <= self.budget.key_mb * 1e6:  # valid has >= 10 rows
             timing = time_circuit(compiled.q_module, X[sp.valid], self.timed_runs, self.gauge)
             cand.run_s, cand.load_factor = timing.seconds, timing.load_factor if self.gauge else None
@@ -255,6 +249,17 @@ class Search:
             both = Split(np.union1d(sp.train, sp.valid), np.array([], dtype=int), sp.test, sp.method)
             self._refitted[features] = (both, *self.fitted(features, both.train))
         return self._refitted[features]
+
+    def record_circuit(self, cand: Candidate, s) -> None:
+        """The candidate's circuit statistics (`CircuitStats`) and the cost model's latency for them."""
+        cand.pbs, cand.max_bits = s.pbs_count, s.max_bit_width
+        cand.key_bytes = s.serialized_evaluation_key_bytes
+        cand.predicted_s = float("inf")
+        if s.max_bit_width <= MAX_MEASURED_BITS:
+            cfg = cand.compile
+            cand.predicted_s = self.calibration.predict(
+                s.pbs_count, s.max_bit_width, cfg.rounding_bits, cfg.p_error
+            )
 
     def final(self, cand: Candidate) -> Checkpoint:
         """The chosen features and network refitted on training and inner validation molecules together, for as many

@@ -279,6 +279,9 @@ def test_a_budget_nothing_meets_names_the_cheapest(tiny_csv, tmp_path):
     assert kept.chosen.run_s is None
     outputs = [c for c in kept.candidates if c.stage == "outputs"]
     assert outputs and all(c.compile.output_bits == 4 and c.measured_s > 0.001 for c in outputs)
+    assert all(
+        c.run_s is None and c.pbs > 0 and c.key_bytes > 0 for c in outputs
+    )  # its own circuit, never searched
     assert {c.compile.output_bits for c in kept.candidates if c.measured_s} == {None, 4}
     assert "out4" in outputs[0].label and kept.chosen.compile.rounding_bits == 4
     with pytest.raises(ConfigError, match="budget .* is not positive"):
