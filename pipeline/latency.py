@@ -25,6 +25,7 @@ import numpy as np
 
 from .bundle import Checkpoint
 from .errors import ConfigError
+from .files import molcloak_home
 from .pbs_cost import Calibration, key, layer_circuit
 from .workflow import Compiled, deploy
 
@@ -206,8 +207,12 @@ class LoadGauge:
 @functools.cache
 def _reference_circuit():
     """The reference circuit with keys and one encrypted input, built once per process (it is deterministic,
-    and a `bench --panel` or a test session makes many gauges)."""
-    circuit, enc = layer_circuit(*REFERENCE[:3], REFERENCE[3], np.random.default_rng(0))
+    and a `bench --panel` or a test session makes many gauges). Its keys are kept in `reference-keys/` of
+    molcloak's home and reused by later processes: generating them takes longer than any run it gauges."""
+    rng = np.random.default_rng(0)
+    circuit, enc = layer_circuit(
+        *REFERENCE[:3], REFERENCE[3], rng, key_dir=molcloak_home() / "reference-keys"
+    )
     circuit.run(enc)  # warm-up
     return circuit, enc
 

@@ -10,16 +10,18 @@ The circuit is Concrete ML's own integer forward pass (``QuantizedModule._clear_
 Concrete ML compiles for the logits circuit) followed by, per task, the sign of the score in the output
 quantizer's integers: binary ``q[1] - q[0]``, multi-label ``q[t] - zero_point``. The score is rounded
 (``fhe.round_bit_pattern``) to the circuit's rounding bits first, so the comparison is a lookup as narrow
-as the network's own (a wider one would pick larger crypto parameters: 10x the keys on the demo model). The answer is written back in the output quantizer's integers as ``zero_point ± 1``, so
-the unchanged client part dequantizes it to logits ``±scale`` whose sign (or argmax) is the class;
+as the network's own (a wider one would pick larger crypto parameters: 10x the keys on the demo model).
+The answer is written back in the output quantizer's integers as ``zero_point ± 1``, so the unchanged
+client part dequantizes it to logits ``±scale`` whose sign (or argmax) is the class;
 `class_predictions` turns them into 0/1 "probabilities".
 
-Rounded logits (``--output-bits N``): Concrete ML returns the last layer's integer accumulators unrounded, so
-Concrete must decrypt them exactly, and a bootstrap's output noise times the output layer's weights then has to
-stay below one unit of that integer (7 bits wide on the lipophilicity network below). On wide outputs that alone picks crypto parameters with twice the
-bootstrap work (a lipophilicity network: 54 MB of keys and 298 ms; rounded to 5 bits, 28 MB and 215 ms; PERFORMANCE.md,
-session 17). ``rounded_logits_circuit`` rounds each output to N bits first, in the same integers, so the client
-part dequantizes it unchanged; the outputs then carry the rounding's error of about one unit in N bits.
+Rounded logits (``--output-bits N``): Concrete ML returns the last layer's integer accumulators unrounded,
+so Concrete must decrypt them exactly, and a bootstrap's output noise times the output layer's weights then
+has to stay below one unit of that integer (7 bits wide on the lipophilicity network below). On wide outputs
+that alone picks crypto parameters with twice the bootstrap work (a lipophilicity network: 54 MB of keys and
+298 ms; rounded to 5 bits, 28 MB and 215 ms; PERFORMANCE.md, session 17). ``rounded_logits_circuit`` rounds
+each output to N bits first, in the same integers, so the client part dequantizes it unchanged; the outputs
+then carry the rounding's error of about one unit in N bits.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import molcloak_home
+from .files import molcloak_home, write_private
 
 DEFAULT_PATH = molcloak_home() / "pbs_calibration.json"
 SIZES = (1, 16)
@@ -32,9 +33,12 @@ def key(bits: int, lookup_bits: int, p_error: float | None) -> str:
     return f"{bits}/{lookup_bits}@{'default' if p_error is None else f'{p_error:g}'}"
 
 
-def layer_circuit(bits: int, lookup_bits: int, p_error: float | None, n: int, rng):
+def layer_circuit(
+    bits: int, lookup_bits: int, p_error: float | None, n: int, rng, key_dir: Path | None = None
+):
     """A compiled circuit with keys shaped like one model layer: `n` encrypted `bits`-bit values, each
-    rounded to `lookup_bits` bits and sent through a table lookup (`n` PBS); and an encrypted input."""
+    rounded to `lookup_bits` bits and sent through a table lookup (`n` PBS); and an encrypted input.
+    With `key_dir`, its keys are kept there and reused (`_keys`)."""
     from concrete import fhe
 
     table = fhe.LookupTable([int(v) for v in rng.integers(0, 2**lookup_bits, size=2**bits)])
@@ -49,8 +53,27 @@ def layer_circuit(bits: int, lookup_bits: int, p_error: float | None, n: int, rn
     # stay clear of the top value: rounding it up would need one more bit
     inputset = [rng.integers(0, 2**bits - 2**drop, size=n) for _ in range(32)] + [np.zeros(n, dtype=int)]
     circuit = compiler.compile(inputset, fhe.Configuration(p_error=p_error, show_progress=False))
-    circuit.keygen()
+    _keys(circuit, key_dir)
     return circuit, circuit.encrypt(rng.integers(0, 2**bits - 2**drop, size=n))
+
+
+def _keys(circuit, key_dir: Path | None) -> None:
+    """Generate `circuit`'s keys or, with `key_dir`, load the ones an earlier process kept there (and keep
+    new ones). Only for circuits that encrypt no one's data (the load gauge's reference): the file holds
+    the secret key too. It is named by the circuit's client specs, so other crypto parameters (another
+    p_error, another concrete version) never load stale keys; an unreadable file is replaced."""
+    if key_dir is None:
+        circuit.keygen()
+        return
+    path = Path(key_dir) / f"{hashlib.sha256(circuit.client.specs.serialize()).hexdigest()[:16]}.keys"
+    if path.is_file():
+        try:
+            circuit.keys.load(path)
+            return
+        except Exception:  # noqa: BLE001 - any unreadable file: generate again and replace it
+            path.unlink(missing_ok=True)
+    circuit.keygen()
+    write_private(path, circuit.keys.serialize())
 
 
 def measure(bits: int, lookup_bits: int, p_error: float | None, repeats: int = 5, seed: int = 0) -> dict:

@@ -51,3 +51,48 @@ def csv_file(tmp_path):
         return p
 
     return write
+
+
+# ---------------------------------------------------------------- scheduling under pytest-xdist
+# `make test` runs two files at a time (`--dist loadfile --no-loadscope-reorder`): the files in this order, the
+# longest first, so that the short ones fill the end instead of one worker finishing a long file alone.
+# Ordered by the per-file seconds `make test` prints at the end ("slowest files"); unlisted files follow.
+LONGEST_FILES = (
+    "test_panel.py",
+    "test_fit.py",
+    "test_cli.py",
+    "test_service.py",
+    "test_screen.py",
+    "test_app_kinds.py",
+    "test_keys.py",
+    "test_quotas.py",
+    "test_output_head.py",
+    "test_bench.py",
+    "test_app.py",
+    "test_browser.py",
+    "test_ray_executor.py",
+    "test_hardening.py",
+    "test_audit.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Setup, call and teardown seconds per file (on xdist's controller: every worker's reports)."""
+    name = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FILE_SECONDS:
+        return
+    slowest = sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:12]
+    terminalreporter.write_sep("=", "slowest files (seconds in setup, call and teardown)")
+    terminalreporter.write_line("  ".join(f"{name.removeprefix('tests/')} {s:.0f}" for name, s in slowest))

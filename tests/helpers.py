@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,15 +16,12 @@ from molcloak.pipeline.serving.process import free_port
 __all__ = ["ServerProcess", "free_port", "write_csv"]
 
 
-_shapes_cache: list[Path] = []
-
-
+@functools.cache
 def _shapes_cache_dir() -> Path:
     """This test process's cache of the ciphertext shapes servers measured (`<state>/ciphertexts/<model>.json`)."""
-    if not _shapes_cache:
-        _shapes_cache.append(Path(tempfile.mkdtemp(prefix="molcloak-test-shapes-")))
-        atexit.register(shutil.rmtree, _shapes_cache[0], True)
-    return _shapes_cache[0]
+    path = Path(tempfile.mkdtemp(prefix="molcloak-test-shapes-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 class ServerProcess(process.ServerProcess):

@@ -32,10 +32,7 @@ def _deploy(ds, out, name, **train):
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory):
     """A tabular bundle (breast-cancer rows), a two-task regression one (logS + kcal/mol) and a fingerprint
-    one (descriptors and Morgan bits: its explanations have atom maps), served.
-
-    (Morgan bits alone cannot be served today: `molcloak serve` encrypts random normal reference rows at
-    start-up, which a circuit compiled on non-negative inputs refuses.)"""
+    one (descriptors and Morgan bits: its explanations have atom maps), served."""
     from helpers import ServerProcess
 
     root = tmp_path_factory.mktemp("kinds")

@@ -133,3 +133,26 @@ def test_search_clock_counts_quiet_minutes_with_a_wall_clock_stop():
     raw.charge(1000.0, 5.0)  # the raw check counts wall-clock time
     t[0] += 61.0
     assert raw.out_of_time() and not SearchClock(None, True, now=lambda: t[0]).out_of_time()
+
+
+def test_the_gauges_keys_are_kept_named_by_their_parameters_and_replaced_when_unreadable(tmp_path):
+    """The load gauge's reference circuit keeps its keys in molcloak's home for later processes: a second
+    build loads the same secret key (each decrypts what the other computed: with another key, 8 random
+    3-bit values would agree by chance once in 16 million), other crypto parameters get their own file,
+    and an unreadable file is generated again."""
+    from molcloak.pipeline.pbs_cost import layer_circuit
+
+    def build(p_error=2**-40):
+        return layer_circuit(4, 3, p_error, 8, np.random.default_rng(0), key_dir=tmp_path)
+
+    first, enc = build()
+    (kept,) = tmp_path.glob("*.keys")
+    assert kept.stat().st_mode & 0o777 == 0o600
+    again, _ = build()
+    for out in (first.run(enc), again.run(again.encrypt(np.arange(0, 16, 2)))):
+        assert first.decrypt(out).tolist() == again.decrypt(out).tolist()
+    build(p_error=2**-20)
+    assert len(list(tmp_path.glob("*.keys"))) == 2
+    kept.write_bytes(b"not keys")
+    third, enc3 = build()
+    assert kept.stat().st_size > 1000 and third.decrypt(third.run(enc3)).shape == (8,)
