@@ -225,13 +225,12 @@ def test_stage_two_carries_the_most_accurate_features_even_over_the_budget():
     assert _carried_features(search) == ["384", "top32"]  # the most accurate first: the cap may come
     bits384.valid = 0.442  # within the tolerance of a carried one: noise, the usual order
     assert _carried_features(search) == ["top32", "physchem"]
-    bits384.valid, bits384.run_s = (
-        0.56,
-        0.240,
-    )  # within budget, not cross-validated: ranked after those that are
+    bits384.valid, bits384.run_s = 0.56, 0.240  # within budget, not cross-validated: after those that are
     assert _carried_features(search) == ["top32", "physchem"]
+    bits384.run_s, physchem.run_s = 0.327, 0.274  # physchem over too: the ranking carries the 384 bits second
+    assert _carried_features(search) == ["384", "top32"]  # and the rule moves them up
+    physchem.run_s = 0.167
     search.space = SearchSpace(top_features=1)  # one place: the best within budget keeps it
-    bits384.run_s = 0.327
     assert _carried_features(search) == ["top32"]
 
 
@@ -479,6 +478,9 @@ def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_
         calibration(tmp_path), measure_runs=0, time_candidates=False,
     )  # fmt: skip
     assert len(capped.candidates) == 1 and capped.stopped_early and capped.to_dict()["stopped_early"]
+    # and the confirmation on the inner folds still runs (before, a cap in the stages skipped it, so on large data
+    # nothing after the feature stage could be chosen)
+    assert capped.chosen.cv is not None and len(capped.chosen.cv_folds) == space.inner_folds
     with pytest.raises(ConfigError, match="teachers \\['svm'\\]"):
         SearchSpace(teachers=("svm",))
 
