@@ -42,10 +42,9 @@ format: $(STAMP)
 
 # Two test files at a time (pytest-xdist; a file's tests stay together in one process, in order): most of the
 # suite waits on a server, a keygen or a single-threaded compile, so two share the 2 cores well. TEST_WORKERS=0: serial.
-# Files go out longest first (tests/conftest.py, LONGEST_FILES), not by test count, so short files fill the end.
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not browser"

@@ -291,9 +291,9 @@ def _carried_features(search: Search) -> list[str | None]:
     choice still compares them.
 
     lipophilicity, seeds 0-2 (sessions 17 and 19): RDKit 2D + 384 Morgan bits scored R² 0.52-0.56 on the inner
-    part against 0.48 at most for the specs within budget, but its 16-unit network ran 296-355 ms, so it was
-    never carried, and the choices ended at RMSE +13 to +27 %; where the timings let it through (session 18,
-    seed 0: no spec fitted) stage 2 found it at 8 units within the budget, at +6 %."""
+    part against 0.48 at most for the specs within budget, but its 16-unit network ran 296-406 ms, so stage 2
+    explored it late or never, and the choices ended at RMSE +13 to +27 %; where it went first (session 18, seed 0:
+    no spec fitted; session 19, seed 1: this rule) stage 2 found it at 8 units within the budget, at +6 and +10 %."""
     space = search.space
     ranked = _preference(_choosable(search.candidates, search.budget), space.tolerance)
     chosen = {id(c) for c in ranked}
