@@ -17,7 +17,7 @@ from .featurize import FeaturizerSpec, raw_features
 from .fit_space import INNER_VALID_FRACTION, MAX_MEASURED_BITS, Candidate, folds_needed, selection_metric
 from .latency import TIMED_RUNS, LoadGauge, SearchClock, time_circuit
 from .metrics import score, to_predictions
-from .splits import Split, can_score, inner_folds, split_dataset
+from .splits import Split, can_score, fold_groups_for, inner_folds, split_dataset
 from .teacher import TEACHERS, teacher_outputs
 from .train import predict_raw
 from .workflow import compile_checkpoint, train_on_features, unfitted_featurizer
@@ -167,16 +167,13 @@ class Search:
 
     def folds(self) -> list[Split]:
         """The K inner folds of the training and inner validation molecules (the same kind of groups as the
-        inner validation part, on `space.fold_groups`; when a fold would be empty or hold one class only, balanced
+        inner validation part, on `space.fold_groups` ("auto": `splits.fold_groups_for`); when a fold would be empty or hold one class only, balanced
         scaffold folds, then random ones: `self.folds_used` says which)."""
         if self._folds is None:
             sp = self.inner_split()
             rows, k = np.union1d(sp.train, sp.valid), self.space.inner_folds
-            tries = [
-                (self.inner_valid, self.space.fold_groups),
-                (self.inner_valid, "balanced"),
-                ("random", "balanced"),
-            ]
+            groups = fold_groups_for(self.ds, rows, k, self.space.fold_groups)
+            tries = [(self.inner_valid, groups), (self.inner_valid, "balanced"), ("random", "balanced")]
             for method, groups in dict.fromkeys(tries):
                 self._folds = inner_folds(self.ds, rows, k, method, self.seed, groups)
                 self.folds_used = f"{method}, {groups}" if method == "scaffold" else method

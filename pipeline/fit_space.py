@@ -99,8 +99,9 @@ class SearchSpace:
     # the one inner validation part): every feature spec's reference network, then the `confirm` best variants
     inner_folds: int = 5
     confirm: int = 3
-    # which molecules the scaffold folds validate on (`splits.inner_folds`): every scaffold group ("balanced") or
-    # only the smallest groups, like a scaffold test split's ("rare")
+    # which molecules the scaffold folds validate on (`splits.inner_folds`): every scaffold group ("balanced"),
+    # only the smallest groups, like a scaffold test split's ("rare"), or rare ones when one group would fill
+    # more than half of a balanced fold ("auto", `splits.fold_groups_for`)
     fold_groups: str = FOLD_GROUPS[0]
     # folds validated on, in order, until they hold at least this many molecules (0: all): on small data all K
     # (bace, herg, clintox); on large data a few, which already validate on more molecules than the whole inner

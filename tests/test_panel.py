@@ -106,7 +106,8 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert "--p-error 0.05" in panel.command_line(loose) and "--p-error" not in panel.command_line(norm)
     with pytest.raises(ConfigError, match="--p-error 1.5: use a probability per bootstrap in"):
         panel.PanelConfig(str(tmp_path), p_error=1.5)
-    # fit's inner folds on the smallest scaffold groups: another molcloak run (balanced keeps earlier runs' keys)
+    # fit's inner folds on the smallest scaffold groups: another molcloak run (balanced keeps earlier runs' keys;
+    # auto, the default since session 20, is another run too)
     rare = panel.PanelConfig(str(tmp_path), fold_groups="rare")
     assert key(rare, "molcloak") != key(norm, "molcloak") and key(rare, "references") == key(
         norm, "references"
@@ -115,10 +116,12 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
         norm
     )
     assert (
-        panel.molcloak_space(rare).fold_groups == "rare"
-        and panel.molcloak_space(norm).fold_groups == "balanced"
+        panel.molcloak_space(rare).fold_groups == "rare" and panel.molcloak_space(norm).fold_groups == "auto"
     )
-    with pytest.raises(ConfigError, match="--fold-groups tail: choose balanced or rare"):
+    balanced = panel.PanelConfig(str(tmp_path), fold_groups="balanced")
+    assert key(balanced, "molcloak") not in {key(norm, "molcloak"), key(rare, "molcloak")}
+    assert "--fold-groups balanced" in panel.command_line(balanced)
+    with pytest.raises(ConfigError, match="--fold-groups tail: choose auto, balanced or rare"):
         panel.PanelConfig(str(tmp_path), fold_groups="tail")
     # fit's rounded outputs: another molcloak run (exact outputs keep earlier runs' keys)
     rounded = panel.PanelConfig(str(tmp_path), round_outputs=True)
@@ -192,7 +195,8 @@ def test_bench_panel_quick_through_the_cli(tmp_path):
     assert "**sol_low, seed 0**" in explored and "(chosen)" in explored
     # which inner folds chose: recorded in the JSON and named in the front's heading
     folds_used = result["datasets"]["sol_low"]["runs"][0]["molcloak"]["fit"]["folds_used"]
-    assert folds_used in ("scaffold, balanced", "random") and f"inner folds: {folds_used};" in explored
+    assert folds_used in ("scaffold, rare", "scaffold, balanced", "random")
+    assert f"inner folds: {folds_used};" in explored
     ours = result["datasets"]["sol_low"]["runs"][0]["molcloak"]
     assert ours["fit"]["chosen"]["run_s"] > 0 and ours["config"]["features"] == "physchem:scale=quantile"
     # the final timing: raw, the load factor of that minute and the normalized figure the budget was checked on
@@ -448,3 +452,33 @@ def test_choice_noise_scores_the_same_networks_on_test_halves(tmp_path, capsys):
             [*args[:3], "sol_logs", "--seeds", "0", "--scores", str(scores), "--json", str(out)]
         )
     assert bad.value.code == 2 and "needs a binary task" in capsys.readouterr().err
+
+
+def test_fold_report_shows_what_the_inner_folds_validate_on(tmp_path, capsys):
+    """`python -m molcloak.evaluation.bench.folds` (no training): per fold kind, the folds fit validates on, each
+    one's size and largest scaffold group. sol-low's big series (acyclic molecules, benzenes) fill balanced folds
+    nearly alone, so auto gives rare folds, where every group is smaller than a fold's share."""
+    from molcloak.evaluation.bench import folds
+
+    panel_dir = _tiny_panel(tmp_path / "panel", n=400)
+    rows = {r["fold_groups"]: r for r in folds.fold_rows(panel_dir, "sol_low", 0)}
+    assert (
+        rows["auto"]["folds_used"] == "scaffold, rare"
+        and rows["auto"]["validated"] == rows["rare"]["validated"]
+    )
+    balanced, rare = rows["balanced"], rows["rare"]
+    assert sum(balanced["validated"]) == balanced["n_rows"] > sum(rare["validated"]) > 0
+    assert balanced["largest_group"][0] > balanced["validated"][0] / 2  # one series makes the first fold
+    assert (
+        max(rare["largest_group"]) <= rare["n_rows"] / 2 / rare["k"]
+        and rows["auto"]["test_largest_group"] >= 1
+    )
+    out = tmp_path / "folds.md"
+    folds.main(["--panel", str(panel_dir), "--datasets", "sol_low", "--markdown", str(out)])
+    assert (
+        "| sol_low | 0 | auto | scaffold, rare |" in capsys.readouterr().out
+        and "bench.folds" in out.read_text()
+    )
+    with pytest.raises(SystemExit) as exc:
+        folds.main(["--panel", str(panel_dir), "--datasets", "nope"])
+    assert exc.value.code == 2 and "--datasets nope: not in the panel" in capsys.readouterr().err

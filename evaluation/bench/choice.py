@@ -157,8 +157,9 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--fold-groups",
         default="balanced",
-        choices=("balanced", "rare"),
-        help="scaffold groups the folds validate on: all (balanced) or the smallest, like the test's (rare)",
+        choices=("auto", "balanced", "rare"),
+        help="scaffold groups the folds validate on: all (balanced), the smallest, like the test's (rare), or "
+        "rare when one group would fill half a balanced fold (auto, fit's default)",
     )
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")

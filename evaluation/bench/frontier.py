@@ -194,6 +194,16 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def panel_or_exit(ap: argparse.ArgumentParser, panel: Path | None, datasets: list[str]) -> Path:
+    """`panel_folder`, or one line and exit 2 (as the CLI does) when the folder lacks a dataset."""
+    from molcloak.pipeline.errors import MolcloakError
+
+    try:
+        return panel_folder(panel, datasets)
+    except MolcloakError as exc:
+        ap.exit(2, f"error: {exc}\n")
+
+
 def int_list(ap: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
     """`text` ("3,4") as integers, or one line and exit 2 naming the flag and the value (as the CLI does)."""
     from molcloak.pipeline.errors import ConfigError

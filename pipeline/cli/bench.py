@@ -87,7 +87,7 @@ def bench(
     fold_groups: str = typer.Option(
         FOLD_GROUPS[0],
         "--fold-groups",
-        help="Panel: fit's --fold-groups (balanced or rare; see `molcloak fit --help`).",
+        help="Panel: fit's --fold-groups (auto, balanced or rare; see `molcloak fit --help`).",
     ),
     round_outputs: bool = typer.Option(
         False,
