@@ -167,8 +167,9 @@ class Search:
 
     def folds(self) -> list[Split]:
         """The K inner folds of the training and inner validation molecules (the same kind of groups as the
-        inner validation part, on `space.fold_groups` ("auto": `splits.fold_groups_for`); when a fold would be empty or hold one class only, balanced
-        scaffold folds, then random ones: `self.folds_used` says which)."""
+        inner validation part, on `space.fold_groups`, "auto" resolved by `splits.fold_groups_for`; when a fold
+        would be empty or hold one class only, balanced scaffold folds, then random ones: `self.folds_used` says
+        which)."""
         if self._folds is None:
             sp = self.inner_split()
             rows, k = np.union1d(sp.train, sp.valid), self.space.inner_folds

@@ -482,3 +482,28 @@ def test_fold_report_shows_what_the_inner_folds_validate_on(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         folds.main(["--panel", str(panel_dir), "--datasets", "nope"])
     assert exc.value.code == 2 and "--datasets nope: not in the panel" in capsys.readouterr().err
+
+
+def test_run_keys_follow_the_files_content_not_its_place_or_time(tmp_path):
+    """A copy of the panel elsewhere (a fresh checkout: another path, another modification time) reuses earlier
+    runs; a changed file does not."""
+    import os
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bace.csv").write_text("smiles,Class\nC,1\nCC,0\n")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    os.utime(tmp_path / "b" / "bace.csv", (1, 1))
+    keys = {}
+    for name in ("a", "b"):
+        config = panel.PanelConfig(str(tmp_path / name))
+        entry = panel.describe_panel(config.folder)[0]["bace"]
+        keys[name] = [
+            panel_report.run_key(config, entry, 0, part) for part in (None, "references", "molcloak")
+        ]
+    assert keys["a"] == keys["b"]
+    (tmp_path / "b" / "bace.csv").write_text("smiles,Class\nC,1\nCC,1\n")
+    os.utime(tmp_path / "b" / "bace.csv", (1, 1))
+    config = panel.PanelConfig(str(tmp_path / "b"))
+    changed = panel_report.run_key(config, panel.describe_panel(config.folder)[0]["bace"], 0, "references")
+    assert changed != keys["a"][1]

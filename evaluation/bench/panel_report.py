@@ -102,17 +102,19 @@ PARTS = ("references", "molcloak", "cml_xgb")  # a run's parts, each resumable o
 KEYLESS_P_ERROR = 1e-6
 
 
+def file_digest(path: Path) -> str:
+    """A dataset file's identity in run keys: its content, not its place or time (a fresh checkout of the same
+    panel, or a copy elsewhere, reuses earlier runs; an edited file does not). Keys before session 20 held the
+    path, size and modification time, so no run of a fresh machine could reuse them. (Hashing the largest panel
+    file, hiv.csv, takes milliseconds.)"""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def run_key(config, entry, seed: int, part: str | None = None) -> str:
     """What one run's numbers depend on (`part`: what that part of the run depends on only); an earlier
     run or part with the same key is reused. The references do not depend on molcloak's settings, so a
     `--models molcloak` run reuses the references of an earlier `--models references` run."""
-    path = Path(config.folder) / entry.file
-    stat = path.stat()
-    parts = {
-        "entry": entry.to_dict(),
-        "file": [str(path.resolve()), stat.st_size, int(stat.st_mtime)],
-        "seed": seed,
-    }
+    parts = {"entry": entry.to_dict(), "file": file_digest(Path(config.folder) / entry.file), "seed": seed}
     if part == "references":
         parts["trees"] = config.n_trees
     else:
