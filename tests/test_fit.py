@@ -403,7 +403,7 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     bad = CliRunner().invoke(
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--fold-groups", "tail"]
     )
-    assert bad.exit_code == 2 and "--fold-groups tail: choose balanced or rare" in bad.output
+    assert bad.exit_code == 2 and "--fold-groups tail: choose auto, balanced or rare" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():

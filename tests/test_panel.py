@@ -243,7 +243,7 @@ def test_bench_panel_errors_are_one_line(tmp_path):
     res = runner.invoke(app, ["bench", "--p-error", "0.05"])
     assert res.exit_code == 2 and "--p-error only apply to --panel" in res.output
     res = runner.invoke(app, ["bench", "--panel", str(folder), "--quick", "--fold-groups", "small"])
-    assert res.exit_code == 2 and "--fold-groups small: choose balanced or rare" in res.output
+    assert res.exit_code == 2 and "--fold-groups small: choose auto, balanced or rare" in res.output
 
 
 def _panel_result(seed_runs: list[dict], started: str) -> dict:
