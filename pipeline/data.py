@@ -9,6 +9,7 @@ Loading never drops a row silently: every problem is a `RowProblem`; without
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,17 @@ class RowProblem:
 
     def __str__(self) -> str:
         return f"row {self.row}: {self.reason}"
+
+    @property
+    def skipped_reason(self) -> str:
+        """The reason without its advice to pass --skip-invalid: for reports of rows that were skipped."""
+        return _SKIP_ADVICE.sub("", self.reason)
+
+    def skipped(self) -> str:
+        return f"row {self.row}: {self.skipped_reason}"
+
+
+_SKIP_ADVICE = re.compile(r",? or pass --skip-invalid$")
 
 
 @dataclass

@@ -163,7 +163,7 @@ def test_local_audit_resumes_after_ctrl_c_and_scores_every_row_once(tiny_binary,
         {
             "row": 15,
             "value": "C1CC",
-            "reason": "SMILES 'C1CC' could not be parsed by RDKit; fix it or pass --skip-invalid",
+            "reason": "SMILES 'C1CC' could not be parsed by RDKit; fix it",
         }
     ]
     assert report["test_set"]["rows"] == report["test_set"]["scored"] + report["test_set"]["invalid"] == 15

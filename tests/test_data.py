@@ -77,11 +77,16 @@ def test_bad_csv_names_row_value_and_fix(csv_file, case):
 
 
 def test_skip_invalid_keeps_report_of_dropped_rows(csv_file):
-    path = csv_file("smiles,y\nxx,1\nCCN,0\nCCO,1\nCCC,0\n")
+    path = csv_file("smiles,y\nxx,1\nCCN,0\nCCO,1\nCCC,0\nOCC,1\n")
     ds = load_csv(path, "smiles", "y", skip_invalid=True)
     assert len(ds) == 3 and list(ds.rows) == [2, 3, 4]
-    assert [p.row for p in ds.problems] == [1]
+    assert [p.row for p in ds.problems] == [1, 5]
     assert "could not be parsed" in ds.problems[0].reason
+    # the report of skipped rows does not advise passing the flag that skipped them
+    assert [p.skipped() for p in ds.problems] == [
+        "row 1: SMILES 'xx' could not be parsed by RDKit; fix it",
+        "row 5: SMILES 'OCC' is the same molecule as row 3; remove the duplicate",
+    ]
 
 
 def test_threshold_binarizes(csv_file):

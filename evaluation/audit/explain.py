@@ -262,7 +262,9 @@ def run_explain(
     result["seconds"] = time.perf_counter() - t0
     result["sessions"] = state.meta["sessions"]  # rows_scored: the encrypted runs made in each
     result["model"] = {**backend.identity(), "where": backend.where, "task": backend.client.task.to_dict()}
-    result["invalid_rows"] = [{"row": p.row, "value": p.value, "reason": p.reason} for p in test.invalid]
+    result["invalid_rows"] = [
+        {"row": p.row, "value": p.value, "reason": p.skipped_reason} for p in test.invalid
+    ]
     return result
 
 

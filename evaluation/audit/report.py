@@ -59,7 +59,7 @@ def build_report(config, state, backend, test) -> dict:
             "invalid": len(test.invalid),
             "duplicate_molecules": len(test.smiles) - len(set(test.smiles)),
         },
-        "invalid_rows": [{"row": p.row, "value": p.value, "reason": p.reason} for p in test.invalid],
+        "invalid_rows": [{"row": p.row, "value": p.value, "reason": p.skipped_reason} for p in test.invalid],
         "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "confidence": 0.95},
         "primary_metric": am.primary_metric(task.kind),
         "units": metric_units(task),

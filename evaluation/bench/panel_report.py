@@ -186,7 +186,7 @@ def dataset_header(entry, ds) -> dict:
         "metric": primary_metric(ds.task),
         "n_molecules": len(ds),
         "n_skipped_rows": len(ds.problems),
-        "skipped_rows": [str(p) for p in ds.problems[:50]],
+        "skipped_rows": [p.skipped() for p in ds.problems[:50]],
         "runs": [],
     }
 

@@ -187,7 +187,7 @@ def load_data(
     if ds.problems:
         err.print(f"[yellow]skipped {len(ds.problems)} invalid rows[/yellow] (--skip-invalid):")
         for p in ds.problems[:20]:
-            err.print(f"  {p}", highlight=False)
+            err.print(f"  {p.skipped()}", highlight=False)
         if len(ds.problems) > 20:
             err.print(f"  ... and {len(ds.problems) - 20} more")
     return ds
