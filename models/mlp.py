@@ -5,6 +5,8 @@ The input quantizer fixes the input bit width; each activation is re-quantized
 by the next layer's QuantIdentity, so Concrete ML fuses BatchNorm + ReLU +
 re-quantization into one programmable bootstrap (PBS) per neuron. That lookup is exact for
 any activation, so `activation="sigmoid"` costs the same as ReLU: no polynomial approximation.
+With no hidden layer (`hidden=()`, `--hidden 0`) the network is linear and its circuit has no PBS at all:
+the client decrypts its logits (with random Fourier features as inputs, a kernel machine; `random_features`).
 """
 
 from __future__ import annotations

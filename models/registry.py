@@ -63,6 +63,8 @@ def make_config(name: str, options: dict[str, Any] | None = None):
         if key in options:
             values = options[key] if isinstance(options[key], (list, tuple)) else [options[key]]
             options[key] = tuple(int(h) for h in values)
+    if options.get("hidden") == (0,):  # --hidden 0: no hidden layer, a linear model
+        options["hidden"] = ()
     config = entry.config_cls(**options)
     _check_bits(config)
     return config
@@ -74,7 +76,9 @@ def _check_bits(config) -> None:
         if bits is not None and not 1 <= bits <= 8:
             raise ValueError(f"{key}={bits} is out of range; TFHE circuits need 1..8 bits (2-4 is typical)")
     if any(h < 1 for h in getattr(config, "hidden", ())):
-        raise ValueError(f"hidden widths {config.hidden} must be positive integers")
+        raise ValueError(
+            f"hidden widths {config.hidden} must be positive integers (or 0 alone: no hidden layer, a linear model)"
+        )
 
 
 def default_features(name: str) -> str | None:

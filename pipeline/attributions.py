@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .feature_kinds import COUNT_CAP, GRID_CAP, fingerprint_generator
-from .featurize import FeaturizerSpec, apply_knots, impute, raw_features
+from .featurize import FeaturizerSpec, raw_features
 
 DESCRIPTORS = ("physchem", "rdkit2d")
 # fingerprint parts whose bits map to atoms: kind -> (generator family, cap of the counts or None for bits, divisor)
@@ -85,11 +85,7 @@ class Featurization:
         spec = self.spec
         if not self.molecular:
             return ((raw - np.asarray(spec.mean)) / np.asarray(spec.std)).astype(np.float32)
-        X = apply_knots(spec, impute(spec, np.asarray(raw, dtype=np.float64)))
-        X = (X - np.asarray(spec.mean)) / np.asarray(spec.std)
-        if spec.select is not None:
-            X = spec.select.apply(X)
-        return X.astype(np.float32).reshape((-1,) + spec.shape)
+        return spec.transform_raw(np.asarray(raw, dtype=np.float64))
 
     def neutral(self) -> np.ndarray:
         """Neutral raw value of every column: the featurizer's `neutral_raw` (see the module docstring)."""

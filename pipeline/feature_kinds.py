@@ -275,7 +275,7 @@ def part_kind(name: str) -> PartKind:
     if name not in PART_KINDS:
         raise FeaturizerError(
             f"unknown feature part {name!r}; expected one of {', '.join(PART_KINDS)} "
-            "(and optionally select:k=K last)"
+            "(and optionally select:k=K, then rff:n=N, last)"
         )
     return PART_KINDS[name]
 
@@ -345,3 +345,24 @@ class Part:
                 int(val) ** 2 if key == "size" and entry.image else int(val)
             )  # an image's size is its side
         return cls(kind, **kwargs)
+
+
+N_QUANTILES = 65  # knots of a quantile-scaled column (`FeaturizerSpec.fit_raw`)
+
+
+def apply_knots(spec, X: np.ndarray) -> np.ndarray:
+    """Raw (imputed) features `X` (n, raw_width) with the quantile-scaled columns mapped to [-1, 1] by piecewise-linear interpolation of their training quantiles
+    (ties averaged in both directions, the extremes mapped to -1 and 1, as scikit-learn's QuantileTransformer does)."""
+    if not spec.knots:
+        return X
+    X = np.array(X, dtype=np.float64)
+    for j, k in enumerate(spec.knots):
+        if k:
+            k, r = np.asarray(k), np.linspace(-1.0, 1.0, len(k))
+            x = X[:, j]
+            X[:, j] = np.where(
+                x <= k[0],
+                -1.0,
+                np.where(x >= k[-1], 1.0, 0.5 * (np.interp(x, k, r) - np.interp(-x, -k[::-1], -r[::-1]))),
+            )
+    return X

@@ -14,7 +14,8 @@ order ``transform`` applies it: the training medians that replace a missing valu
 (rdkit2d), the quantile knots (``scale=quantile``: each column mapped to [-1, 1]), the standardization
 of the other scaled columns, and the feature selection of a final ``select:k=K`` (`feature_selection`:
 K columns chosen on the training molecules, by a seeded teacher's importance when ``fit`` is given the
-training labels, by variance otherwise). It also stores the training median of every descriptor column
+training labels, by variance otherwise). A final ``rff:n=N`` maps those columns to N random Fourier features
+(`random_features`: drawn from a seed, fitted on nothing). It also stores the training median of every descriptor column
 (physchem, rdkit2d), which ``transform`` does not use: the explanations' neutral values (`neutral_raw`).
 A molecule that a non-imputed part cannot featurize is a `FeaturizerError` naming it.
 
@@ -35,11 +36,11 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .errors import FeaturizerError, InvalidSmilesError
-from .feature_kinds import Part, part_kind
+from .feature_kinds import N_QUANTILES, Part, apply_knots, part_kind
 from .feature_selection import SELECT, Selection, fit_selection
+from .random_features import RFF, RandomFourier
 from .tabular import TABULAR, TabularSpec
 
-N_QUANTILES = 65
 PARALLEL_MIN = 1000  # molecules: from here a spec with a slow part is featurized on several processes
 MOLECULAR = "molecular"  # the "kind" of a SMILES featurizer's dict (manifests without "kind" are molecular)
 
@@ -116,6 +117,7 @@ class FeaturizerSpec:
     # training medians of the descriptor parts' columns (after imputation), in column order; None when the
     # spec has no descriptor part or was saved before they were stored (`neutral_raw` then uses the mean)
     descriptor_medians: tuple[float, ...] | None = None
+    rff: RandomFourier | None = None  # a final rff:n=N: random Fourier features of the columns before it
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
 
@@ -129,9 +131,9 @@ class FeaturizerSpec:
             raise FeaturizerError(
                 f"{images[0]!r} is an image and cannot be joined with other parts in {self}; use it alone"
             )
-        if images and self.select is not None:
+        if images and (self.select or self.rff) is not None:
             raise FeaturizerError(
-                f"{images[0]!r} is an image: {self.select} cannot select its pixels; remove it"
+                f"{images[0]!r} is an image: {self.select or self.rff} cannot map its pixels; remove it"
             )
 
     @property
@@ -143,10 +145,16 @@ class FeaturizerSpec:
 
     @classmethod
     def parse(cls, text: str) -> FeaturizerSpec:
-        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``)."""
+        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``, then ``+rff:n=N``)."""
         chunks = [c.strip() for c in text.split("+") if c.strip()]
         if not chunks:
             raise FeaturizerError(f"empty feature spec {text!r}; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
+        maps = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() == RFF]
+        if maps and (maps != [len(chunks) - 1] or len(chunks) == 1):
+            raise FeaturizerError(
+                f"rff must appear once, at the end of {text!r}, after the parts it maps; write e.g. 'rdkit2d+rff:n=2048'"
+            )
+        rff = RandomFourier.parse(chunks.pop(), text) if maps else None
         selects = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() == SELECT]
         if len(selects) > 1:
             raise FeaturizerError(f"select appears {len(selects)} times in {text!r}; keep one, at the end")
@@ -157,10 +165,10 @@ class FeaturizerSpec:
         if selects and len(chunks) == 1:
             raise FeaturizerError(f"{text!r} has nothing to select from; write e.g. 'rdkit2d+select:k=64'")
         select = Selection.parse(chunks.pop(), text) if selects else None
-        return cls(tuple(Part.parse(chunk, text) for chunk in chunks), select=select)
+        return cls(tuple(Part.parse(chunk, text) for chunk in chunks), select=select, rff=rff)
 
     def __str__(self) -> str:
-        return "+".join(map(str, self.parts + ((self.select,) if self.select else ())))
+        return "+".join(map(str, self.parts + tuple(step for step in (self.select, self.rff) if step)))
 
     @property
     def raw_width(self) -> int:
@@ -169,7 +177,7 @@ class FeaturizerSpec:
 
     @property
     def width(self) -> int:
-        return self.select.k if self.select else self.raw_width
+        return self.rff.n if self.rff else self.select.k if self.select else self.raw_width
 
     @property
     def raw_names(self) -> list[str]:
@@ -177,6 +185,8 @@ class FeaturizerSpec:
 
     @property
     def names(self) -> list[str]:
+        if self.rff is not None:
+            return self.rff.names
         if self.select is None:
             return self.raw_names
         if not self.select.is_fitted:
@@ -254,6 +264,8 @@ class FeaturizerSpec:
         X = (X - np.asarray(self.mean)) / np.asarray(self.std)
         if self.select is not None:
             X = self.select.apply(X)
+        if self.rff is not None:
+            X = self.rff.apply(X)
         return X.astype(np.float32).reshape((-1,) + self.shape)
 
     def to_dict(self) -> dict:
@@ -271,6 +283,7 @@ class FeaturizerSpec:
                 else {}
             ),
             **({"select": self.select.to_dict()} if self.select is not None else {}),
+            **({"rff": self.rff.to_dict()} if self.rff is not None else {}),
         }
 
     @classmethod
@@ -285,7 +298,8 @@ class FeaturizerSpec:
             described = None if described is None else tuple(float(v) for v in described)
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
-        spec = cls(parts, mean, std, knots, medians, descriptor_medians=described)
+        rff = None if d.get("rff") is None else RandomFourier.from_dict(d["rff"])
+        spec = cls(parts, mean, std, knots, medians, descriptor_medians=described, rff=rff)
         if d.get("select") is not None:
             spec = dataclasses.replace(spec, select=Selection.from_dict(d["select"], spec.raw_names))
         width = spec.raw_width
@@ -454,24 +468,6 @@ def impute(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
 
 def _scaled_mask(spec: FeaturizerSpec) -> np.ndarray:
     return _part_mask(spec, lambda p: part_kind(p.kind).scaled and p.scale == "standard")
-
-
-def apply_knots(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:
-    """Raw (imputed) features `X` (n, raw_width) with the quantile-scaled columns mapped to [-1, 1] by piecewise-linear interpolation of their training quantiles
-    (ties averaged in both directions, the extremes mapped to -1 and 1, as scikit-learn's QuantileTransformer does)."""
-    if not spec.knots:
-        return X
-    X = np.array(X, dtype=np.float64)
-    for j, k in enumerate(spec.knots):
-        if k:
-            k, r = np.asarray(k), np.linspace(-1.0, 1.0, len(k))
-            x = X[:, j]
-            X[:, j] = np.where(
-                x <= k[0],
-                -1.0,
-                np.where(x >= k[-1], 1.0, 0.5 * (np.interp(x, k, r) - np.interp(-x, -k[::-1], -r[::-1]))),
-            )
-    return X
 
 
 # ---------------------------------------------------------------- the featurizer registry

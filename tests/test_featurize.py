@@ -71,7 +71,7 @@ def test_counts_are_capped():
     [
         (
             "fingerprints",
-            f"unknown feature part 'fingerprints'; expected one of {KINDS} \\(and optionally select:k=K last\\)",
+            f"unknown feature part 'fingerprints'; expected one of {KINDS} \\(and optionally select:k=K, then rff:n=N, last\\)",
         ),
         ("morgan:x=2", "feature option 'x=2'"),
         ("morgan:r=9,n=64", "radius 9 / size 64 out of range"),
@@ -474,3 +474,52 @@ def test_the_bundle_stores_the_training_medians(tiny_binary):
     medians = np.median(raw_features(spec, train), axis=0)
     assert np.array_equal(spec.descriptor_medians, medians)
     assert np.allclose(spec.neutral_raw(), medians, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------- random Fourier features
+
+
+def test_random_fourier_features_are_drawn_from_the_seed_and_round_trip():
+    from molcloak.pipeline import random_features
+
+    spec = FeaturizerSpec.parse("physchem:scale=quantile+morgan:r=2,n=64+select:k=8+rff:n=32,g=0.5,seed=3")
+    assert str(spec) == "physchem:scale=quantile+morgan:r=2,n=64+select:k=8+rff:n=32,g=0.5,seed=3"
+    assert FeaturizerSpec.parse(str(spec)) == spec and spec.width == 32
+    fitted = spec.fit(TRAIN)
+    X = fitted.transform(TEST)
+    assert X.shape == (3, 32) and X.dtype == np.float32 and np.abs(X).max() <= 1
+    assert fitted.names[:2] == ["rff0", "rff1"]
+    again = FeaturizerSpec.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again == fitted and np.array_equal(again.transform(TEST), X)
+    # the map is the cosine of a seeded projection of the columns before it, fitted on nothing
+    before = (
+        FeaturizerSpec.parse("physchem:scale=quantile+morgan:r=2,n=64+select:k=8").fit(TRAIN).transform(TEST)
+    )
+    W, b = random_features._draw(32, 0.5, 3, 8)
+    assert np.allclose(X, np.cos(before.astype(np.float64) @ W + b), atol=1e-6)
+    other = FeaturizerSpec.parse("physchem:scale=quantile+morgan:r=2,n=64+select:k=8+rff:n=32,g=0.5,seed=4")
+    assert not np.allclose(other.fit(TRAIN).transform(TEST), X)
+    # the generator is this code's, not a library's: its numbers are fixed here for every version of NumPy
+    assert random_features.uniforms(0, 3).tolist() == pytest.approx(
+        [0.8833108082, 0.4315279970, 0.0264337716], abs=1e-9
+    )
+    W, _ = random_features._draw(256, 2.0, 0, 64)
+    assert abs(W.mean()) < 0.01 and W.var() == pytest.approx(2 * 2.0 / 64, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("rff:n=64", "rff must appear once, at the end"),
+        ("physchem+rff:n=64+morgan:r=2,n=64", "rff must appear once, at the end"),
+        ("physchem+rff:n=64+select:k=4", "rff must appear once, at the end"),
+        ("physchem+rff:g=1", "rff in 'physchem\\+rff:g=1' needs n"),
+        ("physchem+rff:n=0", "rff: n=0 must be an integer in 1..16384"),
+        ("physchem+rff:n=64,g=-1", "rff: g=-1.0 must be a positive number"),
+        ("physchem+rff:n=64,k=2", "rff option 'k=2' in 'physchem\\+rff:n=64,k=2' not understood"),
+        ("grid:r=1,size=8+rff:n=64", "'grid' is an image: rff:n=64 cannot map its pixels"),
+    ],
+)
+def test_bad_random_feature_specs(text, match):
+    with pytest.raises(FeaturizerError, match=match):
+        FeaturizerSpec.parse(text)

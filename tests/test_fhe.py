@@ -160,6 +160,30 @@ def test_multiclass_bundle_runs_encrypted(tmp_path):
     assert all(len(p.value) == 3 and p.label in ("low", "medium", "high") for p in report.predictions)
 
 
+def test_a_linear_model_on_random_features_runs_encrypted_without_a_bootstrap(tmp_path):
+    """--hidden 0 on rff features (a kernel machine): no PBS, no evaluation key, FHE equal to the simulation."""
+    from conftest import EXACT_P_ERROR
+
+    from molcloak.pipeline import data, workflow
+    from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.train import TrainConfig
+
+    ckpt = workflow.train_checkpoint(
+        data.load_bundled("sol-low"),
+        "physchem:scale=quantile+rff:n=64",
+        model_options={"hidden": [0], "weight_bits": 4, "input_bits": 4},
+        train_config=TrainConfig(epochs=10, patience=10),
+    )
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(p_error=EXACT_P_ERROR))
+    assert compiled.stats.pbs_count == 0 and compiled.stats.evaluation_key_bytes == 0
+    assert compiled.metrics["fhe_simulate"]["roc_auc"] > 0.9
+    workflow.deploy(ckpt, compiled, tmp_path / "bundle", "linear")
+    assert str(load_manifest(tmp_path / "bundle").featurizer) == "physchem:scale=quantile+rff:n=64"
+    report = predict_local(tmp_path / "bundle", ckpt.smiles_test[:3], key_dir=tmp_path / "keys")
+    simulated = compiled.q_module.forward(ckpt.X_test[:3], fhe="simulate")
+    assert [p.raw for p in report.predictions] == simulated.tolist()
+
+
 # ---------------------------------------------------------------- one backend interface, local and remote
 
 

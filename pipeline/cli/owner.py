@@ -56,7 +56,8 @@ def train(
     hidden: str | None = typer.Option(
         None,
         "--hidden",
-        help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none).",
+        help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none); "
+        "0: no hidden layer (a linear model: no bootstrap in its circuit; pair it with --features ...+rff:n=2048).",
     ),
     model_set: List[str] | None = typer.Option(
         None,
