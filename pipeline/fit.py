@@ -138,7 +138,7 @@ def feature_scores(
     search = Search(*args, timed_runs=0)
     out = []
     for features in space.features:
-        cand = search.evaluate(features, space.start_options, space.first_compile, "features")
+        cand = search.evaluate(features, space.start_for(features), space.first_compile, "features")
         search.cross_validate(cand)
         out.append((cand, search.trained[cand.trained]))
     return out
@@ -234,13 +234,13 @@ def _search(search: Search) -> None:
 
 def _stages(search: Search) -> None:
     space = search.space
-    start, cfg0, t0 = space.start_options, space.first_compile, space.teachers[0]
+    cfg0, t0 = space.first_compile, space.teachers[0]
     unusable = []  # feature specs these molecules cannot fill (e.g. select:k=384 on a small dataset)
     for features in space.features:  # stage 1
         if search.out_of_time:
             return
         try:
-            search.evaluate(features, start, cfg0, "features", t0)
+            search.evaluate(features, space.start_for(features), cfg0, "features", t0)
         except FeaturizerError as exc:
             unusable.append(exc)
             search.on_step(f"skipped {features}: {exc}", search.done, search.planned)
@@ -254,8 +254,8 @@ def _stages(search: Search) -> None:
         if cand.fits(search.budget) and not search.out_of_time:
             search.cross_validate(cand)
     for features in _carried_features(search):  # stage 2
-        current = start
-        for name, values in space.network_moves():
+        current = space.start_for(features)
+        for name, values in space.network_moves(features):
             for value in values:
                 if search.out_of_time:
                     return

@@ -137,6 +137,25 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     assert again.chosen.label == result.chosen.label and np.isclose(again.chosen.valid, result.chosen.valid)
 
 
+def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_path):
+    """A spec ending in rff:n=N starts with no hidden layer, and stage 2 moves its bits only: no bootstrap."""
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    kernel = "physchem:scale=quantile+rff:n=32"
+    space = dataclasses.replace(
+        TINY, features=("physchem:scale=quantile", kernel), weight_bits=(2, 3), inner_folds=1
+    )
+    result = fit(
+        ds, space, FitBudget(latency_ms=500), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),
+        calibration(tmp_path), measure_runs=0,
+    )  # fmt: skip
+    mine = [c for c in result.candidates if c.features == kernel]
+    assert {c.stage for c in mine} >= {"features", "network"}
+    assert all(c.options["hidden"] == [] and c.pbs == 0 and c.n_inputs == 32 for c in mine)
+    assert {c.options["weight_bits"] for c in mine} == {2, 3}  # the start's widest (up to 4), then the moves
+    others = [c for c in result.candidates if c.features != kernel]
+    assert all(c.options["hidden"] in ([3], [4]) and c.pbs > 0 for c in others)
+
+
 def test_the_choice_prefers_richer_features_among_equally_accurate_variants():
     """herg, seeds 0-2: where the inner folds could not separate feature sets, the fewest PBS picked physchem
     (10 inputs) or 32 descriptors, and RDKit 2D + 384 Morgan bits scored 0.03-0.04 higher on the test."""
