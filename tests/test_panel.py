@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from molcloak.evaluation.bench import panel, panel_report, references
 from molcloak.pipeline import data
 from molcloak.pipeline.cli import app
-from molcloak.pipeline.errors import ConfigError
+from molcloak.pipeline.errors import ConfigError, FeaturizerError
 
 
 def _tiny_panel(folder, n=180):
@@ -130,6 +130,16 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     )
     assert "--round-outputs" in panel.command_line(rounded) and "--round" not in panel.command_line(norm)
     assert panel.molcloak_space(rounded).round_outputs and not panel.molcloak_space(norm).round_outputs
+    # feature specs fit tries besides its defaults: another molcloak run, in the command, after the defaults
+    kernel = panel.PanelConfig(str(tmp_path), fit_features=("rdkit2d:scale=quantile+rff:n=1024",))
+    assert key(kernel, "molcloak") != key(norm, "molcloak") and key(kernel, "references") == key(
+        norm, "references"
+    )
+    assert "--fit-features rdkit2d:scale=quantile+rff:n=1024" in panel.command_line(kernel)
+    defaults = panel.molcloak_space(norm).features
+    assert panel.molcloak_space(kernel).features == defaults + ("rdkit2d:scale=quantile+rff:n=1024",)
+    with pytest.raises(FeaturizerError, match="rff must appear once, at the end"):
+        panel.PanelConfig(str(tmp_path), fit_features=("rff:n=8+physchem",))
 
 
 def test_p_error_lists_keep_each_value_once_and_refuse_what_is_not_a_probability():

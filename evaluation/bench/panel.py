@@ -31,6 +31,7 @@ from molcloak.pipeline import workflow
 from molcloak.pipeline.compile import DEFAULT_P_ERROR, check_p_error
 from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import ConfigError, TuneError
+from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teachers_for
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
@@ -74,6 +75,7 @@ class PanelConfig:
     # fit --fold-groups: the scaffold groups its inner folds validate on
     fold_groups: str = SearchSpace.fold_groups
     round_outputs: bool = False  # fit --round-outputs: outputs rounded before they are decrypted
+    fit_features: tuple[str, ...] = ()  # feature specs fit tries after its default ones (--fit-features)
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -93,6 +95,8 @@ class PanelConfig:
         teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
         check_p_error(self.p_error, "--p-error")
         check_fold_groups(self.fold_groups, "--fold-groups")
+        for spec in self.fit_features:  # a bad spec: one line before anything runs
+            FeaturizerSpec.parse(spec)
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
 
@@ -141,6 +145,8 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--p-error", f"{config.p_error:g}"] if config.p_error != DEFAULT_P_ERROR else []
     args += ["--fold-groups", config.fold_groups] if config.fold_groups != SearchSpace.fold_groups else []
     args += ["--round-outputs"] if config.round_outputs else []
+    for spec in config.fit_features:
+        args += ["--fit-features", spec]
     args += ["--json", str(json_path)] if json_path else []
     args += ["--markdown", str(markdown_path)] if markdown_path else []
     return shlex.join(args)
@@ -183,6 +189,9 @@ def molcloak_space(config: PanelConfig) -> SearchSpace:
     space = QUICK_SPACE if config.quick else SearchSpace()
     fit_options = {"p_error": (config.p_error,), "fold_groups": config.fold_groups}
     fit_options["round_outputs"] = config.round_outputs
+    fit_options["features"] = space.features + tuple(
+        f for f in config.fit_features if f not in space.features
+    )
     return dataclasses.replace(space, teachers=teachers_for(config.teacher), **fit_options)
 
 

@@ -129,6 +129,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["fold_groups"] = config.fold_groups
         if getattr(config, "round_outputs", False):  # runs before the option: exact outputs
             parts["round_outputs"] = True
+        if getattr(config, "fit_features", ()):  # runs before the option: fit's default specs only
+            parts["fit_features"] = list(config.fit_features)
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

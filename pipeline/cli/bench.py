@@ -27,6 +27,7 @@ PANEL_ONLY = (
     "p_error",
     "fold_groups",
     "round_outputs",
+    "fit_features",
 )
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
@@ -94,6 +95,12 @@ def bench(
         "--round-outputs",
         help="Panel: fit's --round-outputs (outputs rounded before they are decrypted; see `molcloak fit --help`).",
     ),
+    fit_features: List[str] | None = typer.Option(
+        None,
+        "--fit-features",
+        help="Panel: a feature spec fit tries besides its defaults, repeatable (e.g. "
+        "rdkit2d:scale=quantile+rff:n=1024, a kernel machine; see `molcloak fit --help`).",
+    ),
     task: List[str] | None = typer.Option(
         None,
         "--task",
@@ -154,6 +161,7 @@ def bench(
         limits["teacher"] = None if teacher == "none" else teacher
         limits["p_error"], limits["fold_groups"] = p_error, fold_groups
         limits["round_outputs"] = round_outputs
+        limits["fit_features"] = tuple(fit_features or ())
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )
