@@ -131,10 +131,11 @@ class FeaturizerSpec:
             raise FeaturizerError(
                 f"{images[0]!r} is an image and cannot be joined with other parts in {self}; use it alone"
             )
-        if images and (self.select or self.rff) is not None:
-            raise FeaturizerError(
-                f"{images[0]!r} is an image: {self.select or self.rff} cannot map its pixels; remove it"
-            )
+        for step, verb in ((self.select, "select"), (self.rff, "map")):
+            if images and step is not None:
+                raise FeaturizerError(
+                    f"{images[0]!r} is an image: {step} cannot {verb} its pixels; remove it"
+                )
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -142,7 +142,7 @@ def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_pat
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
     kernel = "physchem:scale=quantile+rff:n=32"
     space = dataclasses.replace(
-        TINY, features=("physchem:scale=quantile", kernel), weight_bits=(2, 3), inner_folds=1
+        TINY, features=("physchem:scale=quantile", kernel), weight_bits=(2, 3), inner_folds=1, top_features=2
     )
     result = fit(
         ds, space, FitBudget(latency_ms=500), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),
