@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from .bundle import Checkpoint
 from .compile import DEFAULT_P_ERROR, CompileConfig
-from .errors import ConfigError
+from .errors import ConfigError, FeaturizerError
+from .featurize import FeaturizerSpec
 from .latency import FitBudget, describe, normalized
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
 from .splits import FOLD_GROUPS, check_fold_groups
@@ -182,8 +183,12 @@ class SearchSpace:
 
 
 def is_kernel(features: str | None) -> bool:
-    """Whether a feature spec ends in random Fourier features (rff:n=N): a kernel machine's inputs."""
-    return bool(features) and features.split("+")[-1].strip().partition(":")[0].strip() == "rff"
+    """Whether a feature spec ends in random Fourier features (rff:n=N): a kernel machine's inputs. A spec that
+    does not parse is not one (its featurization reports the error, naming the part)."""
+    try:
+        return bool(features) and FeaturizerSpec.parse(features).rff is not None
+    except FeaturizerError:
+        return False
 
 
 @dataclass

@@ -156,6 +156,25 @@ def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_pat
     assert all(c.options["hidden"] in ([3], [4]) and c.pbs > 0 for c in others)
 
 
+def test_stage_three_recompiles_a_circuit_without_lookups_at_other_p_error_only():
+    """Rounding bits narrow what a lookup reads: a kernel machine (0 PBS) compiles to the same circuit at every
+    rounding (clintox seed 0, session 21: 4 of 27 variants spent on such recompiles)."""
+    from molcloak.pipeline.fit import _compile_variants
+    from molcloak.pipeline.fit_space import is_kernel
+
+    space = SearchSpace(rounding_bits=(5, 4, 6), p_error=(1e-6, 0.01))
+    cfg0 = space.first_compile
+    network = Candidate("f", {}, cfg0, "network", pbs=16)
+    kernel = Candidate("f+rff:n=64", {}, cfg0, "network", pbs=0)
+    assert len(_compile_variants(space, network, cfg0)) == 3 * 2 - 1
+    assert _compile_variants(space, kernel, cfg0) == [space.compile_config(5, 0.01)]
+    assert _compile_variants(dataclasses.replace(space, p_error=(1e-6,)), kernel, cfg0) == []
+    # a kernel machine's spec is read by the parser: a spec that does not parse is none (featurizing it says why)
+    assert (
+        is_kernel("physchem + rff:n=8,g=0.5") and not is_kernel("physchem") and not is_kernel("nope+rff:n=8")
+    )
+
+
 def test_the_choice_prefers_richer_features_among_equally_accurate_variants():
     """herg, seeds 0-2: where the inner folds could not separate feature sets, the fewest PBS picked physchem
     (10 inputs) or 32 descriptors, and RDKit 2D + 384 Morgan bits scored 0.03-0.04 higher on the test."""
