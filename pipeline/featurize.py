@@ -14,8 +14,8 @@ order ``transform`` applies it: the training medians that replace a missing valu
 (rdkit2d), the quantile knots (``scale=quantile``: each column mapped to [-1, 1]), the standardization
 of the other scaled columns, and the feature selection of a final ``select:k=K`` (`feature_selection`:
 K columns chosen on the training molecules, by a seeded teacher's importance when ``fit`` is given the
-training labels, by variance otherwise). A final ``rff:n=N`` maps those columns to N random Fourier features
-(`random_features`: drawn from a seed, fitted on nothing). It also stores the training median of every descriptor column
+training labels, by variance otherwise). A final map, ``rff:n=N`` or ``minhash:n=N``, turns those columns into N
+random features of a kernel (`random_features`: drawn from a seed, fitted on nothing). It also stores the training median of every descriptor column
 (physchem, rdkit2d), which ``transform`` does not use: the explanations' neutral values (`neutral_raw`).
 A molecule that a non-imputed part cannot featurize is a `FeaturizerError` naming it.
 
@@ -38,7 +38,7 @@ import numpy as np
 from .errors import FeaturizerError, InvalidSmilesError
 from .feature_kinds import N_QUANTILES, Part, apply_knots, part_kind
 from .feature_selection import SELECT, Selection, fit_selection
-from .random_features import RFF, RandomFourier
+from .random_features import MAPS, MINHASH, FeatureMap, MinHash, map_from_dict, parse_map
 from .tabular import TABULAR, TabularSpec
 
 PARALLEL_MIN = 1000  # molecules: from here a spec with a slow part is featurized on several processes
@@ -117,7 +117,8 @@ class FeaturizerSpec:
     # training medians of the descriptor parts' columns (after imputation), in column order; None when the
     # spec has no descriptor part or was saved before they were stored (`neutral_raw` then uses the mean)
     descriptor_medians: tuple[float, ...] | None = None
-    rff: RandomFourier | None = None  # a final rff:n=N: random Fourier features of the columns before it
+    # a final rff:n=N or minhash:n=N: random features (of a Gaussian or Tanimoto kernel) of the columns before it
+    feature_map: FeatureMap | None = None
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
 
@@ -131,11 +132,19 @@ class FeaturizerSpec:
             raise FeaturizerError(
                 f"{images[0]!r} is an image and cannot be joined with other parts in {self}; use it alone"
             )
-        for step, verb in ((self.select, "select"), (self.rff, "map")):
+        for step, verb in ((self.select, "select"), (self.feature_map, "map")):
             if images and step is not None:
                 raise FeaturizerError(
                     f"{images[0]!r} is an image: {step} cannot {verb} its pixels; remove it"
                 )
+        described = [p.kind for p in self.parts if part_kind(p.kind).descriptor]
+        if isinstance(self.feature_map, MinHash) and described:
+            raise FeaturizerError(
+                f"{MINHASH} maps fingerprint parts (the substructures a molecule has), and {described[0]!r} is "
+                f"descriptors: map them with rff, e.g. '{described[0]}:scale=quantile+rff:n=2048'"
+            )
+        if isinstance(self.feature_map, MinHash):
+            self.feature_map.check_columns(self.select.k if self.select else self.raw_width)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -146,16 +155,19 @@ class FeaturizerSpec:
 
     @classmethod
     def parse(cls, text: str) -> FeaturizerSpec:
-        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``, then ``+rff:n=N``)."""
+        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``, then ``+rff:n=N`` or
+        ``+minhash:n=N``)."""
         chunks = [c.strip() for c in text.split("+") if c.strip()]
         if not chunks:
             raise FeaturizerError(f"empty feature spec {text!r}; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
-        maps = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() == RFF]
+        maps = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() in MAPS]
         if maps and (maps != [len(chunks) - 1] or len(chunks) == 1):
+            kind = chunks[maps[0]].partition(":")[0].strip()
             raise FeaturizerError(
-                f"rff must appear once, at the end of {text!r}, after the parts it maps; write e.g. 'rdkit2d+rff:n=2048'"
+                f"{kind} must appear once, at the end of {text!r}, after the parts it maps (one map per spec); "
+                "write e.g. 'rdkit2d+rff:n=2048' or 'morgan:r=2,n=2048+minhash:n=1024'"
             )
-        rff = RandomFourier.parse(chunks.pop(), text) if maps else None
+        feature_map = parse_map(chunks.pop(), text) if maps else None
         selects = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() == SELECT]
         if len(selects) > 1:
             raise FeaturizerError(f"select appears {len(selects)} times in {text!r}; keep one, at the end")
@@ -166,10 +178,11 @@ class FeaturizerSpec:
         if selects and len(chunks) == 1:
             raise FeaturizerError(f"{text!r} has nothing to select from; write e.g. 'rdkit2d+select:k=64'")
         select = Selection.parse(chunks.pop(), text) if selects else None
-        return cls(tuple(Part.parse(chunk, text) for chunk in chunks), select=select, rff=rff)
+        return cls(tuple(Part.parse(chunk, text) for chunk in chunks), select=select, feature_map=feature_map)
 
     def __str__(self) -> str:
-        return "+".join(map(str, self.parts + tuple(step for step in (self.select, self.rff) if step)))
+        steps = tuple(step for step in (self.select, self.feature_map) if step)
+        return "+".join(map(str, self.parts + steps))
 
     @property
     def raw_width(self) -> int:
@@ -178,7 +191,9 @@ class FeaturizerSpec:
 
     @property
     def width(self) -> int:
-        return self.rff.n if self.rff else self.select.k if self.select else self.raw_width
+        if self.feature_map:
+            return self.feature_map.n
+        return self.select.k if self.select else self.raw_width
 
     @property
     def raw_names(self) -> list[str]:
@@ -186,8 +201,8 @@ class FeaturizerSpec:
 
     @property
     def names(self) -> list[str]:
-        if self.rff is not None:
-            return self.rff.names
+        if self.feature_map is not None:
+            return self.feature_map.names
         if self.select is None:
             return self.raw_names
         if not self.select.is_fitted:
@@ -265,8 +280,8 @@ class FeaturizerSpec:
         X = (X - np.asarray(self.mean)) / np.asarray(self.std)
         if self.select is not None:
             X = self.select.apply(X)
-        if self.rff is not None:
-            X = self.rff.apply(X)
+        if self.feature_map is not None:
+            X = self.feature_map.apply(X)
         return X.astype(np.float32).reshape((-1,) + self.shape)
 
     def to_dict(self) -> dict:
@@ -284,7 +299,7 @@ class FeaturizerSpec:
                 else {}
             ),
             **({"select": self.select.to_dict()} if self.select is not None else {}),
-            **({"rff": self.rff.to_dict()} if self.rff is not None else {}),
+            **({"map": self.feature_map.to_dict()} if self.feature_map is not None else {}),
         }
 
     @classmethod
@@ -299,8 +314,9 @@ class FeaturizerSpec:
             described = None if described is None else tuple(float(v) for v in described)
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
-        rff = None if d.get("rff") is None else RandomFourier.from_dict(d["rff"])
-        spec = cls(parts, mean, std, knots, medians, descriptor_medians=described, rff=rff)
+        stored = d.get("map", d.get("rff"))  # "rff": session 21's bundles
+        feature_map = None if stored is None else map_from_dict(stored)
+        spec = cls(parts, mean, std, knots, medians, descriptor_medians=described, feature_map=feature_map)
         if d.get("select") is not None:
             spec = dataclasses.replace(spec, select=Selection.from_dict(d["select"], spec.raw_names))
         width = spec.raw_width

@@ -261,14 +261,17 @@ class Search:
 
     def final(self, cand: Candidate) -> Checkpoint:
         """The chosen features and network refitted on training and inner validation molecules together, for as many
-        epochs as its search run needed (validation only chose it; with a scaffold inner part, leaving its
+        epochs as its search run needed (a linear network: with the L2 penalty its search run chose) (validation only chose it; with a scaffold inner part, leaving its
         small scaffold groups out would keep the model from the molecules most like the test's)."""
         ckpt = self.trained[cand.trained]
         if not self.refit:
             return ckpt
         both, spec, X = self.refitted(cand.features)  # scaling and selection refitted on the same molecules
         epochs = int(ckpt.train_info["best_epoch"])
-        cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs, teacher=cand.teacher)
+        l2 = ckpt.train_info["final"].get(
+            "l2"
+        )  # a linear network's penalty (`linear_fit`), chosen on validation
+        cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs, teacher=cand.teacher, l2=l2)
         soft = self.teacher(cfg.teacher, both.train) if cfg.teacher else None
         final = train_on_features(
             self.ds, spec, X, both, self.space.model, cand.options, cfg, soft_train=soft

@@ -16,6 +16,7 @@ from .compile import DEFAULT_P_ERROR, CompileConfig
 from .errors import ConfigError, FeaturizerError
 from .featurize import FeaturizerSpec
 from .latency import FitBudget, describe, normalized
+from .random_features import FeatureMap, MinHash
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
 from .splits import FOLD_GROUPS, check_fold_groups
 from .teacher import TEACHERS
@@ -159,36 +160,50 @@ class SearchSpace:
         return CompileConfig(rounding_bits, "approximate", p_error, output_bits=output_bits)
 
     def start_for(self, features: str | None) -> dict:
-        """The reference network of a feature spec: `start_options`, except that a spec ending in rff:n=N (random
-        Fourier features, `random_features`) starts as a kernel machine: no hidden layer, the space's widest
-        weights up to 4 bits. Its circuit then has no bootstrap at all; a hidden layer on its N inputs would cost
-        N times as many multiplications into every hidden unit and wider accumulators (herg seed 0, 1,024 features,
-        16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session 21)."""
+        """The reference network of a feature spec: `start_options`, except that a spec ending in a random feature
+        map (rff:n=N or minhash:n=N, `random_features`) starts as a kernel machine: no hidden layer, the space's
+        widest weights up to 4 bits. Its circuit then has no bootstrap at all; a hidden layer on its N inputs would
+        cost N times as many multiplications into every hidden unit and wider accumulators (herg seed 0, 1,024
+        features, 16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session 21). minhash's inputs are +1 or
+        -1, exact at any input bits: it starts at the fewest, for the narrowest sums."""
         options = self.start_options
-        if not is_kernel(features):
+        feature_map = kernel_map(features)
+        if feature_map is None:
             return options
         weights = [b for b in self.weight_bits if b <= 4] or [min(self.weight_bits)]
-        return {**options, "hidden": [], "weight_bits": max(weights)}
+        options = {**options, "hidden": [], "weight_bits": max(weights)}
+        return (
+            {**options, "input_bits": min(self.input_bits)} if isinstance(feature_map, MinHash) else options
+        )
 
     def network_moves(self, features: str | None = None) -> list[tuple[str, list]]:
         """Stage 2's moves for a feature spec: hidden widths, weight, activation and input bits; for a kernel
-        machine's features (rff) the bits of its one layer only."""
+        machine's features the bits of its one layer only (for minhash's +1 and -1, the weights only)."""
         moves = [
             ("hidden", [list(h) for h in self.hidden]),
             ("weight_bits", list(self.weight_bits)),
             ("act_bits", list(self.act_bits)),
             ("input_bits", list(self.input_bits)),
         ]
-        return [m for m in moves if m[0] in ("weight_bits", "input_bits")] if is_kernel(features) else moves
+        feature_map = kernel_map(features)
+        if feature_map is None:
+            return moves
+        kept = ("weight_bits",) if isinstance(feature_map, MinHash) else ("weight_bits", "input_bits")
+        return [m for m in moves if m[0] in kept]
+
+
+def kernel_map(features: str | None) -> FeatureMap | None:
+    """The random feature map (rff:n=N or minhash:n=N) a spec ends in, which makes its network a kernel machine;
+    None without one, or for a spec that does not parse (its featurization reports the error, naming the part)."""
+    try:
+        return FeaturizerSpec.parse(features).feature_map if features else None
+    except FeaturizerError:
+        return None
 
 
 def is_kernel(features: str | None) -> bool:
-    """Whether a feature spec ends in random Fourier features (rff:n=N): a kernel machine's inputs. A spec that
-    does not parse is not one (its featurization reports the error, naming the part)."""
-    try:
-        return bool(features) and FeaturizerSpec.parse(features).rff is not None
-    except FeaturizerError:
-        return False
+    """Whether a feature spec ends in a random feature map: a kernel machine's inputs."""
+    return kernel_map(features) is not None
 
 
 @dataclass

@@ -26,11 +26,18 @@ class TrainConfig:
     seed: int = 0
     teacher: str | None = None  # "rf": also learn a plaintext teacher's out-of-bag outputs (teacher.py)
     distill: float = 0.5  # with a teacher: the weight of its outputs in the loss (the labels get 1 - distill)
+    # a network with no hidden layer is fitted by a convex solver (`linear_fit`) with this L2 penalty on its
+    # weights; None: chosen on the validation rows (a refit without them passes the search's choice)
+    l2: float | None = None
 
     def __post_init__(self):
         if not 0 <= self.distill < 1:
             raise ModelConfigError(
                 f"distill weight {self.distill} out of range; use 0 <= distill < 1 (e.g. 0.5)"
+            )
+        if self.l2 is not None and not self.l2 > 0:
+            raise ModelConfigError(
+                f"L2 penalty {self.l2} out of range; use a positive number (e.g. 0.1) or None"
             )
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 1:
             raise ModelConfigError(
@@ -128,6 +135,23 @@ def _soft_loss(task: TaskSpec, out: torch.Tensor, soft: torch.Tensor) -> torch.T
     return nn.functional.mse_loss(out, soft)
 
 
+@dataclass
+class Objective:
+    """The training loss of a batch: the labels' loss, mixed with a teacher's (`distill`) when `soft` is given."""
+
+    task: TaskSpec
+    loss_fn: nn.Module
+    distill: float
+    soft: torch.Tensor | None = None
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor, idx=None) -> torch.Tensor:
+        loss = self.loss_fn(out, target)
+        if self.soft is None:
+            return loss
+        soft = self.soft if idx is None else self.soft[idx]
+        return (1 - self.distill) * loss + self.distill * _soft_loss(self.task, out, soft)
+
+
 def predict_raw(model: nn.Module, X: np.ndarray) -> np.ndarray:
     """Raw outputs (logits or standardized values) of the float/QAT torch model."""
     model.eval()
@@ -150,7 +174,11 @@ def train_model(
 
     `soft_train`: a teacher's outputs on the training rows (`teacher.teacher_outputs`: probabilities
     or values in task units); the loss is then (1 - distill) x label loss + distill x teacher loss.
-    Early stopping always watches the label loss on the validation rows."""
+    Early stopping always watches the label loss on the validation rows. A network with no hidden layer (a linear
+    model: `linear_fit.is_linear`) is fitted by a convex solver instead, with an L2 penalty chosen on the
+    validation rows; its `best_epoch` is the chosen penalty's place in `linear_fit.L2_GRID`."""
+    from .linear_fit import fit_linear, is_linear
+
     if len(X_train) < 2:
         raise ModelConfigError(f"need at least 2 training molecules, got {len(X_train)}")
     seed_everything(config.seed)
@@ -162,8 +190,24 @@ def train_model(
     soft = None if soft_train is None or not config.distill else _soft_target(task, soft_train, scaler)
     Xt = torch.as_tensor(X_train, dtype=torch.float32)
     Xv = torch.as_tensor(X_valid, dtype=torch.float32)
-    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    objective = Objective(task, loss_fn, config.distill, soft)
     has_valid = len(X_valid) >= 2
+
+    def validate(m: nn.Module) -> dict:  # the validation rows' label loss and metrics (none without rows)
+        if not has_valid:
+            return {}
+        m.eval()
+        with torch.no_grad():
+            out = m(Xv)
+        preds = to_predictions(task, out.numpy(), scaler)
+        return {"valid_loss": float(loss_fn(out, yv))} | {
+            f"valid_{k}": v for k, v in score(task, y_valid, preds).items()
+        }
+
+    if is_linear(model):
+        best, history = fit_linear(model, objective, Xt, yt, validate, config.l2)
+        return TrainResult(model, scaler, best, len(history), history)
+    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     history: list[dict] = []
     epoch = 0
@@ -172,25 +216,11 @@ def train_model(
         total = 0.0
         for idx in batches(len(Xt), config.batch_size, rng):
             optim.zero_grad()
-            out = model(Xt[idx])
-            loss = loss_fn(out, yt[idx])
-            if soft is not None:
-                loss = (1 - config.distill) * loss + config.distill * _soft_loss(task, out, soft[idx])
+            loss = objective(model(Xt[idx]), yt[idx], idx)
             loss.backward()
             optim.step()
             total += float(loss) * len(idx)
-        row = {"epoch": epoch, "train_loss": total / len(Xt)}
-        model.eval()
-        with torch.no_grad():
-            if has_valid:
-                out = model(Xv)
-                row["valid_loss"] = float(loss_fn(out, yv))
-                row.update(
-                    {
-                        f"valid_{k}": v
-                        for k, v in score(task, y_valid, to_predictions(task, out.numpy(), scaler)).items()
-                    }
-                )
+        row = {"epoch": epoch, "train_loss": total / len(Xt), **validate(model)}
         history.append(row)
         if on_epoch:
             on_epoch(epoch, config.epochs, row)

@@ -507,9 +507,47 @@ def test_random_fourier_features_are_drawn_from_the_seed_and_round_trip():
     assert abs(W.mean()) < 0.01 and W.var() == pytest.approx(2 * 2.0 / 64, rel=0.05)
 
 
+def test_minhash_features_approximate_the_tanimoto_similarity_and_round_trip():
+    """Two molecules' minhash features agree, on average, as often as their Morgan bits' Tanimoto similarity."""
+    from molcloak.pipeline import random_features
+
+    spec = FeaturizerSpec.parse("morgan:r=2,n=256 + minhash:n=4096,seed=5")
+    assert str(spec) == "morgan:r=2,n=256+minhash:n=4096,seed=5" and spec.width == 4096
+    fitted = spec.fit(TRAIN)
+    Z = fitted.transform(TEST).astype(np.float64)
+    assert set(np.unique(Z)) <= {-1.0, 1.0} and fitted.names[0] == "minhash0"
+    bits = FeaturizerSpec.parse("morgan:r=2,n=256").fit(TRAIN).transform(TEST) > 0
+    inter = (bits[:, None] & bits[None]).sum(-1)
+    tanimoto = inter / (bits[:, None] | bits[None]).sum(-1)
+    assert np.abs(Z @ Z.T / 4096 - tanimoto).max() < 0.06  # 4,096 hashes: about 0.016 of noise per pair
+    again = FeaturizerSpec.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again == fitted and np.array_equal(again.transform(TEST), fitted.transform(TEST))
+    # each hash picks the sign of the first present column in its own order; no column present: all zeros
+    order, signs = random_features._orders(8, 0, 4)
+    rows = np.array([[0, 1, 1, 0], [0, 0, 0, 0]])
+    first = [1 + np.argmin(order[h, 1:3]) for h in range(8)]
+    assert random_features.MinHash(8).apply(rows).tolist() == [
+        [signs[h, c] for h, c in enumerate(first)],
+        [0.0] * 8,
+    ]
+    # a bundle of session 21 stored its rff map under "rff", without a kind: it still loads
+    rff = FeaturizerSpec.parse("physchem+rff:n=8").fit(TRAIN)
+    old = rff.to_dict()
+    old["rff"] = {k: v for k, v in old.pop("map").items() if k != "kind"}
+    assert np.array_equal(FeaturizerSpec.from_dict(old).transform(TEST), rff.transform(TEST))
+
+
 @pytest.mark.parametrize(
     "text,match",
     [
+        ("morgan:r=2,n=64+minhash:n=8+rff:n=4", "minhash must appear once, at the end"),
+        ("rdkit2d+morgan:r=2,n=64+minhash:n=8", "minhash maps fingerprint parts.*'rdkit2d' is descriptors"),
+        ("morgan:r=2,n=64+minhash:k=3", "minhash option 'k=3' .* not understood; minhash takes n, seed"),
+        ("morgan:r=2,n=64+minhash:n=0", "minhash: n=0 must be an integer"),
+        (
+            "morgan:r=2,n=2048+minhash:n=16384",
+            "minhash:n=16384 over 2048 columns draws 33,554,432 ranks.*n <= 8192",
+        ),
         ("rff:n=64", "rff must appear once, at the end"),
         ("physchem+rff:n=64+morgan:r=2,n=64", "rff must appear once, at the end"),
         ("physchem+rff:n=64+select:k=4", "rff must appear once, at the end"),

@@ -51,3 +51,34 @@ def test_training_is_reproducible_with_a_seed():
         for a, b in zip(runs[0].state_dict.values(), runs[2].state_dict.values())
         if isinstance(a, torch.Tensor)
     )
+
+
+def test_a_linear_network_is_fitted_to_the_penalized_optimum():
+    """No hidden layer: a convex solver (`linear_fit`), not early-stopped Adam. On standardized regression targets its
+    float weights are ridge regression's closed form on the quantized inputs; the penalty is chosen on validation."""
+    import numpy as np
+
+    from molcloak.pipeline.linear_fit import L2_GRID
+    from molcloak.pipeline.tasks import TaskSpec
+    from molcloak.pipeline.train import TrainConfig, train_model
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (240, 12)).astype(np.float32)
+    y = X @ rng.normal(size=12) + 0.3 * rng.normal(size=240)
+    task = TaskSpec("toy", "regression", "y")
+    model = build_model("mlp", 12, 1, make_config("mlp", {"hidden": [], "weight_bits": 4, "input_bits": 4}))
+    result = train_model(model, task, X[:200], y[:200], X[200:], y[200:], TrainConfig(l2=0.1))
+    assert result.best_epoch == 1 and [row["l2"] for row in result.history] == [0.1]
+    Xq = model.net[0](torch.as_tensor(X[:200])).value.detach().numpy().astype(np.float64)
+    t = result.scaler.transform(y[:200])
+    Xc, tc = Xq - Xq.mean(0), t - t.mean()  # the bias is not penalized
+    w = np.linalg.solve(
+        Xc.T @ Xc / 200 + 0.1 / 2 * np.eye(12), Xc.T @ tc / 200
+    )  # d/dw of mean (Xw - t)²: 2X^T(Xw - t)/n
+    assert np.allclose(model.net[1].weight.detach().numpy().ravel(), w, atol=2e-3)
+    # without a penalty given, every one of the grid is fitted and the lowest validation loss is kept
+    model = build_model("mlp", 12, 1, make_config("mlp", {"hidden": [], "weight_bits": 4, "input_bits": 4}))
+    result = train_model(model, task, X[:200], y[:200], X[200:], y[200:], TrainConfig())
+    losses = [row["valid_loss"] for row in result.history]
+    assert [row["l2"] for row in result.history] == list(L2_GRID)
+    assert losses[result.best_epoch - 1] == min(losses) and result.history[result.best_epoch - 1]["l2"] < 1
