@@ -57,7 +57,8 @@ def train(
         None,
         "--hidden",
         help="Hidden layer widths, comma-separated (e.g. 32,16; default: the model's, mlp 16, CNN head none); "
-        "0: no hidden layer (a linear model: no bootstrap in its circuit; pair it with --features ...+rff:n=2048).",
+        "0: no hidden layer (a linear model: no bootstrap in its circuit, fitted by L-BFGS with an L2 penalty "
+        "chosen on validation; pair it with --features ...+rff:n=2048 or ...+minhash:n=1024).",
     ),
     model_set: List[str] | None = typer.Option(
         None,
