@@ -1,6 +1,7 @@
 """Real compilation, keygen, encryption, server-side execution and decryption of tiny models."""
 
 import json
+import shutil
 import stat
 import zipfile
 
@@ -161,11 +162,14 @@ def test_multiclass_bundle_runs_encrypted(tmp_path):
 
 
 def test_a_linear_model_on_random_features_runs_encrypted_without_a_bootstrap(tmp_path):
-    """--hidden 0 on rff features (a kernel machine): no PBS, no evaluation key, FHE equal to the simulation."""
+    """--hidden 0 on rff features (a kernel machine, fitted by the convex solver): no PBS, no evaluation key, FHE
+    equal to the simulation, locally and through a real `molcloak serve` (its client uploads a key of 64 bytes)."""
     from conftest import EXACT_P_ERROR
+    from helpers import ServerProcess
 
     from molcloak.pipeline import data, workflow
     from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.linear_fit import L2_GRID
     from molcloak.pipeline.train import TrainConfig
 
     ckpt = workflow.train_checkpoint(
@@ -179,9 +183,17 @@ def test_a_linear_model_on_random_features_runs_encrypted_without_a_bootstrap(tm
     assert compiled.metrics["fhe_simulate"]["roc_auc"] > 0.9
     workflow.deploy(ckpt, compiled, tmp_path / "bundle", "linear")
     assert str(load_manifest(tmp_path / "bundle").featurizer) == "physchem:scale=quantile+rff:n=64"
+    assert ckpt.train_info["final"]["l2"] in L2_GRID and ckpt.train_info["epochs_run"] == len(
+        L2_GRID
+    )  # no epochs
     report = predict_local(tmp_path / "bundle", ckpt.smiles_test[:3], key_dir=tmp_path / "keys")
     simulated = compiled.q_module.forward(ckpt.X_test[:3], fhe="simulate")
     assert [p.raw for p in report.predictions] == simulated.tolist()
+    (tmp_path / "served").mkdir()
+    shutil.copytree(tmp_path / "bundle", tmp_path / "served" / "linear")
+    with ServerProcess(tmp_path / "served", tmp_path / "state", workers=1) as server:
+        remote = RemoteModel(server.url, "linear", key_dir=tmp_path / "remote-keys", token=server.token)
+        assert [p.raw for p in remote.predict(ckpt.smiles_test[:3]).predictions] == simulated.tolist()
 
 
 # ---------------------------------------------------------------- one backend interface, local and remote
