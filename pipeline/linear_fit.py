@@ -12,7 +12,8 @@ The fit, in `fit_linear`:
    objective (`train.Objective`: the task's loss, with the teacher's outputs when distilling) plus
    l2 / 2 x |W|² over the full training set, on the quantized inputs the circuit will see;
 3. the penalty whose quantized model (weights rounded to their bits) has the lowest validation label loss is kept,
-   or the given one (`TrainConfig.l2`: a refit on all the molecules, with no validation rows, reuses the search's).
+   or the given one (`TrainConfig.l2`: a refit on all the molecules, with no validation rows, reuses the search's);
+   with neither, `DEFAULT_L2`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 # penalties tried, as l2 / 2 x |W|² added to the mean loss; features in [-1, 1] (rff, minhash) want strong ones:
 # logistic regression chose C = 0.003 on herg's inner validation part (about l2 = 1 for 420 molecules)
 L2_GRID = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.001)
+DEFAULT_L2 = 1.0  # kept when there are no validation rows to choose on (and no penalty is given)
 LBFGS_STEPS = 100
 CALIBRATION_PASSES = 64  # input-quantizer statistics; fewer than Brevitas' 300 collection steps
 
@@ -43,9 +45,11 @@ def fit_linear(
     yt: torch.Tensor,
     validate: Callable[[nn.Module], dict],
     l2: float | None = None,
+    on_step: Callable[[int, int, dict], None] | None = None,
 ) -> tuple[int, list[dict]]:
     """Fit `model` (`is_linear`) in place and return (the kept penalty's 1-based place in the history, the history:
-    one row per penalty tried, with its training objective and `validate(model)`'s validation loss and metrics)."""
+    one row per penalty tried, with its training objective and `validate(model)`'s validation loss and metrics).
+    `on_step(i, n, row)` after each penalty (a progress bar's epochs)."""
     quantize, layer = model.net[0], model.net[1]
     _calibrate(quantize, Xt)
     with torch.no_grad():
@@ -53,7 +57,8 @@ def fit_linear(
     weight = torch.zeros_like(layer.weight, requires_grad=True)
     bias = torch.zeros_like(layer.bias, requires_grad=True)
     history, fits = [], []
-    for i, penalty in enumerate((l2,) if l2 is not None else L2_GRID, 1):
+    penalties = (l2,) if l2 is not None else L2_GRID
+    for i, penalty in enumerate(penalties, 1):
         _solve(objective, Xq, yt, weight, bias, penalty)
         with torch.no_grad():
             layer.weight.copy_(weight)
@@ -61,7 +66,12 @@ def fit_linear(
             train_loss = float(objective(model.eval()(Xt), yt))
         history.append({"epoch": i, "l2": penalty, "train_loss": train_loss, **validate(model)})
         fits.append((weight.detach().clone(), bias.detach().clone()))
-    best = min(range(len(history)), key=lambda j: history[j].get("valid_loss", 0.0))
+        if on_step:
+            on_step(i, len(penalties), history[-1])
+    if all("valid_loss" in row for row in history):
+        best = min(range(len(history)), key=lambda j: history[j]["valid_loss"])
+    else:  # nothing to choose on
+        best = penalties.index(l2 if l2 is not None else DEFAULT_L2)
     with torch.no_grad():
         layer.weight.copy_(fits[best][0])
         layer.bias.copy_(fits[best][1])

@@ -205,7 +205,7 @@ def train_model(
         }
 
     if is_linear(model):
-        best, history = fit_linear(model, objective, Xt, yt, validate, config.l2)
+        best, history = fit_linear(model, objective, Xt, yt, validate, config.l2, on_epoch)
         return TrainResult(model, scaler, best, len(history), history)
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))

@@ -146,9 +146,16 @@ def train(
     }
     if as_json:
         return emit_json(summary)
+    info = ckpt.train_info
+    l2 = info["final"].get("l2")  # a linear network, fitted by the convex solver (`linear_fit`)
+    how = (
+        f"best epoch {info['best_epoch']}/{info['epochs_run']}"
+        if l2 is None
+        else f"linear, fitted by L-BFGS, L2 penalty {l2:g} chosen on validation ({info['epochs_run']} tried)"
+    )
     out.print(
         f"trained [bold]{run.model}[/bold] on {dataset} ({ckpt.task.kind}, {ckpt.n_inputs} features "
-        f"'{ckpt.featurizer}'): best epoch {ckpt.train_info['best_epoch']}/{ckpt.train_info['epochs_run']}"
+        f"'{ckpt.featurizer}'): {how}"
     )
     out.print(f"float test metrics: {fmt_metrics(ckpt.metrics['float'])}")
     out.print(f"checkpoint written to {out_dir}; next: molcloak deploy {out_dir} --out bundles/<name>")
