@@ -146,10 +146,10 @@ def markdown(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from .frontier import panel_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
-    ap.add_argument("--datasets", default="bace,herg", help="comma-separated panel datasets")
-    ap.add_argument("--seeds", default="0,1,2", help="scaffold-split seeds")
+    panel_arguments(ap, "bace,herg")
     ap.add_argument(
         "--features", action="append", help="feature spec (repeatable; default: fit's candidates)"
     )

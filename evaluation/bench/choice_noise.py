@@ -144,11 +144,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from .frontier import panel_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
+    panel_arguments(ap, "herg,clintox,bace")  # binary datasets
     ap.add_argument("--scores", type=Path, required=True, help="a choice.py JSON: the specs and fold scores")
-    ap.add_argument("--datasets", default="herg,clintox,bace", help="comma-separated binary panel datasets")
-    ap.add_argument("--seeds", default="0,1,2", help="scaffold-split seeds")
     ap.add_argument("--halvings", type=int, default=200, help="random cuts of each test split (default 200)")
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")

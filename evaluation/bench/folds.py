@@ -75,10 +75,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from .frontier import panel_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
-    ap.add_argument("--datasets", default="ames,tox21,clintox,herg,bace,lipophilicity", help="panel datasets")
-    ap.add_argument("--seeds", default="0", help="scaffold-split seeds, e.g. 0,1,2")
+    panel_arguments(ap, "ames,tox21,clintox,herg,bace,lipophilicity", "0")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)

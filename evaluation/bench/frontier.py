@@ -194,6 +194,13 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def panel_arguments(ap: argparse.ArgumentParser, datasets: str, seeds: str = "0,1,2") -> None:
+    """The options every panel script takes: --panel, --datasets (default `datasets`) and --seeds."""
+    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
+    ap.add_argument("--datasets", default=datasets, help="comma-separated panel datasets")
+    ap.add_argument("--seeds", default=seeds, help="scaffold-split seeds, e.g. 0,1,2")
+
+
 def panel_or_exit(ap: argparse.ArgumentParser, panel: Path | None, datasets: list[str]) -> Path:
     """`panel_folder`, or one line and exit 2 (as the CLI does) when the folder lacks a dataset."""
     from molcloak.pipeline.errors import MolcloakError
@@ -234,9 +241,7 @@ def p_error(ap: argparse.ArgumentParser, text: str | None) -> float | None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--panel", type=Path, default=None, help="panel folder (default ../shared/data/panel)")
-    ap.add_argument("--datasets", default="bace,clintox,herg", help="comma-separated panel datasets")
-    ap.add_argument("--seeds", default="0,1,2", help="scaffold-split seeds")
+    panel_arguments(ap, "bace,clintox,herg")
     ap.add_argument("--features", action="append", help="feature spec (repeatable)")
     ap.add_argument(
         "--hidden", action="append", default=None, help="hidden widths, e.g. 16 or 16,16 (repeatable)"
