@@ -276,11 +276,13 @@ class FeaturizerSpec:
         """`transform` of molecules' `raw_features`."""
         if not self.is_fitted:
             raise FeaturizerError(f"featurizer {self} is not fitted; call .fit(training SMILES) first")
-        X = apply_knots(self, impute(self, X))
-        X = (X - np.asarray(self.mean)) / np.asarray(self.std)
+        raw = impute(self, X)
+        X = (apply_knots(self, raw) - np.asarray(self.mean)) / np.asarray(self.std)
         if self.select is not None:
-            X = self.select.apply(X)
-        if self.feature_map is not None:
+            X, raw = self.select.apply(X), self.select.apply(raw)
+        if isinstance(self.feature_map, MinHash):  # the columns present: raw values, before any scaling
+            X = self.feature_map.apply(raw)
+        elif self.feature_map is not None:
             X = self.feature_map.apply(X)
         return X.astype(np.float32).reshape((-1,) + self.shape)
 

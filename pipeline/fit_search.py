@@ -261,16 +261,18 @@ class Search:
 
     def final(self, cand: Candidate) -> Checkpoint:
         """The chosen features and network refitted on training and inner validation molecules together, for as many
-        epochs as its search run needed (a linear network: with the L2 penalty its search run chose) (validation only chose it; with a scaffold inner part, leaving its
-        small scaffold groups out would keep the model from the molecules most like the test's)."""
+        epochs as its search run needed, or for a linear network with the L2 penalty its search run chose (validation only
+        chose it; with a scaffold inner part, leaving its small scaffold groups out would keep the model from the
+        molecules most like the test's)."""
         ckpt = self.trained[cand.trained]
         if not self.refit:
             return ckpt
         both, spec, X = self.refitted(cand.features)  # scaling and selection refitted on the same molecules
         epochs = int(ckpt.train_info["best_epoch"])
-        l2 = ckpt.train_info["final"].get(
-            "l2"
-        )  # a linear network's penalty (`linear_fit`), chosen on validation
+        # a linear network's penalty (`linear_fit`), chosen on validation for a mean loss over the search's training
+        # rows: the same weight against the data over the larger refit set is that penalty x n_train / n_refit
+        l2 = ckpt.train_info["final"].get("l2")
+        l2 = None if l2 is None else l2 * int(ckpt.train_info["n_train"]) / len(both.train)
         cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs, teacher=cand.teacher, l2=l2)
         soft = self.teacher(cfg.teacher, both.train) if cfg.teacher else None
         final = train_on_features(

@@ -164,8 +164,8 @@ class SearchSpace:
         map (rff:n=N or minhash:n=N, `random_features`) starts as a kernel machine: no hidden layer, the space's
         widest weights up to 4 bits. Its circuit then has no bootstrap at all; a hidden layer on its N inputs would
         cost N times as many multiplications into every hidden unit and wider accumulators (herg seed 0, 1,024
-        features, 16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session 21). minhash's inputs are +1 or
-        -1, exact at any input bits: it starts at the fewest, for the narrowest sums."""
+        features, 16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session 21). minhash's inputs take two
+        values (+1 and -1) at any input bits: it starts at the fewest, for the narrowest sums."""
         options = self.start_options
         feature_map = kernel_map(features)
         if feature_map is None:
@@ -178,7 +178,7 @@ class SearchSpace:
 
     def network_moves(self, features: str | None = None) -> list[tuple[str, list]]:
         """Stage 2's moves for a feature spec: hidden widths, weight, activation and input bits; for a kernel
-        machine's features the bits of its one layer only (for minhash's +1 and -1, the weights only)."""
+        machine's features the bits of its one layer only (for minhash's two values, the weights only)."""
         moves = [
             ("hidden", [list(h) for h in self.hidden]),
             ("weight_bits", list(self.weight_bits)),

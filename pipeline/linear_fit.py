@@ -48,7 +48,8 @@ def fit_linear(
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> tuple[int, list[dict]]:
     """Fit `model` (`is_linear`) in place and return (the kept penalty's 1-based place in the history, the history:
-    one row per penalty tried, with its training objective and `validate(model)`'s validation loss and metrics).
+    one row per penalty tried, with the quantized model's training loss (without the penalty) and `validate(model)`'s
+    validation loss and metrics).
     `on_step(i, n, row)` after each penalty (a progress bar's epochs)."""
     quantize, layer = model.net[0], model.net[1]
     _calibrate(quantize, Xt)
@@ -57,7 +58,8 @@ def fit_linear(
     weight = torch.zeros_like(layer.weight, requires_grad=True)
     bias = torch.zeros_like(layer.bias, requires_grad=True)
     history, fits = [], []
-    penalties = (l2,) if l2 is not None else L2_GRID
+    choose = l2 is None and bool(validate(model))  # validation rows to choose on
+    penalties = L2_GRID if choose else (DEFAULT_L2 if l2 is None else l2,)
     for i, penalty in enumerate(penalties, 1):
         _solve(objective, Xq, yt, weight, bias, penalty)
         with torch.no_grad():
@@ -68,10 +70,7 @@ def fit_linear(
         fits.append((weight.detach().clone(), bias.detach().clone()))
         if on_step:
             on_step(i, len(penalties), history[-1])
-    if all("valid_loss" in row for row in history):
-        best = min(range(len(history)), key=lambda j: history[j]["valid_loss"])
-    else:  # nothing to choose on
-        best = penalties.index(l2 if l2 is not None else DEFAULT_L2)
+    best = min(range(len(history)), key=lambda j: history[j]["valid_loss"]) if choose else 0
     with torch.no_grad():
         layer.weight.copy_(fits[best][0])
         layer.bias.copy_(fits[best][1])

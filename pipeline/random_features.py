@@ -118,8 +118,9 @@ class MinHash:
         return [f"{MINHASH}{i}" for i in range(self.n)]
 
     def apply(self, X: np.ndarray) -> np.ndarray:
-        """The N features of the rows `X` (n, d): for each hash, the sign of the first of the row's columns above
-        zero in the hash's order; 0 for every hash when the row has none."""
+        """The N features of the rows `X` (n, d; raw values, before scaling: `FeaturizerSpec.transform_raw` passes
+        them): for each hash, the sign of the first of the row's columns above zero in the hash's order; 0 for every
+        hash when the row has none."""
         X = np.asarray(X)
         self.check_columns(X.shape[1])
         order, signs = _orders(self.n, self.seed, X.shape[1])
@@ -186,7 +187,7 @@ def _options(kind: str, chunk: str, text: str, types: dict, example: str) -> dic
     return values
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)  # up to 256 MB each
 def _orders(n: int, seed: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """(order (n, d): each hash's random rank of every column, signs (n, d): +1 or -1), the same on every machine
     (`uniforms`, on a stream of its own: the seed's bits flipped, so minhash and rff of one seed differ)."""

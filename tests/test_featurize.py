@@ -530,6 +530,18 @@ def test_minhash_features_approximate_the_tanimoto_similarity_and_round_trip():
         [signs[h, c] for h, c in enumerate(first)],
         [0.0] * 8,
     ]
+    # counts are standardized before a map sees them: minhash reads the substructures present in the raw counts
+    counts = FeaturizerSpec.parse("morgan_count:r=2,n=64+minhash:n=16").fit(TRAIN)
+    raw = (
+        FeaturizerSpec.parse("morgan_count:r=2,n=64").fit(TRAIN).transform(TEST)
+    )  # standardized: not the raw
+    present = raw_features(FeaturizerSpec.parse("morgan_count:r=2,n=64"), TEST)
+    assert np.array_equal(
+        counts.transform(TEST), random_features.MinHash(16).apply(present).astype(np.float32)
+    )
+    assert not np.array_equal(
+        random_features.MinHash(16).apply(raw), random_features.MinHash(16).apply(present)
+    )
     # a bundle of session 21 stored its rff map under "rff", without a kind: it still loads
     rff = FeaturizerSpec.parse("physchem+rff:n=8").fit(TRAIN)
     old = rff.to_dict()

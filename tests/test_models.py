@@ -58,7 +58,7 @@ def test_a_linear_network_is_fitted_to_the_penalized_optimum():
     float weights are ridge regression's closed form on the quantized inputs; the penalty is chosen on validation."""
     import numpy as np
 
-    from molcloak.pipeline.linear_fit import L2_GRID
+    from molcloak.pipeline.linear_fit import DEFAULT_L2, L2_GRID
     from molcloak.pipeline.tasks import TaskSpec
     from molcloak.pipeline.train import TrainConfig, train_model
 
@@ -82,3 +82,7 @@ def test_a_linear_network_is_fitted_to_the_penalized_optimum():
     losses = [row["valid_loss"] for row in result.history]
     assert [row["l2"] for row in result.history] == list(L2_GRID)
     assert losses[result.best_epoch - 1] == min(losses) and result.history[result.best_epoch - 1]["l2"] < 1
+    # no validation rows and no penalty given: one fit, at the default penalty
+    model = build_model("mlp", 12, 1, make_config("mlp", {"hidden": [], "weight_bits": 4, "input_bits": 4}))
+    result = train_model(model, task, X, y, X[:0], y[:0], TrainConfig())
+    assert [row["l2"] for row in result.history] == [DEFAULT_L2] and "valid_loss" not in result.history[0]

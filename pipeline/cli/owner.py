@@ -131,7 +131,7 @@ def train(
     with progress() as bar:
         t = bar.add_task("training", total=run.train.epochs, status="")
         on_epoch = lambda epoch, total, row: bar.update(  # noqa: E731
-            t, completed=epoch, status=f"loss {row.get('valid_loss', row['train_loss']):.3f}"
+            t, completed=epoch, total=total, status=f"loss {row.get('valid_loss', row['train_loss']):.3f}"
         )
         ckpt = train_run(ds, run, split, test_fraction, on_epoch=on_epoch)
     ckpt.train_info["dataset"] = dataset
