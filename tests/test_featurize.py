@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from molcloak.pipeline import featurize
+from molcloak.pipeline import featurize, raw_values
 from molcloak.pipeline.errors import FeaturizerError, InvalidSmilesError
 from molcloak.pipeline.feature_kinds import (
     COUNT_CAP,
@@ -388,8 +388,8 @@ def test_big_batches_featurize_in_parallel_with_the_same_values(monkeypatch):
     monkeypatch.setenv("MOLCLOAK_FEATURIZE_JOBS", "1")
     serial = raw_features(spec, smiles)
     monkeypatch.setenv("MOLCLOAK_FEATURIZE_JOBS", "2")
-    monkeypatch.setattr(featurize, "PARALLEL_MIN", 4)
-    assert featurize.featurize_jobs() == 2
+    monkeypatch.setattr(raw_values, "PARALLEL_MIN", 4)
+    assert raw_values.featurize_jobs() == 2
     assert np.array_equal(raw_features(spec, smiles), serial, equal_nan=True)
     with pytest.raises(InvalidSmilesError, match=r"molecule 9: SMILES 'C1CC'"):
         raw_features(spec, smiles[:8] + ["C1CC"])
