@@ -1,7 +1,8 @@
 """`molcloak fit`: the most accurate encrypted model for the owner's data within a latency and key budget.
 
 The search runs on the training part of the split only: models are trained on `train`, and chosen
-by their FHE-simulated metric on an inner validation part (`valid`: whole scaffold groups of the
+by their metric on an inner validation part (`valid`, from Concrete ML's clear integer pass, deterministic, or
+with `SearchSpace.scoring="simulate"` from the FHE simulation; `valid`'s part is whole scaffold groups of the
 training molecules when the split is by scaffold, so the choice is judged on unseen scaffolds like
 the test; a seeded random share otherwise); the test part is scored once, for the chosen model.
 Latency is predicted from the circuit's PBS count and maximum bit width with the PBS cost measured
@@ -22,7 +23,7 @@ with a time cap (quiet-machine minutes, `latency.SearchClock`) that returns the 
 
 With `inner_folds` > 1 the choice is made on K inner folds of all the training molecules (`fit_search.Search`):
 each feature spec's reference network after stage 1, and the `confirm` best other variants at the end, are
-trained on each fold's training part and FHE-simulated on its validation part, and compared by the mean.
+trained on each fold's training part and scored on its validation part, and compared by the mean.
 
 The most accurate candidates within the predicted budget are then compiled on the test split and
 timed for real (keygen and encrypted runs through both halves), in order, until one runs within the
@@ -96,6 +97,7 @@ def fit(
     ckpt.train_info["fit"] = {
         "metric": search.metric,
         "valid": chosen.valid,
+        "scoring": space.scoring,
         "cv": chosen.cv,
         "inner_folds": space.inner_folds,
         "fold_groups": space.fold_groups,

@@ -22,6 +22,8 @@ from .teacher import TEACHERS, teacher_outputs
 from .train import predict_raw
 from .workflow import compile_checkpoint, train_on_features, unfitted_featurizer
 
+SCORE_KEYS = {False: "quantized", True: "fhe_simulate"}  # compile_checkpoint's metrics, by whether simulated
+
 
 class Search:
     """The state of one search: features cached per spec, trained checkpoints cached per network."""
@@ -118,7 +120,8 @@ class Search:
         teacher: str | None = None,
         unplanned: bool = False,
     ) -> Candidate:
-        """Train (once per network), compile, FHE-simulate on the inner validation part and time one variant.
+        """Train (once per network), compile, score on the inner validation part (`SearchSpace.scoring`) and
+        time one variant.
         `unplanned`: a variant the plan could not count beforehand (a weight-bits retry); it is added to the
         progress bar's total when it runs, so the bar never passes 100 %."""
         start = time.perf_counter()
@@ -139,8 +142,10 @@ class Search:
         valid_view = dataclasses.replace(ckpt, X_test=X[sp.valid], y_test=self.ds.y[sp.valid], smiles_test=[])
         cand = Candidate(features, dict(ckpt.model_config), cfg, stage, teacher=teacher, trained=key)
         cand.n_inputs = int(X.shape[1])
+        simulate = cand.simulated(self.space)
+        cand.scored_by = "simulate" if simulate else "clear"
         try:
-            compiled = compile_checkpoint(valid_view, cfg, measure_keys=True)
+            compiled = compile_checkpoint(valid_view, cfg, measure_keys=True, simulate=simulate)
         except CompilationError as exc:  # a variant Concrete cannot compile is skipped, the search goes on
             self.on_step(f"skipped {cand.label}: {str(exc)[:120]}", self.done, self.planned)
             return cand
@@ -148,7 +153,7 @@ class Search:
         float_metrics = score(
             self.ds.task, self.ds.y[sp.valid], to_predictions(self.ds.task, raw, ckpt.scaler)
         )
-        cand.valid = compiled.metrics["fhe_simulate"].get(self.metric, float("nan"))
+        cand.valid = compiled.metrics[SCORE_KEYS[simulate]].get(self.metric, float("nan"))
         cand.float_valid = float_metrics.get(self.metric, float("nan"))
         self.record_circuit(cand, compiled.stats)
         if self.timed_runs and cand.key_bytes <= self.budget.key_mb * 1e6:  # valid has >= 10 rows
@@ -189,7 +194,7 @@ class Search:
 
     def cross_validate(self, cand: Candidate) -> None:
         """Score `cand` on every inner fold (its network and teacher trained on the others, compiled with its
-        settings, FHE-simulated on the fold): `cand.cv` is the mean. One inner part of a few hundred
+        settings, scored on the fold): `cand.cv` is the mean. One inner part of a few hundred
         molecules ranks feature sets by noise (bace: 0.01-0.03); all the training molecules rank them better.
         On large data only the first folds are used (`cv_folds`): they already hold thousands of molecules."""
         if self.space.inner_folds < 2 or cand.cv is not None or not np.isfinite(cand.valid):
@@ -213,7 +218,7 @@ class Search:
             self.on_step(msg, self.done, self.planned)
 
     def _fold_score(self, cand: Candidate, f: int, fold: Split) -> float:
-        """`cand`'s network trained on the fold's training part and FHE-simulated on its validation part."""
+        """`cand`'s network trained on the fold's training part and scored on its validation part."""
         if (cand.features, f) not in self._fold_features:
             self._fold_features[cand.features, f] = self.fitted(cand.features, fold.train)
         spec, X = self._fold_features[cand.features, f]
@@ -226,8 +231,11 @@ class Search:
         view = dataclasses.replace(
             self._fold_models[cand.trained, f], X_test=X[fold.valid], y_test=self.ds.y[fold.valid]
         )
-        compiled = compile_checkpoint(dataclasses.replace(view, smiles_test=[]), cand.compile, False)
-        return compiled.metrics["fhe_simulate"].get(self.metric, float("nan"))
+        simulate = cand.simulated(self.space)
+        compiled = compile_checkpoint(
+            dataclasses.replace(view, smiles_test=[]), cand.compile, False, simulate
+        )
+        return compiled.metrics[SCORE_KEYS[simulate]].get(self.metric, float("nan"))
 
     def teacher(self, kind: str, rows: np.ndarray) -> np.ndarray:
         """A teacher's out-of-bag outputs on `rows`, computed once per search, kind and rows (the search's

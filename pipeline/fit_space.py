@@ -64,6 +64,12 @@ INNER_VALID_FRACTION = 0.2
 StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps planned)
 
 
+SCORINGS = ("clear", "simulate")
+CLEAR_MAX_P_ERROR = (
+    1e-4  # per bootstrap: under it, a molecule's ~10-40 bootstraps all succeed 99.6 % of the time
+)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
@@ -114,8 +120,17 @@ class SearchSpace:
     # variants within this much of the best score count as equally accurate (a difference this small is noise
     # on a few hundred validation molecules): of those, the richest features (most inputs), then the fewest PBS
     tolerance: float = 0.005
+    # what a variant is scored by on the inner validation part and folds (`SCORINGS`): "clear", Concrete ML's
+    # integer forward pass in the clear (the circuit's arithmetic with exact rounding, deterministic, so a rerun
+    # scores and chooses the same), or "simulate", Concrete's FHE simulation (adds approximate rounding's and the
+    # bootstraps' errors, drawn from a generator Concrete seeds from the system: the same network on clintox's
+    # 117 inner molecules scored 0.848 and 0.864 in two runs, enough to change the choice). A variant whose
+    # p_error is above CLEAR_MAX_P_ERROR is simulated either way: its bootstrap errors are part of its accuracy
+    scoring: str = "clear"
 
     def __post_init__(self):
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
         unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]
         if unknown or not self.teachers:
             raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")
@@ -214,7 +229,7 @@ class Candidate:
     options: dict
     compile: CompileConfig
     stage: str
-    valid: float = float("nan")  # FHE-simulated validation metric (higher is better)
+    valid: float = float("nan")  # validation metric, as `SearchSpace.scoring` scores it (higher is better)
     float_valid: float = float("nan")
     pbs: int = 0
     max_bits: int = 0
@@ -227,10 +242,16 @@ class Candidate:
     measured_load_factor: float | None = None
     teacher: str | None = None  # the plaintext teacher it was distilled from (None: labels only)
     trained: str = ""  # key of its checkpoint in the search's cache
-    cv: float | None = None  # mean FHE-simulated metric over the inner folds (None: not cross-validated)
+    cv: float | None = None  # mean validation metric over the inner folds (None: not cross-validated)
     cv_folds: list[float] = field(default_factory=list)
     cv_sizes: list[int] = field(default_factory=list)  # molecules in each fold's validation part
     n_inputs: int = 0  # encrypted inputs: the width of its feature spec
+    scored_by: str = ""  # "clear" or "simulate": what `valid` and `cv` come from
+
+    def simulated(self, space: SearchSpace) -> bool:
+        """Whether the search scores this variant by FHE simulation rather than by the clear pass."""
+        p_error = self.compile.p_error
+        return space.scoring == "simulate" or (p_error is not None and p_error > CLEAR_MAX_P_ERROR)
 
     @property
     def score(self) -> float:
@@ -288,6 +309,7 @@ class Candidate:
             "stage": self.stage,
             "teacher": self.teacher,
             "valid": self.valid,
+            "scored_by": self.scored_by,
             "float_valid": self.float_valid,
             "cv": self.cv,
             "cv_folds": self.cv_folds,

@@ -85,7 +85,7 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     assert stages == {"features", "network", "compile"} and len(result.candidates) >= 4 and steps
     assert all(c.fits(FitBudget(latency_ms=500)) for c in result.candidates)  # 50 ms + a few PBS x 5 ms
     # each feature spec's reference network and the best other variant were scored on 3 inner folds of the
-    # training molecules (really trained and FHE-simulated: the folds' scores differ), and the choice is made
+    # training molecules (really trained, compiled and scored: the folds' scores differ), and the choice is made
     # among them, not on the test: among the most accurate (within the tolerance), the richest features, then
     # the fewest PBS
     crossed = [c for c in result.candidates if c.cv is not None]
@@ -134,7 +134,12 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
         calibration(tmp_path),
         measure_runs=0,
     )
-    assert again.chosen.label == result.chosen.label and np.isclose(again.chosen.valid, result.chosen.valid)
+    assert again.chosen.label == result.chosen.label
+    # bit for bit: every variant is scored by the circuit's clear integer pass, which draws nothing at random
+    # (Concrete's FHE simulation draws its errors from a generator seeded by the system)
+    assert all(c.scored_by == "clear" for c in result.candidates + again.candidates)
+    scores = lambda r: [(c.label, c.valid, c.cv, c.cv_folds) for c in r.candidates]  # noqa: E731
+    assert scores(again) == scores(result) and result.checkpoint.train_info["fit"]["scoring"] == "clear"
 
 
 def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_path):
@@ -154,6 +159,16 @@ def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_pat
     assert {c.options["weight_bits"] for c in mine} == {2, 3}  # the start's widest (up to 4), then the moves
     others = [c for c in result.candidates if c.features != kernel]
     assert all(c.options["hidden"] in ([3], [4]) and c.pbs > 0 for c in others)
+
+
+def test_the_search_simulates_only_when_asked_or_when_bootstraps_may_fail():
+    cand = lambda p: Candidate("physchem", {}, CompileConfig(5, "approximate", p), "features")  # noqa: E731
+    clear, simulated = SearchSpace(), SearchSpace(scoring="simulate")
+    assert not cand(1e-6).simulated(clear) and not cand(None).simulated(clear)  # None: Concrete's 2^-40
+    assert cand(0.05).simulated(clear)  # a bootstrap fails one time in 20: part of the variant's accuracy
+    assert cand(1e-6).simulated(simulated) and cand(None).simulated(simulated)
+    with pytest.raises(ConfigError, match="--scoring 'exact': use one of clear, simulate"):
+        SearchSpace(scoring="exact")
 
 
 def test_stage_three_recompiles_a_circuit_without_lookups_at_other_p_error_only():
@@ -392,6 +407,8 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
             "50",  # 192 molecules in 2 folds of 96: the first fold alone holds 50
             "--budget-ms",
             "5000",  # a loaded machine must not fail it on time (a 3-PBS circuit ran 316 ms at load 6)
+            "--scoring",
+            "simulate",  # the search's other scoring: Concrete's FHE simulation
             "--calibration",
             str(tmp_path / "calib.json"),
             "--out",
@@ -406,6 +423,7 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert summary["chosen"]["features"] == "physchem" and summary["candidates"]
     assert {c["model_options"]["act_bits"] for c in summary["candidates"]} == {2}  # --act-bits 2 only
     assert summary["chosen"]["n_inputs"] == 10
+    assert {c["scored_by"] for c in summary["candidates"]} == {"simulate"}
     assert (
         summary["chosen"]["cv_sizes"] == [96] and summary["chosen"]["cv"] == summary["chosen"]["cv_folds"][0]
     )
@@ -413,6 +431,7 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert (
         fit_info["metric"] == "roc_auc" and fit_info["cv_folds_used"] == 1 and fit_info["cv_molecules"] == 50
     )
+    assert fit_info["scoring"] == "simulate"
     compiled = load_manifest(tmp_path / "bundle").data["compile"]
     assert (
         compiled["rounding_bits"] is None and compiled["p_error"] == 1e-6
@@ -442,6 +461,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--fold-groups", "tail"]
     )
     assert bad.exit_code == 2 and "--fold-groups tail: choose auto, balanced or rare" in bad.output
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--scoring", "fhe"]
+    )
+    assert bad.exit_code == 2 and "--scoring 'fhe': use one of clear, simulate" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():

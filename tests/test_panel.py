@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -130,6 +132,26 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     )
     assert "--round-outputs" in panel.command_line(rounded) and "--round" not in panel.command_line(norm)
     assert panel.molcloak_space(rounded).round_outputs and not panel.molcloak_space(norm).round_outputs
+    # fit's scoring: the clear pass (the default since session 24) is another molcloak run than the simulated
+    # one, which keeps the keys of the runs made before the option (they were all simulated)
+    simulated = panel.PanelConfig(str(tmp_path), scoring="simulate")
+    assert key(simulated, "molcloak") != key(norm, "molcloak") and key(simulated, "references") == key(
+        norm, "references"
+    )
+    fields = {k: v for k, v in dataclasses.asdict(simulated).items() if k != "scoring"}
+    legacy = SimpleNamespace(
+        **fields, n_sample=simulated.n_sample, n_trees=simulated.n_trees
+    )  # before the option
+    assert key(legacy, "molcloak") == key(simulated, "molcloak")
+    assert "--scoring simulate" in panel.command_line(simulated) and "--scoring" not in panel.command_line(
+        norm
+    )
+    assert (
+        panel.molcloak_space(simulated).scoring == "simulate"
+        and panel.molcloak_space(norm).scoring == "clear"
+    )
+    with pytest.raises(ConfigError, match="--scoring 'exact': use one of clear, simulate"):
+        panel.PanelConfig(str(tmp_path), scoring="exact")
     # feature specs fit tries besides its defaults: another molcloak run, in the command, after the defaults
     kernel = panel.PanelConfig(str(tmp_path), fit_features=("rdkit2d:scale=quantile+rff:n=1024",))
     assert key(kernel, "molcloak") != key(norm, "molcloak") and key(kernel, "references") == key(

@@ -33,6 +33,7 @@ from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import ConfigError, TuneError
 from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teachers_for
+from molcloak.pipeline.fit_space import SCORINGS
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
@@ -75,6 +76,7 @@ class PanelConfig:
     # fit --fold-groups: the scaffold groups its inner folds validate on
     fold_groups: str = SearchSpace.fold_groups
     round_outputs: bool = False  # fit --round-outputs: outputs rounded before they are decrypted
+    scoring: str = SearchSpace.scoring  # fit --scoring: what the search compares variants by
     fit_features: tuple[str, ...] = ()  # feature specs fit tries after its default ones (--fit-features)
 
     def __post_init__(self):
@@ -95,6 +97,8 @@ class PanelConfig:
         teachers_for(self.teacher)  # a bad --teacher: one line before anything runs
         check_p_error(self.p_error, "--p-error")
         check_fold_groups(self.fold_groups, "--fold-groups")
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
         for spec in self.fit_features:  # a bad spec: one line before anything runs
             FeaturizerSpec.parse(spec)
         if self.trees is not None and self.trees < 1:
@@ -144,6 +148,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--teacher", config.teacher] if config.teacher else []
     args += ["--p-error", f"{config.p_error:g}"] if config.p_error != DEFAULT_P_ERROR else []
     args += ["--fold-groups", config.fold_groups] if config.fold_groups != SearchSpace.fold_groups else []
+    args += ["--scoring", config.scoring] if config.scoring != SearchSpace.scoring else []
     args += ["--round-outputs"] if config.round_outputs else []
     for spec in config.fit_features:
         args += ["--fit-features", spec]
@@ -188,7 +193,7 @@ def molcloak_space(config: PanelConfig) -> SearchSpace:
     """fit's search space with the panel's fit options (teacher, p_error, inner folds' groups)."""
     space = QUICK_SPACE if config.quick else SearchSpace()
     fit_options = {"p_error": (config.p_error,), "fold_groups": config.fold_groups}
-    fit_options["round_outputs"] = config.round_outputs
+    fit_options["round_outputs"], fit_options["scoring"] = config.round_outputs, config.scoring
     fit_options["features"] = space.features + tuple(
         f for f in config.fit_features if f not in space.features
     )

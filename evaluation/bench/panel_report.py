@@ -127,6 +127,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["p_error"] = config.p_error  # 0.05 runs were made without this key: they are not reused)
         if getattr(config, "fold_groups", "balanced") != "balanced":  # runs before the option: balanced folds
             parts["fold_groups"] = config.fold_groups
+        if getattr(config, "scoring", "simulate") != "simulate":  # runs before the option: simulated
+            parts["scoring"] = config.scoring
         if getattr(config, "round_outputs", False):  # runs before the option: exact outputs
             parts["round_outputs"] = True
         if getattr(config, "fit_features", ()):  # runs before the option: fit's default specs only

@@ -26,6 +26,7 @@ PANEL_ONLY = (
     "teacher",
     "p_error",
     "fold_groups",
+    "scoring",
     "round_outputs",
     "fit_features",
 )
@@ -89,6 +90,12 @@ def bench(
         FOLD_GROUPS[0],
         "--fold-groups",
         help="Panel: fit's --fold-groups (auto, balanced or rare; see `molcloak fit --help`).",
+    ),
+    scoring: str = typer.Option(
+        "clear",
+        "--scoring",
+        help="Panel: fit's --scoring (clear: the circuit's deterministic clear integer pass; simulate: the FHE "
+        "simulation; see `molcloak fit --help`).",
     ),
     round_outputs: bool = typer.Option(
         False,
@@ -160,7 +167,7 @@ def bench(
         limits = {"budget_ms": budget_ms, "fit_minutes": fit_minutes, "latency_check": latency_check}
         limits["teacher"] = None if teacher == "none" else teacher
         limits["p_error"], limits["fold_groups"] = p_error, fold_groups
-        limits["round_outputs"] = round_outputs
+        limits["round_outputs"], limits["scoring"] = round_outputs, scoring
         limits["fit_features"] = tuple(fit_features or ())
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
