@@ -69,6 +69,23 @@ def lsbs_to_fit(scores: np.ndarray, target_bits: int) -> int:
     return max(0, width - target_bits)
 
 
+def needs_overflow_protection(values: np.ndarray, lsbs: int) -> bool:
+    """Whether rounding `values` (the calibration molecules') by `lsbs` bits needs Concrete's overflow
+    protection: only when the rounded values need more bits than the values (the largest rounds up past
+    its width). Concrete 2.10 turns the protection on whenever the two widths differ, also when rounding
+    makes the range narrower (-18 -> -16: 6 bits -> 5); it then removes one bit fewer in the circuit than
+    in its own clear evaluation (`Circuit.graph`), so FHE decided `round(s / 2)` where the clear pass
+    decided `round(s / 4)`, and near-ties differed (concrete/fhe/mlir/processors/process_rounding.py)."""
+    from concrete import fhe
+
+    values = np.asarray(values, dtype=np.int64)
+    if not lsbs or not values.size:
+        return False
+    rounded = fhe.round_bit_pattern(values, lsbs_to_remove=lsbs)
+    width = fhe.Integer.that_can_represent(values).bit_width
+    return fhe.Integer.that_can_represent(np.asarray(rounded)).bit_width > width
+
+
 def _sign(v):
     return np.where(v > 0, 1, -1)
 
@@ -85,13 +102,17 @@ def class_circuit(
     out_q = q_module.output_quantizers[0]
     offsets = score_offsets(out_q, pairwise)
     q_calib = q_module.quantize_input(np.asarray(X_calib, dtype=np.float32))
-    lsbs = lsbs_to_fit(class_scores(q_module._clear_forward(q_calib), pairwise, offsets), target_bits)
+    calib_scores = class_scores(q_module._clear_forward(q_calib), pairwise, offsets)
+    lsbs = lsbs_to_fit(calib_scores, target_bits)
+    protect = needs_overflow_protection(calib_scores, lsbs)
     exactness = fhe.Exactness.EXACT if rounding_method == "exact" else fhe.Exactness.APPROXIMATE
 
     def forward(q_x):
         s = class_scores(q_module._clear_forward(q_x), pairwise, offsets)
         if lsbs:
-            s = fhe.round_bit_pattern(s, lsbs_to_remove=lsbs, exactness=exactness)
+            s = fhe.round_bit_pattern(
+                s, lsbs_to_remove=lsbs, exactness=exactness, overflow_protection=protect
+            )
         sign = fhe.univariate(_sign)(s)  # one table lookup per task: +1 for class 1, -1 for class 0
         return sign * np.array([[-1, 1]]) if pairwise else sign
 
@@ -109,13 +130,20 @@ def rounded_logits_circuit(q_module, X_calib: np.ndarray, output_bits: int, roun
     from concrete import fhe
 
     q_calib = q_module.quantize_input(np.asarray(X_calib, dtype=np.float32))
-    lsbs = lsbs_to_fit(q_module._clear_forward(q_calib), output_bits)
+    calib_outputs = q_module._clear_forward(q_calib)
+    lsbs = lsbs_to_fit(calib_outputs, output_bits)
     if not lsbs:
         return q_module.fhe_circuit
+    protect = needs_overflow_protection(calib_outputs, lsbs)
     exactness = fhe.Exactness.EXACT if rounding_method == "exact" else fhe.Exactness.APPROXIMATE
 
     def forward(q_x):
-        return fhe.round_bit_pattern(q_module._clear_forward(q_x), lsbs_to_remove=lsbs, exactness=exactness)
+        return fhe.round_bit_pattern(
+            q_module._clear_forward(q_x),
+            lsbs_to_remove=lsbs,
+            exactness=exactness,
+            overflow_protection=protect,
+        )
 
     return _compile(forward, q_calib, p_error)
 

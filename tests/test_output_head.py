@@ -162,3 +162,27 @@ def test_output_bits_are_checked():
     # `--output class` on a checkpoint that recorded rounded logits (fit --round-outputs) replaces them
     assert given_compile(None, None, None, output="class") == {"output": "class", "output_bits": None}
     assert given_compile(None, None, None, output_bits=0) == {"output_bits": None}  # 0: exact
+
+
+@pytest.mark.parametrize("low, high", [(-18, 12), (-3, 31)])
+def test_rounding_in_the_circuit_is_the_rounding_of_its_clear_pass(low, high):
+    """Concrete 2.10 protects a rounding against overflow whenever the rounded values' width differs from the
+    values', also when it is narrower ([-18, 12] -> [-16, 12]: 6 -> 5 bits), and then removes one bit fewer in
+    the circuit; `needs_overflow_protection` asks for it only when the largest value rounds up past its width."""
+    from concrete import fhe
+
+    from molcloak.pipeline.output_head import needs_overflow_protection
+
+    values = np.arange(low, high + 1)
+    protect = needs_overflow_protection(values, 2)
+    assert protect == (high == 31)  # 31 -> 32 needs a 7th bit
+
+    def forward(x):
+        r = fhe.round_bit_pattern(
+            x, lsbs_to_remove=2, exactness=fhe.Exactness.EXACT, overflow_protection=protect
+        )
+        return fhe.univariate(lambda v: v)(r)  # a lookup on the rounded value, as the class circuit's sign
+
+    circuit = fhe.Compiler(forward, {"x": "encrypted"}).compile(list(values), p_error=EXACT_P_ERROR)
+    assert [circuit.simulate(int(v)) for v in values] == [circuit.graph(int(v)) for v in values]
+    assert [circuit.graph(int(v)) for v in values] == list(fhe.round_bit_pattern(values, lsbs_to_remove=2))
