@@ -59,6 +59,9 @@ from .pbs_cost import Calibration
 from .train import TrainConfig
 from .workflow import compile_checkpoint
 
+# the training each variant gets: at most 150 epochs, stopped after 30 without a better validation loss
+FIT_TRAIN = TrainConfig(patience=30)
+
 
 def fit(
     ds: Dataset,
@@ -67,7 +70,7 @@ def fit(
     split: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
-    train: TrainConfig = TrainConfig(patience=30),
+    train: TrainConfig = FIT_TRAIN,
     calibration: Calibration | None = None,
     on_step: StepCallback | None = None,
     measure_runs: int = 5,

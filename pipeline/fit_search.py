@@ -281,7 +281,9 @@ class Search:
         # rows: the same weight against the data over the larger refit set is that penalty x n_train / n_refit
         l2 = ckpt.train_info["final"].get("l2")
         l2 = None if l2 is None else l2 * int(ckpt.train_info["n_train"]) / len(both.train)
-        cfg = dataclasses.replace(self.train, epochs=epochs, patience=epochs, teacher=cand.teacher, l2=l2)
+        cfg = dataclasses.replace(
+            self.train, epochs=epochs, patience=epochs, patience_steps=None, teacher=cand.teacher, l2=l2
+        )  # every epoch the search run needed: no validation rows to stop on
         soft = self.teacher(cfg.teacher, both.train) if cfg.teacher else None
         final = train_on_features(
             self.ds, spec, X, both, self.space.model, cand.options, cfg, soft_train=soft

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -23,6 +24,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     patience: int = 50  # epochs without validation-loss improvement before stopping
+    # the patience in optimizer steps as well (None: in epochs only): on large data an epoch is many steps, and
+    # the validation loss settles in fewer epochs (ames, 4,600 training molecules: best epoch 2 of 32 run)
+    patience_steps: int | None = None
     seed: int = 0
     teacher: str | None = None  # "rf": also learn a plaintext teacher's out-of-bag outputs (teacher.py)
     distill: float = 0.5  # with a teacher: the weight of its outputs in the loss (the labels get 1 - distill)
@@ -44,8 +48,23 @@ class TrainConfig:
                 f"invalid training options {asdict(self)}; need epochs >= 1, batch_size >= 2, lr > 0, patience >= 1"
             )
 
+        if self.patience_steps is not None and self.patience_steps < 1:
+            raise ModelConfigError(f"patience in steps {self.patience_steps}: use a positive count or None")
+
+    def effective_patience(self, n_train: int) -> int:
+        """Epochs without improvement before stopping: `patience`, or, with `patience_steps`, as many epochs as
+        hold that many optimizer steps on `n_train` molecules when that is fewer (but at least MIN_PATIENCE)."""
+        if self.patience_steps is None:
+            return self.patience
+        steps_per_epoch = math.ceil(n_train / self.batch_size)
+        by_steps = max(MIN_PATIENCE, math.ceil(self.patience_steps / steps_per_epoch))
+        return min(self.patience, by_steps)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MIN_PATIENCE = 5  # epochs: the fewest `patience_steps` leaves
 
 
 @dataclass
@@ -210,7 +229,7 @@ def train_model(
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     history: list[dict] = []
-    epoch = 0
+    epoch, patience = 0, config.effective_patience(len(Xt))
     for epoch in range(1, config.epochs + 1):
         model.train()
         total = 0.0
@@ -227,7 +246,7 @@ def train_model(
         monitor = row.get("valid_loss", row["train_loss"])
         if monitor < best[0]:
             best = (monitor, epoch, copy.deepcopy(model.state_dict()))
-        elif epoch - best[1] >= config.patience:
+        elif epoch - best[1] >= patience:
             break
     model.load_state_dict(best[2])
     model.eval()

@@ -86,3 +86,41 @@ def test_a_linear_network_is_fitted_to_the_penalized_optimum():
     model = build_model("mlp", 12, 1, make_config("mlp", {"hidden": [], "weight_bits": 4, "input_bits": 4}))
     result = train_model(model, task, X, y, X[:0], y[:0], TrainConfig())
     assert [row["l2"] for row in result.history] == [DEFAULT_L2] and "valid_loss" not in result.history[0]
+
+
+def test_patience_in_steps_shortens_the_wait_on_large_data_only():
+    """`patience_steps`: training stops after that many optimizer steps without a better validation loss, in whole
+    epochs, when that is sooner than `patience` epochs (but waits at least MIN_PATIENCE epochs)."""
+    import numpy as np
+    import torch
+
+    from molcloak.pipeline.tasks import TaskSpec
+    from molcloak.pipeline.train import MIN_PATIENCE, TrainConfig, train_model
+
+    cfg = TrainConfig(patience=30, patience_steps=2000)  # batches of 32
+    assert cfg.effective_patience(970) == 30  # bace's inner training part: 31 steps an epoch, 65 epochs wait
+    assert cfg.effective_patience(4600) == 14  # ames': 144 steps an epoch
+    assert (
+        cfg.effective_patience(10**6) == MIN_PATIENCE
+        and TrainConfig(patience=30).effective_patience(10**6) == 30
+    )
+    assert (
+        TrainConfig(patience=3, patience_steps=1).effective_patience(10**6) == 3
+    )  # never more than patience
+    with pytest.raises(ModelConfigError, match="patience in steps 0: use a positive count or None"):
+        TrainConfig(patience_steps=0)
+    # real training on noise: each run stops its own patience after its best epoch, and both are the same seeded
+    # run until the shorter wait stops
+    rng = np.random.default_rng(0)
+    X, y = rng.uniform(-1, 1, (200, 8)).astype(np.float32), rng.integers(0, 2, 200)
+    task = TaskSpec("toy", "binary", "y", labels=("0", "1"))
+    runs = {}
+    for steps in (None, 5):  # 160 training rows: 5 steps an epoch, so 5 steps -> MIN_PATIENCE epochs
+        torch.manual_seed(0)  # the same initial weights
+        model = build_model("mlp", 8, 2, make_config("mlp", {"hidden": [8]}))
+        config = TrainConfig(epochs=30, patience=20, patience_steps=steps, seed=0)
+        runs[steps] = train_model(model, task, X[:160], y[:160], X[160:], y[160:], config)
+    short, long = runs[5], runs[None]
+    assert short.epochs_run == short.best_epoch + MIN_PATIENCE < long.epochs_run
+    assert long.epochs_run == min(30, long.best_epoch + 20)
+    assert long.history[: short.epochs_run] == short.history

@@ -30,15 +30,14 @@ def reference_networks(
     """fit's first stage on the panel's split (`fit.feature_scores`, every fold): per feature spec, the
     task, the scored candidate, its checkpoint (trained on the training part) and its circuit compiled
     without keys."""
-    from molcloak.pipeline.fit import SearchSpace, feature_scores
-    from molcloak.pipeline.train import TrainConfig
+    from molcloak.pipeline.fit import FIT_TRAIN, SearchSpace, feature_scores
     from molcloak.pipeline.workflow import compile_checkpoint
 
     from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
 
     ds = load_entry(panel, describe_panel(panel)[0][name])
     space = SearchSpace(features=tuple(features), inner_folds=folds, cv_molecules=0, fold_groups=groups)
-    for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, TrainConfig(patience=30)):
+    for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, FIT_TRAIN):
         yield ds.task, cand, ckpt, compile_checkpoint(ckpt, cand.compile, measure_keys=False)
 
 

@@ -20,6 +20,7 @@ after every configuration, and a rerun with the same file skips the rows it alre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,12 +57,12 @@ def run_one(
     ds, X, spec, sp, network, teacher, soft, seed, gauge, float_only: bool, p_error: float | None
 ) -> dict:
     from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.fit import FIT_TRAIN
     from molcloak.pipeline.latency import time_circuit
-    from molcloak.pipeline.train import TrainConfig
     from molcloak.pipeline.workflow import compile_checkpoint, train_on_features
 
     start = time.perf_counter()
-    train = TrainConfig(patience=30, seed=seed, teacher=teacher)
+    train = dataclasses.replace(FIT_TRAIN, seed=seed, teacher=teacher)
     hidden, weight_bits, act_bits = network
     options = {"hidden": list(hidden), "weight_bits": weight_bits, "act_bits": act_bits}
     ckpt = train_on_features(ds, spec, X, sp, "mlp", options, train, soft_train=soft)

@@ -32,13 +32,12 @@ from molcloak.pipeline.compile import DEFAULT_P_ERROR, check_p_error
 from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import ConfigError, TuneError
 from molcloak.pipeline.featurize import FeaturizerSpec
-from molcloak.pipeline.fit import FitBudget, FitResult, SearchSpace, fit, teachers_for
+from molcloak.pipeline.fit import FIT_TRAIN, FitBudget, FitResult, SearchSpace, fit, teachers_for
 from molcloak.pipeline.fit_space import SCORINGS
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.splits import Split, check_fold_groups, split_dataset
-from molcloak.pipeline.train import TrainConfig
 
 from . import panel_report, references
 from .fhe_timing import latency_summary
@@ -182,7 +181,7 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
         split,
         TEST_FRACTION,
         seed,
-        TrainConfig(epochs=80 if config.quick else 150, patience=20 if config.quick else 30),
+        dataclasses.replace(FIT_TRAIN, epochs=80, patience=20) if config.quick else FIT_TRAIN,
         calibration=Calibration(measure=not config.quick),
         measure_runs=2 if config.quick else 5,
         verify=1 if config.quick else 3,

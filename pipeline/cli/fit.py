@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -156,10 +157,9 @@ def fit(
     Example: molcloak fit --dataset bace.csv --target-col Class --split scaffold --out runs/bace
     """
     from ..bundle import save_checkpoint
-    from ..fit import FitBudget, SearchSpace, fit
+    from ..fit import FIT_TRAIN, FitBudget, SearchSpace, fit
     from ..fit_space import teachers_for
     from ..pbs_cost import Calibration
-    from ..train import TrainConfig
     from ..workflow import deploy
 
     teachers = teachers_for(teacher)  # a bad value: one line before the data is loaded
@@ -183,7 +183,7 @@ def fit(
     with progress(transient=False) as bar:
         t = bar.add_task("fit", total=None, status="")
         on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
-        train = TrainConfig(epochs=epochs, patience=30, distill=distill)
+        train = dataclasses.replace(FIT_TRAIN, epochs=epochs, distill=distill)
         result = fit(
             ds,
             space,
