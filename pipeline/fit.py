@@ -115,6 +115,7 @@ def fit(
         "latency_check": budget.latency_check,
         "inner_valid": search.inner_valid,
         "refit": refit,
+        "patience_steps": train.patience_steps,  # the variants' training (the refit runs the search's epochs)
     }
     return FitResult(
         ckpt,

@@ -49,7 +49,9 @@ class TrainConfig:
             )
 
         if self.patience_steps is not None and self.patience_steps < 1:
-            raise ModelConfigError(f"patience in steps {self.patience_steps}: use a positive count or None")
+            raise ModelConfigError(
+                f"--patience-steps {self.patience_steps}: use a positive count of optimizer steps, or leave it out"
+            )
 
     def effective_patience(self, n_train: int) -> int:
         """Epochs without improvement before stopping: `patience`, or, with `patience_steps`, as many epochs as

@@ -401,6 +401,8 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
             "0",
             "--epochs",
             "2",
+            "--patience-steps",
+            "1000",
             "--inner-folds",
             "2",
             "--cv-molecules",
@@ -431,7 +433,7 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert (
         fit_info["metric"] == "roc_auc" and fit_info["cv_folds_used"] == 1 and fit_info["cv_molecules"] == 50
     )
-    assert fit_info["scoring"] == "simulate"
+    assert fit_info["scoring"] == "simulate" and fit_info["patience_steps"] == 1000
     compiled = load_manifest(tmp_path / "bundle").data["compile"]
     assert (
         compiled["rounding_bits"] is None and compiled["p_error"] == 1e-6
@@ -465,6 +467,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--scoring", "fhe"]
     )
     assert bad.exit_code == 2 and "--scoring 'fhe': use one of clear, simulate" in bad.output
+    bad = CliRunner().invoke(
+        app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--patience-steps", "0"]
+    )
+    assert bad.exit_code == 2 and "--patience-steps 0: use a positive count of optimizer steps" in bad.output
 
 
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():

@@ -107,7 +107,7 @@ def test_patience_in_steps_shortens_the_wait_on_large_data_only():
     assert (
         TrainConfig(patience=3, patience_steps=1).effective_patience(10**6) == 3
     )  # never more than patience
-    with pytest.raises(ModelConfigError, match="patience in steps 0: use a positive count or None"):
+    with pytest.raises(ModelConfigError, match="--patience-steps 0: use a positive count of optimizer steps"):
         TrainConfig(patience_steps=0)
     # real training on noise: each run stops its own patience after its best epoch, and both are the same seeded
     # run until the shorter wait stops

@@ -162,6 +162,22 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert panel.molcloak_space(kernel).features == defaults + ("rdkit2d:scale=quantile+rff:n=1024",)
     with pytest.raises(FeaturizerError, match="rff must appear once, at the end"):
         panel.PanelConfig(str(tmp_path), fit_features=("rff:n=8+physchem",))
+    # a patience in optimizer steps: another molcloak run, handed to fit's training (runs without it keep their keys)
+    patient = panel.PanelConfig(str(tmp_path), patience_steps=1000)
+    assert key(patient, "molcloak") != key(norm, "molcloak") and key(patient, "references") == key(
+        norm, "references"
+    )
+    assert "--patience-steps 1000" in panel.command_line(patient) and "--patience" not in panel.command_line(
+        norm
+    )
+    assert (
+        patient.train.patience_steps == 1000
+        and patient.train.patience == 30
+        and norm.train.patience_steps is None
+    )
+    assert panel.PanelConfig(str(tmp_path), quick=True, patience_steps=1000).train.epochs == 80
+    with pytest.raises(ConfigError, match="--patience-steps 0: use a positive count of optimizer steps"):
+        panel.PanelConfig(str(tmp_path), patience_steps=0)
 
 
 def test_p_error_lists_keep_each_value_once_and_refuse_what_is_not_a_probability():

@@ -38,6 +38,7 @@ from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictio
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
 from molcloak.pipeline.splits import Split, check_fold_groups, split_dataset
+from molcloak.pipeline.train import TrainConfig
 
 from . import panel_report, references
 from .fhe_timing import latency_summary
@@ -77,6 +78,9 @@ class PanelConfig:
     round_outputs: bool = False  # fit --round-outputs: outputs rounded before they are decrypted
     scoring: str = SearchSpace.scoring  # fit --scoring: what the search compares variants by
     fit_features: tuple[str, ...] = ()  # feature specs fit tries after its default ones (--fit-features)
+    patience_steps: int | None = (
+        None  # fit --patience-steps: the training patience in optimizer steps as well
+    )
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -102,6 +106,15 @@ class PanelConfig:
             FeaturizerSpec.parse(spec)
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
+        TrainConfig(
+            patience_steps=self.patience_steps
+        )  # a bad --patience-steps: one line before anything runs
+
+    @property
+    def train(self) -> TrainConfig:
+        """The training settings fit gets: fit's own, shorter for --quick, with --patience-steps."""
+        train = dataclasses.replace(FIT_TRAIN, epochs=80, patience=20) if self.quick else FIT_TRAIN
+        return dataclasses.replace(train, patience_steps=self.patience_steps)
 
     @property
     def n_trees(self) -> int:
@@ -149,6 +162,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--fold-groups", config.fold_groups] if config.fold_groups != SearchSpace.fold_groups else []
     args += ["--scoring", config.scoring] if config.scoring != SearchSpace.scoring else []
     args += ["--round-outputs"] if config.round_outputs else []
+    args += ["--patience-steps", str(config.patience_steps)] if config.patience_steps else []
     for spec in config.fit_features:
         args += ["--fit-features", spec]
     args += ["--json", str(json_path)] if json_path else []
@@ -181,7 +195,7 @@ def molcloak_model(ds: Dataset, split: str, seed: int, config: PanelConfig) -> F
         split,
         TEST_FRACTION,
         seed,
-        dataclasses.replace(FIT_TRAIN, epochs=80, patience=20) if config.quick else FIT_TRAIN,
+        config.train,
         calibration=Calibration(measure=not config.quick),
         measure_runs=2 if config.quick else 5,
         verify=1 if config.quick else 3,

@@ -133,6 +133,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["round_outputs"] = True
         if getattr(config, "fit_features", ()):  # runs before the option: fit's default specs only
             parts["fit_features"] = list(config.fit_features)
+        if getattr(config, "patience_steps", None) is not None:  # runs before the option: patience in epochs
+            parts["patience_steps"] = config.patience_steps
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

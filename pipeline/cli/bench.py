@@ -29,6 +29,7 @@ PANEL_ONLY = (
     "scoring",
     "round_outputs",
     "fit_features",
+    "patience_steps",
 )
 NOT_PANEL = ("task", "features", "n_runs", "execute_all", "seed")
 
@@ -108,6 +109,12 @@ def bench(
         help="Panel: a feature spec fit tries besides its defaults, repeatable (e.g. "
         "rdkit2d:scale=quantile+rff:n=1024, a kernel machine; see `molcloak fit --help`).",
     ),
+    patience_steps: int | None = typer.Option(
+        None,
+        "--patience-steps",
+        help="Panel: fit's --patience-steps (stop training after this many optimizer steps without improvement; "
+        "see `molcloak fit --help`).",
+    ),
     task: List[str] | None = typer.Option(
         None,
         "--task",
@@ -169,6 +176,7 @@ def bench(
         limits["p_error"], limits["fold_groups"] = p_error, fold_groups
         limits["round_outputs"], limits["scoring"] = round_outputs, scoring
         limits["fit_features"] = tuple(fit_features or ())
+        limits["patience_steps"] = patience_steps
         return _bench_panel(
             ctx, panel_dir, datasets, seeds, sample, trees, only, quick, json_path, markdown_path, limits
         )

@@ -87,6 +87,13 @@ def fit(
         f"default assumes {DEFAULT_P_ERROR:g} (README, 'Keys').",
     ),
     epochs: int = typer.Option(150, "--epochs", help="Maximum training epochs per variant."),
+    patience_steps: int | None = typer.Option(
+        None,
+        "--patience-steps",
+        help="Also stop a training after this many optimizer steps without a better validation loss (default: "
+        "after 30 epochs only; at least 5 epochs either way). Shortens training on large data, e.g. 1000: about "
+        "7 epochs on 4,600 molecules, and no change under 1,000 molecules.",
+    ),
     teacher: str = typer.Option(
         "none",
         "--teacher",
@@ -163,6 +170,7 @@ def fit(
     from ..workflow import deploy
 
     teachers = teachers_for(teacher)  # a bad value: one line before the data is loaded
+    train = dataclasses.replace(FIT_TRAIN, epochs=epochs, distill=distill, patience_steps=patience_steps)
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
     space = SearchSpace(
         **({"features": tuple(features)} if features else {}),
@@ -183,7 +191,6 @@ def fit(
     with progress(transient=False) as bar:
         t = bar.add_task("fit", total=None, status="")
         on_step = lambda msg, done, total: bar.update(t, completed=done, total=total, status=msg[:80])  # noqa: E731
-        train = dataclasses.replace(FIT_TRAIN, epochs=epochs, distill=distill)
         result = fit(
             ds,
             space,
