@@ -78,9 +78,8 @@ class PanelConfig:
     round_outputs: bool = False  # fit --round-outputs: outputs rounded before they are decrypted
     scoring: str = SearchSpace.scoring  # fit --scoring: what the search compares variants by
     fit_features: tuple[str, ...] = ()  # feature specs fit tries after its default ones (--fit-features)
-    patience_steps: int | None = (
-        None  # fit --patience-steps: the training patience in optimizer steps as well
-    )
+    # fit --patience-steps: the training patience in optimizer steps as well (None: in epochs only)
+    patience_steps: int | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.models) - set(MODELS))
@@ -106,9 +105,8 @@ class PanelConfig:
             FeaturizerSpec.parse(spec)
         if self.trees is not None and self.trees < 1:
             raise ConfigError(f"trees {self.trees} must be at least 1")
-        TrainConfig(
-            patience_steps=self.patience_steps
-        )  # a bad --patience-steps: one line before anything runs
+        # a bad --patience-steps: one line before anything runs
+        TrainConfig(patience_steps=self.patience_steps)
 
     @property
     def train(self) -> TrainConfig:
