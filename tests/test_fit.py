@@ -473,6 +473,24 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
     assert bad.exit_code == 2 and "--patience-steps 0: use a positive count of optimizer steps" in bad.output
 
 
+def test_fit_help_states_the_training_constants_it_runs_with():
+    """`fit --help` writes its patience figures out (the CLI does not import torch to print help): they must
+    follow FIT_TRAIN and MIN_PATIENCE when those change."""
+    import inspect
+
+    from molcloak.pipeline.cli.fit import fit as fit_command
+    from molcloak.pipeline.fit import FIT_TRAIN
+    from molcloak.pipeline.train import MIN_PATIENCE
+
+    text = inspect.signature(fit_command).parameters["patience_steps"].default.help
+    example = dataclasses.replace(FIT_TRAIN, patience_steps=1000)
+    assert f"after {FIT_TRAIN.patience} epochs only" in text and f"at least {MIN_PATIENCE} epochs" in text
+    assert f"about {example.effective_patience(4600)} epochs on 4,600 molecules" in text
+    assert (
+        example.effective_patience(1000) == FIT_TRAIN.patience and "no change under 1,000 molecules" in text
+    )
+
+
 def test_teacher_gives_out_of_bag_outputs_for_every_task_kind():
     """Binary: class probabilities; multi-task regression with missing labels: one value per task."""
     from molcloak.pipeline.splits import split_dataset
