@@ -88,6 +88,34 @@ def test_a_linear_network_is_fitted_to_the_penalized_optimum():
     assert [row["l2"] for row in result.history] == [DEFAULT_L2] and "valid_loss" not in result.history[0]
 
 
+def test_the_convex_fit_handles_every_task_kind_with_missing_labels():
+    """`fit` tries a kernel machine by default, so its convex fit meets every task kind: multi-label and multi-target
+    data with missing labels (NaN, masked out of the loss) and multi-class labels."""
+    import numpy as np
+
+    from molcloak.pipeline.tasks import TaskSpec
+    from molcloak.pipeline.train import TrainConfig, train_model
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (240, 12)).astype(np.float32)
+    missing = lambda shape: rng.random(shape) < 0.2  # noqa: E731
+    cases = [
+        (TaskSpec("t", "multilabel", "a,b,c", tasks=("a", "b", "c")), np.where(missing((240, 3)), np.nan, X[:, :3] > 0)),
+        (TaskSpec("t", "multiclass", "c", labels=("x", "y", "z")), np.digitize(X[:, 0], [-0.3, 0.3])),
+        (TaskSpec("t", "multitarget", "a,b", tasks=("a", "b"), task_units=("", "")), np.where(missing((240, 2)), np.nan, 2 * X[:, :2])),
+    ]  # fmt: skip
+    for task, y, metric, floor in zip(*zip(*cases), ("roc_auc", "roc_auc", "r2"), (0.95, 0.95, 0.9)):
+        n_out = y.shape[1] if y.ndim == 2 else 3
+        model = build_model(
+            "mlp", 12, n_out, make_config("mlp", {"hidden": [], "weight_bits": 4, "input_bits": 4})
+        )
+        result = train_model(
+            model, task, X[:200], y[:200].astype(float), X[200:], y[200:].astype(float), TrainConfig()
+        )
+        best = result.history[result.best_epoch - 1]
+        assert np.isfinite(best["valid_loss"]) and best[f"valid_{metric}"] > floor, (task.kind, best)
+
+
 def test_patience_in_steps_shortens_the_wait_on_large_data_only():
     """`patience_steps`: training stops after that many optimizer steps without a better validation loss, in whole
     epochs, when that is sooner than `patience` epochs (but waits at least MIN_PATIENCE epochs)."""
