@@ -134,6 +134,9 @@ class SearchSpace:
     scoring: str = "clear"
 
     def __post_init__(self):
+        # a spec given twice (`--features X --features X`, or a panel's extra spec that is already a default)
+        # is tried once: scored twice it would only take a place in the search from another variant
+        object.__setattr__(self, "features", tuple(dict.fromkeys(self.features)))
         if self.scoring not in SCORINGS:
             raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
         unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]

@@ -171,6 +171,14 @@ def test_the_search_simulates_only_when_asked_or_when_bootstraps_may_fail():
         SearchSpace(scoring="exact")
 
 
+def test_a_feature_spec_given_twice_is_tried_once_in_the_order_first_given():
+    space = SearchSpace(
+        features=("rdkit2d:scale=quantile+select:k=32", "physchem", "rdkit2d:scale=quantile+select:k=32")
+    )
+    assert space.features == ("rdkit2d:scale=quantile+select:k=32", "physchem")
+    assert SearchSpace(features=(None, None)).features == (None,)  # a tabular dataset's columns
+
+
 def test_stage_three_recompiles_a_circuit_without_lookups_at_other_p_error_only():
     """Rounding bits narrow what a lookup reads: a kernel machine (0 PBS) compiles to the same circuit at every
     rounding (clintox seed 0, session 21: 4 of 27 variants spent on such recompiles)."""

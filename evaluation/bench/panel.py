@@ -205,9 +205,7 @@ def molcloak_space(config: PanelConfig) -> SearchSpace:
     space = QUICK_SPACE if config.quick else SearchSpace()
     fit_options = {"p_error": (config.p_error,), "fold_groups": config.fold_groups}
     fit_options["round_outputs"], fit_options["scoring"] = config.round_outputs, config.scoring
-    fit_options["features"] = space.features + tuple(
-        f for f in config.fit_features if f not in space.features
-    )
+    fit_options["features"] = space.features + tuple(config.fit_features)  # repeats are tried once
     return dataclasses.replace(space, teachers=teachers_for(config.teacher), **fit_options)
 
 
