@@ -116,7 +116,8 @@ class FeaturizerSpec:
     # training medians of the descriptor parts' columns (after imputation), in column order; None when the
     # spec has no descriptor part or was saved before they were stored (`neutral_raw` then uses the mean)
     descriptor_medians: tuple[float, ...] | None = None
-    # a final rff:n=N or minhash:n=N: random features (of a Gaussian or Tanimoto kernel) of the columns before it
+    # a final rff:n=N or minhash:n=N: random features (of a Gaussian or Tanimoto kernel) of the columns before it;
+    # or linear: the columns as they are, for a linear model (`random_features.Linear`)
     feature_map: FeatureMap | None = None
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
@@ -154,8 +155,8 @@ class FeaturizerSpec:
 
     @classmethod
     def parse(cls, text: str) -> FeaturizerSpec:
-        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``, then ``+rff:n=N`` or
-        ``+minhash:n=N``)."""
+        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``, then ``+rff:n=N``,
+        ``+minhash:n=N`` or ``+linear``)."""
         chunks = [c.strip() for c in text.split("+") if c.strip()]
         if not chunks:
             raise FeaturizerError(f"empty feature spec {text!r}; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
@@ -164,7 +165,7 @@ class FeaturizerSpec:
             kind = chunks[maps[0]].partition(":")[0].strip()
             raise FeaturizerError(
                 f"{kind} must appear once, at the end of {text!r}, after the parts it maps (one map per spec); "
-                "write e.g. 'rdkit2d+rff:n=2048' or 'morgan:r=2,n=2048+minhash:n=1024'"
+                "write e.g. 'rdkit2d+rff:n=2048', 'morgan:r=2,n=2048+minhash:n=1024' or 'morgan:r=2,n=2048+linear'"
             )
         feature_map = parse_map(chunks.pop(), text) if maps else None
         selects = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() == SELECT]
@@ -190,7 +191,7 @@ class FeaturizerSpec:
 
     @property
     def width(self) -> int:
-        if self.feature_map:
+        if self.feature_map is not None and self.feature_map.n is not None:  # linear: the columns as they are
             return self.feature_map.n
         return self.select.k if self.select else self.raw_width
 
@@ -200,7 +201,7 @@ class FeaturizerSpec:
 
     @property
     def names(self) -> list[str]:
-        if self.feature_map is not None:
+        if self.feature_map is not None and self.feature_map.n is not None:
             return self.feature_map.names
         if self.select is None:
             return self.raw_names

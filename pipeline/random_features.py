@@ -1,7 +1,9 @@
 """Random feature maps drawn from a seed, so that a network without a hidden layer acts as a kernel machine.
 
 Two maps, each the last part of a feature spec: ``rff:n=N`` (random Fourier features of descriptors, the Gaussian
-kernel) and ``minhash:n=N`` (Tanimoto random features of fingerprint bits). Neither is fitted on any molecule.
+kernel) and ``minhash:n=N`` (Tanimoto random features of fingerprint bits). Neither is fitted on any molecule. A
+third final part, ``linear``, maps nothing: the columns before it stay as they are, and like the other two it makes
+the spec's model a kernel machine, here with the linear kernel (a logistic or ridge regression, no bootstrap).
 
 **rff**
 
@@ -42,7 +44,8 @@ from .errors import FeaturizerError
 
 RFF = "rff"
 MINHASH = "minhash"
-MAPS = (RFF, MINHASH)  # the kinds of a spec's final map
+LINEAR = "linear"
+MAPS = (RFF, MINHASH, LINEAR)  # the kinds of a spec's final map
 MAX_N = 16384
 MAX_MINHASH_CELLS = 2**24  # n x input columns: the drawn orders and signs take 16 bytes per cell
 
@@ -151,13 +154,41 @@ class MinHash:
             raise FeaturizerError(f"minhash spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
 
 
-FeatureMap = RandomFourier | MinHash
+@dataclass(frozen=True)
+class Linear:
+    """``linear``: no map, the columns as they are; it marks the spec's model as linear (the linear kernel)."""
+
+    n = None  # as many features as the columns before it: `FeaturizerSpec.width`
+
+    def __str__(self) -> str:
+        return LINEAR
+
+    @classmethod
+    def parse(cls, chunk: str, text: str) -> Linear:
+        if chunk.strip() != LINEAR:
+            raise FeaturizerError(
+                f"{LINEAR} takes no options, but {text!r} has {chunk.strip()!r}; write e.g. 'morgan:r=2,n=2048+linear'"
+            )
+        return cls()
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        return X
+
+    def to_dict(self) -> dict:
+        return {"kind": LINEAR}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Linear:
+        return cls()
+
+
+FeatureMap = RandomFourier | MinHash | Linear
+MAP_TYPES = {RFF: RandomFourier, MINHASH: MinHash, LINEAR: Linear}
 
 
 def parse_map(chunk: str, text: str) -> FeatureMap:
-    """A spec's final map chunk (``rff:...`` or ``minhash:...``) of the spec string `text`."""
-    kind = chunk.partition(":")[0].strip()
-    return (RandomFourier if kind == RFF else MinHash).parse(chunk, text)
+    """A spec's final map chunk (``rff:...``, ``minhash:...`` or ``linear``) of the spec string `text`."""
+    return MAP_TYPES[chunk.partition(":")[0].strip()].parse(chunk, text)
 
 
 def map_from_dict(d: dict) -> FeatureMap:
@@ -165,7 +196,7 @@ def map_from_dict(d: dict) -> FeatureMap:
     kind = d.get("kind", RFF) if isinstance(d, dict) else None
     if kind not in MAPS:
         raise FeaturizerError(f"feature map {d!r} is not one of {', '.join(MAPS)}; rebuild the bundle")
-    return (RandomFourier if kind == RFF else MinHash).from_dict(d)
+    return MAP_TYPES[kind].from_dict(d)
 
 
 def _options(kind: str, chunk: str, text: str, types: dict, example: str) -> dict:

@@ -549,10 +549,26 @@ def test_minhash_features_approximate_the_tanimoto_similarity_and_round_trip():
     assert np.array_equal(FeaturizerSpec.from_dict(old).transform(TEST), rff.transform(TEST))
 
 
+def test_a_linear_spec_keeps_its_columns_as_they_are_and_round_trips():
+    """``+linear`` maps nothing: it marks the spec's model as linear (`fit` then searches it as a kernel machine)."""
+    spec = FeaturizerSpec.parse("physchem:scale=quantile+morgan:r=2,n=64+select:k=8+linear")
+    assert str(spec) == "physchem:scale=quantile+morgan:r=2,n=64+select:k=8+linear" and spec.width == 8
+    fitted, plain = spec.fit(TRAIN), FeaturizerSpec.parse(str(spec).removesuffix("+linear")).fit(TRAIN)
+    assert np.array_equal(fitted.transform(TEST), plain.transform(TEST)) and fitted.names == plain.names
+    again = FeaturizerSpec.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert (
+        again == fitted
+        and str(again) == str(spec)
+        and np.array_equal(again.transform(TEST), plain.transform(TEST))
+    )
+
+
 @pytest.mark.parametrize(
     "text,match",
     [
         ("morgan:r=2,n=64+minhash:n=8+rff:n=4", "minhash must appear once, at the end"),
+        ("morgan:r=2,n=64+linear:n=8", "linear takes no options, but .* has 'linear:n=8'"),
+        ("morgan:r=2,n=64+linear+select:k=4", "linear must appear once, at the end"),
         ("rdkit2d+morgan:r=2,n=64+minhash:n=8", "minhash maps fingerprint parts.*'rdkit2d' is descriptors"),
         ("morgan:r=2,n=64+minhash:k=3", "minhash option 'k=3' .* not understood; minhash takes n, seed"),
         ("morgan:r=2,n=64+minhash:n=0", "minhash: n=0 must be an integer"),

@@ -143,21 +143,30 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
 
 
 def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_path):
-    """A spec ending in rff:n=N starts with no hidden layer, and stage 2 moves its bits only: no bootstrap."""
+    """A spec ending in rff:n=N, or in linear (the columns as they are), starts with no hidden layer, and stage 2
+    moves its bits only: no bootstrap."""
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
-    kernel = "physchem:scale=quantile+rff:n=32"
+    kernels = ("physchem:scale=quantile+rff:n=32", "morgan:r=2,n=32+linear")
     space = dataclasses.replace(
-        TINY, features=("physchem:scale=quantile", kernel), weight_bits=(2, 3), inner_folds=1, top_features=2
+        TINY,
+        features=("physchem:scale=quantile", *kernels),
+        weight_bits=(2, 3),
+        inner_folds=1,
+        top_features=3,
     )
     result = fit(
         ds, space, FitBudget(latency_ms=500), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),
         calibration(tmp_path), measure_runs=0,
     )  # fmt: skip
-    mine = [c for c in result.candidates if c.features == kernel]
-    assert {c.stage for c in mine} >= {"features", "network"}
-    assert all(c.options["hidden"] == [] and c.pbs == 0 and c.n_inputs == 32 for c in mine)
-    assert {c.options["weight_bits"] for c in mine} == {2, 3}  # the start's widest (up to 4), then the moves
-    others = [c for c in result.candidates if c.features != kernel]
+    for kernel in kernels:
+        mine = [c for c in result.candidates if c.features == kernel]
+        assert {c.stage for c in mine} >= {"features", "network"}
+        assert all(c.options["hidden"] == [] and c.pbs == 0 and c.n_inputs == 32 for c in mine)
+        assert {c.options["weight_bits"] for c in mine} == {
+            2,
+            3,
+        }  # the start's widest (up to 4), then the moves
+    others = [c for c in result.candidates if c.features not in kernels]
     assert all(c.options["hidden"] in ([3], [4]) and c.pbs > 0 for c in others)
 
 
