@@ -186,9 +186,10 @@ class SearchSpace:
     def start_for(self, features: str | None) -> dict:
         """The reference network of a feature spec: `start_options`, except that a spec ending in a random feature
         map (rff:n=N or minhash:n=N, `random_features`) or in linear (the columns as they are) starts as a kernel
-        machine: no hidden layer, the space's widest weights up to 4 bits. Its circuit then has no bootstrap at all; a hidden layer on its N inputs would
-        cost N times as many multiplications into every hidden unit and wider accumulators (herg seed 0, 1,024
-        features, 16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session 21). minhash's inputs take two
+        machine: no hidden layer, the space's widest weights up to 4 bits. Its circuit then has no bootstrap at all;
+        a hidden layer on its N inputs would cost N times as many multiplications into every hidden unit and wider
+        accumulators (herg seed 0, 1,024 features, 16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session
+        21). minhash's inputs take two
         values (+1 and -1) at any input bits: it starts at the fewest, for the narrowest sums."""
         options = self.start_options
         feature_map = kernel_map(features)

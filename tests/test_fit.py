@@ -162,10 +162,8 @@ def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_pat
         mine = [c for c in result.candidates if c.features == kernel]
         assert {c.stage for c in mine} >= {"features", "network"}
         assert all(c.options["hidden"] == [] and c.pbs == 0 and c.n_inputs == 32 for c in mine)
-        assert {c.options["weight_bits"] for c in mine} == {
-            2,
-            3,
-        }  # the start's widest (up to 4), then the moves
+        # the start's widest weights (up to 4 bits), then stage 2's moves
+        assert {c.options["weight_bits"] for c in mine} == {2, 3}
     others = [c for c in result.candidates if c.features not in kernels]
     assert all(c.options["hidden"] in ([3], [4]) and c.pbs > 0 for c in others)
 

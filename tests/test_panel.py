@@ -160,9 +160,8 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert "--fit-features rdkit2d:scale=quantile+rff:n=1024" in panel.command_line(kernel)
     defaults = panel.molcloak_space(norm).features
     assert panel.molcloak_space(kernel).features == defaults + ("rdkit2d:scale=quantile+rff:n=1024",)
-    again = panel.PanelConfig(
-        str(tmp_path), fit_features=(defaults[-1],)
-    )  # a default, given again: tried once
+    # a default, given again: tried once
+    again = panel.PanelConfig(str(tmp_path), fit_features=(defaults[-1],))
     assert panel.molcloak_space(again).features == defaults
     with pytest.raises(FeaturizerError, match="rff must appear once, at the end"):
         panel.PanelConfig(str(tmp_path), fit_features=("rff:n=8+physchem",))
