@@ -14,9 +14,11 @@ order ``transform`` applies it: the training medians that replace a missing valu
 (rdkit2d), the quantile knots (``scale=quantile``: each column mapped to [-1, 1]), the standardization
 of the other scaled columns, and the feature selection of a final ``select:k=K`` (`feature_selection`:
 K columns chosen on the training molecules, by a seeded teacher's importance when ``fit`` is given the
-training labels, by variance otherwise). A final map, ``rff:n=N`` or ``minhash:n=N``, turns those columns into N
-random features of a kernel (`random_features`: drawn from a seed, fitted on nothing). It also stores the training median of every descriptor column
-(physchem, rdkit2d), which ``transform`` does not use: the explanations' neutral values (`neutral_raw`).
+training labels, by variance otherwise). A map, ``rff:n=N`` or ``minhash:n=N``, turns the columns of the parts
+before it into N random features of a kernel (`random_features`: drawn from a seed, fitted on nothing); parts
+after it are kept as they are beside those features (``rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048``). It
+also stores the training median of every descriptor column (physchem, rdkit2d), which ``transform`` does not use:
+the explanations' neutral values (`neutral_raw`).
 A molecule that a non-imputed part cannot featurize is a `FeaturizerError` naming it.
 
 ``grid:r=2,size=32`` is the molecule image of the CNN models (ChemXor's input): the RDKit
@@ -119,6 +121,9 @@ class FeaturizerSpec:
     # a final rff:n=N or minhash:n=N: random features (of a Gaussian or Tanimoto kernel) of the columns before it;
     # or linear: the columns as they are, for a linear model (`random_features.Linear`)
     feature_map: FeatureMap | None = None
+    # how many leading parts the map maps (None: all); the parts after it are kept as they are, beside the map's
+    # features: ``rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048`` is rff of the descriptors and the bits
+    mapped: int | None = None
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
 
@@ -137,14 +142,34 @@ class FeaturizerSpec:
                 raise FeaturizerError(
                     f"{images[0]!r} is an image: {step} cannot {verb} its pixels; remove it"
                 )
-        described = [p.kind for p in self.parts if part_kind(p.kind).descriptor]
+        described = [p.kind for p in self.parts[: self.mapped] if part_kind(p.kind).descriptor]
         if isinstance(self.feature_map, MinHash) and described:
             raise FeaturizerError(
                 f"{MINHASH} maps fingerprint parts (the substructures a molecule has), and {described[0]!r} is "
                 f"descriptors: map them with rff, e.g. '{described[0]}:scale=quantile+rff:n=2048'"
             )
+        if self.mapped is not None:
+            self._check_kept()
         if isinstance(self.feature_map, MinHash):
-            self.feature_map.check_columns(self.select.k if self.select else self.raw_width)
+            self.feature_map.check_columns(self.select.k if self.select else self.mapped_width)
+
+    def _check_kept(self) -> None:
+        """The parts after the map (`mapped`): at least one before and after it, a map that maps, no select."""
+        if self.feature_map is None or not 1 <= self.mapped < len(self.parts):
+            raise FeaturizerError(
+                f"'{self}': {self.mapped!r} mapped parts of {len(self.parts)}; a map needs parts before it, and "
+                "keeps the parts after it, e.g. 'rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048'"
+            )
+        if self.feature_map.n is None:
+            raise FeaturizerError(
+                f"{self.feature_map} must be the last part of '{self}' (it keeps every column as it is); "
+                "move the parts after it before it"
+            )
+        if self.select is not None:
+            raise FeaturizerError(
+                f"'{self}': select cannot be combined with kept parts (those after the map); drop the select or "
+                "move those parts before the map"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -155,19 +180,24 @@ class FeaturizerSpec:
 
     @classmethod
     def parse(cls, text: str) -> FeaturizerSpec:
-        """Parse ``physchem+morgan:r=2,n=1024`` (optionally ending in ``+select:k=K``, then ``+rff:n=N``,
-        ``+minhash:n=N`` or ``+linear``)."""
+        """Parse ``physchem+morgan:r=2,n=1024`` (optionally followed by ``+select:k=K``, then ``+rff:n=N``,
+        ``+minhash:n=N`` or ``+linear``; parts after an rff or minhash map are kept beside its features)."""
         chunks = [c.strip() for c in text.split("+") if c.strip()]
         if not chunks:
             raise FeaturizerError(f"empty feature spec {text!r}; use e.g. 'physchem' or 'morgan:r=2,n=1024'")
         maps = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() in MAPS]
-        if maps and (maps != [len(chunks) - 1] or len(chunks) == 1):
-            kind = chunks[maps[0]].partition(":")[0].strip()
+        if len(maps) > 1 or maps == [0]:
+            kind = chunks[maps[-1]].partition(":")[0].strip()
             raise FeaturizerError(
-                f"{kind} must appear once, at the end of {text!r}, after the parts it maps (one map per spec); "
-                "write e.g. 'rdkit2d+rff:n=2048', 'morgan:r=2,n=2048+minhash:n=1024' or 'morgan:r=2,n=2048+linear'"
+                f"{kind} must appear once in {text!r}, after the parts it maps (one map per spec); write e.g. "
+                "'rdkit2d+rff:n=2048', 'morgan:r=2,n=2048+minhash:n=1024' or 'morgan:r=2,n=2048+linear'"
             )
-        feature_map = parse_map(chunks.pop(), text) if maps else None
+        kept = chunks[maps[0] + 1 :] if maps else []
+        if any(c.partition(":")[0].strip() == SELECT for c in kept):
+            raise FeaturizerError(f"select must come before the map in {text!r}; move it before the map")
+        kept = [Part.parse(chunk, text) for chunk in kept]
+        feature_map = parse_map(chunks[maps[0]], text) if maps else None
+        chunks = chunks[: maps[0]] if maps else chunks
         selects = [i for i, c in enumerate(chunks) if c.partition(":")[0].strip() == SELECT]
         if len(selects) > 1:
             raise FeaturizerError(f"select appears {len(selects)} times in {text!r}; keep one, at the end")
@@ -178,11 +208,28 @@ class FeaturizerSpec:
         if selects and len(chunks) == 1:
             raise FeaturizerError(f"{text!r} has nothing to select from; write e.g. 'rdkit2d+select:k=64'")
         select = Selection.parse(chunks.pop(), text) if selects else None
-        return cls(tuple(Part.parse(chunk, text) for chunk in chunks), select=select, feature_map=feature_map)
+        parts = tuple(Part.parse(chunk, text) for chunk in chunks)
+        mapped = len(parts) if kept else None
+        return cls(parts + tuple(kept), select=select, feature_map=feature_map, mapped=mapped)
 
     def __str__(self) -> str:
         steps = tuple(step for step in (self.select, self.feature_map) if step)
-        return "+".join(map(str, self.parts + steps))
+        return "+".join(map(str, self.mapped_parts + steps + self.kept_parts))
+
+    @property
+    def mapped_parts(self) -> tuple[Part, ...]:
+        """The parts the map (if any) maps: all, or those before the kept ones."""
+        return self.parts[: self.mapped]
+
+    @property
+    def kept_parts(self) -> tuple[Part, ...]:
+        """The parts after the map, kept as they are beside its features."""
+        return self.parts[len(self.mapped_parts) :]
+
+    @property
+    def mapped_width(self) -> int:
+        """Raw columns of `mapped_parts` (they come first)."""
+        return sum(p.width for p in self.mapped_parts)
 
     @property
     def raw_width(self) -> int:
@@ -192,7 +239,7 @@ class FeaturizerSpec:
     @property
     def width(self) -> int:
         if self.feature_map is not None and self.feature_map.n is not None:  # linear: the columns as they are
-            return self.feature_map.n
+            return self.feature_map.n + self.raw_width - self.mapped_width
         return self.select.k if self.select else self.raw_width
 
     @property
@@ -202,7 +249,7 @@ class FeaturizerSpec:
     @property
     def names(self) -> list[str]:
         if self.feature_map is not None and self.feature_map.n is not None:
-            return self.feature_map.names
+            return self.feature_map.names + self.raw_names[self.mapped_width :]
         if self.select is None:
             return self.raw_names
         if not self.select.is_fitted:
@@ -280,10 +327,10 @@ class FeaturizerSpec:
         X = (apply_knots(self, raw) - np.asarray(self.mean)) / np.asarray(self.std)
         if self.select is not None:
             X, raw = self.select.apply(X), self.select.apply(raw)
-        if isinstance(self.feature_map, MinHash):  # the columns present: raw values, before any scaling
-            X = self.feature_map.apply(raw)
-        elif self.feature_map is not None:
-            X = self.feature_map.apply(X)
+        if self.feature_map is not None:  # minhash: the columns present, raw values before any scaling
+            k = X.shape[1] if self.select is not None else self.mapped_width
+            mapped = self.feature_map.apply((raw if isinstance(self.feature_map, MinHash) else X)[:, :k])
+            X = np.hstack([mapped, X[:, k:]]) if k < X.shape[1] else mapped
         return X.astype(np.float32).reshape((-1,) + self.shape)
 
     def to_dict(self) -> dict:
@@ -302,6 +349,7 @@ class FeaturizerSpec:
             ),
             **({"select": self.select.to_dict()} if self.select is not None else {}),
             **({"map": self.feature_map.to_dict()} if self.feature_map is not None else {}),
+            **({"mapped_parts": self.mapped} if self.mapped is not None else {}),
         }
 
     @classmethod
@@ -314,11 +362,13 @@ class FeaturizerSpec:
             medians = None if d.get("medians") is None else tuple(float(v) for v in d["medians"])
             described = d.get("descriptor_medians")
             described = None if described is None else tuple(float(v) for v in described)
+            mapped = None if d.get("mapped_parts") is None else int(d["mapped_parts"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
         stored = d.get("map", d.get("rff"))  # "rff": session 21's bundles
         feature_map = None if stored is None else map_from_dict(stored)
-        spec = cls(parts, mean, std, knots, medians, descriptor_medians=described, feature_map=feature_map)
+        fitted = {"descriptor_medians": described, "feature_map": feature_map, "mapped": mapped}
+        spec = cls(parts, mean, std, knots, medians, **fitted)
         if d.get("select") is not None:
             spec = dataclasses.replace(spec, select=Selection.from_dict(d["select"], spec.raw_names))
         width = spec.raw_width

@@ -563,12 +563,32 @@ def test_a_linear_spec_keeps_its_columns_as_they_are_and_round_trips():
     )
 
 
+def test_parts_after_a_map_are_kept_beside_its_features_and_round_trip():
+    """``rdkit2d+rff:n=N+morgan``: rff maps the descriptors only; the bits follow its N features as they are."""
+    spec = FeaturizerSpec.parse("physchem:scale=quantile + rff:n=32,seed=3 + morgan:r=2,n=64")
+    assert str(spec) == "physchem:scale=quantile+rff:n=32,seed=3+morgan:r=2,n=64"
+    assert spec.mapped_parts == spec.parts[:1] and spec.width == 32 + 64 and spec.raw_width == 10 + 64
+    fitted = spec.fit(TRAIN)
+    rff = FeaturizerSpec.parse("physchem:scale=quantile+rff:n=32,seed=3").fit(TRAIN)
+    bits = FeaturizerSpec.parse("morgan:r=2,n=64").fit(TRAIN)
+    X = fitted.transform(TEST)
+    assert np.array_equal(X, np.hstack([rff.transform(TEST), bits.transform(TEST)]))
+    assert fitted.names == rff.names + bits.names
+    again = FeaturizerSpec.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again == fitted and str(again) == str(spec) and np.array_equal(again.transform(TEST), X)
+    # minhash maps the bits before it and keeps the descriptors after it, which are scaled as without the map
+    mixed = FeaturizerSpec.parse("morgan:r=2,n=64+minhash:n=16+physchem").fit(TRAIN)
+    desc = FeaturizerSpec.parse("physchem").fit(TRAIN)
+    assert mixed.width == 26 and np.allclose(mixed.transform(TEST)[:, 16:], desc.transform(TEST))
+
+
 @pytest.mark.parametrize(
     "text,match",
     [
-        ("morgan:r=2,n=64+minhash:n=8+rff:n=4", "minhash must appear once, at the end"),
+        ("morgan:r=2,n=64+minhash:n=8+rff:n=4", "rff must appear once in"),
         ("morgan:r=2,n=64+linear:n=8", "linear takes no options, but .* has 'linear:n=8'"),
-        ("morgan:r=2,n=64+linear+select:k=4", "linear must appear once, at the end"),
+        ("morgan:r=2,n=64+linear+select:k=4", "select must come before the map"),
+        ("morgan:r=2,n=64+linear+physchem", "linear must be the last part of 'morgan.*physchem'"),
         ("rdkit2d+morgan:r=2,n=64+minhash:n=8", "minhash maps fingerprint parts.*'rdkit2d' is descriptors"),
         ("morgan:r=2,n=64+minhash:k=3", "minhash option 'k=3' .* not understood; minhash takes n, seed"),
         ("morgan:r=2,n=64+minhash:n=0", "minhash: n=0 must be an integer"),
@@ -576,9 +596,10 @@ def test_a_linear_spec_keeps_its_columns_as_they_are_and_round_trips():
             "morgan:r=2,n=2048+minhash:n=16384",
             "minhash:n=16384 over 2048 columns draws 33,554,432 ranks.*n <= 8192",
         ),
-        ("rff:n=64", "rff must appear once, at the end"),
-        ("physchem+rff:n=64+morgan:r=2,n=64", "rff must appear once, at the end"),
-        ("physchem+rff:n=64+select:k=4", "rff must appear once, at the end"),
+        ("rff:n=64", "rff must appear once in 'rff:n=64', after the parts it maps"),
+        ("physchem+rff:n=64+select:k=4", "select must come before the map"),
+        ("physchem+select:k=4+rff:n=64+morgan:r=2,n=64", "select cannot be combined with kept parts"),
+        ("morgan:r=2,n=64+minhash:n=8+physchem+rff:n=4", "rff must appear once in"),
         ("physchem+rff:g=1", "rff in 'physchem\\+rff:g=1' needs n"),
         ("physchem+rff:n=0", "rff: n=0 must be an integer in 1..16384"),
         ("physchem+rff:n=64,g=-1", "rff: g=-1.0 must be a positive number"),

@@ -143,16 +143,20 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
 
 
 def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_path):
-    """A spec ending in rff:n=N, or in linear (the columns as they are), starts with no hidden layer, and stage 2
-    moves its bits only: no bootstrap."""
+    """A spec with an rff:n=N map (with parts kept after it or not), or ending in linear (the columns as they are),
+    starts with no hidden layer, and stage 2 moves its bits only: no bootstrap."""
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
-    kernels = ("physchem:scale=quantile+rff:n=32", "morgan:r=2,n=32+linear")
+    kernels = (
+        "physchem:scale=quantile+rff:n=32",
+        "morgan:r=2,n=32+linear",
+        "physchem:scale=quantile+rff:n=16+morgan:r=2,n=16",
+    )
     space = dataclasses.replace(
         TINY,
         features=("physchem:scale=quantile", *kernels),
         weight_bits=(2, 3),
         inner_folds=1,
-        top_features=3,
+        top_features=4,
     )
     result = fit(
         ds, space, FitBudget(latency_ms=500), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),

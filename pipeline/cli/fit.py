@@ -63,9 +63,10 @@ def fit(
         help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
         "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, and a kernel machine on 2,048 random "
         "Fourier features of rdkit2d; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
-        "skipped). A spec ending in rff:n=N, minhash:n=N or linear, e.g. rdkit2d:scale=quantile+rff:n=1024 or "
-        "morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits), is tried as a kernel machine: no hidden layer, "
-        "no bootstrap, fitted by a convex solver.",
+        "skipped). A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
+        "rdkit2d:scale=quantile+rff:n=1024, morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits) or "
+        "rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048 (parts after the map are kept as they are), is tried "
+        "as a kernel machine: no hidden layer, no bootstrap, fitted by a convex solver.",
     ),
     widths: str = typer.Option(
         "8;16;24;32;16,16", "--widths", help="Hidden layer settings to try, ';'-separated, e.g. '8;16;16,8'."
