@@ -184,51 +184,59 @@ class SearchSpace:
         return CompileConfig(rounding_bits, "approximate", p_error, output_bits=output_bits)
 
     def start_for(self, features: str | None) -> dict:
-        """The reference network of a feature spec: `start_options`, except that a spec ending in a random feature
-        map (rff:n=N or minhash:n=N, `random_features`) or in linear (the columns as they are) starts as a kernel
+        """The reference network of a feature spec: `start_options`, except that a spec with a random feature map
+        (rff:n=N or minhash:n=N, `random_features`) or ending in linear (the columns as they are) starts as a kernel
         machine: no hidden layer, the space's widest weights up to 4 bits. Its circuit then has no bootstrap at all;
         a hidden layer on its N inputs would cost N times as many multiplications into every hidden unit and wider
         accumulators (herg seed 0, 1,024 features, 16 units: 16 PBS, 12 bits, 122 MB of keys, about 0.8 s; session
         21). minhash's inputs take two
-        values (+1 and -1) at any input bits: it starts at the fewest, for the narrowest sums."""
+        values (+1 and -1) at any input bits: with no part kept after it, it starts at the fewest, for the narrowest
+        sums."""
         options = self.start_options
-        feature_map = kernel_map(features)
-        if feature_map is None:
+        if kernel_map(features) is None:
             return options
         weights = [b for b in self.weight_bits if b <= 4] or [min(self.weight_bits)]
         options = {**options, "hidden": [], "weight_bits": max(weights)}
-        return (
-            {**options, "input_bits": min(self.input_bits)} if isinstance(feature_map, MinHash) else options
-        )
+        return {**options, "input_bits": min(self.input_bits)} if _two_valued(features) else options
 
     def network_moves(self, features: str | None = None) -> list[tuple[str, list]]:
         """Stage 2's moves for a feature spec: hidden widths, weight, activation and input bits; for a kernel
-        machine's features the bits of its one layer only (for minhash's two values, the weights only)."""
+        machine's features the bits of its one layer only (for minhash's two values alone, the weights only)."""
         moves = [
             ("hidden", [list(h) for h in self.hidden]),
             ("weight_bits", list(self.weight_bits)),
             ("act_bits", list(self.act_bits)),
             ("input_bits", list(self.input_bits)),
         ]
-        feature_map = kernel_map(features)
-        if feature_map is None:
+        if kernel_map(features) is None:
             return moves
-        kept = ("weight_bits",) if isinstance(feature_map, MinHash) else ("weight_bits", "input_bits")
+        kept = ("weight_bits",) if _two_valued(features) else ("weight_bits", "input_bits")
         return [m for m in moves if m[0] in kept]
 
 
 def kernel_map(features: str | None) -> FeatureMap | None:
-    """The final map (rff:n=N, minhash:n=N, or linear: none) a spec ends in, which makes its network a kernel machine;
+    """The map (rff:n=N, minhash:n=N, or a final linear: none) of a spec, which makes its network a kernel machine;
     None without one, or for a spec that does not parse (its featurization reports the error, naming the part)."""
-    try:
-        return FeaturizerSpec.parse(features).feature_map if features else None
-    except FeaturizerError:
-        return None
+    spec = _parsed(features)
+    return spec.feature_map if spec else None
 
 
 def is_kernel(features: str | None) -> bool:
-    """Whether a feature spec ends in a random feature map: a kernel machine's inputs."""
+    """Whether a feature spec has a feature map (or ends in linear): a kernel machine's inputs."""
     return kernel_map(features) is not None
+
+
+def _two_valued(features: str | None) -> bool:
+    """Whether every input of the spec is a minhash value (+1 or -1): a minhash map with no part kept after it."""
+    spec = _parsed(features)
+    return spec is not None and isinstance(spec.feature_map, MinHash) and not spec.kept_parts
+
+
+def _parsed(features: str | None) -> FeaturizerSpec | None:
+    try:
+        return FeaturizerSpec.parse(features) if features else None
+    except FeaturizerError:
+        return None
 
 
 @dataclass

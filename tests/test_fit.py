@@ -172,6 +172,17 @@ def test_a_random_feature_spec_is_searched_as_a_kernel_machine(tiny_csv, tmp_pat
     assert all(c.options["hidden"] in ([3], [4]) and c.pbs > 0 for c in others)
 
 
+def test_a_kernel_machine_starts_at_the_fewest_input_bits_only_when_every_input_is_a_minhash_sign():
+    space = SearchSpace(weight_bits=(2, 3, 4, 5), input_bits=(3, 4))
+    alone, kept = "morgan:r=2,n=64+minhash:n=32", "morgan:r=2,n=64+minhash:n=32+physchem"
+    assert space.start_for(alone) | {"input_bits": 0} == space.start_for(kept) | {"input_bits": 0}
+    assert space.start_for(alone)["hidden"] == [] and space.start_for(alone)["weight_bits"] == 4
+    assert space.start_for(alone)["input_bits"] == 3 and space.start_for(kept)["input_bits"] == 4
+    assert [m for m, _ in space.network_moves(alone)] == ["weight_bits"]
+    assert [m for m, _ in space.network_moves(kept)] == ["weight_bits", "input_bits"]
+    assert [m for m, _ in space.network_moves("physchem")][0] == "hidden"
+
+
 def test_the_search_simulates_only_when_asked_or_when_bootstraps_may_fail():
     cand = lambda p: Candidate("physchem", {}, CompileConfig(5, "approximate", p), "features")  # noqa: E731
     clear, simulated = SearchSpace(), SearchSpace(scoring="simulate")
