@@ -163,7 +163,7 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     # a default, given again: tried once
     again = panel.PanelConfig(str(tmp_path), fit_features=(defaults[-1],))
     assert panel.molcloak_space(again).features == defaults
-    with pytest.raises(FeaturizerError, match="rff must appear once, at the end"):
+    with pytest.raises(FeaturizerError, match="rff must appear once in .*, after the parts it maps"):
         panel.PanelConfig(str(tmp_path), fit_features=("rff:n=8+physchem",))
     # a patience in optimizer steps: another molcloak run, handed to fit's training (runs without it keep their keys)
     patient = panel.PanelConfig(str(tmp_path), patience_steps=1000)
