@@ -54,6 +54,14 @@ class Group:
         }
 
 
+MAPPED = -1  # `Featurization.kept` of a model input that a feature map computes from several raw columns
+
+
+def kept_cols(spec: FeaturizerSpec) -> list[int]:
+    """The raw columns a fitted spec reads, in order: the selected ones, or all."""
+    return list(spec.select.kept) if spec.select is not None else list(range(spec.raw_width))
+
+
 class Featurization:
     """The model's fitted featurizer seen from raw features: raw rows, neutral values, groups and columns."""
 
@@ -65,10 +73,16 @@ class Featurization:
             for part in featurizer.parts:
                 self.slices.append((part, slice(start, start + part.width)))
                 start += part.width
-            kept = featurizer.select.kept if featurizer.select is not None else range(featurizer.raw_width)
-            self.kept = np.asarray(kept, dtype=int)  # raw column of each model input
+            kept = kept_cols(featurizer)
+            feature_map = featurizer.feature_map
+            if feature_map is not None and feature_map.n is not None:  # a map's N inputs mix its columns: -1
+                unmapped = range(featurizer.mapped_width, featurizer.raw_width)
+                kept = [MAPPED] * feature_map.n + list(unmapped)
+                self.mapped_cols = np.asarray(kept_cols(featurizer)[: featurizer.mapped_width], dtype=int)
+            self.kept = np.asarray(kept, dtype=int)  # raw column of each model input (MAPPED: a map's)
         else:
             self.slices, self.kept = [], np.arange(featurizer.width)
+        self.mapped_cols = getattr(self, "mapped_cols", np.array([], dtype=int))
 
     @property
     def atom_mapped(self) -> bool:
@@ -94,7 +108,7 @@ class Featurization:
     def column_groups(self) -> list[tuple[Group, np.ndarray]]:
         """Groups of raw columns with at least one model input: each descriptor or tabular column, each
         fingerprint part as a block (for permutation importance and the descriptor attributions)."""
-        kept = set(self.kept.tolist())
+        kept = set(self.kept.tolist()) | set(self.mapped_cols.tolist())
         if not self.molecular:
             return [(Group(name, "column"), np.array([j])) for j, name in enumerate(self.spec.columns)]
         names = self.spec.raw_names
@@ -108,8 +122,26 @@ class Featurization:
         return out
 
     def inputs_of(self, raw_cols: np.ndarray) -> np.ndarray:
-        """Model input positions fed by these raw columns (after selection)."""
-        return np.flatnonzero(np.isin(self.kept, raw_cols))
+        """Model input positions fed by these raw columns (after selection); a mapped column feeds every one of
+        its map's inputs (`rff:n=N` mixes all the columns it maps)."""
+        mapped = np.isin(raw_cols, self.mapped_cols).any() if len(self.mapped_cols) else False
+        return np.flatnonzero(np.isin(self.kept, raw_cols) | ((self.kept == MAPPED) & mapped))
+
+    def input_groups(self) -> list[tuple[Group, np.ndarray]]:
+        """`column_groups` as model input positions, for permutation importance: the columns a map mixes are one
+        group (its N inputs), named after the map and its parts; permuting one of them alone is not possible."""
+        groups, mapped = [], []
+        for group, cols in self.column_groups():
+            inputs = self.inputs_of(cols)
+            if len(self.mapped_cols) and np.isin(cols, self.mapped_cols).any():
+                mapped.append(inputs)
+            else:
+                groups.append((group, inputs))
+        if mapped:
+            spec = self.spec
+            name = f"{spec.feature_map} of {'+'.join(map(str, spec.mapped_parts))}"
+            groups.insert(0, (Group(name, "fingerprint"), np.unique(np.concatenate(mapped))))
+        return groups
 
     def molecule_groups(self, smiles: str | None) -> list[tuple[Group, Callable[[np.ndarray], np.ndarray]]]:
         """One molecule's (or row's) groups, each with the perturbation of its raw row: descriptors and

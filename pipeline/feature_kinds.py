@@ -275,7 +275,7 @@ def part_kind(name: str) -> PartKind:
     if name not in PART_KINDS:
         raise FeaturizerError(
             f"unknown feature part {name!r}; expected one of {', '.join(PART_KINDS)} "
-            "(and optionally select:k=K, then rff:n=N, last)"
+            "(and optionally select:k=K, then a map such as rff:n=N, after the parts it maps)"
         )
     return PART_KINDS[name]
 

@@ -118,11 +118,12 @@ class FeaturizerSpec:
     # training medians of the descriptor parts' columns (after imputation), in column order; None when the
     # spec has no descriptor part or was saved before they were stored (`neutral_raw` then uses the mean)
     descriptor_medians: tuple[float, ...] | None = None
-    # a final rff:n=N or minhash:n=N: random features (of a Gaussian or Tanimoto kernel) of the columns before it;
-    # or linear: the columns as they are, for a linear model (`random_features.Linear`)
+    # rff:n=N or minhash:n=N: random features (of a Gaussian or Tanimoto kernel) of the columns of the parts before
+    # it; or a final linear: the columns as they are, for a linear model (`random_features.Linear`)
     feature_map: FeatureMap | None = None
-    # how many leading parts the map maps (None: all); the parts after it are kept as they are, beside the map's
-    # features: ``rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048`` is rff of the descriptors and the bits
+    # how many leading parts the map maps (None: all); the parts after it are not mapped (imputed and scaled as
+    # without a map) and follow the map's features: ``rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048`` is rff
+    # of the descriptors and the bits
     mapped: int | None = None
 
     input_kind = "smiles"  # what `check_input`, `fit` and `transform` take: SMILES strings
@@ -194,7 +195,10 @@ class FeaturizerSpec:
             )
         kept = chunks[maps[0] + 1 :] if maps else []
         if any(c.partition(":")[0].strip() == SELECT for c in kept):
-            raise FeaturizerError(f"select must come before the map in {text!r}; move it before the map")
+            raise FeaturizerError(
+                f"select must come before the map in {text!r}, and then no part may follow the map; move it "
+                "before the map, or drop it"
+            )
         kept = [Part.parse(chunk, text) for chunk in kept]
         feature_map = parse_map(chunks[maps[0]], text) if maps else None
         chunks = chunks[: maps[0]] if maps else chunks
@@ -362,9 +366,18 @@ class FeaturizerSpec:
             medians = None if d.get("medians") is None else tuple(float(v) for v in d["medians"])
             described = d.get("descriptor_medians")
             described = None if described is None else tuple(float(v) for v in described)
-            mapped = None if d.get("mapped_parts") is None else int(d["mapped_parts"])
+            mapped = d.get("mapped_parts")
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"featurizer spec {d!r} is malformed ({exc}); rebuild the bundle") from exc
+        if mapped is not None and (type(mapped) is not int or not 1 <= mapped < len(parts)):
+            raise FeaturizerError(
+                f"featurizer spec {d.get('spec')!r}: mapped_parts={mapped!r} must be an integer in "
+                f"1..{len(parts) - 1}; rebuild the bundle"
+            )
+        if mapped != _mapped_of(d.get("spec")):  # a kept part removed or added behind the spec string's back
+            raise FeaturizerError(
+                f"featurizer spec {d.get('spec')!r} does not match its mapped_parts={mapped!r}; rebuild the bundle"
+            )
         stored = d.get("map", d.get("rff"))  # "rff": session 21's bundles
         feature_map = None if stored is None else map_from_dict(stored)
         fitted = {"descriptor_medians": described, "feature_map": feature_map, "mapped": mapped}
@@ -410,6 +423,14 @@ class FeaturizerSpec:
             if knots:
                 out[j] = knots[N_QUANTILES // 2]
         return out
+
+
+def _mapped_of(text: Any):
+    """The `mapped` of a stored spec string (None when it has no kept parts or does not parse)."""
+    try:
+        return FeaturizerSpec.parse(text).mapped if isinstance(text, str) else None
+    except FeaturizerError:
+        return None
 
 
 def impute(spec: FeaturizerSpec, X: np.ndarray) -> np.ndarray:

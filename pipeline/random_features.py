@@ -1,14 +1,15 @@
 """Random feature maps drawn from a seed, so that a network without a hidden layer acts as a kernel machine.
 
-Two maps, each the last part of a feature spec: ``rff:n=N`` (random Fourier features of descriptors, the Gaussian
-kernel) and ``minhash:n=N`` (Tanimoto random features of fingerprint bits). Neither is fitted on any molecule. A
+Two maps, each after the parts of a feature spec it maps: ``rff:n=N`` (random Fourier features of descriptors, the
+Gaussian kernel) and ``minhash:n=N`` (Tanimoto random features of fingerprint bits); parts after a map are not mapped
+and follow its features (`featurize.FeaturizerSpec.mapped`). Neither is fitted on any molecule. A
 third final part, ``linear``, maps nothing: the columns before it stay as they are, and like the other two it makes
 the spec's model a kernel machine, here with the linear kernel (a logistic or ridge regression, no bootstrap).
 
 **rff**
 
-A feature spec may end in ``rff:n=N`` (options ``g=G``, default 1, and ``seed=S``, default 0), after a
-``select:k=K`` if it has one. The d columns before it (scaled, and selected) become the N values
+A feature spec may have ``rff:n=N`` (options ``g=G``, default 1, and ``seed=S``, default 0) after the parts it
+maps, and after a ``select:k=K`` if it has one. The d columns of those parts (scaled, and selected) become the N values
 cos(x·W + b), with every entry of W drawn from N(0, 2g/d) and of b from U(0, 2π) (Rahimi and Recht,
 "Random features for large-scale kernel machines", 2007): a linear function of them approximates a
 function of the Gaussian kernel exp(-g·|x - y|²/d). On the panel's descriptor-driven assays, a linear
@@ -45,7 +46,7 @@ from .errors import FeaturizerError
 RFF = "rff"
 MINHASH = "minhash"
 LINEAR = "linear"
-MAPS = (RFF, MINHASH, LINEAR)  # the kinds of a spec's final map
+MAPS = (RFF, MINHASH, LINEAR)  # the kinds of a spec's map (linear: last)
 MAX_N = 16384
 MAX_MINHASH_CELLS = 2**24  # n x input columns: the drawn orders and signs take 16 bytes per cell
 
@@ -187,7 +188,7 @@ MAP_TYPES = {RFF: RandomFourier, MINHASH: MinHash, LINEAR: Linear}
 
 
 def parse_map(chunk: str, text: str) -> FeatureMap:
-    """A spec's final map chunk (``rff:...``, ``minhash:...`` or ``linear``) of the spec string `text`."""
+    """A spec's map chunk (``rff:...``, ``minhash:...`` or ``linear``) of the spec string `text`."""
     return MAP_TYPES[chunk.partition(":")[0].strip()].parse(chunk, text)
 
 

@@ -59,6 +59,24 @@ def test_featurization_reproduces_transform_and_neutral_values():
     assert feat.features(row[None])[0][changed] == pytest.approx(standardized, abs=1e-6)  # its median's
 
 
+def test_a_maps_inputs_are_one_importance_group_and_the_kept_parts_keep_their_positions():
+    """rff mixes every column it maps into each of its N inputs: permutation importance permutes them together; the
+    bits kept after it are the inputs that follow, and each molecule's descriptors are still perturbed one by one."""
+    spec = FeaturizerSpec.parse("physchem:scale=quantile+rff:n=8+morgan:r=2,n=16").fit(MOLECULES * 3)
+    feat = Featurization(spec)
+    groups = feat.input_groups()
+    assert [(g.name, list(i)) for g, i in groups] == [
+        ("rff:n=8 of physchem:scale=quantile", list(range(8))),
+        ("morgan:r=2,n=16", list(range(8, 24))),
+    ]
+    raw = feat.raw(MOLECULES)
+    bits = raw.copy()
+    bits[:, 10:] = 0  # the kept bits off: only the inputs after the map's change
+    changed = np.flatnonzero((feat.features(bits) != feat.features(raw)).any(axis=0))
+    assert set(changed) <= set(range(8, 24)) and len(changed)
+    assert sum(g.kind == "descriptor" for g, _ in feat.column_groups()) == 10  # per-molecule attributions
+
+
 @pytest.mark.parametrize("smiles", ["CCOc1ccccc1C(=O)O", "CC(C)CN"])
 def test_atom_groups_clear_the_bits_rdkit_similarity_maps_clears(smiles):
     from rdkit import Chem

@@ -71,7 +71,7 @@ def test_counts_are_capped():
     [
         (
             "fingerprints",
-            f"unknown feature part 'fingerprints'; expected one of {KINDS} \\(and optionally select:k=K, then rff:n=N, last\\)",
+            f"unknown feature part 'fingerprints'; expected one of {KINDS} \\(and optionally select:k=K, then a map",
         ),
         ("morgan:x=2", "feature option 'x=2'"),
         ("morgan:r=9,n=64", "radius 9 / size 64 out of range"),
@@ -576,6 +576,11 @@ def test_parts_after_a_map_are_kept_beside_its_features_and_round_trip():
     assert fitted.names == rff.names + bits.names
     again = FeaturizerSpec.from_dict(json.loads(json.dumps(fitted.to_dict())))
     assert again == fitted and str(again) == str(spec) and np.array_equal(again.transform(TEST), X)
+    # a tampered manifest: the count of mapped parts out of range, of another type, or removed
+    for bad in (0, 2, -1, 1.0, "1", True, None):
+        stored = {**fitted.to_dict(), "mapped_parts": bad}
+        with pytest.raises(FeaturizerError, match="mapped_parts=.*rebuild the bundle"):
+            FeaturizerSpec.from_dict(stored)
     # minhash maps the bits before it and keeps the descriptors after it, which are scaled as without the map
     mixed = FeaturizerSpec.parse("morgan:r=2,n=64+minhash:n=16+physchem").fit(TRAIN)
     desc = FeaturizerSpec.parse("physchem").fit(TRAIN)

@@ -68,7 +68,7 @@ def permutation_importance(
     """Importance of each column group on a labelled set: metric(original) - metric(permuted), oriented so
     that a positive value means the model needs the group; paired bootstrap 95% CI over rows."""
     task, feat = backend.client.task, Featurization(backend.client.featurizer)
-    groups = [(g, feat.inputs_of(cols)) for g, cols in feat.column_groups()]
+    groups = feat.input_groups()
     n, rng = len(X), np.random.default_rng(options.seed)
     runs = len(groups) * options.repeats * n
     runner = Runner(backend, runs, options.batch_size, on_progress, "importance", cache)
