@@ -68,6 +68,7 @@ class Featurization:
     def __init__(self, featurizer):
         self.spec = featurizer
         self.molecular = isinstance(featurizer, FeaturizerSpec)
+        self.mapped_cols = np.array([], dtype=int)  # raw columns a feature map mixes into its N inputs
         if self.molecular:
             self.slices, start = [], 0
             for part in featurizer.parts:
@@ -75,14 +76,12 @@ class Featurization:
                 start += part.width
             kept = kept_cols(featurizer)
             feature_map = featurizer.feature_map
-            if feature_map is not None and feature_map.n is not None:  # a map's N inputs mix its columns: -1
-                unmapped = range(featurizer.mapped_width, featurizer.raw_width)
-                kept = [MAPPED] * feature_map.n + list(unmapped)
-                self.mapped_cols = np.asarray(kept_cols(featurizer)[: featurizer.mapped_width], dtype=int)
+            if feature_map is not None and feature_map.n is not None:  # a map's N inputs mix its columns
+                self.mapped_cols = np.asarray(kept[: featurizer.mapped_width], dtype=int)
+                kept = [MAPPED] * feature_map.n + kept[featurizer.mapped_width :]
             self.kept = np.asarray(kept, dtype=int)  # raw column of each model input (MAPPED: a map's)
         else:
             self.slices, self.kept = [], np.arange(featurizer.width)
-        self.mapped_cols = getattr(self, "mapped_cols", np.array([], dtype=int))
 
     @property
     def atom_mapped(self) -> bool:

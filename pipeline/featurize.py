@@ -16,7 +16,7 @@ of the other scaled columns, and the feature selection of a final ``select:k=K``
 K columns chosen on the training molecules, by a seeded teacher's importance when ``fit`` is given the
 training labels, by variance otherwise). A map, ``rff:n=N`` or ``minhash:n=N``, turns the columns of the parts
 before it into N random features of a kernel (`random_features`: drawn from a seed, fitted on nothing); parts
-after it are kept as they are beside those features (``rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048``). It
+after it are not mapped and follow those features (``rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048``). It
 also stores the training median of every descriptor column (physchem, rdkit2d), which ``transform`` does not use:
 the explanations' neutral values (`neutral_raw`).
 A molecule that a non-imputed part cannot featurize is a `FeaturizerError` naming it.

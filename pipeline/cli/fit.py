@@ -65,7 +65,7 @@ def fit(
         "Fourier features of rdkit2d; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
         "skipped). A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
         "rdkit2d:scale=quantile+rff:n=1024, morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits) or "
-        "rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048 (parts after the map are kept as they are), is tried "
+        "rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048 (parts after the map are not mapped), is tried "
         "as a kernel machine: no hidden layer, no bootstrap, fitted by a convex solver.",
     ),
     widths: str = typer.Option(
