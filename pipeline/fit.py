@@ -134,11 +134,18 @@ def fit(
 
 
 def feature_scores(
-    ds: Dataset, space: SearchSpace, split: str | None, test_fraction: float, seed: int, train: TrainConfig
-) -> list[tuple[Candidate, Checkpoint]]:
+    ds: Dataset,
+    space: SearchSpace,
+    split: str | None,
+    test_fraction: float,
+    seed: int,
+    train: TrainConfig,
+    refit: bool = False,
+) -> list[tuple[Candidate, Checkpoint, Checkpoint | None]]:
     """fit's first stage alone, untimed: each feature spec's reference network scored on the inner part and
-    (with `space.inner_folds` > 1) on the inner folds, with its checkpoint trained on the training part (whose
-    test split a benchmark of the choice may score: `evaluation/bench/choice.py`)."""
+    (with `space.inner_folds` > 1) on the inner folds, with its checkpoint trained on the training part and (with
+    `refit`) the one `fit` would deploy, refitted on the training and inner molecules (whose test split a benchmark
+    of the choice may score: `evaluation/bench/choice.py`)."""
     train = dataclasses.replace(train, seed=seed, teacher=None)
     args = (ds, space, FitBudget(), split, test_fraction, seed, train, Calibration(measure=False), None)
     search = Search(*args, timed_runs=0)
@@ -146,7 +153,7 @@ def feature_scores(
     for features in space.features:
         cand = search.evaluate(features, space.start_for(features), space.first_compile, "features")
         search.cross_validate(cand)
-        out.append((cand, search.trained[cand.trained]))
+        out.append((cand, search.trained[cand.trained], search.final(cand) if refit else None))
     return out
 
 

@@ -19,7 +19,7 @@ from .latency import TIMED_RUNS, LoadGauge, SearchClock, time_circuit
 from .metrics import score, to_predictions
 from .splits import Split, can_score, fold_groups_for, inner_folds, split_dataset
 from .teacher import TEACHERS, teacher_outputs
-from .train import predict_raw
+from .train import TrainConfig, predict_raw
 from .workflow import compile_checkpoint, train_on_features, unfitted_featurizer
 
 SCORE_KEYS = {False: "quantized", True: "fhe_simulate"}  # compile_checkpoint's metrics, by whether simulated
@@ -224,9 +224,12 @@ class Search:
         spec, X = self._fold_features[cand.features, f]
         if (cand.trained, f) not in self._fold_models:
             soft = self.teacher(cand.teacher, fold.train) if cand.teacher else None
-            train = dataclasses.replace(self.train, teacher=cand.teacher)
+            train, rows = dataclasses.replace(self.train, teacher=cand.teacher), fold
+            if self.space.fold_training == "refit":  # no validation rows: the fold's part only scores
+                train = self._refit_config(cand, len(fold.train))
+                rows = Split(fold.train, np.array([], dtype=int), fold.valid, fold.method)
             self._fold_models[cand.trained, f] = train_on_features(
-                self.ds, spec, X, fold, self.space.model, cand.options, train, soft_train=soft
+                self.ds, spec, X, rows, self.space.model, cand.options, train, soft_train=soft
             )
         view = dataclasses.replace(
             self._fold_models[cand.trained, f], X_test=X[fold.valid], y_test=self.ds.y[fold.valid]
@@ -272,24 +275,29 @@ class Search:
         epochs as its search run needed, or for a linear network with the L2 penalty its search run chose (validation only
         chose it; with a scaffold inner part, leaving its small scaffold groups out would keep the model from the
         molecules most like the test's)."""
-        ckpt = self.trained[cand.trained]
         if not self.refit:
-            return ckpt
+            return self.trained[cand.trained]
         both, spec, X = self.refitted(cand.features)  # scaling and selection refitted on the same molecules
-        epochs = int(ckpt.train_info["best_epoch"])
-        # a linear network's penalty (`linear_fit`), chosen on validation for a mean loss over the search's training
-        # rows: the same weight against the data over the larger refit set is that penalty x n_train / n_refit
-        l2 = ckpt.train_info["final"].get("l2")
-        l2 = None if l2 is None else l2 * int(ckpt.train_info["n_train"]) / len(both.train)
-        cfg = dataclasses.replace(
-            self.train, epochs=epochs, patience=epochs, patience_steps=None, teacher=cand.teacher, l2=l2
-        )  # every epoch the search run needed: no validation rows to stop on
+        cfg = self._refit_config(cand, len(both.train))
         soft = self.teacher(cfg.teacher, both.train) if cfg.teacher else None
         final = train_on_features(
             self.ds, spec, X, both, self.space.model, cand.options, cfg, soft_train=soft
         )
         final.train_info["n_inner_valid"] = int(len(self.featurize(cand.features)[2].valid))
         return final
+
+    def _refit_config(self, cand: Candidate, n_rows: int) -> TrainConfig:
+        """The training of `cand`'s network on `n_rows` molecules with no validation rows: every epoch its search
+        run needed, or for a linear network the penalty its search run chose (`linear_fit`), chosen on validation
+        for a mean loss over the search's training rows: the same weight against the data over `n_rows` is that
+        penalty x n_train / n_rows."""
+        ckpt = self.trained[cand.trained]
+        epochs = int(ckpt.train_info["best_epoch"])
+        l2 = ckpt.train_info["final"].get("l2")
+        l2 = None if l2 is None else l2 * int(ckpt.train_info["n_train"]) / n_rows
+        return dataclasses.replace(
+            self.train, epochs=epochs, patience=epochs, patience_steps=None, teacher=cand.teacher, l2=l2
+        )
 
     def best(self, pool: list[Candidate] | None = None, within: bool = True) -> Candidate | None:
         pool = [c for c in (self.candidates if pool is None else pool) if np.isfinite(c.valid)]

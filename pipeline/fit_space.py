@@ -71,6 +71,7 @@ StepCallback = Callable[[str, int, int], None]  # (message, steps done, steps pl
 
 
 SCORINGS = ("clear", "simulate")
+FOLD_TRAININGS = ("stopped", "refit")
 CLEAR_MAX_P_ERROR = (
     1e-4  # per bootstrap: under it, a molecule's ~10-40 bootstraps all succeed 99.6 % of the time
 )
@@ -133,6 +134,11 @@ class SearchSpace:
     # 117 inner molecules scored 0.848 and 0.864 in two runs, enough to change the choice). A variant whose
     # p_error is above CLEAR_MAX_P_ERROR is simulated either way: its bootstrap errors are part of its accuracy
     scoring: str = "clear"
+    # how a variant's network is trained on each inner fold (`FOLD_TRAININGS`): "stopped", early-stopped on the
+    # fold's validation part, which then scores it (the epoch is chosen on the molecules it is scored on); or
+    # "refit", as `fit` trains what it deploys: on the fold's training part, for the epochs (a linear network: the
+    # penalty) its search run chose on the inner part, so the fold's validation part only scores
+    fold_training: str = "stopped"
 
     def __post_init__(self):
         # a spec given twice (`--features X --features X`, or a panel's extra spec that is already a default)
@@ -140,6 +146,10 @@ class SearchSpace:
         object.__setattr__(self, "features", tuple(dict.fromkeys(self.features)))
         if self.scoring not in SCORINGS:
             raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
+        if self.fold_training not in FOLD_TRAININGS:
+            raise ConfigError(
+                f"--fold-training {self.fold_training!r}: use one of {', '.join(FOLD_TRAININGS)}"
+            )
         unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]
         if unknown or not self.teachers:
             raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")

@@ -337,6 +337,40 @@ def test_large_data_validates_on_the_first_folds_that_hold_cv_molecules(tiny_csv
         dataclasses.replace(TINY, cv_molecules=-1)
 
 
+@pytest.mark.slow
+def test_refit_folds_train_as_fit_deploys_and_the_fold_only_scores(tiny_csv):
+    """`fold_training="refit"`: each fold's network trains on the fold's training part with no validation rows, for
+    the epochs its search run chose (a linear network: its penalty, scaled to the fold's size), as `Search.final`
+    trains what fit deploys; the fold's validation part only scores it (really compiled, in the clear)."""
+    from molcloak.pipeline.fit_search import Search
+
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    features = ("physchem:scale=quantile", "physchem:scale=quantile+rff:n=64")
+    space = dataclasses.replace(TINY, features=features, fold_training="refit")
+    train = TrainConfig(epochs=6, patience=2)
+    search = Search(
+        ds, space, FitBudget(), "random", 0.2, 0, train, Calibration(measure=False), None, timed_runs=0
+    )
+    penalties = []
+    for spec in features:
+        cand = search.evaluate(spec, space.start_for(spec), space.first_compile, "features")
+        search.cross_validate(cand)
+        ckpt, folds = search.trained[cand.trained], search.cv_folds()
+        assert len(cand.cv_folds) == len(folds) == 3 and all(0 <= s <= 1 for s in cand.cv_folds)
+        l2 = ckpt.train_info["final"].get("l2")
+        for f, fold in enumerate(folds):
+            info = search._fold_models[cand.trained, f].train_info
+            assert (info["n_train"], info["n_valid"]) == (len(fold.train), 0)
+            assert info["config"]["epochs"] == ckpt.train_info["best_epoch"]
+            if l2 is not None:
+                expected = l2 * ckpt.train_info["n_train"] / len(fold.train)
+                assert np.isclose(info["config"]["l2"], expected)
+                penalties.append(info["config"]["l2"])
+    assert penalties  # the kernel machine's penalty was carried to its folds
+    with pytest.raises(ConfigError, match="--fold-training 'early'"):
+        dataclasses.replace(TINY, fold_training="early")
+
+
 def test_round_outputs_rounds_every_variant_to_its_lookup_bits():
     space = dataclasses.replace(TINY, round_outputs=True, rounding_bits=(4, None))
     assert space.first_compile == CompileConfig(4, "approximate", 1e-6, output_bits=4)
@@ -637,7 +671,7 @@ def test_rare_folds_score_feature_sets_on_the_smallest_scaffold_groups(tmp_path)
     scored = {}
     for groups in ("balanced", "rare"):
         space = dataclasses.replace(TINY, features=TINY.features[:1], fold_groups=groups)
-        [(cand, ckpt)] = feature_scores(ds, space, "scaffold", 0.2, 0, train)
+        [(cand, ckpt, _)] = feature_scores(ds, space, "scaffold", 0.2, 0, train)
         assert len(cand.cv_folds) == 3 and np.isclose(cand.cv, np.mean(cand.cv_folds))
         scored[groups] = sum(cand.cv_sizes)
     n_train = (

@@ -25,34 +25,60 @@ import numpy as np
 
 
 def reference_networks(
-    panel, name: str, seed: int, features: list[str], folds: int, groups: str = "balanced"
+    panel,
+    name: str,
+    seed: int,
+    features: list[str],
+    folds: int,
+    groups: str = "balanced",
+    fold_training: str = "stopped",
+    refit: bool = False,
 ):
     """fit's first stage on the panel's split (`fit.feature_scores`, every fold): per feature spec, the
-    task, the scored candidate, its checkpoint (trained on the training part) and its circuit compiled
-    without keys."""
+    task, the scored candidate, its checkpoint (trained on the training part), its circuit compiled
+    without keys, and (with `refit`) the circuit of the network `fit` would deploy (refitted on the training
+    and inner molecules; else None)."""
     from molcloak.pipeline.fit import FIT_TRAIN, SearchSpace, feature_scores
     from molcloak.pipeline.workflow import compile_checkpoint
 
     from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
 
     ds = load_entry(panel, describe_panel(panel)[0][name])
-    space = SearchSpace(features=tuple(features), inner_folds=folds, cv_molecules=0, fold_groups=groups)
-    for cand, ckpt in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, FIT_TRAIN):
-        yield ds.task, cand, ckpt, compile_checkpoint(ckpt, cand.compile, measure_keys=False)
+    space = SearchSpace(
+        features=tuple(features),
+        inner_folds=folds,
+        cv_molecules=0,
+        fold_groups=groups,
+        fold_training=fold_training,
+    )
+    for cand, ckpt, final in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, FIT_TRAIN, refit):
+        compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=False)
+        refitted = compile_checkpoint(final, cand.compile, measure_keys=False) if final else None
+        yield ds.task, cand, ckpt, compiled, refitted
 
 
 def score_rows(
-    panel, name: str, seed: int, features: list[str], folds: int, groups: str = "balanced"
+    panel,
+    name: str,
+    seed: int,
+    features: list[str],
+    folds: int,
+    groups: str = "balanced",
+    fold_training: str = "stopped",
 ) -> list[dict]:
+    """One row per feature spec: its inner scores, and its FHE-simulated test metric trained on the training part
+    ("test") and refitted as fit deploys it ("refit_test")."""
     from .frontier import primary
 
     rows = []
-    for task, cand, ckpt, compiled in reference_networks(panel, name, seed, features, folds, groups):
-        test = compiled.metrics["fhe_simulate"]
+    scored = reference_networks(panel, name, seed, features, folds, groups, fold_training, refit=True)
+    for task, cand, ckpt, compiled, refitted in scored:
+        test, refit_test = compiled.metrics["fhe_simulate"], refitted.metrics["fhe_simulate"]
         rows.append(
             {"dataset": name, "seed": seed, "features": cand.features, "folds": folds, "fold_groups": groups,
-             "inner_part": cand.valid,
+             "fold_training": fold_training, "inner_part": cand.valid,
              "cv": cand.cv, "cv_folds": cand.cv_folds, "cv_sizes": cand.cv_sizes, "test": primary(task, test),
+             "refit_test": primary(task, refit_test),
              "test_metric": "rmse" if not task.is_classification else "roc_auc", "seconds": cand.seconds,
              "n_inputs": int(np.shape(ckpt.X_test)[1])}
         )  # fmt: skip
@@ -107,40 +133,64 @@ RULE_NAMES = {
 
 
 def _group(row: dict) -> tuple:
-    """(dataset, seed) of a row; the dataset is named with its folds' groups when they are not balanced."""
-    groups = row.get("fold_groups", "balanced")
-    return (row["dataset"] if groups == "balanced" else f"{row['dataset']} ({groups} folds)", row["seed"])
+    """(dataset, seed) of a row; the dataset is named with its folds' groups when they are not balanced, and with
+    their training when it is not fit's default (early stopping on the fold's validation part)."""
+    name, groups = row["dataset"], row.get("fold_groups", "balanced")
+    name = name if groups == "balanced" else f"{name} ({groups} folds)"
+    training = row.get("fold_training", "stopped")
+    return (name if training == "stopped" else f"{name} (folds {training})", row["seed"])
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (dataset, seed): each rule's pick and its test metric, and the best spec on the test."""
+    """Per (dataset, seed): each rule's pick and its test metric, and the best spec on the test. The test metric
+    is the refitted network's (what fit deploys) when every row has one, else the training part's network's;
+    `cv_test_corr` is the rank correlation of the specs' fold means with it (how well the folds rank them)."""
     out = []
     for key in dict.fromkeys(_group(r) for r in rows):
         rs = [r for r in rows if _group(r) == key]
+        tk = "refit_test" if all(r.get("refit_test") is not None for r in rs) else "test"
         sign = -1 if rs[0]["test_metric"] == "rmse" else 1  # higher is better after the sign
-        best = max(rs, key=lambda r: sign * r["test"])
+        best = max(rs, key=lambda r: sign * r[tk])
         picks = {rule: pick(rs) for rule, pick in RULES.items()}
+        corr = _rank_corr([r["cv"] for r in rs], [sign * r[tk] for r in rs])
         out.append(
-            {"dataset": key[0], "seed": key[1], "specs": len(rs), "best_test": best["test"],
-             "best_features": best["features"],
+            {"dataset": key[0], "seed": key[1], "specs": len(rs), "test_of": tk, "best_test": best[tk],
+             "best_features": best["features"], "cv_test_corr": corr,
              **{f"{rule}_pick": p["features"] for rule, p in picks.items()},
-             **{f"{rule}_test": p["test"] for rule, p in picks.items()}}
+             **{f"{rule}_test": p[tk] for rule, p in picks.items()}}
         )  # fmt: skip
     return out
 
 
+def _rank_corr(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation of two lists (None for fewer than 3 values or a constant list)."""
+    if len(a) < 3:
+        return None
+    ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def markdown(summary: list[dict]) -> str:
+    """The picks per (dataset, seed) and their means; "test" is the refitted network's where recorded (`test_of`)."""
     head = " | ".join(f"{RULE_NAMES[r]} picks | its test" for r in RULES)
-    lines = [f"| dataset | seed | {head} | best on test |", "|---|---|" + "---|---|" * len(RULES) + "---|"]
+    lines = [
+        f"| dataset | seed | test of | folds-test rank corr. | {head} | best on test |",
+        "|---|---|---|---|" + "---|---|" * len(RULES) + "---|",
+    ]
     for s in summary:
         picks = " | ".join(f"`{s[f'{r}_pick']}` | {s[f'{r}_test']:.3f}" for r in RULES)
-        lines.append(f"| {s['dataset']} | {s['seed']} | {picks} | {s['best_test']:.3f} |")
+        corr = "-" if s.get("cv_test_corr") is None else f"{s['cv_test_corr']:+.2f}"
+        of = s.get("test_of", "test")
+        lines.append(f"| {s['dataset']} | {s['seed']} | {of} | {corr} | {picks} | {s['best_test']:.3f} |")
     for name in dict.fromkeys(s["dataset"] for s in summary):
         mine = [s for s in summary if s["dataset"] == name]
         means = " | ".join(f" | {np.mean([s[f'{r}_test'] for s in mine]):.3f}" for r in RULES)
-        lines.append(
-            f"| {name} | mean of {len(mine)} | {means} | {np.mean([s['best_test'] for s in mine]):.3f} |"
-        )
+        corrs = [s["cv_test_corr"] for s in mine if s.get("cv_test_corr") is not None]
+        corr = f"{np.mean(corrs):+.2f}" if corrs else "-"
+        best = np.mean([s["best_test"] for s in mine])
+        lines.append(f"| {name} | mean of {len(mine)} | | {corr} | {means} | {best:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +209,13 @@ def main(argv=None) -> None:
         choices=("auto", "balanced", "rare"),
         help="scaffold groups the folds validate on: all (balanced), the smallest, like the test's (rare), or "
         "rare when one group would fill half a balanced fold (auto, fit's default)",
+    )
+    ap.add_argument(
+        "--fold-training",
+        default="stopped",
+        choices=("stopped", "refit"),
+        help="how each fold's network is trained (fit's SearchSpace.fold_training): early-stopped on the fold's "
+        "validation part (stopped) or, as fit refits what it deploys, for the epochs the inner part chose (refit)",
     )
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -181,12 +238,22 @@ def main(argv=None) -> None:
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.choice " + " ".join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]
-    done = {(r["dataset"], r["seed"], r["folds"], r.get("fold_groups", "balanced")) for r in out["rows"]}
+    done = {
+        (
+            r["dataset"],
+            r["seed"],
+            r["folds"],
+            r.get("fold_groups", "balanced"),
+            r.get("fold_training", "stopped"),
+        )
+        for r in out["rows"]
+    }
     for name in datasets:
         for seed in seeds:
-            if (name, seed, args.folds, args.fold_groups) in done:
+            if (name, seed, args.folds, args.fold_groups, args.fold_training) in done:
                 continue
-            out["rows"] += score_rows(panel, name, seed, features, args.folds, args.fold_groups)
+            how = (args.folds, args.fold_groups, args.fold_training)
+            out["rows"] += score_rows(panel, name, seed, features, *how)
             out["summary"] = summarize(out["rows"])
             args.json.write_text(json.dumps(out, indent=1))
             if args.markdown:

@@ -38,7 +38,7 @@ def test_predictions(panel, name: str, seed: int, features: list[str]) -> dict:
     from .choice import reference_networks
 
     preds, y = {}, None
-    for _task, cand, ckpt, compiled in reference_networks(panel, name, seed, features, folds=1):
+    for _task, cand, ckpt, compiled, _ in reference_networks(panel, name, seed, features, folds=1):
         preds[cand.features] = compiled.test_predictions["fhe_simulate"][:, 1]  # what the choice JSON scored
         y = np.asarray(ckpt.y_test).ravel().astype(int)
     return {"y": y, "preds": preds}
