@@ -104,6 +104,7 @@ def fit(
         "cv": chosen.cv,
         "inner_folds": space.inner_folds,
         "fold_groups": space.fold_groups,
+        "fold_training": space.fold_training,
         "folds_used": search.folds_used,
         "cv_folds_used": len(chosen.cv_folds or []),
         "cv_molecules": space.cv_molecules,

@@ -46,6 +46,12 @@ DEFAULT_FEATURE_CANDIDATES = (
 AUTO_TEACHERS = (None, "rf")  # fit --teacher auto: labels only, then the best networks distilled from rf
 
 
+def check_fold_training(value: str) -> None:
+    """A `--fold-training` value (`SearchSpace.fold_training`): one line naming it and the choices when unknown."""
+    if value not in FOLD_TRAININGS:
+        raise ConfigError(f"--fold-training {value!r}: use one of {', '.join(FOLD_TRAININGS)}")
+
+
 def folds_needed(sizes: list[int], cv_molecules: int) -> int:
     """How many of the folds (of `sizes` validation molecules, in order) fit validates on: the first ones that
     together hold `cv_molecules` molecules; all of them when `cv_molecules` is 0 or never reached."""
@@ -146,10 +152,7 @@ class SearchSpace:
         object.__setattr__(self, "features", tuple(dict.fromkeys(self.features)))
         if self.scoring not in SCORINGS:
             raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
-        if self.fold_training not in FOLD_TRAININGS:
-            raise ConfigError(
-                f"--fold-training {self.fold_training!r}: use one of {', '.join(FOLD_TRAININGS)}"
-            )
+        check_fold_training(self.fold_training)
         unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]
         if unknown or not self.teachers:
             raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")

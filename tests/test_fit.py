@@ -531,6 +531,10 @@ def test_fit_cli_writes_checkpoint_and_bundle(tiny_csv, tmp_path):
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--scoring", "fhe"]
     )
     assert bad.exit_code == 2 and "--scoring 'fhe': use one of clear, simulate" in bad.output
+    bad = CliRunner().invoke(app, ["fit", "--dataset", "missing.csv", "--fold-training", "early"])
+    assert (
+        bad.exit_code == 2 and "--fold-training 'early': use one of stopped, refit" in bad.output
+    )  # before data
     bad = CliRunner().invoke(
         app, ["fit", "--dataset", str(tiny_csv), "--target-col", "label", "--patience-steps", "0"]
     )

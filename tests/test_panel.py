@@ -152,6 +152,17 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     )
     with pytest.raises(ConfigError, match="--scoring 'exact': use one of clear, simulate"):
         panel.PanelConfig(str(tmp_path), scoring="exact")
+    # fit's fold training: refit is another molcloak run; stopped (the default) keeps the earlier runs' keys
+    refit = panel.PanelConfig(str(tmp_path), fold_training="refit")
+    assert key(refit, "molcloak") != key(norm, "molcloak") and key(refit, "references") == key(
+        norm, "references"
+    )
+    assert "--fold-training refit" in panel.command_line(
+        refit
+    ) and "--fold-training" not in panel.command_line(norm)
+    assert panel.molcloak_space(refit).fold_training == "refit"
+    with pytest.raises(ConfigError, match="--fold-training 'early': use one of stopped, refit"):
+        panel.PanelConfig(str(tmp_path), fold_training="early")
     # feature specs fit tries besides its defaults: another molcloak run, in the command, after the defaults
     kernel = panel.PanelConfig(str(tmp_path), fit_features=("rdkit2d:scale=quantile+rff:n=1024",))
     assert key(kernel, "molcloak") != key(norm, "molcloak") and key(kernel, "references") == key(
@@ -423,8 +434,9 @@ def test_choice_rules_prefer_the_richer_spec_only_when_the_folds_cannot_tell_the
 
 def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_test(tmp_path, capsys):
     """fit's first stage on the panel split: every spec gets its inner-part metric, the mean over the inner
-    folds (really trained and simulated on each), and its test metric; each rule's pick is reported against
-    the best on the test; a rerun skips what the file holds; bad options are one line and exit 2."""
+    folds (really trained and simulated on each), and its test metric trained on the training part and refitted
+    as fit deploys it; each rule's pick is reported against the best refitted one on the test; a rerun skips what
+    the file holds, a run with the other fold training adds its own rows; bad options are one line and exit 2."""
     from molcloak.evaluation.bench import choice
 
     folder = _tiny_panel(tmp_path / "panel", n=120)
@@ -438,13 +450,19 @@ def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_t
     for r in rows:
         assert len(r["cv_folds"]) == 2 and np.isclose(r["cv"], np.mean(r["cv_folds"]))
         assert r["test_metric"] == "rmse" and r["test"] > 0 and np.isfinite(r["inner_part"])
-    assert summary["best_test"] == min(r["test"] for r in rows)  # RMSE: lower is better
+        assert r["refit_test"] > 0 and r["fold_training"] == "stopped"
+    assert summary["test_of"] == "refit_test"
+    assert summary["best_test"] == min(r["refit_test"] for r in rows)  # RMSE: lower is better
     assert summary["cv_pick"] == max(rows, key=lambda r: r["cv"])["features"]
     assert summary["cv_rich_pick"] in {r["features"] for r in rows} and all(r["n_inputs"] > 0 for r in rows)
     assert "| sol_logs | mean of 1 |" in (tmp_path / "c.md").read_text()
     capsys.readouterr()
     choice.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
+    choice.main([*args, "--fold-training", "refit"])  # the folds trained as fit deploys: rows of their own
+    result = json.loads(out.read_text())
+    assert [r["fold_training"] for r in result["rows"]] == ["stopped"] * 2 + ["refit"] * 2
+    assert [s["dataset"] for s in result["summary"]] == ["sol_logs", "sol_logs (folds refit)"]
     with pytest.raises(SystemExit) as exc:
         choice.main([*args, "--folds", "1"])
     assert exc.value.code == 2 and "--folds 1: compare with at least 2" in capsys.readouterr().err

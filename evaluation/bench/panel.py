@@ -33,7 +33,7 @@ from molcloak.pipeline.data import Dataset
 from molcloak.pipeline.errors import ConfigError, TuneError
 from molcloak.pipeline.featurize import FeaturizerSpec
 from molcloak.pipeline.fit import FIT_TRAIN, FitBudget, FitResult, SearchSpace, fit, teachers_for
-from molcloak.pipeline.fit_space import SCORINGS
+from molcloak.pipeline.fit_space import SCORINGS, check_fold_training
 from molcloak.pipeline.metrics import fhe_equals_simulation, score, to_predictions
 from molcloak.pipeline.pbs_cost import Calibration
 from molcloak.pipeline.predict import LocalBackend
@@ -77,6 +77,9 @@ class PanelConfig:
     fold_groups: str = SearchSpace.fold_groups
     round_outputs: bool = False  # fit --round-outputs: outputs rounded before they are decrypted
     scoring: str = SearchSpace.scoring  # fit --scoring: what the search compares variants by
+    fold_training: str = (
+        SearchSpace.fold_training
+    )  # fit --fold-training: how each inner fold's network trains
     fit_features: tuple[str, ...] = ()  # feature specs fit tries after its default ones (--fit-features)
     # fit --patience-steps: the training patience in optimizer steps as well (None: in epochs only)
     patience_steps: int | None = None
@@ -101,6 +104,7 @@ class PanelConfig:
         check_fold_groups(self.fold_groups, "--fold-groups")
         if self.scoring not in SCORINGS:
             raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
+        check_fold_training(self.fold_training)
         for spec in self.fit_features:  # a bad spec: one line before anything runs
             FeaturizerSpec.parse(spec)
         if self.trees is not None and self.trees < 1:
@@ -159,6 +163,8 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
     args += ["--p-error", f"{config.p_error:g}"] if config.p_error != DEFAULT_P_ERROR else []
     args += ["--fold-groups", config.fold_groups] if config.fold_groups != SearchSpace.fold_groups else []
     args += ["--scoring", config.scoring] if config.scoring != SearchSpace.scoring else []
+    training = config.fold_training
+    args += ["--fold-training", training] if training != SearchSpace.fold_training else []
     args += ["--round-outputs"] if config.round_outputs else []
     args += ["--patience-steps", str(config.patience_steps)] if config.patience_steps else []
     for spec in config.fit_features:
@@ -205,6 +211,7 @@ def molcloak_space(config: PanelConfig) -> SearchSpace:
     space = QUICK_SPACE if config.quick else SearchSpace()
     fit_options = {"p_error": (config.p_error,), "fold_groups": config.fold_groups}
     fit_options["round_outputs"], fit_options["scoring"] = config.round_outputs, config.scoring
+    fit_options["fold_training"] = config.fold_training
     fit_options["features"] = space.features + tuple(config.fit_features)  # repeats are tried once
     return dataclasses.replace(space, teachers=teachers_for(config.teacher), **fit_options)
 

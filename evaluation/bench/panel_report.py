@@ -135,6 +135,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["fit_features"] = list(config.fit_features)
         if getattr(config, "patience_steps", None) is not None:  # runs before the option: patience in epochs
             parts["patience_steps"] = config.patience_steps
+        if getattr(config, "fold_training", "stopped") != "stopped":  # runs before the option: stopped folds
+            parts["fold_training"] = config.fold_training
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

@@ -27,6 +27,7 @@ PANEL_ONLY = (
     "p_error",
     "fold_groups",
     "scoring",
+    "fold_training",
     "round_outputs",
     "fit_features",
     "patience_steps",
@@ -97,6 +98,11 @@ def bench(
         "--scoring",
         help="Panel: fit's --scoring (clear: the circuit's deterministic clear integer pass; simulate: the FHE "
         "simulation; see `molcloak fit --help`).",
+    ),
+    fold_training: str = typer.Option(
+        "stopped",
+        "--fold-training",
+        help="Panel: fit's --fold-training (stopped or refit; see `molcloak fit --help`).",
     ),
     round_outputs: bool = typer.Option(
         False,
@@ -175,6 +181,7 @@ def bench(
         limits["teacher"] = None if teacher == "none" else teacher
         limits["p_error"], limits["fold_groups"] = p_error, fold_groups
         limits["round_outputs"], limits["scoring"] = round_outputs, scoring
+        limits["fold_training"] = fold_training
         limits["fit_features"] = tuple(fit_features or ())
         limits["patience_steps"] = patience_steps
         return _bench_panel(

@@ -137,6 +137,14 @@ def fit(
         "the bootstraps' errors from a generator seeded by the system: two runs can choose differently). "
         "A --p-error above 1e-4 is simulated either way.",
     ),
+    fold_training: str = typer.Option(
+        "stopped",
+        "--fold-training",
+        help="How each inner fold's network is trained: stopped (early-stopped on the fold's validation part, "
+        "which then scores it) or refit (as fit trains what it deploys: on the fold's training part, for the "
+        "epochs, or a linear network's penalty, its search run chose; the fold's part only scores). "
+        'See the README\'s "Choosing a model for your data".',
+    ),
     round_outputs: bool = typer.Option(
         False,
         "--round-outputs/--exact-outputs",
@@ -167,11 +175,12 @@ def fit(
     """
     from ..bundle import save_checkpoint
     from ..fit import FIT_TRAIN, FitBudget, SearchSpace, fit
-    from ..fit_space import teachers_for
+    from ..fit_space import check_fold_training, teachers_for
     from ..pbs_cost import Calibration
     from ..workflow import deploy
 
     teachers = teachers_for(teacher)  # a bad value: one line before the data is loaded
+    check_fold_training(fold_training)
     train = dataclasses.replace(FIT_TRAIN, epochs=epochs, distill=distill, patience_steps=patience_steps)
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
     space = SearchSpace(
@@ -188,6 +197,7 @@ def fit(
         fold_groups=fold_groups,
         round_outputs=round_outputs,
         scoring=scoring,
+        fold_training=fold_training,
     )
     budget = FitBudget(budget_ms, max_key_mb, max_minutes, latency_check)
     with progress(transient=False) as bar:
