@@ -23,7 +23,10 @@ with a time cap (quiet-machine minutes, `latency.SearchClock`) that returns the 
 
 With `inner_folds` > 1 the choice is made on K inner folds of all the training molecules (`fit_search.Search`):
 each feature spec's reference network after stage 1, and the `confirm` best other variants at the end, are
-trained on each fold's training part and scored on its validation part, and compared by the mean.
+trained on each fold's training part and scored on its validation part, and compared by the mean. A fold's network
+trains as the final refit does (`SearchSpace.fold_training="refit"`): for the epochs, or a linear network's penalty,
+its search run chose, so the fold's validation part only scores it; early-stopped on that part instead, the
+networks' fold means came out 0.02-0.03 optimistic against the linear machines' (session 31).
 
 The most accurate candidates within the predicted budget are then compiled on the test split and
 timed for real (keygen and encrypted runs through both halves), in order, until one runs within the

@@ -152,15 +152,21 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     )
     with pytest.raises(ConfigError, match="--scoring 'exact': use one of clear, simulate"):
         panel.PanelConfig(str(tmp_path), scoring="exact")
-    # fit's fold training: refit is another molcloak run; stopped (the default) keeps the earlier runs' keys
-    refit = panel.PanelConfig(str(tmp_path), fold_training="refit")
-    assert key(refit, "molcloak") != key(norm, "molcloak") and key(refit, "references") == key(
+    # fit's fold training: refit (the default since session 31) is another molcloak run than stopped, which keeps
+    # the keys of the runs made before the option (their folds were all stopped)
+    stopped = panel.PanelConfig(str(tmp_path), fold_training="stopped")
+    assert key(stopped, "molcloak") != key(norm, "molcloak") and key(stopped, "references") == key(
         norm, "references"
     )
-    assert "--fold-training refit" in panel.command_line(
-        refit
-    ) and "--fold-training" not in panel.command_line(norm)
-    assert panel.molcloak_space(refit).fold_training == "refit"
+    fields = {k: v for k, v in dataclasses.asdict(stopped).items() if k != "fold_training"}
+    legacy = SimpleNamespace(
+        **fields, n_sample=stopped.n_sample, n_trees=stopped.n_trees
+    )  # before the option
+    assert key(legacy, "molcloak") == key(stopped, "molcloak")
+    assert "--fold-training stopped" in panel.command_line(stopped)
+    assert "--fold-training" not in panel.command_line(norm)
+    assert panel.molcloak_space(stopped).fold_training == "stopped"
+    assert panel.molcloak_space(norm).fold_training == "refit"
     with pytest.raises(ConfigError, match="--fold-training 'early': use one of stopped, refit"):
         panel.PanelConfig(str(tmp_path), fold_training="early")
     # feature specs fit tries besides its defaults: another molcloak run, in the command, after the defaults
@@ -450,19 +456,19 @@ def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_t
     for r in rows:
         assert len(r["cv_folds"]) == 2 and np.isclose(r["cv"], np.mean(r["cv_folds"]))
         assert r["test_metric"] == "rmse" and r["test"] > 0 and np.isfinite(r["inner_part"])
-        assert r["refit_test"] > 0 and r["fold_training"] == "stopped"
+        assert r["refit_test"] > 0 and r["fold_training"] == "refit"
     assert summary["test_of"] == "refit_test"
     assert summary["best_test"] == min(r["refit_test"] for r in rows)  # RMSE: lower is better
     assert summary["cv_pick"] == max(rows, key=lambda r: r["cv"])["features"]
     assert summary["cv_rich_pick"] in {r["features"] for r in rows} and all(r["n_inputs"] > 0 for r in rows)
-    assert "| sol_logs | mean of 1 |" in (tmp_path / "c.md").read_text()
+    assert "| sol_logs (folds refit) | mean of 1 |" in (tmp_path / "c.md").read_text()
     capsys.readouterr()
     choice.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
-    choice.main([*args, "--fold-training", "refit"])  # the folds trained as fit deploys: rows of their own
+    choice.main([*args, "--fold-training", "stopped"])  # fit's folds before session 31: rows of their own
     result = json.loads(out.read_text())
-    assert [r["fold_training"] for r in result["rows"]] == ["stopped"] * 2 + ["refit"] * 2
-    assert [s["dataset"] for s in result["summary"]] == ["sol_logs", "sol_logs (folds refit)"]
+    assert [r["fold_training"] for r in result["rows"]] == ["refit"] * 2 + ["stopped"] * 2
+    assert [s["dataset"] for s in result["summary"]] == ["sol_logs (folds refit)", "sol_logs"]
     with pytest.raises(SystemExit) as exc:
         choice.main([*args, "--folds", "1"])
     assert exc.value.code == 2 and "--folds 1: compare with at least 2" in capsys.readouterr().err

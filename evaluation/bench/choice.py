@@ -212,10 +212,11 @@ def main(argv=None) -> None:
     )
     ap.add_argument(
         "--fold-training",
-        default="stopped",
-        choices=("stopped", "refit"),
-        help="how each fold's network is trained (fit's SearchSpace.fold_training): early-stopped on the fold's "
-        "validation part (stopped) or, as fit refits what it deploys, for the epochs the inner part chose (refit)",
+        default="refit",
+        choices=("refit", "stopped"),
+        help="how each fold's network is trained (fit's SearchSpace.fold_training): as fit refits what it deploys, "
+        "for the epochs the inner part chose (refit, fit's default) or early-stopped on the fold's validation "
+        "part (stopped, fit's way until session 31)",
     )
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")

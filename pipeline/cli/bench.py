@@ -100,9 +100,9 @@ def bench(
         "simulation; see `molcloak fit --help`).",
     ),
     fold_training: str = typer.Option(
-        "stopped",
+        "refit",
         "--fold-training",
-        help="Panel: fit's --fold-training (stopped or refit; see `molcloak fit --help`).",
+        help="Panel: fit's --fold-training (refit or stopped; see `molcloak fit --help`).",
     ),
     round_outputs: bool = typer.Option(
         False,

@@ -138,12 +138,12 @@ def fit(
         "A --p-error above 1e-4 is simulated either way.",
     ),
     fold_training: str = typer.Option(
-        "stopped",
+        "refit",
         "--fold-training",
-        help="How each inner fold's network is trained: stopped (early-stopped on the fold's validation part, "
-        "which then scores it) or refit (as fit trains what it deploys: on the fold's training part, for the "
-        "epochs, or a linear network's penalty, its search run chose; the fold's part only scores). "
-        'See the README\'s "Choosing a model for your data".',
+        help="How each inner fold's network is trained: refit (as fit trains what it deploys: on the fold's "
+        "training part, for the epochs, or a linear network's penalty, its search run chose; the fold's part "
+        "only scores it) or stopped (early-stopped on the fold's validation part, which then scores it: "
+        "optimistic for networks, by 0.02-0.03 on average on bace, clintox and herg). See the README.",
     ),
     round_outputs: bool = typer.Option(
         False,
