@@ -91,6 +91,8 @@ def fit(
     if train.teacher and space.teachers == (None,):  # TrainConfig(teacher=...): every variant distilled
         space = dataclasses.replace(space, teachers=(train.teacher,))
     train = dataclasses.replace(train, seed=seed, teacher=None)
+    if not refit:  # the deployed network is the search's early-stopped one: the folds train as it did
+        space = dataclasses.replace(space, fold_training="stopped")
     timed_runs = TIMED_RUNS if time_candidates and measure_runs else 0
     args = (ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step)
     search = Search(*args, timed_runs=timed_runs, refit=refit)

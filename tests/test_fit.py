@@ -109,6 +109,7 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     # chosen on the inner validation part (20 % of the training molecules), then retrained on train + it
     info = ckpt.train_info
     assert info["n_inner_valid"] >= 30 and info["n_valid"] == 0 and info["fit"]["refit"]
+    assert info["fit"]["fold_training"] == "refit"  # the default: each fold's network trained as this one was
     assert info["n_train"] == len(tiny_csv.read_text().splitlines()) - 1 - info["n_test"]
     assert str(ckpt.featurizer) == result.chosen.features
     m = result.measured
@@ -339,34 +340,42 @@ def test_large_data_validates_on_the_first_folds_that_hold_cv_molecules(tiny_csv
 
 @pytest.mark.slow
 def test_refit_folds_train_as_fit_deploys_and_the_fold_only_scores(tiny_csv):
-    """`fold_training="refit"`: each fold's network trains on the fold's training part with no validation rows, for
-    the epochs its search run chose (a linear network: its penalty, scaled to the fold's size), as `Search.final`
-    trains what fit deploys; the fold's validation part only scores it (really compiled, in the clear)."""
+    """`fold_training="refit"` (the default): each fold's network trains on the fold's training part with no
+    validation rows, for the epochs its search run chose (a linear network: its penalty, scaled to the fold's size),
+    as `Search.final` trains what fit deploys; the fold's validation part only scores it (really compiled, in the
+    clear). `"stopped"`: early-stopped on the fold's validation part, as before session 31."""
     from molcloak.pipeline.fit_search import Search
 
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
     features = ("physchem:scale=quantile", "physchem:scale=quantile+rff:n=64")
-    space = dataclasses.replace(TINY, features=features, fold_training="refit")
     train = TrainConfig(epochs=6, patience=2)
-    search = Search(
-        ds, space, FitBudget(), "random", 0.2, 0, train, Calibration(measure=False), None, timed_runs=0
-    )
-    penalties = []
-    for spec in features:
-        cand = search.evaluate(spec, space.start_for(spec), space.first_compile, "features")
-        search.cross_validate(cand)
-        ckpt, folds = search.trained[cand.trained], search.cv_folds()
-        assert len(cand.cv_folds) == len(folds) == 3 and all(0 <= s <= 1 for s in cand.cv_folds)
-        l2 = ckpt.train_info["final"].get("l2")
-        for f, fold in enumerate(folds):
-            info = search._fold_models[cand.trained, f].train_info
-            assert (info["n_train"], info["n_valid"]) == (len(fold.train), 0)
-            assert info["config"]["epochs"] == ckpt.train_info["best_epoch"]
-            if l2 is not None:
-                expected = l2 * ckpt.train_info["n_train"] / len(fold.train)
-                assert np.isclose(info["config"]["l2"], expected)
-                penalties.append(info["config"]["l2"])
+    penalties, scores = [], {}
+    for training in ("refit", "stopped"):
+        space = dataclasses.replace(TINY, features=features, fold_training=training)
+        args = (ds, space, FitBudget(), "random", 0.2, 0, train, Calibration(measure=False), None)
+        search = Search(*args, timed_runs=0)
+        for spec in features:
+            cand = search.evaluate(spec, space.start_for(spec), space.first_compile, "features")
+            search.cross_validate(cand)
+            ckpt, folds = search.trained[cand.trained], search.cv_folds()
+            assert len(cand.cv_folds) == len(folds) == 3 and all(0 <= s <= 1 for s in cand.cv_folds)
+            scores[training, spec] = cand.cv_folds
+            l2 = ckpt.train_info["final"].get("l2")
+            for f, fold in enumerate(folds):
+                info = search._fold_models[cand.trained, f].train_info
+                if training == "stopped":  # the fold's part watched by early stopping, then scored
+                    assert (info["n_train"], info["n_valid"]) == (len(fold.train), len(fold.valid))
+                    continue
+                assert (info["n_train"], info["n_valid"]) == (len(fold.train), 0)
+                assert info["config"]["epochs"] == ckpt.train_info["best_epoch"]
+                if l2 is None:  # a hidden layer: every epoch run, no validation rows to stop on
+                    assert info["epochs_run"] == ckpt.train_info["best_epoch"]
+                else:
+                    expected = l2 * ckpt.train_info["n_train"] / len(fold.train)
+                    assert np.isclose(info["config"]["l2"], expected)
+                    penalties.append(info["config"]["l2"])
     assert penalties  # the kernel machine's penalty was carried to its folds
+    assert scores["refit", features[0]] != scores["stopped", features[0]]  # other networks on the same folds
     with pytest.raises(ConfigError, match="--fold-training 'early'"):
         dataclasses.replace(TINY, fold_training="early")
 

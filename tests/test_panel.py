@@ -83,7 +83,7 @@ def test_panel_config_refuses_bad_values(tmp_path):
     assert len(panel.sample_positions(10, None, 0)) == 10
 
 
-def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
+def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path, monkeypatch):
     """A run whose budget was checked on raw timings is not reused for a normalized one; the references are."""
     (tmp_path / "bace.csv").write_text("smiles,Class\nC,1\n")
     entry = panel.describe_panel(tmp_path)[0]["bace"]
@@ -169,6 +169,11 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path):
     assert panel.molcloak_space(norm).fold_training == "refit"
     with pytest.raises(ConfigError, match="--fold-training 'early': use one of stopped, refit"):
         panel.PanelConfig(str(tmp_path), fold_training="early")
+    # fit's default feature specs: a run made with other defaults (before session 31: six) is not reused
+    before = key(norm, "molcloak")
+    monkeypatch.setattr(panel_report, "DEFAULT_FEATURE_CANDIDATES", panel.SearchSpace().features[:6])
+    assert key(norm, "molcloak") != before and key(norm, "references") == key(stopped, "references")
+    monkeypatch.undo()
     # feature specs fit tries besides its defaults: another molcloak run, in the command, after the defaults
     kernel = panel.PanelConfig(str(tmp_path), fit_features=("rdkit2d:scale=quantile+rff:n=1024",))
     assert key(kernel, "molcloak") != key(norm, "molcloak") and key(kernel, "references") == key(
@@ -474,6 +479,16 @@ def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_t
     assert exc.value.code == 2 and "--folds 1: compare with at least 2" in capsys.readouterr().err
 
 
+def test_choice_rank_correlation_is_spearmans_with_ties_averaged():
+    from molcloak.evaluation.bench.choice import _rank_corr
+
+    assert _rank_corr([0.1, 0.2, 0.3], [3.0, 5.0, 9.0]) == pytest.approx(1.0)
+    assert _rank_corr([0.1, 0.2, 0.3], [9.0, 5.0, 3.0]) == pytest.approx(-1.0)
+    # ties share their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
+    assert _rank_corr([0.5, 0.5, 0.9], [1.0, 2.0, 3.0]) == pytest.approx(0.8660254)
+    assert _rank_corr([0.1, 0.2], [1.0, 2.0]) is None and _rank_corr([0.5] * 3, [1.0, 2.0, 3.0]) is None
+
+
 def test_split_half_scores_each_pick_on_the_other_half():
     """On every stratified cut, the hindsight pick is the best on half B, the chooser picks on half A: a
     perfect spec wins both; between two specs that are each right on one half, hindsight is optimistic."""
@@ -512,9 +527,9 @@ def test_choice_noise_scores_the_same_networks_on_test_halves(tmp_path, capsys):
     # these 24 test molecules, where one swapped pair of predictions moves the ROC-AUC by about 0.01)
     assert row["max_diff_to_scores"] < 0.1
     summary = json.loads(scores.read_text())["summary"][0]  # the rules pick as the choice benchmark does
-    assert row["picks"]["balanced/cv_rich_first"] == summary["cv_rich_first_pick"]
+    assert row["picks"]["balanced refit/cv_rich_first"] == summary["cv_rich_first_pick"]
     half = row["half_b"]
-    assert half["hindsight"] >= max(half["chooser"], half["mean_spec"], half["balanced/cv_rich"])
+    assert half["hindsight"] >= max(half["chooser"], half["mean_spec"], half["balanced refit/cv_rich"])
     assert 0.5 < half["mean_spec"] <= half["hindsight"] and row["n_positive"] > 0
     capsys.readouterr()
     choice_noise.main([*args, "--scores", str(scores), "--halvings", "20", "--json", str(out)])

@@ -31,7 +31,7 @@ def reference_networks(
     features: list[str],
     folds: int,
     groups: str = "balanced",
-    fold_training: str = "stopped",
+    fold_training: str = "refit",
     refit: bool = False,
 ):
     """fit's first stage on the panel's split (`fit.feature_scores`, every fold): per feature spec, the
@@ -53,7 +53,7 @@ def reference_networks(
     )
     for cand, ckpt, final in feature_scores(ds, space, SPLIT, TEST_FRACTION, seed, FIT_TRAIN, refit):
         compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=False)
-        refitted = compile_checkpoint(final, cand.compile, measure_keys=False) if final else None
+        refitted = compile_checkpoint(final, cand.compile, measure_keys=False) if final is not None else None
         yield ds.task, cand, ckpt, compiled, refitted
 
 
@@ -64,7 +64,7 @@ def score_rows(
     features: list[str],
     folds: int,
     groups: str = "balanced",
-    fold_training: str = "stopped",
+    fold_training: str = "refit",
 ) -> list[dict]:
     """One row per feature spec: its inner scores, and its FHE-simulated test metric trained on the training part
     ("test") and refitted as fit deploys it ("refit_test")."""
@@ -134,7 +134,7 @@ RULE_NAMES = {
 
 def _group(row: dict) -> tuple:
     """(dataset, seed) of a row; the dataset is named with its folds' groups when they are not balanced, and with
-    their training when it is not fit's default (early stopping on the fold's validation part)."""
+    their training when it is not "stopped" (the only one before the option; rows without it were stopped)."""
     name, groups = row["dataset"], row.get("fold_groups", "balanced")
     name = name if groups == "balanced" else f"{name} ({groups} folds)"
     training = row.get("fold_training", "stopped")
@@ -163,13 +163,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _rank_corr(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation of two lists (None for fewer than 3 values or a constant list)."""
-    if len(a) < 3:
+    """Spearman's rank correlation of two lists, ties ranked by their mean rank (None for fewer than 3 values or
+    a constant list)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
-    ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def markdown(summary: list[dict]) -> str:

@@ -78,15 +78,20 @@ def split_half(y: np.ndarray, preds: dict, picks: dict[str, str], n: int = 200) 
 
 
 def rule_picks(score_rows: list[dict], name: str, seed: int) -> dict[str, str]:
-    """Each rule of `choice.py` on each kind of folds in `score_rows` for (name, seed): "kind/rule" -> spec
-    ("kind K folds/rule" when the rows hold runs with several fold counts)."""
+    """Each rule of `choice.py` on each kind of folds in `score_rows` for (name, seed): "kind/rule" -> spec (kind:
+    the folds' groups, with " refit" for refit folds; "kind K folds/rule" when the rows hold several fold counts)."""
     from .choice import RULES
 
     mine = [r for r in score_rows if r["dataset"] == name and r["seed"] == seed]
-    runs = list(dict.fromkeys((r.get("fold_groups", "balanced"), r["folds"]) for r in mine))
+    run_of = lambda r: (  # noqa: E731  (fold groups, folds' training: rows without it were stopped, fold count)
+        r.get("fold_groups", "balanced")
+        + ("" if r.get("fold_training", "stopped") == "stopped" else " refit"),
+        r["folds"],
+    )
+    runs = list(dict.fromkeys(run_of(r) for r in mine))
     picks = {}
     for kind, folds in runs:
-        rows = [r for r in mine if (r.get("fold_groups", "balanced"), r["folds"]) == (kind, folds)]
+        rows = [r for r in mine if run_of(r) == (kind, folds)]
         label = kind if sum(k == kind for k, _ in runs) == 1 else f"{kind} {folds} folds"
         picks.update({f"{label}/{rule}": pick(rows)["features"] for rule, pick in RULES.items()})
     return picks

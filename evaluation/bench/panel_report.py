@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
+
 from .references import LABELS, RANDOM_FORESTS, REFERENCES
 
 # ---------------------------------------------------------------- progress (rough seconds on 2 cores)
@@ -137,6 +139,10 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["patience_steps"] = config.patience_steps
         if getattr(config, "fold_training", "stopped") != "stopped":  # runs before the option: stopped folds
             parts["fold_training"] = config.fold_training
+        if not getattr(
+            config, "quick", False
+        ):  # the feature specs fit tries by default: a run made with other
+            parts["fit_candidates"] = list(DEFAULT_FEATURE_CANDIDATES)  # defaults is not reused (session 31)
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)
