@@ -292,9 +292,8 @@ class Search:
         for a mean loss over the search's training rows: the same weight against the data over `n_rows` is that
         penalty x n_train / n_rows."""
         ckpt = self.trained[cand.trained]
-        epochs = max(
-            1, int(ckpt.train_info["best_epoch"])
-        )  # 0: no epoch improved (a loss that was never finite)
+        # best_epoch 0: no epoch improved (a loss that was never finite); train one epoch then
+        epochs = max(1, int(ckpt.train_info["best_epoch"]))
         l2 = ckpt.train_info["final"].get("l2")
         l2 = None if l2 is None else l2 * int(ckpt.train_info["n_train"]) / n_rows
         return dataclasses.replace(
