@@ -19,7 +19,7 @@ from .latency import FitBudget, describe, normalized
 from .random_features import FeatureMap, MinHash
 from .runconfig import DEFAULT_FEATURES, DEFAULT_MODEL
 from .splits import FOLD_GROUPS, check_fold_groups
-from .teacher import TEACHERS
+from .teacher import MATCHED, TEACHERS, matched_teacher
 
 if TYPE_CHECKING:
     from .workflow import Compiled
@@ -49,7 +49,9 @@ DEFAULT_FEATURE_CANDIDATES = (
     # folds rank it below the rff kernel machine (clintox, herg: never picked)
     "morgan:r=2,n=2048+linear",
 )
-AUTO_TEACHERS = (None, "rf")  # fit --teacher auto: labels only, then the best networks distilled from rf
+# fit --teacher auto: labels only, then stage 1's leader and the best networks distilled from the teacher that
+# matches each one's descriptors (`teacher.matched_teacher`: rf-both on RDKit 2D, rf otherwise)
+AUTO_TEACHERS = (None, MATCHED)
 
 
 def check_fold_training(value: str) -> None:
@@ -118,8 +120,9 @@ class SearchSpace:
     round_outputs: bool = False
     top_features: int = 2  # feature specs carried into stage 2
     top_networks: int = 3  # networks retrained with the other teachers and recompiled in stage 3
-    # plaintext teachers (teacher.TEACHERS; None = labels only): the first is used in stages 1-2, the others
-    # are tried on the best networks (distillation helps some assays and features and hurts others)
+    # plaintext teachers (teacher.TEACHERS, or MATCHED; None = labels only): the first is used in stages 1-2,
+    # the others are tried on stage 1's leader and the best networks (distillation helps some assays and
+    # features and hurts others)
     teachers: tuple[str | None, ...] = (None,)
     model: str = DEFAULT_MODEL
     # the choice is made on the mean metric over this many inner folds of all the training molecules (1: on
@@ -161,7 +164,7 @@ class SearchSpace:
         if self.scoring not in SCORINGS:
             raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
         check_fold_training(self.fold_training)
-        unknown = [t for t in self.teachers if t is not None and t not in TEACHERS]
+        unknown = [t for t in self.teachers if t is not None and t not in (*TEACHERS, MATCHED)]
         if unknown or not self.teachers:
             raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")
         if self.cv_molecules < 0:
@@ -203,6 +206,11 @@ class SearchSpace:
         space rounds outputs."""
         output_bits = rounding_bits if self.round_outputs else None
         return CompileConfig(rounding_bits, "approximate", p_error, output_bits=output_bits)
+
+    def teacher_for(self, teacher: str | None, features: str | None) -> str | None:
+        """The teacher a student on `features` learns from for an entry of `teachers` (`MATCHED`: by its
+        descriptors, `teacher.matched_teacher`)."""
+        return matched_teacher(features) if teacher == MATCHED else teacher
 
     def start_for(self, features: str | None) -> dict:
         """The reference network of a feature spec: `start_options`, except that a spec with a random feature map

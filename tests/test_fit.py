@@ -20,8 +20,9 @@ from molcloak.pipeline.bundle import load_checkpoint, load_manifest
 from molcloak.pipeline.cli import app
 from molcloak.pipeline.compile import CompileConfig
 from molcloak.pipeline.errors import ConfigError, FeaturizerError, TuneError
-from molcloak.pipeline.fit import Candidate, FitBudget, SearchSpace, fit
+from molcloak.pipeline.fit import Candidate, FitBudget, SearchSpace, fit, teachers_for
 from molcloak.pipeline.pbs_cost import Calibration, key
+from molcloak.pipeline.teacher import MATCHED
 from molcloak.pipeline.train import TrainConfig
 
 TINY = SearchSpace(
@@ -612,15 +613,16 @@ def test_distillation_changes_the_student_and_is_recorded():
 
 
 def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_csv, tmp_path):
-    """teachers=(None, "rf"): stages 1-2 on labels only, then the best network distilled from the RandomForest;
-    the chosen variant's teacher is the one its final (refitted) model learns from, and it is recorded."""
+    """--teacher auto: stage 1 on labels only, then its leader distilled from the RandomForest that sees the
+    student's descriptors (RDKit 2D here: rf-both) and scored on the inner folds before stage 2; the chosen
+    variant's teacher is the one its final (refitted) model learns from, and it is recorded."""
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
     space = dataclasses.replace(
         TINY,
-        features=("physchem:scale=quantile",),
+        features=("rdkit2d:scale=quantile+select:k=6",),
         hidden=((3,),),
         rounding_bits=(None,),
-        teachers=(None, "rf"),
+        teachers=teachers_for("auto"),
     )
     result = fit(
         ds, space, FitBudget(latency_ms=500), "scaffold", 0.2, 0, TrainConfig(epochs=3, patience=3),
@@ -628,10 +630,12 @@ def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_
     )  # fmt: skip
     by_stage = {c.stage: c for c in result.candidates}
     assert set(by_stage) == {"features", "teacher"}  # one network: the moves find it already trained
-    assert by_stage["teacher"].teacher == "rf" and by_stage["features"].teacher is None
-    assert "teacher=rf" in by_stage["teacher"].label and by_stage["teacher"].to_dict()["teacher"] == "rf"
+    taught = by_stage["teacher"]
+    assert taught.teacher == "rf-both" and by_stage["features"].teacher is None
+    assert "teacher=rf-both" in taught.label and taught.to_dict()["teacher"] == "rf-both"
+    assert taught.cv is not None and len(taught.cv_folds) == space.inner_folds  # compared on the folds
     # a student trained apart (test_distillation_changes_the_student_and_is_recorded: the outputs differ)
-    assert by_stage["teacher"].trained.endswith("|rf") and by_stage["features"].trained.endswith("|None")
+    assert taught.trained.endswith("|rf-both") and by_stage["features"].trained.endswith("|None")
     info = result.checkpoint.train_info
     assert info["fit"]["teacher"] == result.chosen.teacher == info["config"]["teacher"]
     # --max-minutes: a cap the first variant already exceeds stops the search there, and says so
@@ -645,6 +649,20 @@ def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_
     assert capped.chosen.cv is not None and len(capped.chosen.cv_folds) == space.inner_folds
     with pytest.raises(ConfigError, match="teachers \\['svm'\\]"):
         SearchSpace(teachers=("svm",))
+
+
+def test_auto_distils_each_student_from_the_teacher_that_sees_its_descriptors():
+    """tox21's kernel machine on RDKit 2D (session 35): rf-both lifted it on every scaffold seed, rf did not."""
+    assert teachers_for("auto") == (None, MATCHED) and teachers_for("rf-both") == ("rf-both",)
+    assert teachers_for("none") == (None,)
+    space = SearchSpace(teachers=teachers_for("auto"))
+    assert space.teacher_for(MATCHED, "rdkit2d:scale=quantile+rff:n=2048") == "rf-both"
+    assert space.teacher_for(MATCHED, "physchem:scale=quantile+morgan:r=2,n=2048+select:k=256") == "rf"
+    assert space.teacher_for(MATCHED, "morgan:r=2,n=2048+linear") == "rf"
+    assert space.teacher_for(MATCHED, None) == "rf"  # tabular columns: the teacher reads them as they are
+    assert space.teacher_for("rf", "rdkit2d") == "rf" and space.teacher_for(None, "rdkit2d") is None
+    with pytest.raises(ConfigError, match="--teacher matched: choose one of rf, rf-both, auto or none"):
+        teachers_for("matched")
 
 
 def test_a_feature_spec_the_molecules_cannot_fill_is_skipped(tiny_csv, tmp_path):

@@ -80,7 +80,7 @@ def bench(
         "none",
         "--teacher",
         help="Panel: fit's --teacher (rf, rf-both: distillation from a plaintext RandomForest; auto: fit tries "
-        "rf on its best networks; none).",
+        "its leader and best networks with the teacher matching their descriptors; none).",
     ),
     p_error: float = typer.Option(
         DEFAULT_P_ERROR,

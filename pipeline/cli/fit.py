@@ -101,7 +101,9 @@ def fit(
         "--teacher",
         help="Distillation: rf trains every network also on the out-of-bag outputs of a plaintext RandomForest "
         "the owner keeps (physchem + Morgan-2048 features); rf-both: the same on RDKit 2D + Morgan-2048; auto: "
-        "the best networks are also tried with rf, and validation decides; none: labels only.",
+        "the leader after the feature stage and the best networks are also tried with the teacher that sees "
+        "their descriptors (rf-both for RDKit 2D students, rf otherwise), and the inner folds decide; none: "
+        "labels only.",
     ),
     distill: float = typer.Option(
         0.5, "--distill", help="With --teacher: weight of the teacher's outputs in the loss."
