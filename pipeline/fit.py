@@ -287,10 +287,10 @@ def _stages(search: Search) -> None:
                 cheaper = _lighter_weights(cand, options, search) if name == "hidden" else None
                 if cheaper and not search.out_of_time:
                     search.evaluate(features, cheaper, cfg0, "network", t0, unplanned=True)
-            mine = [c for c in search.candidates if c.features == features and c.compile == cfg0]
+            mine = [c for c in _untaught(search) if c.features == features and c.compile == cfg0]
             best = search.best(mine) or search.best(mine, within=False)
             current = {**best.options} if best else current
-    best_networks = _best_networks(search, cfg0)
+    best_networks = [c for c in _best_networks(search, cfg0) if c.teacher == t0]
     for base in best_networks[: space.top_networks]:  # stage "teacher": the best networks distilled
         for teacher in space.teachers[1:]:
             if not search.out_of_time:
@@ -301,6 +301,13 @@ def _stages(search: Search) -> None:
         for cfg in _compile_variants(space, base, cfg0):
             if not search.out_of_time:
                 search.evaluate(base.features, base.options, cfg, "compile", base.teacher)
+
+
+def _untaught(search: Search) -> list[Candidate]:
+    """The candidates trained with the space's first teacher (stages 1-2's): what stage 2 carries and climbs from
+    and the teacher stage distils. The leader distilled early (`_distil_leader`) only competes in the final choice
+    and stage 3: in stage 2 it would take a spec's second place and be the bar the label-only moves must beat."""
+    return [c for c in search.candidates if c.teacher == search.space.teachers[0]]
 
 
 def _distil_leader(search: Search) -> None:
@@ -319,7 +326,8 @@ def _distil_leader(search: Search) -> None:
         cand = search.evaluate(
             leader.features, leader.options, leader.compile, "teacher", kind, unplanned=True
         )
-        if cand.fits(search.budget) and not search.out_of_time:
+        if cand.fits(search.budget) and not search.out_of_time and cand.cv is None:
+            search.planned += space.inner_folds > 1  # its scoring on the folds, too, is beyond the plan
             search.cross_validate(cand)
 
 
@@ -347,12 +355,16 @@ def _carried_features(search: Search) -> list[str | None]:
     part against 0.48 at most for the specs within budget, but its 16-unit network ran 296-406 ms, so stage 2
     explored it late or never, and the choices ended at RMSE +13 to +27 %; where it went first (session 18, seed 0:
     no spec fitted; session 19, seed 1: this rule) stage 2 found it at 8 units within the budget, at +6 and +10 %."""
-    space = search.space
-    ranked = _preference(_choosable(search.candidates, search.budget), space.tolerance)
+    space, pool = search.space, _untaught(search)
+    ranked = _preference(_choosable(pool, search.budget), space.tolerance)
     chosen = {id(c) for c in ranked}
-    ranked += sorted((c for c in search.candidates if id(c) not in chosen), key=lambda c: -c.score)
-    carried = [c for c in ranked if np.isfinite(c.valid)][: space.top_features]
-    top = max((c for c in search.candidates if np.isfinite(c.valid)), key=lambda c: c.valid, default=None)
+    ranked += sorted((c for c in pool if id(c) not in chosen), key=lambda c: -c.score)
+    carried: list[Candidate] = []  # each spec once, at its best place
+    for c in ranked:
+        if np.isfinite(c.valid) and all(c.features != k.features for k in carried):
+            carried.append(c)
+    carried = carried[: space.top_features]
+    top = max((c for c in pool if np.isfinite(c.valid)), key=lambda c: c.valid, default=None)
     others = [c for c in carried if top is None or c.features != top.features]
     if (
         top is not None

@@ -165,8 +165,11 @@ class SearchSpace:
             raise ConfigError(f"--scoring {self.scoring!r}: use one of {', '.join(SCORINGS)}")
         check_fold_training(self.fold_training)
         unknown = [t for t in self.teachers if t is not None and t not in (*TEACHERS, MATCHED)]
-        if unknown or not self.teachers:
-            raise ConfigError(f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)}")
+        if unknown or not self.teachers or self.teachers[0] == MATCHED:  # stages 1-2 train on one teacher
+            raise ConfigError(
+                f"teachers {list(self.teachers)}: use None or one of {', '.join(TEACHERS)} "
+                f"({MATCHED!r}: only after the first)"
+            )
         if self.cv_molecules < 0:
             raise ConfigError(
                 f"--cv-molecules {self.cv_molecules}: use 0 (every inner fold) or a positive count"

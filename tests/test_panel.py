@@ -597,3 +597,31 @@ def test_run_keys_follow_the_files_content_not_its_place_or_time(tmp_path):
     config = panel.PanelConfig(str(tmp_path / "b"))
     changed = panel_report.run_key(config, panel.describe_panel(config.folder)[0]["bace"], 0, "references")
     assert changed != keys["a"][1]
+
+
+@pytest.mark.slow
+def test_replay_scores_one_variant_as_fit_does_and_resumes(tmp_path, capsys):
+    """`bench.replay`: one variant (a kernel machine distilled from rf) trained on fit's inner part, scored on the
+    inner folds, refitted and FHE-simulated on the test split; a rerun skips the rows it holds."""
+    from molcloak.evaluation.bench import replay
+
+    folder = _tiny_panel(tmp_path / "panel", n=180)
+    out, md = tmp_path / "replay.json", tmp_path / "replay.md"
+    options = '{"hidden": [], "weight_bits": 3, "act_bits": 3, "input_bits": 3}'
+    args = ["--panel", str(folder), "--datasets", "sol_low", "--seeds", "0", "--features", "physchem:scale=quantile",
+            "--options", options, "--teacher", "rf", "--json", str(out), "--markdown", str(md)]  # fmt: skip
+    replay.main(args)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["teacher"] == "rf" and row["metric"] == row["test_metric"] == "roc_auc"
+    assert row["pbs"] == 0 and row["network"]["hidden"] == [] and row["network"]["weight_bits"] == 3
+    assert 0.5 < row["valid"] <= 1 and 0.5 < row["test_sim"] <= 1 and row["n_inputs"] == 10
+    assert len(row["cv_folds"]) == 5 and row["cv"] == pytest.approx(np.mean(row["cv_folds"]))
+    assert "| sol_low | physchem:scale=quantile |" in md.read_text() and "rf |" in md.read_text()
+    replay.main(args)  # resumed: nothing new to run
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [row] and len(saved["commands"]) == 2
+    assert '--options \'{"hidden": [],' in saved["commands"][0]  # quoted: the command runs as recorded
+    assert "sol_low seed 0: inner" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        replay.main([*args[:8], "--options", "[16]", "--json", str(out)])
+    assert exc.value.code == 2 and "--options '[16]': give a JSON object" in capsys.readouterr().err
