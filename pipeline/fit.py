@@ -100,7 +100,7 @@ def fit(
     args = (ds, space, budget, split, test_fraction, seed, train, calibration or Calibration(), on_step)
     search = Search(*args, timed_runs=timed_runs, refit=refit)
     _search(search)
-    ranked = _preference(_choosable(search.candidates, budget), space.tolerance)
+    ranked = _preference(_choosable(search.candidates, budget), search.tolerance)
     if not ranked:
         raise TuneError(_nothing_fits(search.candidates, budget))
     chosen, ckpt, compiled, measured, over = _verify(search, ranked[: max(1, verify)], measure_runs)
@@ -136,7 +136,7 @@ def fit(
         search.out_of_time,
         over,
         search.inner_valid,
-        space.tolerance,
+        search.tolerance,
         budget.latency_check,
         search.folds_used,
     )
@@ -316,7 +316,7 @@ def _distil_leader(search: Search) -> None:
     stage 2, before the teacher stage (tox21, session 33: on 2 seeds of 3 no distilled kernel machine was scored,
     while the one distilled from `rf-both` tests +0.003 over the labels, mean of seeds 0-2, session 35)."""
     space = search.space
-    leader = next(iter(_preference(_choosable(search.candidates, search.budget), space.tolerance)), None)
+    leader = next(iter(_preference(_choosable(search.candidates, search.budget), search.tolerance)), None)
     if leader is None:
         return
     for teacher in space.teachers[1:]:
@@ -356,21 +356,19 @@ def _carried_features(search: Search) -> list[str | None]:
     explored it late or never, and the choices ended at RMSE +13 to +27 %; where it went first (session 18, seed 0:
     no spec fitted; session 19, seed 1: this rule) stage 2 found it at 8 units within the budget, at +6 and +10 %."""
     space, pool = search.space, _untaught(search)
-    ranked = _preference(_choosable(pool, search.budget), space.tolerance)
+    ranked = _preference(_choosable(pool, search.budget), search.tolerance)
     chosen = {id(c) for c in ranked}
     ranked += sorted((c for c in pool if id(c) not in chosen), key=lambda c: -c.score)
-    carried: list[Candidate] = []  # each spec once, at its best place
-    for c in ranked:
-        if np.isfinite(c.valid) and all(c.features != k.features for k in carried):
-            carried.append(c)
-    carried = carried[: space.top_features]
+    carried = [c for c in ranked if np.isfinite(c.valid)][
+        : space.top_features
+    ]  # one label-only variant per spec
     top = max((c for c in pool if np.isfinite(c.valid)), key=lambda c: c.valid, default=None)
     others = [c for c in carried if top is None or c.features != top.features]
     if (
         top is not None
         and len(carried) >= 2
         and not top.fits(search.budget)
-        and top.valid > max(c.valid for c in others) + space.tolerance
+        and top.valid > max(c.valid for c in others) + search.tolerance
     ):
         carried = [top, *others][: len(carried)]
     return [c.features for c in carried]

@@ -35,6 +35,7 @@ class Search:
         self.calibration, self.on_step = calibration, on_step or (lambda msg, done, total: None)
         self.gauge = LoadGauge(calibration) if budget.latency_check == "normalized" else None
         self.metric = selection_metric(ds.task)
+        self.tolerance = space.tie_tolerance(self.metric)  # scores this close to the best count as equal
         self.clock = SearchClock(budget.max_minutes, self.gauge is not None)
         self.features: dict[str | None, tuple] = {}
         self.inner_valid = "random"  # how the inner validation part was drawn (scaffold or random)

@@ -31,7 +31,11 @@ def matched_teacher(features: str | None) -> str:
     (scaffold seeds 0-2, session 35): 0.772 / 0.766 / 0.769 FHE-simulated distilled from `rf-both`, against
     0.768 / 0.765 / 0.765 on the labels and 0.768 from `rf` on seed 0; in float, `rf-both` beat `rf` on 6 of
     8 RDKit 2D students (session 14). Students on other features keep `rf`: nothing measured says otherwise."""
-    return "rf-both" if features and "rdkit2d" in features else "rf"
+    if not features:  # tabular columns: no descriptors to match
+        return "rf"
+    from .featurize import FeaturizerSpec
+
+    return "rf-both" if any(p.kind == "rdkit2d" for p in FeaturizerSpec.parse(features).parts) else "rf"
 
 
 def teacher_outputs(

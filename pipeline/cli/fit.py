@@ -282,9 +282,14 @@ def _print_fit(result, budget, scoring: str) -> None:
             "yes" if c.fits(budget) else "no",
         )
     out.print(table)
+    among = (
+        f"among the most accurate (within {result.tolerance:g} of the best {result.metric}), the richest features, "
+        "then the fewest PBS"
+        if result.tolerance
+        else f"the best {result.metric}, then the richest features and the fewest PBS"
+    )
     out.print(
-        f"* chosen: within {budget.latency_ms:g} ms and {budget.key_mb:g} MB, among the most accurate (within "
-        f"{result.tolerance:g} of the best {result.metric}), the richest features, then the fewest PBS "
+        f"* chosen: within {budget.latency_ms:g} ms and {budget.key_mb:g} MB, {among} "
         "(ms: median of timed encrypted runs during the search; load: how much slower the reference circuit "
         "ran then than on this machine when quiet; norm. ms: ms / load; pred. ms: from PBS count and bit "
         f"width; budget checked on {result.latency_check} timings; inner validation part: {result.inner_valid})"
