@@ -192,7 +192,8 @@ def _preference(pool: list[Candidate], tolerance: float) -> list[Candidate]:
     (inner folds' mean, else validation metric) with the richest features first (most encrypted inputs), then
     the fewest PBS and narrowest circuit; then the rest by score. Richest first: among feature sets the folds
     cannot tell apart, the one with more inputs scored higher on the test on herg, and no lower on bace and
-    clintox (`evaluation/bench/choice.py`, seeds 0-2; before, the fewest PBS won such ties)."""
+    clintox (`evaluation/bench/choice.py`, seeds 0-2; before, the fewest PBS won such ties). `fit` passes the
+    task's tolerance (`SearchSpace.tie_tolerance`): on regression 0, so the richest features break exact ties only."""
     if not pool:
         return []
     best = max(c.score for c in pool)
@@ -359,16 +360,16 @@ def _carried_features(search: Search) -> list[str | None]:
     ranked = _preference(_choosable(pool, search.budget), search.tolerance)
     chosen = {id(c) for c in ranked}
     ranked += sorted((c for c in pool if id(c) not in chosen), key=lambda c: -c.score)
-    carried = [c for c in ranked if np.isfinite(c.valid)][
-        : space.top_features
-    ]  # one label-only variant per spec
+    # one label-only variant per spec: stage 1 scores each spec once (`SearchSpace` drops repeated specs), and the
+    # folds and `_distil_leader` add no label-only variant
+    carried = [c for c in ranked if np.isfinite(c.valid)][: space.top_features]
     top = max((c for c in pool if np.isfinite(c.valid)), key=lambda c: c.valid, default=None)
     others = [c for c in carried if top is None or c.features != top.features]
     if (
         top is not None
         and len(carried) >= 2
         and not top.fits(search.budget)
-        and top.valid > max(c.valid for c in others) + search.tolerance
+        and top.valid > max(c.valid for c in others) + space.tolerance  # noise on one part, whatever the task
     ):
         carried = [top, *others][: len(carried)]
     return [c.features for c in carried]

@@ -139,8 +139,9 @@ class SearchSpace:
     # the others and FHE-simulates its part: on ames 5 folds took 97 s per variant, and the 15-minute cap ran out
     # in the feature stage on lipophilicity at load 5
     cv_molecules: int = 2000
-    # variants within this much of the best score count as equally accurate (a difference this small is noise
-    # on a few hundred validation molecules): of those, the richest features (most inputs), then the fewest PBS
+    # classification: variants within this much of the best score count as equally accurate (a difference this
+    # small is noise on a few hundred validation molecules): of those, the richest features (most inputs), then the
+    # fewest PBS. Also stage 2's carry rule's margin on the one inner part, whatever the task
     tolerance: float = 0.005
     # the same for regression (R² on the inner folds); 0: the higher fold mean wins. "Most inputs first" was
     # measured on classification only (herg, bace, clintox); on lipophilicity seed 0 (session 32) a fold tie
@@ -399,7 +400,7 @@ class FitResult:
     stopped_early: bool = False
     over_budget: bool = False  # no timed candidate ran within the budget: the fastest one was kept
     inner_valid: str = "random"  # the inner validation part: whole scaffold groups or random molecules
-    tolerance: float = 0.0  # scores this close to the best counted as equal (see SearchSpace.tolerance)
+    tolerance: float = 0.0  # scores this close to the best counted as equal (SearchSpace.tie_tolerance)
     latency_check: str = "normalized"  # what the budget was checked on (FitBudget.latency_check)
     # the inner folds' kind: "scaffold, rare", "scaffold, balanced", "random"; "" = one inner part
     folds_used: str = ""

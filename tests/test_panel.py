@@ -436,6 +436,8 @@ def test_choice_rules_prefer_the_richer_spec_only_when_the_folds_cannot_tell_the
     assert RULES["cv_rich"]([lean, noisy])["features"] == "lean"  # fit's rule: the tolerance alone
     assert RULES["cv_rich"]([lean, close])["features"] == "rich" and RULES["cv"]([lean, close]) is lean
     assert richest_tied([lean])["features"] == "lean"
+    # regression rows (tested by RMSE): fit's tolerance is 0, the higher fold mean wins the same near-tie
+    assert RULES["cv_rich"]([{**r, "test_metric": "rmse"} for r in (lean, close)])["features"] == "lean"
     # fit's rule on large data: the first folds that hold SearchSpace.cv_molecules (2,000) molecules; here the
     # first fold (2,100 molecules) alone, where the rich spec ties; on all folds the lean one leads by 0.01
     first = {"features": "rich", "cv": 0.84, "cv_folds": [0.798, 0.882], "n_inputs": 100}

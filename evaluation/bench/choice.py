@@ -89,11 +89,12 @@ def richest_tied(rows: list[dict], se_factor: float = 0.0, tolerance: float | No
     """Prefer richer features among those the folds cannot tell apart: of the specs whose mean over the inner
     folds is below the best one's by at most `tolerance` (fit's rule), or by at most `se_factor` standard
     errors of their paired fold differences, the one with the most inputs (then the higher mean). The default
-    `tolerance` is fit's (`SearchSpace.tolerance`)."""
+    `tolerance` is fit's for the rows' task (`SearchSpace.tie_tolerance`: 0 on regression, whose rows are tested
+    by RMSE)."""
     if tolerance is None:
         from molcloak.pipeline.fit_space import SearchSpace
 
-        tolerance = SearchSpace().tolerance
+        tolerance = SearchSpace().tie_tolerance("r2" if rows[0].get("test_metric") == "rmse" else "roc_auc")
     best = max(rows, key=lambda r: r["cv"])
     tied = []
     for r in rows:
@@ -119,7 +120,7 @@ def first_folds(rows: list[dict]) -> list[dict]:
 RULES = {  # rule -> its pick among one seed's rows (each rule sees the inner scores only, never the test)
     "inner_part": lambda rs: max(rs, key=lambda r: r["inner_part"]),
     "cv": lambda rs: max(rs, key=lambda r: r["cv"]),
-    "cv_rich": richest_tied,  # fit's rule (SearchSpace.tolerance) on every fold
+    "cv_rich": richest_tied,  # fit's rule (SearchSpace.tie_tolerance) on every fold
     "cv_rich_se": lambda rs: richest_tied(rs, se_factor=1.0),
     "cv_rich_first": lambda rs: richest_tied(first_folds(rs)),  # what fit does
 }
