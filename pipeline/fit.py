@@ -91,6 +91,7 @@ def fit(
     training and inner validation molecules together before compiling it (else the search's model)."""
     if ds.is_tabular:
         space = dataclasses.replace(space, features=(None,))
+    space = space.for_task(ds.task)
     if train.teacher and space.teachers == (None,):  # TrainConfig(teacher=...): every variant distilled
         space = dataclasses.replace(space, teachers=(train.teacher,))
     train = dataclasses.replace(train, seed=seed, teacher=None)
@@ -156,6 +157,7 @@ def feature_scores(
     `refit`) the one `fit` would deploy, refitted on the training and inner molecules (whose test split a benchmark
     of the choice may score: `evaluation/bench/choice.py`)."""
     train = dataclasses.replace(train, seed=seed, teacher=None)
+    space = space.for_task(ds.task)
     args = (ds, space, FitBudget(), split, test_fraction, seed, train, Calibration(measure=False), None)
     search = Search(*args, timed_runs=0)
     out = []

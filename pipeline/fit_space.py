@@ -8,7 +8,7 @@ statistics and timings), and the `FitResult`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .bundle import Checkpoint
@@ -49,6 +49,13 @@ DEFAULT_FEATURE_CANDIDATES = (
     # folds rank it below the rff kernel machine (clintox, herg: never picked)
     "morgan:r=2,n=2048+linear",
 )
+# regression only, after the default candidates: the kernel machine on a wider map (3,072 inputs, about 0.07 ms
+# each: about 220 ms, timed like every variant). lipophilicity seeds 0-2, distilled from rf-both as `fit` distils
+# its leader (session 37, `bench.replay`): inner folds R² 0.609 / 0.605 / 0.589 against 0.605 / 0.603 / 0.574 for
+# 2,048, test RMSE 0.806 / 0.791 / 0.817 against 0.827 / 0.822 / 0.827 (FHE-simulated). Classification keeps 2,048
+# only: tox21's folds rank 3,072 below it on every seed and it tests 0.004-0.010 lower (session 34); on ames it tied
+# on the folds, took the tie as the richer spec and tested no better, at 223 ms (session 30)
+REGRESSION_FEATURE_CANDIDATES = ("rdkit2d:scale=quantile+rff:n=3072",)
 # fit --teacher auto: labels only, then stage 1's leader and the best networks distilled from the teacher that
 # matches each one's descriptors (`teacher.matched_teacher`: rf-both on RDKit 2D, rf otherwise)
 AUTO_TEACHERS = (None, MATCHED)
@@ -94,6 +101,8 @@ CLEAR_MAX_P_ERROR = (
 @dataclass(frozen=True)
 class SearchSpace:
     features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
+    # tried after `features` on a regression task when `features` starts with the defaults (`for_task`)
+    regression_features: tuple[str, ...] = REGRESSION_FEATURE_CANDIDATES
     start: tuple[tuple[str, object], ...] = (
         ("hidden", (16,)),
         ("weight_bits", 3),
@@ -162,6 +171,15 @@ class SearchSpace:
     # the networks' fold means came out 0.018-0.027 higher than refit ones on bace, clintox and herg, the linear
     # machines' 0.000-0.004 (evaluation/PERFORMANCE.md, session 31)
     fold_training: str = "refit"
+
+    def for_task(self, task) -> SearchSpace:
+        """The space a dataset's search runs: on a regression task whose feature specs start with the default
+        candidates (the defaults, or a panel's extra specs after them), `regression_features` after them; a
+        user's own `--features` list is searched as given."""
+        defaults = self.features[: len(DEFAULT_FEATURE_CANDIDATES)] == DEFAULT_FEATURE_CANDIDATES
+        if task.is_classification or not defaults or not self.regression_features:
+            return self
+        return replace(self, features=self.features + self.regression_features)  # repeats are tried once
 
     def tie_tolerance(self, metric: str) -> float:
         """The tolerance the choice uses for a selection metric (`selection_metric`): R² is regression's."""

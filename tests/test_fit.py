@@ -264,6 +264,28 @@ def test_regression_ties_go_to_the_higher_fold_mean():
     assert _preference([kernel, network], space.tie_tolerance("roc_auc"))[0] is kernel
 
 
+def test_regression_also_tries_the_kernel_machine_on_a_wider_map():
+    """lipophilicity seeds 0-2 (session 37): 3,072 random features led 2,048 on the folds and the test on every
+    seed; on classification (tox21, ames) they did not, so only a regression search adds them, after the defaults,
+    and a user's own list of specs is searched as given."""
+    from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES, REGRESSION_FEATURE_CANDIDATES
+    from molcloak.pipeline.tasks import TaskSpec
+
+    regression, binary = TaskSpec("y", "regression", "y"), TaskSpec("y", "binary", "y", ("0", "1"))
+    wider = "rdkit2d:scale=quantile+rff:n=3072"
+    assert REGRESSION_FEATURE_CANDIDATES == (wider,)
+    assert SearchSpace().for_task(regression).features == (*DEFAULT_FEATURE_CANDIDATES, wider)
+    assert SearchSpace().for_task(binary).features == DEFAULT_FEATURE_CANDIDATES
+    # a panel's --fit-features after the defaults
+    extra = SearchSpace(features=(*DEFAULT_FEATURE_CANDIDATES, "rdkit2d+select:k=8"))
+    assert extra.for_task(regression).features == (*extra.features, wider)
+    again = SearchSpace(features=(*DEFAULT_FEATURE_CANDIDATES, wider))  # given already: tried once
+    assert again.for_task(regression).features == again.features
+    own = SearchSpace(features=("physchem:scale=quantile",))
+    assert own.for_task(regression) is own
+    assert SearchSpace(regression_features=()).for_task(regression).features == DEFAULT_FEATURE_CANDIDATES
+
+
 def timed(options: dict, ms: float, valid: float, compile: CompileConfig | None = None) -> Candidate:
     """A network variant as the search records it: timed at `ms` on a quiet machine (load factor 1)."""
     c = Candidate("f", options, compile or CompileConfig(), "network", valid=valid)

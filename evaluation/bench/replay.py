@@ -4,7 +4,7 @@ A question such as "is the kernel machine better distilled from rf-both?" needs 
 split, not a lookalike: train on the inner part and score there (what stages 1-2 rank on), train and score on
 the inner folds (what the final choice compares), refit on every training molecule (what `fit` deploys) and
 FHE-simulate the whole test split. This runs exactly that (`fit_search.Search`) for one variant (feature spec,
-network options, teacher) per dataset and seed:
+network options, teacher and, with --distill, the teacher's weight in the loss) per dataset and seed:
 
     python -m molcloak.evaluation.bench.replay --datasets tox21 --seeds 0,1,2 \
         --features rdkit2d:scale=quantile+rff:n=2048 \
@@ -33,12 +33,22 @@ import numpy as np
 
 from .frontier import int_list, panel_arguments, panel_or_exit, primary
 
-FIELDS = ("dataset", "features", "options", "teacher")  # a variant; with the seed, a row's identity
+# a variant; with the seed, a row's identity
+FIELDS = ("dataset", "features", "options", "teacher", "distill")
 
 
-def replay(panel, name: str, seed: int, features: str | None, options: dict, teacher: str | None) -> dict:
+def replay(
+    panel,
+    name: str,
+    seed: int,
+    features: str | None,
+    options: dict,
+    teacher: str | None,
+    distill: float | None = None,
+) -> dict:
     """One row: `fit`'s search state on the panel's split of `name` for `seed`, the variant scored on the inner
-    part and the inner folds, refitted and compiled as `fit` deploys it, and scored on the test split."""
+    part and the inner folds, refitted and compiled as `fit` deploys it, and scored on the test split. `distill`:
+    the teacher's weight in the loss (None: fit's, `TrainConfig.distill`)."""
     from molcloak.pipeline.fit import FIT_TRAIN, FitBudget, SearchSpace
     from molcloak.pipeline.fit_search import Search
     from molcloak.pipeline.pbs_cost import Calibration
@@ -51,6 +61,8 @@ def replay(panel, name: str, seed: int, features: str | None, options: dict, tea
     ds = load_entry(panel, describe_panel(panel)[0][name])
     space = SearchSpace(teachers=(teacher,))  # validates the teacher's name
     train = dataclasses.replace(FIT_TRAIN, seed=seed)
+    if distill is not None:
+        train = dataclasses.replace(train, distill=distill)  # validates the weight
     search = Search(
         ds, space, FitBudget(), SPLIT, TEST_FRACTION, seed, train, Calibration(measure=False), None,
         timed_runs=0, refit=True,
@@ -65,7 +77,7 @@ def replay(panel, name: str, seed: int, features: str | None, options: dict, tea
     compiled = compile_checkpoint(search.final(cand), cand.compile, measure_keys=False)
     l2 = search.trained[cand.trained].train_info["final"].get("l2")
     return {
-        "dataset": name, "seed": seed, "features": features, "options": options, "teacher": teacher,
+        "dataset": name, "seed": seed, "features": features, "options": options, "teacher": teacher, "distill": distill,
         "network": cand.options, "metric": search.metric, "test_metric": primary_metric(ds.task),
         "valid": cand.valid, "cv": cand.cv, "cv_folds": cand.cv_folds,
         "test_float": primary(ds.task, compiled.metrics["float"]),
@@ -76,7 +88,7 @@ def replay(panel, name: str, seed: int, features: str | None, options: dict, tea
 
 
 def identity(row: dict) -> str:
-    return json.dumps([row[k] for k in FIELDS], sort_keys=True)
+    return json.dumps([row.get(k) for k in FIELDS], sort_keys=True)  # rows from before "distill": None
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -88,7 +100,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for members in groups.values():
         first = members[0]
         mean = {k: _mean([r[k] for r in members]) for k in ("valid", "cv", "test_float", "test_sim")}
-        table.append({**{k: first[k] for k in FIELDS}, "seeds": [r["seed"] for r in members], **mean})
+        table.append({**{k: first.get(k) for k in FIELDS}, "seeds": [r["seed"] for r in members], **mean})
     return table
 
 
@@ -99,7 +111,7 @@ def _mean(values: list) -> float | None:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | features | options | teacher | seeds | inner part | inner folds | test, float | test, FHE-sim (ROC-AUC or RMSE) |",
+        "| dataset | features | options | teacher (weight) | seeds | inner part | inner folds | test, float | test, FHE-sim (ROC-AUC or RMSE) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     cell = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -107,10 +119,16 @@ def markdown(table: list[dict]) -> str:
         options = json.dumps(r["options"], sort_keys=True)
         seeds = ",".join(map(str, r["seeds"]))
         lines.append(
-            f"| {r['dataset']} | {r['features']} | `{options}` | {r['teacher'] or 'none'} | {seeds} | "
+            f"| {r['dataset']} | {r['features']} | `{options}` | {_teacher(r)} | {seeds} | "
             f"{cell(r['valid'])} | {cell(r['cv'])} | {cell(r['test_float'])} | {cell(r['test_sim'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _teacher(row: dict) -> str:
+    if not row["teacher"]:
+        return "none"
+    return row["teacher"] if row.get("distill") is None else f"{row['teacher']} ({row['distill']:g})"
 
 
 def main(argv=None) -> None:
@@ -124,6 +142,12 @@ def main(argv=None) -> None:
         "of fit's first network for the spec, e.g. no hidden layer and 4-bit weights for an rff map)",
     )
     ap.add_argument("--teacher", default="none", help="none, rf or rf-both")
+    ap.add_argument(
+        "--distill",
+        type=float,
+        default=None,
+        help="the teacher's weight in the loss, 0 <= w < 1 (default: fit's, 0.5; the labels get 1 - w)",
+    )
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table of means here")
     args = ap.parse_args(argv)
@@ -145,6 +169,11 @@ def main(argv=None) -> None:
     teacher = None if args.teacher == "none" else args.teacher
     if teacher is not None and teacher not in TEACHERS:
         ap.exit(2, f"error: --teacher {args.teacher}: choose one of {', '.join(TEACHERS)} or none\n")
+    if args.distill is not None and (teacher is None or not 0 <= args.distill < 1):
+        ap.exit(
+            2,
+            f"error: --distill {args.distill}: give a weight 0 <= w < 1 together with --teacher rf or rf-both\n",
+        )
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.replay " + shlex.join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]
@@ -158,11 +187,14 @@ def main(argv=None) -> None:
 
     for name in dict.fromkeys(datasets):
         for seed in dict.fromkeys(seeds):
-            variant = {"dataset": name, "features": args.features, "options": options, "teacher": teacher}
+            variant = {
+                "dataset": name, "features": args.features, "options": options, "teacher": teacher,
+                "distill": args.distill,
+            }  # fmt: skip
             if (identity(variant), seed) in done:
                 continue
             try:
-                row = replay(panel, name, seed, args.features, options, teacher)
+                row = replay(panel, name, seed, args.features, options, teacher, args.distill)
             except (MolcloakError, RuntimeError) as exc:  # one line and exit 2, as the CLI does; rows kept
                 save()
                 ap.exit(2, f"error: {exc}\n")
