@@ -53,8 +53,9 @@ DEFAULT_FEATURE_CANDIDATES = (
 # each: about 220 ms, timed like every variant). lipophilicity seeds 0-2, distilled from rf-both as `fit` distils
 # its leader (session 37, `bench.replay`): inner folds R² 0.609 / 0.605 / 0.589 against 0.605 / 0.603 / 0.574 for
 # 2,048, test RMSE 0.806 / 0.791 / 0.817 against 0.827 / 0.822 / 0.827 (FHE-simulated). Classification keeps 2,048
-# only: tox21's folds rank 3,072 below it on every seed and it tests 0.004-0.010 lower (session 34); on ames it tied
-# on the folds, took the tie as the richer spec and tested no better, at 223 ms (session 30)
+# only: tox21's folds rank 3,072 below it on every seed and it tests 0.010 lower on the mean (0.756 against 0.766,
+# sessions 33-34); on ames it tied on the folds, took the tie as the richer spec and tested no better, at 223 ms
+# (session 30)
 REGRESSION_FEATURE_CANDIDATES = ("rdkit2d:scale=quantile+rff:n=3072",)
 # fit --teacher auto: labels only, then stage 1's leader and the best networks distilled from the teacher that
 # matches each one's descriptors (`teacher.matched_teacher`: rf-both on RDKit 2D, rf otherwise)
@@ -173,9 +174,10 @@ class SearchSpace:
     fold_training: str = "refit"
 
     def for_task(self, task) -> SearchSpace:
-        """The space a dataset's search runs: on a regression task whose feature specs start with the default
-        candidates (the defaults, or a panel's extra specs after them), `regression_features` after them; a
-        user's own `--features` list is searched as given."""
+        """The space a dataset's search runs: on a regression task (one target or several) whose feature specs
+        start with the default candidates (the defaults, or a panel's extra specs after them),
+        `regression_features` after them. `molcloak fit --features` passes none: a user's list is searched as
+        given."""
         defaults = self.features[: len(DEFAULT_FEATURE_CANDIDATES)] == DEFAULT_FEATURE_CANDIDATES
         if task.is_classification or not defaults or not self.regression_features:
             return self

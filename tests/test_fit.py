@@ -276,6 +276,15 @@ def test_regression_also_tries_the_kernel_machine_on_a_wider_map():
     assert REGRESSION_FEATURE_CANDIDATES == (wider,)
     assert SearchSpace().for_task(regression).features == (*DEFAULT_FEATURE_CANDIDATES, wider)
     assert SearchSpace().for_task(binary).features == DEFAULT_FEATURE_CANDIDATES
+    multitarget = TaskSpec("y", "multitarget", "a,b", tasks=("a", "b"))  # several regression targets: added
+    assert SearchSpace().for_task(multitarget).features[-1] == wider
+    multiclass = TaskSpec("y", "multiclass", "y", ("a", "b", "c"))
+    multilabel = TaskSpec("y", "multilabel", "a,b", ("0", "1"), tasks=("a", "b"))
+    for task in (multiclass, multilabel):
+        space = SearchSpace()
+        assert space.for_task(task) is space
+    tabular = SearchSpace(features=(None,))  # a tabular dataset's columns
+    assert tabular.for_task(regression) is tabular
     # a panel's --fit-features after the defaults
     extra = SearchSpace(features=(*DEFAULT_FEATURE_CANDIDATES, "rdkit2d+select:k=8"))
     assert extra.for_task(regression).features == (*extra.features, wider)

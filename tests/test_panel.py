@@ -174,6 +174,15 @@ def test_latency_check_is_part_of_the_molcloak_key_only(tmp_path, monkeypatch):
     monkeypatch.setattr(panel_report, "DEFAULT_FEATURE_CANDIDATES", panel.SearchSpace().features[:6])
     assert key(norm, "molcloak") != before and key(norm, "references") == key(stopped, "references")
     monkeypatch.undo()
+    # the specs a regression search adds (session 37): a regression run made before them is not reused, while
+    # classification keys stay as they were
+    (tmp_path / "lipophilicity.csv").write_text("smiles,exp\nC,1.0\n")
+    lipo = panel.describe_panel(tmp_path)[0]["lipophilicity"]
+    lipo_key = lambda config: panel_report.run_key(config, lipo, 0, "molcloak")  # noqa: E731
+    regression_before = lipo_key(norm)
+    monkeypatch.setattr(panel_report, "REGRESSION_FEATURE_CANDIDATES", ())
+    assert lipo_key(norm) != regression_before and key(norm, "molcloak") == before
+    monkeypatch.undo()
     # feature specs fit tries besides its defaults: another molcloak run, in the command, after the defaults
     kernel = panel.PanelConfig(str(tmp_path), fit_features=("rdkit2d:scale=quantile+rff:n=1024",))
     assert key(kernel, "molcloak") != key(norm, "molcloak") and key(kernel, "references") == key(
@@ -634,6 +643,16 @@ def test_replay_scores_one_variant_as_fit_does_and_resumes(tmp_path, capsys):
     assert len(rows) == 2 and rows[0] == row and rows[1]["distill"] == 0.9
     assert (rows[1]["valid"], rows[1]["test_float"]) != (row["valid"], row["test_float"])
     assert "| rf (0.9) |" in md.read_text() and "| rf |" in md.read_text()
+    replay.main([*args, "--distill", "0.5"])  # fit's own weight: the first variant, nothing new to run
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == 2
+    saved["rows"][0].pop("distill")  # a row written before the option resumes as fit's weight
+    out.write_text(json.dumps(saved))
+    replay.main(args)
+    assert len(json.loads(out.read_text())["rows"]) == 2 and "| rf |" in md.read_text()
     with pytest.raises(SystemExit) as exc:
         replay.main([*args[:12], "--distill", "1", "--json", str(out)])
-    assert exc.value.code == 2 and "--distill 1.0: give a weight 0 <= w < 1" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--distill 1: give a weight 0 <= w < 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        replay.main([*args[:10], "--distill", "0.3", "--json", str(out)])
+    assert exc.value.code == 2 and "--distill 0.3 weighs a teacher; add --teacher" in capsys.readouterr().err

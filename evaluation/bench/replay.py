@@ -131,6 +131,26 @@ def _teacher(row: dict) -> str:
     return row["teacher"] if row.get("distill") is None else f"{row['teacher']} ({row['distill']:g})"
 
 
+def _distill(
+    ap: argparse.ArgumentParser, weight: float | None, teacher: str | None, teachers
+) -> float | None:
+    """--distill checked (one line and exit 2 when wrong); fit's own weight is stored as None, as when it is left
+    out, so that both name one variant."""
+    from molcloak.pipeline.fit import FIT_TRAIN
+
+    if weight is None:
+        return None
+    if teacher is None:
+        ap.exit(
+            2, f"error: --distill {weight:g} weighs a teacher; add --teacher, one of {', '.join(teachers)}\n"
+        )
+    if not 0 <= weight < 1:
+        ap.exit(
+            2, f"error: --distill {weight:g}: give a weight 0 <= w < 1 (the labels get 1 - w), e.g. 0.5\n"
+        )
+    return None if weight == FIT_TRAIN.distill else weight
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     panel_arguments(ap, "tox21")
@@ -169,11 +189,7 @@ def main(argv=None) -> None:
     teacher = None if args.teacher == "none" else args.teacher
     if teacher is not None and teacher not in TEACHERS:
         ap.exit(2, f"error: --teacher {args.teacher}: choose one of {', '.join(TEACHERS)} or none\n")
-    if args.distill is not None and (teacher is None or not 0 <= args.distill < 1):
-        ap.exit(
-            2,
-            f"error: --distill {args.distill}: give a weight 0 <= w < 1 together with --teacher rf or rf-both\n",
-        )
+    distill = _distill(ap, args.distill, teacher, TEACHERS)
     out = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     command = "python -m molcloak.evaluation.bench.replay " + shlex.join(argv or sys.argv[1:])
     out["commands"] = [*out.get("commands", []), command]
@@ -189,12 +205,12 @@ def main(argv=None) -> None:
         for seed in dict.fromkeys(seeds):
             variant = {
                 "dataset": name, "features": args.features, "options": options, "teacher": teacher,
-                "distill": args.distill,
+                "distill": distill,
             }  # fmt: skip
             if (identity(variant), seed) in done:
                 continue
             try:
-                row = replay(panel, name, seed, args.features, options, teacher, args.distill)
+                row = replay(panel, name, seed, args.features, options, teacher, distill)
             except (MolcloakError, RuntimeError) as exc:  # one line and exit 2, as the CLI does; rows kept
                 save()
                 ap.exit(2, f"error: {exc}\n")

@@ -61,8 +61,9 @@ def fit(
         "--features",
         "-f",
         help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
-        "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, and a kernel machine on 2,048 random "
-        "Fourier features of rdkit2d, on regression also one on 3,072; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
+        "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, a kernel machine on 2,048 random "
+        "Fourier features of rdkit2d (on regression also one on 3,072) and a linear model on the 2,048 ECFP4 bits; "
+        "a list given here is searched as given; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
         "skipped). A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
         "rdkit2d:scale=quantile+rff:n=1024, morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits) or "
         "rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048 (parts after the map are not mapped), is tried "
@@ -186,7 +187,7 @@ def fit(
     train = dataclasses.replace(FIT_TRAIN, epochs=epochs, distill=distill, patience_steps=patience_steps)
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
     space = SearchSpace(
-        **({"features": tuple(features)} if features else {}),
+        **({"features": tuple(features), "regression_features": ()} if features else {}),  # as given
         hidden=tuple(tuple(int_list(w, "--widths")) for w in widths.split(";") if w.strip()),
         weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
         act_bits=tuple(int_list(act_bits, "--act-bits")),
