@@ -638,9 +638,11 @@ def test_replay_scores_one_variant_as_fit_does_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         replay.main([*args[:8], "--options", "[16]", "--json", str(out)])
     assert exc.value.code == 2 and "--options '[16]': give a JSON object" in capsys.readouterr().err
-    replay.main([*args, "--distill", "0.9"])  # the teacher's weight is part of the variant: a new row
+    # the teacher's weight is part of the variant: a new row
+    replay.main([*args, "--distill", "0.9", "--time"])
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and rows[0] == row and rows[1]["distill"] == 0.9
+    assert row["run_ms"] is None and rows[1]["run_ms"] > 0  # timed as fit's search times a variant
     assert (rows[1]["valid"], rows[1]["test_float"]) != (row["valid"], row["test_float"])
     assert "| rf (0.9) |" in md.read_text() and "| rf |" in md.read_text()
     replay.main([*args, "--distill", "0.5"])  # fit's own weight: the first variant, nothing new to run

@@ -16,7 +16,8 @@ regression, as `fit` chooses), the refitted model's float and FHE-simulated test
 RMSE, "test_metric"), the circuit's inputs, PBS count and widest integer, and the seconds taken.
 --json is rewritten after every row and a rerun skips the rows it holds, so variants run one after another
 accumulate in one file, and --markdown tables their means over the seeds. The test split is reported here and
-never used to choose. Time it on a quiet machine: a tox21 row with a teacher takes about 7.5 minutes.
+never used to choose. --time also times each variant's circuit on the inner part as `fit`'s search does ("run_ms";
+on a quiet machine only). Run it alone: a tox21 row with a teacher takes about 7.5 minutes, lipophilicity's 5.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ def replay(
     options: dict,
     teacher: str | None,
     distill: float | None = None,
+    timed: bool = False,
 ) -> dict:
     """One row: `fit`'s search state on the panel's split of `name` for `seed`, the variant scored on the inner
     part and the inner folds, refitted and compiled as `fit` deploys it, and scored on the test split. `distill`:
-    the teacher's weight in the loss (None: fit's, `TrainConfig.distill`)."""
+    the teacher's weight in the loss (None: fit's, `TrainConfig.distill`). `timed`: the circuit timed on the inner
+    part as `fit`'s search times every variant (`run_ms`, and the machine's load factor then)."""
     from molcloak.pipeline.fit import FIT_TRAIN, FitBudget, SearchSpace
     from molcloak.pipeline.fit_search import Search
+    from molcloak.pipeline.latency import TIMED_RUNS
     from molcloak.pipeline.pbs_cost import Calibration
     from molcloak.pipeline.workflow import compile_checkpoint
 
@@ -65,7 +69,7 @@ def replay(
         train = dataclasses.replace(train, distill=distill)  # validates the weight
     search = Search(
         ds, space, FitBudget(), SPLIT, TEST_FRACTION, seed, train, Calibration(measure=False), None,
-        timed_runs=0, refit=True,
+        timed_runs=TIMED_RUNS if timed else 0, refit=True,
     )  # fmt: skip
     filled = {**space.start_for(features), **options}  # options left out: fit's first network for the spec
     cand = search.evaluate(features, filled, space.first_compile, "replay", teacher)
@@ -83,6 +87,7 @@ def replay(
         "test_float": primary(ds.task, compiled.metrics["float"]),
         "test_sim": primary(ds.task, compiled.metrics["fhe_simulate"]),
         "l2": l2, "n_inputs": cand.n_inputs, "pbs": cand.pbs, "max_bits": cand.max_bits,
+        "run_ms": None if cand.run_s is None else cand.run_s * 1e3, "load_factor": cand.load_factor,
         "seconds": time.perf_counter() - start,
     }  # fmt: skip
 
@@ -168,6 +173,11 @@ def main(argv=None) -> None:
         default=None,
         help="the teacher's weight in the loss, 0 <= w < 1 (default: fit's, 0.5; the labels get 1 - w)",
     )
+    ap.add_argument(
+        "--time",
+        action="store_true",
+        help="also time the circuit on the inner part, as fit's search does (run_ms in the row; run it alone)",
+    )
     ap.add_argument("--json", type=Path, required=True, help="results file (rewritten; a rerun resumes)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table of means here")
     args = ap.parse_args(argv)
@@ -210,7 +220,7 @@ def main(argv=None) -> None:
             if (identity(variant), seed) in done:
                 continue
             try:
-                row = replay(panel, name, seed, args.features, options, teacher, distill)
+                row = replay(panel, name, seed, args.features, options, teacher, distill, args.time)
             except (MolcloakError, RuntimeError) as exc:  # one line and exit 2, as the CLI does; rows kept
                 save()
                 ap.exit(2, f"error: {exc}\n")

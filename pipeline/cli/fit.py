@@ -62,7 +62,7 @@ def fit(
         "-f",
         help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
         "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, a kernel machine on 2,048 random "
-        "Fourier features of rdkit2d (on regression also one on 3,072) and a linear model on the 2,048 ECFP4 bits; "
+        "Fourier features of rdkit2d (on regression also one on 2,560) and a linear model on the 2,048 ECFP4 bits; "
         "a list given here is searched as given; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
         "skipped). A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
         "rdkit2d:scale=quantile+rff:n=1024, morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits) or "
