@@ -53,10 +53,10 @@ DEFAULT_FEATURE_CANDIDATES = (
 # lipophilicity seeds 0-2, distilled from rf-both as `fit` distils its leader (session 37, `bench.replay`): inner
 # folds R² 0.607 / 0.616 / 0.589 against 0.605 / 0.603 / 0.574 for 2,048, test RMSE 0.805 / 0.801 / 0.801 against
 # 0.827 / 0.822 / 0.827 (FHE-simulated), timed 185-222 ms in the search against about 147 ms. 3,072 features tested
-# as well (0.806 / 0.791 / 0.817) but timed 259-267 ms: more inputs add noise, which needs larger crypto parameters,
-# so the cost grows faster than the inputs. Classification keeps 2,048 only: tox21's folds rank 3,072 below it on
-# every seed and it tests 0.010 lower on the mean (0.756 against 0.766, sessions 33-34); on ames it tied on the
-# folds, took the tie as the richer spec and tested no better (session 30)
+# as well (0.806 / 0.791 / 0.817) but timed 259-267 ms, over the budget (about 60 % of a kernel machine's time is
+# Concrete expanding the compressed input ciphertexts, session 38). Classification keeps 2,048 only: tox21's folds
+# rank 3,072 below it on every seed and it tests 0.010 lower on the mean (0.756 against 0.766, sessions 33-34); on
+# ames it tied on the folds, took the tie as the richer spec and tested no better (session 30)
 REGRESSION_FEATURE_CANDIDATES = ("rdkit2d:scale=quantile+rff:n=2560",)
 # fit --teacher auto: labels only, then stage 1's leader and the best networks distilled from the teacher that
 # matches each one's descriptors (`teacher.matched_teacher`: rf-both on RDKit 2D, rf otherwise)
