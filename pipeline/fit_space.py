@@ -58,6 +58,15 @@ DEFAULT_FEATURE_CANDIDATES = (
 # rank 3,072 below it on every seed and it tests 0.010 lower on the mean (0.756 against 0.766, sessions 33-34); on
 # ames it tied on the folds, took the tie as the richer spec and tested no better (session 30)
 REGRESSION_FEATURE_CANDIDATES = ("rdkit2d:scale=quantile+rff:n=2560",)
+# classification only, after the default candidates: the kernel machine's 2,048 random Fourier features beside 2,048
+# quantile-scaled ECFP4 counts, 4,096 encrypted inputs, no bootstrap. Concrete's runtime took 369 ms for 4,096 inputs,
+# over the budget; the server's `linear_fast_path` gives the same ciphertexts in about 90 ms (session 39-40). ames
+# seeds 0-2 (session 39, `bench.replay` with fit's code): distilled from rf-both its folds lead everything fit chose
+# (0.843 against 0.833-0.838) and it tests 0.812 / 0.822 / 0.817 against 0.802 / 0.810 / 0.803 FHE-executed for the
+# rff 2,048 machine. Regression keeps its own list: never measured there
+CLASSIFICATION_FEATURE_CANDIDATES = (
+    "rdkit2d:scale=quantile+rff:n=2048+morgan_count:r=2,n=2048,scale=quantile",
+)
 # fit --teacher auto: labels only, then stage 1's leader and the best networks distilled from the teacher that
 # matches each one's descriptors (`teacher.matched_teacher`: rf-both on RDKit 2D, rf otherwise)
 AUTO_TEACHERS = (None, MATCHED)
@@ -105,6 +114,8 @@ class SearchSpace:
     features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
     # tried after `features` on a regression task when `features` starts with the defaults (`for_task`)
     regression_features: tuple[str, ...] = REGRESSION_FEATURE_CANDIDATES
+    # tried after `features` on a classification task, likewise
+    classification_features: tuple[str, ...] = CLASSIFICATION_FEATURE_CANDIDATES
     start: tuple[tuple[str, object], ...] = (
         ("hidden", (16,)),
         ("weight_bits", 3),
@@ -175,14 +186,15 @@ class SearchSpace:
     fold_training: str = "refit"
 
     def for_task(self, task) -> SearchSpace:
-        """The space a dataset's search runs: on a regression task (one target or several) whose feature specs
-        start with the default candidates (the defaults, or a panel's extra specs after them),
-        `regression_features` after them. `molcloak fit --features` passes none: a user's list is searched as
-        given."""
+        """The space a dataset's search runs: when its feature specs start with the default candidates (the
+        defaults, or a panel's extra specs after them), `regression_features` after them on a regression task
+        (one target or several), `classification_features` on any other. `molcloak fit --features` passes
+        none: a user's list is searched as given."""
         defaults = self.features[: len(DEFAULT_FEATURE_CANDIDATES)] == DEFAULT_FEATURE_CANDIDATES
-        if task.is_classification or not defaults or not self.regression_features:
+        extra = self.classification_features if task.is_classification else self.regression_features
+        if not defaults or not extra:
             return self
-        return replace(self, features=self.features + self.regression_features)  # repeats are tried once
+        return replace(self, features=self.features + extra)  # repeats are tried once
 
     def tie_tolerance(self, metric: str) -> float:
         """The tolerance the choice uses for a selection metric (`selection_metric`): R² is regression's."""

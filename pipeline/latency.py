@@ -268,10 +268,12 @@ def measure_latency(
             if len(rows)
             else None
         )
+        engine = backend.server.engine
         backend.close()
     return {
         "keygen_s": info.seconds,
         "evaluation_key_bytes": info.evaluation_key_bytes,
         **(timing.to_dict() if timing else {"median_run_s": None}),
         "runs": n_runs if timing else 0,
+        "server_engine": engine,  # linear fast path or Concrete runtime (`PrivateServer.engine`)
     }

@@ -264,35 +264,42 @@ def test_regression_ties_go_to_the_higher_fold_mean():
     assert _preference([kernel, network], space.tie_tolerance("roc_auc"))[0] is kernel
 
 
-def test_regression_also_tries_the_kernel_machine_on_a_wider_map():
+def test_each_task_kind_also_tries_its_own_wider_kernel_machine():
     """lipophilicity seeds 0-2 (session 37): 2,560 random features led 2,048 on the folds and the test on every
-    seed within the budget; on classification (tox21, ames) a wider map did not, so only a regression search adds
-    it, after the defaults, and a user's own list of specs is searched as given."""
-    from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES, REGRESSION_FEATURE_CANDIDATES
+    seed within the budget, so a regression search adds it after the defaults; ames seeds 0-2 (session 39): 2,048
+    random features beside 2,048 ECFP4 counts led the folds, affordable with the server's fast path, so a
+    classification search (binary, multi-class, multi-label) adds that. A user's own list is searched as given."""
+    from molcloak.pipeline.fit_space import (
+        CLASSIFICATION_FEATURE_CANDIDATES,
+        DEFAULT_FEATURE_CANDIDATES,
+        REGRESSION_FEATURE_CANDIDATES,
+    )
     from molcloak.pipeline.tasks import TaskSpec
 
     regression, binary = TaskSpec("y", "regression", "y"), TaskSpec("y", "binary", "y", ("0", "1"))
     wider = "rdkit2d:scale=quantile+rff:n=2560"
-    assert REGRESSION_FEATURE_CANDIDATES == (wider,)
+    counts = "rdkit2d:scale=quantile+rff:n=2048+morgan_count:r=2,n=2048,scale=quantile"
+    assert REGRESSION_FEATURE_CANDIDATES == (wider,) and CLASSIFICATION_FEATURE_CANDIDATES == (counts,)
     assert SearchSpace().for_task(regression).features == (*DEFAULT_FEATURE_CANDIDATES, wider)
-    assert SearchSpace().for_task(binary).features == DEFAULT_FEATURE_CANDIDATES
+    assert SearchSpace().for_task(binary).features == (*DEFAULT_FEATURE_CANDIDATES, counts)
     multitarget = TaskSpec("y", "multitarget", "a,b", tasks=("a", "b"))  # several regression targets: added
     assert SearchSpace().for_task(multitarget).features[-1] == wider
     multiclass = TaskSpec("y", "multiclass", "y", ("a", "b", "c"))
     multilabel = TaskSpec("y", "multilabel", "a,b", ("0", "1"), tasks=("a", "b"))
     for task in (multiclass, multilabel):
-        space = SearchSpace()
-        assert space.for_task(task) is space
+        assert SearchSpace().for_task(task).features == (*DEFAULT_FEATURE_CANDIDATES, counts)
     tabular = SearchSpace(features=(None,))  # a tabular dataset's columns
-    assert tabular.for_task(regression) is tabular
+    assert tabular.for_task(regression) is tabular and tabular.for_task(binary) is tabular
     # a panel's --fit-features after the defaults
     extra = SearchSpace(features=(*DEFAULT_FEATURE_CANDIDATES, "rdkit2d+select:k=8"))
     assert extra.for_task(regression).features == (*extra.features, wider)
+    assert extra.for_task(binary).features == (*extra.features, counts)
     again = SearchSpace(features=(*DEFAULT_FEATURE_CANDIDATES, wider))  # given already: tried once
     assert again.for_task(regression).features == again.features
     own = SearchSpace(features=("physchem:scale=quantile",))
-    assert own.for_task(regression) is own
+    assert own.for_task(regression) is own and own.for_task(binary) is own
     assert SearchSpace(regression_features=()).for_task(regression).features == DEFAULT_FEATURE_CANDIDATES
+    assert SearchSpace(classification_features=()).for_task(binary).features == DEFAULT_FEATURE_CANDIDATES
 
 
 def timed(options: dict, ms: float, valid: float, compile: CompileConfig | None = None) -> Candidate:

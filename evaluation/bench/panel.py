@@ -246,6 +246,7 @@ def execute_sample(ckpt, compiled, picks: np.ndarray, on_row: Callable[[], None]
                 runs += backend.run_rows(X[i : i + 1])
                 if on_row:
                     on_row()
+            engine = backend.server.engine
     raws = np.asarray([r.raw[0] for r in runs])
     seconds = [r.seconds["run"] for r in runs]
     return {
@@ -262,6 +263,7 @@ def execute_sample(ckpt, compiled, picks: np.ndarray, on_row: Callable[[], None]
         "input_ciphertext_bytes": len(runs[-1].ciphertext),
         "output_ciphertext_bytes": len(runs[-1].output),
         "load_avg_1min": os.getloadavg()[0],
+        "server_engine": engine,  # linear fast path or Concrete runtime (`PrivateServer.engine`)
     }
 
 

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES, REGRESSION_FEATURE_CANDIDATES
+from molcloak.pipeline.fit_space import (
+    CLASSIFICATION_FEATURE_CANDIDATES,
+    DEFAULT_FEATURE_CANDIDATES,
+    REGRESSION_FEATURE_CANDIDATES,
+)
 
 from .references import LABELS, RANDOM_FORESTS, REFERENCES
 
@@ -145,6 +149,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
             parts["fit_candidates"] = list(DEFAULT_FEATURE_CANDIDATES)  # defaults is not reused (session 31)
             if entry.task == "regression":  # and those a regression search adds (session 37): classification
                 parts["fit_regression_candidates"] = list(REGRESSION_FEATURE_CANDIDATES)  # keys are unchanged
+            else:  # and those a classification search adds (session 40), run with the server's fast path
+                parts["fit_classification_candidates"] = list(CLASSIFICATION_FEATURE_CANDIDATES)
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

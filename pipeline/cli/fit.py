@@ -187,7 +187,11 @@ def fit(
     train = dataclasses.replace(FIT_TRAIN, epochs=epochs, distill=distill, patience_steps=patience_steps)
     ds = load_data(dataset, smiles_col, target_col, task, threshold, skip_invalid, feature_cols)
     space = SearchSpace(
-        **({"features": tuple(features), "regression_features": ()} if features else {}),  # as given
+        **(
+            {"features": tuple(features), "regression_features": (), "classification_features": ()}
+            if features
+            else {}
+        ),  # as given
         hidden=tuple(tuple(int_list(w, "--widths")) for w in widths.split(";") if w.strip()),
         weight_bits=tuple(int_list(weight_bits, "--weight-bits")),
         act_bits=tuple(int_list(act_bits, "--act-bits")),

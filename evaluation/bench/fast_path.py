@@ -1,0 +1,90 @@
+"""The server's fast path against Concrete's runtime on a bundle: same bytes? how much faster? (JSON)
+
+For a deployed bundle whose circuit is linear (a kernel or linear machine), fresh keys encrypt `--runs` random
+feature rows; each ciphertext is evaluated by Concrete ML's `FHEModelServer` (Concrete's runtime) and by
+`PrivateServer` (the fast path, `pipeline/linear_fast_path.py`), interleaved so that load hits both alike. It
+reports whether every output was byte-identical, both medians and their ratio, and the load-time self-check's
+cost. Run it with nothing else on the machine:
+
+    python -m molcloak.evaluation.bench.fast_path --bundle runs/bace-bundle --runs 10 --json fast_path.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
+    from molcloak.pipeline.fhe_client import PrivateClient
+    from molcloak.pipeline.fhe_server import PrivateServer
+
+    start = time.perf_counter()
+    server = PrivateServer(bundle)
+    load_s = time.perf_counter() - start
+    if server._fast is None:
+        return {"bundle": str(bundle), "engine": server.engine, "load_s": load_s}
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="molcloak-fastpath-") as keys_dir:
+        client = PrivateClient(bundle, keys_dir)
+        client.keygen()
+        keys_bytes = client.evaluation_keys()
+        keys = server.load_keys(keys_bytes)
+        n = server._fast.inputs
+        rows = [rng.random(n) for _ in range(runs + 1)]  # in [0, 1): in range for bits and descriptors alike
+        concrete_s, fast_s, identical = [], [], 0
+        for i, row in enumerate(rows):
+            ciphertext = client.encrypt(np.asarray(row, dtype=np.float64))
+            t0 = time.perf_counter()
+            theirs = server._fhe.run(ciphertext, keys_bytes)
+            t1 = time.perf_counter()
+            ours = server.run(ciphertext, keys)
+            t2 = time.perf_counter()
+            if i:  # the first pair warms up
+                concrete_s.append(t1 - t0)
+                fast_s.append(t2 - t1)
+                identical += ours == theirs
+                np.testing.assert_array_equal(client.decrypt(ours), client.decrypt(theirs))
+    concrete, fast = statistics.median(concrete_s), statistics.median(fast_s)
+    return {
+        "bundle": str(bundle),
+        "engine": server.engine,
+        "features": str(server.manifest.featurizer),
+        "encrypted_inputs": n,
+        "outputs": server._fast.outputs,
+        "lwe_dimension": server._fast.lwe_dimension,
+        "runs": runs,
+        "byte_identical": f"{identical}/{runs}",
+        "concrete_runtime_median_ms": concrete * 1e3,
+        "fast_path_median_ms": fast * 1e3,
+        "speedup": concrete / fast,
+        "server_load_with_self_check_s": load_s,
+        "load_avg_1min": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, action="append", required=True, help="a bundle (repeatable)")
+    parser.add_argument("--runs", type=int, default=10, help="timed encryptions per bundle (default 10)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    results = [compare(b, args.runs) for b in args.bundle]
+    text = json.dumps(
+        {"command": "python -m molcloak.evaluation.bench.fast_path", "results": results}, indent=2
+    )
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

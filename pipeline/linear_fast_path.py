@@ -1,0 +1,253 @@
+"""The server's fast path for bootstrap-free linear circuits: the same output ciphertexts as Concrete's runtime,
+bit for bit, in about a quarter of the time.
+
+Why it exists. The kernel and linear machines that `molcloak fit` chooses compile to one encrypted-by-clear matrix
+product (`FHELinalg.matmul_eint_int`), with no bootstrap and no evaluation keys. Their inputs arrive as *seeded*
+LWE ciphertexts (a 16-byte seed and an 8-byte body per encrypted input), and Concrete's runtime spends most of a
+request regenerating each input's mask from its seed with a software AES (`concrete_csprng`'s
+`SoftwareRandomGenerator`; the concrete-python 2.10 wheel has no AES-NI generator built in), on one core: 58 % of
+the profile, against about 1.5 % for the product itself (evaluation/PERFORMANCE.md, session 39). Here the masks
+are expanded with OpenSSL's AES (the `cryptography` package, AES-NI where the CPU has it) and the product is one
+uint64 matrix product, exactly the arithmetic the circuit specifies (mod 2^64).
+
+What it accepts, and why that is safe:
+
+- Only circuits whose `circuit.mlir` is, line by line, a dense integer constant, an optional `to_signed`, one
+  `matmul_eint_int` of the input by that constant, and its return; one secret key and no bootstrap, keyswitch or
+  packing keys; a seeded input and an uncompressed output (`client.specs.json`). Anything else is not eligible and
+  Concrete's runtime serves it as before.
+- At load, a self-check: a throwaway key made from the circuit's own client specs encrypts a sample, Concrete's
+  runtime and this path evaluate it, and the two serialized outputs must be equal byte for byte. Otherwise this
+  path is off (a new concrete-python release that changes the seed expansion or the serialization switches it
+  off instead of giving wrong answers). The check also records the exact layout (header, length, trailer) of a
+  well-formed input and of the output.
+- A request is taken here only when its bytes have exactly that input layout: the same header and trailer and
+  the exact length. Anything else (a different shape, an uncompressed ciphertext, truncated or padded bytes) goes
+  to Concrete's runtime, which validates and rejects it as before. Within the layout every byte string is a valid
+  seed and body, so a hostile client can only get the product of garbage, as from Concrete.
+
+The server learns nothing more: it computes the same ciphertexts from the same ciphertexts, with no key.
+`MOLCLOAK_FAST_PATH=0` turns it off (to compare, or if in doubt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HEADER = 0x40  # bytes before the ciphertext payload in a serialized concrete `Value` (a Cap'n Proto message)
+# one seeded LWE ciphertext: the mask's seed, then the body (a little-endian u64)
+SEED_BYTES, BODY_BYTES = 16, 8
+ENV_SWITCH = "MOLCLOAK_FAST_PATH"
+
+_CONSTANT = re.compile(r"^(%\w+) = arith\.constant dense<(.+)> : tensor<(\d+)x(\d+)xi(\d+)>$")
+_TO_SIGNED = re.compile(r'^(%\w+) = "FHELinalg\.to_signed"\((%\w+)\) : .*$')
+_MATMUL = re.compile(r'^(%\w+) = "FHELinalg\.matmul_eint_int"\((%\w+), (%\w+)\) : .*$')
+_RETURN = re.compile(r"^return (%\w+) : .*$")
+_FUNC = re.compile(r"^func\.func @\w+\((%\w+): tensor<1x(\d+)x!FHE\.e(s?)int<\d+>>\) -> tensor<1x(\d+)x.*\{$")
+
+
+def enabled() -> bool:
+    """False when the environment turns the fast path off (`MOLCLOAK_FAST_PATH=0`)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class NotEligible(ValueError):
+    """The circuit is not one this path evaluates; the message says why (Concrete's runtime serves it)."""
+
+
+def weights_from_mlir(mlir: str) -> np.ndarray:
+    """The (inputs, outputs) int64 weight matrix of a circuit that is one `matmul_eint_int` by a constant,
+    optionally after `to_signed`; `NotEligible` for any other circuit."""
+    lines = [line.strip() for line in mlir.strip().splitlines() if line.strip()]
+    if len(lines) < 5 or lines[0] != "module {" or lines[-2:] != ["}", "}"]:
+        raise NotEligible("circuit.mlir is not one function in one module")
+    func = _FUNC.match(lines[1])
+    if not func:
+        raise NotEligible("the function does not take one 1xN encrypted tensor")
+    arg, rows, cols = func.group(1), int(func.group(2)), int(func.group(4))
+    body, constant, current, matmul = lines[2:-2], None, arg, None
+    for line in body:
+        if (m := _CONSTANT.match(line)) and constant is None:
+            constant = m
+        elif (m := _TO_SIGNED.match(line)) and m.group(2) == current and matmul is None:
+            current = m.group(1)
+        elif (m := _MATMUL.match(line)) and matmul is None and constant and m.group(2) == current:
+            if m.group(3) != constant.group(1):
+                raise NotEligible("the matrix product is not by the constant")
+            current = matmul = m.group(1)
+        elif (m := _RETURN.match(line)) and matmul and m.group(1) == current:
+            break
+        else:
+            raise NotEligible(f"operation not evaluated by the fast path: {line[:80]}")
+    else:
+        raise NotEligible("the function does not return the matrix product")
+    shape = (int(constant.group(3)), int(constant.group(4)))
+    if shape[0] != rows or shape[1] != cols:
+        raise NotEligible(f"the constant is {shape}, the function maps {rows} inputs to {cols} outputs")
+    return _dense(constant.group(2), shape, int(constant.group(5)))
+
+
+def _dense(text: str, shape: tuple[int, int], bits: int) -> np.ndarray:
+    """An MLIR dense integer literal (hex bytes, a nested list, or one splat value) of iN elements, signed."""
+    if text.startswith('"0x') and text.endswith('"'):
+        width = next(w for w in (1, 2, 4, 8) if bits <= 8 * w)
+        raw = np.frombuffer(bytes.fromhex(text[3:-1]), dtype=f"<u{width}").astype(np.uint64)
+        modulus = np.uint64(1) << np.uint64(bits) if bits < 64 else None
+        values = (raw % modulus if modulus is not None else raw).astype(np.int64)
+        if bits < 64:
+            values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
+    elif re.fullmatch(r"[\s\[\],0-9-]+", text):
+        values = np.array([int(v) for v in re.findall(r"-?\d+", text)], dtype=np.int64)
+    else:
+        raise NotEligible("the constant is not a dense integer literal")
+    if values.size == 1:
+        values = np.full(shape[0] * shape[1], values[0], dtype=np.int64)
+    if values.size != shape[0] * shape[1]:
+        raise NotEligible(f"the constant has {values.size} values for shape {shape}")
+    return values.reshape(shape)
+
+
+def _lwe_dimension(specs: dict, rows: int, cols: int) -> int:
+    """The LWE dimension of the circuit's one secret key, after checking the specs are what this path handles."""
+    keyset, circuits = specs.get("keyset", {}), specs.get("circuits", [])
+    if len(keyset.get("lweSecretKeys", [])) != 1 or any(
+        keyset.get(k) for k in ("lweBootstrapKeys", "lweKeyswitchKeys", "packingKeyswitchKeys")
+    ):
+        raise NotEligible("the circuit needs evaluation keys")
+    if len(circuits) != 1 or len(circuits[0]["inputs"]) != 1 or len(circuits[0]["outputs"]) != 1:
+        raise NotEligible("the circuit does not have one input and one output")
+    (inp,), (out,) = circuits[0]["inputs"], circuits[0]["outputs"]
+    inp, out = inp["typeInfo"].get("lweCiphertext"), out["typeInfo"].get("lweCiphertext")
+    if not inp or not out or inp.get("compression") != "seed" or out.get("compression") != "none":
+        raise NotEligible("the input is not a seeded ciphertext or the output is compressed")
+    d = int(keyset["lweSecretKeys"][0]["params"]["lweDimension"])
+    if (
+        inp["abstractShape"]["dimensions"] != [1, rows]
+        or out["concreteShape"]["dimensions"] != [1, cols, d + 1]
+        or inp["encryption"]["lweDimension"] != d
+        or out["encryption"]["lweDimension"] != d
+        or "native" not in inp["encryption"]["modulus"]["modulus"]
+    ):
+        raise NotEligible("the ciphertext shapes or keys are not those of the matrix product")
+    return d
+
+
+def _payload_bytes(blob: bytes) -> int:
+    """The payload length a serialized `Value`'s header declares (a Cap'n Proto byte-list pointer)."""
+    return int.from_bytes(blob[HEADER - 4 : HEADER], "little") >> 3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The bytes around a serialized `Value`'s payload: a well-formed message has exactly these."""
+
+    header: bytes
+    payload: int
+    trailer: bytes
+
+    @classmethod
+    def of(cls, blob: bytes, payload: int) -> Layout:
+        if len(blob) < HEADER + payload or _payload_bytes(blob) != payload:
+            raise NotEligible("the serialized ciphertext does not have the layout this path reads")
+        return cls(blob[:HEADER], payload, blob[HEADER + payload :])
+
+    def payload_of(self, blob: bytes) -> memoryview | None:
+        """The payload of `blob` when it has exactly this layout, else None."""
+        if (
+            len(blob) != HEADER + self.payload + len(self.trailer)
+            or blob[:HEADER] != self.header
+            or blob[HEADER + self.payload :] != self.trailer
+        ):
+            return None
+        return memoryview(blob)[HEADER : HEADER + self.payload]
+
+
+class LinearFastPath:
+    """A self-checked evaluator of one linear circuit: `run(ciphertext bytes)` gives the output bytes, or None
+    when the bytes are not a well-formed ciphertext for this circuit (let Concrete's runtime answer)."""
+
+    def __init__(self, weights: np.ndarray, lwe_dimension: int, source: Layout, result: Layout):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._cipher = lambda seed: Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+        self.inputs, self.outputs = weights.shape
+        self.lwe_dimension = lwe_dimension
+        self._weights = np.ascontiguousarray(weights.T.astype(np.int64).view(np.uint64))
+        self.source, self.result = source, result
+        # the mask of a seeded ciphertext: AES-128 keyed by its seed over little-endian 128-bit counters from 0,
+        # the stream's first byte skipped, read as `lwe_dimension` little-endian u64
+        blocks = (1 + 8 * lwe_dimension + 15) // 16
+        counters = np.zeros((blocks, 16), dtype=np.uint8)
+        counters[:, :8] = np.arange(blocks, dtype="<u8").view(np.uint8).reshape(-1, 8)
+        self._counters = counters.tobytes()
+
+    @classmethod
+    def for_server(cls, server_zip: str | Path, fhe_server) -> LinearFastPath:
+        """The fast path of a compiled `server.zip`, self-checked against `fhe_server` (a `concrete.fhe.Server`
+        loaded from it); `NotEligible` with the reason when it cannot serve this circuit."""
+        with zipfile.ZipFile(server_zip) as archive:
+            mlir = archive.read("circuit.mlir").decode()
+            specs = json.loads(archive.read("client.specs.json"))
+        weights = weights_from_mlir(mlir)
+        d = _lwe_dimension(specs, *weights.shape)
+        encoding = specs["circuits"][0]["inputs"][0]["typeInfo"]["lweCiphertext"]["encoding"]["integer"]
+        return cls._self_checked(weights, d, fhe_server, bool(encoding["isSigned"]))
+
+    @classmethod
+    def _self_checked(cls, weights: np.ndarray, d: int, fhe_server, signed: bool) -> LinearFastPath:
+        from concrete import fhe
+
+        rows, cols = weights.shape
+        client = fhe.Client(fhe_server.client_specs)
+        client.keygen()
+        rng = np.random.default_rng()
+        samples = [
+            rng.integers(-1 if signed else 0, 2, size=(1, rows), dtype=np.int64),
+            np.ones((1, rows), dtype=np.int64),
+        ]
+        encrypted = [client.encrypt(x).serialize() for x in samples]
+        source = Layout.of(encrypted[0], rows * (SEED_BYTES + BODY_BYTES))
+        reference = [
+            fhe_server.run(fhe.Value.deserialize(blob), evaluation_keys=client.evaluation_keys).serialize()
+            for blob in encrypted
+        ]
+        path = cls(weights, d, source, Layout.of(reference[0], cols * (d + 1) * 8))
+        for blob, expected in zip(encrypted, reference):
+            if path.run(blob) != expected:
+                raise NotEligible("self-check failed: the output differs from Concrete's runtime")
+        return path
+
+    def run(self, ciphertext: bytes) -> bytes | None:
+        payload = self.source.payload_of(bytes(ciphertext))
+        if payload is None:
+            return None
+        d = self.lwe_dimension
+        seeded = np.frombuffer(payload, dtype=np.uint8).reshape(self.inputs, SEED_BYTES + BODY_BYTES)
+        full = np.empty((self.inputs, d + 1), dtype=np.uint64)
+        for i in range(self.inputs):
+            stream = self._cipher(seeded[i, :SEED_BYTES].tobytes()).update(self._counters)
+            full[i, :d] = np.frombuffer(stream, dtype="<u8", count=d, offset=1)
+        full[:, d] = seeded[:, SEED_BYTES:].copy().view("<u8").ravel()
+        product = self._weights @ full  # (outputs, d + 1), wrapping mod 2^64 as the circuit does
+        return self.result.header + product.astype("<u8", copy=False).tobytes() + self.result.trailer
+
+
+def load(server_zip: str | Path, fhe_server) -> tuple[LinearFastPath | None, str]:
+    """(the fast path, 'linear fast path') for an eligible, self-checked circuit, else (None, why not)."""
+    if not enabled():
+        return None, f"off ({ENV_SWITCH}=0)"
+    try:
+        return LinearFastPath.for_server(server_zip, fhe_server), "linear fast path"
+    except NotEligible as exc:
+        return None, f"Concrete runtime ({exc})"
+    except (KeyError, TypeError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
+        return None, f"Concrete runtime (the fast path could not read the circuit: {str(exc)[:120]})"
+    except ImportError:
+        return None, "Concrete runtime (the cryptography package is not installed)"

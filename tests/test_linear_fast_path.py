@@ -1,0 +1,144 @@
+"""The server's fast path for bootstrap-free linear circuits (`linear_fast_path`): real compiled kernel and linear
+machines, real keys, real encryption; its output ciphertexts must equal Concrete's runtime byte for byte, decrypt
+to the simulated predictions, and hostile bytes must never be evaluated by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from molcloak.pipeline import linear_fast_path
+from molcloak.pipeline.errors import CiphertextError
+from molcloak.pipeline.fhe_client import PrivateClient
+from molcloak.pipeline.fhe_server import PrivateServer
+from molcloak.pipeline.linear_fast_path import LinearFastPath, NotEligible, weights_from_mlir
+
+
+def _bundle(tmp_path_factory, name: str, features: str):
+    from conftest import EXACT_P_ERROR
+
+    from molcloak.pipeline import data, workflow
+    from molcloak.pipeline.compile import CompileConfig
+    from molcloak.pipeline.train import TrainConfig
+
+    ckpt = workflow.train_checkpoint(
+        data.load_bundled("sol-low"),
+        features,
+        model_options={"hidden": [0], "weight_bits": 4, "input_bits": 4},
+        train_config=TrainConfig(epochs=4, patience=4),
+    )
+    compiled = workflow.compile_checkpoint(ckpt, CompileConfig(p_error=EXACT_P_ERROR))
+    assert compiled.stats.pbs_count == 0
+    bundle = tmp_path_factory.mktemp(name) / "bundle"
+    workflow.deploy(ckpt, compiled, bundle, name)
+    return ckpt, compiled, bundle
+
+
+@pytest.fixture(scope="module", params=["physchem:scale=quantile+rff:n=48", "morgan:r=2,n=256+linear"])
+def machine(request, tmp_path_factory):
+    """A kernel machine (signed inputs) and a linear machine on bits (unsigned inputs, `to_signed` first), with
+    a client that has keys and the server."""
+    ckpt, compiled, bundle = _bundle(tmp_path_factory, "fast", request.param)
+    client = PrivateClient(bundle, tmp_path_factory.mktemp("keys"))
+    client.keygen()
+    server = PrivateServer(bundle)
+    return ckpt, compiled, client, server, server.load_keys(client.evaluation_keys())
+
+
+def test_the_fast_path_gives_concretes_ciphertexts_byte_for_byte(machine):
+    ckpt, compiled, client, server, keys = machine
+    assert server.engine == "linear fast path"
+    X = ckpt.X_test[:4]
+    for x in X:
+        ciphertext = client.encrypt(x)
+        ours = server.run(ciphertext, keys)
+        theirs = server._fhe.run(ciphertext, client.evaluation_keys())  # Concrete ML's own server, bytes in
+        assert ours == theirs
+    executed = np.vstack([client.decrypt(server.run(client.encrypt(x), keys)) for x in X])
+    assert np.array_equal(executed, compiled.q_module.forward(X, fhe="simulate"))
+
+
+def test_bytes_not_in_the_exact_layout_never_reach_the_fast_path(machine):
+    """Truncated, padded, re-headed or re-shaped ciphertexts: the fast path declines (None) and Concrete's
+    runtime, which validates, answers; garbage is a `CiphertextError`, not a crash."""
+    ckpt, _, client, server, keys = machine
+    fast = server._fast
+    good = client.encrypt(ckpt.X_test[0])
+    header = bytearray(good)
+    header[3] ^= 0xFF
+    trailer = bytearray(good)
+    trailer[-1] ^= 0x01
+    for bad in (good[:-1], good + b"\0", good[:64], bytes(header), bytes(trailer), b"", b"\0" * len(good)):
+        assert fast.run(bad) is None
+    for bad in (good[:-1], good[:64], bytes(header), b"\0" * len(good)):
+        with pytest.raises(CiphertextError):
+            server.run(bad, keys)
+    # any payload in the layout is a valid seed and body: garbage in, the product of garbage out, as Concrete
+    noise = bytearray(good)
+    noise[64 : 64 + 24] = bytes(range(24))
+    assert server.run(bytes(noise), keys) == server._fhe.run(bytes(noise), client.evaluation_keys())
+
+
+def test_a_circuit_with_bootstraps_runs_on_concretes_runtime(tiny_binary):
+    server = PrivateServer(tiny_binary[2])
+    assert server._fast is None and server.engine.startswith("Concrete runtime (")
+
+
+def test_the_environment_can_turn_it_off(machine, monkeypatch):
+    bundle = machine[3].directory
+    monkeypatch.setenv(linear_fast_path.ENV_SWITCH, "0")
+    server = PrivateServer(bundle)
+    assert server._fast is None and server.engine == "off (MOLCLOAK_FAST_PATH=0)"
+
+
+def test_the_self_check_refuses_a_path_that_disagrees_with_concrete(machine):
+    """The load-time check compares with Concrete's runtime on a throwaway key: weights read wrongly (here one
+    changed) switch the path off instead of serving wrong ciphertexts."""
+    server = machine[3]
+    fast = server._fast
+    weights = fast._weights.view(np.int64).T.copy()
+    weights[0, 0] += 1
+    fhe_server, signed = server._fhe.server, "rff" in str(server.manifest.featurizer)
+    with pytest.raises(NotEligible, match="self-check failed"):
+        LinearFastPath._self_checked(weights, fast.lwe_dimension, fhe_server, signed)
+    LinearFastPath._self_checked(
+        fast._weights.view(np.int64).T.copy(), fast.lwe_dimension, fhe_server, signed
+    )
+
+
+MLIR = """module {
+  func.func @_clear_forward_proxy(%arg0: tensor<1x3x!FHE.eint<6>>) -> tensor<1x2x!FHE.esint<6>> {
+    %cst = arith.constant CONSTANT : tensor<3x2xi5>
+    %0 = "FHELinalg.to_signed"(%arg0) : (tensor<1x3x!FHE.eint<6>>) -> tensor<1x3x!FHE.esint<6>>
+    %1 = "FHELinalg.matmul_eint_int"(%0, %cst) : (tensor<1x3x!FHE.esint<6>>, tensor<3x2xi5>) -> tensor<1x2x!FHE.esint<6>>
+    EXTRA
+    return %1 : tensor<1x2x!FHE.esint<6>>
+  }
+}"""
+
+
+def test_weights_are_read_from_the_circuit_and_anything_else_is_refused():
+    expected = np.array([[1, -2], [3, -1], [0, 15 - 16]])
+    hex_form = MLIR.replace("CONSTANT", 'dense<"0x011E031F001F">').replace("EXTRA", "")
+    assert np.array_equal(weights_from_mlir(hex_form), expected)
+    list_form = MLIR.replace("CONSTANT", "dense<[[1, -2], [3, -1], [0, -1]]>").replace("EXTRA", "")
+    assert np.array_equal(weights_from_mlir(list_form), expected)
+    splat = MLIR.replace("CONSTANT", "dense<2>").replace("EXTRA", "")
+    assert np.array_equal(weights_from_mlir(splat), np.full((3, 2), 2))
+    added = MLIR.replace("CONSTANT", "dense<2>").replace(
+        "EXTRA",
+        '%2 = "FHELinalg.add_eint_int"(%1, %cst) : (tensor<1x2x!FHE.esint<6>>) -> tensor<1x2x!FHE.esint<6>>',
+    )
+    with pytest.raises(NotEligible, match="add_eint_int"):
+        weights_from_mlir(added)
+    lookup = (
+        MLIR.replace("CONSTANT", "dense<2>")
+        .replace('"FHELinalg.matmul_eint_int"(%0, %cst)', '"FHELinalg.apply_lookup_table"(%0, %cst)')
+        .replace("EXTRA", "")
+    )
+    with pytest.raises(NotEligible):
+        weights_from_mlir(lookup)
+    with pytest.raises(NotEligible, match="3 values for shape"):
+        weights_from_mlir(MLIR.replace("CONSTANT", "dense<[1, 2, 3]>").replace("EXTRA", ""))
+    with pytest.raises(NotEligible):
+        weights_from_mlir("module {\n}\n")
