@@ -83,7 +83,11 @@ class PrivateServer:
         """Evaluate the model on one serialized ciphertext; returns the serialized encrypted output."""
         if isinstance(evaluation_keys, (bytes, bytearray)):
             evaluation_keys = self.load_keys(evaluation_keys)
-        if self._fast is not None and isinstance(ciphertext, (bytes, bytearray)):
+        if (
+            self._fast is not None
+            and evaluation_keys is not None
+            and isinstance(ciphertext, (bytes, bytearray))
+        ):
             output = self._fast.run(ciphertext)  # None: not a well-formed ciphertext for this circuit
             if output is not None:
                 return output

@@ -12,18 +12,20 @@ uint64 matrix product, exactly the arithmetic the circuit specifies (mod 2^64).
 
 What it accepts, and why that is safe:
 
-- Only circuits whose `circuit.mlir` is, line by line, a dense integer constant, an optional `to_signed`, one
-  `matmul_eint_int` of the input by that constant, and its return; one secret key and no bootstrap, keyswitch or
+- Only circuits whose `circuit.mlir` is one function whose body is, line by line, a dense integer constant, an
+  optional `to_signed`, one `matmul_eint_int` of the input by that constant, and its return, nothing else; one secret key and no bootstrap, keyswitch or
   packing keys; a seeded input and an uncompressed output (`client.specs.json`). Anything else is not eligible and
   Concrete's runtime serves it as before.
-- At load, a self-check: a throwaway key made from the circuit's own client specs encrypts a sample, Concrete's
-  runtime and this path evaluate it, and the two serialized outputs must be equal byte for byte. Otherwise this
+- At load, a self-check: a throwaway key made from the circuit's own client specs encrypts two samples in the
+  input's range, Concrete's runtime and this path evaluate them, and the serialized outputs must be equal byte for
+  byte. (The product is linear in each input's whole ciphertext, random mask included, so a weight read wrongly
+  changes the output with overwhelming probability.) Otherwise this
   path is off (a new concrete-python release that changes the seed expansion or the serialization switches it
   off instead of giving wrong answers). The check also records the exact layout (header, length, trailer) of a
   well-formed input and of the output.
 - A request is taken here only when its bytes have exactly that input layout: the same header and trailer and
   the exact length. Anything else (a different shape, an uncompressed ciphertext, truncated or padded bytes) goes
-  to Concrete's runtime, which validates and rejects it as before. Within the layout every byte string is a valid
+  to Concrete's runtime, which validates it as before (and rejects what it cannot read). Within the layout every byte string is a valid
   seed and body, so a hostile client can only get the product of garbage, as from Concrete.
 
 The server learns nothing more: it computes the same ciphertexts from the same ciphertexts, with no key.
@@ -73,7 +75,7 @@ def weights_from_mlir(mlir: str) -> np.ndarray:
         raise NotEligible("the function does not take one 1xN encrypted tensor")
     arg, rows, cols = func.group(1), int(func.group(2)), int(func.group(4))
     body, constant, current, matmul = lines[2:-2], None, arg, None
-    for line in body:
+    for n, line in enumerate(body, 1):
         if (m := _CONSTANT.match(line)) and constant is None:
             constant = m
         elif (m := _TO_SIGNED.match(line)) and m.group(2) == current and matmul is None:
@@ -82,7 +84,7 @@ def weights_from_mlir(mlir: str) -> np.ndarray:
             if m.group(3) != constant.group(1):
                 raise NotEligible("the matrix product is not by the constant")
             current = matmul = m.group(1)
-        elif (m := _RETURN.match(line)) and matmul and m.group(1) == current:
+        elif (m := _RETURN.match(line)) and matmul and m.group(1) == current and n == len(body):
             break
         else:
             raise NotEligible(f"operation not evaluated by the fast path: {line[:80]}")
@@ -96,7 +98,10 @@ def weights_from_mlir(mlir: str) -> np.ndarray:
 
 def _dense(text: str, shape: tuple[int, int], bits: int) -> np.ndarray:
     """An MLIR dense integer literal (hex bytes, a nested list, or one splat value) of iN elements, signed."""
+    if not 2 <= bits <= 64:
+        raise NotEligible(f"the constant's elements are i{bits}")
     if text.startswith('"0x') and text.endswith('"'):
+        # bytes per element (MLIR stores i17-i24 in 3 bytes: that ends in a size mismatch below)
         width = next(w for w in (1, 2, 4, 8) if bits <= 8 * w)
         raw = np.frombuffer(bytes.fromhex(text[3:-1]), dtype=f"<u{width}").astype(np.uint64)
         modulus = np.uint64(1) << np.uint64(bits) if bits < 64 else None
@@ -104,7 +109,10 @@ def _dense(text: str, shape: tuple[int, int], bits: int) -> np.ndarray:
         if bits < 64:
             values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
     elif re.fullmatch(r"[\s\[\],0-9-]+", text):
-        values = np.array([int(v) for v in re.findall(r"-?\d+", text)], dtype=np.int64)
+        values = [int(v) for v in re.findall(r"(?<![0-9-])-?\d+(?![0-9-])", text)]
+        if any(not -(2 ** (bits - 1)) <= v < 2**bits for v in values):
+            raise NotEligible(f"the constant has a value out of i{bits}")
+        values = np.array(values, dtype=np.int64)
     else:
         raise NotEligible("the constant is not a dense integer literal")
     if values.size == 1:
@@ -174,9 +182,8 @@ class LinearFastPath:
     when the bytes are not a well-formed ciphertext for this circuit (let Concrete's runtime answer)."""
 
     def __init__(self, weights: np.ndarray, lwe_dimension: int, source: Layout, result: Layout):
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        import cryptography.hazmat.primitives.ciphers  # noqa: F401 (fails here, at load, when not installed)
 
-        self._cipher = lambda seed: Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
         self.inputs, self.outputs = weights.shape
         self.lwe_dimension = lwe_dimension
         self._weights = np.ascontiguousarray(weights.T.astype(np.int64).view(np.uint64))
@@ -198,19 +205,23 @@ class LinearFastPath:
         weights = weights_from_mlir(mlir)
         d = _lwe_dimension(specs, *weights.shape)
         encoding = specs["circuits"][0]["inputs"][0]["typeInfo"]["lweCiphertext"]["encoding"]["integer"]
-        return cls._self_checked(weights, d, fhe_server, bool(encoding["isSigned"]))
+        return cls._self_checked(weights, d, fhe_server, bool(encoding["isSigned"]), int(encoding["width"]))
 
     @classmethod
-    def _self_checked(cls, weights: np.ndarray, d: int, fhe_server, signed: bool) -> LinearFastPath:
+    def _self_checked(
+        cls, weights: np.ndarray, d: int, fhe_server, signed: bool, width: int
+    ) -> LinearFastPath:
         from concrete import fhe
 
         rows, cols = weights.shape
         client = fhe.Client(fhe_server.client_specs)
         client.keygen()
         rng = np.random.default_rng()
+        low, high = (-(2 ** (width - 1)), 2 ** (width - 1) - 1) if signed else (0, 2**width - 1)
+        high = min(high, 1)  # small values: the sums stay in the output's range, as in real use
         samples = [
-            rng.integers(-1 if signed else 0, 2, size=(1, rows), dtype=np.int64),
-            np.ones((1, rows), dtype=np.int64),
+            rng.integers(low, high + 1, size=(1, rows), dtype=np.int64),
+            np.full((1, rows), high if high else low, dtype=np.int64),
         ]
         encrypted = [client.encrypt(x).serialize() for x in samples]
         source = Layout.of(encrypted[0], rows * (SEED_BYTES + BODY_BYTES))
@@ -225,14 +236,17 @@ class LinearFastPath:
         return path
 
     def run(self, ciphertext: bytes) -> bytes | None:
-        payload = self.source.payload_of(bytes(ciphertext))
+        payload = self.source.payload_of(ciphertext)
         if payload is None:
             return None
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         d = self.lwe_dimension
         seeded = np.frombuffer(payload, dtype=np.uint8).reshape(self.inputs, SEED_BYTES + BODY_BYTES)
         full = np.empty((self.inputs, d + 1), dtype=np.uint64)
         for i in range(self.inputs):
-            stream = self._cipher(seeded[i, :SEED_BYTES].tobytes()).update(self._counters)
+            aes = Cipher(algorithms.AES(seeded[i, :SEED_BYTES].tobytes()), modes.ECB()).encryptor()
+            stream = aes.update(self._counters)
             full[i, :d] = np.frombuffer(stream, dtype="<u8", count=d, offset=1)
         full[:, d] = seeded[:, SEED_BYTES:].copy().view("<u8").ravel()
         product = self._weights @ full  # (outputs, d + 1), wrapping mod 2^64 as the circuit does
@@ -247,7 +261,10 @@ def load(server_zip: str | Path, fhe_server) -> tuple[LinearFastPath | None, str
         return LinearFastPath.for_server(server_zip, fhe_server), "linear fast path"
     except NotEligible as exc:
         return None, f"Concrete runtime ({exc})"
-    except (KeyError, TypeError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
-        return None, f"Concrete runtime (the fast path could not read the circuit: {str(exc)[:120]})"
     except ImportError:
         return None, "Concrete runtime (the cryptography package is not installed)"
+    except Exception as exc:  # noqa: BLE001 (the path is optional: whatever fails, Concrete's runtime serves)
+        return (
+            None,
+            f"Concrete runtime (the fast path could not read the circuit: {type(exc).__name__}: {str(exc)[:120]})",
+        )

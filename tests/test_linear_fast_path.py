@@ -4,6 +4,8 @@ to the simulated predictions, and hostile bytes must never be evaluated by it.""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,7 @@ def test_the_fast_path_gives_concretes_ciphertexts_byte_for_byte(machine):
         ciphertext = client.encrypt(x)
         ours = server.run(ciphertext, keys)
         theirs = server._fhe.run(ciphertext, client.evaluation_keys())  # Concrete ML's own server, bytes in
-        assert ours == theirs
+        assert ours == theirs == server._fast.run(ciphertext)  # an honest client's bytes take the fast path
     executed = np.vstack([client.decrypt(server.run(client.encrypt(x), keys)) for x in X])
     assert np.array_equal(executed, compiled.q_module.forward(X, fhe="simulate"))
 
@@ -76,7 +78,10 @@ def test_bytes_not_in_the_exact_layout_never_reach_the_fast_path(machine):
     # any payload in the layout is a valid seed and body: garbage in, the product of garbage out, as Concrete
     noise = bytearray(good)
     noise[64 : 64 + 24] = bytes(range(24))
-    assert server.run(bytes(noise), keys) == server._fhe.run(bytes(noise), client.evaluation_keys())
+    assert server._fast.run(bytes(noise)) == server._fhe.run(bytes(noise), client.evaluation_keys())
+    # without keys the fast path does not answer either: Concrete's runtime says what is missing
+    with pytest.raises(CiphertextError):
+        server.run(good, None)
 
 
 def test_a_circuit_with_bootstraps_runs_on_concretes_runtime(tiny_binary):
@@ -98,11 +103,16 @@ def test_the_self_check_refuses_a_path_that_disagrees_with_concrete(machine):
     fast = server._fast
     weights = fast._weights.view(np.int64).T.copy()
     weights[0, 0] += 1
-    fhe_server, signed = server._fhe.server, "rff" in str(server.manifest.featurizer)
+    fhe_server = server._fhe.server
+    inputs = json.loads(fhe_server.client_specs.serialize())["circuits"][0]["inputs"][0]
+    encoding = inputs["typeInfo"]["lweCiphertext"]["encoding"]["integer"]
+    signed, width = encoding["isSigned"], encoding["width"]
+    assert signed == ("rff" in str(server.manifest.featurizer))  # descriptors' features signed, bits not
     with pytest.raises(NotEligible, match="self-check failed"):
-        LinearFastPath._self_checked(weights, fast.lwe_dimension, fhe_server, signed)
-    LinearFastPath._self_checked(
-        fast._weights.view(np.int64).T.copy(), fast.lwe_dimension, fhe_server, signed
+        LinearFastPath._self_checked(weights, fast.lwe_dimension, fhe_server, signed, width)
+    right = fast._weights.view(np.int64).T.copy()
+    assert LinearFastPath._self_checked(right, fast.lwe_dimension, fhe_server, signed, width).inputs == len(
+        right
     )
 
 
@@ -142,3 +152,15 @@ def test_weights_are_read_from_the_circuit_and_anything_else_is_refused():
         weights_from_mlir(MLIR.replace("CONSTANT", "dense<[1, 2, 3]>").replace("EXTRA", ""))
     with pytest.raises(NotEligible):
         weights_from_mlir("module {\n}\n")
+    after_return = (
+        MLIR.replace("CONSTANT", "dense<2>")
+        .replace("EXTRA", "")
+        .replace(
+            "    return %1 : tensor<1x2x!FHE.esint<6>>",
+            "    return %1 : tensor<1x2x!FHE.esint<6>>\n    return %0 : x",
+        )
+    )
+    with pytest.raises(NotEligible):
+        weights_from_mlir(after_return)
+    with pytest.raises(NotEligible, match="out of i5"):
+        weights_from_mlir(MLIR.replace("CONSTANT", "dense<[[1, 2], [3, 4], [5, 99]]>").replace("EXTRA", ""))

@@ -81,7 +81,8 @@ def key_cost(manifest) -> int:
 
 def _check_keys(model: str, key_id: str, sample: bytes) -> bool:
     """Deserialize (and cache) uploaded keys and run the circuit once with them on `sample`: malformed
-    or poisoned keys fail (or crash this worker) here, before a key id is issued."""
+    or poisoned keys fail (or crash this worker) here, before a key id is issued. (A linear circuit on the
+    server's fast path has no evaluation keys to poison: its keys are only deserialized.)"""
     keys = _STATE["store"].get(key_id, model)
     _STATE["servers"][model].run(sample, keys)
     return True
