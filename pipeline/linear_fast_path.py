@@ -202,6 +202,19 @@ class LinearFastPath:
         with zipfile.ZipFile(server_zip) as archive:
             mlir = archive.read("circuit.mlir").decode()
             specs = json.loads(archive.read("client.specs.json"))
+        return cls.from_parts(mlir, specs, fhe_server)
+
+    @classmethod
+    def for_circuit(cls, circuit) -> LinearFastPath:
+        """The fast path of a compiled `concrete.fhe.Circuit` in memory (what `fit` times before deploying),
+        from the same MLIR text and client specs its `server.zip` would hold."""
+        specs = json.loads(circuit.server.client_specs.serialize())
+        return cls.from_parts(circuit.mlir, specs, circuit.server)
+
+    @classmethod
+    def from_parts(cls, mlir: str, specs: dict, fhe_server) -> LinearFastPath:
+        """The fast path of a circuit given as its MLIR text and client specs (JSON), self-checked against
+        `fhe_server`; `NotEligible` with the reason when it cannot serve this circuit."""
         weights = weights_from_mlir(mlir)
         d = _lwe_dimension(specs, *weights.shape)
         encoding = specs["circuits"][0]["inputs"][0]["typeInfo"]["lweCiphertext"]["encoding"]["integer"]
@@ -255,10 +268,19 @@ class LinearFastPath:
 
 def load(server_zip: str | Path, fhe_server) -> tuple[LinearFastPath | None, str]:
     """(the fast path, 'linear fast path') for an eligible, self-checked circuit, else (None, why not)."""
+    return _engine(lambda: LinearFastPath.for_server(server_zip, fhe_server))
+
+
+def load_circuit(circuit) -> tuple[LinearFastPath | None, str]:
+    """`load` for a compiled `concrete.fhe.Circuit` in memory."""
+    return _engine(lambda: LinearFastPath.for_circuit(circuit))
+
+
+def _engine(make) -> tuple[LinearFastPath | None, str]:
     if not enabled():
         return None, f"off ({ENV_SWITCH}=0)"
     try:
-        return LinearFastPath.for_server(server_zip, fhe_server), "linear fast path"
+        return make(), "linear fast path"
     except NotEligible as exc:
         return None, f"Concrete runtime ({exc})"
     except ImportError:

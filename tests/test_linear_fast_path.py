@@ -60,6 +60,17 @@ def test_the_fast_path_gives_concretes_ciphertexts_byte_for_byte(machine):
     assert np.array_equal(executed, compiled.q_module.forward(X, fhe="simulate"))
 
 
+def test_fit_times_the_circuit_in_memory_on_the_same_engine(machine):
+    """`fit` times a candidate's compiled circuit before any bundle exists (`latency.time_circuit`): the path
+    built from the circuit in memory gives Concrete's output bytes too, so its timing is the server's."""
+    ckpt, compiled, _, _, _ = machine
+    circuit = compiled.q_module.fhe_circuit
+    fast, engine = linear_fast_path.load_circuit(circuit)
+    assert engine == "linear fast path"
+    encrypted = circuit.encrypt(compiled.q_module.quantize_input(ckpt.X_test[:1].astype(np.float32)))
+    assert fast.run(encrypted.serialize()) == circuit.run(encrypted).serialize()
+
+
 def test_bytes_not_in_the_exact_layout_never_reach_the_fast_path(machine):
     """Truncated, padded, re-headed or re-shaped ciphertexts: the fast path declines (None) and Concrete's
     runtime, which validates, answers; garbage is a `CiphertextError`, not a crash."""
