@@ -125,3 +125,8 @@ class ForbiddenError(MolcloakError, PermissionError):
 
 class KeyStorageFullError(KeyStorageError):
     """Storing uploaded evaluation keys would exceed the server's `--max-key-storage-mb` (HTTP 507)."""
+
+
+class NotEligibleError(MolcloakError, ValueError):
+    """A circuit the server's linear fast path does not evaluate, and why (`linear_fast_path`; never shown as an
+    error: Concrete's runtime serves the model and `PrivateServer.engine` gives the reason)."""

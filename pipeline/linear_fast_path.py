@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import NotEligibleError
+
 HEADER = 0x40  # bytes before the ciphertext payload in a serialized concrete `Value` (a Cap'n Proto message)
 # one seeded LWE ciphertext: the mask's seed, then the body (a little-endian u64)
 SEED_BYTES, BODY_BYTES = 16, 8
@@ -60,19 +62,15 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-class NotEligible(ValueError):
-    """The circuit is not one this path evaluates; the message says why (Concrete's runtime serves it)."""
-
-
 def weights_from_mlir(mlir: str) -> np.ndarray:
     """The (inputs, outputs) int64 weight matrix of a circuit that is one `matmul_eint_int` by a constant,
-    optionally after `to_signed`; `NotEligible` for any other circuit."""
+    optionally after `to_signed`; `NotEligibleError` for any other circuit."""
     lines = [line.strip() for line in mlir.strip().splitlines() if line.strip()]
     if len(lines) < 5 or lines[0] != "module {" or lines[-2:] != ["}", "}"]:
-        raise NotEligible("circuit.mlir is not one function in one module")
+        raise NotEligibleError("circuit.mlir is not one function in one module")
     func = _FUNC.match(lines[1])
     if not func:
-        raise NotEligible("the function does not take one 1xN encrypted tensor")
+        raise NotEligibleError("the function does not take one 1xN encrypted tensor")
     arg, rows, cols = func.group(1), int(func.group(2)), int(func.group(4))
     body, constant, current, matmul = lines[2:-2], None, arg, None
     for n, line in enumerate(body, 1):
@@ -82,24 +80,24 @@ def weights_from_mlir(mlir: str) -> np.ndarray:
             current = m.group(1)
         elif (m := _MATMUL.match(line)) and matmul is None and constant and m.group(2) == current:
             if m.group(3) != constant.group(1):
-                raise NotEligible("the matrix product is not by the constant")
+                raise NotEligibleError("the matrix product is not by the constant")
             current = matmul = m.group(1)
         elif (m := _RETURN.match(line)) and matmul and m.group(1) == current and n == len(body):
             break
         else:
-            raise NotEligible(f"operation not evaluated by the fast path: {line[:80]}")
+            raise NotEligibleError(f"operation not evaluated by the fast path: {line[:80]}")
     else:
-        raise NotEligible("the function does not return the matrix product")
+        raise NotEligibleError("the function does not return the matrix product")
     shape = (int(constant.group(3)), int(constant.group(4)))
     if shape[0] != rows or shape[1] != cols:
-        raise NotEligible(f"the constant is {shape}, the function maps {rows} inputs to {cols} outputs")
+        raise NotEligibleError(f"the constant is {shape}, the function maps {rows} inputs to {cols} outputs")
     return _dense(constant.group(2), shape, int(constant.group(5)))
 
 
 def _dense(text: str, shape: tuple[int, int], bits: int) -> np.ndarray:
     """An MLIR dense integer literal (hex bytes, a nested list, or one splat value) of iN elements, signed."""
     if not 2 <= bits <= 64:
-        raise NotEligible(f"the constant's elements are i{bits}")
+        raise NotEligibleError(f"the constant's elements are i{bits}")
     if text.startswith('"0x') and text.endswith('"'):
         # bytes per element (MLIR stores i17-i24 in 3 bytes: that ends in a size mismatch below)
         width = next(w for w in (1, 2, 4, 8) if bits <= 8 * w)
@@ -111,14 +109,14 @@ def _dense(text: str, shape: tuple[int, int], bits: int) -> np.ndarray:
     elif re.fullmatch(r"[\s\[\],0-9-]+", text):
         values = [int(v) for v in re.findall(r"(?<![0-9-])-?\d+(?![0-9-])", text)]
         if any(not -(2 ** (bits - 1)) <= v < 2**bits for v in values):
-            raise NotEligible(f"the constant has a value out of i{bits}")
+            raise NotEligibleError(f"the constant has a value out of i{bits}")
         values = np.array(values, dtype=np.int64)
     else:
-        raise NotEligible("the constant is not a dense integer literal")
+        raise NotEligibleError("the constant is not a dense integer literal")
     if values.size == 1:
         values = np.full(shape[0] * shape[1], values[0], dtype=np.int64)
     if values.size != shape[0] * shape[1]:
-        raise NotEligible(f"the constant has {values.size} values for shape {shape}")
+        raise NotEligibleError(f"the constant has {values.size} values for shape {shape}")
     return values.reshape(shape)
 
 
@@ -128,13 +126,13 @@ def _lwe_dimension(specs: dict, rows: int, cols: int) -> int:
     if len(keyset.get("lweSecretKeys", [])) != 1 or any(
         keyset.get(k) for k in ("lweBootstrapKeys", "lweKeyswitchKeys", "packingKeyswitchKeys")
     ):
-        raise NotEligible("the circuit needs evaluation keys")
+        raise NotEligibleError("the circuit needs evaluation keys")
     if len(circuits) != 1 or len(circuits[0]["inputs"]) != 1 or len(circuits[0]["outputs"]) != 1:
-        raise NotEligible("the circuit does not have one input and one output")
+        raise NotEligibleError("the circuit does not have one input and one output")
     (inp,), (out,) = circuits[0]["inputs"], circuits[0]["outputs"]
     inp, out = inp["typeInfo"].get("lweCiphertext"), out["typeInfo"].get("lweCiphertext")
     if not inp or not out or inp.get("compression") != "seed" or out.get("compression") != "none":
-        raise NotEligible("the input is not a seeded ciphertext or the output is compressed")
+        raise NotEligibleError("the input is not a seeded ciphertext or the output is compressed")
     d = int(keyset["lweSecretKeys"][0]["params"]["lweDimension"])
     if (
         inp["abstractShape"]["dimensions"] != [1, rows]
@@ -143,7 +141,7 @@ def _lwe_dimension(specs: dict, rows: int, cols: int) -> int:
         or out["encryption"]["lweDimension"] != d
         or "native" not in inp["encryption"]["modulus"]["modulus"]
     ):
-        raise NotEligible("the ciphertext shapes or keys are not those of the matrix product")
+        raise NotEligibleError("the ciphertext shapes or keys are not those of the matrix product")
     return d
 
 
@@ -163,7 +161,7 @@ class Layout:
     @classmethod
     def of(cls, blob: bytes, payload: int) -> Layout:
         if len(blob) < HEADER + payload or _payload_bytes(blob) != payload:
-            raise NotEligible("the serialized ciphertext does not have the layout this path reads")
+            raise NotEligibleError("the serialized ciphertext does not have the layout this path reads")
         return cls(blob[:HEADER], payload, blob[HEADER + payload :])
 
     def payload_of(self, blob: bytes) -> memoryview | None:
@@ -198,7 +196,7 @@ class LinearFastPath:
     @classmethod
     def for_server(cls, server_zip: str | Path, fhe_server) -> LinearFastPath:
         """The fast path of a compiled `server.zip`, self-checked against `fhe_server` (a `concrete.fhe.Server`
-        loaded from it); `NotEligible` with the reason when it cannot serve this circuit."""
+        loaded from it); `NotEligibleError` with the reason when it cannot serve this circuit."""
         with zipfile.ZipFile(server_zip) as archive:
             mlir = archive.read("circuit.mlir").decode()
             specs = json.loads(archive.read("client.specs.json"))
@@ -214,7 +212,7 @@ class LinearFastPath:
     @classmethod
     def from_parts(cls, mlir: str, specs: dict, fhe_server) -> LinearFastPath:
         """The fast path of a circuit given as its MLIR text and client specs (JSON), self-checked against
-        `fhe_server`; `NotEligible` with the reason when it cannot serve this circuit."""
+        `fhe_server`; `NotEligibleError` with the reason when it cannot serve this circuit."""
         weights = weights_from_mlir(mlir)
         d = _lwe_dimension(specs, *weights.shape)
         encoding = specs["circuits"][0]["inputs"][0]["typeInfo"]["lweCiphertext"]["encoding"]["integer"]
@@ -245,7 +243,7 @@ class LinearFastPath:
         path = cls(weights, d, source, Layout.of(reference[0], cols * (d + 1) * 8))
         for blob, expected in zip(encrypted, reference):
             if path.run(blob) != expected:
-                raise NotEligible("self-check failed: the output differs from Concrete's runtime")
+                raise NotEligibleError("self-check failed: the output differs from Concrete's runtime")
         return path
 
     def run(self, ciphertext: bytes) -> bytes | None:
@@ -281,7 +279,7 @@ def _engine(make) -> tuple[LinearFastPath | None, str]:
         return None, f"off ({ENV_SWITCH}=0)"
     try:
         return make(), "linear fast path"
-    except NotEligible as exc:
+    except NotEligibleError as exc:
         return None, f"Concrete runtime ({exc})"
     except ImportError:
         return None, "Concrete runtime (the cryptography package is not installed)"

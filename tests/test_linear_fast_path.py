@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from molcloak.pipeline import linear_fast_path
-from molcloak.pipeline.errors import CiphertextError
+from molcloak.pipeline.errors import CiphertextError, NotEligibleError
 from molcloak.pipeline.fhe_client import PrivateClient
 from molcloak.pipeline.fhe_server import PrivateServer
-from molcloak.pipeline.linear_fast_path import LinearFastPath, NotEligible, weights_from_mlir
+from molcloak.pipeline.linear_fast_path import LinearFastPath, weights_from_mlir
 
 
 def _bundle(tmp_path_factory, name: str, features: str):
@@ -119,7 +119,7 @@ def test_the_self_check_refuses_a_path_that_disagrees_with_concrete(machine):
     encoding = inputs["typeInfo"]["lweCiphertext"]["encoding"]["integer"]
     signed, width = encoding["isSigned"], encoding["width"]
     assert signed == ("rff" in str(server.manifest.featurizer))  # descriptors' features signed, bits not
-    with pytest.raises(NotEligible, match="self-check failed"):
+    with pytest.raises(NotEligibleError, match="self-check failed"):
         LinearFastPath._self_checked(weights, fast.lwe_dimension, fhe_server, signed, width)
     right = fast._weights.view(np.int64).T.copy()
     assert LinearFastPath._self_checked(right, fast.lwe_dimension, fhe_server, signed, width).inputs == len(
@@ -150,18 +150,18 @@ def test_weights_are_read_from_the_circuit_and_anything_else_is_refused():
         "EXTRA",
         '%2 = "FHELinalg.add_eint_int"(%1, %cst) : (tensor<1x2x!FHE.esint<6>>) -> tensor<1x2x!FHE.esint<6>>',
     )
-    with pytest.raises(NotEligible, match="add_eint_int"):
+    with pytest.raises(NotEligibleError, match="add_eint_int"):
         weights_from_mlir(added)
     lookup = (
         MLIR.replace("CONSTANT", "dense<2>")
         .replace('"FHELinalg.matmul_eint_int"(%0, %cst)', '"FHELinalg.apply_lookup_table"(%0, %cst)')
         .replace("EXTRA", "")
     )
-    with pytest.raises(NotEligible):
+    with pytest.raises(NotEligibleError):
         weights_from_mlir(lookup)
-    with pytest.raises(NotEligible, match="3 values for shape"):
+    with pytest.raises(NotEligibleError, match="3 values for shape"):
         weights_from_mlir(MLIR.replace("CONSTANT", "dense<[1, 2, 3]>").replace("EXTRA", ""))
-    with pytest.raises(NotEligible):
+    with pytest.raises(NotEligibleError):
         weights_from_mlir("module {\n}\n")
     after_return = (
         MLIR.replace("CONSTANT", "dense<2>")
@@ -171,7 +171,7 @@ def test_weights_are_read_from_the_circuit_and_anything_else_is_refused():
             "    return %1 : tensor<1x2x!FHE.esint<6>>\n    return %0 : x",
         )
     )
-    with pytest.raises(NotEligible):
+    with pytest.raises(NotEligibleError):
         weights_from_mlir(after_return)
-    with pytest.raises(NotEligible, match="out of i5"):
+    with pytest.raises(NotEligibleError, match="out of i5"):
         weights_from_mlir(MLIR.replace("CONSTANT", "dense<[[1, 2], [3, 4], [5, 99]]>").replace("EXTRA", ""))
