@@ -54,7 +54,9 @@ def fit(
         None,
         "--max-minutes",
         help="Cap of the search; the best model found so far is kept. With --latency-check normalized it counts "
-        "quiet-machine minutes (each variant's time divided by the load factor, at most 3x in wall-clock time).",
+        "quiet-machine minutes (each variant's time divided by the load factor, at most 3x in wall-clock time). "
+        "Past the cap, the leader is still distilled from the teacher (with --teacher auto) and the best "
+        "variant not yet scored on the inner folds is scored on them: one or two variants more.",
     ),
     features: list[str] | None = typer.Option(
         None,
