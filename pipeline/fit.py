@@ -273,7 +273,8 @@ def _stages(search: Search) -> None:
     if len(unusable) == len(space.features):
         raise unusable[0]
     # the feature specs that fit the budget on every inner fold, the best on the inner part first (the time
-    # cap may stop this: the choice is then made among those scored)
+    # cap may stop this: the leader is then taken on the inner part, and the choice made among the variants
+    # scored on the folds: those scored here, the distilled leader and `_confirm`'s first)
     for cand in sorted(
         search.candidates, key=lambda c: c.valid if np.isfinite(c.valid) else -1, reverse=True
     ):
@@ -319,15 +320,18 @@ def _distil_leader(search: Search) -> None:
     first and scored on the inner folds at once, before stage 2: on large data the time cap ends the search in
     stage 2, before the teacher stage (tox21, session 33: on 2 seeds of 3 no distilled kernel machine was scored,
     while the one distilled from `rf-both` tests +0.003 over the labels, mean of seeds 0-2, session 35).
-    The first teacher runs even when the cap came in stage 1 (ames seed 2, session 40: stage 1 alone took the 15
-    minutes, so the leader went undistilled, 0.814 on the test against 0.817 distilled in session 39's replay): one
-    variant and its folds past the cap, as `_confirm`'s first, bounded by the cost of a single variant."""
+    The first teacher runs, and its variant is scored on the folds, even past the cap (ames seed 2, session 40: the
+    cap came at the end of stage 1, so the leader went undistilled, 0.814 on the test against 0.817 distilled in
+    session 39's replay). That is the work past the cap: the teacher fitted on the training rows and on each fold's
+    (a RandomForest per task on multi-task data, each once per search), the student trained, compiled and timed once
+    and on each fold (tox21: 313-328 s with its teacher fits, session 35), then `_confirm`'s first scoring on
+    the folds and the final refit, none of them stopped by `SearchClock`'s wall-clock limit."""
     space = search.space
     leader = next(iter(_preference(_choosable(search.candidates, search.budget), search.tolerance)), None)
     if leader is None:
         return
     for i, teacher in enumerate(space.teachers[1:]):
-        if i and search.out_of_time:  # the first teacher even past the cap, as `_confirm`'s first variant
+        if i and search.out_of_time:  # the first teacher even past the cap
             return
         kind = space.teacher_for(teacher, leader.features)
         cand = search.evaluate(

@@ -137,8 +137,9 @@ class SearchClock:
 
     Each variant's wall time is charged at 1 / the load factor measured while it was timed (the rest is
     other jobs' doing); time not measured that way (featurizing) counts in full. Without load factors (the
-    raw check) it is plain wall-clock time. A hard stop at `WALL_FACTOR` x the cap in wall-clock time keeps
-    a heavily loaded run bounded."""
+    raw check) it is plain wall-clock time. A stop at `WALL_FACTOR` x the cap in wall-clock time keeps a heavily
+    loaded run's stages bounded (`fit`'s steps past the cap, the distilled leader, the confirmation on the folds
+    and the refit, then run in full)."""
 
     WALL_FACTOR = 3.0
 

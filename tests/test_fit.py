@@ -715,11 +715,11 @@ def test_fit_tries_the_teacher_on_its_best_networks_and_validation_decides(tiny_
     )  # fmt: skip
     assert [c.stage for c in capped.candidates] == ["features", "teacher"]
     assert {c.features for c in capped.candidates} == {space.features[0]}
-    assert capped.candidates[1].teacher == "rf-both" and capped.candidates[1].cv is not None
+    assert capped.candidates[1].teacher == "rf-both"
     assert capped.stopped_early and capped.to_dict()["stopped_early"]
-    # and the confirmation on the inner folds still runs (before, a cap in the stages skipped it, so on large data
-    # nothing after the feature stage could be chosen)
-    assert capped.chosen.cv is not None and len(capped.chosen.cv_folds) == space.inner_folds
+    # both on the inner folds: the distilled leader by `_distil_leader` itself, stage 1's by the confirmation (confirm=1;
+    # before session 19 a cap in the stages skipped it, so on large data nothing after stage 1 could be chosen)
+    assert all(c.cv is not None and len(c.cv_folds) == space.inner_folds for c in capped.candidates)
     with pytest.raises(ConfigError, match="teachers \\['svm'\\]"):
         SearchSpace(teachers=("svm",))
 
