@@ -51,10 +51,12 @@ from .bundle import Checkpoint
 from .compile import CompileConfig
 from .data import Dataset
 from .errors import FeaturizerError, TuneError
+from .featurize import FeaturizerSpec
 from .fit_search import Search
 from .fit_space import (  # noqa: F401  (re-exported: `from molcloak.pipeline.fit import SearchSpace`)
     AUTO_TEACHERS,
     DEFAULT_FEATURE_CANDIDATES,
+    INNER_VALID_FRACTION,
     Candidate,
     FitResult,
     SearchSpace,
@@ -63,6 +65,7 @@ from .fit_space import (  # noqa: F401  (re-exported: `from molcloak.pipeline.fi
 )
 from .latency import TIMED_RUNS, FitBudget, describe, measure_latency, normalized
 from .pbs_cost import Calibration
+from .splits import split_dataset
 from .train import TrainConfig
 from .workflow import compile_checkpoint
 
@@ -92,7 +95,7 @@ def fit(
     training and inner validation molecules together before compiling it (else the search's model)."""
     if ds.is_tabular:
         space = dataclasses.replace(space, features=(None,))
-    space = space.for_task(ds.task)
+    space, left_out = _task_space(ds, space, split, test_fraction, seed)
     if train.teacher and space.teachers == (None,):  # TrainConfig(teacher=...): every variant distilled
         space = dataclasses.replace(space, teachers=(train.teacher,))
     train = dataclasses.replace(train, seed=seed, teacher=None)
@@ -127,6 +130,7 @@ def fit(
         "inner_valid": search.inner_valid,
         "refit": refit,
         "patience_steps": train.patience_steps,  # the variants' training (the refit runs the search's epochs)
+        "left_out": list(left_out),
     }
     return FitResult(
         ckpt,
@@ -141,6 +145,20 @@ def fit(
         search.tolerance,
         budget.latency_check,
         search.folds_used,
+        left_out,
+    )
+
+
+def _task_space(ds, space, split, test_fraction, seed) -> tuple[SearchSpace, tuple[str, ...]]:
+    """`space.for_task` for the molecules the search trains on (all but the test part), and a line for each of
+    the task's wide specs it leaves out, saying why."""
+    molecules = len(ds) - len(split_dataset(ds, split, test_fraction, INNER_VALID_FRACTION, seed).test)
+    task_space = space.for_task(ds.task, molecules)
+    left_out = [f for f in space.for_task(ds.task).features if f not in task_space.features]
+    return task_space, tuple(
+        f"{spec}: not tried, its {FeaturizerSpec.parse(spec).width:,} encrypted inputs outnumber the "
+        f"{molecules:,} training molecules"
+        for spec in left_out
     )
 
 
@@ -158,7 +176,7 @@ def feature_scores(
     `refit`) the one `fit` would deploy, refitted on the training and inner molecules (whose test split a benchmark
     of the choice may score: `evaluation/bench/choice.py`)."""
     train = dataclasses.replace(train, seed=seed, teacher=None)
-    space = space.for_task(ds.task)
+    space, _ = _task_space(ds, space, split, test_fraction, seed)
     args = (ds, space, FitBudget(), split, test_fraction, seed, train, Calibration(measure=False), None)
     search = Search(*args, timed_runs=0)
     out = []

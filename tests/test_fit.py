@@ -300,6 +300,36 @@ def test_each_task_kind_also_tries_its_own_wider_kernel_machine():
     assert own.for_task(regression) is own and own.for_task(binary) is own
     assert SearchSpace(regression_features=()).for_task(regression).features == DEFAULT_FEATURE_CANDIDATES
     assert SearchSpace(classification_features=()).for_task(binary).features == DEFAULT_FEATURE_CANDIDATES
+    # each only on at least as many training molecules as its encrypted inputs: bace's 1.2k left the 4,096-input
+    # spec leading its folds and testing lower on every seed (session 41), ames' 5.8k gained from it
+    assert SearchSpace().for_task(binary, 4095).features == DEFAULT_FEATURE_CANDIDATES
+    assert SearchSpace().for_task(binary, 4096).features[-1] == counts
+    assert SearchSpace().for_task(regression, 2559).features == DEFAULT_FEATURE_CANDIDATES
+    assert SearchSpace().for_task(regression, 2560).features[-1] == wider
+
+
+def test_fit_names_the_wide_specs_it_leaves_out_for_few_molecules(tiny_csv):
+    """The molecules counted are those outside the test part (what the search and the refit train on), and the
+    line fit reports names the spec, its inputs and that count."""
+    from molcloak.pipeline.fit import _task_space
+    from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
+    from molcloak.pipeline.splits import split_dataset
+
+    ds = data.DataSource(str(tiny_csv), target_col="label").load()
+    training = len(ds) - len(split_dataset(ds, "scaffold", 0.2, seed=1).test)
+    assert 150 < training < len(ds)
+    space, left_out = _task_space(ds, SearchSpace(), "scaffold", 0.2, 1)
+    assert space.features == DEFAULT_FEATURE_CANDIDATES and len(left_out) == 1
+    assert left_out[0] == (
+        "rdkit2d:scale=quantile+rff:n=2048+morgan_count:r=2,n=2048,scale=quantile: not tried, its 4,096 encrypted "
+        f"inputs outnumber the {training} training molecules"
+    )
+    narrow = SearchSpace(classification_features=("physchem", "morgan:r=2,n=1024"))
+    space, left_out = _task_space(ds, narrow, "scaffold", 0.2, 1)
+    assert space.features == (*DEFAULT_FEATURE_CANDIDATES, "physchem")
+    assert [line.split(":")[0] for line in left_out] == ["morgan"]
+    own = SearchSpace(features=("physchem",))  # a user's own list: searched as given, nothing left out
+    assert _task_space(ds, own, "scaffold", 0.2, 1) == (own, ())
 
 
 def timed(options: dict, ms: float, valid: float, compile: CompileConfig | None = None) -> Candidate:

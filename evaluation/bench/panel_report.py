@@ -151,6 +151,8 @@ def run_key(config, entry, seed: int, part: str | None = None) -> str:
                 parts["fit_regression_candidates"] = list(REGRESSION_FEATURE_CANDIDATES)  # keys are unchanged
             else:  # and those a classification search adds (session 40), run with the server's fast path
                 parts["fit_classification_candidates"] = list(CLASSIFICATION_FEATURE_CANDIDATES)
+            # since session 42 each only on at least as many training molecules as inputs (`extra_offered`)
+            parts["fit_extra_offered"] = "inputs <= training molecules"
         if part is None:
             parts.update(trees=config.n_trees, models=sorted(config.models))
         else:  # molcloak, cml_xgb (on molcloak's features)

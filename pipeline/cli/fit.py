@@ -53,11 +53,11 @@ def fit(
     max_minutes: float | None = typer.Option(
         None,
         "--max-minutes",
-        help="Cap of the search; the best model found so far is kept. With --latency-check normalized it counts "
-        "quiet-machine minutes (each variant's time divided by the load factor; the stages stop at 3x in wall-clock time). "
-        "The stages stop at the cap; past it, the leader is still distilled from its teacher (--teacher auto) "
-        "and scored on the inner folds, the best variant not yet scored on them is, and the choice is refitted "
-        "(tox21's distillation with its teacher fits: about 5 minutes).",
+        help="Cap of the search; the best model found so far is kept. The stages stop at the cap, counted in "
+        "quiet-machine minutes with --latency-check normalized (each variant's time divided by the load factor) "
+        "and at 3x the cap in wall-clock time. Past it, the leader is still distilled from its teacher "
+        "(--teacher auto) and scored on the inner folds, the best variant not yet scored on them is, and the "
+        "choice is refitted (tox21's distillation with its teacher fits: about 5 minutes).",
     ),
     features: list[str] | None = typer.Option(
         None,
@@ -65,7 +65,9 @@ def fit(
         "-f",
         help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
         "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, a kernel machine on 2,048 random "
-        "Fourier features of rdkit2d (on regression also one on 2,560) and a linear model on the 2,048 ECFP4 bits; "
+        "Fourier features of rdkit2d and a linear model on the 2,048 ECFP4 bits; then on regression a kernel machine on "
+        "2,560 features, on classification one on 2,048 beside 2,048 scaled ECFP4 counts, each only when the training "
+        "molecules are at least its inputs; "
         "a list given here is searched as given; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
         "skipped). A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
         "rdkit2d:scale=quantile+rff:n=1024, morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits) or "
@@ -315,6 +317,8 @@ def _print_fit(result, budget, scoring: str) -> None:
             f"({result.latency_check}) on this machine now: the fastest was kept; rerun on a quieter machine "
             "or raise --budget-ms[/yellow]"
         )
+    for line in result.left_out:
+        out.print(f"  {line} (pass --features to search it anyway)", markup=False, highlight=False)
     if result.stopped_early:
         out.print("[yellow]--max-minutes reached: the best model found so far was kept[/yellow]")
     for key, metrics in result.compiled.metrics.items():
