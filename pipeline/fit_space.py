@@ -49,7 +49,8 @@ DEFAULT_FEATURE_CANDIDATES = (
     # folds rank it below the rff kernel machine (clintox, herg: never picked)
     "morgan:r=2,n=2048+linear",
 )
-# regression only, after the default candidates: the kernel machine on a wider map, 2,560 random Fourier features.
+# regression only, after the default candidates when the training molecules are at least its 2,560 inputs
+# (`extra_offered`): the kernel machine on a wider map, 2,560 random Fourier features.
 # lipophilicity seeds 0-2, distilled from rf-both as `fit` distils its leader (session 37, `bench.replay`): inner
 # folds R² 0.607 / 0.616 / 0.589 against 0.605 / 0.603 / 0.574 for 2,048, test RMSE 0.805 / 0.801 / 0.801 against
 # 0.827 / 0.822 / 0.827 (FHE-simulated), timed 185-222 ms in the search against about 147 ms. 3,072 features tested
@@ -58,7 +59,8 @@ DEFAULT_FEATURE_CANDIDATES = (
 # rank 3,072 below it on every seed and it tests 0.010 lower on the mean (0.756 against 0.766, sessions 33-34); on
 # ames it tied on the folds, took the tie as the richer spec and tested no better (session 30)
 REGRESSION_FEATURE_CANDIDATES = ("rdkit2d:scale=quantile+rff:n=2560",)
-# classification only, after the default candidates: the kernel machine's 2,048 random Fourier features beside 2,048
+# classification only, after the default candidates when the training molecules are at least its 4,096 inputs
+# (`extra_offered`: ames and tox21 try it, bace, clintox and herg do not): the kernel machine's 2,048 random Fourier features beside 2,048
 # quantile-scaled ECFP4 counts, 4,096 encrypted inputs, no bootstrap. Concrete's runtime took 369 ms for 4,096 inputs,
 # over the budget; the server's `linear_fast_path` gives the same ciphertexts in about 90 ms (session 39-40). ames
 # seeds 0-2 (session 39, `bench.replay` with fit's code): distilled from rf-both its folds lead everything fit chose
@@ -125,7 +127,8 @@ CLEAR_MAX_P_ERROR = (
 @dataclass(frozen=True)
 class SearchSpace:
     features: tuple[str | None, ...] = DEFAULT_FEATURE_CANDIDATES  # None: a tabular dataset's columns
-    # tried after `features` on a regression task when `features` starts with the defaults (`for_task`)
+    # tried after `features` on a regression task when `features` starts with the defaults, each on at least as
+    # many training molecules as its inputs (`for_task`)
     regression_features: tuple[str, ...] = REGRESSION_FEATURE_CANDIDATES
     # tried after `features` on a classification task, likewise
     classification_features: tuple[str, ...] = CLASSIFICATION_FEATURE_CANDIDATES

@@ -68,12 +68,16 @@ def tiny_csv(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_csv, tmp_path):
+def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_csv, tmp_path, monkeypatch):
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
     steps = []
+    # TINY's specs stand for the defaults, so that a classification task's wide spec follows them: 1,024 inputs
+    # on about 190 training molecules, left out and reported
+    monkeypatch.setattr("molcloak.pipeline.fit_space.DEFAULT_FEATURE_CANDIDATES", TINY.features)
+    wide = "morgan:r=2,n=1024"
     result = fit(
         ds,
-        TINY,
+        dataclasses.replace(TINY, classification_features=(wide,)),
         FitBudget(latency_ms=500),
         "scaffold",
         0.2,
@@ -100,6 +104,12 @@ def test_fit_chooses_on_validation_within_budget_and_compiles_the_choice(tiny_cs
     assert result.chosen in richest and result.chosen.pbs == min(c.pbs for c in richest)
     assert all(c.n_inputs == 10 for c in result.candidates)  # both specs: the 10 physchem descriptors
     assert result.checkpoint.train_info["fit"]["cv"] == result.chosen.cv
+    assert [line.split(": not tried, its 1,024 encrypted inputs")[0] for line in result.left_out] == [wide]
+    assert (
+        result.checkpoint.train_info["fit"]["left_out"]
+        == result.to_dict()["left_out"]
+        == list(result.left_out)
+    )
     assert any("over 3 inner folds" in msg for msg, _, _ in steps) and steps[-1][1] <= steps[-1][2]
     assert result.metric == "roc_auc" and 0 <= result.compiled.metrics["fhe_simulate"]["roc_auc"] <= 1
     ckpt = result.checkpoint
@@ -324,10 +334,13 @@ def test_fit_names_the_wide_specs_it_leaves_out_for_few_molecules(tiny_csv):
         "rdkit2d:scale=quantile+rff:n=2048+morgan_count:r=2,n=2048,scale=quantile: not tried, its 4,096 encrypted "
         f"inputs outnumber the {training} training molecules"
     )
-    narrow = SearchSpace(classification_features=("physchem", "morgan:r=2,n=1024"))
+    # counted outside the test part, not over the whole dataset: a width between the two counts is left out
+    between = f"morgan:r=2,n={training + 1}"
+    assert training + 1 < len(ds)
+    narrow = SearchSpace(classification_features=("physchem", between, f"morgan:r=2,n={training}"))
     space, left_out = _task_space(ds, narrow, "scaffold", 0.2, 1)
-    assert space.features == (*DEFAULT_FEATURE_CANDIDATES, "physchem")
-    assert [line.split(":")[0] for line in left_out] == ["morgan"]
+    assert space.features == (*DEFAULT_FEATURE_CANDIDATES, "physchem", f"morgan:r=2,n={training}")
+    assert [line.split(": not tried")[0] for line in left_out] == [between]
     own = SearchSpace(features=("physchem",))  # a user's own list: searched as given, nothing left out
     assert _task_space(ds, own, "scaffold", 0.2, 1) == (own, ())
 

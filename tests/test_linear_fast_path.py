@@ -127,6 +127,25 @@ def test_the_self_check_refuses_a_path_that_disagrees_with_concrete(machine):
     )
 
 
+def test_the_product_of_several_outputs_in_float_halves_is_exact_mod_2_64():
+    """Several outputs take two float64 BLAS products of the masks' 32-bit halves: the same uint64 values as the
+    wrapping integer product, for any mask (0 and 2^64 - 1 included) while a row's sum of |w| is under 2^21; past
+    that bound, or for one output, the integer product."""
+    from molcloak.pipeline.linear_fast_path import Layout
+
+    rng = np.random.default_rng(0)
+    layout = Layout(b"", 0, b"")
+    full = rng.integers(0, 2**64 - 1, size=(512, 33), dtype=np.uint64, endpoint=True)
+    full[0], full[1] = 0, np.uint64(2**64 - 1)
+    for outputs, low, high, floats in ((12, -4096, 4096, True), (1, -8, 8, False), (3, 2**12, 2**13, False)):
+        weights = rng.integers(low, high, size=(512, outputs))
+        weights[0] = high - 1 if low > 0 else low  # the most negative weight
+        path = LinearFastPath(weights, 32, layout, layout)
+        assert (path._float_weights is not None) == floats
+        expected = weights.T.astype(np.int64).view(np.uint64) @ full  # numpy wraps uint64 mod 2^64
+        assert np.array_equal(path.product(full), expected)
+
+
 MLIR = """module {
   func.func @_clear_forward_proxy(%arg0: tensor<1x3x!FHE.eint<6>>) -> tensor<1x2x!FHE.esint<6>> {
     %cst = arith.constant CONSTANT : tensor<3x2xi5>

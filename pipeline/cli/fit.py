@@ -53,23 +53,24 @@ def fit(
     max_minutes: float | None = typer.Option(
         None,
         "--max-minutes",
-        help="Cap of the search; the best model found so far is kept. The stages stop at the cap, counted in "
-        "quiet-machine minutes with --latency-check normalized (each variant's time divided by the load factor) "
-        "and at 3x the cap in wall-clock time. Past it, the leader is still distilled from its teacher "
-        "(--teacher auto) and scored on the inner folds, the best variant not yet scored on them is, and the "
-        "choice is refitted (tox21's distillation with its teacher fits: about 5 minutes).",
+        help="Cap of the search; the best model found so far is kept. The stages stop at the cap in "
+        "quiet-machine minutes (with --latency-check normalized, each variant's time divided by the load factor; "
+        "with raw, wall-clock minutes) or at 3x the cap in wall-clock minutes, whichever comes first. Past it, "
+        "the leader is still distilled from its teacher (--teacher auto) and scored on the inner folds, the best "
+        "variant not yet scored on them is also scored, and the choice is refitted (tox21's distillation with its "
+        "teacher fits: about 5 minutes).",
     ),
     features: list[str] | None = typer.Option(
         None,
         "--features",
         "-f",
-        help="Feature spec(s) to try, repeatable (default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
-        "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, a kernel machine on 2,048 random "
-        "Fourier features of rdkit2d and a linear model on the 2,048 ECFP4 bits; then on regression a kernel machine on "
-        "2,560 features, on classification one on 2,048 beside 2,048 scaled ECFP4 counts, each only when the training "
-        "molecules are at least its inputs; "
-        "a list given here is searched as given; a spec the molecules cannot fill, e.g. select:k above the varied columns, is "
-        "skipped). A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
+        help="Feature spec(s) to try, repeatable. Default: physchem, rdkit2d with selection, rdkit2d + Morgan counts "
+        "with selection, physchem + 256 selected Morgan bits, rdkit2d + 384 selected Morgan bits, a kernel machine on "
+        "2,048 random Fourier features of rdkit2d and a linear model on the 2,048 ECFP4 bits. After them, a regression "
+        "search also tries a kernel machine on 2,560 random features (2,560 inputs) and a classification search one on "
+        "2,048 random features beside 2,048 scaled ECFP4 counts (4,096 inputs), each only when the molecules outside "
+        "the test part number at least its inputs. A list given here is searched as given. A spec the molecules "
+        "cannot fill, e.g. select:k above the varied columns, is skipped. A spec with an rff:n=N or minhash:n=N map, or ending in linear, e.g. "
         "rdkit2d:scale=quantile+rff:n=1024, morgan:r=2,n=2048+linear (a linear model on the ECFP4 bits) or "
         "rdkit2d:scale=quantile+rff:n=2048+morgan:r=2,n=2048 (parts after the map are not mapped), is tried "
         "as a kernel machine: no hidden layer, no bootstrap, fitted by a convex solver.",
@@ -318,7 +319,11 @@ def _print_fit(result, budget, scoring: str) -> None:
             "or raise --budget-ms[/yellow]"
         )
     for line in result.left_out:
-        out.print(f"  {line} (pass --features to search it anyway)", markup=False, highlight=False)
+        out.print(
+            f"  {line} (to search it anyway, list it with --features beside the other specs)",
+            markup=False,
+            highlight=False,
+        )
     if result.stopped_early:
         out.print("[yellow]--max-minutes reached: the best model found so far was kept[/yellow]")
     for key, metrics in result.compiled.metrics.items():
