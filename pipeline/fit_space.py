@@ -207,10 +207,11 @@ class SearchSpace:
         (one target or several), `classification_features` on any other, each only when the search trains on
         at least as many `molecules` as it has encrypted inputs (`extra_offered`; None: no count, all of them).
         `molcloak fit --features` passes none: a user's list is searched as given."""
-        defaults = self.features[: len(DEFAULT_FEATURE_CANDIDATES)] == DEFAULT_FEATURE_CANDIDATES
+        if self.features[: len(DEFAULT_FEATURE_CANDIDATES)] != DEFAULT_FEATURE_CANDIDATES:
+            return self
         extra = self.classification_features if task.is_classification else self.regression_features
         extra = tuple(spec for spec in extra if extra_offered(spec, molecules))
-        if not defaults or not extra:
+        if not extra:
             return self
         return replace(self, features=self.features + extra)  # repeats are tried once
 

@@ -7,6 +7,10 @@ reports whether every output was byte-identical, both medians and their ratio, a
 cost. Run it with nothing else on the machine:
 
     python -m molcloak.evaluation.bench.fast_path --bundle runs/bace-bundle --runs 10 --json fast_path.json
+
+With `--product OUTPUTSxINPUTS` (repeatable) it times the fast path's matrix product alone on random masks of
+`--lwe-dimension`, both ways it can run: numpy's uint64 product and float64 BLAS on the masks' 32-bit halves
+(`LinearFastPath.product`), after checking they agree.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,15 +76,65 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
     }
 
 
+def product(outputs: int, inputs: int, d: int, runs: int, seed: int = 0) -> dict:
+    """Median and minimum ms of the uint64 product and of the float64 halves for one shape (equal outputs)."""
+    from molcloak.pipeline.linear_fast_path import Layout, LinearFastPath
+
+    rng = np.random.default_rng(seed)
+    layout = Layout(b"", 0, b"")
+    path = LinearFastPath(rng.integers(-8, 8, size=(inputs, outputs)), d, layout, layout)
+    full = rng.integers(0, 2**64 - 1, size=(inputs, d + 1), dtype=np.uint64, endpoint=True)
+    halves = np.asarray(path.product(full)) if path._float_weights is not None else None
+    path._float_weights, halves_weights = None, path._float_weights
+    if halves is not None and not np.array_equal(halves, path.product(full)):
+        raise AssertionError(f"{outputs}x{inputs}: the float halves differ from the uint64 product")
+    times: dict[str, list[float]] = {"uint64": [], "float_halves": []}
+    for _ in range(runs):  # interleaved, so that load hits both alike
+        for way, weights in (("uint64", None), ("float_halves", halves_weights)):
+            if way == "float_halves" and weights is None:
+                continue
+            path._float_weights = weights
+            start = time.perf_counter()
+            path.product(full)
+            times[way].append(time.perf_counter() - start)
+    out = {"outputs": outputs, "inputs": inputs, "lwe_dimension": d, "runs": runs}
+    for way, ts in times.items():
+        if ts:
+            out[f"{way}_median_ms"], out[f"{way}_min_ms"] = statistics.median(ts) * 1e3, min(ts) * 1e3
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, action="append", required=True, help="a bundle (repeatable)")
+    parser.add_argument("--bundle", type=Path, action="append", default=[], help="a bundle (repeatable)")
+    parser.add_argument(
+        "--product",
+        action="append",
+        default=[],
+        help="time the product alone for OUTPUTSxINPUTS, e.g. 12x2048",
+    )
+    parser.add_argument("--lwe-dimension", type=int, default=1014, help="for --product (default 1014)")
     parser.add_argument("--runs", type=int, default=10, help="timed encryptions per bundle (default 10)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    if not args.bundle and not args.product:
+        parser.error("give --bundle DIR or --product OUTPUTSxINPUTS")
+    try:
+        shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.product]
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--product {args.product}: use OUTPUTSxINPUTS, e.g. 12x2048")
     results = [compare(b, args.runs) for b in args.bundle]
+    results += [product(o, i, args.lwe_dimension, args.runs) for o, i in shapes]
     text = json.dumps(
-        {"command": "python -m molcloak.evaluation.bench.fast_path", "results": results}, indent=2
+        {
+            "command": "python -m molcloak.evaluation.bench.fast_path " + " ".join(argv or sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_avg_1min": os.getloadavg()[0],
+            "results": results,
+        },
+        indent=2,
     )
     if args.json:
         args.json.write_text(text + "\n")

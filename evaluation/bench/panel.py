@@ -179,7 +179,7 @@ def command_line(config: PanelConfig, json_path=None, markdown_path=None) -> str
 
 # The search `--quick` runs (CI): one feature spec, one tiny network, no moves.
 QUICK_SPACE = SearchSpace(
-    ("physchem:scale=quantile",), (("hidden", (8,)), ("weight_bits", 3), ("act_bits", 3), ("input_bits", 4)),
+    ("physchem:scale=quantile",), start=(("hidden", (8,)), ("weight_bits", 3), ("act_bits", 3), ("input_bits", 4)),
     hidden=((8,),), weight_bits=(3,), act_bits=(3,), input_bits=(4,), rounding_bits=(5,), top_features=1,
     top_networks=1, inner_folds=2, confirm=1,
 )  # fmt: skip
