@@ -187,10 +187,10 @@ class LinearFastPath:
         self.lwe_dimension = lwe_dimension
         signed = np.ascontiguousarray(weights.T.astype(np.int64))
         self._weights = signed.view(np.uint64)
-        # numpy has no BLAS for integers: its uint64 product of 12 outputs by 2,048 inputs (d = 1,014) took
-        # 114-145 ms on this machine, against 15-21 ms in two float64 BLAS products of the masks' 32-bit halves;
-        # 2 outputs (a binary classifier): 24 against 18 ms, 47 against 30 ms at 4,096 inputs; one output: 10-11
-        # ms either way (session 42, medians). Exact while a row's sum of |w| times a half (< 2^32) stays under
+        # numpy has no BLAS for integers: its uint64 product of 12 outputs by 2,048 inputs (d = 1,014) took 129 ms
+        # on this machine, against 20 ms in two float64 BLAS products of the masks' 32-bit halves; 2 outputs (a
+        # binary classifier): 23 against 21 ms, 52 against 37 ms at 4,096 inputs; one output: 11 ms in uint64
+        # (medians, evaluation/results/fast_path_product_s42.json; `bench.fast_path --product`). Exact while a row's sum of |w| times a half (< 2^32) stays under
         # 2^53, float64's integer range
         exact = np.abs(signed).sum(axis=1).max(initial=0) < 2**21
         self._float_weights = signed.astype(np.float64) if self.outputs > 1 and exact else None
