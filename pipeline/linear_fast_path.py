@@ -190,8 +190,8 @@ class LinearFastPath:
         # numpy has no BLAS for integers: its uint64 product of 12 outputs by 2,048 inputs (d = 1,014) took 129 ms
         # on this machine, against 20 ms in two float64 BLAS products of the masks' 32-bit halves; 2 outputs (a
         # binary classifier): 23 against 21 ms, 52 against 37 ms at 4,096 inputs; one output: 11 ms in uint64
-        # (medians, evaluation/results/fast_path_product_s42.json; `bench.fast_path --product`). Exact while a row's sum of |w| times a half (< 2^32) stays under
-        # 2^53, float64's integer range
+        # (medians, evaluation/results/fast_path_product_s42.json; `bench.fast_path --product`). Exact while a
+        # row's sum of |w| times a half (< 2^32) stays under 2^53, float64's integer range
         exact = np.abs(signed).sum(axis=1).max(initial=0) < 2**21
         self._float_weights = signed.astype(np.float64) if self.outputs > 1 and exact else None
         self.source, self.result = source, result
