@@ -75,16 +75,24 @@ class PrivateServer:
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def fast_path(self) -> linear_fast_path.LinearFastPath | None:
+        """The self-checked fast path serving this model, or None when Concrete's runtime serves it (`engine`)."""
+        return self._fast
+
     def load_keys(self, evaluation_keys: bytes):
         """Deserialize evaluation keys once; pass the result to `run` for every request."""
         return load_evaluation_keys(evaluation_keys)
 
-    def run(self, ciphertext: bytes, evaluation_keys) -> bytes:
-        """Evaluate the model on one serialized ciphertext; returns the serialized encrypted output."""
+    def run(self, ciphertext: bytes, evaluation_keys, concrete_only: bool = False) -> bytes:
+        """Evaluate the model on one serialized ciphertext; returns the serialized encrypted output.
+        `concrete_only`: on Concrete's runtime even when the fast path serves this model (what a benchmark
+        compares it with)."""
         if isinstance(evaluation_keys, (bytes, bytearray)):
             evaluation_keys = self.load_keys(evaluation_keys)
         if (
-            self._fast is not None
+            not concrete_only
+            and self._fast is not None
             and evaluation_keys is not None
             and isinstance(ciphertext, (bytes, bytearray))
         ):

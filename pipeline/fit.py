@@ -95,7 +95,7 @@ def fit(
     training and inner validation molecules together before compiling it (else the search's model)."""
     if ds.is_tabular:
         space = dataclasses.replace(space, features=(None,))
-    space, left_out = _task_space(ds, space, split, test_fraction, seed)
+    space, left_out = task_space(ds, space, split, test_fraction, seed)
     if train.teacher and space.teachers == (None,):  # TrainConfig(teacher=...): every variant distilled
         space = dataclasses.replace(space, teachers=(train.teacher,))
     train = dataclasses.replace(train, seed=seed, teacher=None)
@@ -149,13 +149,14 @@ def fit(
     )
 
 
-def _task_space(ds, space, split, test_fraction, seed) -> tuple[SearchSpace, tuple[str, ...]]:
+def task_space(ds, space, split, test_fraction, seed) -> tuple[SearchSpace, tuple[str, ...]]:
     """`space.for_task` for the molecules the search trains on (all but the test part), and a line for each of
-    the task's wide specs it leaves out, saying why."""
+    the task's wide specs it leaves out, saying why. (It splits as `Search.inner_split` will again: the scaffolds
+    are cached, `splits.murcko_scaffold`, so the second split costs milliseconds.)"""
     molecules = len(ds) - len(split_dataset(ds, split, test_fraction, INNER_VALID_FRACTION, seed).test)
-    task_space = space.for_task(ds.task, molecules)
-    left_out = [f for f in space.for_task(ds.task).features if f not in task_space.features]
-    return task_space, tuple(
+    offered = space.for_task(ds.task, molecules)
+    left_out = [f for f in space.for_task(ds.task).features if f not in offered.features]
+    return offered, tuple(
         f"{spec}: not tried, its {FeaturizerSpec.parse(spec).width:,} encrypted inputs outnumber the "
         f"{molecules:,} training molecules"
         for spec in left_out
@@ -176,7 +177,7 @@ def feature_scores(
     `refit`) the one `fit` would deploy, refitted on the training and inner molecules (whose test split a benchmark
     of the choice may score: `evaluation/bench/choice.py`)."""
     train = dataclasses.replace(train, seed=seed, teacher=None)
-    space, _ = _task_space(ds, space, split, test_fraction, seed)
+    space, _ = task_space(ds, space, split, test_fraction, seed)
     args = (ds, space, FitBudget(), split, test_fraction, seed, train, Calibration(measure=False), None)
     search = Search(*args, timed_runs=0)
     out = []

@@ -192,8 +192,9 @@ class LinearFastPath:
         # binary classifier): 23 against 21 ms, 52 against 37 ms at 4,096 inputs; one output: 11 ms in uint64
         # (medians, evaluation/results/fast_path_product_s42.json; `bench.fast_path --product`). Exact while a
         # row's sum of |w| times a half (< 2^32) stays under 2^53, float64's integer range
-        exact = np.abs(signed).sum(axis=1).max(initial=0) < 2**21
-        self._float_weights = signed.astype(np.float64) if self.outputs > 1 and exact else None
+        self.halves_exact = bool(np.abs(signed).sum(axis=1).max(initial=0) < 2**21)
+        self.halves = self.outputs > 1 and self.halves_exact  # the way `product` takes by default
+        self._float_weights = signed.astype(np.float64) if self.halves_exact else None
         self.source, self.result = source, result
         # the mask of a seeded ciphertext: AES-128 keyed by its seed over little-endian 128-bit counters from 0,
         # the stream's first byte skipped, read as `lwe_dimension` little-endian u64
@@ -255,12 +256,16 @@ class LinearFastPath:
                 raise NotEligibleError("self-check failed: the output differs from Concrete's runtime")
         return path
 
-    def product(self, full: np.ndarray) -> np.ndarray:
+    def product(self, full: np.ndarray, halves: bool | None = None) -> np.ndarray:
         """The weights times the full ciphertexts (inputs, d + 1), mod 2^64: in float64 BLAS on the masks' 32-bit
-        halves when that is exact and faster (`_float_weights`), else numpy's uint64 product."""
-        w = self._float_weights
-        if w is None:
+        halves (`halves=True`; exact only while `halves_exact`), or numpy's uint64 product (`halves=False`).
+        None: the faster exact way for this circuit (`self.halves`), as `run` does."""
+        halves = self.halves if halves is None else halves
+        if halves and not self.halves_exact:
+            raise ValueError("a weight row's sum of |w| reaches 2^21: the float64 halves would not be exact")
+        if not halves:
             return self._weights @ full
+        w = self._float_weights
         low = (w @ (full & np.uint64(0xFFFFFFFF)).astype(np.float64)).astype(np.int64).view(np.uint64)
         high = (w @ (full >> np.uint64(32)).astype(np.float64)).astype(np.int64).view(np.uint64)
         return low + (high << np.uint64(32))

@@ -321,14 +321,14 @@ def test_each_task_kind_also_tries_its_own_wider_kernel_machine():
 def test_fit_names_the_wide_specs_it_leaves_out_for_few_molecules(tiny_csv):
     """The molecules counted are those outside the test part (what the search and the refit train on), and the
     line fit reports names the spec, its inputs and that count."""
-    from molcloak.pipeline.fit import _task_space
+    from molcloak.pipeline.fit import task_space
     from molcloak.pipeline.fit_space import DEFAULT_FEATURE_CANDIDATES
     from molcloak.pipeline.splits import split_dataset
 
     ds = data.DataSource(str(tiny_csv), target_col="label").load()
     training = len(ds) - len(split_dataset(ds, "scaffold", 0.2, seed=1).test)
     assert 150 < training < len(ds)
-    space, left_out = _task_space(ds, SearchSpace(), "scaffold", 0.2, 1)
+    space, left_out = task_space(ds, SearchSpace(), "scaffold", 0.2, 1)
     assert space.features == DEFAULT_FEATURE_CANDIDATES and len(left_out) == 1
     assert left_out[0] == (
         "rdkit2d:scale=quantile+rff:n=2048+morgan_count:r=2,n=2048,scale=quantile: not tried, its 4,096 encrypted "
@@ -338,11 +338,11 @@ def test_fit_names_the_wide_specs_it_leaves_out_for_few_molecules(tiny_csv):
     between = f"morgan:r=2,n={training + 1}"
     assert training + 1 < len(ds)
     narrow = SearchSpace(classification_features=("physchem", between, f"morgan:r=2,n={training}"))
-    space, left_out = _task_space(ds, narrow, "scaffold", 0.2, 1)
+    space, left_out = task_space(ds, narrow, "scaffold", 0.2, 1)
     assert space.features == (*DEFAULT_FEATURE_CANDIDATES, "physchem", f"morgan:r=2,n={training}")
     assert [line.split(": not tried")[0] for line in left_out] == [between]
     own = SearchSpace(features=("physchem",))  # a user's own list: searched as given, nothing left out
-    assert _task_space(ds, own, "scaffold", 0.2, 1) == (own, ())
+    assert task_space(ds, own, "scaffold", 0.2, 1) == (own, ())
 
 
 def timed(options: dict, ms: float, valid: float, compile: CompileConfig | None = None) -> Candidate:

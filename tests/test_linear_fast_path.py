@@ -141,9 +141,15 @@ def test_the_product_of_several_outputs_in_float_halves_is_exact_mod_2_64():
         weights = rng.integers(low, high, size=(512, outputs))
         weights[0] = high - 1 if low > 0 else low  # the most negative weight
         path = LinearFastPath(weights, 32, layout, layout)
-        assert (path._float_weights is not None) == floats
+        assert path.halves == floats
         expected = weights.T.astype(np.int64).view(np.uint64) @ full  # numpy wraps uint64 mod 2^64
         assert np.array_equal(path.product(full), expected)
+        assert np.array_equal(path.product(full, halves=False), expected)
+        if path.halves_exact:  # one output in halves: exact too, only not the faster way
+            assert np.array_equal(path.product(full, halves=True), expected)
+        else:
+            with pytest.raises(ValueError, match="2\\^21"):
+                path.product(full, halves=True)
 
 
 MLIR = """module {

@@ -460,7 +460,8 @@ def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_t
     """fit's first stage on the panel split: every spec gets its inner-part metric, the mean over the inner
     folds (really trained and simulated on each), and its test metric trained on the training part and refitted
     as fit deploys it; each rule's pick is reported against the best refitted one on the test; a rerun skips what
-    the file holds, a run with the other fold training adds its own rows; bad options are one line and exit 2."""
+    the file holds and scores only a spec it lacks, a run with the other fold training adds its own rows; bad
+    options are one line and exit 2."""
     from molcloak.evaluation.bench import choice
 
     folder = _tiny_panel(tmp_path / "panel", n=120)
@@ -483,9 +484,13 @@ def test_choice_benchmark_scores_each_spec_on_the_inner_part_the_folds_and_the_t
     capsys.readouterr()
     choice.main(args)  # resumes: nothing left to run
     assert capsys.readouterr().out == "" and len(json.loads(out.read_text())["rows"]) == 2
+    choice.main([*args, "--features", "morgan:r=2,n=64"])  # resumes per spec: only the new one is scored
+    result = json.loads(out.read_text())
+    assert result["rows"][:2] == rows and [r["features"] for r in result["rows"][2:]] == ["morgan:r=2,n=64"]
+    assert result["summary"][0]["specs"] == 3
     choice.main([*args, "--fold-training", "stopped"])  # fit's folds before session 31: rows of their own
     result = json.loads(out.read_text())
-    assert [r["fold_training"] for r in result["rows"]] == ["refit"] * 2 + ["stopped"] * 2
+    assert [r["fold_training"] for r in result["rows"]] == ["refit"] * 3 + ["stopped"] * 2
     assert [s["dataset"] for s in result["summary"]] == ["sol_logs (folds refit)", "sol_logs"]
     with pytest.raises(SystemExit) as exc:
         choice.main([*args, "--folds", "1"])

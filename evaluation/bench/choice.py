@@ -11,7 +11,8 @@ and what that pick scores on the test, next to the best spec on the test (which 
         --json choice.json --markdown choice.md
 
 The test split is reported here and never used to choose. --json is rewritten after every seed, and a
-rerun with the same file skips the seeds it already holds.
+rerun with the same file scores only the feature specs it lacks for each seed (with fit's default specs, the
+task's wide spec where the seed's training molecules allow it, as fit does).
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def reference_networks(
         compiled = compile_checkpoint(ckpt, cand.compile, measure_keys=False)
         refitted = compile_checkpoint(final, cand.compile, measure_keys=False) if final is not None else None
         yield ds.task, cand, ckpt, compiled, refitted
+
+
+def specs_searched(panel, name: str, seed: int, features: list[str]) -> tuple[str, ...]:
+    """The feature specs fit's first stage scores for `features` on this seed's split: with fit's defaults, the
+    task's wide specs that the training molecules allow (`fit.task_space`)."""
+    from molcloak.pipeline.fit import SearchSpace, task_space
+
+    from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
+
+    ds = load_entry(panel, describe_panel(panel)[0][name])
+    space, _ = task_space(ds, SearchSpace(features=tuple(features)), SPLIT, TEST_FRACTION, seed)
+    return space.features
 
 
 def score_rows(
@@ -247,15 +260,22 @@ def main(argv=None) -> None:
             r["folds"],
             r.get("fold_groups", "balanced"),
             r.get("fold_training", "stopped"),
+            r["features"],
         )
         for r in out["rows"]
     }
+    how = (args.folds, args.fold_groups, args.fold_training)
     for name in datasets:
         for seed in seeds:
-            if (name, seed, args.folds, args.fold_groups, args.fold_training) in done:
+            # a spec is resumed, not the seed: a rerun scores the specs this file lacks, among them a task's
+            # wide spec that fit now offers for this seed's training molecules (`fit.task_space`)
+            missing = [
+                f for f in specs_searched(panel, name, seed, features) if (name, seed, *how, f) not in done
+            ]
+            if not missing:
                 continue
-            how = (args.folds, args.fold_groups, args.fold_training)
-            out["rows"] += score_rows(panel, name, seed, features, *how)
+            rows = score_rows(panel, name, seed, missing, *how)
+            out["rows"] += [r for r in rows if (name, seed, *how, r["features"]) not in done]
             out["summary"] = summarize(out["rows"])
             args.json.write_text(json.dumps(out, indent=1))
             if args.markdown:

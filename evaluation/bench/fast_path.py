@@ -34,7 +34,8 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
     start = time.perf_counter()
     server = PrivateServer(bundle)
     load_s = time.perf_counter() - start
-    if server._fast is None:
+    fast = server.fast_path
+    if fast is None:
         return {"bundle": str(bundle), "engine": server.engine, "load_s": load_s}
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="molcloak-fastpath-") as keys_dir:
@@ -42,13 +43,13 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
         client.keygen()
         keys_bytes = client.evaluation_keys()
         keys = server.load_keys(keys_bytes)
-        n = server._fast.inputs
+        n = fast.inputs
         rows = [rng.random(n) for _ in range(runs + 1)]  # in [0, 1): in range for bits and descriptors alike
         concrete_s, fast_s, identical = [], [], 0
         for i, row in enumerate(rows):
             ciphertext = client.encrypt(np.asarray(row, dtype=np.float64))
             t0 = time.perf_counter()
-            theirs = server._fhe.run(ciphertext, keys_bytes)
+            theirs = server.run(ciphertext, keys, concrete_only=True)
             t1 = time.perf_counter()
             ours = server.run(ciphertext, keys)
             t2 = time.perf_counter()
@@ -63,8 +64,8 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
         "engine": server.engine,
         "features": str(server.manifest.featurizer),
         "encrypted_inputs": n,
-        "outputs": server._fast.outputs,
-        "lwe_dimension": server._fast.lwe_dimension,
+        "outputs": fast.outputs,
+        "lwe_dimension": fast.lwe_dimension,
         "runs": runs,
         "byte_identical": f"{identical}/{runs}",
         "concrete_runtime_median_ms": concrete * 1e3,
@@ -77,27 +78,24 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
 
 
 def product(outputs: int, inputs: int, d: int, runs: int, seed: int = 0) -> dict:
-    """Median and minimum ms of the uint64 product and of the float64 halves for one shape (equal outputs)."""
+    """Median and minimum ms of the uint64 product and of the float64 halves for one shape (equal outputs), and
+    which of them the fast path takes for it."""
     from molcloak.pipeline.linear_fast_path import Layout, LinearFastPath
 
     rng = np.random.default_rng(seed)
     layout = Layout(b"", 0, b"")
     path = LinearFastPath(rng.integers(-8, 8, size=(inputs, outputs)), d, layout, layout)
     full = rng.integers(0, 2**64 - 1, size=(inputs, d + 1), dtype=np.uint64, endpoint=True)
-    halves = np.asarray(path.product(full)) if path._float_weights is not None else None
-    path._float_weights, halves_weights = None, path._float_weights
-    if halves is not None and not np.array_equal(halves, path.product(full)):
+    if not np.array_equal(path.product(full, halves=True), path.product(full, halves=False)):
         raise AssertionError(f"{outputs}x{inputs}: the float halves differ from the uint64 product")
     times: dict[str, list[float]] = {"uint64": [], "float_halves": []}
     for _ in range(runs):  # interleaved, so that load hits both alike
-        for way, weights in (("uint64", None), ("float_halves", halves_weights)):
-            if way == "float_halves" and weights is None:
-                continue
-            path._float_weights = weights
+        for way, halves in (("uint64", False), ("float_halves", True)):
             start = time.perf_counter()
-            path.product(full)
+            path.product(full, halves=halves)
             times[way].append(time.perf_counter() - start)
     out = {"outputs": outputs, "inputs": inputs, "lwe_dimension": d, "runs": runs}
+    out["fast_path_takes"] = "float_halves" if path.halves else "uint64"
     for way, ts in times.items():
         if ts:
             out[f"{way}_median_ms"], out[f"{way}_min_ms"] = statistics.median(ts) * 1e3, min(ts) * 1e3
