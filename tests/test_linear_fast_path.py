@@ -55,9 +55,23 @@ def test_the_fast_path_gives_concretes_ciphertexts_byte_for_byte(machine):
         ciphertext = client.encrypt(x)
         ours = server.run(ciphertext, keys)
         theirs = server._fhe.run(ciphertext, client.evaluation_keys())  # Concrete ML's own server, bytes in
-        assert ours == theirs == server._fast.run(ciphertext)  # an honest client's bytes take the fast path
+        # an honest client's bytes take the fast path
+        assert ours == theirs == server.fast_path.run(ciphertext)
+        assert server.run(ciphertext, keys, concrete_only=True) == theirs
     executed = np.vstack([client.decrypt(server.run(client.encrypt(x), keys)) for x in X])
     assert np.array_equal(executed, compiled.q_module.forward(X, fhe="simulate"))
+
+
+def test_the_fast_path_benchmark_compares_both_engines_on_a_bundle(machine):
+    """`python -m molcloak.evaluation.bench.fast_path --bundle`: fresh keys, each ciphertext through Concrete's
+    runtime and the fast path, byte-identical, with both medians."""
+    from molcloak.evaluation.bench import fast_path
+
+    _, _, _, server, _ = machine
+    out = fast_path.compare(server.directory.parent, runs=2)
+    assert out["engine"] == "linear fast path" and out["byte_identical"] == "2/2"
+    assert out["encrypted_inputs"] == server.fast_path.inputs and out["outputs"] == 2
+    assert out["concrete_runtime_median_ms"] > 0 and out["fast_path_median_ms"] > 0
 
 
 def test_fit_times_the_circuit_in_memory_on_the_same_engine(machine):
