@@ -441,3 +441,6 @@ def test_encrypted_test_set_evaluation(tiny_tabular):
     assert set(result["metrics"]) == {"float", "quantized", "fhe_simulate", "fhe_execute"}
     assert result["evaluation_key_bytes"] > 0 and result["seconds"]["run"]["median"] > 0
     assert result["circuit"]["pbs_count"] == compiled.stats.pbs_count
+    # a network's bootstraps: Concrete's runtime serves it, and the JSON says so, with when and at what load
+    assert result["server_engine"].startswith("Concrete runtime") and result["date"].endswith(" UTC")
+    assert set(result["load_avg_1min"]) == {"before", "after"}

@@ -34,17 +34,18 @@ def reference_networks(
     groups: str = "balanced",
     fold_training: str = "refit",
     refit: bool = False,
+    ds=None,
 ):
     """fit's first stage on the panel's split (`fit.feature_scores`, every fold): per feature spec, the
     task, the scored candidate, its checkpoint (trained on the training part), its circuit compiled
     without keys, and (with `refit`) the circuit of the network `fit` would deploy (refitted on the training
-    and inner molecules; else None)."""
+    and inner molecules; else None). `ds`: the dataset when the caller has loaded it (`load`)."""
     from molcloak.pipeline.fit import FIT_TRAIN, SearchSpace, feature_scores
     from molcloak.pipeline.workflow import compile_checkpoint
 
-    from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
+    from .panel import SPLIT, TEST_FRACTION
 
-    ds = load_entry(panel, describe_panel(panel)[0][name])
+    ds = ds if ds is not None else load(panel, name)
     space = SearchSpace(
         features=tuple(features),
         inner_folds=folds,
@@ -58,14 +59,20 @@ def reference_networks(
         yield ds.task, cand, ckpt, compiled, refitted
 
 
-def specs_searched(panel, name: str, seed: int, features: list[str]) -> tuple[str, ...]:
-    """The feature specs fit's first stage scores for `features` on this seed's split: with fit's defaults, the
-    task's wide specs that the training molecules allow (`fit.task_space`)."""
+def load(panel, name: str):
+    """The panel's dataset `name`, as the panel benchmark loads it."""
+    from .panel import describe_panel, load_entry
+
+    return load_entry(panel, describe_panel(panel)[0][name])
+
+
+def specs_searched(ds, seed: int, features: list[str]) -> tuple[str, ...]:
+    """The feature specs fit's first stage scores for `features` on this seed's split of the dataset `ds`: with
+    fit's defaults, the task's wide specs that the training molecules allow (`fit.task_space`)."""
     from molcloak.pipeline.fit import SearchSpace, task_space
 
-    from .panel import SPLIT, TEST_FRACTION, describe_panel, load_entry
+    from .panel import SPLIT, TEST_FRACTION
 
-    ds = load_entry(panel, describe_panel(panel)[0][name])
     space, _ = task_space(ds, SearchSpace(features=tuple(features)), SPLIT, TEST_FRACTION, seed)
     return space.features
 
@@ -78,13 +85,14 @@ def score_rows(
     folds: int,
     groups: str = "balanced",
     fold_training: str = "refit",
+    ds=None,
 ) -> list[dict]:
     """One row per feature spec: its inner scores, and its FHE-simulated test metric trained on the training part
-    ("test") and refitted as fit deploys it ("refit_test")."""
+    ("test") and refitted as fit deploys it ("refit_test"). `ds` as in `reference_networks`."""
     from .frontier import primary
 
     rows = []
-    scored = reference_networks(panel, name, seed, features, folds, groups, fold_training, refit=True)
+    scored = reference_networks(panel, name, seed, features, folds, groups, fold_training, refit=True, ds=ds)
     for task, cand, ckpt, compiled, refitted in scored:
         test, refit_test = compiled.metrics["fhe_simulate"], refitted.metrics["fhe_simulate"]
         rows.append(
@@ -266,15 +274,14 @@ def main(argv=None) -> None:
     }
     how = (args.folds, args.fold_groups, args.fold_training)
     for name in datasets:
+        ds = load(panel, name)  # loaded once: the seeds split it, fit's first stage trains on it
         for seed in seeds:
             # a spec is resumed, not the seed: a rerun scores the specs this file lacks, among them a task's
             # wide spec that fit now offers for this seed's training molecules (`fit.task_space`)
-            missing = [
-                f for f in specs_searched(panel, name, seed, features) if (name, seed, *how, f) not in done
-            ]
+            missing = [f for f in specs_searched(ds, seed, features) if (name, seed, *how, f) not in done]
             if not missing:
                 continue
-            rows = score_rows(panel, name, seed, missing, *how)
+            rows = score_rows(panel, name, seed, missing, *how, ds=ds)
             out["rows"] += [r for r in rows if (name, seed, *how, r["features"]) not in done]
             out["summary"] = summarize(out["rows"])
             args.json.write_text(json.dumps(out, indent=1))

@@ -45,7 +45,7 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
         keys = server.load_keys(keys_bytes)
         n = fast.inputs
         rows = [rng.random(n) for _ in range(runs + 1)]  # in [0, 1): in range for bits and descriptors alike
-        concrete_s, fast_s, identical = [], [], 0
+        concrete_runs, fast_runs, identical = [], [], 0
         for i, row in enumerate(rows):
             ciphertext = client.encrypt(np.asarray(row, dtype=np.float64))
             t0 = time.perf_counter()
@@ -54,11 +54,11 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
             ours = server.run(ciphertext, keys)
             t2 = time.perf_counter()
             if i:  # the first pair warms up
-                concrete_s.append(t1 - t0)
-                fast_s.append(t2 - t1)
+                concrete_runs.append(t1 - t0)
+                fast_runs.append(t2 - t1)
                 identical += ours == theirs
                 np.testing.assert_array_equal(client.decrypt(ours), client.decrypt(theirs))
-    concrete, ours_s = statistics.median(concrete_s), statistics.median(fast_s)
+    concrete_s, fast_s = statistics.median(concrete_runs), statistics.median(fast_runs)
     return {
         "bundle": str(bundle),
         "engine": server.engine,
@@ -68,9 +68,9 @@ def compare(bundle: Path, runs: int, seed: int = 0) -> dict:
         "lwe_dimension": fast.lwe_dimension,
         "runs": runs,
         "byte_identical": f"{identical}/{runs}",
-        "concrete_runtime_median_ms": concrete * 1e3,
-        "fast_path_median_ms": ours_s * 1e3,
-        "speedup": concrete / ours_s,
+        "concrete_runtime_median_ms": concrete_s * 1e3,
+        "fast_path_median_ms": fast_s * 1e3,
+        "speedup": concrete_s / fast_s,
         "server_load_with_self_check_s": load_s,
         "load_avg_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

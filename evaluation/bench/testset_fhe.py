@@ -10,14 +10,17 @@ owner/ part (the test split and, for the simulation, the weights).
 Prints and writes JSON: metrics (float, quantized, fhe_simulate over the whole test split;
 fhe_execute over the rows run), how many executed outputs equal the simulation bit for bit,
 server-side run / encrypt / decrypt latency (median, p90), key generation time, evaluation-key and
-ciphertext sizes, circuit statistics.
+ciphertext sizes, circuit statistics, the engine that served it (`PrivateServer.engine`: the linear fast path
+or Concrete's runtime), the date and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,9 @@ def evaluate(bundle: str | Path, n: int | None = None, on_row=None) -> dict:
     ckpt = load_checkpoint(bundle)
     X, y = ckpt.X_test[:n], ckpt.y_test[:n]
     simulated = Simulator(bundle).compiled.q_module.forward(X, fhe="simulate")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as keys_dir, LocalBackend(bundle, keys_dir) as backend:
+        engine = backend.server.engine  # linear fast path or Concrete runtime (`PrivateServer.engine`)
         keyinfo = backend.keygen(force=True)  # fresh keys; the server half gets the evaluation keys only
         runs = []
         for i in range(len(X)):  # one row at a time: per-row latency, and progress
@@ -65,6 +70,9 @@ def evaluate(bundle: str | Path, n: int | None = None, on_row=None) -> dict:
         "output_ciphertext_bytes": sizes[1],
         "circuit": manifest.circuit,
         "compile": manifest.data.get("compile"),
+        "server_engine": engine,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
 
 
