@@ -38,6 +38,26 @@ def test_every_command_has_help(command):
     assert result.exit_code == 0 and "Usage" in result.output and len(result.output) > 200
 
 
+def test_output_to_a_log_is_wide_enough_for_the_tables(monkeypatch, tmp_path):
+    """Piped or redirected output (no terminal) is LOG_COLUMNS wide, not rich's 80 that cut fit's front table into
+    slivers; COLUMNS still decides when set."""
+    from rich.table import Table
+
+    from molcloak.pipeline.cli.common import LOG_COLUMNS, _console
+
+    SPEC = "rdkit2d:scale=quantile+rff:n=2048+morgan_count:r=2,n=2048,scale=quantile"
+    monkeypatch.delenv("COLUMNS", raising=False)
+    with (tmp_path / "log.txt").open("w") as log:
+        monkeypatch.setattr(sys, "stdout", log)
+        console = _console()
+        table = Table("features", "network", "compile")  # 105 characters a row: at 80 the spec would wrap
+        table.add_row(SPEC, "h=16 w3a3i4", "r5 p=1e-06")
+        console.print(table)
+        monkeypatch.setenv("COLUMNS", "100")
+        assert _console().width == 100
+    assert console.width == LOG_COLUMNS and SPEC in (tmp_path / "log.txt").read_text()
+
+
 def test_top_level_help_lists_commands():
     result = run("--help")
     assert result.exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
+LOG_COLUMNS = 160
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console as wide as the terminal; when the output goes to a file or a pipe (a log, `nohup`), LOG_COLUMNS
+    wide unless COLUMNS says otherwise: rich's default of 80 cuts `fit`'s front table into slivers of 3 letters."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=LOG_COLUMNS if piped else None)
+
+
+err = _console(stderr=True)
+out = _console()
 
 
 def cli_errors(fn):
