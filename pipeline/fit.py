@@ -152,7 +152,8 @@ def fit(
 def task_space(ds, space, split, test_fraction, seed) -> tuple[SearchSpace, tuple[str, ...]]:
     """`space.for_task` for the molecules the search trains on (all but the test part), and a line for each of
     the task's wide specs it leaves out, saying why. (It splits as `Search.inner_split` will again: the scaffolds
-    are cached, `splits.murcko_scaffold`, so the second split costs milliseconds: on tox21 1.36 s, then 6 ms.)"""
+    are cached, `splits.murcko_scaffold`, so the second split costs milliseconds: on tox21 1.36 s, then 6 ms,
+    session 44.)"""
     molecules = len(ds) - len(split_dataset(ds, split, test_fraction, INNER_VALID_FRACTION, seed).test)
     offered = space.for_task(ds.task, molecules)
     left_out = [f for f in space.for_task(ds.task).features if f not in offered.features]

@@ -431,9 +431,13 @@ def test_cli_predict_through_the_server(cli_tabular):
     ]
 
 
-def test_encrypted_test_set_evaluation(tiny_tabular):
+def test_encrypted_test_set_evaluation(tiny_tabular, monkeypatch):
     """evaluation/testset_fhe: fresh keys, encrypted rows of the owner's test split, scored like the simulation."""
     from molcloak.evaluation.bench.testset_fhe import evaluate
+    from molcloak.pipeline.linear_fast_path import ENV_SWITCH
+
+    # the engine named below is the one the server chooses, not one switched off by the environment
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
 
     _, compiled, bundle = tiny_tabular
     result = evaluate(bundle, n=3)

@@ -11,7 +11,7 @@ Prints and writes JSON: metrics (float, quantized, fhe_simulate over the whole t
 fhe_execute over the rows run), how many executed outputs equal the simulation bit for bit,
 server-side run / encrypt / decrypt latency (median, p90), key generation time, evaluation-key and
 ciphertext sizes, circuit statistics, the engine that served it (`PrivateServer.engine`: the linear fast path
-or Concrete's runtime), the date and the load average before and after.
+or Concrete's runtime), the date when the run ends and the load average before and after.
 """
 
 from __future__ import annotations
